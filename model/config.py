@@ -1,0 +1,151 @@
+"""One typed configuration for the forked GPT-2 and every variant built on it.
+
+`GPT2Config` is the single source of truth: the size of the stack, the dropout rates and the
+variant flags (`use_kan`, `use_lora`, `use_graph`, ...) with their knobs beside them. It is
+validated in `__post_init__`, round-trips through JSON, and is saved with every checkpoint.
+Unknown fields raise (`from_dict`), so a typo in a preset file never silently becomes a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Size presets keyed by the Hugging Face names, plus small ones for tests and smoke runs.
+SIZE_PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    # Test sizes keep the real GPT-2 vocabulary so they work with the real tokenizer.
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, n_positions=256),
+    "small-test": dict(n_layer=2, n_head=12, n_embd=768),
+}
+
+# HF config.json fields that map one-to-one onto ours.
+_HF_FIELDS = (
+    "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
+    "layer_norm_epsilon", "embd_pdrop", "attn_pdrop", "resid_pdrop", "initializer_range",
+)
+
+
+@dataclass
+class GPT2Config:
+    # --- the GPT-2 stack (defaults: gpt2 / 124M) ---
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # FFN width; None means 4 * n_embd as in GPT-2
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    # --- dropout ---
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+    # --- variant flags (the course project's switches); their knobs live beside them ---
+    use_kan: bool = False
+    use_lora: bool = False
+    use_graph: bool = False
+    # Free-form provenance (e.g. the checkpoint this config was read from); never affects maths.
+    name: str = field(default="gpt2")
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPT2Config.{key} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPT2Config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner <= 0):
+            raise ValueError(f"GPT2Config.n_inner must be a positive integer or None, got {self.n_inner!r}")
+        for key in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+            value = getattr(self, key)
+            if not 0.0 <= float(value) < 1.0:
+                raise ValueError(f"GPT2Config.{key} must be in [0, 1), got {value!r}")
+        if self.layer_norm_epsilon <= 0:
+            raise ValueError(f"GPT2Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
+        for key in ("use_kan", "use_lora", "use_graph"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"GPT2Config.{key} must be a bool, got {getattr(self, key)!r}")
+
+    # ---- derived ----
+    @property
+    def ffn_dim(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    # ---- construction ----
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GPT2Config:
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown GPT2Config field(s): {', '.join(unknown)}; "
+                f"known fields: {', '.join(cls.field_names())}"
+            )
+        return cls(**values)
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any) -> GPT2Config:
+        if preset not in SIZE_PRESETS:
+            raise ValueError(f"unknown size preset {preset!r}; known presets: {', '.join(SIZE_PRESETS)}")
+        return cls.from_dict({**SIZE_PRESETS[preset], "name": preset, **overrides})
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any], **overrides: Any) -> GPT2Config:
+        """Read a Hugging Face GPT-2 `config.json` dict; refuse options our stack does not implement."""
+        if hf.get("model_type") != "gpt2":
+            raise ValueError(
+                f"not a GPT-2 checkpoint: config.json has model_type={hf.get('model_type')!r}, expected 'gpt2'"
+            )
+        activation = hf.get("activation_function", "gelu_new")
+        if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"unsupported GPT-2 activation_function {activation!r}: only tanh-GELU (gelu_new)")
+        for flag, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                                ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
+            if hf.get(flag, supported) != supported:
+                raise ValueError(f"unsupported GPT-2 option {flag}={hf[flag]!r} in config.json")
+        values = {key: hf[key] for key in _HF_FIELDS if key in hf}
+        values["name"] = str(hf.get("_name_or_path") or hf.get("name") or "gpt2")
+        return cls.from_dict({**values, **overrides})
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The `config.json` of a plain Hugging Face GPT-2 with this stack."""
+        values = {key: getattr(self, key) for key in _HF_FIELDS}
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                "activation_function": "gelu_new", "bos_token_id": 50256, "eos_token_id": 50256,
+                "tie_word_embeddings": True, **values}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> GPT2Config:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> GPT2Config:
+        return cls.from_json(Path(path).read_text())
+
+    def replace(self, **changes: Any) -> GPT2Config:
+        return self.from_dict({**self.to_dict(), **changes})

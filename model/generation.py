@@ -1,0 +1,93 @@
+"""Batched generation with a pre-allocated KV cache (one forward of the prompt, then one token/step).
+
+Returns the prompt followed by the new tokens, as Hugging Face's `generate` does; a sequence that
+emitted `eos_token_id` is continued with `pad_token_id` (default: the EOS id) until all are done.
+Batches use LEFT padding so every sequence's next token sits in the last column.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from modules.attention import KVCache
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Top-k then nucleus (top-p) filtering on (B, V) logits; removed entries become -inf."""
+    if top_k is not None and top_k > 0:
+        k = min(top_k, logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token once the mass before it already reaches top_p (the top token always stays).
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _check_args(model: Any, input_ids: torch.Tensor, max_new_tokens: int, temperature: float,
+                top_k: int | None, top_p: float | None) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    total = input_ids.shape[-1] + max_new_tokens
+    if total > model.config.n_positions:
+        raise ValueError(
+            f"prompt ({input_ids.shape[-1]}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+            f"n_positions={model.config.n_positions}"
+        )
+
+
+@torch.no_grad()
+def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = 50256,
+             pad_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p)
+    if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("generate needs LEFT-padded batches: the last column of attention_mask has padding")
+    pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
+    was_training = model.training
+    model.eval()
+    batch, prompt_len = input_ids.shape
+    config = model.config
+    param = next(model.parameters())
+    cache = KVCache(config.n_layer, batch, config.n_head, prompt_len + max_new_tokens, config.head_dim,
+                    param.dtype, input_ids.device)
+    mask = attention_mask
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    new_tokens = []
+    step_input = input_ids
+    try:
+        for _ in range(max_new_tokens):
+            hidden = model.transformer(step_input, mask, kv_cache=cache).last_hidden_state[:, -1]
+            logits = model.lm_head(hidden).float()  # (B, V): only the last position's logits
+            if do_sample:
+                logits = filter_logits(logits / temperature, top_k, top_p)
+                next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+            else:
+                next_token = logits.argmax(-1)
+            if eos_token_id is not None:
+                next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
+                finished |= next_token == eos_token_id
+            new_tokens.append(next_token)
+            if eos_token_id is not None and bool(finished.all()):
+                break
+            step_input = next_token[:, None]
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+    finally:
+        model.train(was_training)
+    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

@@ -1,0 +1,199 @@
+"""The forked GPT-2: `GPT2Layer` (the block the variants change), `GPT2Model`, `GPT2LMHeadModel`.
+
+    h_0 = dropout(wte[ids] + wpe[pos])
+    h_l = h_{l-1} + attn(ln_1(h_{l-1}));  h_l = h_l + mlp(ln_2(h_l))        for l = 1..L
+    logits = ln_f(h_L) wteᵀ                                                   (tied embeddings)
+
+Parameter names equal Hugging Face's (`transformer.h.N.attn.c_attn`, ...), so checkpoints load by a
+name map. Padding: `attention_mask` (B, T_total) with 1 for real tokens; masked keys are never
+attended, and positions count real tokens only, so a left-padded sequence gives the same logits as
+the sequence alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.config import GPT2Config
+from modules.attention import CausalSelfAttention, KVCache
+from modules.mlp import MLP
+
+
+@dataclass
+class GPT2Output:
+    last_hidden_state: torch.Tensor  # (B, T, C), after ln_f
+    logits: torch.Tensor | None = None  # (B, T, V)
+
+
+def validate_inputs(config: GPT2Config, input_ids: Any, attention_mask: Any, past: int) -> None:
+    """Clear errors for bad input instead of an index error deep inside torch."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids is empty (seq_len 0)")
+    lowest, highest = int(input_ids.min()), int(input_ids.max())
+    if lowest < 0 or highest >= config.vocab_size:
+        bad = lowest if lowest < 0 else highest
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
+    total = past + input_ids.shape[1]
+    if total > config.n_positions:
+        raise ValueError(
+            f"sequence length {total} exceeds the model's n_positions={config.n_positions}; truncate the input"
+        )
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+        expected = (input_ids.shape[0], total)
+        if tuple(attention_mask.shape) != expected:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {expected} "
+                "(batch, past + seq_len)"
+            )
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+
+
+def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, past: int,
+                         device: torch.device | None = None) -> torch.Tensor | None:
+    """Boolean SDPA mask (B, 1, q_len, past + q_len), True = may attend; None = plain causal.
+
+    Causal AND key-padding. A padded query row would otherwise mask every key (NaN in softmax), so
+    every token may attend to itself; outputs at padded positions are meaningless but finite.
+    """
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # no padding: take the fused causal path where possible
+    if attention_mask is None:
+        if past == 0 or q_len == 1:
+            return None
+        attention_mask = torch.ones(1, past + q_len, dtype=torch.bool, device=device)
+    device = attention_mask.device
+    keys = torch.arange(past + q_len, device=device)
+    queries = torch.arange(past, past + q_len, device=device)
+    causal = keys[None, :] <= queries[:, None]  # (Tq, Tk)
+    mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    return mask | (keys[None, :] == queries[:, None])[None, None]
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor | None, q_len: int, past: int,
+                           device: torch.device) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.arange(past, past + q_len, device=device)[None]
+    # Count real tokens only, so left padding does not shift positions.
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return positions[:, past:past + q_len]
+
+
+class GPT2Layer(nn.Module):
+    """One pre-LayerNorm transformer block; variants replace `attn` or `mlp` (or their linears)."""
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.attn_pdrop, config.resid_pdrop)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config.n_embd, config.ffn_dim, config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, layer_idx)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Model(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(GPT2Layer(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> GPT2Output:
+        past = kv_cache.length if kv_cache is not None else 0
+        validate_inputs(self.config, input_ids, attention_mask, past)
+        q_len = input_ids.shape[1]
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask, q_len, past, input_ids.device)
+        mask = build_attention_mask(attention_mask, q_len, past, input_ids.device)
+        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
+        for index, layer in enumerate(self.h):
+            x = layer(x, mask, kv_cache, index)
+        if kv_cache is not None:
+            kv_cache.length += q_len
+        return GPT2Output(last_hidden_state=self.ln_f(x))
+
+
+class GPT2LMHeadModel(nn.Module):
+    """GPT-2 with the tied LM head. `GPT2LMHeadModel(config)` is randomly initialised (GPT-2's
+    scheme); `GPT2LMHeadModel.from_pretrained(name_or_path)` loads a Hugging Face checkpoint."""
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = GPT2Model(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) at init.
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                return_logits: bool = True) -> GPT2Output:
+        out = self.transformer(input_ids, attention_mask, position_ids, kv_cache)
+        if return_logits:
+            out.logits = self.lm_head(out.last_hidden_state)
+        return out
+
+    # ---- loading, saving, generation (implemented beside this file) ----
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, strict: bool = True,
+                        **config_overrides: Any) -> GPT2LMHeadModel:
+        from model.loading import load_pretrained
+        return load_pretrained(cls, name_or_path, strict=strict, **config_overrides)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write a plain Hugging Face GPT-2 checkpoint (config.json + model.safetensors)."""
+        from model.loading import save_hf_checkpoint
+        save_hf_checkpoint(self, directory)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 **kwargs: Any) -> torch.Tensor:
+        from model.generation import generate
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        seen: set[int] = set()
+        total = 0
+        for param in self.parameters():  # parameters() already de-duplicates the tied weight
+            if id(param) in seen or (trainable_only and not param.requires_grad):
+                continue
+            seen.add(id(param))
+            total += param.numel()
+        return total

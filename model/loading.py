@@ -1,0 +1,203 @@
+"""Loading and saving Hugging Face GPT-2 checkpoints with a name map and full key accounting.
+
+HF stores `c_attn`, `c_proj` and `c_fc` as Conv1D (weight: in x out); ours are `nn.Linear`
+(out x in), so exactly those four weights are transposed. Every key is accounted for: loaded,
+ignored on purpose (the causal-mask buffers old checkpoints carry, the tied `lm_head.weight`),
+unexpected, or missing. A shape mismatch raises naming the key; missing keys raise unless
+`strict=False` (a missing weight would otherwise stay randomly initialised, silently).
+Nothing is unpickled: safetensors, or `torch.load(weights_only=True)` for `pytorch_model.bin`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.config import GPT2Config
+
+log = logging.getLogger(__name__)
+
+# Weights stored transposed by HF's Conv1D.
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Buffers some HF checkpoints carry that are not parameters (the causal mask, recomputed here).
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+HUB_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as GPT-2; the message says which file or key."""
+
+
+@dataclass
+class LoadReport:
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{self.source}: loaded {len(self.loaded)} tensors, ignored {len(self.ignored)} "
+                f"(mask buffers / tied lm_head), missing {len(self.missing)}, unexpected {len(self.unexpected)}")
+
+
+# ---------------------------------------------------------------- locating files
+
+def _hub_download(repo_id: str, filename: str) -> str | None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return hf_hub_download(repo_id, filename)
+    except LocalEntryNotFoundError:
+        raise  # offline and not cached: not "the file does not exist"
+    except EntryNotFoundError:
+        return None
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> tuple[Path, Path]:
+    """Return (config.json, weights file) for a local folder or a hub id."""
+    path = Path(name_or_path)
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; pass the folder that holds config.json and the weights")
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{path} is not a GPT-2 checkpoint folder: it has no config.json")
+        for name in WEIGHT_FILES:
+            if (path / name).is_file():
+                return config_file, path / name
+        raise CheckpointError(f"{path} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
+    try:
+        config_file = _hub_download(str(name_or_path), "config.json")
+        if config_file is None:
+            raise CheckpointError(f"hub repo {name_or_path!r} has no config.json")
+        for name in WEIGHT_FILES:
+            weights = _hub_download(str(name_or_path), name)
+            if weights is not None:
+                return Path(config_file), Path(weights)
+    except CheckpointError:
+        raise
+    except Exception as error:  # offline, no such repo, no network: one clear message
+        raise CheckpointError(
+            f"could not load {str(name_or_path)!r}: it is not a local folder and fetching it from the "
+            f"Hugging Face hub failed ({type(error).__name__}: {error}). Pass a local folder holding an HF "
+            f"GPT-2 checkpoint (config.json + model.safetensors), or allow hub access (HF_HUB_OFFLINE unset)."
+        ) from error
+    raise CheckpointError(f"hub repo {name_or_path!r} has no weights ({', '.join(WEIGHT_FILES)})")
+
+
+def read_weights(weights_file: Path) -> dict[str, torch.Tensor]:
+    if weights_file.name.endswith(".index.json"):
+        index = json.loads(weights_file.read_text())
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            state.update(load_file(str(weights_file.parent / shard)))
+        return state
+    if weights_file.suffix == ".safetensors":
+        return load_file(str(weights_file))
+    try:
+        return torch.load(weights_file, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"{weights_file} could not be read as plain tensors: {error}") from error
+
+
+# ---------------------------------------------------------------- name maps
+
+def hf_to_ours(hf_state: dict[str, torch.Tensor], ours: dict[str, torch.Tensor],
+               source: str) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    report = LoadReport(source=source)
+    converted: dict[str, torch.Tensor] = {}
+    for key, tensor in hf_state.items():
+        bare = key.removeprefix("transformer.")
+        if key == "lm_head.weight" or bare.endswith(IGNORED_SUFFIXES):
+            report.ignored.append(key)
+            continue
+        target = "transformer." + bare
+        if target not in ours:
+            report.unexpected.append(key)
+            continue
+        if bare.endswith(CONV1D_WEIGHTS):
+            tensor = tensor.t()
+        if tuple(tensor.shape) != tuple(ours[target].shape):
+            raise CheckpointError(
+                f"{source}: shape mismatch for {key}: checkpoint {tuple(tensor.shape)} vs model "
+                f"{tuple(ours[target].shape)} (after the Conv1D transpose where it applies)"
+            )
+        converted[target] = tensor
+        report.loaded.append(key)
+    report.missing = sorted(k for k in ours if k not in converted and k != "lm_head.weight")
+    if "lm_head.weight" in hf_state and "transformer.wte.weight" in converted:
+        if not torch.equal(hf_state["lm_head.weight"], converted["transformer.wte.weight"]):
+            log.warning("%s: lm_head.weight differs from wte.weight; GPT-2 ties them, using wte", source)
+    return converted, report
+
+
+def ours_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key == "lm_head.weight":  # tied to wte; HF re-ties on load
+            continue
+        bare = key.removeprefix("transformer.")
+        tensor = tensor.detach()
+        out[bare] = (tensor.t() if bare.endswith(CONV1D_WEIGHTS) else tensor).contiguous().cpu()
+    return out
+
+
+# ---------------------------------------------------------------- public entry points
+
+def load_pretrained(cls: Any, name_or_path: str | Path, strict: bool = True, **config_overrides: Any):
+    config_file, weights_file = resolve_checkpoint(name_or_path)
+    try:
+        hf_config = json.loads(Path(config_file).read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config_file} is not valid JSON: {error}") from error
+    try:
+        config = GPT2Config.from_hf_dict(hf_config, **config_overrides)
+    except ValueError as error:
+        raise CheckpointError(f"{config_file}: {error}") from error
+    config.name = str(name_or_path)
+    model = cls(config)
+    converted, report = hf_to_ours(read_weights(Path(weights_file)), model.state_dict(), str(name_or_path))
+    if report.unexpected:
+        log.warning("%s: unexpected keys not loaded: %s", name_or_path, ", ".join(report.unexpected))
+    if report.missing:
+        message = f"{name_or_path}: keys missing from the checkpoint: {', '.join(report.missing)}"
+        if strict:
+            raise CheckpointError(message + " (pass strict=False to keep their random init)")
+        log.warning(message)
+    model.load_state_dict(converted, strict=False)
+    model.load_report = report
+    log.info(report.summary())
+    return model
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Write through a temp file in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_hf_checkpoint(model: Any, directory: str | Path) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = ours_to_hf(model.state_dict())
+    atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    config_text = json.dumps(model.config.to_hf_dict(), indent=2) + "\n"
+    atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(config_text))

@@ -1,0 +1,47 @@
+"""Resolve the GPT-2 tokenizer: an explicit path, else $GPT2_TOKENIZER, else "gpt2" from the hub.
+
+Loaded with `AutoTokenizer.from_pretrained(dir)`: in transformers >= 5, building
+`GPT2TokenizerFast(vocab_file=..., merges_file=...)` silently yields an empty tokenizer, so the
+result is checked against known ids before it is returned. The pad token is set to EOS (GPT-2 has
+no pad token).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+ENV_VAR = "GPT2_TOKENIZER"
+EOS_ID = 50256
+# Known encodings of the real GPT-2 BPE, used as a sanity check.
+_KNOWN = {"Hello world": [15496, 995], " yes": [3763], " no": [645]}
+
+
+class TokenizerNotFound(RuntimeError):
+    pass
+
+
+def load_tokenizer(path: str | Path | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    source = str(path) if path is not None else os.environ.get(ENV_VAR) or "gpt2"
+    origin = "argument" if path is not None else (f"${ENV_VAR}" if os.environ.get(ENV_VAR) else "hub default")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as error:
+        raise TokenizerNotFound(
+            f"could not load the GPT-2 tokenizer from {source!r} ({origin}): {type(error).__name__}: {error}\n"
+            f"Provide it by one of: pass a folder holding tokenizer.json (or vocab.json + merges.txt) "
+            f"with --tokenizer / load_tokenizer(path); set {ENV_VAR}=<that folder>; or allow Hugging Face "
+            f"hub access so 'gpt2' can be downloaded."
+        ) from error
+    for text, ids in _KNOWN.items():
+        got = tokenizer.encode(text)
+        if got != ids:
+            raise TokenizerNotFound(
+                f"the tokenizer loaded from {source!r} is not GPT-2's BPE: {text!r} -> {got}, expected {ids} "
+                f"(an empty or different vocabulary)"
+            )
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,56 @@
+"""Shared fixtures: small randomly initialised Hugging Face GPT-2 checkpoints in temp folders.
+
+No pretrained weights can be downloaded here, so parity and loading are tested on HF models we
+build and save ourselves; the real `from_pretrained("gpt2")` path is the same code with a hub id.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SHARED_DIR", REPO.parent / "shared"))
+TOKENIZER_DIR = SHARED / "tokenizer" / "gpt2"
+DATA_DIR = SHARED / "data" / "cs224n"
+
+transformers.logging.set_verbosity_error()
+
+
+def make_hf_checkpoint(directory: Path, seed: int = 0, **config) -> transformers.GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    hf_config = transformers.GPT2Config(**config)
+    model = transformers.GPT2LMHeadModel(hf_config).eval()
+    # Random init leaves biases and LayerNorm at 0/1; perturb them so the name map is really tested.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> tuple[Path, transformers.GPT2LMHeadModel]:
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    hf = make_hf_checkpoint(path, n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=50257)
+    return path, hf
+
+
+@pytest.fixture(scope="session")
+def small_ckpt(tmp_path_factory) -> tuple[Path, transformers.GPT2LMHeadModel]:
+    """gpt2-small shaped (width 768, 12 heads, full vocabulary) with 2 layers."""
+    path = tmp_path_factory.mktemp("small_gpt2")
+    hf = make_hf_checkpoint(path, seed=1, n_layer=2, n_head=12, n_embd=768, n_positions=256, vocab_size=50257)
+    return path, hf
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    if not (TOKENIZER_DIR / "tokenizer.json").is_file():
+        pytest.fail(f"the shared GPT-2 tokenizer is missing at {TOKENIZER_DIR} (set SHARED_DIR)")
+    return TOKENIZER_DIR

@@ -1,0 +1,1 @@
+"""Training loop and per-task entry points."""
