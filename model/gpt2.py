@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from model.config import GPT2Config
+from model.losses import linear_cross_entropy, next_token_targets
 from modules.attention import CausalSelfAttention, KVCache
 from modules.mlp import MLP
 
@@ -29,6 +30,7 @@ from modules.mlp import MLP
 class GPT2Output:
     last_hidden_state: torch.Tensor  # (B, T, C), after ln_f
     logits: torch.Tensor | None = None  # (B, T, V)
+    loss: torch.Tensor | None = None  # next-token cross-entropy when labels were given
 
 
 def validate_inputs(config: GPT2Config, input_ids: Any, attention_mask: Any, past: int) -> None:
@@ -164,9 +166,19 @@ class GPT2LMHeadModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                return_logits: bool = True) -> GPT2Output:
+                labels: torch.Tensor | None = None, return_logits: bool | None = None) -> GPT2Output:
+        """`labels` (B, T) follow HF's convention (shifted inside; -100 ignored; padding positions are
+        ignored too). With labels the loss goes through the fused LM-head cross-entropy and the full
+        logits are not materialised unless `return_logits=True`."""
         out = self.transformer(input_ids, attention_mask, position_ids, kv_cache)
-        if return_logits:
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(input_ids.shape)}")
+            targets = next_token_targets(input_ids, labels, attention_mask)
+            hidden = out.last_hidden_state
+            out.loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
+                                            targets.reshape(-1))
+        if return_logits or (return_logits is None and labels is None):
             out.logits = self.lm_head(out.last_hidden_state)
         return out
 
