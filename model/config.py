@@ -25,6 +25,11 @@ SIZE_PRESETS: dict[str, dict[str, int]] = {
     "small-test": dict(n_layer=2, n_head=12, n_embd=768),
 }
 
+LORA_TARGETS = {"qkv": "attn.c_attn", "attn_out": "attn.c_proj", "mlp_in": "mlp.c_fc", "mlp_out": "mlp.c_proj"}
+LORA_INITS = ("default", "gaussian", "pissa")
+KORA_TARGETS = ("query", "key", "value")
+FINE_TUNE_MODES = ("full-model", "last-linear-layer", "adapters")
+
 # HF config.json fields that map one-to-one onto ours.
 _HF_FIELDS = (
     "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
@@ -51,6 +56,23 @@ class GPT2Config:
     use_kan: bool = False
     use_lora: bool = False
     use_graph: bool = False
+    # LoRA family (peft): scale alpha/r, or alpha/sqrt(r) with rslora
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("qkv", "attn_out", "mlp_in", "mlp_out")
+    lora_layers: tuple[int, ...] | None = None  # None: every block
+    lora_rslora: bool = False
+    lora_dora: bool = False
+    lora_init: str = "default"  # default (peft: kaiming A, zero B) | gaussian | pissa
+    lora_plus_ratio: float = 1.0  # LoRA+: lr of B = ratio x lr (1.0 = plain LoRA)
+    # KoRA: composed q/k/v adapters added to one projection through a zero-initialised gate
+    use_kora: bool = False
+    kora_r: int = 8
+    kora_d_comp: int = 64
+    kora_target: str = "value"  # value | query | key
+    # What trains: full-model | last-linear-layer | adapters; None = adapters if a variant is on
+    fine_tune_mode: str | None = None
     # Free-form provenance (e.g. the checkpoint this config was read from); never affects maths.
     name: str = field(default="gpt2")
 
@@ -71,9 +93,59 @@ class GPT2Config:
                 raise ValueError(f"GPT2Config.{key} must be in [0, 1), got {value!r}")
         if self.layer_norm_epsilon <= 0:
             raise ValueError(f"GPT2Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
-        for key in ("use_kan", "use_lora", "use_graph"):
+        for key in ("use_kan", "use_lora", "use_graph", "use_kora", "lora_rslora", "lora_dora"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"GPT2Config.{key} must be a bool, got {getattr(self, key)!r}")
+        self._validate_variant_knobs()
+
+    def _validate_variant_knobs(self) -> None:
+        # JSON gives lists; keep tuples so configs compare equal after a round trip.
+        if isinstance(self.lora_targets, str):
+            self.lora_targets = (self.lora_targets,)
+        self.lora_targets = tuple(self.lora_targets)
+        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        if unknown or not self.lora_targets:
+            raise ValueError(
+                f"GPT2Config.lora_targets {list(self.lora_targets)} invalid; choose from {list(LORA_TARGETS)}")
+        if self.lora_layers is not None:
+            self.lora_layers = tuple(int(i) for i in self.lora_layers)
+            bad = [i for i in self.lora_layers if not 0 <= i < self.n_layer]
+            if bad or not self.lora_layers:
+                raise ValueError(
+                    f"GPT2Config.lora_layers {list(self.lora_layers)} must be block indices in [0, {self.n_layer})")
+        for key in ("lora_r", "kora_r", "kora_d_comp"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPT2Config.{key} must be a positive integer, got {value!r}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"GPT2Config.lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"GPT2Config.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.lora_init not in LORA_INITS:
+            raise ValueError(f"GPT2Config.lora_init {self.lora_init!r} unknown; choose from {list(LORA_INITS)}")
+        if self.lora_plus_ratio < 1.0:
+            raise ValueError(f"GPT2Config.lora_plus_ratio must be >= 1 (1 = plain LoRA), got {self.lora_plus_ratio!r}")
+        if self.kora_target not in KORA_TARGETS:
+            raise ValueError(f"GPT2Config.kora_target {self.kora_target!r} unknown; choose from {list(KORA_TARGETS)}")
+        if self.fine_tune_mode is not None and self.fine_tune_mode not in FINE_TUNE_MODES:
+            raise ValueError(
+                f"GPT2Config.fine_tune_mode {self.fine_tune_mode!r} unknown; choose from {list(FINE_TUNE_MODES)}")
+        if self.lora_dora and self.lora_init == "pissa":
+            raise ValueError("lora_dora with lora_init='pissa' is not supported (peft initialises one or the other)")
+
+    @property
+    def any_variant(self) -> bool:
+        return self.use_kan or self.use_lora or self.use_graph or self.use_kora
+
+    @property
+    def resolved_fine_tune_mode(self) -> str:
+        if self.fine_tune_mode is not None:
+            return self.fine_tune_mode
+        return "adapters" if self.any_variant else "full-model"
+
+    def base_config(self) -> GPT2Config:
+        """The same stack with every variant off: what checkpoints are loaded into."""
+        return self.replace(use_kan=False, use_lora=False, use_graph=False, use_kora=False)
 
     # ---- derived ----
     @property

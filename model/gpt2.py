@@ -141,7 +141,7 @@ class GPT2LMHeadModel(nn.Module):
     """GPT-2 with the tied LM head. `GPT2LMHeadModel(config)` is randomly initialised (GPT-2's
     scheme); `GPT2LMHeadModel.from_pretrained(name_or_path)` loads a Hugging Face checkpoint."""
 
-    def __init__(self, config: GPT2Config) -> None:
+    def __init__(self, config: GPT2Config, with_variants: bool = True) -> None:
         super().__init__()
         self.config = config
         self.transformer = GPT2Model(config)
@@ -152,6 +152,18 @@ class GPT2LMHeadModel(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
+        # {parameter name: variant} for every parameter a variant added (what "adapters" mode trains).
+        self.adapter_params: dict[str, str] = {}
+        if with_variants:
+            self.apply_variants()
+
+    def apply_variants(self) -> None:
+        """Attach the variants the config enables (after the base weights are in place)."""
+        from modules.registry import apply_variants
+
+        if self.adapter_params:
+            raise RuntimeError("variants are already attached to this model")
+        self.adapter_params = apply_variants(self, self.config)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -199,6 +211,27 @@ class GPT2LMHeadModel(nn.Module):
                  **kwargs: Any) -> torch.Tensor:
         from model.generation import generate
         return generate(self, input_ids, attention_mask, **kwargs)
+
+    # ---- adapters: save / load / merge / export (model/adapters.py) ----
+    def save_adapters(self, directory: str | Path) -> None:
+        from model.adapters import save_adapters
+        save_adapters(self, directory)
+
+    def load_adapters(self, directory: str | Path) -> None:
+        from model.adapters import load_adapters
+        load_adapters(self, directory)
+
+    def merge_adapters(self) -> None:
+        from model.adapters import merge_adapters
+        merge_adapters(self)
+
+    def export_hf(self, directory: str | Path) -> None:
+        from model.adapters import export_hf
+        export_hf(self, directory)
+
+    def export_peft(self, directory: str | Path) -> None:
+        from model.adapters import export_peft
+        export_peft(self, directory)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         seen: set[int] = set()

@@ -166,7 +166,8 @@ def load_pretrained(cls: Any, name_or_path: str | Path, strict: bool = True, **c
     except ValueError as error:
         raise CheckpointError(f"{config_file}: {error}") from error
     config.name = str(name_or_path)
-    model = cls(config)
+    # Build the base, load it strictly, and only then attach variants (they may read base weights).
+    model = cls(config, with_variants=False)
     converted, report = hf_to_ours(read_weights(Path(weights_file)), model.state_dict(), str(name_or_path))
     if report.unexpected:
         log.warning("%s: unexpected keys not loaded: %s", name_or_path, ", ".join(report.unexpected))
@@ -178,6 +179,7 @@ def load_pretrained(cls: Any, name_or_path: str | Path, strict: bool = True, **c
     model.load_state_dict(converted, strict=False)
     model.load_report = report
     log.info(report.summary())
+    model.apply_variants()
     return model
 
 
@@ -195,9 +197,16 @@ def atomic_write(path: Path, write: Any) -> None:
 
 
 def save_hf_checkpoint(model: Any, directory: str | Path) -> None:
+    if model.adapter_params:
+        raise ValueError("this model carries adapters; use export_hf(dir), which merges them first or says why not")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = ours_to_hf(model.state_dict())
     atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     config_text = json.dumps(model.config.to_hf_dict(), indent=2) + "\n"
     atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(config_text))
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or {"format": "pt"}))

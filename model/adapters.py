@@ -1,0 +1,143 @@
+"""Adapters on disk and out of the project: save / load (strict), merge, export to HF and to peft.
+
+* `save_adapters(dir)`: `adapter_model.safetensors` (only the parameters the variants added, plus,
+  for PiSSA, the residual base weights it rewrote) and `adapter_config.json` (the full GPT2Config).
+* `load_adapters(dir)` onto a freshly loaded base: attaches the saved variants, then loads strictly
+  (missing or unexpected keys raise, naming them).
+* `merge_adapters()`: folds LoRA / rsLoRA / DoRA into the base weights exactly; a variant that is not
+  linear in the input (KoRA, LoRA-KAN, ...) raises with the reason instead of approximating.
+* `export_hf(dir)`: a plain HF GPT-2 checkpoint of the merged model.
+* `export_peft(dir)`: the LoRA adapter in peft's own format, for stock HF GPT-2 + peft.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from model.config import GPT2Config
+from model.loading import atomic_write, ours_to_hf, write_safetensors
+from modules.registry import enabled_variants
+
+FORMAT = "gpt2-variants-adapters/1"
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+STACK_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
+
+
+def _pissa_residual_names(model: Any) -> list[str]:
+    """PiSSA rewrites the targeted base weights (W - B A); they must travel with the adapter."""
+    if not (model.config.use_lora and model.config.lora_init == "pissa"):
+        return []
+    return [name for name, _ in model.named_parameters() if ".base_layer.weight" in name]
+
+
+def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    names = set(model.adapter_params) | set(_pissa_residual_names(model))
+    return {name: p.detach() for name, p in model.named_parameters() if name in names}
+
+
+def save_adapters(model: Any, directory: str | Path) -> None:
+    if not model.adapter_params:
+        raise ValueError("this model has no adapters to save (no variant flag is on)")
+    directory = Path(directory)
+    write_safetensors(directory / WEIGHTS, adapter_state_dict(model), {"format": "pt", "producer": FORMAT})
+    meta = {"format": FORMAT, "variants": [v.name for v in enabled_variants(model.config)],
+            "config": model.config.to_dict()}
+    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    atomic_write(directory / CONFIG, lambda tmp: Path(tmp).write_text(text))
+
+
+def load_adapters(model: Any, directory: str | Path) -> None:
+    directory = Path(directory)
+    for name in (WEIGHTS, CONFIG):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} is not an adapter folder: {name} is missing")
+    meta = json.loads((directory / CONFIG).read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{directory / CONFIG}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
+    saved = GPT2Config.from_dict(meta["config"])
+    for key in STACK_FIELDS:
+        if getattr(saved, key) != getattr(model.config, key):
+            raise ValueError(f"adapters in {directory} were trained on {key}={getattr(saved, key)}, "
+                             f"but this model has {key}={getattr(model.config, key)}")
+    if model.adapter_params:
+        raise ValueError("load_adapters expects a fresh base model without variants attached")
+    # Keep this model's stack and provenance; take every variant knob from the saved config.
+    stack = {key: getattr(model.config, key) for key in (*STACK_FIELDS, "name")}
+    model.config = saved.replace(**stack)
+    model.apply_variants()
+    tensors = load_file(str(directory / WEIGHTS))
+    expected = set(adapter_state_dict(model))
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise ValueError(f"adapter weights in {directory} do not match the model: "
+                         f"missing {missing or 'none'}; unexpected {unexpected or 'none'}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"{name}: saved shape {tuple(tensor.shape)} != model {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+
+
+def merge_adapters(model: Any) -> None:
+    variants = enabled_variants(model.config)
+    blocked = [v for v in variants if v.merge is None]
+    if blocked:
+        reasons = "; ".join(f"{v.name}: {v.why_not_mergeable}" for v in blocked)
+        raise ValueError(f"cannot merge exactly: {reasons}")
+    for variant in variants:
+        variant.merge(model)
+    model.adapter_params = {}
+    model.config = model.config.base_config()
+
+
+def export_hf(model: Any, directory: str | Path) -> None:
+    """Plain HF GPT-2 checkpoint; mergeable adapters are merged on a copy (this model is unchanged)."""
+    target = model
+    if model.adapter_params:
+        target = copy.deepcopy(model)
+        merge_adapters(target)
+    target.save_pretrained(directory)
+
+
+def base_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """Base weights under their plain names (peft's `.base_layer.` removed), adapters excluded."""
+    return {name.replace(".base_layer.", "."): tensor for name, tensor in model.state_dict().items()
+            if name not in model.adapter_params}
+
+
+def export_peft(model: Any, directory: str | Path) -> None:
+    """Write the LoRA adapter in peft's own format for stock `transformers.GPT2LMHeadModel`."""
+    import peft
+    import transformers
+
+    from modules.lora import peft_lora_config
+
+    names = [v.name for v in enabled_variants(model.config)]
+    if names != ["lora"]:
+        raise ValueError(f"export_peft writes LoRA-family adapters only; this model has {names or 'none'}")
+    if model.config.lora_init == "pissa":
+        raise ValueError("PiSSA adapters are relative to a rewritten base (W - BA), not stock GPT-2; "
+                         "use export_hf(dir) to write the merged model instead")
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{
+        k: v for k, v in model.config.to_hf_dict().items() if k != "architectures"}))
+    missing, unexpected = hf.transformer.load_state_dict(ours_to_hf(base_state_dict(model)), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"base weights did not map onto HF GPT-2: missing {missing}, unexpected {unexpected}")
+    hf.tie_weights()
+    hf.config.name_or_path = model.config.name
+    lora_config = peft_lora_config(model.config, fan_in_fan_out=True)
+    lora_config.base_model_name_or_path = model.config.name
+    wrapped = peft.get_peft_model(hf, lora_config)
+    params = dict(wrapped.named_parameters())
+    with torch.no_grad():
+        for name in model.adapter_params:
+            params["base_model.model." + name].copy_(dict(model.named_parameters())[name])
+    wrapped.save_pretrained(str(directory))

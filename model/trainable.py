@@ -1,0 +1,75 @@
+"""One function decides what trains, and the optimizer sees only what trains.
+
+fine_tune_mode:
+* `full-model`        every parameter of the model (and the task heads);
+* `last-linear-layer` the task heads only (the course's mode); the whole model is frozen;
+* `adapters`          only the parameters the enabled variants added, plus the task heads.
+Default (`config.fine_tune_mode=None`): `adapters` when a variant flag is on, `full-model` otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.config import FINE_TUNE_MODES
+
+
+def set_trainable(model: Any, mode: str | None = None, heads: Iterable[nn.Module] = ()) -> dict[str, int]:
+    mode = mode or model.config.resolved_fine_tune_mode
+    if mode not in FINE_TUNE_MODES:
+        raise ValueError(f"unknown fine_tune_mode {mode!r}; choose from {list(FINE_TUNE_MODES)}")
+    heads = list(heads)
+    if mode == "adapters" and not model.adapter_params:
+        raise ValueError("fine_tune_mode='adapters' but no variant is enabled: nothing would train "
+                         "(turn on --use_lora/--use_kan/--use_graph/--use_kora, or use full-model)")
+    if mode == "last-linear-layer" and not heads:
+        raise ValueError("fine_tune_mode='last-linear-layer' needs a task head to train")
+    for name, param in model.named_parameters():
+        param.requires_grad_(mode == "full-model" or (mode == "adapters" and name in model.adapter_params))
+    for head in heads:
+        head.requires_grad_(True)
+    return count_parameters(model, heads)
+
+
+def count_parameters(model: nn.Module, heads: Iterable[nn.Module] = ()) -> dict[str, int]:
+    params = {id(p): p for m in (model, *heads) for p in m.parameters()}  # de-duplicates tied weights
+    return {"total": sum(p.numel() for p in params.values()),
+            "trainable": sum(p.numel() for p in params.values() if p.requires_grad)}
+
+
+def is_lora_plus_param(name: str) -> bool:
+    """LoRA+ gives the adapter's output side (LoRA's B) a larger learning rate."""
+    return ".lora_B." in name
+
+
+def build_param_groups(model: nn.Module, lr: float, weight_decay: float, lora_plus_ratio: float = 1.0,
+                       heads: Iterable[nn.Module] = ()) -> list[dict[str, Any]]:
+    """AdamW param groups over trainable parameters only: no decay on vectors (biases, norms,
+    gates, DoRA magnitudes), and lr x `lora_plus_ratio` on LoRA+ parameters."""
+    groups: dict[tuple[bool, bool], dict[str, Any]] = {}
+    seen: set[int] = set()
+    named = [*model.named_parameters()] + [(f"head.{n}", p) for h in heads for n, p in h.named_parameters()]
+    for name, param in named:
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        decay, plus = param.dim() >= 2, is_lora_plus_param(name) and lora_plus_ratio != 1.0
+        group = groups.setdefault((decay, plus), {
+            "params": [], "names": [], "weight_decay": weight_decay if decay else 0.0,
+            "lr": lr * (lora_plus_ratio if plus else 1.0)})
+        group["params"].append(param)
+        group["names"].append(name)
+    if not groups:
+        raise ValueError("no trainable parameters: call set_trainable first or check fine_tune_mode")
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, heads: Iterable[nn.Module] = (),
+                    **adamw_kwargs: Any) -> torch.optim.AdamW:
+    groups = build_param_groups(model, lr, weight_decay, model.config.lora_plus_ratio, heads)
+    return torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=lr,
+                             **adamw_kwargs)

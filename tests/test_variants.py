@@ -1,0 +1,177 @@
+"""Registry-parametrised variant matrix: identity at init, causality, padding invariance, trainable
+sets, save/load, merge and export round trips. Every case runs on a tiny random HF checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import GPT2LMHeadModel
+from model.trainable import build_optimizer, set_trainable
+from modules.registry import VARIANTS, enabled_variants
+from tests.variant_cases import MERGEABLE, VARIANT_CASES
+
+CASES = list(VARIANT_CASES)
+NO_DROPOUT = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, lora_dropout=0.0)
+
+
+def build(path, case, seed=0):
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel.from_pretrained(path, **NO_DROPOUT, **VARIANT_CASES[case]).eval()
+
+
+def perturb_adapters(model, seed=1):
+    """Make the adapters non-trivial (as after training) so round trips test something."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in model.adapter_params:
+                param.add_(0.05 * torch.randn(param.shape, generator=gen))
+
+
+def ids_batch(seed=0, batch=2, seq=12):
+    return torch.randint(0, 50257, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def test_every_registry_entry_is_in_the_matrix():
+    from model import GPT2Config
+
+    covered = {v.name for case in VARIANT_CASES.values()
+               for v in enabled_variants(GPT2Config.from_preset("tiny", **case))}
+    assert covered == set(VARIANTS)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_identity_at_init(tiny_ckpt, case):
+    base = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0], **NO_DROPOUT).eval()
+    model = build(tiny_ckpt[0], case)
+    assert model.adapter_params, "the variant added no parameters"
+    ids = ids_batch()
+    with torch.no_grad():
+        assert (model(ids).logits - base(ids).logits).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_causality_and_padding_invariance(tiny_ckpt, case):
+    model = build(tiny_ckpt[0], case)
+    perturb_adapters(model)
+    ids = ids_batch(seed=3, seq=14)
+    changed = ids.clone()
+    changed[:, 8:] = (changed[:, 8:] + 11) % 50257
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding on row 0
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+        assert torch.equal(a[:, :8], b[:, :8])
+        assert not torch.allclose(a[:, 8:], b[:, 8:])
+        padded = model(ids, attention_mask=mask).logits
+        alone = model(ids[:1, 5:]).logits
+    assert (padded[0, 5:] - alone[0]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("mode", ["adapters", "full-model", "last-linear-layer"])
+def test_trainable_sets_and_frozen_weights_unchanged(tiny_ckpt, case, mode):
+    model = build(tiny_ckpt[0], case).train()
+    head = torch.nn.Linear(model.config.n_embd, 3)
+    set_trainable(model, mode, heads=[head])
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    if mode == "adapters":
+        assert names == set(model.adapter_params)
+    elif mode == "full-model":
+        assert names == {n for n, _ in model.named_parameters()}
+    else:
+        assert names == set()
+    assert all(p.requires_grad for p in head.parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    head_before = head.weight.detach().clone()
+    optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.01, heads=[head])
+    ids = ids_batch(seed=4)
+    for _ in range(3):
+        out = model(ids, labels=ids)
+        loss = out.loss + head(out.last_hidden_state[:, -1]).logsumexp(-1).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, param in model.named_parameters():
+        if name in names:
+            assert not torch.equal(param, before[name]), f"{name} should have trained"
+        else:
+            assert torch.equal(param, before[name]), f"{name} is frozen but moved"
+    assert not torch.equal(head.weight, head_before)
+
+
+def test_adapters_mode_without_variant_raises(tiny_ckpt):
+    model = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0])
+    with pytest.raises(ValueError, match="no variant is enabled"):
+        set_trainable(model, "adapters")
+    assert model.config.resolved_fine_tune_mode == "full-model"
+    assert build(tiny_ckpt[0], "lora").config.resolved_fine_tune_mode == "adapters"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_save_load_round_trip(tiny_ckpt, case, tmp_path):
+    model = build(tiny_ckpt[0], case)
+    perturb_adapters(model)
+    model.save_adapters(tmp_path / "adapters")
+    fresh = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0], **NO_DROPOUT).eval()
+    torch.manual_seed(123)  # a different random init of the adapters, overwritten by the load
+    fresh.load_adapters(tmp_path / "adapters")
+    ids = ids_batch(seed=5)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+    assert fresh.config == model.config.replace(name=fresh.config.name)
+
+
+def test_load_adapters_is_strict(tiny_ckpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = build(tiny_ckpt[0], "lora")
+    model.save_adapters(tmp_path / "a")
+    tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    dropped = sorted(tensors)[0]
+    del tensors[dropped]
+    tensors["transformer.h.0.attn.c_attn.lora_Z.weight"] = torch.zeros(1)
+    save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"))
+    fresh = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0])
+    with pytest.raises(ValueError, match=r"missing \[.*" + dropped.replace(".", r"\.") + r".*unexpected \[.*lora_Z"):
+        fresh.load_adapters(tmp_path / "a")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_merge(tiny_ckpt, case):
+    model = build(tiny_ckpt[0], case)
+    perturb_adapters(model)
+    ids = ids_batch(seed=6)
+    with torch.no_grad():
+        before = model(ids).logits
+    if case not in MERGEABLE:
+        with pytest.raises(ValueError, match="cannot merge exactly: kora: .*non-linear"):
+            model.merge_adapters()
+        return
+    model.merge_adapters()
+    assert model.adapter_params == {} and not model.config.use_lora
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        assert (model(ids).logits - before).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["lora", "dora", "pissa"])
+def test_export_hf_round_trip(tiny_ckpt, case, tmp_path):
+    import transformers
+
+    model = build(tiny_ckpt[0], case)
+    perturb_adapters(model)
+    model.export_hf(tmp_path / "hf")
+    assert model.adapter_params  # exporting merges a copy, not this model
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ids = ids_batch(seed=7)
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_export_hf_refuses_kora(tiny_ckpt, tmp_path):
+    model = build(tiny_ckpt[0], "kora")
+    with pytest.raises(ValueError, match="non-linear"):
+        model.export_hf(tmp_path / "hf")
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
