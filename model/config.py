@@ -29,6 +29,9 @@ LORA_TARGETS = {"qkv": "attn.c_attn", "attn_out": "attn.c_proj", "mlp_in": "mlp.
 LORA_INITS = ("default", "gaussian", "pissa")
 KORA_TARGETS = ("query", "key", "value")
 FINE_TUNE_MODES = ("full-model", "last-linear-layer", "adapters")
+KAN_INITS = ("mlp", "random")
+KAN_BASES = ("silu", "identity", "gelu")
+GRAPH_BACKENDS = ("gatconv", "dense")
 
 # HF config.json fields that map one-to-one onto ours.
 _HF_FIELDS = (
@@ -71,6 +74,19 @@ class GPT2Config:
     kora_r: int = 8
     kora_d_comp: int = 64
     kora_target: str = "value"  # value | query | key
+    # KAN (use_kan alone: the FFN becomes a two-layer KAN; with use_lora: LoRA-KAN adapters)
+    kan_grid_size: int = 5
+    kan_grid_range: tuple[float, float] = (-2.0, 2.0)
+    kan_spline_order: int = 3  # 1 (piecewise linear), 2, 3 (cubic)
+    kan_init: str = "mlp"  # mlp: starts as the pretrained MLP exactly | random: parameter-matched KAN
+    kan_hidden: int | None = None  # random init width; None = match the MLP's parameter count
+    kan_base: str = "silu"  # base function b(x) of random-init KAN layers and of LoRA-KAN
+    lora_kan_squash: bool = True  # LoRA-KAN: squash adapter inputs into the grid with tanh
+    # Graph attention branch (torch_geometric GATConv) beside the block's attention
+    graph_heads: int = 4
+    graph_window: int | None = None  # None: every previous token; w: only the last w tokens (incl. self)
+    graph_dropout: float = 0.1
+    graph_backend: str = "gatconv"  # gatconv (torch_geometric) | dense (same maths, masked softmax)
     # What trains: full-model | last-linear-layer | adapters; None = adapters if a variant is on
     fine_tune_mode: str | None = None
     # Free-form provenance (e.g. the checkpoint this config was read from); never affects maths.
@@ -93,7 +109,7 @@ class GPT2Config:
                 raise ValueError(f"GPT2Config.{key} must be in [0, 1), got {value!r}")
         if self.layer_norm_epsilon <= 0:
             raise ValueError(f"GPT2Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
-        for key in ("use_kan", "use_lora", "use_graph", "use_kora", "lora_rslora", "lora_dora"):
+        for key in ("use_kan", "use_lora", "use_graph", "use_kora", "lora_rslora", "lora_dora", "lora_kan_squash"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"GPT2Config.{key} must be a bool, got {getattr(self, key)!r}")
         self._validate_variant_knobs()
@@ -130,6 +146,29 @@ class GPT2Config:
         if self.fine_tune_mode is not None and self.fine_tune_mode not in FINE_TUNE_MODES:
             raise ValueError(
                 f"GPT2Config.fine_tune_mode {self.fine_tune_mode!r} unknown; choose from {list(FINE_TUNE_MODES)}")
+        self.kan_grid_range = tuple(float(v) for v in self.kan_grid_range)
+        if len(self.kan_grid_range) != 2 or not self.kan_grid_range[0] < self.kan_grid_range[1]:
+            raise ValueError(
+                f"GPT2Config.kan_grid_range must be (low, high) with low < high, got {self.kan_grid_range}")
+        if not isinstance(self.kan_grid_size, int) or self.kan_grid_size < 1:
+            raise ValueError(f"GPT2Config.kan_grid_size must be a positive integer, got {self.kan_grid_size!r}")
+        if self.kan_spline_order not in (1, 2, 3):
+            raise ValueError(f"GPT2Config.kan_spline_order must be 1, 2 or 3, got {self.kan_spline_order!r}")
+        if self.kan_init not in KAN_INITS:
+            raise ValueError(f"GPT2Config.kan_init {self.kan_init!r} unknown; choose from {list(KAN_INITS)}")
+        if self.kan_hidden is not None and (not isinstance(self.kan_hidden, int) or self.kan_hidden <= 0):
+            raise ValueError(f"GPT2Config.kan_hidden must be a positive integer or None, got {self.kan_hidden!r}")
+        if self.kan_base not in KAN_BASES:
+            raise ValueError(f"GPT2Config.kan_base {self.kan_base!r} unknown; choose from {list(KAN_BASES)}")
+        if not isinstance(self.graph_heads, int) or self.graph_heads <= 0 or self.n_embd % self.graph_heads:
+            raise ValueError(f"GPT2Config.graph_heads must divide n_embd={self.n_embd}, got {self.graph_heads!r}")
+        if self.graph_window is not None and (not isinstance(self.graph_window, int) or self.graph_window < 1):
+            raise ValueError(f"GPT2Config.graph_window must be a positive integer or None, got {self.graph_window!r}")
+        if not 0.0 <= self.graph_dropout < 1.0:
+            raise ValueError(f"GPT2Config.graph_dropout must be in [0, 1), got {self.graph_dropout!r}")
+        if self.graph_backend not in GRAPH_BACKENDS:
+            raise ValueError(
+                f"GPT2Config.graph_backend {self.graph_backend!r} unknown; choose from {list(GRAPH_BACKENDS)}")
         if self.lora_dora and self.lora_init == "pissa":
             raise ValueError("lora_dora with lora_init='pissa' is not supported (peft initialises one or the other)")
 

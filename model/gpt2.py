@@ -104,10 +104,18 @@ class GPT2Layer(nn.Module):
         self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.attn_pdrop, config.resid_pdrop)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config.n_embd, config.ffn_dim, config.resid_pdrop)
+        # Extension slot: branches that run beside attention on ln_1(x) and add to the residual
+        # (the graph branch). Empty by default, so the base path costs nothing.
+        self.parallel_branches = nn.ModuleList()
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, layer_idx)
+                kv_cache: KVCache | None = None, layer_idx: int = 0,
+                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.ln_1(x)
+        update = self.attn(h, attn_mask, kv_cache, layer_idx)
+        for branch in self.parallel_branches:
+            update = update + branch(h, padding_mask, kv_cache, layer_idx)
+        x = x + update
         return x + self.mlp(self.ln_2(x))
 
 
@@ -129,9 +137,10 @@ class GPT2Model(nn.Module):
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, q_len, past, input_ids.device)
         mask = build_attention_mask(attention_mask, q_len, past, input_ids.device)
+        padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
         for index, layer in enumerate(self.h):
-            x = layer(x, mask, kv_cache, index)
+            x = layer(x, mask, kv_cache, index, padding)
         if kv_cache is not None:
             kv_cache.length += q_len
         return GPT2Output(last_hidden_state=self.ln_f(x))
@@ -164,6 +173,7 @@ class GPT2LMHeadModel(nn.Module):
         if self.adapter_params:
             raise RuntimeError("variants are already attached to this model")
         self.adapter_params = apply_variants(self, self.config)
+        self.train(self.training)  # new modules start in train mode; follow the model's mode
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):

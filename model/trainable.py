@@ -42,8 +42,8 @@ def count_parameters(model: nn.Module, heads: Iterable[nn.Module] = ()) -> dict[
 
 
 def is_lora_plus_param(name: str) -> bool:
-    """LoRA+ gives the adapter's output side (LoRA's B) a larger learning rate."""
-    return ".lora_B." in name
+    """LoRA+ gives the adapter's output side (LoRA's B, LoRA-KAN's φ_out) a larger learning rate."""
+    return ".lora_B." in name or ".kan_out." in name
 
 
 def build_param_groups(model: nn.Module, lr: float, weight_decay: float, lora_plus_ratio: float = 1.0,

@@ -27,6 +27,7 @@ class KVCache:
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.max_len = max_len
+        self.extras: dict = {}  # per-layer state of other branches (e.g. the graph branch's nodes)
         self.length = 0  # tokens already stored (same for every layer once a forward completes)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from model.config import GPT2Config
+from modules.graph import apply_graph
+from modules.kan_ffn import apply_kan_ffn
+from modules.kan_lora import apply_kan_lora
 from modules.kora import apply_kora
 from modules.lora import apply_lora, merge_lora
 
@@ -34,10 +37,20 @@ class Variant:
 VARIANTS: dict[str, Variant] = {
     variant.name: variant
     for variant in (
-        Variant("lora", lambda c: c.use_lora, apply_lora, merge=merge_lora),
+        # use_kan alone swaps the FFN; use_kan + use_lora means LoRA-KAN adapters instead.
+        Variant("kan_ffn", lambda c: c.use_kan and not c.use_lora, apply_kan_ffn,
+                why_not_mergeable="the KAN FFN replaces the MLP with spline functions that no GPT-2 MLP "
+                                  "weight can express"),
+        Variant("lora", lambda c: c.use_lora and not c.use_kan, apply_lora, merge=merge_lora),
+        Variant("kan_lora", lambda c: c.use_lora and c.use_kan, apply_kan_lora,
+                why_not_mergeable="LoRA-KAN's φ_in/φ_out are non-linear in the input, so no ΔW reproduces "
+                                  "them (a finite-difference Jacobian is right at one point only)"),
         Variant("kora", lambda c: c.use_kora, apply_kora,
                 why_not_mergeable="KoRA's composition MLP is non-linear in the input (GELU), so no weight "
                                   "matrix reproduces it; keep the adapters or export them unmerged"),
+        Variant("graph", lambda c: c.use_graph, apply_graph,
+                why_not_mergeable="the graph-attention branch is a separate attention path, not a weight "
+                                  "update of GPT-2"),
     )
 }
 
@@ -56,9 +69,11 @@ def apply_variants(model: nn.Module, config: GPT2Config) -> dict[str, str]:
     """Attach every enabled variant; returns {parameter name: variant name} for the added ones."""
     added: dict[int, str] = {}
     for variant in enabled_variants(config):
-        before = {id(p) for p in model.parameters()}
+        old_params = list(model.parameters())  # kept alive so a replaced module's ids are not reused
+        before = {id(p) for p in old_params}
         variant.apply(model, config)
         for param in model.parameters():
             if id(param) not in before:
                 added[id(param)] = variant.name
+        del old_params
     return {name: added[id(p)] for name, p in model.named_parameters() if id(p) in added}

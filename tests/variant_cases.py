@@ -11,5 +11,16 @@ VARIANT_CASES: dict[str, dict] = {
     "kora": dict(use_kora=True),
     "kora_query": dict(use_kora=True, kora_target="query"),
     "lora+kora": dict(use_lora=True, use_kora=True),
+    "kan_ffn": dict(use_kan=True),
+    "kan_ffn_random": dict(use_kan=True, kan_init="random"),
+    "kan_lora": dict(use_lora=True, use_kan=True),
+    "kan_lora_order1_rslora_nosquash": dict(use_lora=True, use_kan=True, kan_spline_order=1, lora_rslora=True,
+                                            lora_kan_squash=False, kan_grid_size=4),
+    "graph": dict(use_graph=True),
+    "graph_dense_window": dict(use_graph=True, graph_backend="dense", graph_window=4),
+    "graph+lora": dict(use_graph=True, use_lora=True),
+    "kan_lora+kora+graph": dict(use_lora=True, use_kan=True, use_kora=True, use_graph=True, graph_window=3),
 }
 MERGEABLE = {"lora", "rslora", "dora", "lora_gaussian", "pissa", "lora_plus_some_layers"}
+# Replaces pretrained weights with a fresh KAN by design: not the base model at step 0.
+NOT_IDENTITY_AT_INIT = {"kan_ffn_random"}

@@ -1,0 +1,116 @@
+"""Causal graph-attention branch (torch_geometric GATConv) beside the block's self-attention.
+
+Tokens are nodes; token i receives messages from tokens j with j ≤ i (and i - j < w when
+`graph_window` = w), padding tokens have no edges. One GAT layer (Veličković et al., 2018):
+    z = h W                                  (B, T, H, D)
+    e_ij = LeakyReLU_0.2( a_dstᵀ z_i + a_srcᵀ z_j )   for edges j -> i
+    α_ij = softmax_j e_ij,  g_i = ∥_heads Σ_j α_ij z_j + bias
+and the block becomes  x + attn(ln_1 x) + γ · g(ln_1 x)  with the scalar gate γ initialised to 0,
+so `use_graph=True` is exactly GPT-2 at step 0 (γ's gradient ⟨∂L/∂out, g⟩ is non-zero, so it opens).
+
+Backends (same parameters, same maths, agree to ≤ 1e-5):
+* `gatconv`: torch_geometric's GATConv over ONE edge_index for the whole batch, built with tensor
+  ops (a banded lower-triangular pattern offset per sequence, no Python loop over tokens or
+  sequences), cached per (B, T, window, device); padding edges are dropped by a mask.
+* `dense`: a masked dense softmax over (B, H, T, T) scores; also used by KV-cache decoding
+  (it keeps z and a_srcᵀz of past tokens in the cache), whatever the backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch_geometric.nn import GATConv
+
+from model.config import GPT2Config
+from modules.attention import KVCache
+
+_EDGE_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def causal_edge_index(batch: int, seq: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """(2, E) edge_index, row 0 = source j, row 1 = target i, j ≤ i within the window, per sequence."""
+    key = (batch, seq, window, str(device))
+    if key not in _EDGE_CACHE:
+        if len(_EDGE_CACHE) > 64:
+            _EDGE_CACHE.clear()
+        pos = torch.arange(seq, device=device)
+        band = pos[None, :] <= pos[:, None]  # [i, j]: j <= i
+        if window is not None:
+            band &= (pos[:, None] - pos[None, :]) < window
+        dst, src = band.nonzero(as_tuple=True)
+        offsets = (torch.arange(batch, device=device) * seq)[:, None]
+        _EDGE_CACHE[key] = torch.stack([(src[None] + offsets).reshape(-1), (dst[None] + offsets).reshape(-1)])
+    return _EDGE_CACHE[key]
+
+
+class GraphBranch(nn.Module):
+    def __init__(self, n_embd: int, heads: int, window: int | None, dropout: float, backend: str) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, n_embd // heads
+        self.window, self.dropout, self.backend = window, dropout, backend
+        self.conv = GATConv(n_embd, self.head_dim, heads=heads, concat=True, dropout=dropout,
+                            add_self_loops=False)  # self edges are part of the causal pattern already
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, h: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+        """h: (B, T, C) normalised block input; padding_mask: (B, past + T) bool or None."""
+        if kv_cache is None and self.backend == "gatconv":
+            out = self._gatconv(h, padding_mask)
+        else:
+            out = self._dense(h, padding_mask, kv_cache, layer_idx)
+        return self.gate * out
+
+    def _gatconv(self, h: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        batch, seq, width = h.shape
+        edges = causal_edge_index(batch, seq, self.window, h.device)
+        if padding_mask is not None:
+            valid = padding_mask.reshape(-1)
+            edges = edges[:, valid[edges[0]] & valid[edges[1]]]
+        return self.conv(h.reshape(batch * seq, width), edges).view(batch, seq, width)
+
+    def _dense(self, h: torch.Tensor, padding_mask: torch.Tensor | None, kv_cache: KVCache | None,
+               layer_idx: int) -> torch.Tensor:
+        batch, seq, width = h.shape
+        z = self.conv.lin(h).view(batch, seq, self.heads, self.head_dim)  # (B, T, H, D)
+        a_src = (z * self.conv.att_src).sum(-1)  # (B, T, H)
+        a_dst = (z * self.conv.att_dst).sum(-1)
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.length
+            z, a_src = _cache_nodes(kv_cache, layer_idx, z, a_src)
+        keys = torch.arange(past + seq, device=h.device)
+        queries = torch.arange(past, past + seq, device=h.device)
+        allowed = keys[None, :] <= queries[:, None]
+        if self.window is not None:
+            allowed &= (queries[:, None] - keys[None, :]) < self.window
+        allowed = allowed[None, None]  # (1, 1, Tq, Tk)
+        if padding_mask is not None:
+            valid = padding_mask.bool()
+            allowed = allowed & valid[:, None, None, :] & valid[:, None, past:, None]
+        scores = F.leaky_relu(a_dst.transpose(1, 2)[..., :, None] + a_src.transpose(1, 2)[..., None, :],
+                              self.conv.negative_slope)  # (B, H, Tq, Tk)
+        alpha = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)  # no edge -> 0
+        alpha = F.dropout(alpha, self.dropout, self.training)
+        out = alpha @ z.transpose(1, 2)  # (B, H, Tq, D)
+        return out.transpose(1, 2).reshape(batch, seq, width) + self.conv.bias
+
+
+def _cache_nodes(cache: KVCache, layer_idx: int, z: torch.Tensor, a_src: torch.Tensor):
+    """Store this step's node features beside the KV cache; return those of every cached token."""
+    key = ("graph", layer_idx)
+    if key not in cache.extras:
+        batch, _, heads, dim = z.shape
+        cache.extras[key] = (z.new_empty(batch, cache.max_len, heads, dim), z.new_empty(batch, cache.max_len, heads))
+    z_buf, a_buf = cache.extras[key]
+    start, end = cache.length, cache.length + z.shape[1]
+    z_buf[:, start:end], a_buf[:, start:end] = z, a_src
+    return z_buf[:, :end], a_buf[:, :end]
+
+
+def apply_graph(model: nn.Module, config: GPT2Config) -> None:
+    for block in model.transformer.h:
+        block.parallel_branches.append(GraphBranch(config.n_embd, config.graph_heads, config.graph_window,
+                                                   config.graph_dropout, config.graph_backend))

@@ -1,0 +1,193 @@
+"""KAN linear layer (Liu et al., 2024, "KAN: Kolmogorov-Arnold Networks") on a uniform B-spline grid.
+
+    y_j = Σ_i [ w_base_ji · b(x_i) + Σ_k c_jik · B_k(x_i) ] (+ bias_j)     x: (N, in) -> y: (N, out)
+
+Grid: G intervals on [lo, hi], spacing h = (hi - lo) / G, knots t_m = lo + (m - k) h for
+m = 0..G+2k, so there are G + k bases of order k (1: piecewise linear, 2: quadratic, 3: cubic).
+
+Fast bases: on a uniform grid every basis is a shifted cardinal B-spline, so for x in interval m
+(u = (x - lo)/h, m = ⌊u⌋, f = u - m) only B_m..B_{m+k} are non-zero and their values are fixed
+polynomials of f: w = [1, f, …, f^k] · M_k (closed form, one small matmul, no Cox–de Boor recursion).
+Memory-lean backward: the autograd function saves only x and recomputes the (N, in, G+k) bases in
+backward instead of keeping them (and the recursion's intermediates) alive.
+
+Out-of-grid inputs are CLAMPED to [lo, hi] for the spline term (the spline is constant beyond the
+grid and its slope there is zero), never silently zeroed as on a grid whose bases all vanish; the
+base term b(x) still carries x. `update_grid` extends the grid by whole intervals to cover observed
+activations and, optionally, refines it; both keep the function unchanged inside the old grid.
+
+No separate "spline scaler": c already is the scaled coefficient (efficient-kan multiplies by its
+scaler twice in its grid update, which changes the function).
+
+Identity-at-init is the caller's choice: `zero_init=True` zeroes base and spline weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.mlp import gelu_tanh
+
+# Rows: powers f^0..f^k; columns: the k+1 non-zero bases B_m..B_{m+k} on one interval.
+_CARDINAL = {
+    1: [[1.0, 0.0], [-1.0, 1.0]],
+    2: [[0.5, 0.5, 0.0], [-1.0, 1.0, 0.0], [0.5, -1.0, 0.5]],
+    3: [[1 / 6, 4 / 6, 1 / 6, 0.0], [-3 / 6, 0.0, 3 / 6, 0.0], [3 / 6, -6 / 6, 3 / 6, 0.0],
+        [-1 / 6, 3 / 6, -3 / 6, 1 / 6]],
+}
+BASE_FUNCTIONS = {"silu": F.silu, "identity": lambda x: x, "gelu": gelu_tanh}
+
+
+def _local_bases(x: torch.Tensor, lo: float, h: float, grid_size: int, order: int, derivative: bool = False):
+    """Index of the first non-zero basis (…, in) and the k+1 values (…, in, k+1) [and d/dx]."""
+    u = (x - lo) / h
+    inside = (u >= 0) & (u <= grid_size)
+    u = u.clamp(0, grid_size)
+    m = u.floor().clamp(max=grid_size - 1)
+    f = (u - m).unsqueeze(-1)
+    coeffs = torch.tensor(_CARDINAL[order], dtype=x.dtype, device=x.device)  # (k+1, k+1)
+    powers = torch.cat([torch.ones_like(f)] + [f ** p for p in range(1, order + 1)], dim=-1)
+    values = powers @ coeffs
+    if not derivative:
+        return m.long(), values, None
+    dpowers = torch.cat([torch.zeros_like(f), torch.ones_like(f)] + [p * f ** (p - 1) for p in range(2, order + 1)],
+                        dim=-1)
+    slopes = (dpowers @ coeffs) / h * inside.unsqueeze(-1).to(x.dtype)  # zero slope where clamped
+    return m.long(), values, slopes
+
+
+def bspline_bases(x: torch.Tensor, lo: float, h: float, grid_size: int, order: int) -> torch.Tensor:
+    """Dense B-spline bases (…, in, G+k) of a uniform grid, inputs clamped to [lo, hi]."""
+    m, values, _ = _local_bases(x, lo, h, grid_size, order)
+    index = m.unsqueeze(-1) + torch.arange(order + 1, device=x.device)
+    out = x.new_zeros(*x.shape, grid_size + order)
+    return out.scatter_(-1, index, values)
+
+
+class _SplineLinear(torch.autograd.Function):
+    """y = bases(x).view(N, in·(G+k)) @ c.view(out, in·(G+k))ᵀ, saving only x and c."""
+
+    @staticmethod
+    def forward(ctx, x, coeff, lo, h, grid_size, order):
+        ctx.save_for_backward(x, coeff)
+        ctx.grid = (lo, h, grid_size, order)
+        bases = bspline_bases(x, lo, h, grid_size, order)
+        return bases.flatten(1) @ coeff.flatten(1).t()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, coeff = ctx.saved_tensors
+        lo, h, grid_size, order = ctx.grid
+        grad_x = grad_coeff = None
+        m, values, slopes = _local_bases(x, lo, h, grid_size, order, derivative=ctx.needs_input_grad[0])
+        index = m.unsqueeze(-1) + torch.arange(order + 1, device=x.device)
+        if ctx.needs_input_grad[1]:
+            bases = x.new_zeros(*x.shape, grid_size + order).scatter_(-1, index, values)
+            grad_coeff = (grad_out.t() @ bases.flatten(1)).view_as(coeff)
+        if ctx.needs_input_grad[0]:
+            grad_bases = (grad_out @ coeff.flatten(1)).view(*x.shape, grid_size + order)
+            grad_x = (grad_bases.gather(-1, index) * slopes).sum(-1)
+        return grad_x, grad_coeff, None, None, None, None
+
+
+class KANLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, grid_size: int = 5,
+                 grid_range: tuple[float, float] = (-1.0, 1.0), spline_order: int = 3, base: str = "silu",
+                 bias: bool = False, zero_init: bool = False, spline_noise: float = 0.1) -> None:
+        super().__init__()
+        if spline_order not in _CARDINAL:
+            raise ValueError(f"spline_order must be one of {sorted(_CARDINAL)}, got {spline_order}")
+        if base not in BASE_FUNCTIONS:
+            raise ValueError(f"unknown KAN base function {base!r}; choose from {list(BASE_FUNCTIONS)}")
+        if grid_size < 1 or not grid_range[0] < grid_range[1]:
+            raise ValueError(f"bad KAN grid: size {grid_size}, range {grid_range}")
+        self.in_features, self.out_features = in_features, out_features
+        self.spline_order, self.base = spline_order, base
+        self.grid_size = grid_size
+        self.lo = float(grid_range[0])
+        self.h = (float(grid_range[1]) - self.lo) / grid_size
+        self.base_weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.spline_coeff = nn.Parameter(torch.empty(out_features, in_features, grid_size + spline_order))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        if zero_init:
+            nn.init.zeros_(self.base_weight)
+            nn.init.zeros_(self.spline_coeff)
+        else:
+            nn.init.kaiming_uniform_(self.base_weight, a=math.sqrt(5))
+            nn.init.normal_(self.spline_coeff, std=spline_noise / math.sqrt(in_features))
+
+    @property
+    def hi(self) -> float:
+        return self.lo + self.h * self.grid_size
+
+    def base_fn(self, x: torch.Tensor) -> torch.Tensor:
+        return BASE_FUNCTIONS[self.base](x)
+
+    def spline(self, x: torch.Tensor) -> torch.Tensor:
+        return _SplineLinear.apply(x, self.spline_coeff, self.lo, self.h, self.grid_size, self.spline_order)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        y = F.linear(self.base_fn(flat), self.base_weight, self.bias) + self.spline(flat)
+        return y.view(*shape[:-1], self.out_features)
+
+    # ---- grid update that keeps the function ----
+    @torch.no_grad()
+    def update_grid(self, x: torch.Tensor, refine: int = 1) -> None:
+        """Extend the grid by whole intervals to cover the observed activations `x` (…, in), then
+        split every interval into `refine` parts. The old knots stay knots, so the old spline is
+        exactly representable and the function is unchanged for inputs inside the old grid.
+        The coefficient tensor changes shape: rebuild the optimizer afterwards."""
+        order = self.spline_order
+        low, high = float(x.min()), float(x.max())
+        left = max(0, math.ceil((self.lo - low) / self.h - 1e-9))
+        right = max(0, math.ceil((high - self.hi) / self.h - 1e-9))
+        coeff = self.spline_coeff.data
+        # Same spacing, shifted origin: old basis B_j is new basis B_{j+left}; new bases start at zero.
+        coeff = torch.cat([coeff.new_zeros(*coeff.shape[:2], left), coeff, coeff.new_zeros(*coeff.shape[:2], right)],
+                          dim=-1)
+        lo, grid_size, h = self.lo - left * self.h, self.grid_size + left + right, self.h
+        if refine > 1:
+            # Knot insertion by least squares on points covering every new interval: exact, since
+            # the old (unclamped) spline lies in the refined space.
+            samples = lo + h * grid_size * torch.linspace(0, 1, 4 * refine * grid_size * (order + 1) + 1,
+                                                          dtype=torch.float64, device=coeff.device)[:-1]
+            old = bspline_bases(samples, lo, h, grid_size, order)  # (S, G+k)
+            new_size, new_h = grid_size * refine, h / refine
+            new = bspline_bases(samples, lo, new_h, new_size, order)  # (S, G'+k)
+            target = coeff.double().flatten(0, 1) @ old.t()  # (out·in, S)
+            solution = torch.linalg.lstsq(new, target.t()).solution  # (G'+k, out·in)
+            coeff = solution.t().reshape(*coeff.shape[:2], -1).to(self.spline_coeff.dtype)
+            grid_size, h = new_size, new_h
+        self.lo, self.h, self.grid_size = lo, h, grid_size
+        self.spline_coeff = nn.Parameter(coeff.contiguous(), requires_grad=self.spline_coeff.requires_grad)
+
+    def regularization(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L1, entropy) of the edge functions, from coefficient magnitudes (efficient-kan's proxy of
+        the paper's activation-based L1): l1_ji = mean_k |c_jik|, p = l1 / Σ l1, H = -Σ p log p."""
+        l1 = self.spline_coeff.abs().mean(-1)
+        total = l1.sum()
+        p = l1 / total.clamp_min(1e-12)
+        return total, -(p * (p + 1e-12).log()).sum()
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, grid={self.grid_size} on "
+                f"[{self.lo:g}, {self.hi:g}], order={self.spline_order}, base={self.base}")
+
+
+def kan_regularization(model: nn.Module, l1_weight: float = 1.0, entropy_weight: float = 1.0) -> torch.Tensor:
+    """Auxiliary loss summed over every KANLinear in `model`; the trainer adds it to the task loss."""
+    total = None
+    for module in model.modules():
+        if isinstance(module, KANLinear):
+            l1, entropy = module.regularization()
+            term = l1_weight * l1 + entropy_weight * entropy
+            total = term if total is None else total + term
+    if total is None:
+        return torch.zeros(())
+    return total

@@ -1,0 +1,71 @@
+"""KAN layer: bases equal scipy's BSpline design matrix, gradients pass gradcheck, out-of-grid
+inputs are clamped (not zeroed), grid updates keep the function, the regulariser is differentiable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.interpolate import BSpline
+
+from modules.kan import KANLinear, bspline_bases, kan_regularization
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("grid_size, lo, hi", [(5, -1.0, 1.0), (4, -2.5, 3.0)])
+def test_bases_equal_scipy_design_matrix(order, grid_size, lo, hi):
+    h = (hi - lo) / grid_size
+    knots = lo + h * (np.arange(grid_size + 2 * order + 1) - order)
+    x = np.concatenate([np.linspace(lo, hi, 301), np.random.default_rng(0).uniform(lo, hi, 200)])
+    x = x[x < hi]  # scipy's design matrix is half-open at the right end
+    ref = BSpline.design_matrix(x, knots, order).toarray()
+    ours = bspline_bases(torch.tensor(x, dtype=torch.float64), lo, h, grid_size, order).numpy()
+    assert ref.shape == ours.shape == (len(x), grid_size + order)
+    assert np.abs(ours - ref).max() <= 1e-6
+
+
+def test_outside_grid_is_clamped_not_zeroed():
+    bases = bspline_bases(torch.tensor([-7.0, 9.0]), -1.0, 0.4, 5, 3)
+    assert torch.allclose(bases.sum(-1), torch.ones(2))  # partition of unity holds
+    at_edges = bspline_bases(torch.tensor([-1.0, 1.0]), -1.0, 0.4, 5, 3)
+    assert torch.allclose(bases, at_edges)
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_gradcheck_float64(order):
+    torch.manual_seed(0)
+    layer = KANLinear(3, 2, grid_size=4, spline_order=order, bias=True).double()
+    # keep x away from knots (order 1 has kinks there) but include out-of-grid points
+    x = torch.tensor([[-0.83, 0.31, 0.67], [0.12, -0.41, 1.7], [-1.9, 0.93, -0.06]], dtype=torch.float64,
+                     requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))  # the whole layer w.r.t. its input
+    coeff = layer.spline_coeff.detach().clone().requires_grad_(True)
+    from modules.kan import _SplineLinear
+    assert torch.autograd.gradcheck(lambda inp, c: _SplineLinear.apply(inp, c, -1.0, 0.5, 4, order), (x, coeff))
+
+
+def test_update_grid_keeps_function_inside_old_grid():
+    torch.manual_seed(0)
+    layer = KANLinear(4, 3, grid_size=5, grid_range=(-1, 1), spline_order=3)
+    with torch.no_grad():
+        layer.spline_coeff.normal_()
+    inside = torch.rand(200, 4) * 2 - 1
+    before = layer(inside)
+    layer.update_grid(torch.randn(500, 4) * 3, refine=2)
+    assert layer.lo < -1 and layer.hi > 1 and layer.grid_size > 10
+    after = layer(inside)
+    assert ((after - before).abs().max() / before.abs().max()).item() <= 1e-4
+
+
+def test_regularizer_is_differentiable_and_summed():
+    model = torch.nn.Sequential(KANLinear(3, 4), KANLinear(4, 2))
+    reg = kan_regularization(model, l1_weight=1.0, entropy_weight=0.5)
+    reg.backward()
+    assert reg.item() > 0 and model[0].spline_coeff.grad is not None
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="spline_order"):
+        KANLinear(2, 2, spline_order=4)
+    with pytest.raises(ValueError, match="base function"):
+        KANLinear(2, 2, base="relu6")
