@@ -64,7 +64,18 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     hidden, targets = hidden[keep], targets[keep]
     if int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]:
         raise ValueError(f"label ids must be in [0, {weight.shape[0]}) or {ignore_index} (ignored)")
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
+        return _loss_only(hidden, weight, targets, chunk_rows)  # evaluation: no gradients to precompute
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
+
+
+def _loss_only(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        logits = (hidden[start:start + chunk_rows] @ weight.t()).float()
+        y = targets[start:start + chunk_rows]
+        total += (torch.logsumexp(logits, dim=-1) - logits.gather(1, y[:, None]).squeeze(1)).sum()
+    return total / hidden.shape[0]
 
 
 def next_token_targets(input_ids: torch.Tensor, labels: torch.Tensor | None,

@@ -46,9 +46,16 @@ def _local_bases(x: torch.Tensor, lo: float, h: float, grid_size: int, order: in
     """Index of the first non-zero basis (…, in) and the k+1 values (…, in, k+1) [and d/dx]."""
     u = (x - lo) / h
     inside = (u >= 0) & (u <= grid_size)
-    u = u.clamp(0, grid_size)
-    m = u.floor().clamp(max=grid_size - 1)
+    u = u.clamp_(0, grid_size)
+    m = u.floor().clamp_(max=grid_size - 1)
     f = (u - m).unsqueeze(-1)
+    if order == 1:  # hat functions: the common LoRA-KAN case, without the power matrix
+        values = torch.cat([1 - f, f], dim=-1)
+        slopes = None
+        if derivative:
+            slope = (inside.to(x.dtype) / h).unsqueeze(-1)
+            slopes = torch.cat([-slope, slope], dim=-1)
+        return m.long(), values, slopes
     coeffs = torch.tensor(_CARDINAL[order], dtype=x.dtype, device=x.device)  # (k+1, k+1)
     powers = torch.cat([torch.ones_like(f)] + [f ** p for p in range(1, order + 1)], dim=-1)
     values = powers @ coeffs

@@ -28,6 +28,15 @@ def test_matches_autograd(chunk_rows):
     assert (gw - weight.grad).abs().max() <= 1e-5
 
 
+def test_no_grad_path_equals_autograd_loss():
+    hidden, weight = torch.randn(9, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
+    targets = torch.randint(0, 30, (9,))
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=4)
+        ref = F.cross_entropy(hidden @ weight.t(), targets)
+    assert abs(loss.item() - ref.item()) <= 1e-5
+
+
 def test_frozen_weight_gets_no_grad():
     hidden = torch.randn(4, 8, requires_grad=True)
     weight = torch.randn(20, 8)
