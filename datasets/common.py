@@ -1,0 +1,106 @@
+"""Reading and validating the course release's tab-separated files.
+
+Every row is checked as it is read; a problem is reported as `file:line: what is wrong`. Rows the
+release itself ships broken (an empty label, e.g. two rows of Quora train) are skipped with ONE
+counted warning per file, or raise with `bad_rows="error"`.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DATA_ENV = "GPT2_DATA_DIR"
+DOWNLOAD_HINT = "python scripts/download_data.py --out {dir}"
+BAD_ROW_POLICIES = ("skip", "error")
+
+
+class DataError(ValueError):
+    """A data file that is missing or invalid; the message names the file (and line)."""
+
+
+@dataclass
+class Example:
+    id: str
+    text: str | tuple[str, str]  # one sentence, or a sentence pair (paraphrase)
+    label: int | None  # None in the test files (no labels there)
+
+
+def data_dir(explicit: str | Path | None = None) -> Path:
+    """An explicit folder, else $GPT2_DATA_DIR, else ./data/cs224n (where the download script writes)."""
+    if explicit is not None:
+        return Path(explicit)
+    return Path(os.environ.get(DATA_ENV, "data/cs224n"))
+
+
+def require_file(path: Path) -> Path:
+    if not path.is_file():
+        raise DataError(f"{path} not found; fetch the task data with: {DOWNLOAD_HINT.format(dir=path.parent)}")
+    return path
+
+
+def read_tsv(path: Path, columns: tuple[str, ...], label_column: str | None,
+             parse_label: Callable[[str], int] | None, bad_rows: str = "skip") -> list[Example]:
+    """Rows of a release file as Examples. `columns` are the text columns (one or two)."""
+    if bad_rows not in BAD_ROW_POLICIES:
+        raise ValueError(f"bad_rows must be one of {BAD_ROW_POLICIES}, got {bad_rows!r}")
+    require_file(path)
+    examples: list[Example] = []
+    skipped: list[int] = []
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle, delimiter="\t")
+            header = reader.fieldnames or []
+            needed = ("id", *columns, *([label_column] if label_column else []))
+            missing = [c for c in needed if c not in header]
+            if missing:
+                raise DataError(f"{path}:1: missing column(s) {missing}; header has {header}")
+            for row in reader:
+                line = reader.line_num
+                if None in row or any(row.get(c) is None for c in needed):
+                    raise DataError(f"{path}:{line}: wrong number of fields ({len(row)} for {len(header)} columns)")
+                label = None
+                if label_column is not None:
+                    raw = row[label_column].strip()
+                    if not raw:  # shipped broken by the release itself (its text is mangled too)
+                        if bad_rows == "error":
+                            raise DataError(f"{path}:{line}: empty {label_column} (bad_rows='error')")
+                        skipped.append(line)
+                        continue
+                    try:
+                        label = parse_label(raw)
+                    except ValueError as error:
+                        raise DataError(f"{path}:{line}: {label_column} {raw!r}: {error}") from None
+                texts = tuple(row[c].strip() for c in columns)
+                for column, text in zip(columns, texts, strict=True):
+                    if not text:
+                        raise DataError(f"{path}:{line}: empty {column}")
+                if not row["id"].strip():
+                    raise DataError(f"{path}:{line}: empty id")
+                text = texts[0] if len(texts) == 1 else texts
+                examples.append(Example(row["id"].strip(), text, label))
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error})") from None
+    except csv.Error as error:
+        raise DataError(f"{path}: unreadable line: {error}") from None
+    if skipped:
+        log.warning("%s: skipped %d row(s) with an empty label (lines %s); pass bad_rows='error' to refuse them",
+                    path, len(skipped), ", ".join(map(str, skipped)))
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+def int_label(allowed: range) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = float(raw)  # Quora writes "0.0"/"1.0"
+        if value != int(value) or int(value) not in allowed:
+            raise ValueError(f"label outside {{{', '.join(map(str, allowed))}}}")
+        return int(value)
+    return parse

@@ -1,0 +1,47 @@
+"""Shakespeare sonnet files: a header, then blocks separated by a line holding the sonnet number.
+
+Read the course's way (split on lines that hold only a number; CRLF or LF endings), keeping the
+numbers as ids. `sonnets.txt` (training), `sonnets_held_out_dev.txt` (3-line prompts),
+`TRUE_sonnets_held_out_dev.txt` (the 14-line gold).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from datasets.common import DataError, data_dir, require_file
+
+FILES = {"train": "sonnets.txt", "dev_prompts": "sonnets_held_out_dev.txt", "dev_gold": "TRUE_sonnets_held_out_dev.txt",
+         "test_prompts": "sonnets_held_out.txt"}
+_NUMBER_LINE = re.compile(r"[ \t]*\d+[ \t]*")
+
+
+def read_sonnet_file(path: Path, min_lines: int = 1) -> list[tuple[str, str]]:
+    """[(number, text)] for every block after the header; lines are stripped on the right."""
+    require_file(path)
+    try:
+        text = path.read_text(encoding="utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error})") from None
+    blocks: list[tuple[str, int, list[str]]] = []  # (number, line of the number, lines)
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if _NUMBER_LINE.fullmatch(line):
+            blocks.append((line.strip(), line_no, []))
+        elif blocks:
+            blocks[-1][2].append(line.rstrip())
+    if not blocks:
+        raise DataError(f"{path}: no numbered sonnet blocks found")
+    sonnets = []
+    for number, line_no, lines in blocks:
+        body = "\n".join(lines).strip("\n")
+        if len([ln for ln in lines if ln.strip()]) < min_lines:
+            raise DataError(f"{path}:{line_no}: sonnet {number} has fewer than {min_lines} line(s)")
+        sonnets.append((number, body))
+    return sonnets
+
+
+def load_sonnets(kind: str, directory: str | Path | None = None) -> list[tuple[str, str]]:
+    if kind not in FILES:
+        raise ValueError(f"unknown sonnet file kind {kind!r}; choose from {list(FILES)}")
+    return read_sonnet_file(data_dir(directory) / FILES[kind], min_lines=3 if "prompts" in kind else 1)

@@ -1,0 +1,58 @@
+"""The evaluation entry point end to end on a tiny random checkpoint, for every task; the metrics it
+writes equal metrics recomputed from its own prediction files and the gold files."""
+
+from __future__ import annotations
+
+import json
+
+from datasets.paraphrase import load_paraphrase
+from datasets.sentiment import load_sentiment
+from datasets.sonnets import load_sonnets
+from tests.conftest import DATA_DIR
+from train import evaluate
+from train.metrics import accuracy, chrf, macro_f1
+from train.predictions import read_classification, read_sonnets
+
+
+def test_all_tasks_end_to_end(tiny_ckpt, tokenizer_dir, tmp_path):
+    out = tmp_path / "eval"
+    code = evaluate.main(["--task", "all", "--model", str(tiny_ckpt[0]), "--data_dir", str(DATA_DIR),
+                          "--out_dir", str(out), "--tokenizer", str(tokenizer_dir), "--dev_limit", "40",
+                          "--test_limit", "10", "--max_new_tokens", "24", "--batch_size", "8"])
+    assert code == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert set(summary) == {"sst", "cfimdb", "quora", "sonnet"}
+    gold_sets = {"sst": load_sentiment("sst", "dev", DATA_DIR), "cfimdb": load_sentiment("cfimdb", "dev", DATA_DIR),
+                 "quora": load_paraphrase("dev", DATA_DIR)}
+    for task, gold in gold_sets.items():
+        metrics = json.loads((out / task / "metrics.json").read_text())
+        assert metrics == summary[task]
+        dev = read_classification(out / task / metrics["predictions"]["dev"])
+        test = read_classification(out / task / metrics["predictions"]["test"])
+        assert len(dev) == 40 and len(test) == 10
+        gold = gold[:40]
+        predicted = [dev[e.id] for e in gold]
+        assert metrics["dev_acc"] == accuracy([e.label for e in gold], predicted)
+        assert metrics["dev_f1"] == macro_f1([e.label for e in gold], predicted, range(5 if task == "sst" else 2))
+        header = (out / task / metrics["predictions"]["dev"]).read_text().splitlines()[0]
+        assert header.startswith("id \t Predicted_")
+    sonnet = json.loads((out / "sonnet" / "metrics.json").read_text())
+    generated = read_sonnets(out / "sonnet" / sonnet["predictions"]["dev"])
+    assert len(generated) == 12 and len(read_sonnets(out / "sonnet" / sonnet["predictions"]["test"])) == 10
+    gold = dict(load_sonnets("dev_gold", DATA_DIR))
+    prompts = dict(load_sonnets("dev_prompts", DATA_DIR))
+    for number, body in generated:
+        assert body.startswith(prompts[number])  # the prompt is kept, the continuation follows
+    assert abs(sonnet["dev_chrf"] - chrf([b for _, b in generated], [gold[n] for n, _ in generated])) <= 1e-9
+    text = (out / "sonnet" / sonnet["predictions"]["dev"]).read_text()
+    assert text.startswith("--Generated Sonnets--")
+
+
+def test_single_task_writes_flat_folder(tiny_ckpt, tokenizer_dir, tmp_path):
+    code = evaluate.main(["--task", "quora", "--model", str(tiny_ckpt[0]), "--data_dir", str(DATA_DIR),
+                          "--out_dir", str(tmp_path), "--tokenizer", str(tokenizer_dir), "--dev_limit", "16",
+                          "--test_limit", "4", "--paraphrase_head", "linear"])
+    assert code == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"dev_acc", "dev_f1", "predictions"} <= set(metrics)
+    assert (tmp_path / "quora-test-output.csv").is_file()

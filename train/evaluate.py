@@ -1,0 +1,142 @@
+"""Evaluate a model on one task or all of them: dev metrics + course-format predictions for dev and test.
+
+    python -m train.evaluate --task sst|cfimdb|quora|sonnet|all --model gpt2 --data_dir DIR --out_dir DIR
+
+`--model` is a hub id or a local Hugging Face GPT-2 checkpoint folder. Writes, per task,
+`<task>-dev-output.csv` / `<task>-test-output.csv` (sonnets: `sonnet-dev-output.txt` /
+`sonnet-test-output.txt`) and `metrics.json` with `dev_acc` + `dev_f1` (classification) or
+`dev_chrf` (sonnets), and `predictions` (split -> file name). With `--task all` each task gets a
+sub-folder and the top-level metrics.json maps task -> its metrics.
+
+A bare language model has no trained sentiment head: that head is freshly initialised (seeded)
+and the run says so; its numbers are a pipeline check, not a result. The paraphrase cloze head
+and sonnet generation need no new parameters. Test files carry no labels and are never scored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from datasets.common import data_dir
+from datasets.sonnets import load_sonnets
+from model import GPT2LMHeadModel, load_tokenizer
+from model.loading import atomic_write
+from train.predictions import write_classification, write_sonnets
+from train.tasks import (
+    CLASSIFICATION_TASKS,
+    GenerationSettings,
+    classification_metrics,
+    generate_sonnets,
+    predict,
+    sonnet_chrf,
+)
+
+log = logging.getLogger("evaluate")
+TASKS = ("sst", "cfimdb", "quora", "sonnet")
+
+
+def write_json(path: Path, payload: dict) -> None:
+    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def evaluate_classification(name: str, model, tokenizer, args, out_dir: Path) -> dict:
+    task = CLASSIFICATION_TASKS[name]
+    torch.manual_seed(args.seed)
+    head = task.make_head(model, args.paraphrase_head).to(args.device)
+    if not (name == "quora" and args.paraphrase_head == "cloze"):
+        log.warning("%s: the %s head is freshly initialised (no trained head in %s): a pipeline check, not a result",
+                    name, type(head).__name__, args.model)
+    metrics: dict = {"task": name, "predictions": {}}
+    for split in ("dev", "test"):
+        examples = task.load(split, args.data_dir)
+        limit = args.dev_limit if split == "dev" else args.test_limit
+        examples = examples[:limit] if limit else examples
+        run = predict(task, model, head, tokenizer, examples, args.batch_size, device=args.device)
+        filename = f"{name}-{split}-output.csv"
+        write_classification(out_dir / filename, name, [e.id for e in examples], run.predictions)
+        metrics["predictions"][split] = filename
+        metrics[f"{split}_examples_per_second"] = len(examples) / run.seconds
+        metrics[f"{split}_padding_fraction"] = {"unbucketed": run.padding_unbucketed, "bucketed": run.padding_bucketed}
+        metrics[f"{split}_truncated"] = run.truncated
+        if split == "dev":
+            metrics.update(classification_metrics(examples, run.predictions, task.num_labels))
+    return metrics
+
+
+def evaluate_sonnets(model, tokenizer, args, out_dir: Path) -> dict:
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, top_k=args.top_k, do_sample=not args.greedy, seed=args.seed)
+    metrics: dict = {"task": "sonnet", "predictions": {}}
+    for split in ("dev", "test"):
+        prompts = load_sonnets(f"{split}_prompts", args.data_dir)
+        limit = args.dev_limit if split == "dev" else args.test_limit
+        prompts = prompts[:limit] if limit else prompts
+        start = time.perf_counter()
+        sonnets = generate_sonnets(model, tokenizer, prompts, settings, args.device)
+        metrics[f"{split}_examples_per_second"] = len(prompts) / (time.perf_counter() - start)
+        filename = f"sonnet-{split}-output.txt"
+        write_sonnets(out_dir / filename, sonnets)
+        metrics["predictions"][split] = filename
+        if split == "dev":
+            metrics["dev_chrf"] = sonnet_chrf(sonnets, load_sonnets("dev_gold", args.data_dir))
+    return metrics
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True, choices=[*TASKS, "all"])
+    parser.add_argument("--model", default="gpt2", help="hub id or local HF GPT-2 checkpoint folder")
+    parser.add_argument("--data_dir", default=None, help="task data folder (default: $GPT2_DATA_DIR or data/cs224n)")
+    parser.add_argument("--out_dir", required=True)
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: $GPT2_TOKENIZER or the hub)")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--dev_limit", type=int, default=None, help="use the first N dev examples")
+    parser.add_argument("--test_limit", type=int, default=None, help="use the first N test examples")
+    parser.add_argument("--paraphrase_head", choices=["cloze", "linear"], default="cloze")
+    parser.add_argument("--max_new_tokens", type=int, default=160)
+    parser.add_argument("--temperature", type=float, default=1.2)
+    parser.add_argument("--top_p", type=float, default=0.9)
+    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--greedy", action="store_true", help="greedy sonnet decoding instead of sampling")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    args.data_dir = data_dir(args.data_dir)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    model = GPT2LMHeadModel.from_pretrained(args.model).to(args.device).eval()
+    tokenizer = load_tokenizer(args.tokenizer)
+    out_dir = Path(args.out_dir)
+    tasks = TASKS if args.task == "all" else (args.task,)
+    summary = {}
+    for name in tasks:
+        folder = out_dir / name if args.task == "all" else out_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        if name == "sonnet":
+            metrics = evaluate_sonnets(model, tokenizer, args, folder)
+        else:
+            metrics = evaluate_classification(name, model, tokenizer, args, folder)
+        metrics["model"] = str(args.model)
+        write_json(folder / "metrics.json", metrics)
+        summary[name] = metrics
+        score = {k: round(v, 4) for k, v in metrics.items() if k in ("dev_acc", "dev_f1", "dev_chrf")}
+        print(f"{name}: {score} -> {folder}")
+    if args.task == "all":
+        write_json(out_dir / "metrics.json", summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

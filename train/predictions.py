@@ -1,0 +1,43 @@
+"""Course-format prediction files, written atomically, and read back for re-scoring.
+
+Classification: a header line, then `id , label` per line (labels are class indices), e.g.
+    id \t Predicted_Sentiment
+    32a4f146782cbde1b7fa65799 , 3
+Sonnets: `--Generated Sonnets--`, then for each sonnet a blank line, its number, and its 14 lines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets.sonnets import read_sonnet_file
+from model.loading import atomic_write
+
+HEADERS = {"sst": "Predicted_Sentiment", "cfimdb": "Predicted_Sentiment", "quora": "Predicted_Is_Paraphrase"}
+
+
+def write_classification(path: Path, task: str, ids: list[str], labels: list[int]) -> None:
+    lines = [f"id \t {HEADERS[task]} "] + [f"{i} , {label} " for i, label in zip(ids, labels, strict=True)]
+    text = "\n".join(lines) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_classification(path: Path) -> dict[str, int]:
+    predictions = {}
+    for number, line in enumerate(Path(path).read_text().splitlines()[1:], start=2):
+        if not line.strip():
+            continue
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{number}: expected 'id , label', got {line!r}")
+        predictions[parts[0]] = int(parts[1])
+    return predictions
+
+
+def write_sonnets(path: Path, sonnets: list[tuple[str, str]]) -> None:
+    text = "--Generated Sonnets-- \n\n" + "".join(f"\n{number}\n{body}\n" for number, body in sonnets)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_sonnets(path: Path) -> list[tuple[str, str]]:
+    return read_sonnet_file(Path(path))
