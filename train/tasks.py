@@ -32,12 +32,13 @@ class ClassificationTask:
     max_length: int
 
     def make_head(self, model: nn.Module, paraphrase_head: str = "cloze") -> nn.Module:
+        dropout = model.config.resid_pdrop
         if self.name != "quora":
-            return SentimentHead(model.config.n_embd, self.num_labels)
+            return SentimentHead(model.config.n_embd, self.num_labels, dropout)
         if paraphrase_head == "cloze":
             return ClozeParaphraseHead(model.lm_head)
         if paraphrase_head == "linear":
-            return LinearParaphraseHead(model.config.n_embd)
+            return LinearParaphraseHead(model.config.n_embd, dropout)
         raise ValueError(f"unknown paraphrase head {paraphrase_head!r}; choose cloze or linear")
 
 
