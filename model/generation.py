@@ -71,8 +71,9 @@ def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     new_tokens = []
     step_input = input_ids
     try:
-        for _ in range(max_new_tokens):
-            hidden = model.transformer(step_input, mask, kv_cache=cache).last_hidden_state[:, -1]
+        for step in range(max_new_tokens):
+            # The prompt is validated; later inputs are argmax/sampled ids within the checked length.
+            hidden = model.transformer(step_input, mask, kv_cache=cache, validate=step == 0).last_hidden_state[:, -1]
             logits = model.lm_head(hidden).float()  # (B, V): only the last position's logits
             if do_sample:
                 logits = filter_logits(logits / temperature, top_k, top_p)

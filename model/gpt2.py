@@ -130,9 +130,11 @@ class GPT2Model(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> GPT2Output:
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                validate: bool = True) -> GPT2Output:
         past = kv_cache.length if kv_cache is not None else 0
-        validate_inputs(self.config, input_ids, attention_mask, past)
+        if validate:  # generation validates the prompt once, then skips this per decoded token
+            validate_inputs(self.config, input_ids, attention_mask, past)
         q_len = input_ids.shape[1]
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, q_len, past, input_ids.device)

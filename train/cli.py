@@ -70,6 +70,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     io.add_argument("--max_length", type=int, default=512, help="token cap per example (also capped by n_positions)")
     io.add_argument("--wandb", choices=["offline", "online", "disabled"], default="offline")
     io.add_argument("--wandb_project", default="gpt2-variants")
+    io.add_argument("--wandb_group", default=None, help="wandb group (default: the task; ablation grids: the grid)")
     io.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--seed", type=int, default=11711)

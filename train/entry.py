@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from datasets.common import data_dir
 from train.cli import build_parser, validate
@@ -23,6 +25,19 @@ def objective(name: str, args: argparse.Namespace, tokenizer, config):
         return SonnetObjective(tokenizer, data_dir(args.data_dir), limits, max_length, settings)
     return ClassificationObjective(name, tokenizer, data_dir(args.data_dir), limits, max_length,
                                    getattr(args, "paraphrase_head", "cloze"))
+
+
+def planned_run_dir(module: str, argv: list[str]) -> Path:
+    """The folder a run of `python -m <module> <argv>` will write to, without running it."""
+    from train.runs import run_name
+
+    entry_module = importlib.import_module(module)
+    parser = build_parser("")
+    entry_module.add_flags(parser)
+    args = parser.parse_args(argv)
+    config = validate(parser, args)
+    entry_module.task_names(args)  # validates task-specific flags
+    return Path(args.out_dir) / run_name(entry_module.task_label(args), config, args.lr, args.seed)
 
 
 def run(description: str, add_flags: Callable[[argparse.ArgumentParser], None],

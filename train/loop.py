@@ -166,8 +166,9 @@ def train(task_label: str, make_objectives, args: argparse.Namespace) -> dict[st
         run_dir.mkdir(parents=True, exist_ok=True)
         text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
         atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
-    logger = RunLogger(run_dir, name, task_label, [task_label, *(record["variants"] or ["base"])], record, args.wandb,
-                       args.wandb_project, enabled=main_process)
+    tags = [task_label, *(record["variants"] or ["base"])]
+    logger = RunLogger(run_dir, name, args.wandb_group or task_label, tags, record, args.wandb, args.wandb_project,
+                       enabled=main_process)
 
     def save(kind: str) -> None:
         if main_process:

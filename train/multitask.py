@@ -15,7 +15,7 @@ from train.entry import run
 TASKS = ["sst", "cfimdb", "quora", "sonnet"]
 
 
-def _flags(parser):
+def add_flags(parser):
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=TASKS)
     parser.add_argument("--task_sampling", choices=["proportional", "uniform", "temperature"],
                         default="proportional")
@@ -23,21 +23,26 @@ def _flags(parser):
     parser.add_argument("--task_weights", nargs="*", default=[], metavar="TASK=WEIGHT")
 
 
-def _tasks(args):
+def task_names(args):
     weights = {}
-    for item in args.task_weights:
+    for item in (args.task_weights if isinstance(args.task_weights, list) else []):
         name, _, value = item.partition("=")
         if name not in args.tasks or not value:
             raise SystemExit(f"error: --task_weights expects TASK=WEIGHT for TASK in {args.tasks}, got {item!r}")
         weights[name] = float(value)
-    args.task_weights = weights
+    if isinstance(args.task_weights, list):
+        args.task_weights = weights
     if len(set(args.tasks)) != len(args.tasks):
         raise SystemExit("error: --tasks lists a task twice")
     return list(args.tasks)
 
 
+def task_label(args):
+    return "multitask-" + "-".join(args.tasks)
+
+
 def main(argv=None) -> int:
-    return run(__doc__, _flags, _tasks, lambda a: "multitask-" + "-".join(a.tasks), argv)
+    return run(__doc__, add_flags, task_names, task_label, argv)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,20 @@ import sys
 from train.entry import run
 
 
-def _flags(parser):
+def add_flags(parser):
     parser.add_argument("--paraphrase_head", choices=["cloze", "linear"], default="cloze")
 
 
+def task_names(args):
+    return ["quora"]
+
+
+def task_label(args):
+    return "quora"
+
+
 def main(argv=None) -> int:
-    return run(__doc__, _flags, lambda a: ["quora"], lambda a: "quora", argv)
+    return run(__doc__, add_flags, task_names, task_label, argv)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,20 @@ import sys
 from train.entry import run
 
 
-def _flags(parser):
+def add_flags(parser):
     parser.add_argument("--dataset", choices=["sst", "cfimdb"], required=True)
 
 
+def task_names(args):
+    return [args.dataset]
+
+
+def task_label(args):
+    return args.dataset
+
+
 def main(argv=None) -> int:
-    return run(__doc__, _flags, lambda a: [a.dataset], lambda a: a.dataset, argv)
+    return run(__doc__, add_flags, task_names, task_label, argv)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,20 @@ import sys
 from train.entry import run
 
 
+def add_flags(parser):
+    pass
+
+
+def task_names(args):
+    return ["sonnet"]
+
+
+def task_label(args):
+    return "sonnet"
+
+
 def main(argv=None) -> int:
-    return run(__doc__, lambda parser: None, lambda a: ["sonnet"], lambda a: "sonnet", argv)
+    return run(__doc__, add_flags, task_names, task_label, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,136 @@
+"""Ablation grid runner and report: a two-run grid completes, a killed grid finishes only the
+missing run, the report's numbers equal the run folders', noise is not marked, a planted gap is."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import matplotlib.image
+import pytest
+
+from tests.conftest import DATA_DIR, REPO
+
+SCRIPTS = REPO / "scripts"
+
+
+def write_preset(path, tokenizer_dir):
+    path.write_text(f"""
+name = "tiny-test"
+tasks = ["sst"]
+seeds = [1, 2]
+baseline = "base"
+[model]
+random_init = "tiny"
+[common]
+data_dir = "{DATA_DIR}"
+tokenizer = "{tokenizer_dir}"
+train_limit = 16
+dev_limit = 8
+test_limit = 4
+batch_size = 4
+max_steps = 2
+wandb = "disabled"
+[variants]
+base = []
+""")
+    return path
+
+
+def test_grid_resumes_after_kill_and_report_matches(tmp_path, tokenizer_dir):
+    preset = write_preset(tmp_path / "grid.toml", tokenizer_dir)
+    grid = tmp_path / "grid"
+    cmd = [sys.executable, str(SCRIPTS / "ablate.py"), str(preset), "--out_dir", str(grid), "--threads", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, "GPT2_TEST_STEP_SLEEP": "0.5"})
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        runs_tsv = grid / "runs.tsv"
+        if runs_tsv.is_file() and len(runs_tsv.read_text().splitlines()) >= 2:  # first run finished
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert len((grid / "runs.tsv").read_text().splitlines()) == 2
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "2 runs, 1 already done, 1 to run" in again.stdout
+    rows = (grid / "runs.tsv").read_text().splitlines()
+    assert len(rows) == 3 and len({r.split("\t")[0] for r in rows[1:]}) == 2
+
+    report = subprocess.run([sys.executable, str(SCRIPTS / "report.py"), str(grid)], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    values = [json.loads((p / "metrics.json").read_text())["dev_acc"] for p in grid.iterdir()
+              if (p / "metrics.json").is_file()]
+    assert len(values) == 2
+    import statistics
+
+    expected = f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} (n=2)"
+    table = (grid / "report" / "report.md").read_text()
+    assert "| base | " + expected in table
+
+
+def synthetic_grid(tmp_path, variants: dict[str, list[float]]):
+    from train.runs import RUNS_COLUMNS
+
+    lines = ["\t".join(RUNS_COLUMNS)]
+    for variant, values in variants.items():
+        for seed, value in enumerate(values):
+            row = {c: "" for c in RUNS_COLUMNS}
+            row.update(run=f"sst-{variant}-s{seed}", task="sst", variant=variant, seed=seed, metric="dev_acc",
+                       best_value=value, trainable_params=1000 if variant == "base" else 10, train_seconds=1.5,
+                       peak_memory_mb=100, run_dir=str(tmp_path / "none"))
+            lines.append("\t".join(str(row[c]) for c in RUNS_COLUMNS))
+    grid = tmp_path / "synthetic"
+    grid.mkdir()
+    (grid / "runs.tsv").write_text("\n".join(lines) + "\n")
+    return grid
+
+
+def report_rows(grid):
+    from scripts import report
+
+    assert report.main([str(grid)]) == 0
+    table = (grid / "report" / "report.md").read_text()
+    return {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+
+
+def test_noise_is_not_marked_and_a_planted_gap_is(tmp_path):
+    rows = report_rows(synthetic_grid(tmp_path, {
+        "base": [0.50, 0.52, 0.51],
+        "same_but_other_seeds": [0.51, 0.50, 0.52],
+        "planted_gain": [0.80, 0.81, 0.79],
+        "planted_loss": [0.20, 0.22, 0.21],
+    }))
+    assert "▲" not in rows["same_but_other_seeds"] and "▼" not in rows["same_but_other_seeds"]
+    assert "▲" in rows["planted_gain"] and "▼" in rows["planted_loss"]
+    assert "▲" not in rows["base"]
+
+
+def test_single_seed_is_never_marked(tmp_path):
+    rows = report_rows(synthetic_grid(tmp_path, {"base": [0.5], "other": [0.9]}))
+    assert "▲" not in rows["other"]
+
+
+@pytest.mark.parametrize("name, size", [("metric_vs_params.png", (360, 420)), ("training_curves.png", (360, 420)),
+                                        ("cost.png", (380, 1000))])
+def test_plots_decode_with_expected_size(tmp_path, name, size):
+    grid = synthetic_grid(tmp_path, {"base": [0.5, 0.6], "lora": [0.55, 0.56]})
+    report_rows(grid)
+    image = matplotlib.image.imread(grid / "report" / name)
+    assert image.shape[:2] == size
+    assert image[..., :3].std() > 0.01  # not a blank canvas
+
+
+def test_preset_files_parse():
+    from scripts.ablate import load_preset
+
+    for preset in (SCRIPTS / "presets").glob("*.toml"):
+        loaded = load_preset(preset)
+        assert loaded["variants"] and loaded["seeds"]
