@@ -212,6 +212,13 @@ def test_torchrun_two_processes_match_single_process(tiny_ckpt, tokenizer_dir, t
     assert set(g1) == {k.removeprefix("module.") for k in g2} and len(g1) > 0
     for key, value in g2.items():
         assert torch.allclose(value, g1[key.removeprefix("module.")], atol=1e-6, rtol=1e-4), key
+    # evaluation is sharded over the ranks and gathered: the same predictions and metrics as one process
+    one, two = only_run(tmp_path / "one"), only_run(tmp_path / "two")
+    for split in ("dev", "test"):
+        assert (one / "predictions" / f"sst-{split}-output.csv").read_text() == \
+            (two / "predictions" / f"sst-{split}-output.csv").read_text()
+    m1, m2 = (json.loads((r / "metrics.json").read_text()) for r in (one, two))
+    assert m1["dev_acc"] == m2["dev_acc"] and m1["dev_f1"] == m2["dev_f1"]
 
 
 def test_wandb_offline_and_unavailable(tiny_ckpt, tokenizer_dir, tmp_path, monkeypatch):

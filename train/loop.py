@@ -175,16 +175,18 @@ def train(task_label: str, make_objectives, args: argparse.Namespace) -> dict[st
             ckpt.save_checkpoint(checkpoints, kind, progress["step"], trainable, optimizer, scheduler, progress)
 
     def evaluate() -> bool:
-        """Score dev on rank 0; returns True when patience ran out (broadcast to every rank)."""
-        stop = False
+        """Every rank scores its share of dev (gathered); rank 0 logs, keeps the best predictions and
+        checkpoint, and decides early stopping, which is broadcast to every rank."""
+        staging = run_dir / ".predictions.tmp"
         if main_process:
-            staging = run_dir / ".predictions.tmp"
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
-            task_model.eval()
-            metrics = {n: obj.evaluate(model, heads.get(n), staging, device, args.eval_train)
-                       for n, obj in objectives.items()}
-            task_model.train()
+        task_model.eval()
+        metrics = {n: obj.evaluate(model, heads.get(n), staging if main_process else None, device, args.eval_train,
+                                   (rank, world)) for n, obj in objectives.items()}
+        task_model.train()
+        stop = False
+        if main_process:
             score = score_for_selection(metrics)
             flat = {f"{n}/{k}": v for n, m in metrics.items() for k, v in m.items() if k != "predictions"}
             logger.log({**flat, "dev/selection_score": score, "epoch": progress["epoch"]}, progress["step"])

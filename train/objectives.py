@@ -29,6 +29,23 @@ from train.tasks import (
 )
 
 
+def sharded(items: list, shard: tuple[int, int], compute) -> list:
+    """Run `compute` on this rank's share (items[rank::world]) and gather every rank's results back
+    into the original order; with one process it is just `compute(items)`."""
+    rank, world = shard
+    if world == 1:
+        return compute(items)
+    import torch.distributed as dist
+
+    mine = items[rank::world]
+    parts: list = [None] * world
+    dist.all_gather_object(parts, compute(mine) if mine else [])
+    results: list = [None] * len(items)
+    for r, part in enumerate(parts):
+        results[r::world] = part
+    return results
+
+
 @dataclass
 class DataLimits:
     train: int | None = None
@@ -69,21 +86,24 @@ class ClassificationObjective:
         hidden = model(ids, attention_mask=mask, return_logits=False).last_hidden_state
         return F.cross_entropy(head(hidden, mask), self.labels[batch].to(device))
 
-    def train_accuracy(self, model: nn.Module, head: nn.Module, device: str) -> float:
-        run = predict(self.task, model, head, self.tokenizer, self.train, device=device)
-        return sum(p == e.label for p, e in zip(run.predictions, self.train, strict=True)) / len(self.train)
+    def _predict(self, model, head, examples, device, shard) -> list[int]:
+        return sharded(examples, shard,
+                       lambda part: predict(self.task, model, head, self.tokenizer, part, device=device).predictions)
 
     def evaluate(self, model: nn.Module, head: nn.Module, out_dir: Path | None, device: str,
-                 with_train: bool = False) -> dict:
-        dev = predict(self.task, model, head, self.tokenizer, self.dev, device=device)
-        metrics = classification_metrics(self.dev, dev.predictions, self.task.num_labels)
+                 with_train: bool = False, shard: tuple[int, int] = (0, 1)) -> dict:
+        """Dev metrics (every rank evaluates its share; predictions are gathered); the rank given an
+        `out_dir` writes dev and test predictions."""
+        dev = self._predict(model, head, self.dev, device, shard)
+        metrics = classification_metrics(self.dev, dev, self.task.num_labels)
         if with_train:  # sanity check for overfitting runs: accuracy on the training examples
-            metrics["train_acc"] = self.train_accuracy(model, head, device)
+            train = self._predict(model, head, self.train, device, shard)
+            metrics["train_acc"] = sum(p == e.label for p, e in zip(train, self.train, strict=True)) / len(self.train)
+        test = self._predict(model, head, self.test, device, shard)
         if out_dir is not None:
-            test = predict(self.task, model, head, self.tokenizer, self.test, device=device)
             files = {"dev": f"{self.name}-dev-output.csv", "test": f"{self.name}-test-output.csv"}
-            write_classification(out_dir / files["dev"], self.name, [e.id for e in self.dev], dev.predictions)
-            write_classification(out_dir / files["test"], self.name, [e.id for e in self.test], test.predictions)
+            write_classification(out_dir / files["dev"], self.name, [e.id for e in self.dev], dev)
+            write_classification(out_dir / files["test"], self.name, [e.id for e in self.test], test)
             metrics["predictions"] = files
         return metrics
 
@@ -119,11 +139,12 @@ class SonnetObjective:
         return model(ids, attention_mask=mask, labels=ids).loss  # padding positions are ignored
 
     def evaluate(self, model: nn.Module, head: None, out_dir: Path | None, device: str,
-                 with_train: bool = False) -> dict:
-        dev = generate_sonnets(model, self.tokenizer, self.dev_prompts, self.generation, device)
+                 with_train: bool = False, shard: tuple[int, int] = (0, 1)) -> dict:
+        generate = lambda prompts: generate_sonnets(model, self.tokenizer, prompts, self.generation, device)  # noqa: E731
+        dev = sharded(self.dev_prompts, shard, generate)
         metrics = {"dev_chrf": sonnet_chrf(dev, self.gold)}
+        test = sharded(self.test_prompts, shard, generate)
         if out_dir is not None:
-            test = generate_sonnets(model, self.tokenizer, self.test_prompts, self.generation, device)
             files = {"dev": "sonnet-dev-output.txt", "test": "sonnet-test-output.txt"}
             write_sonnets(out_dir / files["dev"], dev)
             write_sonnets(out_dir / files["test"], test)
