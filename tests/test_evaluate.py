@@ -56,3 +56,21 @@ def test_single_task_writes_flat_folder(tiny_ckpt, tokenizer_dir, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert {"dev_acc", "dev_f1", "predictions"} <= set(metrics)
     assert (tmp_path / "quora-test-output.csv").is_file()
+
+
+def test_evaluating_a_run_folder_reproduces_its_metrics(tiny_ckpt, tokenizer_dir, tmp_path):
+    from train import sentiment
+
+    runs = tmp_path / "runs"
+    assert sentiment.main(["--dataset", "sst", "--model", str(tiny_ckpt[0]), "--tokenizer", str(tokenizer_dir),
+                           "--data_dir", str(DATA_DIR), "--out_dir", str(runs), "--train_limit", "32",
+                           "--dev_limit", "24", "--test_limit", "4", "--batch_size", "8", "--epochs", "3",
+                           "--lr", "1e-2", "--use_lora", "--wandb", "disabled"]) == 0
+    run_dir = next(p for p in runs.iterdir() if p.is_dir())
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    out = tmp_path / "eval"
+    assert evaluate.main(["--task", "sst", "--model", str(run_dir), "--data_dir", str(DATA_DIR), "--out_dir",
+                          str(out), "--tokenizer", str(tokenizer_dir), "--dev_limit", "24", "--test_limit", "4"]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["dev_acc"] == trained["dev_acc"] and again["dev_f1"] == trained["dev_f1"]
+    assert (out / "sst-dev-output.csv").read_text() == (run_dir / "predictions" / "sst-dev-output.csv").read_text()

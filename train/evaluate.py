@@ -2,7 +2,9 @@
 
     python -m train.evaluate --task sst|cfimdb|quora|sonnet|all --model gpt2 --data_dir DIR --out_dir DIR
 
-`--model` is a hub id or a local Hugging Face GPT-2 checkpoint folder. Writes, per task,
+`--model` is a hub id, a local Hugging Face GPT-2 checkpoint folder, or a run folder written by
+training (its best checkpoint: the base model it was trained from, its variants, its trained weights
+and task heads). Writes, per task,
 `<task>-dev-output.csv` / `<task>-test-output.csv` (sonnets: `sonnet-dev-output.txt` /
 `sonnet-test-output.txt`) and `metrics.json` with `dev_acc` + `dev_f1` (classification) or
 `dev_chrf` (sonnets), and `predictions` (split -> file name). With `--task all` each task gets a
@@ -28,6 +30,7 @@ from datasets.common import data_dir
 from datasets.sonnets import load_sonnets
 from model import GPT2LMHeadModel, load_tokenizer
 from model.loading import atomic_write
+from train.cli import STACK_FIELDS
 from train.predictions import write_classification, write_sonnets
 from train.tasks import (
     CLASSIFICATION_TASKS,
@@ -47,11 +50,44 @@ def write_json(path: Path, payload: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def evaluate_classification(name: str, model, tokenizer, args, out_dir: Path) -> dict:
+def load_model(spec: str) -> tuple[GPT2LMHeadModel, dict[str, dict[str, torch.Tensor]], dict]:
+    """(model, trained head weights per task, training flags) for a hub id, an HF folder or a run folder."""
+    from train import checkpoint as ckpt
+
+    path = Path(spec)
+    best = ckpt.checkpoint_folder(path / "checkpoints", "best") if path.is_dir() else None
+    if best is None or not (path / "config.json").is_file():
+        return GPT2LMHeadModel.from_pretrained(spec), {}, {}
+    record = json.loads((path / "config.json").read_text())
+    saved = record["config"]
+    overrides = {k: v for k, v in saved.items() if k not in STACK_FIELDS}
+    model = GPT2LMHeadModel.from_pretrained(record["training"]["model"], **overrides)
+    weights, _, _ = ckpt.load_checkpoint(best)
+    own = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+    params = dict(model.named_parameters())
+    unknown = sorted(set(own) - set(params))
+    if unknown:
+        raise ValueError(f"{best}: weights {unknown[:5]} do not exist in the rebuilt model")
+    with torch.no_grad():
+        for key, value in own.items():
+            params[key].copy_(value)
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in weights.items():
+        if key.startswith("heads."):
+            task, _, rest = key.removeprefix("heads.").partition(".")
+            heads.setdefault(task, {})[rest] = value
+    log.info("loaded run %s (best checkpoint %s): %d model tensors, heads for %s", path, best.name, len(own),
+             sorted(heads) or "none")
+    return model, heads, record["training"]
+
+
+def evaluate_classification(name: str, model, tokenizer, args, out_dir: Path, trained_heads=None) -> dict:
     task = CLASSIFICATION_TASKS[name]
     torch.manual_seed(args.seed)
     head = task.make_head(model, args.paraphrase_head).to(args.device)
-    if not (name == "quora" and args.paraphrase_head == "cloze"):
+    if trained_heads and name in trained_heads:
+        head.load_state_dict(trained_heads[name])  # strict: a head of another shape raises
+    elif not (name == "quora" and args.paraphrase_head == "cloze"):
         log.warning("%s: the %s head is freshly initialised (no trained head in %s): a pipeline check, not a result",
                     name, type(head).__name__, args.model)
     metrics: dict = {"task": name, "predictions": {}}
@@ -116,7 +152,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    model = GPT2LMHeadModel.from_pretrained(args.model).to(args.device).eval()
+    model, trained_heads, training = load_model(args.model)
+    model = model.to(args.device).eval()
+    if training.get("paraphrase_head") and training["paraphrase_head"] != args.paraphrase_head:
+        log.warning("the run was trained with --paraphrase_head %s; evaluating with that head",
+                    training["paraphrase_head"])
+        args.paraphrase_head = training["paraphrase_head"]
     tokenizer = load_tokenizer(args.tokenizer)
     out_dir = Path(args.out_dir)
     tasks = TASKS if args.task == "all" else (args.task,)
@@ -127,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "sonnet":
             metrics = evaluate_sonnets(model, tokenizer, args, folder)
         else:
-            metrics = evaluate_classification(name, model, tokenizer, args, folder)
+            metrics = evaluate_classification(name, model, tokenizer, args, folder, trained_heads)
         metrics["model"] = str(args.model)
         write_json(folder / "metrics.json", metrics)
         summary[name] = metrics
