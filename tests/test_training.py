@@ -232,3 +232,20 @@ def test_wandb_offline_and_unavailable(tiny_ckpt, tokenizer_dir, tmp_path, monke
     with pytest.warns(UserWarning, match="wandb is unavailable"):
         assert sentiment.main(args) == 0
     assert (only_run(tmp_path / "x") / "metrics.json").is_file()
+
+
+def test_kan_regulariser_is_added_to_the_training_loss(tiny_ckpt, tokenizer_dir, tmp_path):
+    losses = {}
+    for name, extra in (("plain", []), ("regularised", ["--kan_l1", "1.0", "--kan_entropy", "0.5"])):
+        out = tmp_path / name
+        assert sentiment.main(["--dataset", "sst", *common(tiny_ckpt[0], tokenizer_dir, out), *QUICK, "--use_kan",
+                               "--kan_init", "random", *extra]) == 0
+        log = [json.loads(line) for line in (only_run(out) / "log.jsonl").read_text().splitlines()]
+        losses[name] = next(e["train/loss"] for e in log if "train/loss" in e)
+    from model import GPT2LMHeadModel
+    from modules.kan import kan_regularization
+
+    torch.manual_seed(11711)  # the runs' seed: the same random KAN init as step 0 of both runs
+    model = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0], use_kan=True, kan_init="random")
+    expected = kan_regularization(model, 1.0, 0.5).item()
+    assert abs((losses["regularised"] - losses["plain"]) - expected) <= 1e-3 * max(1.0, expected)
