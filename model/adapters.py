@@ -38,8 +38,13 @@ def _pissa_residual_names(model: Any) -> list[str]:
 
 
 def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """Adapter parameters, PiSSA's residual base weights, and the KAN grids the coefficients live on."""
     names = set(model.adapter_params) | set(_pissa_residual_names(model))
-    return {name: p.detach() for name, p in model.named_parameters() if name in names}
+    tensors = {name: p.detach() for name, p in model.named_parameters() if name in names}
+    adapter_modules = {name.rpartition(".")[0] for name in model.adapter_params}
+    tensors.update({name: b for name, b in model.named_buffers()
+                    if name.endswith(".grid_info") and name.rpartition(".")[0] in adapter_modules})
+    return tensors
 
 
 def save_adapters(model: Any, directory: str | Path) -> None:
@@ -78,9 +83,14 @@ def load_adapters(model: Any, directory: str | Path) -> None:
     if missing or unexpected:
         raise ValueError(f"adapter weights in {directory} do not match the model: "
                          f"missing {missing or 'none'}; unexpected {unexpected or 'none'}")
+    for name, grid in tensors.items():  # resize KAN coefficients to the saved grids first
+        if name.endswith(".grid_info"):
+            model.get_submodule(name.rpartition(".")[0]).set_grid(grid)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in tensors.items():
+            if name.endswith(".grid_info"):
+                continue
             if params[name].shape != tensor.shape:
                 raise ValueError(f"{name}: saved shape {tuple(tensor.shape)} != model {tuple(params[name].shape)}")
             params[name].copy_(tensor)

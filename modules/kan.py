@@ -120,6 +120,8 @@ class KANLinear(nn.Module):
         self.base_weight = nn.Parameter(torch.empty(out_features, in_features))
         self.spline_coeff = nn.Parameter(torch.empty(out_features, in_features, grid_size + spline_order))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        # The grid travels with the weights (state dict / saved adapters): it can change by update_grid.
+        self.register_buffer("grid_info", torch.tensor([self.lo, self.h, float(grid_size)], dtype=torch.float64))
         if zero_init:
             nn.init.zeros_(self.base_weight)
             nn.init.zeros_(self.spline_coeff)
@@ -172,7 +174,20 @@ class KANLinear(nn.Module):
             coeff = solution.t().reshape(*coeff.shape[:2], -1).to(self.spline_coeff.dtype)
             grid_size, h = new_size, new_h
         self.lo, self.h, self.grid_size = lo, h, grid_size
+        self.grid_info.copy_(torch.tensor([lo, h, float(grid_size)], dtype=torch.float64))
         self.spline_coeff = nn.Parameter(coeff.contiguous(), requires_grad=self.spline_coeff.requires_grad)
+
+    @torch.no_grad()
+    def set_grid(self, grid_info: torch.Tensor) -> None:
+        """Adopt a saved grid (lo, h, G) before loading coefficients saved on it (shape G + k)."""
+        lo, h, grid_size = float(grid_info[0]), float(grid_info[1]), int(grid_info[2])
+        if (lo, h, grid_size) == (self.lo, self.h, self.grid_size):
+            return
+        self.lo, self.h, self.grid_size = lo, h, grid_size
+        self.grid_info.copy_(grid_info.to(torch.float64))
+        shape = (self.out_features, self.in_features, grid_size + self.spline_order)
+        self.spline_coeff = nn.Parameter(self.spline_coeff.new_zeros(shape),
+                                         requires_grad=self.spline_coeff.requires_grad)
 
     def regularization(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(L1, entropy) of the edge functions, from coefficient magnitudes (efficient-kan's proxy of

@@ -1,4 +1,4 @@
-"""The four tasks: data + inputs + head + metric. Training (issue 6) and evaluation share them.
+"""The four tasks: data + inputs + head + metric. Training and evaluation share them.
 
 A classification task turns examples into token sequences, runs the model once per length-bucketed
 batch, and reads its head at the last real token. The sonnet task completes 3-line prompts with the
