@@ -137,7 +137,11 @@ class KANLinear(nn.Module):
         return BASE_FUNCTIONS[self.base](x)
 
     def spline(self, x: torch.Tensor) -> torch.Tensor:
-        return _SplineLinear.apply(x, self.spline_coeff, self.lo, self.h, self.grid_size, self.spline_order)
+        # The bases and their matmul run in the coefficients' precision, outside autocast (bf16 bases
+        # would mix dtypes inside the custom function and lose the partition of unity).
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return _SplineLinear.apply(x.to(self.spline_coeff.dtype), self.spline_coeff, self.lo, self.h,
+                                       self.grid_size, self.spline_order)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -249,3 +249,12 @@ def test_kan_regulariser_is_added_to_the_training_loss(tiny_ckpt, tokenizer_dir,
     model = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0], use_kan=True, kan_init="random")
     expected = kan_regularization(model, 1.0, 0.5).item()
     assert abs((losses["regularised"] - losses["plain"]) - expected) <= 1e-3 * max(1.0, expected)
+
+
+@pytest.mark.parametrize("flags", [[], ["--use_lora", "--lora_dora"], ["--use_kan"], ["--use_kan", "--use_lora"],
+                                   ["--use_graph"], ["--use_kora"]])
+def test_bf16_autocast_trains_every_variant(tiny_ckpt, tokenizer_dir, tmp_path, flags):
+    assert sentiment.main(["--dataset", "sst", *common(tiny_ckpt[0], tokenizer_dir, tmp_path), *QUICK,
+                           "--precision", "bf16", *flags]) == 0
+    log = [json.loads(line) for line in (only_run(tmp_path) / "log.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(e["train/loss"])) for e in log if "train/loss" in e)
