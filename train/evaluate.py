@@ -95,7 +95,8 @@ def evaluate_classification(name: str, model, tokenizer, args, out_dir: Path, tr
         examples = task.load(split, args.data_dir)
         limit = args.dev_limit if split == "dev" else args.test_limit
         examples = examples[:limit] if limit else examples
-        run = predict(task, model, head, tokenizer, examples, args.batch_size, device=args.device)
+        run = predict(task, model, head, tokenizer, examples, args.batch_size, device=args.device,
+                      max_length=args.max_length)
         filename = f"{name}-{split}-output.csv"
         write_classification(out_dir / filename, name, [e.id for e in examples], run.predictions)
         metrics["predictions"][split] = filename
@@ -134,6 +135,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out_dir", required=True)
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: $GPT2_TOKENIZER or the hub)")
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_length", type=int, default=None,
+                        help="token cap per example (default: sst/quora 128, cfimdb 512; at most n_positions)")
     parser.add_argument("--dev_limit", type=int, default=None, help="use the first N dev examples")
     parser.add_argument("--test_limit", type=int, default=None, help="use the first N test examples")
     parser.add_argument("--paraphrase_head", choices=["cloze", "linear"], default="cloze")

@@ -68,7 +68,7 @@ class ClassificationObjective:
         self.train = _limit(self.task.load("train", data_dir), limits.train)
         self.dev = _limit(self.task.load("dev", data_dir), limits.dev)
         self.test = _limit(self.task.load("test", data_dir), limits.test)
-        length = min(self.task.max_length, max_length)
+        length = self.max_length = min(self.task.max_length, max_length)
         self.encoded = encode(tokenizer, [self.task.to_text(e) for e in self.train], length,
                               self.task.truncation_side)
         self.lengths = [len(ids) for ids in self.encoded.ids]
@@ -87,8 +87,10 @@ class ClassificationObjective:
         return F.cross_entropy(head(hidden, mask), self.labels[batch].to(device))
 
     def _predict(self, model, head, examples, device, shard) -> list[int]:
-        return sharded(examples, shard,
-                       lambda part: predict(self.task, model, head, self.tokenizer, part, device=device).predictions)
+        def run(part):
+            return predict(self.task, model, head, self.tokenizer, part, device=device,
+                           max_length=self.max_length).predictions
+        return sharded(examples, shard, run)
 
     def evaluate(self, model: nn.Module, head: nn.Module, out_dir: Path | None, device: str,
                  with_train: bool = False, shard: tuple[int, int] = (0, 1)) -> dict:

@@ -63,8 +63,9 @@ class PredictionRun:
 
 @torch.no_grad()
 def predict(task: ClassificationTask, model: nn.Module, head: nn.Module, tokenizer, examples: list[Example],
-            batch_size: int = 32, bucket: bool = True, device: str = "cpu") -> PredictionRun:
-    max_length = min(task.max_length, model.config.n_positions)
+            batch_size: int = 32, bucket: bool = True, device: str = "cpu",
+            max_length: int | None = None) -> PredictionRun:
+    max_length = min(max_length or task.max_length, model.config.n_positions)
     encoded = encode(tokenizer, [task.to_text(e) for e in examples], max_length, task.truncation_side)
     lengths = [len(ids) for ids in encoded.ids]
     batches = make_batches(lengths, batch_size, bucket=bucket)
