@@ -142,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: preset variants that produce the same run: {dupes}")
     tags = {r.run_dir.name.removeprefix(f"{r.task}-").rsplit("-lr", 1)[0]: r.variant for r in runs}
     (out_dir / "variants.json").write_text(json.dumps(tags, indent=2) + "\n")  # tag -> preset name, for reports
+    model_spec = preset.get("model", {})
+    (out_dir / "grid.json").write_text(json.dumps({
+        "name": preset["name"], "preset": str(args.preset), "model": model_spec, "seeds": preset["seeds"],
+        "random_init": "random_init" in model_spec}, indent=2) + "\n")
     todo = [r for r in runs if status(r) != "done"]
     print(f"grid {preset['name']}: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run "
           f"-> {out_dir}")

@@ -184,7 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.grid / "report"
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(tasks, variants, values, extra, metrics, baseline)
-    (out / "report.md").write_text(f"# Report: {args.grid.name}\n\n{table}\n"
+    grid_file = args.grid / "grid.json"
+    grid_info = json.loads(grid_file.read_text()) if grid_file.is_file() else {}
+    caveat = ""
+    if grid_info.get("random_init"):
+        caveat = (f"> Model: a randomly initialised `{grid_info['model']['random_init']}` GPT-2 (preset "
+                  f"`{grid_info['preset']}`). These numbers are a pipeline check, NOT GPT-2 results.\n\n")
+    elif grid_info:
+        caveat = f"> Model: `{grid_info['model'].get('model', 'gpt2')}` (preset `{grid_info['preset']}`).\n\n"
+    (out / "report.md").write_text(f"# Report: {args.grid.name}\n\n{caveat}{table}\n"
                                    "![metric vs trainable parameters](metric_vs_params.png)\n\n"
                                    "![training curves](training_curves.png)\n\n![time and memory](cost.png)\n")
     plot_metric_vs_params(tasks, variants, values, extra, metrics, out / "metric_vs_params.png")

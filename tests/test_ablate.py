@@ -74,6 +74,7 @@ def test_grid_resumes_after_kill_and_report_matches(tmp_path, tokenizer_dir):
     expected = f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} (n=2)"
     table = (grid / "report" / "report.md").read_text()
     assert "| base | " + expected in table
+    assert "pipeline check, NOT GPT-2 results" in table  # a random-init grid is labelled as such
 
 
 def synthetic_grid(tmp_path, variants: dict[str, list[float]]):
