@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from model.config import GPT2Config
-from model.loading import atomic_write, ours_to_hf, write_safetensors
+from model.loading import atomic_write_json, ours_to_hf, write_safetensors
 from modules.registry import enabled_variants
 
 FORMAT = "gpt2-variants-adapters/1"
@@ -54,8 +54,7 @@ def save_adapters(model: Any, directory: str | Path) -> None:
     write_safetensors(directory / WEIGHTS, adapter_state_dict(model), {"format": "pt", "producer": FORMAT})
     meta = {"format": FORMAT, "variants": [v.name for v in enabled_variants(model.config)],
             "config": model.config.to_dict()}
-    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / CONFIG, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_json(directory / CONFIG, meta)
 
 
 def load_adapters(model: Any, directory: str | Path) -> None:

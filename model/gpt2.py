@@ -65,15 +65,15 @@ def validate_inputs(config: GPT2Config, input_ids: Any, attention_mask: Any, pas
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
 
 
-def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, past: int,
+def build_attention_mask(padding_mask: torch.Tensor | None, q_len: int, past: int,
                          device: torch.device | None = None) -> torch.Tensor | None:
     """Boolean SDPA mask (B, 1, q_len, past + q_len), True = may attend; None = plain causal.
 
-    Causal AND key-padding. A padded query row would otherwise mask every key (NaN in softmax), so
-    every token may attend to itself; outputs at padded positions are meaningless but finite.
+    `padding_mask` is None when nothing is padded (the fused causal path then applies). Causal AND
+    key-padding. A padded query row would otherwise mask every key (NaN in softmax), so every token
+    may attend to itself; outputs at padded positions are meaningless but finite.
     """
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None  # no padding: take the fused causal path where possible
+    attention_mask = padding_mask
     if attention_mask is None:
         if past == 0 or q_len == 1:
             return None
@@ -138,8 +138,9 @@ class GPT2Model(nn.Module):
         q_len = input_ids.shape[1]
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, q_len, past, input_ids.device)
-        mask = build_attention_mask(attention_mask, q_len, past, input_ids.device)
+        # One check per forward: with no padding the mask is dropped (fused causal attention).
         padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+        mask = build_attention_mask(padding, q_len, past, input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
         for index, layer in enumerate(self.h):
             x = layer(x, mask, kv_cache, index, padding)
@@ -246,11 +247,5 @@ class GPT2LMHeadModel(nn.Module):
         export_peft(self, directory)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
-        seen: set[int] = set()
-        total = 0
-        for param in self.parameters():  # parameters() already de-duplicates the tied weight
-            if id(param) in seen or (trainable_only and not param.requires_grad):
-                continue
-            seen.add(id(param))
-            total += param.numel()
-        return total
+        # parameters() yields the tied wte / lm_head weight once
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

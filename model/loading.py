@@ -196,15 +196,21 @@ def atomic_write(path: Path, write: Any) -> None:
             os.unlink(tmp)
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
 def save_hf_checkpoint(model: Any, directory: str | Path) -> None:
     if model.adapter_params:
         raise ValueError("this model carries adapters; use export_hf(dir), which merges them first or says why not")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = ours_to_hf(model.state_dict())
-    atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    config_text = json.dumps(model.config.to_hf_dict(), indent=2) + "\n"
-    atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(config_text))
+    write_safetensors(directory / "model.safetensors", ours_to_hf(model.state_dict()))
+    atomic_write_json(directory / "config.json", model.config.to_hf_dict())
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -24,6 +24,7 @@ Identity-at-init is the caller's choice: `zero_init=True` zeroes base and spline
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -42,6 +43,12 @@ _CARDINAL = {
 BASE_FUNCTIONS = {"silu": F.silu, "identity": lambda x: x, "gelu": gelu_tanh}
 
 
+@functools.lru_cache(maxsize=32)
+def _cardinal_matrix(order: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Built once per (order, dtype, device), not on every forward and backward of every layer.
+    return torch.tensor(_CARDINAL[order], dtype=dtype, device=device)
+
+
 def _local_bases(x: torch.Tensor, lo: float, h: float, grid_size: int, order: int, derivative: bool = False):
     """Index of the first non-zero basis (…, in) and the k+1 values (…, in, k+1) [and d/dx]."""
     u = (x - lo) / h
@@ -56,7 +63,7 @@ def _local_bases(x: torch.Tensor, lo: float, h: float, grid_size: int, order: in
             slope = (inside.to(x.dtype) / h).unsqueeze(-1)
             slopes = torch.cat([-slope, slope], dim=-1)
         return m.long(), values, slopes
-    coeffs = torch.tensor(_CARDINAL[order], dtype=x.dtype, device=x.device)  # (k+1, k+1)
+    coeffs = _cardinal_matrix(order, x.dtype, x.device)  # (k+1, k+1)
     powers = torch.cat([torch.ones_like(f)] + [f ** p for p in range(1, order + 1)], dim=-1)
     values = powers @ coeffs
     if not derivative:

@@ -23,6 +23,7 @@ from model import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from model.trainable import set_trainable  # noqa: E402
 from modules.kan_ffn import matched_hidden_width  # noqa: E402
 from scripts.bench_utils import median_time, saved_activation_bytes  # noqa: E402
+from scripts.param_counts import count  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
     "base (full fine-tuning)": {},
@@ -84,8 +85,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, knobs in VARIANTS.items():
         full = GPT2Config.from_preset("gpt2", **knobs)
-        with torch.device("meta"):
-            counts = set_trainable(GPT2LMHeadModel(full))
+        trainable, total = count("gpt2", knobs)
         torch.manual_seed(0)
         model = GPT2LMHeadModel(GPT2Config.from_preset("gpt2", n_layer=args.layers, **no_dropout, **knobs)).train()
         set_trainable(model)
@@ -101,7 +101,7 @@ def main() -> None:
         t_fwd = median_time(forward, args.repeats)
         t_step = median_time(train_step, args.repeats)
         saved = saved_activation_bytes(lambda m=model: m(ids, labels=ids).loss)
-        print(f"| {name} | {counts['trainable']:,} | {counts['total']:,} | {added_macs_per_token(full, args.seq):,} | "
+        print(f"| {name} | {trainable:,} | {total:,} | {added_macs_per_token(full, args.seq):,} | "
               f"{t_fwd * 1e3:.0f} | {t_step * 1e3:.0f} | {saved / 2**20:.0f} MiB |", flush=True)
 
 

@@ -1,8 +1,8 @@
 """Trainable and total parameters of each variant at a given size (default: full gpt2, 124M).
 
-Counts are exact: each variant is built on a randomly initialised model of that size and its
-`fine_tune_mode="adapters"` set is counted (task heads excluded). Usage:
-    python scripts/param_counts.py [--preset gpt2] [--markdown]
+Counts are exact: each variant is built at that size on the meta device (shapes only, no memory)
+and its default fine_tune_mode set is counted (task heads excluded). Usage:
+    python scripts/param_counts.py [--preset gpt2]
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ VARIANTS: dict[str, dict] = {
 
 
 def count(preset: str, knobs: dict) -> tuple[int, int]:
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config.from_preset(preset, **knobs))
+    """(trainable, total) parameters of a variant at a size preset."""
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(GPT2Config.from_preset(preset, **knobs))
     counts = set_trainable(model)
     return counts["trainable"], counts["total"]
 

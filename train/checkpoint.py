@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.loading import atomic_write
+from model.loading import atomic_write_text
 
 
 def _fsync_dir(path: Path) -> None:
@@ -99,7 +99,7 @@ def save_checkpoint(directory: Path, kind: str, step: int, trainable: dict[str, 
     _fsync_dir(directory)
     pointer = directory / f"{kind}.json"
     previous = json.loads(pointer.read_text())["folder"] if pointer.exists() else None
-    atomic_write(pointer, lambda tmp: Path(tmp).write_text(json.dumps({"folder": name, "step": step})))
+    atomic_write_text(pointer, json.dumps({"folder": name, "step": step}))
     if previous and previous != name:
         shutil.rmtree(directory / previous, ignore_errors=True)
     return final
@@ -118,6 +118,19 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     trainable = load_file(str(folder / "trainable.safetensors"))
     state = json.loads((folder / "state.json").read_text())
     return trainable, state, load_file(str(folder / "optimizer.safetensors"))
+
+
+def copy_into(params: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy saved tensors into the named parameters; an unknown name or a shape mismatch raises."""
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise ValueError(f"{source}: weights {unknown[:5]} do not exist in the rebuilt model")
+    with torch.no_grad():
+        for key, value in weights.items():
+            if params[key].shape != value.shape:
+                raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, "
+                                 f"the model {tuple(params[key].shape)}")
+            params[key].copy_(value)
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any], tensors: dict[str, torch.Tensor]):

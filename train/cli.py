@@ -129,8 +129,6 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> GPT2C
         args.lr = DEFAULT_LR[mode]
     if args.lr <= 0:
         parser.error("--lr must be > 0")
-    if args.resume and args.wandb == "online":
-        pass  # wandb resumes by run id; allowed
     return config
 
 

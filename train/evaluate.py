@@ -29,7 +29,7 @@ import torch
 from datasets.common import data_dir
 from datasets.sonnets import load_sonnets
 from model import GPT2LMHeadModel, load_tokenizer
-from model.loading import atomic_write
+from model.loading import atomic_write_json
 from train.cli import STACK_FIELDS
 from train.predictions import write_classification, write_sonnets
 from train.tasks import (
@@ -43,11 +43,6 @@ from train.tasks import (
 
 log = logging.getLogger("evaluate")
 TASKS = ("sst", "cfimdb", "quora", "sonnet")
-
-
-def write_json(path: Path, payload: dict) -> None:
-    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def load_model(spec: str) -> tuple[GPT2LMHeadModel, dict[str, dict[str, torch.Tensor]], dict]:
@@ -64,13 +59,7 @@ def load_model(spec: str) -> tuple[GPT2LMHeadModel, dict[str, dict[str, torch.Te
     model = GPT2LMHeadModel.from_pretrained(record["training"]["model"], **overrides)
     weights, _, _ = ckpt.load_checkpoint(best)
     own = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
-    params = dict(model.named_parameters())
-    unknown = sorted(set(own) - set(params))
-    if unknown:
-        raise ValueError(f"{best}: weights {unknown[:5]} do not exist in the rebuilt model")
-    with torch.no_grad():
-        for key, value in own.items():
-            params[key].copy_(value)
+    ckpt.copy_into(dict(model.named_parameters()), own, best)
     heads: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in weights.items():
         if key.startswith("heads."):
@@ -173,12 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             metrics = evaluate_classification(name, model, tokenizer, args, folder, trained_heads)
         metrics["model"] = str(args.model)
-        write_json(folder / "metrics.json", metrics)
+        atomic_write_json(folder / "metrics.json", metrics)
         summary[name] = metrics
         score = {k: round(v, 4) for k, v in metrics.items() if k in ("dev_acc", "dev_f1", "dev_chrf")}
         print(f"{name}: {score} -> {folder}")
     if args.task == "all":
-        write_json(out_dir / "metrics.json", summary)
+        atomic_write_json(out_dir / "metrics.json", summary)
     return 0
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from model import GPT2Config, GPT2LMHeadModel, load_tokenizer
-from model.loading import atomic_write
+from model.loading import atomic_write_json
 from model.trainable import build_optimizer, set_trainable
 from modules.kan import kan_regularization
 from modules.registry import enabled_variants
@@ -153,9 +153,7 @@ def train(task_label: str, make_objectives, args: argparse.Namespace) -> dict[st
         missing = sorted(set(trainable) - set(weights))
         if missing:
             raise ValueError(f"--resume: checkpoint {folder} lacks trainable weights {missing[:5]}")
-        with torch.no_grad():
-            for key, value in weights.items():
-                trainable[key].copy_(value)
+        ckpt.copy_into(trainable, weights, folder)
         ckpt.restore_optimizer(optimizer, state, tensors)
         scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
         ckpt.restore_rng(tensors, state["rng"])
@@ -164,8 +162,7 @@ def train(task_label: str, make_objectives, args: argparse.Namespace) -> dict[st
         if (run_dir / "checkpoints").exists():
             raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or remove it")
         run_dir.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
-        atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
+        atomic_write_json(run_dir / "config.json", record)
     tags = [task_label, *(record["variants"] or ["base"])]
     logger = RunLogger(run_dir, name, args.wandb_group or task_label, tags, record, args.wandb, args.wandb_project,
                        enabled=main_process)
@@ -285,8 +282,7 @@ def _finish(run_dir: Path, name: str, task_label: str, config, args, record, pro
         metrics["predictions"] = {k: f"predictions/{v}" for k, v in metrics["predictions"].items()}
     metrics.update(selection_score=progress["best"], best_step=progress["best_step"], steps=progress["step"],
                    train_seconds=round(progress["train_seconds"], 3), peak_memory_mb=round(_peak_memory_mb(device), 1))
-    text = json.dumps(metrics, indent=2, sort_keys=True) + "\n"
-    atomic_write(run_dir / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write_json(run_dir / "metrics.json", metrics)
     primary = next(iter(objectives.values())).metric if single else "selection_score"
     best_value = metrics.get(primary, progress["best"])
     append_runs_tsv(Path(args.out_dir) / "runs.tsv", {

@@ -11,15 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from datasets.sonnets import read_sonnet_file
-from model.loading import atomic_write
+from model.loading import atomic_write_text
 
 HEADERS = {"sst": "Predicted_Sentiment", "cfimdb": "Predicted_Sentiment", "quora": "Predicted_Is_Paraphrase"}
 
 
 def write_classification(path: Path, task: str, ids: list[str], labels: list[int]) -> None:
     lines = [f"id \t {HEADERS[task]} "] + [f"{i} , {label} " for i, label in zip(ids, labels, strict=True)]
-    text = "\n".join(lines) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def read_classification(path: Path) -> dict[str, int]:
@@ -35,8 +34,7 @@ def read_classification(path: Path) -> dict[str, int]:
 
 
 def write_sonnets(path: Path, sonnets: list[tuple[str, str]]) -> None:
-    text = "--Generated Sonnets-- \n\n" + "".join(f"\n{number}\n{body}\n" for number, body in sonnets)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(path, "--Generated Sonnets-- \n\n" + "".join(f"\n{number}\n{body}\n" for number, body in sonnets))
 
 
 def read_sonnets(path: Path) -> list[tuple[str, str]]:
