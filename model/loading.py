@@ -77,6 +77,8 @@ def resolve_checkpoint(name_or_path: str | Path) -> tuple[Path, Path]:
             if (path / name).is_file():
                 return config_file, path / name
         raise CheckpointError(f"{path} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
+    if str(name_or_path).startswith(("/", "./", "../", "~")):
+        raise CheckpointError(f"checkpoint folder {name_or_path} does not exist")
     try:
         config_file = _hub_download(str(name_or_path), "config.json")
         if config_file is None:

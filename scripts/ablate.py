@@ -96,7 +96,12 @@ def plan(preset: dict, out_dir: Path) -> list[PlannedRun]:
                 argv = [*task_args, "--model", model, *common, *preset.get("task_flags", {}).get(task, []),
                         *variant_flags, "--seed", str(seed), "--out_dir", str(out_dir),
                         "--wandb_group", preset["name"]]
-                runs.append(PlannedRun(task, variant, seed, argv, module, entry.planned_run_dir(module, argv)))
+                try:
+                    run_dir = entry.planned_run_dir(module, argv)
+                except SystemExit:  # argparse printed what is wrong with the flags
+                    raise SystemExit(f"error: preset task {task!r}, variant {variant!r}: its flags are rejected "
+                                     f"by {module} (message above)") from None
+                runs.append(PlannedRun(task, variant, seed, argv, module, run_dir))
     return runs
 
 

@@ -33,11 +33,16 @@ def read_runs(path: Path) -> list[dict]:
         raise SystemExit(f"error: {path} not found (run scripts/ablate.py first)")
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
-    for row in rows:
-        row["best_value"] = float(row["best_value"])
-        row["trainable_params"] = int(row["trainable_params"])
-        row["train_seconds"] = float(row["train_seconds"])
-        row["peak_memory_mb"] = float(row["peak_memory_mb"])
+    if not rows:
+        raise SystemExit(f"error: {path} has no runs")
+    for line, row in enumerate(rows, start=2):
+        try:
+            row["best_value"] = float(row["best_value"])
+            row["trainable_params"] = int(row["trainable_params"])
+            row["train_seconds"] = float(row["train_seconds"])
+            row["peak_memory_mb"] = float(row["peak_memory_mb"])
+        except (TypeError, ValueError) as error:
+            raise SystemExit(f"error: {path}:{line}: unreadable row ({error})") from None
     return rows
 
 

@@ -135,3 +135,18 @@ def test_preset_files_parse():
     for preset in (SCRIPTS / "presets").glob("*.toml"):
         loaded = load_preset(preset)
         assert loaded["variants"] and loaded["seeds"]
+
+
+def test_bad_preset_flags_and_broken_runs_tsv_are_named(tmp_path, tokenizer_dir):
+    from scripts import ablate, report
+
+    preset = write_preset(tmp_path / "grid.toml", tokenizer_dir)
+    preset.write_text(preset.read_text().replace("base = []", 'base = []\nbroken = ["--lora_rank", "4"]'))
+    with pytest.raises(SystemExit, match="variant 'broken'"):
+        ablate.main([str(preset), "--out_dir", str(tmp_path / "grid"), "--dry_run"])
+    grid = synthetic_grid(tmp_path, {"base": [0.5, 0.6]})
+    lines = (grid / "runs.tsv").read_text().splitlines()
+    lines[2] = lines[2].replace("\t0.6\t", "\tnot-a-number\t")
+    (grid / "runs.tsv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit, match=r"runs\.tsv:3: unreadable row"):
+        report.main([str(grid)])

@@ -74,3 +74,12 @@ def test_evaluating_a_run_folder_reproduces_its_metrics(tiny_ckpt, tokenizer_dir
     again = json.loads((out / "metrics.json").read_text())
     assert again["dev_acc"] == trained["dev_acc"] and again["dev_f1"] == trained["dev_f1"]
     assert (out / "sst-dev-output.csv").read_text() == (run_dir / "predictions" / "sst-dev-output.csv").read_text()
+
+
+def test_run_folder_without_best_checkpoint_is_refused(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    code = evaluate.main(["--task", "sst", "--model", str(run), "--data_dir", str(DATA_DIR), "--out_dir",
+                          str(tmp_path / "out"), "--tokenizer", str(tokenizer_dir)])
+    assert code == 2 and "without a best checkpoint" in capsys.readouterr().err

@@ -258,3 +258,14 @@ def test_bf16_autocast_trains_every_variant(tiny_ckpt, tokenizer_dir, tmp_path, 
                            "--precision", "bf16", *flags]) == 0
     log = [json.loads(line) for line in (only_run(tmp_path) / "log.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(e["train/loss"])) for e in log if "train/loss" in e)
+
+
+def test_user_errors_are_one_line_messages(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
+    assert sentiment.main(["--dataset", "sst", *common("/no/such/checkpoint", tokenizer_dir, tmp_path), *QUICK]) == 2
+    assert "checkpoint folder /no/such/checkpoint does not exist" in capsys.readouterr().err
+    args = ["--dataset", "sst", *common(tiny_ckpt[0], tokenizer_dir, tmp_path), *QUICK]
+    assert sentiment.main(args) == 0
+    assert sentiment.main(args) == 2  # the same run again without --resume
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert sentiment.main([*args, "--data_dir", str(tmp_path / "empty")]) == 2
+    assert "scripts/download_data.py" in capsys.readouterr().err

@@ -9,11 +9,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from datasets.common import data_dir
+from datasets.common import DataError, data_dir
+from model import CheckpointError, TokenizerNotFound
 from train.cli import build_parser, validate
 from train.loop import TrainingDiverged, train
 from train.objectives import ClassificationObjective, DataLimits, SonnetObjective
 from train.tasks import GenerationSettings
+
+# Problems with the user's inputs (paths, files, an existing run folder): one message, no traceback.
+USER_ERRORS = (CheckpointError, DataError, TokenizerNotFound, FileExistsError, FileNotFoundError)
 
 
 def objective(name: str, args: argparse.Namespace, tokenizer, config):
@@ -58,4 +62,7 @@ def run(description: str, add_flags: Callable[[argparse.ArgumentParser], None],
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0

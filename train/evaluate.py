@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from datasets.common import data_dir
+from datasets.common import DataError, data_dir
 from datasets.sonnets import load_sonnets
-from model import GPT2LMHeadModel, load_tokenizer
+from model import CheckpointError, GPT2LMHeadModel, TokenizerNotFound, load_tokenizer
 from model.loading import atomic_write_json
 from train.cli import STACK_FIELDS
 from train.predictions import write_classification, write_sonnets
@@ -51,6 +51,9 @@ def load_model(spec: str) -> tuple[GPT2LMHeadModel, dict[str, dict[str, torch.Te
 
     path = Path(spec)
     best = ckpt.checkpoint_folder(path / "checkpoints", "best") if path.is_dir() else None
+    if best is None and (path / "checkpoints").is_dir():
+        raise CheckpointError(f"{path} is a training run without a best checkpoint yet (no evaluation finished); "
+                              f"resume it with --resume or pass another model")
     if best is None or not (path / "config.json").is_file():
         return GPT2LMHeadModel.from_pretrained(spec), {}, {}
     record = json.loads((path / "config.json").read_text())
@@ -144,6 +147,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    try:
+        return _evaluate(args)
+    except (CheckpointError, DataError, TokenizerNotFound, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     model, trained_heads, training = load_model(args.model)
     model = model.to(args.device).eval()
     if training.get("paraphrase_head") and training["paraphrase_head"] != args.paraphrase_head:
