@@ -269,3 +269,17 @@ def test_user_errors_are_one_line_messages(tiny_ckpt, tokenizer_dir, tmp_path, c
     assert "already holds a run; pass --resume" in capsys.readouterr().err
     assert sentiment.main([*args, "--data_dir", str(tmp_path / "empty")]) == 2
     assert "scripts/download_data.py" in capsys.readouterr().err
+
+
+VARIANT_FLAGS = [[], ["--use_lora"], ["--use_kan"], ["--use_kan", "--use_lora"], ["--use_graph"], ["--use_kora"]]
+
+
+@pytest.mark.parametrize("flags", VARIANT_FLAGS, ids=lambda f: "+".join(f) or "base")
+@pytest.mark.parametrize("entry, extra", [(paraphrase, []), (sonnet, []),
+                                          (multitask, ["--tasks", "cfimdb", "quora", "sonnet"])],
+                         ids=["paraphrase", "sonnet", "multitask"])
+def test_other_entry_points_every_variant(tiny_ckpt, tokenizer_dir, tmp_path, entry, extra, flags):
+    assert entry.main([*common(tiny_ckpt[0], tokenizer_dir, tmp_path), *QUICK, *extra, *flags]) == 0
+    metrics, config = check_outputs(only_run(tmp_path), tmp_path)
+    assert bool(flags) == bool(config["variants"])  # a variant flag attaches a variant; none: the base
+    assert metrics["steps"] == 2
