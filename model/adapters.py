@@ -1,13 +1,16 @@
 """Adapters on disk and out of the project: save / load (strict), merge, export to HF and to peft.
 
-* `save_adapters(dir)`: `adapter_model.safetensors` (only the parameters the variants added, plus,
-  for PiSSA, the residual base weights it rewrote) and `adapter_config.json` (the full GPT2Config).
-* `load_adapters(dir)` onto a freshly loaded base: attaches the saved variants, then loads strictly
-  (missing or unexpected keys raise, naming them).
-* `merge_adapters()`: folds LoRA / rsLoRA / DoRA into the base weights exactly; a variant that is not
-  linear in the input (KoRA, LoRA-KAN, ...) raises with the reason instead of approximating.
+* `save_adapters(dir)`: `adapter_model.safetensors` (the parameters the variants added, plus each
+  variant's extra state: KAN grids, PiSSA's rewritten base weights) and `adapter_config.json`
+  (the full GPT2Config).
+* `load_adapters(dir)` onto a freshly loaded base: attaches the saved variants, lets each adopt its
+  extra state (a KAN grid resizes its coefficients), then loads strictly (missing or unexpected
+  keys raise, naming them).
+* `merge_adapters()`: folds every enabled variant that can merge exactly into the base weights; a
+  variant that is not linear in the input (KoRA, LoRA-KAN, ...) raises with its reason instead.
 * `export_hf(dir)`: a plain HF GPT-2 checkpoint of the merged model.
 * `export_peft(dir)`: the LoRA adapter in peft's own format, for stock HF GPT-2 + peft.
+All of it loops over the variant registry: no variant is named here except LoRA for peft's format.
 """
 
 from __future__ import annotations
@@ -17,33 +20,27 @@ import json
 from pathlib import Path
 from typing import Any
 
+import peft
 import torch
+import transformers
 from safetensors.torch import load_file
 
-from model.config import GPT2Config
-from model.loading import atomic_write_json, ours_to_hf, write_safetensors
-from modules.registry import enabled_variants
+from model.config import STACK_FIELDS, GPT2Config
+from model.files import atomic_write_json, write_safetensors
+from model.loading import ours_to_hf
+from modules.lora import peft_lora_config
+from modules.registry import enabled_variants, variant_state
 
 FORMAT = "gpt2-variants-adapters/1"
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
-STACK_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
-
-
-def _pissa_residual_names(model: Any) -> list[str]:
-    """PiSSA rewrites the targeted base weights (W - B A); they must travel with the adapter."""
-    if not (model.config.use_lora and model.config.lora_init == "pissa"):
-        return []
-    return [name for name, _ in model.named_parameters() if ".base_layer.weight" in name]
+ADAPTER_STACK = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")  # must match to load
 
 
 def adapter_state_dict(model: Any) -> dict[str, torch.Tensor]:
-    """Adapter parameters, PiSSA's residual base weights, and the KAN grids the coefficients live on."""
-    names = set(model.adapter_params) | set(_pissa_residual_names(model))
-    tensors = {name: p.detach() for name, p in model.named_parameters() if name in names}
-    adapter_modules = {name.rpartition(".")[0] for name in model.adapter_params}
-    tensors.update({name: b for name, b in model.named_buffers()
-                    if name.endswith(".grid_info") and name.rpartition(".")[0] in adapter_modules})
+    """Adapter parameters plus the extra state of every enabled variant."""
+    tensors = {name: p.detach() for name, p in model.named_parameters() if name in model.adapter_params}
+    tensors.update(variant_state(model, model.config))
     return tensors
 
 
@@ -66,7 +63,7 @@ def load_adapters(model: Any, directory: str | Path) -> None:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{directory / CONFIG}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
     saved = GPT2Config.from_dict(meta["config"])
-    for key in STACK_FIELDS:
+    for key in ADAPTER_STACK:
         if getattr(saved, key) != getattr(model.config, key):
             raise ValueError(f"adapters in {directory} were trained on {key}={getattr(saved, key)}, "
                              f"but this model has {key}={getattr(model.config, key)}")
@@ -77,29 +74,26 @@ def load_adapters(model: Any, directory: str | Path) -> None:
     model.config = saved.replace(**stack)
     model.apply_variants()
     tensors = load_file(str(directory / WEIGHTS))
-    expected = set(adapter_state_dict(model))
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    for variant in enabled_variants(model.config):
+        if variant.before_load is not None:
+            variant.before_load(model, tensors)
+    expected = adapter_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(f"adapter weights in {directory} do not match the model: "
                          f"missing {missing or 'none'}; unexpected {unexpected or 'none'}")
-    for name, grid in tensors.items():  # resize KAN coefficients to the saved grids first
-        if name.endswith(".grid_info"):
-            model.get_submodule(name.rpartition(".")[0]).set_grid(grid)
-    params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in tensors.items():
-            if name.endswith(".grid_info"):
-                continue
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"{name}: saved shape {tuple(tensor.shape)} != model {tuple(params[name].shape)}")
-            params[name].copy_(tensor)
+            if expected[name].shape != tensor.shape:
+                raise ValueError(f"{name}: saved shape {tuple(tensor.shape)} != model {tuple(expected[name].shape)}")
+            expected[name].copy_(tensor)
 
 
 def merge_adapters(model: Any) -> None:
     variants = enabled_variants(model.config)
     blocked = [v for v in variants if v.merge is None]
     if blocked:
-        reasons = "; ".join(f"{v.name}: {v.why_not_mergeable}" for v in blocked)
+        reasons = "; ".join(f"{v.name}: {v.not_mergeable}" for v in blocked)
         raise ValueError(f"cannot merge exactly: {reasons}")
     for variant in variants:
         variant.merge(model)
@@ -124,11 +118,6 @@ def base_state_dict(model: Any) -> dict[str, torch.Tensor]:
 
 def export_peft(model: Any, directory: str | Path) -> None:
     """Write the LoRA adapter in peft's own format for stock `transformers.GPT2LMHeadModel`."""
-    import peft
-    import transformers
-
-    from modules.lora import peft_lora_config
-
     names = [v.name for v in enabled_variants(model.config)]
     if names != ["lora"]:
         raise ValueError(f"export_peft writes LoRA-family adapters only; this model has {names or 'none'}")
@@ -146,7 +135,8 @@ def export_peft(model: Any, directory: str | Path) -> None:
     lora_config.base_model_name_or_path = model.config.name
     wrapped = peft.get_peft_model(hf, lora_config)
     params = dict(wrapped.named_parameters())
+    own = dict(model.named_parameters())
     with torch.no_grad():
         for name in model.adapter_params:
-            params["base_model.model." + name].copy_(dict(model.named_parameters())[name])
+            params["base_model.model." + name].copy_(own[name])
     wrapped.save_pretrained(str(directory))

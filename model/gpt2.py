@@ -20,10 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from model import adapters, loading
 from model.config import GPT2Config
+from model.generation import generate
 from model.losses import linear_cross_entropy, next_token_targets
 from modules.attention import CausalSelfAttention, KVCache
 from modules.mlp import MLP
+from modules.registry import attach_variants
 
 
 @dataclass
@@ -106,14 +109,14 @@ class GPT2Layer(nn.Module):
         self.mlp = MLP(config.n_embd, config.ffn_dim, config.resid_pdrop)
         # Extension slot: branches that run beside attention on ln_1(x) and add to the residual
         # (the graph branch). Empty by default, so the base path costs nothing.
-        self.parallel_branches = nn.ModuleList()
+        self.parallel_branches = nn.ModuleDict()  # keyed by variant name (its parameter namespace)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, layer_idx: int = 0,
                 padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.ln_1(x)
         update = self.attn(h, attn_mask, kv_cache, layer_idx)
-        for branch in self.parallel_branches:
+        for branch in self.parallel_branches.values():
             update = update + branch(h, padding_mask, kv_cache, layer_idx)
         x = x + update
         return x + self.mlp(self.ln_2(x))
@@ -171,11 +174,9 @@ class GPT2LMHeadModel(nn.Module):
 
     def apply_variants(self) -> None:
         """Attach the variants the config enables (after the base weights are in place)."""
-        from modules.registry import apply_variants
-
         if self.adapter_params:
             raise RuntimeError("variants are already attached to this model")
-        self.adapter_params = apply_variants(self, self.config)
+        self.adapter_params = attach_variants(self, self.config)
         self.train(self.training)  # new modules start in train mode; follow the model's mode
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -211,40 +212,32 @@ class GPT2LMHeadModel(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, strict: bool = True,
                         **config_overrides: Any) -> GPT2LMHeadModel:
-        from model.loading import load_pretrained
-        return load_pretrained(cls, name_or_path, strict=strict, **config_overrides)
+        return loading.load_pretrained(cls, name_or_path, strict=strict, **config_overrides)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write a plain Hugging Face GPT-2 checkpoint (config.json + model.safetensors)."""
-        from model.loading import save_hf_checkpoint
-        save_hf_checkpoint(self, directory)
+        loading.save_hf_checkpoint(self, directory)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  **kwargs: Any) -> torch.Tensor:
-        from model.generation import generate
         return generate(self, input_ids, attention_mask, **kwargs)
 
     # ---- adapters: save / load / merge / export (model/adapters.py) ----
     def save_adapters(self, directory: str | Path) -> None:
-        from model.adapters import save_adapters
-        save_adapters(self, directory)
+        adapters.save_adapters(self, directory)
 
     def load_adapters(self, directory: str | Path) -> None:
-        from model.adapters import load_adapters
-        load_adapters(self, directory)
+        adapters.load_adapters(self, directory)
 
     def merge_adapters(self) -> None:
-        from model.adapters import merge_adapters
-        merge_adapters(self)
+        adapters.merge_adapters(self)
 
     def export_hf(self, directory: str | Path) -> None:
-        from model.adapters import export_hf
-        export_hf(self, directory)
+        adapters.export_hf(self, directory)
 
     def export_peft(self, directory: str | Path) -> None:
-        from model.adapters import export_peft
-        export_peft(self, directory)
+        adapters.export_peft(self, directory)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         # parameters() yields the tied wte / lm_head weight once

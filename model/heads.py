@@ -1,10 +1,10 @@
 """Task heads. All read the hidden state of the LAST REAL token (never a padded position).
 
-* SentimentHead: linear on that state (SST: 5 classes, CFIMDB: 2), as the course does.
+* LastTokenClassifier: linear on that state (SST: 5 classes, CFIMDB: 2, Quora's linear head: 2),
+  as the course does.
 * ClozeParaphraseHead: the LM head's logits of the answer tokens only, [no, yes] -> classes [0, 1]:
   h · wte[[no, yes]]ᵀ, two dot products instead of a (C x 50,257) matmul; equal to the full LM
   logits at those ids.
-* LinearParaphraseHead: the linear-head alternative.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def last_token_state(hidden: torch.Tensor, attention_mask: torch.Tensor | None) 
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, C)
 
 
-class SentimentHead(nn.Module):
+class LastTokenClassifier(nn.Module):
     def __init__(self, n_embd: int, num_labels: int, dropout: float = 0.1) -> None:
         super().__init__()
         self.dropout = nn.Dropout(dropout)
@@ -49,8 +49,3 @@ class ClozeParaphraseHead(nn.Module):
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         rows = self.lm_head[0].weight[self.answer_ids]  # (2, C)
         return last_token_state(hidden, attention_mask) @ rows.t()  # (B, 2): [no, yes]
-
-
-class LinearParaphraseHead(SentimentHead):
-    def __init__(self, n_embd: int, dropout: float = 0.1) -> None:
-        super().__init__(n_embd, 2, dropout)

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from safetensors.torch import load_file
 
 from model.config import GPT2Config
+from model.files import atomic_write_json, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,6 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 # Buffers some HF checkpoints carry that are not parameters (the causal mask, recomputed here).
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-HUB_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 class CheckpointError(ValueError):
@@ -53,9 +53,6 @@ class LoadReport:
 # ---------------------------------------------------------------- locating files
 
 def _hub_download(repo_id: str, filename: str) -> str | None:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
     try:
         return hf_hub_download(repo_id, filename)
     except LocalEntryNotFoundError:
@@ -64,38 +61,70 @@ def _hub_download(repo_id: str, filename: str) -> str | None:
         return None
 
 
-def resolve_checkpoint(name_or_path: str | Path) -> tuple[Path, Path]:
-    """Return (config.json, weights file) for a local folder or a hub id."""
+def _is_local(name_or_path: str | Path) -> bool:
     path = Path(name_or_path)
     if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{path} is a file; pass the folder that holds config.json and the weights")
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise CheckpointError(f"{path} is not a GPT-2 checkpoint folder: it has no config.json")
-        for name in WEIGHT_FILES:
-            if (path / name).is_file():
-                return config_file, path / name
-        raise CheckpointError(f"{path} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
+        return True
     if str(name_or_path).startswith(("/", "./", "../", "~")):
         raise CheckpointError(f"checkpoint folder {name_or_path} does not exist")
+    return False
+
+
+def _hub_error(name_or_path: str | Path, error: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"could not load {str(name_or_path)!r}: it is not a local folder and fetching it from the "
+        f"Hugging Face hub failed ({type(error).__name__}: {error}). Pass a local folder holding an HF "
+        f"GPT-2 checkpoint (config.json + model.safetensors), or allow hub access (HF_HUB_OFFLINE unset).")
+
+
+def resolve_config_file(name_or_path: str | Path) -> Path:
+    """config.json of a local checkpoint folder or a hub id (only that file is fetched)."""
+    path = Path(name_or_path)
+    if _is_local(name_or_path):
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; pass the folder that holds config.json and the weights")
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} is not a GPT-2 checkpoint folder: it has no config.json")
+        return path / "config.json"
     try:
         config_file = _hub_download(str(name_or_path), "config.json")
-        if config_file is None:
-            raise CheckpointError(f"hub repo {name_or_path!r} has no config.json")
+    except Exception as error:  # offline, no such repo, no network: one clear message
+        raise _hub_error(name_or_path, error) from error
+    if config_file is None:
+        raise CheckpointError(f"hub repo {name_or_path!r} has no config.json")
+    return Path(config_file)
+
+
+def resolve_weights_file(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if _is_local(name_or_path):
+        for name in WEIGHT_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"{path} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
+    try:
         for name in WEIGHT_FILES:
             weights = _hub_download(str(name_or_path), name)
             if weights is not None:
-                return Path(config_file), Path(weights)
-    except CheckpointError:
-        raise
-    except Exception as error:  # offline, no such repo, no network: one clear message
-        raise CheckpointError(
-            f"could not load {str(name_or_path)!r}: it is not a local folder and fetching it from the "
-            f"Hugging Face hub failed ({type(error).__name__}: {error}). Pass a local folder holding an HF "
-            f"GPT-2 checkpoint (config.json + model.safetensors), or allow hub access (HF_HUB_OFFLINE unset)."
-        ) from error
+                return Path(weights)
+    except Exception as error:
+        raise _hub_error(name_or_path, error) from error
     raise CheckpointError(f"hub repo {name_or_path!r} has no weights ({', '.join(WEIGHT_FILES)})")
+
+
+def read_checkpoint_config(name_or_path: str | Path, **overrides: Any) -> GPT2Config:
+    """The resolved config of a checkpoint with `overrides` applied, from its config.json alone (cheap:
+    no weights are read), so flags can be validated at the real model size before anything loads.
+    A broken checkpoint raises CheckpointError; an override that does not fit raises ValueError."""
+    config_file = resolve_config_file(name_or_path)
+    try:
+        hf_config = json.loads(config_file.read_text())
+        base = GPT2Config.from_hf_dict(hf_config)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config_file} is not valid JSON: {error}") from error
+    except ValueError as error:
+        raise CheckpointError(f"{config_file}: {error}") from error
+    return base.replace(**overrides, name=str(name_or_path))
 
 
 def read_weights(weights_file: Path) -> dict[str, torch.Tensor]:
@@ -158,16 +187,8 @@ def ours_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- public entry points
 
 def load_pretrained(cls: Any, name_or_path: str | Path, strict: bool = True, **config_overrides: Any):
-    config_file, weights_file = resolve_checkpoint(name_or_path)
-    try:
-        hf_config = json.loads(Path(config_file).read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{config_file} is not valid JSON: {error}") from error
-    try:
-        config = GPT2Config.from_hf_dict(hf_config, **config_overrides)
-    except ValueError as error:
-        raise CheckpointError(f"{config_file}: {error}") from error
-    config.name = str(name_or_path)
+    config = read_checkpoint_config(name_or_path, **config_overrides)
+    weights_file = resolve_weights_file(name_or_path)
     # Build the base, load it strictly, and only then attach variants (they may read base weights).
     model = cls(config, with_variants=False)
     converted, report = hf_to_ours(read_weights(Path(weights_file)), model.state_dict(), str(name_or_path))
@@ -185,27 +206,6 @@ def load_pretrained(cls: Any, name_or_path: str | Path, strict: bool = True, **c
     return model
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Write through a temp file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
-
-
-def atomic_write_json(path: Path, payload: Any) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-
-
 def save_hf_checkpoint(model: Any, directory: str | Path) -> None:
     if model.adapter_params:
         raise ValueError("this model carries adapters; use export_hf(dir), which merges them first or says why not")
@@ -213,8 +213,3 @@ def save_hf_checkpoint(model: Any, directory: str | Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors(directory / "model.safetensors", ours_to_hf(model.state_dict()))
     atomic_write_json(directory / "config.json", model.config.to_hf_dict())
-
-
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata or {"format": "pt"}))

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from model.config import FINE_TUNE_MODES
+from modules.registry import is_lora_plus_param, switches
 
 
 def set_trainable(model: Any, mode: str | None = None, heads: Iterable[nn.Module] = ()) -> dict[str, int]:
@@ -24,8 +25,9 @@ def set_trainable(model: Any, mode: str | None = None, heads: Iterable[nn.Module
         raise ValueError(f"unknown fine_tune_mode {mode!r}; choose from {list(FINE_TUNE_MODES)}")
     heads = list(heads)
     if mode == "adapters" and not model.adapter_params:
+        flags = "/".join(f"--{name}" for name in switches())
         raise ValueError("fine_tune_mode='adapters' but no variant is enabled: nothing would train "
-                         "(turn on --use_lora/--use_kan/--use_graph/--use_kora, or use full-model)")
+                         f"(turn on {flags}, or use full-model)")
     if mode == "last-linear-layer" and not heads:
         raise ValueError("fine_tune_mode='last-linear-layer' needs a task head to train")
     for name, param in model.named_parameters():
@@ -41,15 +43,11 @@ def count_parameters(model: nn.Module, heads: Iterable[nn.Module] = ()) -> dict[
             "trainable": sum(p.numel() for p in params.values() if p.requires_grad)}
 
 
-def is_lora_plus_param(name: str) -> bool:
-    """LoRA+ gives the adapter's output side (LoRA's B, LoRA-KAN's φ_out) a larger learning rate."""
-    return ".lora_B." in name or ".kan_out." in name
-
-
 def build_param_groups(model: nn.Module, lr: float, weight_decay: float, lora_plus_ratio: float = 1.0,
                        heads: Iterable[nn.Module] = ()) -> list[dict[str, Any]]:
     """AdamW param groups over trainable parameters only: no decay on vectors (biases, norms,
-    gates, DoRA magnitudes), and lr x `lora_plus_ratio` on LoRA+ parameters."""
+    gates, DoRA magnitudes), and lr x `lora_plus_ratio` on the parameters each enabled variant names
+    as its LoRA+ side (LoRA's B, LoRA-KAN's φ_out)."""
     groups: dict[tuple[bool, bool], dict[str, Any]] = {}
     seen: set[int] = set()
     named = [*model.named_parameters()] + [(f"head.{n}", p) for h in heads for n, p in h.named_parameters()]
@@ -57,7 +55,7 @@ def build_param_groups(model: nn.Module, lr: float, weight_decay: float, lora_pl
         if not param.requires_grad or id(param) in seen:
             continue
         seen.add(id(param))
-        decay, plus = param.dim() >= 2, is_lora_plus_param(name) and lora_plus_ratio != 1.0
+        decay, plus = param.dim() >= 2, lora_plus_ratio != 1.0 and is_lora_plus_param(name, model.config)
         group = groups.setdefault((decay, plus), {
             "params": [], "names": [], "weight_decay": weight_decay if decay else 0.0,
             "lr": lr * (lora_plus_ratio if plus else 1.0)})

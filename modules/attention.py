@@ -48,7 +48,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(n_embd, n_embd)
         # Extension slot: adapters that read the attention input and adjust the fused qkv (KoRA).
         # Empty by default, so the base path costs nothing.
-        self.qkv_adapters = nn.ModuleList()
+        self.qkv_adapters = nn.ModuleDict()  # keyed by variant name (its parameter namespace)
         self.attn_pdrop = attn_pdrop
         self.resid_dropout = nn.Dropout(resid_pdrop)
 
@@ -56,7 +56,7 @@ class CausalSelfAttention(nn.Module):
                 kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
         batch, seq, width = x.shape
         qkv = self.c_attn(x)  # (B, T, 3C)
-        for adapter in self.qkv_adapters:
+        for adapter in self.qkv_adapters.values():
             qkv = adapter(x, qkv)
         # (B, T, 3, H, D) -> 3 x (B, H, T, D)
         q, k, v = qkv.view(batch, seq, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)

@@ -7,6 +7,7 @@ Tokens are nodes; token i receives messages from tokens j with j ≤ i (and i - 
     α_ij = softmax_j e_ij,  g_i = ∥_heads Σ_j α_ij z_j + bias
 and the block becomes  x + attn(ln_1 x) + γ · g(ln_1 x)  with the scalar gate γ initialised to 0,
 so `use_graph=True` is exactly GPT-2 at step 0 (γ's gradient ⟨∂L/∂out, g⟩ is non-zero, so it opens).
+Parameter namespace: `parallel_branches.graph.*`.
 
 Backends (same parameters, same maths, agree to ≤ 1e-5):
 * `gatconv`: torch_geometric's GATConv over ONE edge_index for the whole batch, built with tensor
@@ -18,13 +19,30 @@ Backends (same parameters, same maths, agree to ≤ 1e-5):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch_geometric.nn import GATConv
 
-from model.config import GPT2Config
 from modules.attention import KVCache
+from modules.variant import Settings, Variant, knob, register
+
+
+@dataclass(frozen=True)
+class GraphSettings(Settings):
+    use_graph: bool = knob(False, "graph-attention branch (torch_geometric GATConv) beside attention", switch=True)
+    graph_heads: int = knob(4, "GAT heads (must divide n_embd)", low=1)
+    graph_window: int | None = knob(None, "edges from the last w tokens only, self included (default: all)", low=1)
+    graph_dropout: float = knob(0.1, "GAT attention dropout", low=0, high=1, high_open=True)
+    graph_backend: Literal["gatconv", "dense"] = knob("gatconv", "gatconv (torch_geometric) | dense (same maths)")
+
+
+def check_graph(config: Any) -> None:
+    if config.n_embd % config.graph_heads:
+        raise ValueError(f"GPT2Config.graph_heads must divide n_embd={config.n_embd}, got {config.graph_heads}")
 
 _EDGE_CACHE: dict[tuple, torch.Tensor] = {}
 
@@ -110,7 +128,25 @@ def _cache_nodes(cache: KVCache, layer_idx: int, z: torch.Tensor, a_src: torch.T
     return z_buf[:, :end], a_buf[:, :end]
 
 
-def apply_graph(model: nn.Module, config: GPT2Config) -> None:
+def attach_graph(model: nn.Module, config: Any) -> None:
     for block in model.transformer.h:
-        block.parallel_branches.append(GraphBranch(config.n_embd, config.graph_heads, config.graph_window,
-                                                   config.graph_dropout, config.graph_backend))
+        device = block.ln_1.weight.device
+        block.parallel_branches["graph"] = GraphBranch(config.n_embd, config.graph_heads, config.graph_window,
+                                                       config.graph_dropout, config.graph_backend).to(device)
+
+
+def graph_tag(config: Any) -> str:
+    window = "all" if config.graph_window is None else config.graph_window
+    return f"graph-h{config.graph_heads}-w{window}-{config.graph_backend}"
+
+
+register(Variant(
+    name="graph",
+    settings=GraphSettings,
+    enabled=lambda c: c.use_graph,
+    attach=attach_graph,
+    tag=graph_tag,
+    namespace="graph",
+    check=check_graph,
+    not_mergeable="the graph-attention branch is a separate attention path, not a weight update of GPT-2",
+))

@@ -224,3 +224,25 @@ def kan_regularization(model: nn.Module, l1_weight: float = 1.0, entropy_weight:
     if total is None:
         return torch.zeros(())
     return total
+
+
+def kan_aux_loss(model: nn.Module, config) -> torch.Tensor | None:
+    """The KAN regulariser as a variant's auxiliary loss (None when both weights are 0)."""
+    if not (config.kan_l1 or config.kan_entropy):
+        return None
+    return kan_regularization(model, config.kan_l1, config.kan_entropy)
+
+
+def kan_grids(model: nn.Module, config=None) -> dict[str, torch.Tensor]:
+    """The grids of every KAN layer: saved with the adapters, since `update_grid` can change them."""
+    return {f"{name}.grid_info": module.grid_info for name, module in model.named_modules()
+            if isinstance(module, KANLinear)}
+
+
+def adopt_kan_grids(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Resize KAN coefficients to saved grids before the coefficients saved on them are loaded."""
+    for name, grid in tensors.items():
+        if name.endswith(".grid_info"):
+            module = model.get_submodule(name.rpartition(".")[0])
+            if isinstance(module, KANLinear):
+                module.set_grid(grid)

@@ -1,13 +1,17 @@
 """LoRA-KAN (the KOLMG-LoRA idea): LoRA whose linear bottleneck B·A is a two-layer KAN.
 
     y = W x + b + s · φ_out( q( φ_in( q( dropout(x) ) ) ) )        s = α / r  (rsLoRA: α / √r)
-    φ(x) = SiLU(x) W_base + Σ_k c_k B_k(x)                           φ_in: in -> r, φ_out: r -> out
+    φ(x) = b(x) W_base + Σ_k c_k B_k(x)                              φ_in: in -> r, φ_out: r -> out
+
+Enabled by `use_kan` + `use_lora`; reads the LoRA knobs (rank, alpha, dropout, targets, layers,
+rsLoRA, LoRA+) and the KAN knobs (grid, order, base, regulariser) and owns `lora_kan_squash`.
+DoRA and the gaussian/PiSSA inits are LoRA-only: asking for them here is refused, not ignored.
 
 Identity at init: φ_out's base and spline weights are zero, so y = W x + b exactly.
 Inputs kept inside the grid: q squashes each value into the grid range with a fixed tanh,
 q(x) = lo + (hi - lo) · (tanh(x) + 1) / 2 (`lora_kan_squash`, default on); without it values
 beyond the grid are clamped by the KAN layer (see modules/kan.py), never silently zeroed.
-LoRA+ gives φ_out the larger learning rate (it plays B's role).
+LoRA+ gives φ_out the larger learning rate (it plays B's role). Namespace: `kan_in`, `kan_out`.
 
 Not mergeable: φ_in and φ_out are non-linear in x, so no matrix ΔW reproduces them; a
 finite-difference Jacobian "merge" is only right at one point and silently wrong elsewhere.
@@ -15,20 +19,32 @@ finite-difference Jacobian "merge" is only right at one point and silently wrong
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
-from model.config import GPT2Config
-from modules.kan import KANLinear
-from modules.lora import lora_target_names
+from modules.kan import KANLinear, adopt_kan_grids, kan_aux_loss, kan_grids
+from modules.lora import check_lora_layers, lora_scale, lora_target_names
+from modules.variant import Settings, Variant, knob, register
+
+LORA_KNOBS = ("use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_layers", "lora_rslora",
+              "lora_plus_ratio")
+KAN_KNOBS = ("use_kan", "kan_grid_size", "kan_grid_range", "kan_spline_order", "kan_base", "kan_l1", "kan_entropy")
+
+
+@dataclass(frozen=True)
+class KANLoRASettings(Settings):
+    lora_kan_squash: bool = knob(True, "LoRA-KAN: squash adapter inputs into the spline grid with tanh")
 
 
 class KANLoRALinear(nn.Module):
-    def __init__(self, base_layer: nn.Linear, config: GPT2Config) -> None:
+    def __init__(self, base_layer: nn.Linear, config: Any) -> None:
         super().__init__()
         self.base_layer = base_layer
         rank = config.lora_r
-        self.scaling = config.lora_alpha / (rank ** 0.5 if config.lora_rslora else rank)
+        self.scaling = lora_scale(config)
         self.dropout = nn.Dropout(config.lora_dropout)
         self.squash = config.lora_kan_squash
         self.lo, self.hi = config.kan_grid_range
@@ -48,8 +64,43 @@ class KANLoRALinear(nn.Module):
         return self.base_layer(x) + self.scaling * delta
 
 
-def apply_kan_lora(model: nn.Module, config: GPT2Config) -> None:
+def check_kan_lora(config: Any) -> None:
+    check_lora_layers(config)
+    if config.lora_dora:
+        raise ValueError("use_kan + use_lora (LoRA-KAN) with lora_dora is not implemented (KOLMG-DoRA); "
+                         "drop --lora_dora or --use_kan")
+    if config.lora_init != "default":
+        raise ValueError(f"lora_init={config.lora_init!r} is a LoRA-only initialisation; LoRA-KAN has its own "
+                         f"(zero φ_out): drop --lora_init or --use_kan")
+
+
+def attach_kan_lora(model: nn.Module, config: Any) -> None:
     for name in lora_target_names(config):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, KANLoRALinear(getattr(parent, child), config))
+
+
+def kan_lora_tag(config: Any) -> str:
+    return (f"kanlora-r{config.lora_r}-a{config.lora_alpha:g}-g{config.kan_grid_size}k{config.kan_spline_order}"
+            + ("-rs" if config.lora_rslora else "")
+            + (f"-plus{config.lora_plus_ratio:g}" if config.lora_plus_ratio != 1.0 else "")
+            + ("-reg" if config.kan_l1 or config.kan_entropy else ""))
+
+
+register(Variant(
+    name="kan_lora",
+    settings=KANLoRASettings,
+    enabled=lambda c: c.use_lora and c.use_kan,
+    attach=attach_kan_lora,
+    tag=kan_lora_tag,
+    namespace="kan",
+    reads=LORA_KNOBS + KAN_KNOBS,
+    check=check_kan_lora,
+    not_mergeable="LoRA-KAN's φ_in/φ_out are non-linear in the input, so no ΔW reproduces them "
+                  "(a finite-difference Jacobian is right at one point only)",
+    aux_loss=kan_aux_loss,
+    extra_state=kan_grids,
+    before_load=adopt_kan_grids,
+    lora_plus=lambda name: ".kan_out." in name,
+))

@@ -10,16 +10,29 @@ which enters ONE projection (`kora_target`, default value) through a scalar gate
 Identity at init: g = 0, so the block equals its base exactly; the gate's gradient
 ⟨∂L/∂v, δcomp⟩ is non-zero because A and B start random (not zero), so training can open it.
 It is non-linear in x (the GELU), so it cannot be merged into W_attn: `merge_adapters()` refuses.
+Parameter namespace: `attn.qkv_adapters.kora.*`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from model.config import KORA_TARGETS, GPT2Config
+from modules.variant import Settings, Variant, knob, register
+
+KORA_TARGETS = ("query", "key", "value")
+
+
+@dataclass(frozen=True)
+class KoRASettings(Settings):
+    use_kora: bool = knob(False, "KoRA: composed q/k/v adapters through a zero-initialised gate", switch=True)
+    kora_r: int = knob(8, "KoRA rank of each q/k/v adapter", low=1)
+    kora_d_comp: int = knob(64, "KoRA composition MLP width", low=1)
+    kora_target: Literal["value", "query", "key"] = knob("value", "projection the composed update enters")
 
 
 class KoRAAdapter(nn.Module):
@@ -47,7 +60,20 @@ class KoRAAdapter(nn.Module):
         return torch.cat(parts, dim=-1)
 
 
-def apply_kora(model: nn.Module, config: GPT2Config) -> None:
+def attach_kora(model: nn.Module, config: Any) -> None:
     for block in model.transformer.h:
-        block.attn.qkv_adapters.append(KoRAAdapter(config.n_embd, config.kora_r, config.kora_d_comp,
-                                                   config.kora_target))
+        device = block.ln_1.weight.device
+        block.attn.qkv_adapters["kora"] = KoRAAdapter(config.n_embd, config.kora_r, config.kora_d_comp,
+                                                      config.kora_target).to(device)
+
+
+register(Variant(
+    name="kora",
+    settings=KoRASettings,
+    enabled=lambda c: c.use_kora,
+    attach=attach_kora,
+    tag=lambda c: f"kora-r{c.kora_r}-d{c.kora_d_comp}-{c.kora_target}",
+    namespace="kora",
+    not_mergeable="KoRA's composition MLP is non-linear in the input (GELU), so no weight matrix reproduces it; "
+                  "keep the adapters or export them unmerged",
+))

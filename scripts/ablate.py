@@ -3,9 +3,11 @@
     python scripts/ablate.py scripts/presets/smoke.toml --out_dir ablations/smoke --jobs 2
     python scripts/report.py ablations/smoke
 
-Each run is `python -m train.<task entry> <common flags> <task flags> <variant flags> --seed S
+Each run is `python -m train --task <task> <common flags> <task flags> <variant flags> --seed S
 --out_dir <grid folder>`; all rows land in `<grid folder>/runs.tsv` and share one wandb group (the
-grid's name). Re-running the same command skips runs whose metrics.json exists and resumes runs
+grid's name). Tasks are the task registry's; run folders carry a hash of every result-changing
+setting, so variants that differ in any flag (e.g. `--lora_targets qkv`, `--batch_size 16`) are
+distinct runs. Re-running the same command skips runs whose metrics.json exists and resumes runs
 that were killed (`--resume` from their last checkpoint), so a killed grid just continues.
 """
 
@@ -26,8 +28,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-ENTRY = {"sst": ["train.sentiment", "--dataset", "sst"], "cfimdb": ["train.sentiment", "--dataset", "cfimdb"],
-         "quora": ["train.paraphrase"], "sonnet": ["train.sonnet"]}
+from train import entry  # noqa: E402
+from train.tasks import TASKS  # noqa: E402
+
+MODULE = "train"  # python -m train --task <task> ...
 
 
 @dataclass
@@ -48,9 +52,9 @@ def load_preset(path: Path) -> dict:
     for key in ("name", "tasks", "seeds", "variants"):
         if key not in preset:
             raise SystemExit(f"error: {path}: missing key {key!r}")
-    unknown = [t for t in preset["tasks"] if t not in ENTRY]
+    unknown = [t for t in preset["tasks"] if t not in TASKS]
     if unknown:
-        raise SystemExit(f"error: {path}: unknown task(s) {unknown}; known: {list(ENTRY)}")
+        raise SystemExit(f"error: {path}: unknown task(s) {unknown}; known: {list(TASKS)}")
     return preset
 
 
@@ -80,8 +84,6 @@ def tiny_checkpoint(folder: Path, preset_name: str) -> Path:
 
 
 def plan(preset: dict, out_dir: Path) -> list[PlannedRun]:
-    from train import entry
-
     model_spec = preset.get("model", {})
     if "random_init" in model_spec:
         model = str(tiny_checkpoint(out_dir, model_spec["random_init"]))
@@ -90,18 +92,17 @@ def plan(preset: dict, out_dir: Path) -> list[PlannedRun]:
     common = flag_list(preset.get("common", {}))
     runs = []
     for task in preset["tasks"]:
-        module, *task_args = ENTRY[task]
         for variant, variant_flags in preset["variants"].items():
             for seed in preset["seeds"]:
-                argv = [*task_args, "--model", model, *common, *preset.get("task_flags", {}).get(task, []),
+                argv = ["--task", task, "--model", model, *common, *preset.get("task_flags", {}).get(task, []),
                         *variant_flags, "--seed", str(seed), "--out_dir", str(out_dir),
                         "--wandb_group", preset["name"]]
                 try:
-                    run_dir = entry.planned_run_dir(module, argv)
+                    run_dir = entry.planned_run_dir(entry.GENERIC, argv)
                 except SystemExit:  # argparse printed what is wrong with the flags
                     raise SystemExit(f"error: preset task {task!r}, variant {variant!r}: its flags are rejected "
-                                     f"by {module} (message above)") from None
-                runs.append(PlannedRun(task, variant, seed, argv, module, run_dir))
+                                     f"by python -m {MODULE} (message above)") from None
+                runs.append(PlannedRun(task, variant, seed, argv, MODULE, run_dir))
     return runs
 
 
@@ -145,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(folders)) != len(folders):
         dupes = sorted({f.name for f in folders if folders.count(f) > 1})
         raise SystemExit(f"error: preset variants that produce the same run: {dupes}")
-    tags = {r.run_dir.name.removeprefix(f"{r.task}-").rsplit("-lr", 1)[0]: r.variant for r in runs}
-    (out_dir / "variants.json").write_text(json.dumps(tags, indent=2) + "\n")  # tag -> preset name, for reports
+    # config hash (the last part of a run folder's name) -> the preset's variant name, for reports
+    names = {r.run_dir.name.rsplit("-", 1)[1]: r.variant for r in runs}
+    (out_dir / "variants.json").write_text(json.dumps(names, indent=2) + "\n")
     model_spec = preset.get("model", {})
     (out_dir / "grid.json").write_text(json.dumps({
         "name": preset["name"], "preset": str(args.preset), "model": model_spec, "seeds": preset["seeds"],

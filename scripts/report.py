@@ -25,7 +25,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-TASK_ORDER = ["sst", "cfimdb", "quora", "sonnet"]
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from train.tasks import TASKS  # noqa: E402
+
+TASK_ORDER = list(TASKS)
 
 
 def read_runs(path: Path) -> list[dict]:
@@ -46,10 +51,21 @@ def read_runs(path: Path) -> list[dict]:
     return rows
 
 
-def variant_names(rows: list[dict], grid: Path) -> dict[str, str]:
-    """Map runs.tsv variant tags to the preset's variant names when the grid recorded them."""
+def label_variants(rows: list[dict], grid: Path) -> None:
+    """Give each row the name its seeds are grouped under: the preset's variant name when the grid
+    recorded it (keyed by config hash), else the variant tag, with the hash added when one tag
+    covers several configurations (e.g. two LoRA runs that differ only in their targets)."""
     manifest = grid / "variants.json"
-    return json.loads(manifest.read_text()) if manifest.is_file() else {}
+    names = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    hashes: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for row in rows:
+        hashes[(row["task"], row["variant"])].add(row.get("config_hash") or "")
+    for row in rows:
+        key = row.get("config_hash") or ""
+        if key in names:
+            row["variant"] = names[key]
+        elif len(hashes[(row["task"], row["variant"])]) > 1:
+            row["variant"] = f"{row['variant']}#{key}"
 
 
 def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float] | None:
@@ -180,9 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", default=None, help="variant to compare against (default: the base model)")
     args = parser.parse_args(argv)
     rows = read_runs(args.grid / "runs.tsv")
-    names = variant_names(rows, args.grid)
-    for row in rows:
-        row["variant"] = names.get(row["variant"], row["variant"])
+    label_variants(rows, args.grid)
     baseline = args.baseline or ("base" if any(r["variant"] == "base" for r in rows) else rows[0]["variant"])
     metrics = {r["task"]: r["metric"] for r in rows}
     tasks, variants, values, extra = summarise(rows, baseline)

@@ -18,7 +18,15 @@ SHARED = Path(os.environ.get("SHARED_DIR", REPO.parent / "shared"))
 TOKENIZER_DIR = SHARED / "tokenizer" / "gpt2"
 DATA_DIR = SHARED / "data" / "cs224n"
 
+PLUGINS = REPO / "tests" / "plugins"  # sitecustomize.py: test-only steering of training subprocesses
+
 transformers.logging.set_verbosity_error()
+
+
+def plugin_env(**variables: str) -> dict[str, str]:
+    """Environment for a subprocess that loads the test plugin (tests/plugins/sitecustomize.py)."""
+    path = os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH", "")]))
+    return {**os.environ, "PYTHONPATH": path, **variables}
 
 
 def make_hf_checkpoint(directory: Path, seed: int = 0, **config) -> transformers.GPT2LMHeadModel:

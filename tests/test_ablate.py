@@ -13,7 +13,7 @@ import time
 import matplotlib.image
 import pytest
 
-from tests.conftest import DATA_DIR, REPO
+from tests.conftest import DATA_DIR, REPO, plugin_env
 
 SCRIPTS = REPO / "scripts"
 
@@ -46,7 +46,7 @@ def test_grid_resumes_after_kill_and_report_matches(tmp_path, tokenizer_dir):
     grid = tmp_path / "grid"
     cmd = [sys.executable, str(SCRIPTS / "ablate.py"), str(preset), "--out_dir", str(grid), "--threads", "1"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, "GPT2_TEST_STEP_SLEEP": "0.5"})
+                            start_new_session=True, env=plugin_env(GPT2_TEST_STEP_SLEEP="0.5"))
     deadline = time.time() + 180
     while time.time() < deadline:
         runs_tsv = grid / "runs.tsv"

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from model import GPT2LMHeadModel
-from model.heads import NO_ID, YES_ID, ClozeParaphraseHead, LinearParaphraseHead, SentimentHead, last_token_index
+from model.heads import NO_ID, YES_ID, ClozeParaphraseHead, LastTokenClassifier, last_token_index
 from train.metrics import accuracy, chrf, macro_f1
 
 
-@pytest.mark.parametrize("make_head", [lambda m: SentimentHead(32, 5), lambda m: ClozeParaphraseHead(m.lm_head),
-                                       lambda m: LinearParaphraseHead(32)])
+@pytest.mark.parametrize("make_head", [lambda m: LastTokenClassifier(32, 5), lambda m: ClozeParaphraseHead(m.lm_head),
+                                       lambda m: LastTokenClassifier(32, 2)])
 def test_same_prediction_however_padded(tiny_ckpt, make_head):
     model = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0]).eval()
     torch.manual_seed(0)

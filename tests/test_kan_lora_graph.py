@@ -93,7 +93,7 @@ def test_graph_model_backends_agree(tiny_ckpt):
                                         graph_backend="dense").eval()
     with torch.no_grad():
         for block in a.transformer.h:
-            block.parallel_branches[0].gate.fill_(0.5)
+            block.parallel_branches["graph"].gate.fill_(0.5)
         b.load_state_dict(a.state_dict())
     ids = torch.randint(0, 50257, (2, 9))
     with torch.no_grad():
@@ -106,5 +106,5 @@ def test_kan_ffn_parameter_matching():
     ffn = random_kan_ffn(config)
     mlp_params = 2 * 768 * 3072 + 3072 + 768
     kan_params = sum(p.numel() for p in ffn.parameters())
-    assert ffn.fc.out_features == hidden
+    assert ffn.kan_fc.out_features == hidden
     assert abs(kan_params - mlp_params) / mlp_params < 0.01

@@ -205,7 +205,7 @@ def test_kan_adapters_reload_after_a_grid_update(tiny_ckpt, tmp_path):
     """update_grid changes the coefficient shapes; the grid travels with the saved adapters."""
     model = build(tiny_ckpt[0], "kan_ffn")
     perturb_adapters(model)
-    layer = model.transformer.h[0].mlp.fc
+    layer = model.transformer.h[0].mlp.kan_fc
     layer.update_grid(torch.linspace(-7, 7, 50)[:, None].expand(50, layer.in_features), refine=2)
     assert layer.spline_coeff.shape[-1] != model.config.kan_grid_size + model.config.kan_spline_order
     model.save_adapters(tmp_path / "adapters")
@@ -214,4 +214,4 @@ def test_kan_adapters_reload_after_a_grid_update(tiny_ckpt, tmp_path):
     ids = ids_batch(seed=9)
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, model(ids).logits)
-    assert fresh.transformer.h[0].mlp.fc.grid_size == layer.grid_size
+    assert fresh.transformer.h[0].mlp.kan_fc.grid_size == layer.grid_size

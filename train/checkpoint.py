@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.loading import atomic_write_text
+from model.files import atomic_write_text
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,135 +1,192 @@
-"""Command-line flags for every entry point, generated from GPT2Config (so every variant flag and
-knob has a CLI name: --use_lora --lora_r 16 ...), plus the training flags. Unknown flags and
-invalid combinations are rejected with a message."""
+"""Command-line flags for every entry point: the training flags, each selected task's own flags, and
+one flag per GPT2Config field generated from the variant registry (so a registered variant gets
+`--use_<name>` and its knobs with no edit here), plus validation of the whole combination.
+
+Validation happens in two stages, both before any weight, tokenizer or data file is read:
+1. `check_training_flags`: values that need no model (limits, intervals, generation settings ...);
+2. `resolve_config`: the checkpoint's config.json alone is read (cheap) and every variant flag is
+   validated against that real model size (e.g. `--graph_heads 12` on a 12-head gpt2 checkpoint),
+   and a knob given for a variant that is not enabled is refused instead of silently ignored.
+Every problem ends in one `error:` line and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from typing import Any
+import types
+import typing
+from typing import Any, Literal, get_args, get_origin
 
 import torch
 
-from model.config import (
-    FINE_TUNE_MODES,
-    GRAPH_BACKENDS,
-    KAN_BASES,
-    KAN_INITS,
-    KORA_TARGETS,
-    LORA_INITS,
-    LORA_TARGETS,
-    GPT2Config,
-)
+from model.config import STACK_FIELDS, ModelSettings, field_hint, settings_fields
+from model.loading import CheckpointError, read_checkpoint_config
+from modules.registry import VARIANTS, enabled_variants, knob_owner, switches, used_knobs
 
-# The stack comes from the checkpoint; these are not CLI overrides.
-STACK_FIELDS = {"vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "layer_norm_epsilon",
-                "initializer_range", "name"}
-CHOICES = {"lora_init": LORA_INITS, "kora_target": KORA_TARGETS, "fine_tune_mode": FINE_TUNE_MODES,
-           "kan_init": KAN_INITS, "kan_base": KAN_BASES, "graph_backend": GRAPH_BACKENDS}
 DEFAULT_LR = {"full-model": 1e-5, "last-linear-layer": 1e-3, "adapters": 2e-4}
+NOT_FLAGS = {*STACK_FIELDS, "name"}  # the stack comes from the checkpoint
 
 
-def config_fields() -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(GPT2Config) if f.name not in STACK_FIELDS]
+def config_fields() -> list:
+    return [f for f in settings_fields() if f.name not in NOT_FLAGS]
+
+
+def _argparse_type(hint: Any) -> dict[str, Any]:
+    """argparse keywords for a knob's type hint."""
+    origin = get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in get_args(hint) if a is not type(None)]
+        return _argparse_type(inner[0])
+    if origin is Literal:
+        choices = list(get_args(hint))
+        return {"type": type(choices[0]), "choices": choices}
+    if origin is tuple:
+        args = get_args(hint)
+        element = _argparse_type(args[0])
+        nargs: Any = "+" if len(args) == 2 and args[1] is Ellipsis else len(args)
+        return {**element, "nargs": nargs}
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    return {"type": hint}
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model variants and their knobs (GPT2Config fields)")
+    owners = knob_owner()
+    groups = {"model": parser.add_argument_group("model (GPT2Config fields)")}
+    for name in VARIANTS:
+        groups[name] = parser.add_argument_group(f"variant {name} (GPT2Config fields)")
     for f in config_fields():
+        kwargs = _argparse_type(field_hint(f.name))
         default = f.default
-        kwargs: dict[str, Any] = {"default": None, "help": f"(default: {default})"}
-        if isinstance(default, bool):
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif f.name == "lora_targets":
-            kwargs.update(nargs="+", choices=list(LORA_TARGETS))
-        elif f.name == "lora_layers":
-            kwargs.update(nargs="+", type=int)
-        elif f.name == "kan_grid_range":
-            kwargs.update(nargs=2, type=float, metavar=("LOW", "HIGH"))
-        elif f.name in ("kan_hidden", "graph_window") or isinstance(default, int):
-            kwargs["type"] = int
-        elif isinstance(default, float):
-            kwargs["type"] = float
-        else:
-            kwargs["type"] = str
-        if f.name in CHOICES:
-            kwargs["choices"] = list(CHOICES[f.name])
-        group.add_argument(f"--{f.name}", **kwargs)
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        group = groups[owners[f.name].name if f.name in owners else "model"]
+        group.add_argument(f"--{f.name}", default=None, help=f"{f.metadata.get('help', '')} (default: {shown})",
+                           **kwargs)
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error plus a hint, instead of the whole usage block."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message}\n(run with --help for every flag and its default)\n")
+
+
+def build_parser(description: str) -> ArgumentParser:
+    parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = parser.add_argument_group("data and outputs")
-    io.add_argument("--model", default="gpt2", help="hub id or local HF GPT-2 checkpoint folder (default: gpt2)")
+    io.add_argument("--model", default="gpt2", help="hub id or local HF GPT-2 checkpoint folder (default: %(default)s)")
     io.add_argument("--data_dir", default=None, help="task data (default: $GPT2_DATA_DIR or data/cs224n)")
-    io.add_argument("--out_dir", default="runs", help="parent folder; each run gets a sub-folder named from its config")
+    io.add_argument("--out_dir", default="runs",
+                    help="parent folder; each run gets a sub-folder named from its settings (default: %(default)s)")
     io.add_argument("--tokenizer", default=None, help="tokenizer folder (default: $GPT2_TOKENIZER or the hub)")
-    io.add_argument("--train_limit", type=int, default=None, help="use the first N training examples")
-    io.add_argument("--dev_limit", type=int, default=None, help="use the first N dev examples")
-    io.add_argument("--test_limit", type=int, default=None, help="use the first N test examples")
-    io.add_argument("--max_length", type=int, default=512, help="token cap per example (also capped by n_positions)")
-    io.add_argument("--wandb", choices=["offline", "online", "disabled"], default="offline")
-    io.add_argument("--wandb_project", default="gpt2-variants")
+    io.add_argument("--train_limit", type=int, default=None, help="use the first N training examples (default: all)")
+    io.add_argument("--dev_limit", type=int, default=None, help="use the first N dev examples (default: all)")
+    io.add_argument("--test_limit", type=int, default=None, help="use the first N test examples (default: all)")
+    io.add_argument("--max_length", type=int, default=512,
+                    help="token cap per example (also capped by the task's cap and n_positions; default: %(default)s)")
+    io.add_argument("--wandb", choices=["offline", "online", "disabled"], default="offline",
+                    help="wandb mode (default: %(default)s)")
+    io.add_argument("--wandb_project", default="gpt2-variants", help="(default: %(default)s)")
     io.add_argument("--wandb_group", default=None, help="wandb group (default: the task; ablation grids: the grid)")
     io.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--seed", type=int, default=11711)
-    opt.add_argument("--epochs", type=int, default=10)
+    opt.add_argument("--seed", type=int, default=11711, help="(default: %(default)s)")
+    opt.add_argument("--epochs", type=int, default=10, help="(default: %(default)s)")
     opt.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
-    opt.add_argument("--batch_size", type=int, default=8)
-    opt.add_argument("--grad_accum", type=int, default=1)
+    opt.add_argument("--batch_size", type=int, default=8, help="(default: %(default)s)")
+    opt.add_argument("--eval_batch_size", type=int, default=32, help="batch size of evaluation (default: %(default)s)")
+    opt.add_argument("--grad_accum", type=int, default=1, help="(default: %(default)s)")
     opt.add_argument("--lr", type=float, default=None,
                      help="default by fine_tune_mode: full-model 1e-5, last-linear-layer 1e-3, adapters 2e-4")
-    opt.add_argument("--weight_decay", type=float, default=0.0)
-    opt.add_argument("--warmup", type=float, default=0.0, help="warm-up steps (>= 1) or fraction of all steps (< 1)")
-    opt.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="linear")
-    opt.add_argument("--max_grad_norm", type=float, default=1.0)
+    opt.add_argument("--weight_decay", type=float, default=0.0, help="(default: %(default)s)")
+    opt.add_argument("--warmup", type=float, default=0.0,
+                     help="warm-up steps (>= 1) or fraction of all steps (< 1) (default: %(default)s)")
+    opt.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="linear",
+                     help="(default: %(default)s)")
+    opt.add_argument("--max_grad_norm", type=float, default=1.0, help="(default: %(default)s)")
     opt.add_argument("--eval_every", type=int, default=0, help="evaluate every N optimizer steps (0: each epoch)")
-    opt.add_argument("--save_every", type=int, default=0, help="also save the last checkpoint every N steps")
+    opt.add_argument("--save_every", type=int, default=0, help="also save the last checkpoint every N steps (0: off)")
     opt.add_argument("--patience", type=int, default=0, help="stop after N evaluations without improvement (0: off)")
     opt.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
-    opt.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    opt.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="(default: %(default)s)")
     opt.add_argument("--no_bucket", action="store_true", help="batches in data order instead of length buckets")
     opt.add_argument("--eval_train", action="store_true", help="also report accuracy on the training examples")
-    opt.add_argument("--kan_l1", type=float, default=0.0, help="weight of the KAN L1 regulariser")
-    opt.add_argument("--kan_entropy", type=float, default=0.0, help="weight of the KAN entropy regulariser")
-    opt.add_argument("--dump_grads", default=None, help=argparse.SUPPRESS)  # test hook: gradients after step 1
-    gen = parser.add_argument_group("sonnet generation (evaluation)")
-    gen.add_argument("--temperature", type=float, default=1.2)
-    gen.add_argument("--top_p", type=float, default=0.9)
-    gen.add_argument("--top_k", type=int, default=None)
-    gen.add_argument("--max_new_tokens", type=int, default=160)
     add_config_flags(parser)
     return parser
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    values = {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name) is not None}
-    for key in ("lora_targets", "lora_layers", "kan_grid_range"):
-        if key in values:
-            values[key] = tuple(values[key])
-    return values
+    """The GPT2Config fields given on the command line (None = not given)."""
+    values = {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name, None) is not None}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
-def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> GPT2Config:
-    """Check the combination before anything is loaded; errors exit with a message (status 2)."""
-    try:
-        config = GPT2Config.from_preset("tiny", **config_overrides(args))
-    except ValueError as error:
-        parser.error(str(error))
+def check_training_flags(args: argparse.Namespace) -> None:
+    """Values that need no model; ValueError names the flag."""
+    for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size"):
+        if getattr(args, name, 1) < 1:
+            raise ValueError(f"--{name} must be >= 1")
+    for name in ("max_steps", "train_limit", "dev_limit", "test_limit", "max_length"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1 (leave it out for 'all')")
+    for name in ("eval_every", "save_every", "patience"):
+        if getattr(args, name, 0) < 0:
+            raise ValueError(f"--{name} must be >= 0 (0: off)")
+    if getattr(args, "warmup", 0.0) < 0:
+        raise ValueError("--warmup must be >= 0")
+    if getattr(args, "weight_decay", 0.0) < 0:
+        raise ValueError("--weight_decay must be >= 0")
+    if getattr(args, "max_grad_norm", 1.0) <= 0:
+        raise ValueError("--max_grad_norm must be > 0")
+    if args.lr is not None and args.lr <= 0:
+        raise ValueError("--lr must be > 0")
+    check_device(args.device)
+
+
+def check_device(name: str) -> None:
+    kind = name.split(":")[0]
+    if kind not in ("auto", "cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name!r} unknown; use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {name}: MPS is not available on this machine")
+
+
+def resolve_config(args: argparse.Namespace):
+    """The run's GPT2Config: the checkpoint's config.json (only that file is read) + the variant flags,
+    validated at that real size. Fills in the default `--lr`. Raises ValueError / CheckpointError."""
+    overrides = config_overrides(args)
+    config = read_checkpoint_config(args.model, **overrides)
+    model_fields = set(ModelSettings.__dataclass_fields__)
+    unused = sorted(k for k in overrides if k not in model_fields and k not in switches()
+                    and k not in used_knobs(config))
+    if unused:
+        on = [v.name for v in enabled_variants(config)] or ["none"]
+        owners = knob_owner()
+        needs = sorted({f"--{f.name}" for k in unused for f in owners[k].settings.knobs() if f.metadata["switch"]})
+        raise ValueError(f"{', '.join('--' + k for k in unused)} given but no enabled variant uses "
+                         f"{'it' if len(unused) == 1 else 'them'} (enabled: {', '.join(on)})"
+                         + (f"; did you mean to add {' / '.join(needs)}?" if needs else ""))
     mode = config.resolved_fine_tune_mode
     if mode == "adapters" and not config.any_variant:
-        parser.error("--fine_tune_mode adapters needs a variant flag (--use_lora, --use_kan, --use_graph, --use_kora)")
-    for name in ("epochs", "batch_size", "grad_accum"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
-    if args.max_steps is not None and args.max_steps < 1:
-        parser.error("--max_steps must be >= 1")
+        raise ValueError("--fine_tune_mode adapters needs a variant flag ("
+                         + ", ".join(f"--{s}" for s in switches()) + ")")
     if args.lr is None:
         args.lr = DEFAULT_LR[mode]
-    if args.lr <= 0:
-        parser.error("--lr must be > 0")
     return config
+
+
+def validate(parser: argparse.ArgumentParser, args: argparse.Namespace, tasks=()):
+    """Both validation stages; exits 2 with one line on any problem."""
+    try:
+        check_training_flags(args)
+        for task in tasks:
+            task.check_flags(args)
+        return resolve_config(args)
+    except (ValueError, CheckpointError) as error:
+        parser.error(str(error))
 
 
 def resolve_device(name: str) -> str:

@@ -1,68 +1,132 @@
-"""Shared plumbing of the thin entry points: parse, validate, build objectives, run the loop."""
+"""The one training entry point; `train.sentiment|paraphrase|sonnet|multitask` are thin aliases.
+
+    python -m train --task sst --use_lora
+    python -m train --tasks sst quora sonnet --use_graph          (multitask)
+
+An `EntryPoint` says how its command line selects tasks (`--task`, `--dataset`, `--tasks`, or a
+fixed task) and how the run is labelled; everything else is shared: the training flags, each
+selected task's own flags (from the task registry), the GPT2Config flags (from the variant
+registry), validation at the checkpoint's real size before anything loads, and the loop.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from datasets.common import DataError, data_dir
+from datasets.common import DataError
 from model import CheckpointError, TokenizerNotFound
 from train.cli import build_parser, validate
 from train.loop import TrainingDiverged, train
-from train.objectives import ClassificationObjective, DataLimits, SonnetObjective
-from train.tasks import GenerationSettings
+from train.runs import run_name
+from train.tasks import TASKS, get_task
 
 # Problems with the user's inputs (paths, files, an existing run folder): one message, no traceback.
 USER_ERRORS = (CheckpointError, DataError, TokenizerNotFound, FileExistsError, FileNotFoundError)
 
 
-def objective(name: str, args: argparse.Namespace, tokenizer, config):
-    limits = DataLimits(args.train_limit, args.dev_limit, args.test_limit)
-    max_length = min(args.max_length, config.n_positions)
-    if name == "sonnet":
-        settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                      top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-        return SonnetObjective(tokenizer, data_dir(args.data_dir), limits, max_length, settings)
-    return ClassificationObjective(name, tokenizer, data_dir(args.data_dir), limits, max_length,
-                                   getattr(args, "paraphrase_head", "cloze"))
+@dataclass(frozen=True)
+class EntryPoint:
+    description: str
+    add_selection: Callable[[argparse.ArgumentParser, bool], None]  # (parser, required)
+    select: Callable[[argparse.Namespace], list[str]]  # task names
+    label: Callable[[argparse.Namespace], str]  # run-name prefix
 
 
-def planned_run_dir(module: str, argv: list[str]) -> Path:
-    """The folder a run of `python -m <module> <argv>` will write to, without running it."""
-    from train.runs import run_name
-
-    entry_module = importlib.import_module(module)
-    parser = build_parser("")
-    entry_module.add_flags(parser)
-    args = parser.parse_args(argv)
-    config = validate(parser, args)
-    entry_module.task_names(args)  # validates task-specific flags
-    return Path(args.out_dir) / run_name(entry_module.task_label(args), config, args.lr, args.seed)
+def _no_selection(parser: argparse.ArgumentParser, required: bool) -> None:
+    pass
 
 
-def run(description: str, add_flags: Callable[[argparse.ArgumentParser], None],
-        tasks: Callable[[argparse.Namespace], list[str]], label: Callable[[argparse.Namespace], str],
-        argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    parser = build_parser(description)
-    add_flags(parser)
-    args = parser.parse_args(argv)
-    validate(parser, args)
-    names = tasks(args)
+def fixed_task(name: str, description: str) -> EntryPoint:
+    return EntryPoint(description, _no_selection, lambda args: [name], lambda args: name)
 
-    def make(tokenizer, config):
-        return {name: objective(name, args, tokenizer, config) for name in names}
 
+def _add_task(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--task", choices=list(TASKS), required=required, help="the task to train")
+
+
+def _add_multitask(parser: argparse.ArgumentParser, required: bool) -> None:
+    group = parser.add_argument_group("multitask")
+    group.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS),
+                       help="tasks sharing one backbone (default: all)")
+    group.add_argument("--task_sampling", choices=["proportional", "uniform", "temperature"], default="proportional",
+                       help="how batches are drawn from the tasks (default: %(default)s)")
+    group.add_argument("--sampling_temperature", type=float, default=2.0, help="p ∝ n^(1/T) (default: %(default)s)")
+    group.add_argument("--task_weights", nargs="*", default=[], metavar="TASK=WEIGHT", help="loss weight per task")
+
+
+def _select_multitask(args: argparse.Namespace) -> list[str]:
+    if len(set(args.tasks)) != len(args.tasks):
+        raise ValueError("--tasks lists a task twice")
+    if args.sampling_temperature <= 0:
+        raise ValueError("--sampling_temperature must be > 0")
+    if isinstance(args.task_weights, list):
+        weights = {}
+        for item in args.task_weights:
+            name, _, value = item.partition("=")
+            try:
+                weights[name] = float(value)
+            except ValueError:
+                name = ""
+            if name not in args.tasks or weights.get(name, -1) < 0:
+                raise ValueError(f"--task_weights expects TASK=WEIGHT (weight >= 0) for TASK in {args.tasks}, "
+                                 f"got {item!r}")
+        args.task_weights = weights
+    return list(args.tasks)
+
+
+GENERIC = EntryPoint(__doc__, _add_task, lambda args: [args.task], lambda args: args.task)
+MULTITASK = EntryPoint(__doc__, _add_multitask, _select_multitask, lambda args: "multitask-" + "-".join(args.tasks))
+
+
+def parse(entry: EntryPoint, argv: list[str] | None):
+    """(args, task classes, resolved GPT2Config); exits 2 with one line on any invalid flag."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    entry.add_selection(pre, False)
+    known, _ = pre.parse_known_args(argv)
     try:
-        train(label(args), make, args)
+        names = entry.select(known)
+        names = [n for n in names if n is not None] or list(TASKS)
+    except (ValueError, TypeError, AttributeError):
+        names = list(TASKS)  # the full parser below reports the problem
+    parser = build_parser(entry.description)
+    entry.add_selection(parser, True)
+    for name in dict.fromkeys(names):
+        get_task(name).add_flags(parser)
+    args = parser.parse_args(argv)
+    try:
+        tasks = [get_task(n) for n in entry.select(args)]
+    except ValueError as error:
+        parser.error(str(error))
+    config = validate(parser, args, tasks)
+    args.argv = argv  # recorded in the run's config.json (not part of its identity)
+    return args, tasks, config
+
+
+def planned_run_dir(entry: EntryPoint, argv: list[str]) -> Path:
+    """The folder a run of these flags writes to, without running it (reads config.json only)."""
+    args, _, config = parse(entry, argv)
+    return Path(args.out_dir) / run_name(entry.label(args), config, args)
+
+
+def run(entry: EntryPoint, argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args, tasks, config = parse(entry, argv)
+    try:
+        train(entry.label(args), tasks, args, config)
     except TrainingDiverged as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"\nerror: {error}", file=sys.stderr)
         return 3
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(GENERIC, argv)

@@ -7,7 +7,8 @@ training (its best checkpoint: the base model it was trained from, its variants,
 and task heads). Writes, per task,
 `<task>-dev-output.csv` / `<task>-test-output.csv` (sonnets: `sonnet-dev-output.txt` /
 `sonnet-test-output.txt`) and `metrics.json` with `dev_acc` + `dev_f1` (classification) or
-`dev_chrf` (sonnets), and `predictions` (split -> file name). With `--task all` each task gets a
+`dev_chrf` (sonnets), and `predictions` (split -> file name). It scores with each task's own
+`evaluate`, the same code training evaluates with. With `--task all` each task gets a
 sub-folder and the top-level metrics.json maps task -> its metrics.
 
 A bare language model has no trained sentiment head: that head is freshly initialised (seeded)
@@ -27,28 +28,18 @@ from pathlib import Path
 import torch
 
 from datasets.common import DataError, data_dir
-from datasets.sonnets import load_sonnets
 from model import CheckpointError, GPT2LMHeadModel, TokenizerNotFound, load_tokenizer
-from model.loading import atomic_write_json
-from train.cli import STACK_FIELDS
-from train.predictions import write_classification, write_sonnets
-from train.tasks import (
-    CLASSIFICATION_TASKS,
-    GenerationSettings,
-    classification_metrics,
-    generate_sonnets,
-    predict,
-    sonnet_chrf,
-)
+from model.config import STACK_FIELDS
+from model.files import atomic_write_json
+from train import checkpoint as ckpt
+from train.cli import ArgumentParser, check_device
+from train.tasks import TASKS, get_task
 
 log = logging.getLogger("evaluate")
-TASKS = ("sst", "cfimdb", "quora", "sonnet")
 
 
 def load_model(spec: str) -> tuple[GPT2LMHeadModel, dict[str, dict[str, torch.Tensor]], dict]:
     """(model, trained head weights per task, training flags) for a hub id, an HF folder or a run folder."""
-    from train import checkpoint as ckpt
-
     path = Path(spec)
     best = ckpt.checkpoint_folder(path / "checkpoints", "best") if path.is_dir() else None
     if best is None and (path / "checkpoints").is_dir():
@@ -58,7 +49,7 @@ def load_model(spec: str) -> tuple[GPT2LMHeadModel, dict[str, dict[str, torch.Te
         return GPT2LMHeadModel.from_pretrained(spec), {}, {}
     record = json.loads((path / "config.json").read_text())
     saved = record["config"]
-    overrides = {k: v for k, v in saved.items() if k not in STACK_FIELDS}
+    overrides = {k: v for k, v in saved.items() if k not in (*STACK_FIELDS, "name")}
     model = GPT2LMHeadModel.from_pretrained(record["training"]["model"], **overrides)
     weights, _, _ = ckpt.load_checkpoint(best)
     own = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
@@ -73,74 +64,36 @@ def load_model(spec: str) -> tuple[GPT2LMHeadModel, dict[str, dict[str, torch.Te
     return model, heads, record["training"]
 
 
-def evaluate_classification(name: str, model, tokenizer, args, out_dir: Path, trained_heads=None) -> dict:
-    task = CLASSIFICATION_TASKS[name]
-    torch.manual_seed(args.seed)
-    head = task.make_head(model, args.paraphrase_head).to(args.device)
-    if trained_heads and name in trained_heads:
-        head.load_state_dict(trained_heads[name])  # strict: a head of another shape raises
-    elif not (name == "quora" and args.paraphrase_head == "cloze"):
-        log.warning("%s: the %s head is freshly initialised (no trained head in %s): a pipeline check, not a result",
-                    name, type(head).__name__, args.model)
-    metrics: dict = {"task": name, "predictions": {}}
-    for split in ("dev", "test"):
-        examples = task.load(split, args.data_dir)
-        limit = args.dev_limit if split == "dev" else args.test_limit
-        examples = examples[:limit] if limit else examples
-        run = predict(task, model, head, tokenizer, examples, args.batch_size, device=args.device,
-                      max_length=args.max_length)
-        filename = f"{name}-{split}-output.csv"
-        write_classification(out_dir / filename, name, [e.id for e in examples], run.predictions)
-        metrics["predictions"][split] = filename
-        metrics[f"{split}_examples_per_second"] = len(examples) / run.seconds
-        metrics[f"{split}_padding_fraction"] = {"unbucketed": run.padding_unbucketed, "bucketed": run.padding_bucketed}
-        metrics[f"{split}_truncated"] = run.truncated
-        if split == "dev":
-            metrics.update(classification_metrics(examples, run.predictions, task.num_labels))
-    return metrics
-
-
-def evaluate_sonnets(model, tokenizer, args, out_dir: Path) -> dict:
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, top_k=args.top_k, do_sample=not args.greedy, seed=args.seed)
-    metrics: dict = {"task": "sonnet", "predictions": {}}
-    for split in ("dev", "test"):
-        prompts = load_sonnets(f"{split}_prompts", args.data_dir)
-        limit = args.dev_limit if split == "dev" else args.test_limit
-        prompts = prompts[:limit] if limit else prompts
-        start = time.perf_counter()
-        sonnets = generate_sonnets(model, tokenizer, prompts, settings, args.device)
-        metrics[f"{split}_examples_per_second"] = len(prompts) / (time.perf_counter() - start)
-        filename = f"sonnet-{split}-output.txt"
-        write_sonnets(out_dir / filename, sonnets)
-        metrics["predictions"][split] = filename
-        if split == "dev":
-            metrics["dev_chrf"] = sonnet_chrf(sonnets, load_sonnets("dev_gold", args.data_dir))
-    return metrics
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, choices=[*TASKS, "all"])
-    parser.add_argument("--model", default="gpt2", help="hub id or local HF GPT-2 checkpoint folder")
+    parser.add_argument("--model", default="gpt2", help="hub id, local HF GPT-2 checkpoint folder or run folder")
     parser.add_argument("--data_dir", default=None, help="task data folder (default: $GPT2_DATA_DIR or data/cs224n)")
     parser.add_argument("--out_dir", required=True)
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: $GPT2_TOKENIZER or the hub)")
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=32, help="(default: %(default)s)")
     parser.add_argument("--max_length", type=int, default=None,
                         help="token cap per example (default: sst/quora 128, cfimdb 512; at most n_positions)")
-    parser.add_argument("--dev_limit", type=int, default=None, help="use the first N dev examples")
-    parser.add_argument("--test_limit", type=int, default=None, help="use the first N test examples")
-    parser.add_argument("--paraphrase_head", choices=["cloze", "linear"], default="cloze")
-    parser.add_argument("--max_new_tokens", type=int, default=160)
-    parser.add_argument("--temperature", type=float, default=1.2)
-    parser.add_argument("--top_p", type=float, default=0.9)
-    parser.add_argument("--top_k", type=int, default=None)
-    parser.add_argument("--greedy", action="store_true", help="greedy sonnet decoding instead of sampling")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dev_limit", type=int, default=None, help="use the first N dev examples (default: all)")
+    parser.add_argument("--test_limit", type=int, default=None, help="use the first N test examples (default: all)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of fresh heads and sonnet sampling (default: a run folder's own seed, else 0)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    for task in TASKS.values():
+        task.add_flags(parser)
     args = parser.parse_args(argv)
+    try:
+        for name in ("batch_size", "max_length", "dev_limit", "test_limit"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1")
+        check_device(args.device)
+        for task in TASKS.values():
+            task.check_flags(args)
+    except ValueError as error:
+        parser.error(str(error))
     args.data_dir = data_dir(args.data_dir)
+    args.eval_batch_size, args.train_limit = args.batch_size, None
     return args
 
 
@@ -161,18 +114,28 @@ def _evaluate(args: argparse.Namespace) -> int:
         log.warning("the run was trained with --paraphrase_head %s; evaluating with that head",
                     training["paraphrase_head"])
         args.paraphrase_head = training["paraphrase_head"]
+    if args.seed is None:
+        args.seed = training.get("seed", 0)
     tokenizer = load_tokenizer(args.tokenizer)
     out_dir = Path(args.out_dir)
-    tasks = TASKS if args.task == "all" else (args.task,)
+    names = list(TASKS) if args.task == "all" else [args.task]
     summary = {}
-    for name in tasks:
+    for name in names:
         folder = out_dir / name if args.task == "all" else out_dir
         folder.mkdir(parents=True, exist_ok=True)
-        if name == "sonnet":
-            metrics = evaluate_sonnets(model, tokenizer, args, folder)
-        else:
-            metrics = evaluate_classification(name, model, tokenizer, args, folder, trained_heads)
-        metrics["model"] = str(args.model)
+        task = get_task(name)(tokenizer, args.data_dir, args, model.config.n_positions)
+        torch.manual_seed(args.seed)
+        head = task.make_head(model)
+        if head is not None:
+            head = head.to(args.device)
+            if name in trained_heads:
+                head.load_state_dict(trained_heads[name])  # strict: a head of another shape raises
+            elif any(True for _ in head.parameters()):
+                log.warning("%s: the %s head is freshly initialised (no trained head in %s): a pipeline check, "
+                            "not a result", name, type(head).__name__, args.model)
+        start = time.perf_counter()
+        metrics = task.evaluate(model, head, folder, args.device)  # the path training evaluates with
+        metrics.update(task=name, model=str(args.model), seconds=round(time.perf_counter() - start, 3))
         atomic_write_json(folder / "metrics.json", metrics)
         summary[name] = metrics
         score = {k: round(v, 4) for k, v in metrics.items() if k in ("dev_acc", "dev_f1", "dev_chrf")}

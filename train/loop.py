@@ -20,21 +20,18 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
+from datasets.common import data_dir
 from model import GPT2Config, GPT2LMHeadModel, load_tokenizer
-from model.loading import atomic_write_json
+from model.files import atomic_write_json
 from model.trainable import build_optimizer, set_trainable
-from modules.kan import kan_regularization
-from modules.registry import enabled_variants
+from modules.registry import auxiliary_loss, enabled_variants
 from train import checkpoint as ckpt
 from train.cli import config_overrides, resolve_device
-from train.objectives import score_for_selection
-from train.runs import RunLogger, append_runs_tsv, git_commit, run_name, variant_tag
-
-STEP_SLEEP = float(os.environ.get("GPT2_TEST_STEP_SLEEP", "0"))
+from train.runs import RunLogger, append_runs_tsv, config_hash, git_commit, new_wandb_id, run_name, variant_tag
+from train.tasks import selection_score
 
 
 class TrainingDiverged(RuntimeError):
@@ -107,7 +104,9 @@ def _peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train(task_label: str, make_objectives, args: argparse.Namespace) -> dict[str, Any]:
+def train(task_label: str, task_classes: list, args: argparse.Namespace, config: GPT2Config) -> dict[str, Any]:
+    """Train `task_classes` on one backbone. `config` is the run's resolved config (validated by the
+    entry point before anything was loaded)."""
     rank, world, local_rank = _distributed()
     device = resolve_device(args.device)
     if device == "cuda" and world > 1:
@@ -115,11 +114,12 @@ def train(task_label: str, make_objectives, args: argparse.Namespace) -> dict[st
         torch.cuda.set_device(local_rank)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    overrides = config_overrides(args)
-    model = GPT2LMHeadModel.from_pretrained(args.model, **overrides).to(device)
-    config = model.config
+    model = GPT2LMHeadModel.from_pretrained(args.model, **config_overrides(args)).to(device)
+    if model.config != config:
+        raise RuntimeError(f"the loaded model's config differs from the validated one: {model.config} vs {config}")
     tokenizer = load_tokenizer(args.tokenizer)
-    objectives = make_objectives(tokenizer, config)
+    folder = data_dir(args.data_dir)
+    objectives = {cls.name: cls(tokenizer, folder, args, config.n_positions) for cls in task_classes}
     heads = {name: head.to(device) for name, obj in objectives.items() if (head := obj.make_head(model)) is not None}
     counts = set_trainable(model, config.fine_tune_mode, heads.values())
     task_model = TaskModel(model, heads, objectives, device)
@@ -128,7 +128,7 @@ def train(task_label: str, make_objectives, args: argparse.Namespace) -> dict[st
         wrapped = nn.parallel.DistributedDataParallel(task_model, find_unused_parameters=len(objectives) > 1)
     optimizer = build_optimizer(model, args.lr, args.weight_decay, heads=heads.values())
 
-    name = run_name(task_label, config, args.lr, args.seed)
+    name = run_name(task_label, config, args)
     run_dir = Path(args.out_dir) / name
     checkpoints = run_dir / "checkpoints"
     main_process = rank == 0
@@ -138,8 +138,9 @@ def train(task_label: str, make_objectives, args: argparse.Namespace) -> dict[st
     trainable = {n: p for n, p in task_model.named_parameters() if p.requires_grad}
     record = {"task": task_label, "run": name, "config": config.to_dict(), "variants":
               [v.name for v in enabled_variants(config)], "training": {k: v for k, v in vars(args).items()
-              if k not in {f for f in config.to_dict()}}, "git_commit": git_commit(), "parameters": counts,
-              "world_size": world, "device": device}
+              if k not in {f for f in config.to_dict()} and k != "argv"}, "command": args.argv,
+              "config_hash": config_hash(task_label, config, args), "wandb_id": new_wandb_id(task_label, config, args),
+              "git_commit": git_commit(), "parameters": counts, "world_size": world, "device": device}
     progress = {"epoch": 0, "position": 0, "step": 0, "best": None, "best_step": None, "bad_evals": 0,
                 "train_seconds": 0.0, "best_metrics": None}
     if args.resume:
@@ -148,7 +149,8 @@ def train(task_label: str, make_objectives, args: argparse.Namespace) -> dict[st
             raise FileNotFoundError(f"--resume: no checkpoint in {checkpoints}")
         saved = json.loads((run_dir / "config.json").read_text())
         if GPT2Config.from_dict(saved["config"]) != config:
-            raise ValueError(f"--resume: {run_dir}/config.json has a different model config than these flags")
+            raise FileExistsError(f"--resume: {run_dir}/config.json has a different model config than these flags")
+        record["wandb_id"] = saved.get("wandb_id", record["wandb_id"])  # the same wandb run continues
         weights, state, tensors = ckpt.load_checkpoint(folder)
         missing = sorted(set(trainable) - set(weights))
         if missing:
@@ -164,8 +166,8 @@ def train(task_label: str, make_objectives, args: argparse.Namespace) -> dict[st
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "config.json", record)
     tags = [task_label, *(record["variants"] or ["base"])]
-    logger = RunLogger(run_dir, name, args.wandb_group or task_label, tags, record, args.wandb, args.wandb_project,
-                       enabled=main_process)
+    logger = RunLogger(run_dir, name, record["wandb_id"], args.wandb_group or task_label, tags, record, args.wandb,
+                       args.wandb_project, enabled=main_process)
 
     def save(kind: str) -> None:
         if main_process:
@@ -184,7 +186,7 @@ def train(task_label: str, make_objectives, args: argparse.Namespace) -> dict[st
         task_model.train()
         stop = False
         if main_process:
-            score = score_for_selection(metrics)
+            score = selection_score(metrics)
             flat = {f"{n}/{k}": v for n, m in metrics.items() for k, v in m.items() if k != "predictions"}
             logger.log({**flat, "dev/selection_score": score, "epoch": progress["epoch"]}, progress["step"])
             if progress["best"] is None or score > progress["best"]:
@@ -216,18 +218,15 @@ def train(task_label: str, make_objectives, args: argparse.Namespace) -> dict[st
             for task, batch in group:
                 with autocast:
                     loss = wrapped(task, batch) * getattr(args, "task_weights", {}).get(task, 1.0)
-                    if args.kan_l1 or args.kan_entropy:
-                        loss = loss + kan_regularization(model, args.kan_l1, args.kan_entropy)
+                    if (extra := auxiliary_loss(model, config)) is not None:  # e.g. the KAN regulariser
+                        loss = loss + extra
                 if not torch.isfinite(loss):
                     last = ckpt.checkpoint_folder(checkpoints, "last")
                     raise TrainingDiverged(
                         f"non-finite loss ({loss.item()}) at step {progress['step']} on task {task}; stopped. "
                         f"The last good checkpoint is untouched: {last or 'none saved yet'}")
                 (loss / len(group)).backward()
-                tokens_since += sum(len(objectives[task].encoded.ids[i]) for i in batch)
-            if args.dump_grads and progress["step"] == 0 and main_process:
-                save_file({n: p.grad.detach().clone() for n, p in trainable.items() if p.grad is not None},
-                          args.dump_grads)
+                tokens_since += objectives[task].batch_tokens(batch)
             grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), args.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -242,8 +241,6 @@ def train(task_label: str, make_objectives, args: argparse.Namespace) -> dict[st
                             "train/grad_norm": float(grad_norm), "train/tokens_per_s": tokens_since * world / elapsed,
                             "epoch": progress["epoch"]}, progress["step"])
             tokens_since, clock = 0, time.perf_counter()
-            if STEP_SLEEP:  # test hook: slows steps so a test can SIGKILL the process mid-epoch
-                time.sleep(STEP_SLEEP)
             progress["train_seconds"] = time.perf_counter() - start_time
             end_of_epoch = progress["position"] >= len(schedule)
             if end_of_epoch:
@@ -286,7 +283,8 @@ def _finish(run_dir: Path, name: str, task_label: str, config, args, record, pro
     primary = next(iter(objectives.values())).metric if single else "selection_score"
     best_value = metrics.get(primary, progress["best"])
     append_runs_tsv(Path(args.out_dir) / "runs.tsv", {
-        "run": name, "task": task_label, "variant": variant_tag(config), "seed": args.seed, "lr": args.lr,
+        "run": name, "task": task_label, "variant": variant_tag(config), "config_hash": record["config_hash"],
+        "seed": args.seed, "lr": args.lr,
         "fine_tune_mode": config.resolved_fine_tune_mode, "trainable_params": record["parameters"]["trainable"],
         "total_params": record["parameters"]["total"], "metric": primary, "best_value": best_value,
         "best_step": progress["best_step"], "dev_metrics": json.dumps({n: {k: v for k, v in m.items()

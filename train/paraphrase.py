@@ -1,27 +1,18 @@
-"""Train on Quora paraphrase detection (cloze: the LM's "yes"/"no" logits, or a linear head).
+"""Train on Quora paraphrase detection (an alias of `python -m train --task quora`): the cloze
+head reads the LM's "yes"/"no" logits; `--paraphrase_head linear` trains a linear head instead.
 
     python -m train.paraphrase --use_kan
 """
 
 import sys
 
-from train.entry import run
+from train.entry import fixed_task, run
 
-
-def add_flags(parser):
-    parser.add_argument("--paraphrase_head", choices=["cloze", "linear"], default="cloze")
-
-
-def task_names(args):
-    return ["quora"]
-
-
-def task_label(args):
-    return "quora"
+ENTRY = fixed_task("quora", __doc__)
 
 
 def main(argv=None) -> int:
-    return run(__doc__, add_flags, task_names, task_label, argv)
+    return run(ENTRY, argv)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from datasets.sonnets import read_sonnet_file
-from model.loading import atomic_write_text
-
-HEADERS = {"sst": "Predicted_Sentiment", "cfimdb": "Predicted_Sentiment", "quora": "Predicted_Is_Paraphrase"}
+from model.files import atomic_write_text
 
 
-def write_classification(path: Path, task: str, ids: list[str], labels: list[int]) -> None:
-    lines = [f"id \t {HEADERS[task]} "] + [f"{i} , {label} " for i, label in zip(ids, labels, strict=True)]
+def write_classification(path: Path, header: str, ids: list[str], labels: list[int]) -> None:
+    """`header` is the task's column name (e.g. Predicted_Sentiment)."""
+    lines = [f"id \t {header} "] + [f"{i} , {label} " for i, label in zip(ids, labels, strict=True)]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 

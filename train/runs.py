@@ -1,56 +1,68 @@
 """Run identity, the per-run log, wandb, and the `runs.tsv` summary (one row per run).
 
-The run name is derived from the config (task, variant flags and key knobs, lr, seed), so ablation
-runs never overwrite each other; it names the folder, the wandb run, its group (task) and tags.
+A run's identity covers every setting that changes its result: the task, the resolved model
+config (checkpoint size + every variant knob), the model it starts from and every training flag
+except where outputs go and how they are logged (`IDENTITY_EXCLUDED`). Its folder name is
+readable, `<task>-<variant tags>-lr<lr>-s<seed>-<hash>`, where `hash` is 8 hex digits of the
+SHA-256 of those settings without the seed (so the seeds of one configuration share it and the
+report groups them). Two runs that differ in any one setting get different folders; the wandb run
+id is that hash, the seed and a random suffix drawn when the folder is created (kept in its
+config.json, so a resumed run continues the same wandb run and runs in two out dirs never merge).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
+import secrets
 import subprocess
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-from model.config import GPT2Config
+from modules.registry import enabled_variants
 
 log = logging.getLogger(__name__)
-RUNS_COLUMNS = ["run", "task", "variant", "seed", "lr", "fine_tune_mode", "trainable_params", "total_params",
-                "metric", "best_value", "best_step", "dev_metrics", "train_seconds", "peak_memory_mb", "steps",
-                "git_commit", "run_dir", "finished_at"]
+RUNS_COLUMNS = ["run", "task", "variant", "config_hash", "seed", "lr", "fine_tune_mode", "trainable_params",
+                "total_params", "metric", "best_value", "best_step", "dev_metrics", "train_seconds", "peak_memory_mb",
+                "steps", "git_commit", "run_dir", "finished_at"]
+# Flags that say where things go or how they are logged, not what is computed.
+IDENTITY_EXCLUDED = {"out_dir", "resume", "wandb", "wandb_project", "wandb_group", "data_dir", "tokenizer", "device",
+                     "save_every", "eval_train", "argv"}
+MODE_TAGS = {"full-model": "full", "last-linear-layer": "lastlinear", "adapters": "adapters"}
 
 
-def variant_tag(config: GPT2Config) -> str:
-    parts = []
-    if config.use_kan and config.use_lora:
-        parts.append(f"kanlora-r{config.lora_r}-a{config.lora_alpha:g}-g{config.kan_grid_size}k{config.kan_spline_order}"
-                     + ("-rs" if config.lora_rslora else ""))
-    elif config.use_kan:
-        parts.append(f"kan-{config.kan_init}-g{config.kan_grid_size}k{config.kan_spline_order}")
-    elif config.use_lora:
-        kind = "dora" if config.lora_dora else "rslora" if config.lora_rslora else "lora"
-        parts.append(f"{kind}-r{config.lora_r}-a{config.lora_alpha:g}"
-                     + (f"-{config.lora_init}" if config.lora_init != "default" else "")
-                     + (f"-plus{config.lora_plus_ratio:g}" if config.lora_plus_ratio != 1.0 else ""))
-    if config.use_kora:
-        parts.append(f"kora-r{config.kora_r}-d{config.kora_d_comp}-{config.kora_target}")
-    if config.use_graph:
-        window = "all" if config.graph_window is None else config.graph_window
-        parts.append(f"graph-h{config.graph_heads}-w{window}-{config.graph_backend}")
-    if not parts:
-        parts.append("base")
+def variant_tag(config: Any) -> str:
+    parts = [variant.tag(config) for variant in enabled_variants(config)] or ["base"]
     mode = config.resolved_fine_tune_mode
-    default_mode = "adapters" if config.any_variant else "full-model"
-    if mode != default_mode:
-        parts.append({"full-model": "full", "last-linear-layer": "lastlinear", "adapters": "adapters"}[mode])
+    if mode != ("adapters" if config.any_variant else "full-model"):
+        parts.append(MODE_TAGS[mode])
     return "+".join(parts)
 
 
-def run_name(task: str, config: GPT2Config, lr: float, seed: int) -> str:
-    return f"{task}-{variant_tag(config)}-lr{lr:g}-s{seed}"
+def identity_settings(task_label: str, config: Any, args: Any) -> dict[str, Any]:
+    """Everything that changes a run's result, seed excluded (it is in the name itself)."""
+    config_values = config.to_dict()
+    config_values.pop("name")  # provenance; the `model` flag below says what was loaded
+    training = {k: v for k, v in sorted(vars(args).items())
+                if k not in IDENTITY_EXCLUDED and k not in config_values and k not in ("seed", "name")}
+    return {"task": task_label, "config": config_values, "training": training}
+
+
+def config_hash(task_label: str, config: Any, args: Any) -> str:
+    text = json.dumps(identity_settings(task_label, config, args), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def run_name(task_label: str, config: Any, args: Any) -> str:
+    return f"{task_label}-{variant_tag(config)}-lr{args.lr:g}-s{args.seed}-{config_hash(task_label, config, args)}"
+
+
+def new_wandb_id(task_label: str, config: Any, args: Any) -> str:
+    return f"{config_hash(task_label, config, args)}-s{args.seed}-{secrets.token_hex(3)}"
 
 
 def git_commit() -> str:
@@ -80,7 +92,7 @@ def append_runs_tsv(path: Path, row: dict[str, Any]) -> None:
 class RunLogger:
     """Per-step JSON lines in `log.jsonl`, mirrored to wandb when it is available (offline by default)."""
 
-    def __init__(self, run_dir: Path, name: str, group: str, tags: list[str], config: dict, mode: str,
+    def __init__(self, run_dir: Path, name: str, run_id: str, group: str, tags: list[str], config: dict, mode: str,
                  project: str, enabled: bool = True) -> None:
         self.enabled = enabled
         self.path = run_dir / "log.jsonl"
@@ -94,7 +106,7 @@ class RunLogger:
             return
         try:
             self.wandb = wandb.init(project=project, name=name, group=group, tags=tags, config=config, mode=mode,
-                                    dir=str(run_dir), id=name.replace("+", "_")[:120], resume="allow",
+                                    dir=str(run_dir), id=run_id, resume="allow",
                                     settings=wandb.Settings(silent=True))
         except Exception as error:  # noqa: BLE001
             warnings.warn(f"wandb.init failed ({error}); logging to {self.path} only", stacklevel=2)

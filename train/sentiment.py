@@ -1,4 +1,4 @@
-"""Train on SST-5 or CFIMDB sentiment.
+"""Train on SST-5 or CFIMDB sentiment (an alias of `python -m train --task sst|cfimdb`).
 
     python -m train.sentiment --dataset sst --use_lora
     python -m train.sentiment --dataset cfimdb --fine_tune_mode last-linear-layer
@@ -6,23 +6,18 @@
 
 import sys
 
-from train.entry import run
+from train.entry import EntryPoint, run
 
 
-def add_flags(parser):
-    parser.add_argument("--dataset", choices=["sst", "cfimdb"], required=True)
+def _add_dataset(parser, required):
+    parser.add_argument("--dataset", choices=["sst", "cfimdb"], required=required)
 
 
-def task_names(args):
-    return [args.dataset]
-
-
-def task_label(args):
-    return args.dataset
+ENTRY = EntryPoint(__doc__, _add_dataset, lambda args: [args.dataset], lambda args: args.dataset)
 
 
 def main(argv=None) -> int:
-    return run(__doc__, add_flags, task_names, task_label, argv)
+    return run(ENTRY, argv)
 
 
 if __name__ == "__main__":

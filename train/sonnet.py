@@ -1,27 +1,18 @@
 """Train the LM on Shakespeare's sonnets; evaluate by generating the held-out dev sonnets (chrF).
+An alias of `python -m train --task sonnet`.
 
     python -m train.sonnet --use_graph
 """
 
 import sys
 
-from train.entry import run
+from train.entry import fixed_task, run
 
-
-def add_flags(parser):
-    pass
-
-
-def task_names(args):
-    return ["sonnet"]
-
-
-def task_label(args):
-    return "sonnet"
+ENTRY = fixed_task("sonnet", __doc__)
 
 
 def main(argv=None) -> int:
-    return run(__doc__, add_flags, task_names, task_label, argv)
+    return run(ENTRY, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,202 @@
+"""The variant contract: one file per variant, which registers itself.
+
+A variant module (`modules/lora.py`, `modules/kora.py`, ...) defines, in one place:
+
+* its **typed settings**: a `Settings` dataclass holding the knobs it owns (its `use_*` switch
+  included), each declared with `knob(...)`: a type (`int`, `float`, `bool`, `str`, a `Literal`
+  of choices, a tuple, `... | None`), a help text and optional bounds. The settings are checked on
+  construction (types, choices, bounds); `check(config)` then validates them against the
+  *resolved* model config (the checkpoint's width, depth, heads), e.g. LoRA's block indices;
+* a `Variant` record: when it is enabled, how it attaches to a loaded base model, its run-name tag,
+  the substring every parameter it adds carries (its namespace), how it merges or why it cannot,
+  its auxiliary loss, the extra state to save beside its parameters, and its LoRA+ parameters;
+* one call `register(Variant(...))` at import time.
+
+Everything else (GPT2Config's fields, CLI flags, run names, adapters mode, save/load/merge, the
+training loop's auxiliary loss) loops over `VARIANTS`, so adding a variant is its file, one import
+line in `modules/registry.py` and one row in the test matrix (tests/variant_cases.py).
+
+This file is the bottom of the dependency graph: it imports torch only. Variants receive the model
+config duck-typed (`config.n_embd`, `config.lora_r`, ...) and never import `model/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin
+
+import torch
+from torch import nn
+
+
+def knob(default: Any, help: str, *, low: float | None = None, high: float | None = None,
+         low_open: bool = False, high_open: bool = False, switch: bool = False, cli: str | None = None) -> Any:
+    """A typed setting. Bounds are inclusive unless `*_open`; `switch` marks a variant's on/off flag
+    (`use_lora`); `cli` overrides how a tuple is given on the command line ("pair" for (low, high))."""
+    meta = {"help": help, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
+            "switch": switch, "cli": cli}
+    if isinstance(default, list | dict | set):
+        raise TypeError("knob defaults must be immutable (use a tuple)")
+    return field(default=default, metadata=meta)
+
+
+def _describe(hint: Any) -> str:
+    origin = get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(hint))
+    if hint is type(None):
+        return "None"
+    if origin is tuple:
+        args = get_args(hint)
+        inner = _describe(args[0])
+        return f"a list of {inner}" if len(args) == 2 and args[1] is Ellipsis else f"{len(args)} values ({inner})"
+    return getattr(hint, "__name__", str(hint))
+
+
+def coerce(owner: str, name: str, value: Any, hint: Any) -> Any:
+    """Check `value` against a type hint and normalise it (JSON lists -> tuples, ints -> floats)."""
+    origin = get_origin(hint)
+    bad = ValueError(f"{owner}.{name} must be {_describe(hint)}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(hint)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise bad
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(owner, name, value, option)
+            except ValueError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value not in get_args(hint) or isinstance(value, bool) != any(isinstance(a, bool) for a in get_args(hint)):
+            raise ValueError(f"{owner}.{name} {value!r} unknown; choose from {list(get_args(hint))}")
+        return value
+    if origin is tuple:
+        args = get_args(hint)
+        if isinstance(value, str):
+            value = (value,)
+        if not isinstance(value, list | tuple):
+            raise bad
+        if len(args) == 2 and args[1] is Ellipsis:
+            if not value:
+                raise ValueError(f"{owner}.{name} must not be empty")
+            return tuple(coerce(owner, name, v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise bad
+        return tuple(coerce(owner, name, v, a) for v, a in zip(value, args, strict=True))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{owner}.{name} must be a bool, got {value!r}")
+        return value
+    if hint is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{owner}.{name} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ValueError(f"{owner}.{name} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"{owner}.{name}: unsupported knob type {hint!r}")
+
+
+def _check_bounds(owner: str, f: dataclasses.Field, value: Any) -> None:
+    meta = f.metadata
+    values = value if isinstance(value, tuple) else (value,)
+    for v in values:
+        if v is None or isinstance(v, str | bool):
+            continue
+        low, high = meta.get("low"), meta.get("high")
+        too_low = low is not None and (v <= low if meta.get("low_open") else v < low)
+        too_high = high is not None and (v >= high if meta.get("high_open") else v > high)
+        if too_low or too_high:
+            lo = "(" if meta.get("low_open") else "["
+            hi = ")" if meta.get("high_open") else "]"
+            span = f"{lo}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{hi}"
+            raise ValueError(f"{owner}.{f.name} must be in {span}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Base of every typed settings dataclass: fields declared with `knob`, checked on construction."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = coerce("GPT2Config", f.name, getattr(self, f.name), hints[f.name])
+            _check_bounds("GPT2Config", f, value)
+            object.__setattr__(self, f.name, value)
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-field checks that need no model size (override where needed)."""
+
+    @classmethod
+    def knobs(cls) -> list[dataclasses.Field]:
+        return list(dataclasses.fields(cls))
+
+    @classmethod
+    def hints(cls) -> dict[str, Any]:
+        return typing.get_type_hints(cls)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What a variant is, in one record. `config` arguments are the full model config (duck-typed)."""
+
+    name: str
+    settings: type[Settings]  # the knobs this variant owns
+    enabled: Callable[[Any], bool]
+    attach: Callable[[nn.Module, Any], None]
+    tag: Callable[[Any], str]  # short run-name part, e.g. "lora-r8-a16"
+    namespace: str  # every parameter this variant adds has this in its name
+    reads: tuple[str, ...] = ()  # knobs owned by other variants that this one uses
+    check: Callable[[Any], None] | None = None  # validation against the resolved model config
+    merge: Callable[[nn.Module], None] | None = None  # exact merge into the base weights
+    not_mergeable: str = ""  # why not, when merge is None
+    aux_loss: Callable[[nn.Module, Any], torch.Tensor | None] | None = None
+    extra_state: Callable[[nn.Module, Any], dict[str, torch.Tensor]] | None = None  # saved with the adapters
+    before_load: Callable[[nn.Module, dict[str, torch.Tensor]], None] | None = None  # e.g. resize KAN grids
+    lora_plus: Callable[[str], bool] | None = None  # parameters that get lr x lora_plus_ratio
+
+    def uses(self) -> set[str]:
+        """Every knob this variant reads: its own and the ones it borrows."""
+        return {f.name for f in self.settings.knobs()} | set(self.reads)
+
+
+VARIANTS: dict[str, Variant] = {}
+
+
+def register(variant: Variant) -> Variant:
+    """Add a variant to the registry (attach order = registration order); knob names must be unique."""
+    if variant.name in VARIANTS:
+        raise ValueError(f"variant {variant.name!r} is registered twice")
+    owned = {f.name: v.name for v in VARIANTS.values() for f in v.settings.knobs()}
+    clash = sorted(f.name for f in variant.settings.knobs() if f.name in owned)
+    if clash:
+        raise ValueError(f"variant {variant.name!r}: knobs {clash} are already owned by "
+                         f"{sorted({owned[c] for c in clash})}")
+    if not variant.namespace:
+        raise ValueError(f"variant {variant.name!r} needs a parameter namespace")
+    if variant.merge is None and not variant.not_mergeable:
+        raise ValueError(f"variant {variant.name!r}: give merge or the reason it cannot merge (not_mergeable)")
+    VARIANTS[variant.name] = variant
+    return variant
+
+
+def unregister(name: str) -> None:
+    """Remove a variant (tests that register a throw-away variant clean up with this)."""
+    VARIANTS.pop(name, None)

@@ -1,0 +1,8 @@
+"""`python -m train --task NAME [flags]`: train one task (see train/entry.py)."""
+
+import sys
+
+from train.entry import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Shared machinery of the classification tasks (SST, CFIMDB, Quora): a text per example, a head on
+the last real token, cross-entropy, accuracy + macro-F1, course-format prediction files.
+
+A classification task file only says what differs: how to load a split, how an example becomes a
+text, its number of labels, where to truncate, its default length cap, its prediction header
+and its head.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from datasets.batching import collate, encode, make_batches, padding_fraction
+from datasets.common import Example
+from train.metrics import accuracy, macro_f1
+from train.predictions import write_classification
+from train.tasks.base import Task, limit, sharded
+
+
+@dataclass
+class PredictionRun:
+    predictions: list[int]
+    seconds: float
+    padding_unbucketed: float
+    padding_bucketed: float
+    truncated: int
+
+
+def classification_metrics(examples: list[Example], predictions: list[int], num_labels: int) -> dict[str, float]:
+    gold = [e.label for e in examples]
+    return {"dev_acc": accuracy(gold, predictions), "dev_f1": macro_f1(gold, predictions, range(num_labels))}
+
+
+class ClassificationTask(Task):
+    metric = "dev_acc"
+    num_labels: ClassVar[int]
+    truncation_side: ClassVar[str] = "right"  # quora keeps the end: the question asked is there
+    default_max_length: ClassVar[int] = 128
+    prediction_header: ClassVar[str]
+
+    def load(self, split: str) -> list[Example]:
+        raise NotImplementedError
+
+    def to_text(self, example: Example) -> str:
+        return example.text
+
+    def __init__(self, tokenizer: Any, data_dir: Path, args, n_positions: int) -> None:
+        super().__init__(tokenizer, data_dir, args, n_positions)
+        cap = args.max_length if args.max_length is not None else self.default_max_length
+        self.max_length = min(self.default_max_length, cap, n_positions)
+        self.dev = limit(self.load("dev"), args.dev_limit)
+        self.test = limit(self.load("test"), args.test_limit)
+
+    # Training data is read and tokenised on first use: evaluation alone never pays for it.
+    @cached_property
+    def train(self) -> list[Example]:
+        return limit(self.load("train"), self.args.train_limit)
+
+    @cached_property
+    def encoded(self):
+        return encode(self.tokenizer, [self.to_text(e) for e in self.train], self.max_length, self.truncation_side)
+
+    @cached_property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([e.label for e in self.train])
+
+    def batches(self, epoch: int, batch_size: int, seed: int, bucket: bool = True) -> list[list[int]]:
+        lengths = [len(ids) for ids in self.encoded.ids]
+        return make_batches(lengths, batch_size, bucket=bucket, shuffle=True, seed=seed * 100_003 + epoch)
+
+    def batch_tokens(self, batch: list[int]) -> int:
+        return sum(len(self.encoded.ids[i]) for i in batch)
+
+    def loss(self, model: nn.Module, head: nn.Module, batch: list[int], device: str) -> torch.Tensor:
+        ids, mask = collate([self.encoded.ids[i] for i in batch], side="right")
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = model(ids, attention_mask=mask, return_logits=False).last_hidden_state
+        return F.cross_entropy(head(hidden, mask), self.labels[batch].to(device))
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, head: nn.Module, examples: list[Example], batch_size: int = 32,
+                bucket: bool = True, device: str = "cpu") -> PredictionRun:
+        encoded = encode(self.tokenizer, [self.to_text(e) for e in examples], self.max_length, self.truncation_side)
+        lengths = [len(ids) for ids in encoded.ids]
+        batches = make_batches(lengths, batch_size, bucket=bucket)
+        plain = padding_fraction(lengths, make_batches(lengths, batch_size, bucket=False))
+        was_training = model.training, head.training
+        model.eval()
+        head.eval()
+        predictions = [0] * len(examples)
+        start = time.perf_counter()
+        for batch in batches:
+            ids, mask = collate([encoded.ids[i] for i in batch], side="right")
+            ids, mask = ids.to(device), mask.to(device)
+            hidden = model(ids, attention_mask=mask, return_logits=False).last_hidden_state
+            for index, label in zip(batch, head(hidden, mask).argmax(-1).tolist(), strict=True):
+                predictions[index] = label
+        seconds = time.perf_counter() - start
+        model.train(was_training[0])
+        head.train(was_training[1])
+        return PredictionRun(predictions, seconds, plain, padding_fraction(lengths, batches), encoded.truncated)
+
+    def _predict(self, model, head, examples, device, shard) -> list[int]:
+        batch_size = getattr(self.args, "eval_batch_size", 32)
+        return sharded(examples, shard,
+                       lambda part: self.predict(model, head, part, batch_size, device=device).predictions)
+
+    def evaluate(self, model: nn.Module, head: nn.Module, out_dir: Path | None, device: str,
+                 with_train: bool = False, shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+        """Dev metrics (every rank predicts its share; predictions are gathered); the rank given an
+        `out_dir` writes dev and test predictions there."""
+        dev = self._predict(model, head, self.dev, device, shard)
+        metrics: dict[str, Any] = classification_metrics(self.dev, dev, self.num_labels)
+        if with_train:  # sanity check for overfitting runs: accuracy on the training examples
+            train = self._predict(model, head, self.train, device, shard)
+            metrics["train_acc"] = sum(p == e.label for p, e in zip(train, self.train, strict=True)) / len(self.train)
+        test = self._predict(model, head, self.test, device, shard)
+        if out_dir is not None:
+            files = {"dev": f"{self.name}-dev-output.csv", "test": f"{self.name}-test-output.csv"}
+            write_classification(out_dir / files["dev"], self.prediction_header, [e.id for e in self.dev], dev)
+            write_classification(out_dir / files["test"], self.prediction_header, [e.id for e in self.test], test)
+            metrics["predictions"] = files
+        return metrics

@@ -1,0 +1,139 @@
+"""Shakespeare sonnet generation: train the LM on the sonnets (padding ignored in the loss), then
+complete each held-out 3-line prompt to 14 lines with the KV-cache `generate` and score the dev
+completions with corpus chrF against the gold sonnets (the course's scoring, through sacrebleu).
+
+Sampling is seeded with the run's `--seed`, so training's evaluation and `train.evaluate` of the
+same weights with the same seed write the same sonnets.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from datasets.batching import collate, encode, make_batches
+from datasets.sonnets import load_sonnets
+from train.metrics import chrf
+from train.predictions import write_sonnets
+from train.tasks.base import Task, limit, register_task, sharded
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 160
+    temperature: float = 1.2
+    top_p: float = 0.9
+    top_k: int | None = None
+    do_sample: bool = True
+    seed: int = 0
+    lines: int = 14  # a sonnet's length: the 3 prompt lines + 11 generated
+
+
+@torch.no_grad()
+def generate_sonnets(model: nn.Module, tokenizer, prompts: list[tuple[str, str]], settings: GenerationSettings,
+                     device: str = "cpu") -> list[tuple[str, str]]:
+    """Complete each 3-line prompt; keep the first `settings.lines` lines of prompt + continuation."""
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    sonnets = []
+    for number, prompt in prompts:
+        text = prompt + "\n"
+        ids = torch.tensor([tokenizer.encode(text)], device=device)
+        budget = min(settings.max_new_tokens, model.config.n_positions - ids.shape[1])
+        out = model.generate(ids, max_new_tokens=budget, do_sample=settings.do_sample,
+                             temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                             eos_token_id=tokenizer.eos_token_id, generator=generator)
+        continuation = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+        lines = [line.rstrip() for line in (text + continuation).split("\n")]
+        sonnets.append((number, "\n".join(lines[:settings.lines]).strip()))
+    return sonnets
+
+
+def sonnet_chrf(generated: list[tuple[str, str]], gold: list[tuple[str, str]]) -> float:
+    """The course's scoring: corpus chrF of generated sonnets against the gold, in order."""
+    gold_by_number = dict(gold)
+    missing = [number for number, _ in generated if number not in gold_by_number]
+    if missing:
+        raise ValueError(f"generated sonnets {missing} have no gold sonnet")
+    return chrf([body for _, body in generated], [gold_by_number[number] for number, _ in generated])
+
+
+@register_task
+class Sonnet(Task):
+    name = "sonnet"
+    metric = "dev_chrf"
+    metric_scale = 100.0
+
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("sonnet generation (evaluation)")
+        group.add_argument("--temperature", type=float, default=1.2, help="sampling temperature (default: %(default)s)")
+        group.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling mass (default: %(default)s)")
+        group.add_argument("--top_k", type=int, default=None, help="top-k sampling (default: off)")
+        group.add_argument("--max_new_tokens", type=int, default=160, help="tokens per sonnet (default: %(default)s)")
+        group.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+
+    @classmethod
+    def check_flags(cls, args: argparse.Namespace) -> None:
+        if not args.greedy and args.temperature <= 0:
+            raise ValueError("--temperature must be > 0 (or pass --greedy)")
+        if not 0 < args.top_p <= 1:
+            raise ValueError("--top_p must be in (0, 1]")
+        if args.top_k is not None and args.top_k < 1:
+            raise ValueError("--top_k must be >= 1")
+        if args.max_new_tokens < 1:
+            raise ValueError("--max_new_tokens must be >= 1")
+
+    def __init__(self, tokenizer: Any, data_dir: Path, args: argparse.Namespace, n_positions: int) -> None:
+        super().__init__(tokenizer, data_dir, args, n_positions)
+        self.max_length = min(args.max_length or n_positions, n_positions)
+        self.dev_prompts = limit(load_sonnets("dev_prompts", self.data_dir), args.dev_limit)
+        self.test_prompts = limit(load_sonnets("test_prompts", self.data_dir), args.test_limit)
+        self.gold = load_sonnets("dev_gold", self.data_dir)
+        self.generation = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                             top_p=args.top_p, top_k=args.top_k, do_sample=not args.greedy,
+                                             seed=args.seed)
+
+    @cached_property
+    def train(self) -> list[tuple[str, str]]:
+        return limit(load_sonnets("train", self.data_dir), self.args.train_limit)
+
+    @cached_property
+    def encoded(self):
+        eos = self.tokenizer.eos_token
+        return encode(self.tokenizer, [body + eos for _, body in self.train], self.max_length)
+
+    def make_head(self, model: nn.Module) -> None:
+        return None
+
+    def batches(self, epoch: int, batch_size: int, seed: int, bucket: bool = True) -> list[list[int]]:
+        lengths = [len(ids) for ids in self.encoded.ids]
+        return make_batches(lengths, batch_size, bucket=bucket, shuffle=True, seed=seed * 100_003 + epoch)
+
+    def batch_tokens(self, batch: list[int]) -> int:
+        return sum(len(self.encoded.ids[i]) for i in batch)
+
+    def loss(self, model: nn.Module, head: None, batch: list[int], device: str) -> torch.Tensor:
+        ids, mask = collate([self.encoded.ids[i] for i in batch], side="right")
+        ids, mask = ids.to(device), mask.to(device)
+        return model(ids, attention_mask=mask, labels=ids).loss  # padding positions are ignored
+
+    def evaluate(self, model: nn.Module, head: None, out_dir: Path | None, device: str,
+                 with_train: bool = False, shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+        def generate(prompts):
+            return generate_sonnets(model, self.tokenizer, prompts, self.generation, device)
+
+        dev = sharded(self.dev_prompts, shard, generate)
+        metrics: dict[str, Any] = {"dev_chrf": sonnet_chrf(dev, self.gold)}
+        test = sharded(self.test_prompts, shard, generate)
+        if out_dir is not None:
+            files = {"dev": "sonnet-dev-output.txt", "test": "sonnet-test-output.txt"}
+            write_sonnets(out_dir / files["dev"], dev)
+            write_sonnets(out_dir / files["test"], test)
+            metrics["predictions"] = files
+        return metrics
