@@ -41,8 +41,14 @@ def encode(tokenizer, texts: Sequence[str], max_length: int, truncation_side: st
     return Encoded(ids, truncated)
 
 
-def make_batches(lengths: Sequence[int], batch_size: int, bucket: bool = True, shuffle: bool = False,
-                 seed: int = 0, pool_batches: int = 50) -> list[list[int]]:
+def make_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    bucket: bool = True,
+    shuffle: bool = False,
+    seed: int = 0,
+    pool_batches: int = 50,
+) -> list[list[int]]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = list(range(len(lengths)))
@@ -51,27 +57,31 @@ def make_batches(lengths: Sequence[int], batch_size: int, bucket: bool = True, s
         rng.shuffle(order)
     if bucket:
         pool = batch_size * pool_batches
-        order = [i for start in range(0, len(order), pool)
-                 for i in sorted(order[start:start + pool], key=lambda j: lengths[j])]
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+        order = [
+            i
+            for start in range(0, len(order), pool)
+            for i in sorted(order[start : start + pool], key=lambda j: lengths[j])
+        ]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     if shuffle:
         rng.shuffle(batches)
     return batches
 
 
-def collate(sequences: Sequence[Sequence[int]], side: str = "right", pad_id: int = PAD_ID
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def collate(
+    sequences: Sequence[Sequence[int]], side: str = "right", pad_id: int = PAD_ID
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), both (B, longest), padded on `side`."""
     longest = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), longest), dtype=torch.long)
     for row, seq in enumerate(sequences):
         if side == "right":
-            ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
         else:
-            ids[row, longest - len(seq):] = torch.tensor(seq)
-            mask[row, longest - len(seq):] = 1
+            ids[row, longest - len(seq) :] = torch.tensor(seq)
+            mask[row, longest - len(seq) :] = 1
     return ids, mask
 
 

@@ -45,8 +45,13 @@ def require_file(path: Path) -> Path:
     return path
 
 
-def read_tsv(path: Path, columns: tuple[str, ...], label_column: str | None,
-             parse_label: Callable[[str], int] | None, bad_rows: str = "skip") -> list[Example]:
+def read_tsv(
+    path: Path,
+    columns: tuple[str, ...],
+    label_column: str | None,
+    parse_label: Callable[[str], int] | None,
+    bad_rows: str = "skip",
+) -> list[Example]:
     """Rows of a release file as Examples. `columns` are the text columns (one or two)."""
     if bad_rows not in BAD_ROW_POLICIES:
         raise ValueError(f"bad_rows must be one of {BAD_ROW_POLICIES}, got {bad_rows!r}")
@@ -90,8 +95,12 @@ def read_tsv(path: Path, columns: tuple[str, ...], label_column: str | None,
     except csv.Error as error:
         raise DataError(f"{path}: unreadable line: {error}") from None
     if skipped:
-        log.warning("%s: skipped %d row(s) with an empty label (lines %s); pass bad_rows='error' to refuse them",
-                    path, len(skipped), ", ".join(map(str, skipped)))
+        log.warning(
+            "%s: skipped %d row(s) with an empty label (lines %s); pass bad_rows='error' to refuse them",
+            path,
+            len(skipped),
+            ", ".join(map(str, skipped)),
+        )
     if not examples:
         raise DataError(f"{path}: no examples")
     return examples
@@ -103,4 +112,5 @@ def int_label(allowed: range) -> Callable[[str], int]:
         if value != int(value) or int(value) not in allowed:
             raise ValueError(f"label outside {{{', '.join(map(str, allowed))}}}")
         return int(value)
+
     return parse

@@ -25,7 +25,9 @@ BASE_URL = f"https://raw.githubusercontent.com/{REPOSITORY}/{COMMIT}/data/"
 # (kind, digest): "sha256" of the bytes, or "git-blob" = sha1(b"blob <size>\0" + bytes).
 CHECKSUMS: dict[str, tuple[str, str]] = {
     "TRUE_sonnets_held_out.unofficial.txt": (
-        "sha256", "9e6b4a212a389027410ab5c6302d6ff7dfa4b5db76bdd83ada5865ce2fc4dbfb"),
+        "sha256",
+        "9e6b4a212a389027410ab5c6302d6ff7dfa4b5db76bdd83ada5865ce2fc4dbfb",
+    ),
     "TRUE_sonnets_held_out_dev.txt": ("sha256", "fb41ee87e70107f554b658c8de07a6ae905298db09da84794dfaa2a61e892a1f"),
     "ids-cfimdb-dev.csv": ("sha256", "3087f571b66860fe5d035b5a018d08202ad3fd3720e4821c04b2acf6c7ded559"),
     "ids-cfimdb-test-student.csv": ("sha256", "7ae611548c9eac879e9ebb406cc9f8ae68ff12f78090e4965af5cbdfa06240f4"),
@@ -76,8 +78,10 @@ def _fetch(url: str, part: Path, timeout: float, progress: bool) -> None:
         resumed = offset and response.status == 206
         mode = "ab" if resumed else "wb"
         total = response.length
-        with open(part, mode) as handle, tqdm(total=total, unit="B", unit_scale=True, desc=part.stem,
-                                              disable=not progress, leave=False) as bar:
+        with (
+            open(part, mode) as handle,
+            tqdm(total=total, unit="B", unit_scale=True, desc=part.stem, disable=not progress, leave=False) as bar,
+        ):
             for chunk in iter(lambda: response.read(1 << 16), b""):
                 handle.write(chunk)
                 bar.update(len(chunk))
@@ -85,8 +89,13 @@ def _fetch(url: str, part: Path, timeout: float, progress: bool) -> None:
             os.fsync(handle.fileno())
 
 
-def download(out_dir: str | Path, base_url: str = BASE_URL, names: list[str] | None = None,
-             timeout: float = 60.0, progress: bool = True) -> DownloadReport:
+def download(
+    out_dir: str | Path,
+    base_url: str = BASE_URL,
+    names: list[str] | None = None,
+    timeout: float = 60.0,
+    progress: bool = True,
+) -> DownloadReport:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = DownloadReport()

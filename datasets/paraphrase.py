@@ -17,8 +17,13 @@ def load_paraphrase(split: str, directory: str | Path | None = None, bad_rows: s
     if split not in SPLIT_FILES:
         raise ValueError(f"unknown split {split!r}; choose from {list(SPLIT_FILES)}")
     labelled = split != "test"
-    return read_tsv(data_dir(directory) / SPLIT_FILES[split], ("sentence1", "sentence2"),
-                    "is_duplicate" if labelled else None, int_label(range(2)) if labelled else None, bad_rows)
+    return read_tsv(
+        data_dir(directory) / SPLIT_FILES[split],
+        ("sentence1", "sentence2"),
+        "is_duplicate" if labelled else None,
+        int_label(range(2)) if labelled else None,
+        bad_rows,
+    )
 
 
 def cloze_prompt(pair: tuple[str, str]) -> str:

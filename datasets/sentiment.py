@@ -17,5 +17,10 @@ def load_sentiment(name: str, split: str, directory: str | Path | None = None, b
         raise ValueError(f"unknown split {split!r}; choose from {list(SPLIT_FILES)}")
     path = data_dir(directory) / SPLIT_FILES[split].format(name=name)
     labelled = split != "test"
-    return read_tsv(path, ("sentence",), "sentiment" if labelled else None,
-                    int_label(range(NUM_LABELS[name])) if labelled else None, bad_rows)
+    return read_tsv(
+        path,
+        ("sentence",),
+        "sentiment" if labelled else None,
+        int_label(range(NUM_LABELS[name])) if labelled else None,
+        bad_rows,
+    )

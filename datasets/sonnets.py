@@ -12,8 +12,12 @@ from pathlib import Path
 
 from datasets.common import DataError, data_dir, require_file
 
-FILES = {"train": "sonnets.txt", "dev_prompts": "sonnets_held_out_dev.txt", "dev_gold": "TRUE_sonnets_held_out_dev.txt",
-         "test_prompts": "sonnets_held_out.txt"}
+FILES = {
+    "train": "sonnets.txt",
+    "dev_prompts": "sonnets_held_out_dev.txt",
+    "dev_gold": "TRUE_sonnets_held_out_dev.txt",
+    "test_prompts": "sonnets_held_out.txt",
+}
 _NUMBER_LINE = re.compile(r"[ \t]*\d+[ \t]*")
 
 

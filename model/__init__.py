@@ -6,6 +6,14 @@ from model.loading import CheckpointError, LoadReport
 from model.tokenizer import TokenizerNotFound, load_tokenizer
 
 __all__ = [
-    "SIZE_PRESETS", "GPT2Config", "GPT2Layer", "GPT2LMHeadModel", "GPT2Model", "GPT2Output",
-    "CheckpointError", "LoadReport", "TokenizerNotFound", "load_tokenizer",
+    "SIZE_PRESETS",
+    "GPT2Config",
+    "GPT2Layer",
+    "GPT2LMHeadModel",
+    "GPT2Model",
+    "GPT2Output",
+    "CheckpointError",
+    "LoadReport",
+    "TokenizerNotFound",
+    "load_tokenizer",
 ]

@@ -49,8 +49,11 @@ def save_adapters(model: Any, directory: str | Path) -> None:
         raise ValueError("this model has no adapters to save (no variant flag is on)")
     directory = Path(directory)
     write_safetensors(directory / WEIGHTS, adapter_state_dict(model), {"format": "pt", "producer": FORMAT})
-    meta = {"format": FORMAT, "variants": [v.name for v in enabled_variants(model.config)],
-            "config": model.config.to_dict()}
+    meta = {
+        "format": FORMAT,
+        "variants": [v.name for v in enabled_variants(model.config)],
+        "config": model.config.to_dict(),
+    }
     atomic_write_json(directory / CONFIG, meta)
 
 
@@ -65,8 +68,10 @@ def load_adapters(model: Any, directory: str | Path) -> None:
     saved = GPT2Config.from_dict(meta["config"])
     for key in ADAPTER_STACK:
         if getattr(saved, key) != getattr(model.config, key):
-            raise ValueError(f"adapters in {directory} were trained on {key}={getattr(saved, key)}, "
-                             f"but this model has {key}={getattr(model.config, key)}")
+            raise ValueError(
+                f"adapters in {directory} were trained on {key}={getattr(saved, key)}, "
+                f"but this model has {key}={getattr(model.config, key)}"
+            )
     if model.adapter_params:
         raise ValueError("load_adapters expects a fresh base model without variants attached")
     # Keep this model's stack and provenance; take every variant knob from the saved config.
@@ -80,8 +85,10 @@ def load_adapters(model: Any, directory: str | Path) -> None:
     expected = adapter_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"adapter weights in {directory} do not match the model: "
-                         f"missing {missing or 'none'}; unexpected {unexpected or 'none'}")
+        raise ValueError(
+            f"adapter weights in {directory} do not match the model: "
+            f"missing {missing or 'none'}; unexpected {unexpected or 'none'}"
+        )
     with torch.no_grad():
         for name, tensor in tensors.items():
             if expected[name].shape != tensor.shape:
@@ -112,8 +119,11 @@ def export_hf(model: Any, directory: str | Path) -> None:
 
 def base_state_dict(model: Any) -> dict[str, torch.Tensor]:
     """Base weights under their plain names (peft's `.base_layer.` removed), adapters excluded."""
-    return {name.replace(".base_layer.", "."): tensor for name, tensor in model.state_dict().items()
-            if name not in model.adapter_params}
+    return {
+        name.replace(".base_layer.", "."): tensor
+        for name, tensor in model.state_dict().items()
+        if name not in model.adapter_params
+    }
 
 
 def export_peft(model: Any, directory: str | Path) -> None:
@@ -122,10 +132,13 @@ def export_peft(model: Any, directory: str | Path) -> None:
     if names != ["lora"]:
         raise ValueError(f"export_peft writes LoRA-family adapters only; this model has {names or 'none'}")
     if model.config.lora_init == "pissa":
-        raise ValueError("PiSSA adapters are relative to a rewritten base (W - BA), not stock GPT-2; "
-                         "use export_hf(dir) to write the merged model instead")
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{
-        k: v for k, v in model.config.to_hf_dict().items() if k != "architectures"}))
+        raise ValueError(
+            "PiSSA adapters are relative to a rewritten base (W - BA), not stock GPT-2; "
+            "use export_hf(dir) to write the merged model instead"
+        )
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(**{k: v for k, v in model.config.to_hf_dict().items() if k != "architectures"})
+    )
     missing, unexpected = hf.transformer.load_state_dict(ours_to_hf(base_state_dict(model)), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"base weights did not map onto HF GPT-2: missing {missing}, unexpected {unexpected}")

@@ -38,8 +38,17 @@ FINE_TUNE_MODES = ("full-model", "last-linear-layer", "adapters")
 
 # HF config.json fields that map one-to-one onto ours.
 _HF_FIELDS = (
-    "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
-    "layer_norm_epsilon", "embd_pdrop", "attn_pdrop", "resid_pdrop", "initializer_range",
+    "vocab_size",
+    "n_positions",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",
+    "layer_norm_epsilon",
+    "embd_pdrop",
+    "attn_pdrop",
+    "resid_pdrop",
+    "initializer_range",
 )
 
 
@@ -59,7 +68,8 @@ class ModelSettings(Settings):
     attn_pdrop: float = knob(0.1, "attention dropout", low=0, high=1, high_open=True)
     resid_pdrop: float = knob(0.1, "residual dropout", low=0, high=1, high_open=True)
     fine_tune_mode: Literal["full-model", "last-linear-layer", "adapters"] | None = knob(
-        None, "what trains: full-model | last-linear-layer | adapters (default: adapters if a variant is on)")
+        None, "what trains: full-model | last-linear-layer | adapters (default: adapters if a variant is on)"
+    )
     name: str = knob("gpt2", "provenance (the checkpoint this config was read from); never affects maths")
 
     def validate(self) -> None:
@@ -67,8 +77,16 @@ class ModelSettings(Settings):
             raise ValueError(f"GPT2Config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
 
 
-STACK_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "layer_norm_epsilon",
-                "initializer_range")
+STACK_FIELDS = (
+    "vocab_size",
+    "n_positions",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",
+    "layer_norm_epsilon",
+    "initializer_range",
+)
 
 
 class GPT2Config:
@@ -77,11 +95,13 @@ class GPT2Config:
     def __init__(self, **values: Any) -> None:
         unknown = sorted(set(values) - set(self.field_names()))
         if unknown:
-            raise ValueError(f"unknown GPT2Config field(s): {', '.join(unknown)}; "
-                             f"known fields: {', '.join(self.field_names())}")
+            raise ValueError(
+                f"unknown GPT2Config field(s): {', '.join(unknown)}; known fields: {', '.join(self.field_names())}"
+            )
         groups = {"model": ModelSettings, **{name: v.settings for name, v in VARIANTS.items()}}
-        parts = {key: cls(**{f.name: values[f.name] for f in cls.knobs() if f.name in values})
-                 for key, cls in groups.items()}
+        parts = {
+            key: cls(**{f.name: values[f.name] for f in cls.knobs() if f.name in values}) for key, cls in groups.items()
+        }
         object.__setattr__(self, "_parts", parts)
         for variant in enabled_variants(self):  # checks against the resolved model size
             if variant.check is not None:
@@ -172,8 +192,12 @@ class GPT2Config:
         activation = hf.get("activation_function", "gelu_new")
         if activation not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"unsupported GPT-2 activation_function {activation!r}: only tanh-GELU (gelu_new)")
-        for flag, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                                ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
+        for flag, supported in (
+            ("scale_attn_weights", True),
+            ("scale_attn_by_inverse_layer_idx", False),
+            ("reorder_and_upcast_attn", False),
+            ("add_cross_attention", False),
+        ):
             if hf.get(flag, supported) != supported:
                 raise ValueError(f"unsupported GPT-2 option {flag}={hf[flag]!r} in config.json")
         values = {key: hf[key] for key in _HF_FIELDS if key in hf}
@@ -183,9 +207,15 @@ class GPT2Config:
     def to_hf_dict(self) -> dict[str, Any]:
         """The `config.json` of a plain Hugging Face GPT-2 with this stack."""
         values = {key: getattr(self, key) for key in _HF_FIELDS}
-        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
-                "activation_function": "gelu_new", "bos_token_id": 50256, "eos_token_id": 50256,
-                "tie_word_embeddings": True, **values}
+        return {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "activation_function": "gelu_new",
+            "bos_token_id": 50256,
+            "eos_token_id": 50256,
+            "tie_word_embeddings": True,
+            **values,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.field_names()}

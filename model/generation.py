@@ -30,8 +30,9 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
-def _check_args(model: Any, input_ids: torch.Tensor, max_new_tokens: int, temperature: float,
-                top_k: int | None, top_p: float | None) -> None:
+def _check_args(
+    model: Any, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
+) -> None:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature <= 0:
@@ -49,10 +50,19 @@ def _check_args(model: Any, input_ids: torch.Tensor, max_new_tokens: int, temper
 
 
 @torch.no_grad()
-def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = 50256,
-             pad_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def generate(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = 50256,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p)
@@ -64,8 +74,15 @@ def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     batch, prompt_len = input_ids.shape
     config = model.config
     param = next(model.parameters())
-    cache = KVCache(config.n_layer, batch, config.n_head, prompt_len + max_new_tokens, config.head_dim,
-                    param.dtype, input_ids.device)
+    cache = KVCache(
+        config.n_layer,
+        batch,
+        config.n_head,
+        prompt_len + max_new_tokens,
+        config.head_dim,
+        param.dtype,
+        input_ids.device,
+    )
     mask = attention_mask
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     new_tokens = []

@@ -61,15 +61,15 @@ def validate_inputs(config: GPT2Config, input_ids: Any, attention_mask: Any, pas
         expected = (input_ids.shape[0], total)
         if tuple(attention_mask.shape) != expected:
             raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {expected} "
-                "(batch, past + seq_len)"
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {expected} (batch, past + seq_len)"
             )
         if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
 
 
-def build_attention_mask(padding_mask: torch.Tensor | None, q_len: int, past: int,
-                         device: torch.device | None = None) -> torch.Tensor | None:
+def build_attention_mask(
+    padding_mask: torch.Tensor | None, q_len: int, past: int, device: torch.device | None = None
+) -> torch.Tensor | None:
     """Boolean SDPA mask (B, 1, q_len, past + q_len), True = may attend; None = plain causal.
 
     `padding_mask` is None when nothing is padded (the fused causal path then applies). Causal AND
@@ -89,13 +89,14 @@ def build_attention_mask(padding_mask: torch.Tensor | None, q_len: int, past: in
     return mask | (keys[None, :] == queries[:, None])[None, None]
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor | None, q_len: int, past: int,
-                           device: torch.device) -> torch.Tensor:
+def position_ids_from_mask(
+    attention_mask: torch.Tensor | None, q_len: int, past: int, device: torch.device
+) -> torch.Tensor:
     if attention_mask is None:
         return torch.arange(past, past + q_len, device=device)[None]
     # Count real tokens only, so left padding does not shift positions.
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return positions[:, past:past + q_len]
+    return positions[:, past : past + q_len]
 
 
 class GPT2Layer(nn.Module):
@@ -111,9 +112,14 @@ class GPT2Layer(nn.Module):
         # (the graph branch). Empty by default, so the base path costs nothing.
         self.parallel_branches = nn.ModuleDict()  # keyed by variant name (its parameter namespace)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, layer_idx: int = 0,
-                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        layer_idx: int = 0,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         h = self.ln_1(x)
         update = self.attn(h, attn_mask, kv_cache, layer_idx)
         for branch in self.parallel_branches.values():
@@ -132,9 +138,14 @@ class GPT2Model(nn.Module):
         self.h = nn.ModuleList(GPT2Layer(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                validate: bool = True) -> GPT2Output:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        validate: bool = True,
+    ) -> GPT2Output:
         past = kv_cache.length if kv_cache is not None else 0
         if validate:  # generation validates the prompt once, then skips this per decoded token
             validate_inputs(self.config, input_ids, attention_mask, past)
@@ -190,9 +201,15 @@ class GPT2LMHeadModel(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                labels: torch.Tensor | None = None, return_logits: bool | None = None) -> GPT2Output:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        labels: torch.Tensor | None = None,
+        return_logits: bool | None = None,
+    ) -> GPT2Output:
         """`labels` (B, T) follow HF's convention (shifted inside; -100 ignored; padding positions are
         ignored too). With labels the loss goes through the fused LM-head cross-entropy and the full
         logits are not materialised unless `return_logits=True`."""
@@ -202,16 +219,16 @@ class GPT2LMHeadModel(nn.Module):
                 raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(input_ids.shape)}")
             targets = next_token_targets(input_ids, labels, attention_mask)
             hidden = out.last_hidden_state
-            out.loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
-                                            targets.reshape(-1))
+            out.loss = linear_cross_entropy(
+                hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1)
+            )
         if return_logits or (return_logits is None and labels is None):
             out.logits = self.lm_head(out.last_hidden_state)
         return out
 
     # ---- loading, saving, generation (implemented beside this file) ----
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, strict: bool = True,
-                        **config_overrides: Any) -> GPT2LMHeadModel:
+    def from_pretrained(cls, name_or_path: str | Path, strict: bool = True, **config_overrides: Any) -> GPT2LMHeadModel:
         return loading.load_pretrained(cls, name_or_path, strict=strict, **config_overrides)
 
     def save_pretrained(self, directory: str | Path) -> None:
@@ -219,8 +236,9 @@ class GPT2LMHeadModel(nn.Module):
         loading.save_hf_checkpoint(self, directory)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 **kwargs: Any) -> torch.Tensor:
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> torch.Tensor:
         return generate(self, input_ids, attention_mask, **kwargs)
 
     # ---- adapters: save / load / merge / export (model/adapters.py) ----

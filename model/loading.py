@@ -46,11 +46,14 @@ class LoadReport:
     ignored: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"{self.source}: loaded {len(self.loaded)} tensors, ignored {len(self.ignored)} "
-                f"(mask buffers / tied lm_head), missing {len(self.missing)}, unexpected {len(self.unexpected)}")
+        return (
+            f"{self.source}: loaded {len(self.loaded)} tensors, ignored {len(self.ignored)} "
+            f"(mask buffers / tied lm_head), missing {len(self.missing)}, unexpected {len(self.unexpected)}"
+        )
 
 
 # ---------------------------------------------------------------- locating files
+
 
 def _hub_download(repo_id: str, filename: str) -> str | None:
     try:
@@ -74,7 +77,8 @@ def _hub_error(name_or_path: str | Path, error: Exception) -> CheckpointError:
     return CheckpointError(
         f"could not load {str(name_or_path)!r}: it is not a local folder and fetching it from the "
         f"Hugging Face hub failed ({type(error).__name__}: {error}). Pass a local folder holding an HF "
-        f"GPT-2 checkpoint (config.json + model.safetensors), or allow hub access (HF_HUB_OFFLINE unset).")
+        f"GPT-2 checkpoint (config.json + model.safetensors), or allow hub access (HF_HUB_OFFLINE unset)."
+    )
 
 
 def resolve_config_file(name_or_path: str | Path) -> Path:
@@ -144,8 +148,10 @@ def read_weights(weights_file: Path) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------- name maps
 
-def hf_to_ours(hf_state: dict[str, torch.Tensor], ours: dict[str, torch.Tensor],
-               source: str) -> tuple[dict[str, torch.Tensor], LoadReport]:
+
+def hf_to_ours(
+    hf_state: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], source: str
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
     report = LoadReport(source=source)
     converted: dict[str, torch.Tensor] = {}
     for key, tensor in hf_state.items():
@@ -185,6 +191,7 @@ def ours_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- public entry points
+
 
 def load_pretrained(cls: Any, name_or_path: str | Path, strict: bool = True, **config_overrides: Any):
     config = read_checkpoint_config(name_or_path, **config_overrides)

@@ -20,16 +20,17 @@ IGNORE_INDEX = -100
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                chunk_rows: int) -> torch.Tensor:
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int
+    ) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n_rows = hidden.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         for start in range(0, n_rows, chunk_rows):
-            h = hidden[start:start + chunk_rows]
-            y = targets[start:start + chunk_rows]
+            h = hidden[start : start + chunk_rows]
+            y = targets[start : start + chunk_rows]
             logits = (h @ weight.t()).float()  # (rows, V)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
@@ -38,7 +39,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs[torch.arange(len(y), device=y.device), y] -= 1.0
                 probs.div_(n_rows)
                 if need_h:
-                    grad_h[start:start + chunk_rows] = (probs @ weight.float()).to(hidden.dtype)
+                    grad_h[start : start + chunk_rows] = (probs @ weight.float()).to(hidden.dtype)
                 if need_w:
                     grad_w.addmm_(probs.t(), h.float())
         ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
@@ -48,12 +49,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
-                None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype), None, None)
+        return (
+            None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+            None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype),
+            None,
+            None,
+        )
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = IGNORE_INDEX, chunk_rows: int = 4096) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_rows: int = 4096,
+) -> torch.Tensor:
     """Mean CE of `hidden @ weight.T` against `targets` over rows whose target is not ignored.
 
     hidden: (N, C), weight: (V, C), targets: (N,). Returns a scalar; NaN-free 0 if nothing is valid.
@@ -72,14 +82,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 def _loss_only(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_rows):
-        logits = (hidden[start:start + chunk_rows] @ weight.t()).float()
-        y = targets[start:start + chunk_rows]
+        logits = (hidden[start : start + chunk_rows] @ weight.t()).float()
+        y = targets[start : start + chunk_rows]
         total += (torch.logsumexp(logits, dim=-1) - logits.gather(1, y[:, None]).squeeze(1)).sum()
     return total / hidden.shape[0]
 
 
-def next_token_targets(input_ids: torch.Tensor, labels: torch.Tensor | None,
-                       attention_mask: torch.Tensor | None) -> torch.Tensor:
+def next_token_targets(
+    input_ids: torch.Tensor, labels: torch.Tensor | None, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
     """Targets aligned with each position (the next token), HF's convention for `labels`.
 
     Position t is trained to predict labels[t + 1]; the last position and every position whose

@@ -26,8 +26,10 @@ def set_trainable(model: Any, mode: str | None = None, heads: Iterable[nn.Module
     heads = list(heads)
     if mode == "adapters" and not model.adapter_params:
         flags = "/".join(f"--{name}" for name in switches())
-        raise ValueError("fine_tune_mode='adapters' but no variant is enabled: nothing would train "
-                         f"(turn on {flags}, or use full-model)")
+        raise ValueError(
+            "fine_tune_mode='adapters' but no variant is enabled: nothing would train "
+            f"(turn on {flags}, or use full-model)"
+        )
     if mode == "last-linear-layer" and not heads:
         raise ValueError("fine_tune_mode='last-linear-layer' needs a task head to train")
     for name, param in model.named_parameters():
@@ -39,12 +41,15 @@ def set_trainable(model: Any, mode: str | None = None, heads: Iterable[nn.Module
 
 def count_parameters(model: nn.Module, heads: Iterable[nn.Module] = ()) -> dict[str, int]:
     params = {id(p): p for m in (model, *heads) for p in m.parameters()}  # de-duplicates tied weights
-    return {"total": sum(p.numel() for p in params.values()),
-            "trainable": sum(p.numel() for p in params.values() if p.requires_grad)}
+    return {
+        "total": sum(p.numel() for p in params.values()),
+        "trainable": sum(p.numel() for p in params.values() if p.requires_grad),
+    }
 
 
-def build_param_groups(model: nn.Module, lr: float, weight_decay: float, lora_plus_ratio: float = 1.0,
-                       heads: Iterable[nn.Module] = ()) -> list[dict[str, Any]]:
+def build_param_groups(
+    model: nn.Module, lr: float, weight_decay: float, lora_plus_ratio: float = 1.0, heads: Iterable[nn.Module] = ()
+) -> list[dict[str, Any]]:
     """AdamW param groups over trainable parameters only: no decay on vectors (biases, norms,
     gates, DoRA magnitudes), and lr x `lora_plus_ratio` on the parameters each enabled variant names
     as its LoRA+ side (LoRA's B, LoRA-KAN's φ_out)."""
@@ -56,9 +61,15 @@ def build_param_groups(model: nn.Module, lr: float, weight_decay: float, lora_pl
             continue
         seen.add(id(param))
         decay, plus = param.dim() >= 2, lora_plus_ratio != 1.0 and is_lora_plus_param(name, model.config)
-        group = groups.setdefault((decay, plus), {
-            "params": [], "names": [], "weight_decay": weight_decay if decay else 0.0,
-            "lr": lr * (lora_plus_ratio if plus else 1.0)})
+        group = groups.setdefault(
+            (decay, plus),
+            {
+                "params": [],
+                "names": [],
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr": lr * (lora_plus_ratio if plus else 1.0),
+            },
+        )
         group["params"].append(param)
         group["names"].append(name)
     if not groups:
@@ -66,8 +77,8 @@ def build_param_groups(model: nn.Module, lr: float, weight_decay: float, lora_pl
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, heads: Iterable[nn.Module] = (),
-                    **adamw_kwargs: Any) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float = 0.0, heads: Iterable[nn.Module] = (), **adamw_kwargs: Any
+) -> torch.optim.AdamW:
     groups = build_param_groups(model, lr, weight_decay, model.config.lora_plus_ratio, heads)
-    return torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=lr,
-                             **adamw_kwargs)
+    return torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=lr, **adamw_kwargs)

@@ -21,8 +21,16 @@ class KVCache:
     """Pre-allocated key/value cache for incremental decoding: one (B, H, max_len, D) buffer pair
     per layer, written in place, so a decoding step costs O(T) instead of recomputing O(T²)."""
 
-    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        n_layer: int,
+        batch: int,
+        n_head: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         shape = (batch, n_head, max_len, head_dim)
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)]
@@ -52,8 +60,13 @@ class CausalSelfAttention(nn.Module):
         self.attn_pdrop = attn_pdrop
         self.resid_dropout = nn.Dropout(resid_pdrop)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        layer_idx: int = 0,
+    ) -> torch.Tensor:
         batch, seq, width = x.shape
         qkv = self.c_attn(x)  # (B, T, 3C)
         for adapter in self.qkv_adapters.values():
@@ -70,7 +83,11 @@ class CausalSelfAttention(nn.Module):
         if is_causal and past > 0:
             raise ValueError("a multi-token step on a non-empty KV cache needs an explicit attention mask")
         a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            is_causal=is_causal,
             dropout_p=self.attn_pdrop if self.training else 0.0,
         )
         a = a.transpose(1, 2).reshape(batch, seq, width)

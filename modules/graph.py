@@ -44,6 +44,7 @@ def check_graph(config: Any) -> None:
     if config.n_embd % config.graph_heads:
         raise ValueError(f"GPT2Config.graph_heads must divide n_embd={config.n_embd}, got {config.graph_heads}")
 
+
 _EDGE_CACHE: dict[tuple, torch.Tensor] = {}
 
 
@@ -68,12 +69,18 @@ class GraphBranch(nn.Module):
         super().__init__()
         self.heads, self.head_dim = heads, n_embd // heads
         self.window, self.dropout, self.backend = window, dropout, backend
-        self.conv = GATConv(n_embd, self.head_dim, heads=heads, concat=True, dropout=dropout,
-                            add_self_loops=False)  # self edges are part of the causal pattern already
+        self.conv = GATConv(
+            n_embd, self.head_dim, heads=heads, concat=True, dropout=dropout, add_self_loops=False
+        )  # self edges are part of the causal pattern already
         self.gate = nn.Parameter(torch.zeros(()))
 
-    def forward(self, h: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        h: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        layer_idx: int = 0,
+    ) -> torch.Tensor:
         """h: (B, T, C) normalised block input; padding_mask: (B, past + T) bool or None."""
         if kv_cache is None and self.backend == "gatconv":
             out = self._gatconv(h, padding_mask)
@@ -89,8 +96,9 @@ class GraphBranch(nn.Module):
             edges = edges[:, valid[edges[0]] & valid[edges[1]]]
         return self.conv(h.reshape(batch * seq, width), edges).view(batch, seq, width)
 
-    def _dense(self, h: torch.Tensor, padding_mask: torch.Tensor | None, kv_cache: KVCache | None,
-               layer_idx: int) -> torch.Tensor:
+    def _dense(
+        self, h: torch.Tensor, padding_mask: torch.Tensor | None, kv_cache: KVCache | None, layer_idx: int
+    ) -> torch.Tensor:
         batch, seq, width = h.shape
         z = self.conv.lin(h).view(batch, seq, self.heads, self.head_dim)  # (B, T, H, D)
         a_src = (z * self.conv.att_src).sum(-1)  # (B, T, H)
@@ -108,8 +116,9 @@ class GraphBranch(nn.Module):
         if padding_mask is not None:
             valid = padding_mask.bool()
             allowed = allowed & valid[:, None, None, :] & valid[:, None, past:, None]
-        scores = F.leaky_relu(a_dst.transpose(1, 2)[..., :, None] + a_src.transpose(1, 2)[..., None, :],
-                              self.conv.negative_slope)  # (B, H, Tq, Tk)
+        scores = F.leaky_relu(
+            a_dst.transpose(1, 2)[..., :, None] + a_src.transpose(1, 2)[..., None, :], self.conv.negative_slope
+        )  # (B, H, Tq, Tk)
         alpha = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)  # no edge -> 0
         alpha = F.dropout(alpha, self.dropout, self.training)
         out = alpha @ z.transpose(1, 2)  # (B, H, Tq, D)
@@ -131,8 +140,9 @@ def _cache_nodes(cache: KVCache, layer_idx: int, z: torch.Tensor, a_src: torch.T
 def attach_graph(model: nn.Module, config: Any) -> None:
     for block in model.transformer.h:
         device = block.ln_1.weight.device
-        block.parallel_branches["graph"] = GraphBranch(config.n_embd, config.graph_heads, config.graph_window,
-                                                       config.graph_dropout, config.graph_backend).to(device)
+        block.parallel_branches["graph"] = GraphBranch(
+            config.n_embd, config.graph_heads, config.graph_window, config.graph_dropout, config.graph_backend
+        ).to(device)
 
 
 def graph_tag(config: Any) -> str:
@@ -140,13 +150,15 @@ def graph_tag(config: Any) -> str:
     return f"graph-h{config.graph_heads}-w{window}-{config.graph_backend}"
 
 
-register(Variant(
-    name="graph",
-    settings=GraphSettings,
-    enabled=lambda c: c.use_graph,
-    attach=attach_graph,
-    tag=graph_tag,
-    namespace="graph",
-    check=check_graph,
-    not_mergeable="the graph-attention branch is a separate attention path, not a weight update of GPT-2",
-))
+register(
+    Variant(
+        name="graph",
+        settings=GraphSettings,
+        enabled=lambda c: c.use_graph,
+        attach=attach_graph,
+        tag=graph_tag,
+        namespace="graph",
+        check=check_graph,
+        not_mergeable="the graph-attention branch is a separate attention path, not a weight update of GPT-2",
+    )
+)

@@ -37,8 +37,12 @@ from modules.mlp import gelu_tanh
 _CARDINAL = {
     1: [[1.0, 0.0], [-1.0, 1.0]],
     2: [[0.5, 0.5, 0.0], [-1.0, 1.0, 0.0], [0.5, -1.0, 0.5]],
-    3: [[1 / 6, 4 / 6, 1 / 6, 0.0], [-3 / 6, 0.0, 3 / 6, 0.0], [3 / 6, -6 / 6, 3 / 6, 0.0],
-        [-1 / 6, 3 / 6, -3 / 6, 1 / 6]],
+    3: [
+        [1 / 6, 4 / 6, 1 / 6, 0.0],
+        [-3 / 6, 0.0, 3 / 6, 0.0],
+        [3 / 6, -6 / 6, 3 / 6, 0.0],
+        [-1 / 6, 3 / 6, -3 / 6, 1 / 6],
+    ],
 }
 BASE_FUNCTIONS = {"silu": F.silu, "identity": lambda x: x, "gelu": gelu_tanh}
 
@@ -64,12 +68,13 @@ def _local_bases(x: torch.Tensor, lo: float, h: float, grid_size: int, order: in
             slopes = torch.cat([-slope, slope], dim=-1)
         return m.long(), values, slopes
     coeffs = _cardinal_matrix(order, x.dtype, x.device)  # (k+1, k+1)
-    powers = torch.cat([torch.ones_like(f)] + [f ** p for p in range(1, order + 1)], dim=-1)
+    powers = torch.cat([torch.ones_like(f)] + [f**p for p in range(1, order + 1)], dim=-1)
     values = powers @ coeffs
     if not derivative:
         return m.long(), values, None
-    dpowers = torch.cat([torch.zeros_like(f), torch.ones_like(f)] + [p * f ** (p - 1) for p in range(2, order + 1)],
-                        dim=-1)
+    dpowers = torch.cat(
+        [torch.zeros_like(f), torch.ones_like(f)] + [p * f ** (p - 1) for p in range(2, order + 1)], dim=-1
+    )
     slopes = (dpowers @ coeffs) / h * inside.unsqueeze(-1).to(x.dtype)  # zero slope where clamped
     return m.long(), values, slopes
 
@@ -109,9 +114,18 @@ class _SplineLinear(torch.autograd.Function):
 
 
 class KANLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, grid_size: int = 5,
-                 grid_range: tuple[float, float] = (-1.0, 1.0), spline_order: int = 3, base: str = "silu",
-                 bias: bool = False, zero_init: bool = False, spline_noise: float = 0.1) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        grid_size: int = 5,
+        grid_range: tuple[float, float] = (-1.0, 1.0),
+        spline_order: int = 3,
+        base: str = "silu",
+        bias: bool = False,
+        zero_init: bool = False,
+        spline_noise: float = 0.1,
+    ) -> None:
         super().__init__()
         if spline_order not in _CARDINAL:
             raise ValueError(f"spline_order must be one of {sorted(_CARDINAL)}, got {spline_order}")
@@ -147,8 +161,9 @@ class KANLinear(nn.Module):
         # The bases and their matmul run in the coefficients' precision, outside autocast (bf16 bases
         # would mix dtypes inside the custom function and lose the partition of unity).
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return _SplineLinear.apply(x.to(self.spline_coeff.dtype), self.spline_coeff, self.lo, self.h,
-                                       self.grid_size, self.spline_order)
+            return _SplineLinear.apply(
+                x.to(self.spline_coeff.dtype), self.spline_coeff, self.lo, self.h, self.grid_size, self.spline_order
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -169,14 +184,21 @@ class KANLinear(nn.Module):
         right = max(0, math.ceil((high - self.hi) / self.h - 1e-9))
         coeff = self.spline_coeff.data
         # Same spacing, shifted origin: old basis B_j is new basis B_{j+left}; new bases start at zero.
-        coeff = torch.cat([coeff.new_zeros(*coeff.shape[:2], left), coeff, coeff.new_zeros(*coeff.shape[:2], right)],
-                          dim=-1)
+        coeff = torch.cat(
+            [coeff.new_zeros(*coeff.shape[:2], left), coeff, coeff.new_zeros(*coeff.shape[:2], right)], dim=-1
+        )
         lo, grid_size, h = self.lo - left * self.h, self.grid_size + left + right, self.h
         if refine > 1:
             # Knot insertion by least squares on points covering every new interval: exact, since
             # the old (unclamped) spline lies in the refined space.
-            samples = lo + h * grid_size * torch.linspace(0, 1, 4 * refine * grid_size * (order + 1) + 1,
-                                                          dtype=torch.float64, device=coeff.device)[:-1]
+            samples = (
+                lo
+                + h
+                * grid_size
+                * torch.linspace(
+                    0, 1, 4 * refine * grid_size * (order + 1) + 1, dtype=torch.float64, device=coeff.device
+                )[:-1]
+            )
             old = bspline_bases(samples, lo, h, grid_size, order)  # (S, G+k)
             new_size, new_h = grid_size * refine, h / refine
             new = bspline_bases(samples, lo, new_h, new_size, order)  # (S, G'+k)
@@ -197,8 +219,9 @@ class KANLinear(nn.Module):
         self.lo, self.h, self.grid_size = lo, h, grid_size
         self.grid_info.copy_(grid_info.to(torch.float64))
         shape = (self.out_features, self.in_features, grid_size + self.spline_order)
-        self.spline_coeff = nn.Parameter(self.spline_coeff.new_zeros(shape),
-                                         requires_grad=self.spline_coeff.requires_grad)
+        self.spline_coeff = nn.Parameter(
+            self.spline_coeff.new_zeros(shape), requires_grad=self.spline_coeff.requires_grad
+        )
 
     def regularization(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(L1, entropy) of the edge functions, from coefficient magnitudes (efficient-kan's proxy of
@@ -209,8 +232,10 @@ class KANLinear(nn.Module):
         return total, -(p * (p + 1e-12).log()).sum()
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, grid={self.grid_size} on "
-                f"[{self.lo:g}, {self.hi:g}], order={self.spline_order}, base={self.base}")
+        return (
+            f"in={self.in_features}, out={self.out_features}, grid={self.grid_size} on "
+            f"[{self.lo:g}, {self.hi:g}], order={self.spline_order}, base={self.base}"
+        )
 
 
 def kan_regularization(model: nn.Module, l1_weight: float = 1.0, entropy_weight: float = 1.0) -> torch.Tensor:
@@ -235,8 +260,9 @@ def kan_aux_loss(model: nn.Module, config) -> torch.Tensor | None:
 
 def kan_grids(model: nn.Module, config=None) -> dict[str, torch.Tensor]:
     """The grids of every KAN layer: saved with the adapters, since `update_grid` can change them."""
-    return {f"{name}.grid_info": module.grid_info for name, module in model.named_modules()
-            if isinstance(module, KANLinear)}
+    return {
+        f"{name}.grid_info": module.grid_info for name, module in model.named_modules() if isinstance(module, KANLinear)
+    }
 
 
 def adopt_kan_grids(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

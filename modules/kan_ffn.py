@@ -32,8 +32,9 @@ from modules.variant import Settings, Variant, knob, register
 
 @dataclass(frozen=True)
 class KANSettings(Settings):
-    use_kan: bool = knob(False, "KAN: the FFN becomes a two-layer KAN (with --use_lora: LoRA-KAN adapters)",
-                         switch=True)
+    use_kan: bool = knob(
+        False, "KAN: the FFN becomes a two-layer KAN (with --use_lora: LoRA-KAN adapters)", switch=True
+    )
     kan_grid_size: int = knob(5, "B-spline grid intervals G", low=1)
     kan_grid_range: tuple[float, float] = knob((-2.0, 2.0), "spline grid (low, high)", cli="pair")
     kan_spline_order: Literal[1, 2, 3] = knob(3, "spline order k: 1 piecewise linear, 2, 3 cubic")
@@ -45,8 +46,9 @@ class KANSettings(Settings):
 
     def validate(self) -> None:
         if not self.kan_grid_range[0] < self.kan_grid_range[1]:
-            raise ValueError(f"GPT2Config.kan_grid_range must be (low, high) with low < high, "
-                             f"got {self.kan_grid_range}")
+            raise ValueError(
+                f"GPT2Config.kan_grid_range must be (low, high) with low < high, got {self.kan_grid_range}"
+            )
 
 
 def matched_hidden_width(n_embd: int, ffn_dim: int, grid_size: int, order: int) -> int:
@@ -65,8 +67,16 @@ class KANFFN(nn.Module):
 
 
 def _kan(config: Any, n_in: int, n_out: int, base: str, zero_init: bool) -> KANLinear:
-    return KANLinear(n_in, n_out, grid_size=config.kan_grid_size, grid_range=config.kan_grid_range,
-                     spline_order=config.kan_spline_order, base=base, bias=True, zero_init=zero_init)
+    return KANLinear(
+        n_in,
+        n_out,
+        grid_size=config.kan_grid_size,
+        grid_range=config.kan_grid_range,
+        spline_order=config.kan_spline_order,
+        base=base,
+        bias=True,
+        zero_init=zero_init,
+    )
 
 
 def kan_ffn_from_mlp(mlp: MLP, config: Any) -> KANFFN:
@@ -79,17 +89,22 @@ def kan_ffn_from_mlp(mlp: MLP, config: Any) -> KANFFN:
 
 
 def random_kan_ffn(config: Any) -> KANFFN:
-    hidden = config.kan_hidden or matched_hidden_width(config.n_embd, config.ffn_dim, config.kan_grid_size,
-                                                        config.kan_spline_order)
-    return KANFFN(_kan(config, config.n_embd, hidden, config.kan_base, zero_init=False),
-                  _kan(config, hidden, config.n_embd, config.kan_base, zero_init=False), config.resid_pdrop)
+    hidden = config.kan_hidden or matched_hidden_width(
+        config.n_embd, config.ffn_dim, config.kan_grid_size, config.kan_spline_order
+    )
+    return KANFFN(
+        _kan(config, config.n_embd, hidden, config.kan_base, zero_init=False),
+        _kan(config, hidden, config.n_embd, config.kan_base, zero_init=False),
+        config.resid_pdrop,
+    )
 
 
 def attach_kan_ffn(model: nn.Module, config: Any) -> None:
     for block in model.transformer.h:
         device = block.mlp.c_fc.weight.device
-        block.mlp = (kan_ffn_from_mlp(block.mlp, config) if config.kan_init == "mlp"
-                     else random_kan_ffn(config).to(device))
+        block.mlp = (
+            kan_ffn_from_mlp(block.mlp, config) if config.kan_init == "mlp" else random_kan_ffn(config).to(device)
+        )
 
 
 def kan_ffn_tag(config: Any) -> str:
@@ -97,15 +112,17 @@ def kan_ffn_tag(config: Any) -> str:
     return tag + ("-reg" if config.kan_l1 or config.kan_entropy else "")
 
 
-register(Variant(
-    name="kan_ffn",
-    settings=KANSettings,
-    enabled=lambda c: c.use_kan and not c.use_lora,
-    attach=attach_kan_ffn,
-    tag=kan_ffn_tag,
-    namespace="kan",
-    not_mergeable="the KAN FFN replaces the MLP with spline functions that no GPT-2 MLP weight can express",
-    aux_loss=kan_aux_loss,
-    extra_state=kan_grids,
-    before_load=adopt_kan_grids,
-))
+register(
+    Variant(
+        name="kan_ffn",
+        settings=KANSettings,
+        enabled=lambda c: c.use_kan and not c.use_lora,
+        attach=attach_kan_ffn,
+        tag=kan_ffn_tag,
+        namespace="kan",
+        not_mergeable="the KAN FFN replaces the MLP with spline functions that no GPT-2 MLP weight can express",
+        aux_loss=kan_aux_loss,
+        extra_state=kan_grids,
+        before_load=adopt_kan_grids,
+    )
+)

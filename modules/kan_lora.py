@@ -29,8 +29,16 @@ from modules.kan import KANLinear, adopt_kan_grids, kan_aux_loss, kan_grids
 from modules.lora import check_lora_layers, lora_scale, lora_target_names
 from modules.variant import Settings, Variant, knob, register
 
-LORA_KNOBS = ("use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_layers", "lora_rslora",
-              "lora_plus_ratio")
+LORA_KNOBS = (
+    "use_lora",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
+    "lora_layers",
+    "lora_rslora",
+    "lora_plus_ratio",
+)
 KAN_KNOBS = ("use_kan", "kan_grid_size", "kan_grid_range", "kan_spline_order", "kan_base", "kan_l1", "kan_entropy")
 
 
@@ -48,8 +56,12 @@ class KANLoRALinear(nn.Module):
         self.dropout = nn.Dropout(config.lora_dropout)
         self.squash = config.lora_kan_squash
         self.lo, self.hi = config.kan_grid_range
-        kan = dict(grid_size=config.kan_grid_size, grid_range=config.kan_grid_range,
-                   spline_order=config.kan_spline_order, base=config.kan_base)
+        kan = dict(
+            grid_size=config.kan_grid_size,
+            grid_range=config.kan_grid_range,
+            spline_order=config.kan_spline_order,
+            base=config.kan_base,
+        )
         self.kan_in = KANLinear(base_layer.in_features, rank, **kan)
         self.kan_out = KANLinear(rank, base_layer.out_features, zero_init=True, **kan)
         self.to(base_layer.weight.device)
@@ -67,11 +79,15 @@ class KANLoRALinear(nn.Module):
 def check_kan_lora(config: Any) -> None:
     check_lora_layers(config)
     if config.lora_dora:
-        raise ValueError("use_kan + use_lora (LoRA-KAN) with lora_dora is not implemented (KOLMG-DoRA); "
-                         "drop --lora_dora or --use_kan")
+        raise ValueError(
+            "use_kan + use_lora (LoRA-KAN) with lora_dora is not implemented (KOLMG-DoRA); "
+            "drop --lora_dora or --use_kan"
+        )
     if config.lora_init != "default":
-        raise ValueError(f"lora_init={config.lora_init!r} is a LoRA-only initialisation; LoRA-KAN has its own "
-                         f"(zero φ_out): drop --lora_init or --use_kan")
+        raise ValueError(
+            f"lora_init={config.lora_init!r} is a LoRA-only initialisation; LoRA-KAN has its own "
+            f"(zero φ_out): drop --lora_init or --use_kan"
+        )
 
 
 def attach_kan_lora(model: nn.Module, config: Any) -> None:
@@ -82,25 +98,29 @@ def attach_kan_lora(model: nn.Module, config: Any) -> None:
 
 
 def kan_lora_tag(config: Any) -> str:
-    return (f"kanlora-r{config.lora_r}-a{config.lora_alpha:g}-g{config.kan_grid_size}k{config.kan_spline_order}"
-            + ("-rs" if config.lora_rslora else "")
-            + (f"-plus{config.lora_plus_ratio:g}" if config.lora_plus_ratio != 1.0 else "")
-            + ("-reg" if config.kan_l1 or config.kan_entropy else ""))
+    return (
+        f"kanlora-r{config.lora_r}-a{config.lora_alpha:g}-g{config.kan_grid_size}k{config.kan_spline_order}"
+        + ("-rs" if config.lora_rslora else "")
+        + (f"-plus{config.lora_plus_ratio:g}" if config.lora_plus_ratio != 1.0 else "")
+        + ("-reg" if config.kan_l1 or config.kan_entropy else "")
+    )
 
 
-register(Variant(
-    name="kan_lora",
-    settings=KANLoRASettings,
-    enabled=lambda c: c.use_lora and c.use_kan,
-    attach=attach_kan_lora,
-    tag=kan_lora_tag,
-    namespace="kan",
-    reads=LORA_KNOBS + KAN_KNOBS,
-    check=check_kan_lora,
-    not_mergeable="LoRA-KAN's φ_in/φ_out are non-linear in the input, so no ΔW reproduces them "
-                  "(a finite-difference Jacobian is right at one point only)",
-    aux_loss=kan_aux_loss,
-    extra_state=kan_grids,
-    before_load=adopt_kan_grids,
-    lora_plus=lambda name: ".kan_out." in name,
-))
+register(
+    Variant(
+        name="kan_lora",
+        settings=KANLoRASettings,
+        enabled=lambda c: c.use_lora and c.use_kan,
+        attach=attach_kan_lora,
+        tag=kan_lora_tag,
+        namespace="kan",
+        reads=LORA_KNOBS + KAN_KNOBS,
+        check=check_kan_lora,
+        not_mergeable="LoRA-KAN's φ_in/φ_out are non-linear in the input, so no ΔW reproduces them "
+        "(a finite-difference Jacobian is right at one point only)",
+        aux_loss=kan_aux_loss,
+        extra_state=kan_grids,
+        before_load=adopt_kan_grids,
+        lora_plus=lambda name: ".kan_out." in name,
+    )
+)

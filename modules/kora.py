@@ -43,8 +43,9 @@ class KoRAAdapter(nn.Module):
         # The three down/up projections as one (3r, C) and one block-diagonal-free set of ups.
         self.down = nn.Linear(n_embd, 3 * rank, bias=False)  # [A_q; A_k; A_v]
         self.up = nn.ModuleList(nn.Linear(rank, n_embd, bias=False) for _ in range(3))  # B_q, B_k, B_v
-        self.compose = nn.Sequential(nn.Linear(3 * n_embd, d_comp), nn.GELU(approximate="tanh"),
-                                     nn.Linear(d_comp, n_embd))
+        self.compose = nn.Sequential(
+            nn.Linear(3 * n_embd, d_comp), nn.GELU(approximate="tanh"), nn.Linear(d_comp, n_embd)
+        )
         self.gate = nn.Parameter(torch.zeros(()))
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         for up in self.up:
@@ -63,17 +64,20 @@ class KoRAAdapter(nn.Module):
 def attach_kora(model: nn.Module, config: Any) -> None:
     for block in model.transformer.h:
         device = block.ln_1.weight.device
-        block.attn.qkv_adapters["kora"] = KoRAAdapter(config.n_embd, config.kora_r, config.kora_d_comp,
-                                                      config.kora_target).to(device)
+        block.attn.qkv_adapters["kora"] = KoRAAdapter(
+            config.n_embd, config.kora_r, config.kora_d_comp, config.kora_target
+        ).to(device)
 
 
-register(Variant(
-    name="kora",
-    settings=KoRASettings,
-    enabled=lambda c: c.use_kora,
-    attach=attach_kora,
-    tag=lambda c: f"kora-r{c.kora_r}-d{c.kora_d_comp}-{c.kora_target}",
-    namespace="kora",
-    not_mergeable="KoRA's composition MLP is non-linear in the input (GELU), so no weight matrix reproduces it; "
-                  "keep the adapters or export them unmerged",
-))
+register(
+    Variant(
+        name="kora",
+        settings=KoRASettings,
+        enabled=lambda c: c.use_kora,
+        attach=attach_kora,
+        tag=lambda c: f"kora-r{c.kora_r}-d{c.kora_d_comp}-{c.kora_target}",
+        namespace="kora",
+        not_mergeable="KoRA's composition MLP is non-linear in the input (GELU), so no weight matrix reproduces it; "
+        "keep the adapters or export them unmerged",
+    )
+)

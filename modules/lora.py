@@ -41,7 +41,8 @@ class LoRASettings(Settings):
     lora_rslora: bool = knob(False, "rsLoRA scaling alpha/sqrt(r)")
     lora_dora: bool = knob(False, "DoRA: weight-decomposed LoRA")
     lora_init: Literal["default", "gaussian", "pissa"] = knob(
-        "default", "default (kaiming A, zero B) | gaussian | pissa (principal singular vectors)")
+        "default", "default (kaiming A, zero B) | gaussian | pissa (principal singular vectors)"
+    )
     lora_plus_ratio: float = knob(1.0, "LoRA+: learning rate of B = ratio x lr (1 = plain LoRA)", low=1.0)
 
     def validate(self) -> None:
@@ -54,8 +55,10 @@ def check_lora_layers(config: Any) -> None:
     if config.lora_layers is not None:
         bad = [i for i in config.lora_layers if not 0 <= i < config.n_layer]
         if bad:
-            raise ValueError(f"GPT2Config.lora_layers {list(config.lora_layers)} must be block indices in "
-                             f"[0, {config.n_layer}) for this {config.n_layer}-block model")
+            raise ValueError(
+                f"GPT2Config.lora_layers {list(config.lora_layers)} must be block indices in "
+                f"[0, {config.n_layer}) for this {config.n_layer}-block model"
+            )
 
 
 def lora_target_names(config: Any) -> list[str]:
@@ -110,21 +113,25 @@ def pissa_residuals(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
 
 def lora_tag(config: Any) -> str:
     kind = "dora" if config.lora_dora else "rslora" if config.lora_rslora else "lora"
-    return (f"{kind}-r{config.lora_r}-a{config.lora_alpha:g}"
-            + (f"-{config.lora_init}" if config.lora_init != "default" else "")
-            + (f"-plus{config.lora_plus_ratio:g}" if config.lora_plus_ratio != 1.0 else ""))
+    return (
+        f"{kind}-r{config.lora_r}-a{config.lora_alpha:g}"
+        + (f"-{config.lora_init}" if config.lora_init != "default" else "")
+        + (f"-plus{config.lora_plus_ratio:g}" if config.lora_plus_ratio != 1.0 else "")
+    )
 
 
-register(Variant(
-    name="lora",
-    settings=LoRASettings,
-    # use_kan + use_lora means LoRA-KAN (modules/kan_lora.py) instead.
-    enabled=lambda c: c.use_lora and not c.use_kan,
-    attach=attach_lora,
-    tag=lora_tag,
-    namespace="lora",
-    check=check_lora_layers,
-    merge=merge_lora,
-    extra_state=pissa_residuals,
-    lora_plus=lambda name: ".lora_B." in name,
-))
+register(
+    Variant(
+        name="lora",
+        settings=LoRASettings,
+        # use_kan + use_lora means LoRA-KAN (modules/kan_lora.py) instead.
+        enabled=lambda c: c.use_lora and not c.use_kan,
+        attach=attach_lora,
+        tag=lora_tag,
+        namespace="lora",
+        check=check_lora_layers,
+        merge=merge_lora,
+        extra_state=pissa_residuals,
+        lora_plus=lambda name: ".lora_B." in name,
+    )
+)

@@ -21,11 +21,25 @@ from torch import nn
 # One line per built-in variant; importing a module registers it (order = attach order).
 # isort: off
 from modules import kan_ffn, lora, kan_lora, kora, graph  # noqa: F401  (registration side effect)
+
 # isort: on
 from modules.variant import VARIANTS, Settings, Variant, register, unregister
 
-__all__ = ["VARIANTS", "Settings", "Variant", "register", "unregister", "enabled_variants", "attach_variants",
-           "knob_owner", "used_knobs", "switches", "auxiliary_loss", "is_lora_plus_param", "variant_state"]
+__all__ = [
+    "VARIANTS",
+    "Settings",
+    "Variant",
+    "register",
+    "unregister",
+    "enabled_variants",
+    "attach_variants",
+    "knob_owner",
+    "used_knobs",
+    "switches",
+    "auxiliary_loss",
+    "is_lora_plus_param",
+    "variant_state",
+]
 
 
 def enabled_variants(config: Any) -> list[Variant]:

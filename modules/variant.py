@@ -33,12 +33,28 @@ import torch
 from torch import nn
 
 
-def knob(default: Any, help: str, *, low: float | None = None, high: float | None = None,
-         low_open: bool = False, high_open: bool = False, switch: bool = False, cli: str | None = None) -> Any:
+def knob(
+    default: Any,
+    help: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    switch: bool = False,
+    cli: str | None = None,
+) -> Any:
     """A typed setting. Bounds are inclusive unless `*_open`; `switch` marks a variant's on/off flag
     (`use_lora`); `cli` overrides how a tuple is given on the command line ("pair" for (low, high))."""
-    meta = {"help": help, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
-            "switch": switch, "cli": cli}
+    meta = {
+        "help": help,
+        "low": low,
+        "high": high,
+        "low_open": low_open,
+        "high_open": high_open,
+        "switch": switch,
+        "cli": cli,
+    }
     if isinstance(default, list | dict | set):
         raise TypeError("knob defaults must be immutable (use a tuple)")
     return field(default=default, metadata=meta)
@@ -187,8 +203,9 @@ def register(variant: Variant) -> Variant:
     owned = {f.name: v.name for v in VARIANTS.values() for f in v.settings.knobs()}
     clash = sorted(f.name for f in variant.settings.knobs() if f.name in owned)
     if clash:
-        raise ValueError(f"variant {variant.name!r}: knobs {clash} are already owned by "
-                         f"{sorted({owned[c] for c in clash})}")
+        raise ValueError(
+            f"variant {variant.name!r}: knobs {clash} are already owned by {sorted({owned[c] for c in clash})}"
+        )
     if not variant.namespace:
         raise ValueError(f"variant {variant.name!r} needs a parameter namespace")
     if variant.merge is None and not variant.not_mergeable:

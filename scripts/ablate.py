@@ -94,14 +94,28 @@ def plan(preset: dict, out_dir: Path) -> list[PlannedRun]:
     for task in preset["tasks"]:
         for variant, variant_flags in preset["variants"].items():
             for seed in preset["seeds"]:
-                argv = ["--task", task, "--model", model, *common, *preset.get("task_flags", {}).get(task, []),
-                        *variant_flags, "--seed", str(seed), "--out_dir", str(out_dir),
-                        "--wandb_group", preset["name"]]
+                argv = [
+                    "--task",
+                    task,
+                    "--model",
+                    model,
+                    *common,
+                    *preset.get("task_flags", {}).get(task, []),
+                    *variant_flags,
+                    "--seed",
+                    str(seed),
+                    "--out_dir",
+                    str(out_dir),
+                    "--wandb_group",
+                    preset["name"],
+                ]
                 try:
                     run_dir = entry.planned_run_dir(entry.GENERIC, argv)
                 except SystemExit:  # argparse printed what is wrong with the flags
-                    raise SystemExit(f"error: preset task {task!r}, variant {variant!r}: its flags are rejected "
-                                     f"by python -m {MODULE} (message above)") from None
+                    raise SystemExit(
+                        f"error: preset task {task!r}, variant {variant!r}: its flags are rejected "
+                        f"by python -m {MODULE} (message above)"
+                    ) from None
                 runs.append(PlannedRun(task, variant, seed, argv, MODULE, run_dir))
     return runs
 
@@ -125,8 +139,9 @@ def execute(run: PlannedRun, threads: int, log_dir: Path) -> tuple[PlannedRun, i
     start = time.perf_counter()
     log_file = log_dir / f"{run.run_dir.name}.log"
     with open(log_file, "w") as log:
-        code = subprocess.run([sys.executable, "-m", run.module, *argv], cwd=REPO, stdout=log, stderr=log,
-                              env=env).returncode
+        code = subprocess.run(
+            [sys.executable, "-m", run.module, *argv], cwd=REPO, stdout=log, stderr=log, env=env
+        ).returncode
     return run, code, time.perf_counter() - start
 
 
@@ -150,12 +165,24 @@ def main(argv: list[str] | None = None) -> int:
     names = {r.run_dir.name.rsplit("-", 1)[1]: r.variant for r in runs}
     (out_dir / "variants.json").write_text(json.dumps(names, indent=2) + "\n")
     model_spec = preset.get("model", {})
-    (out_dir / "grid.json").write_text(json.dumps({
-        "name": preset["name"], "preset": str(args.preset), "model": model_spec, "seeds": preset["seeds"],
-        "random_init": "random_init" in model_spec}, indent=2) + "\n")
+    (out_dir / "grid.json").write_text(
+        json.dumps(
+            {
+                "name": preset["name"],
+                "preset": str(args.preset),
+                "model": model_spec,
+                "seeds": preset["seeds"],
+                "random_init": "random_init" in model_spec,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     todo = [r for r in runs if status(r) != "done"]
-    print(f"grid {preset['name']}: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run "
-          f"-> {out_dir}")
+    print(
+        f"grid {preset['name']}: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run "
+        f"-> {out_dir}"
+    )
     if args.dry_run:
         for run in runs:
             print(f"  {status(run):6s} {run.run_dir.name}")
@@ -168,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for done, (run, code, seconds) in enumerate(pool.map(lambda r: execute(r, threads, log_dir), todo), 1):
             mark = "ok" if code == 0 else f"FAILED (exit {code}, see {log_dir / (run.run_dir.name + '.log')})"
-            print(f"[{done}/{len(todo)}] {run.task:7s} {run.variant:12s} seed {run.seed}: {mark} ({seconds:.1f} s)",
-                  flush=True)
+            print(
+                f"[{done}/{len(todo)}] {run.task:7s} {run.variant:12s} seed {run.seed}: {mark} ({seconds:.1f} s)",
+                flush=True,
+            )
             if code != 0:
                 failed.append(run)
     print(f"grid {preset['name']} finished in {time.perf_counter() - start:.1f} s; {len(failed)} failed")

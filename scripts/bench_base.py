@@ -85,8 +85,16 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     device = args.device
     torch.manual_seed(0)
-    hf_config = transformers.GPT2Config(n_layer=args.layers, n_head=12, n_embd=768, vocab_size=50257,
-                                        n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf_config = transformers.GPT2Config(
+        n_layer=args.layers,
+        n_head=12,
+        n_embd=768,
+        vocab_size=50257,
+        n_positions=1024,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     hf = transformers.GPT2LMHeadModel(hf_config)
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
@@ -102,8 +110,10 @@ def main() -> None:
         "logits + F.cross_entropy": (lambda x: lm_loss(ours(x).logits, x), lambda x: lm_loss(hf(x).logits, x)),
     }
 
-    print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
-          f"transformers={transformers.__version__}")
+    print(
+        f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
+        f"transformers={transformers.__version__}"
+    )
     print(f"shape: gpt2-small width (768, 12 heads), {args.layers} layers, B={args.batch}, T={args.seq}")
     step_times = {}
     for label, (ours_loss, hf_loss) in paths.items():
@@ -115,8 +125,10 @@ def main() -> None:
             hf_times.append(train_step_time(hf, hf_loss, ids, device))
         ours_step, hf_step = statistics.median(ours_times), statistics.median(hf_times)
         step_times[label] = ours_step
-        print(f"train step [{label:24s}] ours {ours_step * 1e3:8.1f} ms   HF {hf_step * 1e3:8.1f} ms   "
-              f"ratio ours/HF = {ours_step / hf_step:.3f}  (target <= 0.95)")
+        print(
+            f"train step [{label:24s}] ours {ours_step * 1e3:8.1f} ms   HF {hf_step * 1e3:8.1f} ms   "
+            f"ratio ours/HF = {ours_step / hf_step:.3f}  (target <= 0.95)"
+        )
     ours_step = step_times["own loss (labels=)"]
 
     # FLOPs: 6 x params (the tied LM head counts once as a matmul, wpe is a lookup) x tokens + attention
@@ -125,8 +137,10 @@ def main() -> None:
     flops = 6 * params * tokens + 12 * args.layers * args.seq * 768 * tokens // 2  # causal: half the scores
     peak = matmul_gflops(device)
     achieved = flops / ours_step / 1e9
-    print(f"training     {flops / 1e9:.0f} GFLOP/step -> {achieved:.1f} GFLOP/s; fp32 matmul peak here "
-          f"{peak:.1f} GFLOP/s; fraction = {achieved / peak:.2f}")
+    print(
+        f"training     {flops / 1e9:.0f} GFLOP/step -> {achieved:.1f} GFLOP/s; fp32 matmul peak here "
+        f"{peak:.1f} GFLOP/s; fraction = {achieved / peak:.2f}"
+    )
 
     ours.eval()
     hf.eval()
@@ -134,16 +148,25 @@ def main() -> None:
     n = args.new_tokens
     with torch.no_grad():
         ours_gen = lambda x: ours.generate(x, max_new_tokens=n, eos_token_id=None)
-        hf_gen = lambda x: hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                                       do_sample=False, eos_token_id=None, pad_token_id=50256)
+        hf_gen = lambda x: hf.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=50256,
+        )
         assert torch.equal(ours_gen(prompt), hf_gen(prompt)), "greedy outputs differ"
         ours_rates, hf_rates = [], []
         for _ in range(3):
             ours_rates.append(generation_rate(ours_gen, prompt, n, device))
             hf_rates.append(generation_rate(hf_gen, prompt, n, device))
     ours_rate, hf_rate = statistics.median(ours_rates), statistics.median(hf_rates)
-    print(f"generation   ours {ours_rate:8.1f} tok/s   HF {hf_rate:8.1f} tok/s   "
-          f"ratio ours/HF = {ours_rate / hf_rate:.3f}  (target >= 1.0; greedy tokens identical)")
+    print(
+        f"generation   ours {ours_rate:8.1f} tok/s   HF {hf_rate:8.1f} tok/s   "
+        f"ratio ours/HF = {ours_rate / hf_rate:.3f}  (target >= 1.0; greedy tokens identical)"
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,10 @@ def main() -> None:
     tokenizer = load_tokenizer(args.tokenizer)
     torch.manual_seed(0)
     tiny = GPT2LMHeadModel(GPT2Config.from_preset("tiny", n_positions=1024)).eval()
-    print(f"torch={torch.__version__} threads={torch.get_num_threads()}; tiny random GPT-2 (2 x 32), "
-          f"batch {args.batch_size}")
+    print(
+        f"torch={torch.__version__} threads={torch.get_num_threads()}; tiny random GPT-2 (2 x 32), "
+        f"batch {args.batch_size}"
+    )
     print("| task (dev) | examples | examples/s | padding, unbucketed | padding, bucketed | truncated |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, task in CLASSIFICATION_TASKS.items():
@@ -48,8 +50,11 @@ def main() -> None:
         head = task.make_head(tiny)
         predict(task, tiny, head, tokenizer, examples[:64], args.batch_size)  # warm-up
         run = predict(task, tiny, head, tokenizer, examples, args.batch_size)
-        print(f"| {name} | {len(examples)} | {len(examples) / run.seconds:.0f} | {run.padding_unbucketed:.1%} | "
-              f"{run.padding_bucketed:.1%} | {run.truncated} |", flush=True)
+        print(
+            f"| {name} | {len(examples)} | {len(examples) / run.seconds:.0f} | {run.padding_unbucketed:.1%} | "
+            f"{run.padding_bucketed:.1%} | {run.truncated} |",
+            flush=True,
+        )
     prompts = load_sonnets("dev_prompts", args.data_dir)
     start = time.perf_counter()
     generate_sonnets(tiny, tokenizer, prompts, GenerationSettings(max_new_tokens=160))
@@ -57,7 +62,7 @@ def main() -> None:
     print(f"| sonnet (generation, 160 new tokens, top-p 0.9) | {len(prompts)} | {rate:.2f} | - | - | - |")
 
     small = GPT2LMHeadModel(GPT2Config.from_preset("gpt2", n_layer=args.layers)).eval()
-    pairs = load_paraphrase("dev", args.data_dir)[:args.batch_size]
+    pairs = load_paraphrase("dev", args.data_dir)[: args.batch_size]
     ids, mask = collate(encode(tokenizer, [cloze_prompt(p.text) for p in pairs], 128, "left").ids, side="left")
     head = ClozeParaphraseHead(small.lm_head)
     with torch.no_grad():
@@ -70,10 +75,14 @@ def main() -> None:
         t_head_two = median_time(lambda: head(hidden, mask), repeats=20)
         t_head_full = median_time(lambda: small.lm_head(hidden)[:, -1, [NO_ID, YES_ID]], repeats=20)
     print(f"\nparaphrase head at gpt2-small width ({args.layers} layers), B={ids.shape[0]}, T={ids.shape[1]}:")
-    print(f"  end to end: two-token {t_two * 1e3:.0f} ms vs full-vocabulary logits {t_full * 1e3:.0f} ms -> "
-          f"{t_full / t_two:.2f}x faster")
-    print(f"  head only:  two-token {t_head_two * 1e3:.2f} ms vs full-vocabulary {t_head_full * 1e3:.1f} ms -> "
-          f"{t_head_full / t_head_two:.0f}x faster")
+    print(
+        f"  end to end: two-token {t_two * 1e3:.0f} ms vs full-vocabulary logits {t_full * 1e3:.0f} ms -> "
+        f"{t_full / t_two:.2f}x faster"
+    )
+    print(
+        f"  head only:  two-token {t_head_two * 1e3:.2f} ms vs full-vocabulary {t_head_full * 1e3:.1f} ms -> "
+        f"{t_head_full / t_head_two:.0f}x faster"
+    )
 
 
 if __name__ == "__main__":

@@ -50,12 +50,14 @@ def main() -> None:
             branch.zero_grad(set_to_none=True)
             h.grad = None
             fn().sum().backward()
+
         return step
 
     def ours(backend):
         def fn():
             branch.backend = backend
             return branch(h)
+
         return fn
 
     t_ref = median_time(run(lambda: course_reference(branch, h)), args.repeats)
@@ -66,13 +68,17 @@ def main() -> None:
         a = branch(h)
         branch.backend = "dense"
         gap = (a - branch(h)).abs().max().item()
-    print(f"torch={torch.__version__} threads={torch.get_num_threads()} B={args.batch} T={args.seq} C=768 heads=12 "
-          f"(fwd+bwd, median of {args.repeats})")
+    print(
+        f"torch={torch.__version__} threads={torch.get_num_threads()} B={args.batch} T={args.seq} C=768 heads=12 "
+        f"(fwd+bwd, median of {args.repeats})"
+    )
     print("| graph branch | time | ratio vs course approach | target |")
     print("|---|---|---|---|")
     print(f"| course approach (per-sequence GATConv, Python-built full edge list) | {t_ref * 1e3:.0f} ms | 1.00 | |")
-    print(f"| ours, GATConv backend (batched causal edges) | {t_sparse * 1e3:.0f} ms | **{t_sparse / t_ref:.2f}** "
-          f"| <= 0.7 |")
+    print(
+        f"| ours, GATConv backend (batched causal edges) | {t_sparse * 1e3:.0f} ms | **{t_sparse / t_ref:.2f}** "
+        f"| <= 0.7 |"
+    )
     print(f"| ours, dense backend | {t_dense * 1e3:.0f} ms | **{t_dense / t_ref:.2f}** | <= 0.15 |")
     print(f"backends agree: max |diff| = {gap:.1e}")
 

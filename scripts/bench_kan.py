@@ -36,7 +36,7 @@ class EfficientKANReference(nn.Module):
         grid = torch.arange(-order, grid_size + order + 1) * h + grid_range[0]
         self.register_buffer("grid", grid.expand(in_features, -1).contiguous())
         self.order = order
-        self.base_weight = nn.Parameter(torch.randn(out_features, in_features) / in_features ** 0.5)
+        self.base_weight = nn.Parameter(torch.randn(out_features, in_features) / in_features**0.5)
         self.spline_weight = nn.Parameter(torch.randn(out_features, in_features, grid_size + order) * 0.1)
         self.spline_scaler = nn.Parameter(torch.ones(out_features, in_features))
 
@@ -45,8 +45,9 @@ class EfficientKANReference(nn.Module):
         x = x.unsqueeze(-1)
         bases = ((x >= grid[:, :-1]) & (x < grid[:, 1:])).to(x.dtype)
         for k in range(1, self.order + 1):
-            bases = ((x - grid[:, :-(k + 1)]) / (grid[:, k:-1] - grid[:, :-(k + 1)]) * bases[:, :, :-1]) + (
-                (grid[:, k + 1:] - x) / (grid[:, k + 1:] - grid[:, 1:(-k)]) * bases[:, :, 1:])
+            bases = ((x - grid[:, : -(k + 1)]) / (grid[:, k:-1] - grid[:, : -(k + 1)]) * bases[:, :, :-1]) + (
+                (grid[:, k + 1 :] - x) / (grid[:, k + 1 :] - grid[:, 1:(-k)]) * bases[:, :, 1:]
+            )
         return bases
 
     def forward(self, x):
@@ -64,6 +65,7 @@ def fwd_bwd(module, x):
         module.zero_grad(set_to_none=True)
         x.grad = None
         module(x).sum().backward()
+
     return step
 
 
@@ -84,9 +86,11 @@ def kan_layer_rows(tokens: int, repeats: int) -> list[str]:
         x_grad = x.detach().requires_grad_(True)
         m_ours = saved_activation_bytes(lambda m=ours, x=x_grad: m(x).sum())
         m_ref = saved_activation_bytes(lambda m=ref, x=x_grad: m(x).sum())
-        rows.append(f"| KAN {n_in}->{n_out}, N={tokens}, G=5, k=3 | {t_ours * 1e3:.0f} ms | {t_ref * 1e3:.0f} ms | "
-                    f"**{t_ours / t_ref:.2f}** | {m_ours / 2**20:.1f} MiB | {m_ref / 2**20:.1f} MiB | "
-                    f"**{m_ours / m_ref:.2f}** | {gap:.1e} |")
+        rows.append(
+            f"| KAN {n_in}->{n_out}, N={tokens}, G=5, k=3 | {t_ours * 1e3:.0f} ms | {t_ref * 1e3:.0f} ms | "
+            f"**{t_ours / t_ref:.2f}** | {m_ours / 2**20:.1f} MiB | {m_ref / 2**20:.1f} MiB | "
+            f"**{m_ours / m_ref:.2f}** | {gap:.1e} |"
+        )
     return rows
 
 
@@ -99,8 +103,15 @@ def kan_lora_row(tokens: int, repeats: int) -> str:
     with torch.no_grad():
         ref.kan.out_base_weight.normal_(0, 0.01)
         ref.kan.out_spline_weight.normal_(0, 0.01)
-    config = GPT2Config(lora_r=16, lora_alpha=32.0, kan_grid_size=4, kan_spline_order=1, kan_grid_range=(-1.0, 1.0),
-                        lora_kan_squash=False, lora_dropout=0.0)
+    config = GPT2Config(
+        lora_r=16,
+        lora_alpha=32.0,
+        kan_grid_size=4,
+        kan_spline_order=1,
+        kan_grid_range=(-1.0, 1.0),
+        lora_kan_squash=False,
+        lora_dropout=0.0,
+    )
     ours = KANLoRALinear(base, config)
     with torch.no_grad():
         ours.kan_in.base_weight.copy_(ref.kan.in_base_weight)
@@ -112,8 +123,10 @@ def kan_lora_row(tokens: int, repeats: int) -> str:
         gap = (ours(x) - ref(x)).abs().max().item()
     t_ours = median_time(fwd_bwd(ours, x), repeats)
     t_ref = median_time(fwd_bwd(ref, x), repeats)
-    return (f"| LoRA-KAN 768->768, r=16, G=4, k=1, N={tokens} | {t_ours * 1e3:.0f} ms | {t_ref * 1e3:.0f} ms | "
-            f"**{t_ours / t_ref:.2f}** | | | | {gap:.1e} |")
+    return (
+        f"| LoRA-KAN 768->768, r=16, G=4, k=1, N={tokens} | {t_ours * 1e3:.0f} ms | {t_ref * 1e3:.0f} ms | "
+        f"**{t_ours / t_ref:.2f}** | | | | {gap:.1e} |"
+    )
 
 
 def main() -> None:

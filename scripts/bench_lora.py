@@ -44,12 +44,16 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    hf_base = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=args.layers, n_head=12, n_embd=768, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    hf_base = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            n_layer=args.layers, n_head=12, n_embd=768, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+        )
+    )
     with tempfile.TemporaryDirectory() as folder:
         hf_base.save_pretrained(folder)
-        ours = GPT2LMHeadModel.from_pretrained(folder, use_lora=True, lora_r=args.rank, lora_alpha=2 * args.rank,
-                                               lora_dropout=0.0)
+        ours = GPT2LMHeadModel.from_pretrained(
+            folder, use_lora=True, lora_r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0
+        )
     set_trainable(ours)
     hf = peft.get_peft_model(hf_base, peft_lora_config(ours.config, fan_in_fan_out=True))
     ours.train()
@@ -69,11 +73,15 @@ def main() -> None:
         ours_t.append(timed_step(ours_loss, ours_opt, ids))
         hf_t.append(timed_step(hf_loss, hf_opt, ids))
     a, b = statistics.median(ours_t), statistics.median(hf_t)
-    print(f"torch={torch.__version__} transformers={transformers.__version__} peft={peft.__version__} "
-          f"threads={torch.get_num_threads()}; {args.layers} layers x 768, B=8, T=128, r={args.rank}, "
-          f"{ours_trainable} trainable parameters in both")
-    print(f"LoRA train step   ours {a * 1e3:8.1f} ms   HF+peft {b * 1e3:8.1f} ms   ratio ours/HF = {a / b:.3f}"
-          f"  (target <= 1.0)")
+    print(
+        f"torch={torch.__version__} transformers={transformers.__version__} peft={peft.__version__} "
+        f"threads={torch.get_num_threads()}; {args.layers} layers x 768, B=8, T=128, r={args.rank}, "
+        f"{ours_trainable} trainable parameters in both"
+    )
+    print(
+        f"LoRA train step   ours {a * 1e3:8.1f} ms   HF+peft {b * 1e3:8.1f} ms   ratio ours/HF = {a / b:.3f}"
+        f"  (target <= 1.0)"
+    )
 
 
 if __name__ == "__main__":

@@ -44,17 +44,44 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=args.layers, n_head=12, n_embd=768)) \
-            .save_pretrained(f"{tmp}/ckpt")
+        transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(n_layer=args.layers, n_head=12, n_embd=768)
+        ).save_pretrained(f"{tmp}/ckpt")
         print(f"device={args.device}; gpt2-small width, {args.layers} layers, SST batch 8, {args.steps} steps")
         print("| variant | tokens/s | peak memory (MiB) | trainable parameters |")
         print("|---|---:|---:|---:|")
         for name, flags in VARIANTS.items():
             out = f"{tmp}/runs-{len(flags)}-{abs(hash(name))}"
-            cmd = [sys.executable, "-m", "train.sentiment", "--dataset", "sst", "--model", f"{tmp}/ckpt",
-                   "--tokenizer", args.tokenizer, "--data_dir", args.data_dir, "--out_dir", out,
-                   "--train_limit", str(8 * args.steps), "--dev_limit", "8", "--test_limit", "8", "--batch_size", "8",
-                   "--max_steps", str(args.steps), "--wandb", "disabled", "--device", args.device, *flags]
+            cmd = [
+                sys.executable,
+                "-m",
+                "train.sentiment",
+                "--dataset",
+                "sst",
+                "--model",
+                f"{tmp}/ckpt",
+                "--tokenizer",
+                args.tokenizer,
+                "--data_dir",
+                args.data_dir,
+                "--out_dir",
+                out,
+                "--train_limit",
+                str(8 * args.steps),
+                "--dev_limit",
+                "8",
+                "--test_limit",
+                "8",
+                "--batch_size",
+                "8",
+                "--max_steps",
+                str(args.steps),
+                "--wandb",
+                "disabled",
+                "--device",
+                args.device,
+                *flags,
+            ]
             done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=os.environ.copy())
             if done.returncode != 0:
                 print(f"| {name} | failed: {done.stderr[-300:]} | | |")
@@ -64,8 +91,10 @@ def main() -> None:
             rates = [e["train/tokens_per_s"] for e in log if "train/tokens_per_s" in e][1:]
             metrics = json.loads((run_dir / "metrics.json").read_text())
             trainable = json.loads((run_dir / "config.json").read_text())["parameters"]["trainable"]
-            print(f"| {name} | {statistics.median(rates):.0f} | {metrics['peak_memory_mb']:.0f} | {trainable:,} |",
-                  flush=True)
+            print(
+                f"| {name} | {statistics.median(rates):.0f} | {metrics['peak_memory_mb']:.0f} | {trainable:,} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

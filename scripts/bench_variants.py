@@ -78,10 +78,14 @@ def main() -> None:
     for _ in range(2):  # first-touch allocations and thread-pool start-up, so row 1 is not penalised
         warm(ids, labels=ids).loss.backward()
     del warm
-    print(f"torch={torch.__version__} threads={torch.get_num_threads()}; params/MACs at gpt2 (12 x 768); timing at "
-          f"768 width, {args.layers} layers, B={args.batch}, T={args.seq}")
-    print("| variant | trainable (gpt2) | total (gpt2) | added MACs/token (gpt2) | fwd ms | fwd+bwd ms | "
-          "saved activations |")
+    print(
+        f"torch={torch.__version__} threads={torch.get_num_threads()}; params/MACs at gpt2 (12 x 768); timing at "
+        f"768 width, {args.layers} layers, B={args.batch}, T={args.seq}"
+    )
+    print(
+        "| variant | trainable (gpt2) | total (gpt2) | added MACs/token (gpt2) | fwd ms | fwd+bwd ms | "
+        "saved activations |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, knobs in VARIANTS.items():
         full = GPT2Config.from_preset("gpt2", **knobs)
@@ -101,8 +105,11 @@ def main() -> None:
         t_fwd = median_time(forward, args.repeats)
         t_step = median_time(train_step, args.repeats)
         saved = saved_activation_bytes(lambda m=model: m(ids, labels=ids).loss)
-        print(f"| {name} | {trainable:,} | {total:,} | {added_macs_per_token(full, args.seq):,} | "
-              f"{t_fwd * 1e3:.0f} | {t_step * 1e3:.0f} | {saved / 2**20:.0f} MiB |", flush=True)
+        print(
+            f"| {name} | {trainable:,} | {total:,} | {added_macs_per_token(full, args.seq):,} | "
+            f"{t_fwd * 1e3:.0f} | {t_step * 1e3:.0f} | {saved / 2**20:.0f} MiB |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

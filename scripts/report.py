@@ -102,15 +102,21 @@ def summarise(rows: list[dict], baseline: str) -> tuple[list[str], list[str], di
             interval = None
             if variant != baseline and (baseline, task) in values:
                 interval = welch_interval(values.get((variant, task), []), values[(baseline, task)])
-            marks[(variant, task)] = "" if interval is None or interval[0] <= 0 <= interval[1] else (
-                " ▲" if interval[0] > 0 else " ▼")
+            marks[(variant, task)] = (
+                "" if interval is None or interval[0] <= 0 <= interval[1] else (" ▲" if interval[0] > 0 else " ▼")
+            )
     return tasks, variants, values, {"info": info, "marks": marks}
 
 
 def markdown(tasks, variants, values, extra, metrics: dict[str, str], baseline: str) -> str:
     info, marks = extra["info"], extra["marks"]
-    header = ["variant", *[f"{t} ({metrics[t]})" for t in tasks], "trainable params", "train time (s)",
-              "peak memory (MiB)"]
+    header = [
+        "variant",
+        *[f"{t} ({metrics[t]})" for t in tasks],
+        "trainable params",
+        "train time (s)",
+        "peak memory (MiB)",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant in variants:
         cells = [variant]
@@ -127,9 +133,11 @@ def markdown(tasks, variants, values, extra, metrics: dict[str, str], baseline: 
         cells.append(f"{max(info[variant]['memory']):.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Mean ± sample standard deviation over seeds of the best dev metric. ▲/▼: the 95% Welch "
-                 f"t-interval of the difference to `{baseline}` over seeds excludes 0 (a gap beyond run-to-run "
-                 f"noise); unmarked cells are within noise. Trainable parameters include the task head.")
+    lines.append(
+        f"Mean ± sample standard deviation over seeds of the best dev metric. ▲/▼: the 95% Welch "
+        f"t-interval of the difference to `{baseline}` over seeds excludes 0 (a gap beyond run-to-run "
+        f"noise); unmarked cells are within noise. Trainable parameters include the task head."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -207,13 +215,17 @@ def main(argv: list[str] | None = None) -> int:
     grid_info = json.loads(grid_file.read_text()) if grid_file.is_file() else {}
     caveat = ""
     if grid_info.get("random_init"):
-        caveat = (f"> Model: a randomly initialised `{grid_info['model']['random_init']}` GPT-2 (preset "
-                  f"`{grid_info['preset']}`). These numbers are a pipeline check, NOT GPT-2 results.\n\n")
+        caveat = (
+            f"> Model: a randomly initialised `{grid_info['model']['random_init']}` GPT-2 (preset "
+            f"`{grid_info['preset']}`). These numbers are a pipeline check, NOT GPT-2 results.\n\n"
+        )
     elif grid_info:
         caveat = f"> Model: `{grid_info['model'].get('model', 'gpt2')}` (preset `{grid_info['preset']}`).\n\n"
-    (out / "report.md").write_text(f"# Report: {args.grid.name}\n\n{caveat}{table}\n"
-                                   "![metric vs trainable parameters](metric_vs_params.png)\n\n"
-                                   "![training curves](training_curves.png)\n\n![time and memory](cost.png)\n")
+    (out / "report.md").write_text(
+        f"# Report: {args.grid.name}\n\n{caveat}{table}\n"
+        "![metric vs trainable parameters](metric_vs_params.png)\n\n"
+        "![training curves](training_curves.png)\n\n![time and memory](cost.png)\n"
+    )
     plot_metric_vs_params(tasks, variants, values, extra, metrics, out / "metric_vs_params.png")
     plot_curves(rows, tasks, variants, out / "training_curves.png")
     plot_cost(variants, extra, out / "cost.png")

@@ -41,12 +41,19 @@ base = []
     return path
 
 
+@pytest.mark.slow
 def test_grid_resumes_after_kill_and_report_matches(tmp_path, tokenizer_dir):
     preset = write_preset(tmp_path / "grid.toml", tokenizer_dir)
     grid = tmp_path / "grid"
     cmd = [sys.executable, str(SCRIPTS / "ablate.py"), str(preset), "--out_dir", str(grid), "--threads", "1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env=plugin_env(GPT2_TEST_STEP_SLEEP="0.5"))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=plugin_env(GPT2_TEST_STEP_SLEEP="0.5"),
+    )
     deadline = time.time() + 180
     while time.time() < deadline:
         runs_tsv = grid / "runs.tsv"
@@ -63,11 +70,15 @@ def test_grid_resumes_after_kill_and_report_matches(tmp_path, tokenizer_dir):
     rows = (grid / "runs.tsv").read_text().splitlines()
     assert len(rows) == 3 and len({r.split("\t")[0] for r in rows[1:]}) == 2
 
-    report = subprocess.run([sys.executable, str(SCRIPTS / "report.py"), str(grid)], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    report = subprocess.run(
+        [sys.executable, str(SCRIPTS / "report.py"), str(grid)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert report.returncode == 0, report.stderr
-    values = [json.loads((p / "metrics.json").read_text())["dev_acc"] for p in grid.iterdir()
-              if (p / "metrics.json").is_file()]
+    values = [
+        json.loads((p / "metrics.json").read_text())["dev_acc"]
+        for p in grid.iterdir()
+        if (p / "metrics.json").is_file()
+    ]
     assert len(values) == 2
     import statistics
 
@@ -84,9 +95,18 @@ def synthetic_grid(tmp_path, variants: dict[str, list[float]]):
     for variant, values in variants.items():
         for seed, value in enumerate(values):
             row = {c: "" for c in RUNS_COLUMNS}
-            row.update(run=f"sst-{variant}-s{seed}", task="sst", variant=variant, seed=seed, metric="dev_acc",
-                       best_value=value, trainable_params=1000 if variant == "base" else 10, train_seconds=1.5,
-                       peak_memory_mb=100, run_dir=str(tmp_path / "none"))
+            row.update(
+                run=f"sst-{variant}-s{seed}",
+                task="sst",
+                variant=variant,
+                seed=seed,
+                metric="dev_acc",
+                best_value=value,
+                trainable_params=1000 if variant == "base" else 10,
+                train_seconds=1.5,
+                peak_memory_mb=100,
+                run_dir=str(tmp_path / "none"),
+            )
             lines.append("\t".join(str(row[c]) for c in RUNS_COLUMNS))
     grid = tmp_path / "synthetic"
     grid.mkdir()
@@ -103,12 +123,17 @@ def report_rows(grid):
 
 
 def test_noise_is_not_marked_and_a_planted_gap_is(tmp_path):
-    rows = report_rows(synthetic_grid(tmp_path, {
-        "base": [0.50, 0.52, 0.51],
-        "same_but_other_seeds": [0.51, 0.50, 0.52],
-        "planted_gain": [0.80, 0.81, 0.79],
-        "planted_loss": [0.20, 0.22, 0.21],
-    }))
+    rows = report_rows(
+        synthetic_grid(
+            tmp_path,
+            {
+                "base": [0.50, 0.52, 0.51],
+                "same_but_other_seeds": [0.51, 0.50, 0.52],
+                "planted_gain": [0.80, 0.81, 0.79],
+                "planted_loss": [0.20, 0.22, 0.21],
+            },
+        )
+    )
     assert "▲" not in rows["same_but_other_seeds"] and "▼" not in rows["same_but_other_seeds"]
     assert "▲" in rows["planted_gain"] and "▼" in rows["planted_loss"]
     assert "▲" not in rows["base"]
@@ -119,8 +144,9 @@ def test_single_seed_is_never_marked(tmp_path):
     assert "▲" not in rows["other"]
 
 
-@pytest.mark.parametrize("name, size", [("metric_vs_params.png", (360, 420)), ("training_curves.png", (360, 420)),
-                                        ("cost.png", (380, 1000))])
+@pytest.mark.parametrize(
+    "name, size", [("metric_vs_params.png", (360, 420)), ("training_curves.png", (360, 420)), ("cost.png", (380, 1000))]
+)
 def test_plots_decode_with_expected_size(tmp_path, name, size):
     grid = synthetic_grid(tmp_path, {"base": [0.5, 0.6], "lora": [0.55, 0.56]})
     report_rows(grid)

@@ -31,13 +31,16 @@ def test_variant_flags_default_off():
     assert (config.use_kan, config.use_lora, config.use_graph) == (False, False, False)
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"n_lyer": 2}, "unknown GPT2Config field"),
-    ({"n_embd": 30, "n_head": 4}, "divisible"),
-    ({"attn_pdrop": 1.5}, "attn_pdrop"),
-    ({"use_lora": "yes"}, "use_lora must be a bool"),
-    ({"n_layer": 0}, "n_layer"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"n_lyer": 2}, "unknown GPT2Config field"),
+        ({"n_embd": 30, "n_head": 4}, "divisible"),
+        ({"attn_pdrop": 1.5}, "attn_pdrop"),
+        ({"use_lora": "yes"}, "use_lora must be a bool"),
+        ({"n_layer": 0}, "n_layer"),
+    ],
+)
 def test_invalid_configs_raise(bad, message):
     with pytest.raises(ValueError, match=message):
         GPT2Config.from_dict(bad)

@@ -14,10 +14,17 @@ from datasets.sonnets import load_sonnets, read_sonnet_file
 from tests.conftest import DATA_DIR
 
 
-@pytest.mark.parametrize("name, split, rows", [
-    ("sst", "train", 8544), ("sst", "dev", 1101), ("sst", "test", 2210),
-    ("cfimdb", "train", 1707), ("cfimdb", "dev", 245), ("cfimdb", "test", 488),
-])
+@pytest.mark.parametrize(
+    "name, split, rows",
+    [
+        ("sst", "train", 8544),
+        ("sst", "dev", 1101),
+        ("sst", "test", 2210),
+        ("cfimdb", "train", 1707),
+        ("cfimdb", "dev", 245),
+        ("cfimdb", "test", 488),
+    ],
+)
 def test_sentiment_row_counts(name, split, rows):
     examples = load_sentiment(name, split, DATA_DIR)
     assert len(examples) == rows
@@ -55,13 +62,16 @@ def _write(tmp_path, name, text):
     return tmp_path
 
 
-@pytest.mark.parametrize("content, message", [
-    ("\tid\tsentence\n0\ta\tgood film\n", r"ids-sst-dev\.csv:1: missing column\(s\) \['sentiment'\]"),
-    ("\tid\tsentence\tsentiment\n0\ta\tgood\t3\n1\tb\tbad\t7\n", r"ids-sst-dev\.csv:3: sentiment '7'"),
-    ("\tid\tsentence\tsentiment\n0\ta\t  \t3\n", r"ids-sst-dev\.csv:2: empty sentence"),
-    ("\tid\tsentence\tsentiment\n0\ta\tgood\t3\n1\tb\n", r"ids-sst-dev\.csv:3: wrong number of fields"),
-    ("\tid\tsentence\tsentiment\n0\ta\tgood\t2.5\n", r"ids-sst-dev\.csv:2: sentiment '2.5'"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("\tid\tsentence\n0\ta\tgood film\n", r"ids-sst-dev\.csv:1: missing column\(s\) \['sentiment'\]"),
+        ("\tid\tsentence\tsentiment\n0\ta\tgood\t3\n1\tb\tbad\t7\n", r"ids-sst-dev\.csv:3: sentiment '7'"),
+        ("\tid\tsentence\tsentiment\n0\ta\t  \t3\n", r"ids-sst-dev\.csv:2: empty sentence"),
+        ("\tid\tsentence\tsentiment\n0\ta\tgood\t3\n1\tb\n", r"ids-sst-dev\.csv:3: wrong number of fields"),
+        ("\tid\tsentence\tsentiment\n0\ta\tgood\t2.5\n", r"ids-sst-dev\.csv:2: sentiment '2.5'"),
+    ],
+)
 def test_broken_sentiment_files(tmp_path, content, message):
     _write(tmp_path, "ids-sst-dev.csv", content)
     with pytest.raises(DataError, match=message):

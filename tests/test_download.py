@@ -49,8 +49,16 @@ def test_good_files_land_corrupt_rejected_rerun_skips(server, tmp_path):
 
 
 def test_cli_exit_status(server, tmp_path):
-    cmd = [sys.executable, str(REPO / "scripts" / "download_data.py"), "--out", str(tmp_path / "d"),
-           "--base-url", server, "--no-progress", "--files"]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "download_data.py"),
+        "--out",
+        str(tmp_path / "d"),
+        "--base-url",
+        server,
+        "--no-progress",
+        "--files",
+    ]
     ok = subprocess.run(cmd + GOOD, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and "downloaded  ids-cfimdb-dev.csv" in ok.stdout
     bad = subprocess.run(cmd + [CORRUPT], capture_output=True, text=True, timeout=60)

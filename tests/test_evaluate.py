@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from datasets.paraphrase import load_paraphrase
 from datasets.sentiment import load_sentiment
 from datasets.sonnets import load_sonnets
@@ -13,17 +15,41 @@ from train import evaluate
 from train.metrics import accuracy, chrf, macro_f1
 from train.predictions import read_classification, read_sonnets
 
+pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` skips this file
+
 
 def test_all_tasks_end_to_end(tiny_ckpt, tokenizer_dir, tmp_path):
     out = tmp_path / "eval"
-    code = evaluate.main(["--task", "all", "--model", str(tiny_ckpt[0]), "--data_dir", str(DATA_DIR),
-                          "--out_dir", str(out), "--tokenizer", str(tokenizer_dir), "--dev_limit", "40",
-                          "--test_limit", "10", "--max_new_tokens", "24", "--batch_size", "8"])
+    code = evaluate.main(
+        [
+            "--task",
+            "all",
+            "--model",
+            str(tiny_ckpt[0]),
+            "--data_dir",
+            str(DATA_DIR),
+            "--out_dir",
+            str(out),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--dev_limit",
+            "40",
+            "--test_limit",
+            "10",
+            "--max_new_tokens",
+            "24",
+            "--batch_size",
+            "8",
+        ]
+    )
     assert code == 0
     summary = json.loads((out / "metrics.json").read_text())
     assert set(summary) == {"sst", "cfimdb", "quora", "sonnet"}
-    gold_sets = {"sst": load_sentiment("sst", "dev", DATA_DIR), "cfimdb": load_sentiment("cfimdb", "dev", DATA_DIR),
-                 "quora": load_paraphrase("dev", DATA_DIR)}
+    gold_sets = {
+        "sst": load_sentiment("sst", "dev", DATA_DIR),
+        "cfimdb": load_sentiment("cfimdb", "dev", DATA_DIR),
+        "quora": load_paraphrase("dev", DATA_DIR),
+    }
     for task, gold in gold_sets.items():
         metrics = json.loads((out / task / "metrics.json").read_text())
         assert metrics == summary[task]
@@ -49,9 +75,26 @@ def test_all_tasks_end_to_end(tiny_ckpt, tokenizer_dir, tmp_path):
 
 
 def test_single_task_writes_flat_folder(tiny_ckpt, tokenizer_dir, tmp_path):
-    code = evaluate.main(["--task", "quora", "--model", str(tiny_ckpt[0]), "--data_dir", str(DATA_DIR),
-                          "--out_dir", str(tmp_path), "--tokenizer", str(tokenizer_dir), "--dev_limit", "16",
-                          "--test_limit", "4", "--paraphrase_head", "linear"])
+    code = evaluate.main(
+        [
+            "--task",
+            "quora",
+            "--model",
+            str(tiny_ckpt[0]),
+            "--data_dir",
+            str(DATA_DIR),
+            "--out_dir",
+            str(tmp_path),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--dev_limit",
+            "16",
+            "--test_limit",
+            "4",
+            "--paraphrase_head",
+            "linear",
+        ]
+    )
     assert code == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert {"dev_acc", "dev_f1", "predictions"} <= set(metrics)
@@ -62,15 +105,62 @@ def test_evaluating_a_run_folder_reproduces_its_metrics(tiny_ckpt, tokenizer_dir
     from train import sentiment
 
     runs = tmp_path / "runs"
-    assert sentiment.main(["--dataset", "sst", "--model", str(tiny_ckpt[0]), "--tokenizer", str(tokenizer_dir),
-                           "--data_dir", str(DATA_DIR), "--out_dir", str(runs), "--train_limit", "32",
-                           "--dev_limit", "24", "--test_limit", "4", "--batch_size", "8", "--epochs", "3",
-                           "--lr", "1e-2", "--use_lora", "--wandb", "disabled"]) == 0
+    assert (
+        sentiment.main(
+            [
+                "--dataset",
+                "sst",
+                "--model",
+                str(tiny_ckpt[0]),
+                "--tokenizer",
+                str(tokenizer_dir),
+                "--data_dir",
+                str(DATA_DIR),
+                "--out_dir",
+                str(runs),
+                "--train_limit",
+                "32",
+                "--dev_limit",
+                "24",
+                "--test_limit",
+                "4",
+                "--batch_size",
+                "8",
+                "--epochs",
+                "3",
+                "--lr",
+                "1e-2",
+                "--use_lora",
+                "--wandb",
+                "disabled",
+            ]
+        )
+        == 0
+    )
     run_dir = next(p for p in runs.iterdir() if p.is_dir())
     trained = json.loads((run_dir / "metrics.json").read_text())
     out = tmp_path / "eval"
-    assert evaluate.main(["--task", "sst", "--model", str(run_dir), "--data_dir", str(DATA_DIR), "--out_dir",
-                          str(out), "--tokenizer", str(tokenizer_dir), "--dev_limit", "24", "--test_limit", "4"]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--task",
+                "sst",
+                "--model",
+                str(run_dir),
+                "--data_dir",
+                str(DATA_DIR),
+                "--out_dir",
+                str(out),
+                "--tokenizer",
+                str(tokenizer_dir),
+                "--dev_limit",
+                "24",
+                "--test_limit",
+                "4",
+            ]
+        )
+        == 0
+    )
     again = json.loads((out / "metrics.json").read_text())
     assert again["dev_acc"] == trained["dev_acc"] and again["dev_f1"] == trained["dev_f1"]
     assert (out / "sst-dev-output.csv").read_text() == (run_dir / "predictions" / "sst-dev-output.csv").read_text()
@@ -80,6 +170,18 @@ def test_run_folder_without_best_checkpoint_is_refused(tiny_ckpt, tokenizer_dir,
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.json").write_text("{}")
-    code = evaluate.main(["--task", "sst", "--model", str(run), "--data_dir", str(DATA_DIR), "--out_dir",
-                          str(tmp_path / "out"), "--tokenizer", str(tokenizer_dir)])
+    code = evaluate.main(
+        [
+            "--task",
+            "sst",
+            "--model",
+            str(run),
+            "--data_dir",
+            str(DATA_DIR),
+            "--out_dir",
+            str(tmp_path / "out"),
+            "--tokenizer",
+            str(tokenizer_dir),
+        ]
+    )
     assert code == 2 and "without a best checkpoint" in capsys.readouterr().err

@@ -13,8 +13,14 @@ def test_greedy_32_tokens_equal_hf(small_ckpt):
     path, hf = small_ckpt
     ours = GPT2LMHeadModel.from_pretrained(path).eval()
     ids = torch.randint(0, 50257, (2, 7), generator=torch.Generator().manual_seed(0))
-    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
-                      eos_token_id=None, pad_token_id=50256)
+    ref = hf.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=32,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=50256,
+    )
     mine = ours.generate(ids, max_new_tokens=32, eos_token_id=None)
     assert mine.shape == (2, 39)
     assert torch.equal(mine, ref)
@@ -29,8 +35,9 @@ def test_greedy_left_padded_batch_equals_hf_and_single(tiny_ckpt):
     mask[1, :4] = 0
     mask[2, :8] = 0
     ids = ids.masked_fill(mask == 0, 50256)
-    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False,
-                      eos_token_id=None, pad_token_id=50256)
+    ref = hf.generate(
+        ids, attention_mask=mask, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=50256
+    )
     mine = ours.generate(ids, attention_mask=mask, max_new_tokens=32, eos_token_id=None)
     assert torch.equal(mine, ref)
     for row in range(3):
@@ -48,7 +55,7 @@ def test_kv_cache_logits_equal_full_recompute(small_ckpt):
         pieces = [ours(ids[:, :12], kv_cache=cache).logits]
         pieces.append(ours(ids[:, 12:15], kv_cache=cache).logits)  # multi-token step on a cache
         for t in range(15, 20):
-            pieces.append(ours(ids[:, t:t + 1], kv_cache=cache).logits)
+            pieces.append(ours(ids[:, t : t + 1], kv_cache=cache).logits)
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= 1e-5
 
 
@@ -60,10 +67,10 @@ def test_stops_per_sequence_at_eos(tiny_ckpt):
     out = ours.generate(ids, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
     row0 = out[0, 5:].tolist()
     stop = row0.index(eos)
-    assert all(token == 0 for token in row0[stop + 1:])
-    assert out[0, 5:5 + stop].tolist() == free[0, 5:5 + stop].tolist()
+    assert all(token == 0 for token in row0[stop + 1 :])
+    assert out[0, 5 : 5 + stop].tolist() == free[0, 5 : 5 + stop].tolist()
     if eos not in free[1, 5:].tolist():  # row 1 never emits it: it runs to max_new_tokens unchanged
-        assert torch.equal(out[1], free[1, :out.shape[1]])
+        assert torch.equal(out[1], free[1, : out.shape[1]])
 
 
 def test_sampling_is_seeded_and_respects_top_k(tiny_ckpt):
@@ -71,11 +78,13 @@ def test_sampling_is_seeded_and_respects_top_k(tiny_ckpt):
     ids = torch.randint(0, 50257, (2, 5), generator=torch.Generator().manual_seed(4))
     a = ours.generate(ids, max_new_tokens=8, do_sample=True, top_k=1, generator=torch.Generator().manual_seed(0))
     greedy = ours.generate(ids, max_new_tokens=8, eos_token_id=None)
-    assert torch.equal(a[:, :a.shape[1]], greedy[:, :a.shape[1]])  # top_k=1 sampling is greedy
-    b = ours.generate(ids, max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.9,
-                      generator=torch.Generator().manual_seed(7))
-    c = ours.generate(ids, max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.9,
-                      generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a[:, : a.shape[1]], greedy[:, : a.shape[1]])  # top_k=1 sampling is greedy
+    b = ours.generate(
+        ids, max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.9, generator=torch.Generator().manual_seed(7)
+    )
+    c = ours.generate(
+        ids, max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.9, generator=torch.Generator().manual_seed(7)
+    )
     assert torch.equal(b, c)
 
 

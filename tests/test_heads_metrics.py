@@ -14,16 +14,24 @@ from model.heads import NO_ID, YES_ID, ClozeParaphraseHead, LastTokenClassifier,
 from train.metrics import accuracy, chrf, macro_f1
 
 
-@pytest.mark.parametrize("make_head", [lambda m: LastTokenClassifier(32, 5), lambda m: ClozeParaphraseHead(m.lm_head),
-                                       lambda m: LastTokenClassifier(32, 2)])
+@pytest.mark.parametrize(
+    "make_head",
+    [
+        lambda m: LastTokenClassifier(32, 5),
+        lambda m: ClozeParaphraseHead(m.lm_head),
+        lambda m: LastTokenClassifier(32, 2),
+    ],
+)
 def test_same_prediction_however_padded(tiny_ckpt, make_head):
     model = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0]).eval()
     torch.manual_seed(0)
     head = make_head(model).eval()
     seq = [11, 22, 33, 44, 55]
-    variants = [([seq], [[1] * 5]),
-                ([seq + [50256] * 3], [[1] * 5 + [0] * 3]),  # right-padded
-                ([[50256] * 4 + seq], [[0] * 4 + [1] * 5])]  # left-padded
+    variants = [
+        ([seq], [[1] * 5]),
+        ([seq + [50256] * 3], [[1] * 5 + [0] * 3]),  # right-padded
+        ([[50256] * 4 + seq], [[0] * 4 + [1] * 5]),
+    ]  # left-padded
     outputs = []
     with torch.no_grad():
         for ids, mask in variants:
@@ -69,8 +77,25 @@ def test_chrf_equals_sacrebleu_command_line(tmp_path):
     hypotheses = [p + "\n" + p for p in prompts]  # something imperfect
     (tmp_path / "ref.txt").write_text("".join(g.replace("\n", " ") + "\n" for g in gold))
     (tmp_path / "hyp.txt").write_text("".join(h.replace("\n", " ") + "\n" for h in hypotheses))
-    cli = subprocess.run([sys.executable, "-m", "sacrebleu", str(tmp_path / "ref.txt"), "-i", str(tmp_path / "hyp.txt"),
-                          "-m", "chrf", "-b", "-w", "6"], capture_output=True, text=True, timeout=120, check=True)
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sacrebleu",
+            str(tmp_path / "ref.txt"),
+            "-i",
+            str(tmp_path / "hyp.txt"),
+            "-m",
+            "chrf",
+            "-b",
+            "-w",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     ours = chrf(hypotheses, gold)
     assert abs(ours - float(cli.stdout.strip())) <= 1e-5
     assert 10 < ours < 90

@@ -36,11 +36,13 @@ def test_gradcheck_float64(order):
     torch.manual_seed(0)
     layer = KANLinear(3, 2, grid_size=4, spline_order=order, bias=True).double()
     # keep x away from knots (order 1 has kinks there) but include out-of-grid points
-    x = torch.tensor([[-0.83, 0.31, 0.67], [0.12, -0.41, 1.7], [-1.9, 0.93, -0.06]], dtype=torch.float64,
-                     requires_grad=True)
+    x = torch.tensor(
+        [[-0.83, 0.31, 0.67], [0.12, -0.41, 1.7], [-1.9, 0.93, -0.06]], dtype=torch.float64, requires_grad=True
+    )
     assert torch.autograd.gradcheck(layer, (x,))  # the whole layer w.r.t. its input
     coeff = layer.spline_coeff.detach().clone().requires_grad_(True)
     from modules.kan import _SplineLinear
+
     assert torch.autograd.gradcheck(lambda inp, c: _SplineLinear.apply(inp, c, -1.0, 0.5, 4, order), (x, coeff))
 
 

@@ -19,8 +19,9 @@ def test_lora_kan_equals_kolmg_lora(order, rslora):
 
     torch.manual_seed(0)
     base = torch.nn.Linear(12, 10)
-    ref = KOLMGLoRALinear(base, rank=4, alpha=8.0, rs_lora=rslora, grid_size=4, spline_order=order,
-                          grid_range=(-1.0, 1.0)).eval()
+    ref = KOLMGLoRALinear(
+        base, rank=4, alpha=8.0, rs_lora=rslora, grid_size=4, spline_order=order, grid_range=(-1.0, 1.0)
+    ).eval()
     kan = ref.kan
     with torch.no_grad():  # non-trivial φ_out and scalers, small enough to keep values inside the grid
         kan.in_base_weight.mul_(0.1)
@@ -29,9 +30,17 @@ def test_lora_kan_equals_kolmg_lora(order, rslora):
         kan.out_base_weight.normal_(0, 0.2)
         kan.out_spline_weight.normal_(0, 0.2)
         kan.out_spline_scaler.uniform_(0.5, 1.5)
-    config = GPT2Config.from_preset("tiny", lora_r=4, lora_alpha=8.0, lora_rslora=rslora, kan_grid_size=4,
-                                    kan_spline_order=order, kan_grid_range=(-1.0, 1.0), lora_kan_squash=False,
-                                    lora_dropout=0.0)
+    config = GPT2Config.from_preset(
+        "tiny",
+        lora_r=4,
+        lora_alpha=8.0,
+        lora_rslora=rslora,
+        kan_grid_size=4,
+        kan_spline_order=order,
+        kan_grid_range=(-1.0, 1.0),
+        lora_kan_squash=False,
+        lora_dropout=0.0,
+    )
     ours = KANLoRALinear(base, config).eval()
     with torch.no_grad():  # the scaler is folded into our coefficients (c = w_spline · scaler)
         ours.kan_in.base_weight.copy_(kan.in_base_weight)
@@ -89,8 +98,7 @@ def test_backends_agree_with_padding(window):
 def test_graph_model_backends_agree(tiny_ckpt):
     torch.manual_seed(0)
     a = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0], use_graph=True, graph_dropout=0.0).eval()
-    b = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0], use_graph=True, graph_dropout=0.0,
-                                        graph_backend="dense").eval()
+    b = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0], use_graph=True, graph_dropout=0.0, graph_backend="dense").eval()
     with torch.no_grad():
         for block in a.transformer.h:
             block.parallel_branches["graph"].gate.fill_(0.5)

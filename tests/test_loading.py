@@ -82,13 +82,16 @@ def test_pytorch_bin_is_loaded_without_unpickling_objects(tiny_ckpt, tmp_path):
         GPT2LMHeadModel.from_pretrained(folder)
 
 
-@pytest.mark.parametrize("setup, message", [
-    ("no_config", "no config.json"),
-    ("no_weights", "holds no weights"),
-    ("not_gpt2", "not a GPT-2 checkpoint"),
-    ("bad_json", "not valid JSON"),
-    ("file", "is a file"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        ("no_config", "no config.json"),
+        ("no_weights", "holds no weights"),
+        ("not_gpt2", "not a GPT-2 checkpoint"),
+        ("bad_json", "not valid JSON"),
+        ("file", "is a file"),
+    ],
+)
 def test_not_a_gpt2_folder(tiny_ckpt, tmp_path, setup, message):
     folder = _copy(tiny_ckpt[0], tmp_path / "ckpt")
     target = folder
@@ -141,15 +144,18 @@ def test_random_init_follows_gpt2_scheme():
     assert model.transformer.h[0].attn.c_attn.bias.abs().max() == 0
 
 
-@pytest.mark.parametrize("case, message", [
-    ("vocab", "outside the vocabulary"),
-    ("negative", "outside the vocabulary"),
-    ("too_long", "exceeds the model's n_positions"),
-    ("mask_shape", "attention_mask has shape"),
-    ("mask_values", "only 0"),
-    ("float_ids", "token ids"),
-    ("one_dim", "shape"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("vocab", "outside the vocabulary"),
+        ("negative", "outside the vocabulary"),
+        ("too_long", "exceeds the model's n_positions"),
+        ("mask_shape", "attention_mask has shape"),
+        ("mask_values", "only 0"),
+        ("float_ids", "token ids"),
+        ("one_dim", "shape"),
+    ],
+)
 def test_bad_input_clear_errors(tiny_ckpt, case, message):
     model = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0])
     ids = torch.tensor([[1, 2, 3]])

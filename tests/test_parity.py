@@ -21,7 +21,7 @@ def padded_batch(vocab: int, lengths: list[int], total: int, side: str, seed: in
     mask = torch.zeros(len(lengths), total, dtype=torch.long)
     for row, length in enumerate(lengths):
         if side == "left":
-            mask[row, total - length:] = 1
+            mask[row, total - length :] = 1
         else:
             mask[row, :length] = 1
     ids = ids.masked_fill(mask == 0, 50256)
@@ -119,8 +119,15 @@ def test_tied_embeddings(tiny_ckpt):
 def test_hf_parameter_names(tiny_ckpt):
     ours = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0])
     names = set(dict(ours.named_parameters()))
-    for expected in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
-                     "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
-                     "transformer.h.0.ln_2.bias", "transformer.h.1.mlp.c_fc.weight",
-                     "transformer.h.1.mlp.c_proj.bias", "transformer.ln_f.weight"):
+    for expected in (
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        "transformer.h.0.ln_1.weight",
+        "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.0.attn.c_proj.weight",
+        "transformer.h.0.ln_2.bias",
+        "transformer.h.1.mlp.c_fc.weight",
+        "transformer.h.1.mlp.c_proj.bias",
+        "transformer.ln_f.weight",
+    ):
         assert expected in names

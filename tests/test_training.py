@@ -18,8 +18,22 @@ from tests.conftest import DATA_DIR, REPO, plugin_env
 from train import multitask, paraphrase, sentiment, sonnet
 from train.predictions import read_classification, read_sonnets
 
-QUICK = ["--train_limit", "16", "--dev_limit", "8", "--test_limit", "4", "--batch_size", "4", "--max_steps", "2",
-         "--wandb", "disabled"]
+pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` skips this file
+
+QUICK = [
+    "--train_limit",
+    "16",
+    "--dev_limit",
+    "8",
+    "--test_limit",
+    "4",
+    "--batch_size",
+    "4",
+    "--max_steps",
+    "2",
+    "--wandb",
+    "disabled",
+]
 SHORT_SONNETS = ["--max_new_tokens", "8"]  # a sonnet-task flag: only entry points that train sonnets take it
 
 
@@ -43,8 +57,18 @@ def check_outputs(run_dir, out):
     return json.loads((run_dir / "metrics.json").read_text()), config
 
 
-@pytest.mark.parametrize("flags", [[], ["--use_lora"], ["--use_kan"], ["--use_kan", "--use_lora"], ["--use_graph"],
-                                   ["--use_kora"], ["--use_graph", "--use_lora", "--graph_backend", "dense"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        [],
+        ["--use_lora"],
+        ["--use_kan"],
+        ["--use_kan", "--use_lora"],
+        ["--use_graph"],
+        ["--use_kora"],
+        ["--use_graph", "--use_lora", "--graph_backend", "dense"],
+    ],
+)
 def test_sentiment_every_variant(tiny_ckpt, tokenizer_dir, tmp_path, flags):
     assert sentiment.main(["--dataset", "sst", *common(tiny_ckpt[0], tokenizer_dir, tmp_path), *QUICK, *flags]) == 0
     run_dir = only_run(tmp_path)
@@ -64,31 +88,79 @@ def test_paraphrase_sonnet_multitask_entry_points(tiny_ckpt, tokenizer_dir, tmp_
     assert paraphrase.main([*common(tiny_ckpt[0], tokenizer_dir, tmp_path / "p"), *QUICK, "--use_lora"]) == 0
     metrics, _ = check_outputs(only_run(tmp_path / "p"), tmp_path / "p")
     assert len(read_classification(only_run(tmp_path / "p") / metrics["predictions"]["test"])) == 4
-    assert sonnet.main([*common(tiny_ckpt[0], tokenizer_dir, tmp_path / "s"), *QUICK, *SHORT_SONNETS,
-                        "--use_graph"]) == 0
+    assert (
+        sonnet.main([*common(tiny_ckpt[0], tokenizer_dir, tmp_path / "s"), *QUICK, *SHORT_SONNETS, "--use_graph"]) == 0
+    )
     metrics, _ = check_outputs(only_run(tmp_path / "s"), tmp_path / "s")
     generated = read_sonnets(only_run(tmp_path / "s") / metrics["predictions"]["dev"])
     from datasets.sonnets import load_sonnets
     from train.tasks.sonnet import sonnet_chrf
 
     assert abs(metrics["dev_chrf"] - sonnet_chrf(generated, load_sonnets("dev_gold", DATA_DIR))) <= 1e-9
-    assert multitask.main([*common(tiny_ckpt[0], tokenizer_dir, tmp_path / "m"), *QUICK, *SHORT_SONNETS, "--tasks",
-                           "sst", "quora",
-                           "sonnet", "--task_sampling", "temperature", "--task_weights", "sonnet=0.5"]) == 0
+    assert (
+        multitask.main(
+            [
+                *common(tiny_ckpt[0], tokenizer_dir, tmp_path / "m"),
+                *QUICK,
+                *SHORT_SONNETS,
+                "--tasks",
+                "sst",
+                "quora",
+                "sonnet",
+                "--task_sampling",
+                "temperature",
+                "--task_weights",
+                "sonnet=0.5",
+            ]
+        )
+        == 0
+    )
     metrics, _ = check_outputs(only_run(tmp_path / "m"), tmp_path / "m")
     assert set(metrics["tasks"]) == {"sst", "quora", "sonnet"}
-    expected = (metrics["tasks"]["sst"]["dev_acc"] + metrics["tasks"]["quora"]["dev_acc"]
-                + metrics["tasks"]["sonnet"]["dev_chrf"] / 100) / 3
+    expected = (
+        metrics["tasks"]["sst"]["dev_acc"]
+        + metrics["tasks"]["quora"]["dev_acc"]
+        + metrics["tasks"]["sonnet"]["dev_chrf"] / 100
+    ) / 3
     assert abs(metrics["selection_score"] - expected) <= 1e-9
 
 
-@pytest.mark.parametrize("flags, lr", [(["--fine_tune_mode", "full-model"], "3e-3"),
-                                       (["--use_lora", "--lora_dropout", "0", "--lora_r", "16"], "1e-2")])
+@pytest.mark.parametrize(
+    "flags, lr",
+    [(["--fine_tune_mode", "full-model"], "3e-3"), (["--use_lora", "--lora_dropout", "0", "--lora_r", "16"], "1e-2")],
+)
 def test_overfits_16_examples(tiny_ckpt, tokenizer_dir, tmp_path, flags, lr):
-    args = [*common(tiny_ckpt[0], tokenizer_dir, tmp_path), "--dataset", "sst", "--train_limit", "16",
-            "--dev_limit", "4", "--test_limit", "2", "--batch_size", "8", "--epochs", "100", "--lr", lr,
-            "--eval_every", "20", "--eval_train", "--wandb", "disabled", "--embd_pdrop", "0", "--attn_pdrop", "0",
-            "--resid_pdrop", "0", "--schedule", "constant", *flags]
+    args = [
+        *common(tiny_ckpt[0], tokenizer_dir, tmp_path),
+        "--dataset",
+        "sst",
+        "--train_limit",
+        "16",
+        "--dev_limit",
+        "4",
+        "--test_limit",
+        "2",
+        "--batch_size",
+        "8",
+        "--epochs",
+        "100",
+        "--lr",
+        lr,
+        "--eval_every",
+        "20",
+        "--eval_train",
+        "--wandb",
+        "disabled",
+        "--embd_pdrop",
+        "0",
+        "--attn_pdrop",
+        "0",
+        "--resid_pdrop",
+        "0",
+        "--schedule",
+        "constant",
+        *flags,
+    ]
     assert sentiment.main(args) == 0
     log = [json.loads(line) for line in (only_run(tmp_path) / "log.jsonl").read_text().splitlines()]
     train_acc = [entry["sst/train_acc"] for entry in log if "sst/train_acc" in entry]
@@ -100,16 +172,45 @@ def _run(cmd, env=None, timeout=300):
 
 
 def test_kill_and_resume_matches_uninterrupted(tiny_ckpt, tokenizer_dir, tmp_path):
-    base = [sys.executable, "-m", "train.sentiment", "--dataset", "sst", "--model", str(tiny_ckpt[0]),
-            "--tokenizer", str(tokenizer_dir), "--data_dir", str(DATA_DIR), "--train_limit", "48",
-            "--dev_limit", "8", "--test_limit", "4", "--batch_size", "4", "--epochs", "2", "--save_every", "2",
-            "--wandb", "disabled", "--use_lora"]
+    base = [
+        sys.executable,
+        "-m",
+        "train.sentiment",
+        "--dataset",
+        "sst",
+        "--model",
+        str(tiny_ckpt[0]),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--data_dir",
+        str(DATA_DIR),
+        "--train_limit",
+        "48",
+        "--dev_limit",
+        "8",
+        "--test_limit",
+        "4",
+        "--batch_size",
+        "4",
+        "--epochs",
+        "2",
+        "--save_every",
+        "2",
+        "--wandb",
+        "disabled",
+        "--use_lora",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     full = _run(base + ["--out_dir", str(tmp_path / "full")], env)
     assert full.returncode == 0, full.stderr[-2000:]
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen(base + ["--out_dir", str(killed_dir)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=plugin_env(OMP_NUM_THREADS="1", GPT2_TEST_STEP_SLEEP="0.2"))
+    proc = subprocess.Popen(
+        base + ["--out_dir", str(killed_dir)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=plugin_env(OMP_NUM_THREADS="1", GPT2_TEST_STEP_SLEEP="0.2"),
+    )
     deadline = time.time() + 120
     killed_at = 0
     while time.time() < deadline:
@@ -150,8 +251,23 @@ def test_nan_guard_keeps_last_good_checkpoint(tiny_ckpt, tokenizer_dir, tmp_path
         return loss * float("nan") if calls["n"] == 4 else loss
 
     monkeypatch.setattr(ClassificationTask, "loss", poisoned)
-    code = sentiment.main(["--dataset", "sst", *common(tiny_ckpt[0], tokenizer_dir, tmp_path), "--train_limit", "32",
-                           "--dev_limit", "4", "--batch_size", "4", "--save_every", "2", "--wandb", "disabled"])
+    code = sentiment.main(
+        [
+            "--dataset",
+            "sst",
+            *common(tiny_ckpt[0], tokenizer_dir, tmp_path),
+            "--train_limit",
+            "32",
+            "--dev_limit",
+            "4",
+            "--batch_size",
+            "4",
+            "--save_every",
+            "2",
+            "--wandb",
+            "disabled",
+        ]
+    )
     assert code == 3
     checkpoints = only_run(tmp_path) / "checkpoints"
     pointer = json.loads((checkpoints / "last.json").read_text())
@@ -184,13 +300,16 @@ def test_checkpoint_is_never_half_written(tmp_path, monkeypatch):
     assert torch.equal(ckpt.load_checkpoint(folder)[0]["w"], torch.ones(3))
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--bogus_flag"], "unrecognized arguments"),
-    (["--fine_tune_mode", "adapters"], "needs a variant flag"),
-    (["--use_lora", "--lora_init", "nope"], "invalid choice"),
-    (["--use_lora", "--lora_dora", "--lora_init", "pissa"], "not supported"),
-    (["--batch_size", "0"], "batch_size"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bogus_flag"], "unrecognized arguments"),
+        (["--fine_tune_mode", "adapters"], "needs a variant flag"),
+        (["--use_lora", "--lora_init", "nope"], "invalid choice"),
+        (["--use_lora", "--lora_dora", "--lora_init", "pissa"], "not supported"),
+        (["--batch_size", "0"], "batch_size"),
+    ],
+)
 def test_cli_rejects_bad_flags(tiny_ckpt, args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         sentiment.main(["--dataset", "sst", "--model", str(tiny_ckpt[0]), *args])
@@ -199,16 +318,60 @@ def test_cli_rejects_bad_flags(tiny_ckpt, args, message, capsys):
 
 
 def test_torchrun_two_processes_match_single_process(tiny_ckpt, tokenizer_dir, tmp_path):
-    common_args = ["-m", "train.sentiment", "--dataset", "sst", "--model", str(tiny_ckpt[0]), "--tokenizer",
-                   str(tokenizer_dir), "--data_dir", str(DATA_DIR), "--train_limit", "8", "--dev_limit", "4",
-                   "--test_limit", "2", "--max_steps", "1", "--no_bucket", "--wandb", "disabled", "--embd_pdrop", "0",
-                   "--attn_pdrop", "0", "--resid_pdrop", "0", "--use_lora", "--lora_dropout", "0"]
-    single = _run([sys.executable, *common_args, "--batch_size", "8", "--out_dir", str(tmp_path / "one")],
-                  plugin_env(OMP_NUM_THREADS="1", GPT2_TEST_DUMP_GRADS=str(tmp_path / "g1.safetensors")))
+    common_args = [
+        "-m",
+        "train.sentiment",
+        "--dataset",
+        "sst",
+        "--model",
+        str(tiny_ckpt[0]),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--data_dir",
+        str(DATA_DIR),
+        "--train_limit",
+        "8",
+        "--dev_limit",
+        "4",
+        "--test_limit",
+        "2",
+        "--max_steps",
+        "1",
+        "--no_bucket",
+        "--wandb",
+        "disabled",
+        "--embd_pdrop",
+        "0",
+        "--attn_pdrop",
+        "0",
+        "--resid_pdrop",
+        "0",
+        "--use_lora",
+        "--lora_dropout",
+        "0",
+    ]
+    single = _run(
+        [sys.executable, *common_args, "--batch_size", "8", "--out_dir", str(tmp_path / "one")],
+        plugin_env(OMP_NUM_THREADS="1", GPT2_TEST_DUMP_GRADS=str(tmp_path / "g1.safetensors")),
+    )
     assert single.returncode == 0, single.stderr[-2000:]
-    double = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                   *common_args, "--batch_size", "4", "--out_dir", str(tmp_path / "two")],
-                 plugin_env(OMP_NUM_THREADS="1", GPT2_TEST_DUMP_GRADS=str(tmp_path / "g2.safetensors")))
+    double = _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            *common_args,
+            "--batch_size",
+            "4",
+            "--out_dir",
+            str(tmp_path / "two"),
+        ],
+        plugin_env(OMP_NUM_THREADS="1", GPT2_TEST_DUMP_GRADS=str(tmp_path / "g2.safetensors")),
+    )
     assert double.returncode == 0, double.stderr[-3000:]
     assert len((tmp_path / "two" / "runs.tsv").read_text().splitlines()) == 2  # one set of outputs
     g1, g2 = load_file(str(tmp_path / "g1.safetensors")), load_file(str(tmp_path / "g2.safetensors"))
@@ -218,15 +381,15 @@ def test_torchrun_two_processes_match_single_process(tiny_ckpt, tokenizer_dir, t
     # evaluation is sharded over the ranks and gathered: the same predictions and metrics as one process
     one, two = only_run(tmp_path / "one"), only_run(tmp_path / "two")
     for split in ("dev", "test"):
-        assert (one / "predictions" / f"sst-{split}-output.csv").read_text() == \
-            (two / "predictions" / f"sst-{split}-output.csv").read_text()
+        assert (one / "predictions" / f"sst-{split}-output.csv").read_text() == (
+            two / "predictions" / f"sst-{split}-output.csv"
+        ).read_text()
     m1, m2 = (json.loads((r / "metrics.json").read_text()) for r in (one, two))
     assert m1["dev_acc"] == m2["dev_acc"] and m1["dev_f1"] == m2["dev_f1"]
 
 
 def test_wandb_offline_and_unavailable(tiny_ckpt, tokenizer_dir, tmp_path, monkeypatch):
-    args = ["--dataset", "sst", *common(tiny_ckpt[0], tokenizer_dir, tmp_path / "w"), *QUICK[:-2],
-            "--wandb", "offline"]
+    args = ["--dataset", "sst", *common(tiny_ckpt[0], tokenizer_dir, tmp_path / "w"), *QUICK[:-2], "--wandb", "offline"]
     assert sentiment.main(args) == 0
     files = list((only_run(tmp_path / "w") / "wandb").rglob("*.wandb"))
     assert files and b"train/loss" in files[0].read_bytes() and b"sst/dev_acc" in files[0].read_bytes()
@@ -241,8 +404,21 @@ def test_kan_regulariser_is_added_to_the_training_loss(tiny_ckpt, tokenizer_dir,
     losses = {}
     for name, extra in (("plain", []), ("regularised", ["--kan_l1", "1.0", "--kan_entropy", "0.5"])):
         out = tmp_path / name
-        assert sentiment.main(["--dataset", "sst", *common(tiny_ckpt[0], tokenizer_dir, out), *QUICK, "--use_kan",
-                               "--kan_init", "random", *extra]) == 0
+        assert (
+            sentiment.main(
+                [
+                    "--dataset",
+                    "sst",
+                    *common(tiny_ckpt[0], tokenizer_dir, out),
+                    *QUICK,
+                    "--use_kan",
+                    "--kan_init",
+                    "random",
+                    *extra,
+                ]
+            )
+            == 0
+        )
         log = [json.loads(line) for line in (only_run(out) / "log.jsonl").read_text().splitlines()]
         losses[name] = next(e["train/loss"] for e in log if "train/loss" in e)
     from model import GPT2LMHeadModel
@@ -254,11 +430,17 @@ def test_kan_regulariser_is_added_to_the_training_loss(tiny_ckpt, tokenizer_dir,
     assert abs((losses["regularised"] - losses["plain"]) - expected) <= 1e-3 * max(1.0, expected)
 
 
-@pytest.mark.parametrize("flags", [[], ["--use_lora", "--lora_dora"], ["--use_kan"], ["--use_kan", "--use_lora"],
-                                   ["--use_graph"], ["--use_kora"]])
+@pytest.mark.parametrize(
+    "flags",
+    [[], ["--use_lora", "--lora_dora"], ["--use_kan"], ["--use_kan", "--use_lora"], ["--use_graph"], ["--use_kora"]],
+)
 def test_bf16_autocast_trains_every_variant(tiny_ckpt, tokenizer_dir, tmp_path, flags):
-    assert sentiment.main(["--dataset", "sst", *common(tiny_ckpt[0], tokenizer_dir, tmp_path), *QUICK,
-                           "--precision", "bf16", *flags]) == 0
+    assert (
+        sentiment.main(
+            ["--dataset", "sst", *common(tiny_ckpt[0], tokenizer_dir, tmp_path), *QUICK, "--precision", "bf16", *flags]
+        )
+        == 0
+    )
     log = [json.loads(line) for line in (only_run(tmp_path) / "log.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(e["train/loss"])) for e in log if "train/loss" in e)
 
@@ -280,9 +462,11 @@ VARIANT_FLAGS = [[], ["--use_lora"], ["--use_kan"], ["--use_kan", "--use_lora"],
 
 
 @pytest.mark.parametrize("flags", VARIANT_FLAGS, ids=lambda f: "+".join(f) or "base")
-@pytest.mark.parametrize("entry, extra", [(paraphrase, []), (sonnet, SHORT_SONNETS),
-                                          (multitask, ["--tasks", "cfimdb", "quora", "sonnet", *SHORT_SONNETS])],
-                         ids=["paraphrase", "sonnet", "multitask"])
+@pytest.mark.parametrize(
+    "entry, extra",
+    [(paraphrase, []), (sonnet, SHORT_SONNETS), (multitask, ["--tasks", "cfimdb", "quora", "sonnet", *SHORT_SONNETS])],
+    ids=["paraphrase", "sonnet", "multitask"],
+)
 def test_other_entry_points_every_variant(tiny_ckpt, tokenizer_dir, tmp_path, entry, extra, flags):
     assert entry.main([*common(tiny_ckpt[0], tokenizer_dir, tmp_path), *QUICK, *extra, *flags]) == 0
     metrics, config = check_outputs(only_run(tmp_path), tmp_path)

@@ -36,8 +36,9 @@ def ids_batch(seed=0, batch=2, seq=12):
 def test_every_registry_entry_is_in_the_matrix():
     from model import GPT2Config
 
-    covered = {v.name for case in VARIANT_CASES.values()
-               for v in enabled_variants(GPT2Config.from_preset("tiny", **case))}
+    covered = {
+        v.name for case in VARIANT_CASES.values() for v in enabled_variants(GPT2Config.from_preset("tiny", **case))
+    }
     assert covered == set(VARIANTS)
 
 
@@ -120,7 +121,7 @@ def test_kv_cache_equals_full_recompute(tiny_ckpt, case):
         cache = KVCache(cfg.n_layer, 2, cfg.n_head, 10, cfg.head_dim, torch.float32, ids.device)
         steps = [model(ids[:, :6], attention_mask=mask[:, :6], kv_cache=cache).logits]
         for t in range(6, 10):
-            steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], kv_cache=cache).logits)
+            steps.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], kv_cache=cache).logits)
     real = mask.bool()
     assert (torch.cat(steps, dim=1)[real] - full[real]).abs().max().item() <= 1e-5
 

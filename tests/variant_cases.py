@@ -14,8 +14,9 @@ VARIANT_CASES: dict[str, dict] = {
     "kan_ffn": dict(use_kan=True),
     "kan_ffn_random": dict(use_kan=True, kan_init="random"),
     "kan_lora": dict(use_lora=True, use_kan=True),
-    "kan_lora_order1_rslora_nosquash": dict(use_lora=True, use_kan=True, kan_spline_order=1, lora_rslora=True,
-                                            lora_kan_squash=False, kan_grid_size=4),
+    "kan_lora_order1_rslora_nosquash": dict(
+        use_lora=True, use_kan=True, kan_spline_order=1, lora_rslora=True, lora_kan_squash=False, kan_grid_size=4
+    ),
     "graph": dict(use_graph=True),
     "graph_dense_window": dict(use_graph=True, graph_backend="dense", graph_window=4),
     "graph+lora": dict(use_graph=True, use_lora=True),

@@ -74,8 +74,15 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_checkpoint(directory: Path, kind: str, step: int, trainable: dict[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict[str, Any]) -> Path:
+def save_checkpoint(
+    directory: Path,
+    kind: str,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    progress: dict[str, Any],
+) -> Path:
     """Write `<kind>-<step>/` completely, then point `<kind>.json` at it, then drop the old folder."""
     directory.mkdir(parents=True, exist_ok=True)
     name = f"{kind}-{step:06d}"
@@ -88,9 +95,12 @@ def save_checkpoint(directory: Path, kind: str, step: int, trainable: dict[str, 
     save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(staging / "trainable.safetensors"))
     save_file({**opt_tensors, **rng_tensors}, str(staging / "optimizer.safetensors"))
     scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    (staging / "state.json").write_text(json.dumps(
-        {"step": step, "optimizer": opt_meta, "scheduler": scheduler_state, "rng": rng_meta, "progress": progress},
-        indent=1))
+    (staging / "state.json").write_text(
+        json.dumps(
+            {"step": step, "optimizer": opt_meta, "scheduler": scheduler_state, "rng": rng_meta, "progress": progress},
+            indent=1,
+        )
+    )
     for file in staging.iterdir():
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
@@ -128,8 +138,9 @@ def copy_into(params: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
     with torch.no_grad():
         for key, value in weights.items():
             if params[key].shape != value.shape:
-                raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, "
-                                 f"the model {tuple(params[key].shape)}")
+                raise ValueError(
+                    f"{source}: {key} has shape {tuple(value.shape)}, the model {tuple(params[key].shape)}"
+                )
             params[key].copy_(value)
 
 

@@ -60,8 +60,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         default = f.default
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
         group = groups[owners[f.name].name if f.name in owners else "model"]
-        group.add_argument(f"--{f.name}", default=None, help=f"{f.metadata.get('help', '')} (default: {shown})",
-                           **kwargs)
+        group.add_argument(
+            f"--{f.name}", default=None, help=f"{f.metadata.get('help', '')} (default: {shown})", **kwargs
+        )
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -76,16 +77,27 @@ def build_parser(description: str) -> ArgumentParser:
     io = parser.add_argument_group("data and outputs")
     io.add_argument("--model", default="gpt2", help="hub id or local HF GPT-2 checkpoint folder (default: %(default)s)")
     io.add_argument("--data_dir", default=None, help="task data (default: $GPT2_DATA_DIR or data/cs224n)")
-    io.add_argument("--out_dir", default="runs",
-                    help="parent folder; each run gets a sub-folder named from its settings (default: %(default)s)")
+    io.add_argument(
+        "--out_dir",
+        default="runs",
+        help="parent folder; each run gets a sub-folder named from its settings (default: %(default)s)",
+    )
     io.add_argument("--tokenizer", default=None, help="tokenizer folder (default: $GPT2_TOKENIZER or the hub)")
     io.add_argument("--train_limit", type=int, default=None, help="use the first N training examples (default: all)")
     io.add_argument("--dev_limit", type=int, default=None, help="use the first N dev examples (default: all)")
     io.add_argument("--test_limit", type=int, default=None, help="use the first N test examples (default: all)")
-    io.add_argument("--max_length", type=int, default=512,
-                    help="token cap per example (also capped by the task's cap and n_positions; default: %(default)s)")
-    io.add_argument("--wandb", choices=["offline", "online", "disabled"], default="offline",
-                    help="wandb mode (default: %(default)s)")
+    io.add_argument(
+        "--max_length",
+        type=int,
+        default=512,
+        help="token cap per example (also capped by the task's cap and n_positions; default: %(default)s)",
+    )
+    io.add_argument(
+        "--wandb",
+        choices=["offline", "online", "disabled"],
+        default="offline",
+        help="wandb mode (default: %(default)s)",
+    )
     io.add_argument("--wandb_project", default="gpt2-variants", help="(default: %(default)s)")
     io.add_argument("--wandb_group", default=None, help="wandb group (default: the task; ablation grids: the grid)")
     io.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
@@ -96,13 +108,22 @@ def build_parser(description: str) -> ArgumentParser:
     opt.add_argument("--batch_size", type=int, default=8, help="(default: %(default)s)")
     opt.add_argument("--eval_batch_size", type=int, default=32, help="batch size of evaluation (default: %(default)s)")
     opt.add_argument("--grad_accum", type=int, default=1, help="(default: %(default)s)")
-    opt.add_argument("--lr", type=float, default=None,
-                     help="default by fine_tune_mode: full-model 1e-5, last-linear-layer 1e-3, adapters 2e-4")
+    opt.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="default by fine_tune_mode: full-model 1e-5, last-linear-layer 1e-3, adapters 2e-4",
+    )
     opt.add_argument("--weight_decay", type=float, default=0.0, help="(default: %(default)s)")
-    opt.add_argument("--warmup", type=float, default=0.0,
-                     help="warm-up steps (>= 1) or fraction of all steps (< 1) (default: %(default)s)")
-    opt.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="linear",
-                     help="(default: %(default)s)")
+    opt.add_argument(
+        "--warmup",
+        type=float,
+        default=0.0,
+        help="warm-up steps (>= 1) or fraction of all steps (< 1) (default: %(default)s)",
+    )
+    opt.add_argument(
+        "--schedule", choices=["cosine", "linear", "constant"], default="linear", help="(default: %(default)s)"
+    )
     opt.add_argument("--max_grad_norm", type=float, default=1.0, help="(default: %(default)s)")
     opt.add_argument("--eval_every", type=int, default=0, help="evaluate every N optimizer steps (0: each epoch)")
     opt.add_argument("--save_every", type=int, default=0, help="also save the last checkpoint every N steps (0: off)")
@@ -160,19 +181,23 @@ def resolve_config(args: argparse.Namespace):
     overrides = config_overrides(args)
     config = read_checkpoint_config(args.model, **overrides)
     model_fields = set(ModelSettings.__dataclass_fields__)
-    unused = sorted(k for k in overrides if k not in model_fields and k not in switches()
-                    and k not in used_knobs(config))
+    unused = sorted(
+        k for k in overrides if k not in model_fields and k not in switches() and k not in used_knobs(config)
+    )
     if unused:
         on = [v.name for v in enabled_variants(config)] or ["none"]
         owners = knob_owner()
         needs = sorted({f"--{f.name}" for k in unused for f in owners[k].settings.knobs() if f.metadata["switch"]})
-        raise ValueError(f"{', '.join('--' + k for k in unused)} given but no enabled variant uses "
-                         f"{'it' if len(unused) == 1 else 'them'} (enabled: {', '.join(on)})"
-                         + (f"; did you mean to add {' / '.join(needs)}?" if needs else ""))
+        raise ValueError(
+            f"{', '.join('--' + k for k in unused)} given but no enabled variant uses "
+            f"{'it' if len(unused) == 1 else 'them'} (enabled: {', '.join(on)})"
+            + (f"; did you mean to add {' / '.join(needs)}?" if needs else "")
+        )
     mode = config.resolved_fine_tune_mode
     if mode == "adapters" and not config.any_variant:
-        raise ValueError("--fine_tune_mode adapters needs a variant flag ("
-                         + ", ".join(f"--{s}" for s in switches()) + ")")
+        raise ValueError(
+            "--fine_tune_mode adapters needs a variant flag (" + ", ".join(f"--{s}" for s in switches()) + ")"
+        )
     if args.lr is None:
         args.lr = DEFAULT_LR[mode]
     return config

@@ -51,10 +51,15 @@ def _add_task(parser: argparse.ArgumentParser, required: bool) -> None:
 
 def _add_multitask(parser: argparse.ArgumentParser, required: bool) -> None:
     group = parser.add_argument_group("multitask")
-    group.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS),
-                       help="tasks sharing one backbone (default: all)")
-    group.add_argument("--task_sampling", choices=["proportional", "uniform", "temperature"], default="proportional",
-                       help="how batches are drawn from the tasks (default: %(default)s)")
+    group.add_argument(
+        "--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), help="tasks sharing one backbone (default: all)"
+    )
+    group.add_argument(
+        "--task_sampling",
+        choices=["proportional", "uniform", "temperature"],
+        default="proportional",
+        help="how batches are drawn from the tasks (default: %(default)s)",
+    )
     group.add_argument("--sampling_temperature", type=float, default=2.0, help="p ∝ n^(1/T) (default: %(default)s)")
     group.add_argument("--task_weights", nargs="*", default=[], metavar="TASK=WEIGHT", help="loss weight per task")
 
@@ -73,8 +78,9 @@ def _select_multitask(args: argparse.Namespace) -> list[str]:
             except ValueError:
                 name = ""
             if name not in args.tasks or weights.get(name, -1) < 0:
-                raise ValueError(f"--task_weights expects TASK=WEIGHT (weight >= 0) for TASK in {args.tasks}, "
-                                 f"got {item!r}")
+                raise ValueError(
+                    f"--task_weights expects TASK=WEIGHT (weight >= 0) for TASK in {args.tasks}, got {item!r}"
+                )
         args.task_weights = weights
     return list(args.tasks)
 

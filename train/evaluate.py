@@ -43,8 +43,10 @@ def load_model(spec: str) -> tuple[GPT2LMHeadModel, dict[str, dict[str, torch.Te
     path = Path(spec)
     best = ckpt.checkpoint_folder(path / "checkpoints", "best") if path.is_dir() else None
     if best is None and (path / "checkpoints").is_dir():
-        raise CheckpointError(f"{path} is a training run without a best checkpoint yet (no evaluation finished); "
-                              f"resume it with --resume or pass another model")
+        raise CheckpointError(
+            f"{path} is a training run without a best checkpoint yet (no evaluation finished); "
+            f"resume it with --resume or pass another model"
+        )
     if best is None or not (path / "config.json").is_file():
         return GPT2LMHeadModel.from_pretrained(spec), {}, {}
     record = json.loads((path / "config.json").read_text())
@@ -59,8 +61,13 @@ def load_model(spec: str) -> tuple[GPT2LMHeadModel, dict[str, dict[str, torch.Te
         if key.startswith("heads."):
             task, _, rest = key.removeprefix("heads.").partition(".")
             heads.setdefault(task, {})[rest] = value
-    log.info("loaded run %s (best checkpoint %s): %d model tensors, heads for %s", path, best.name, len(own),
-             sorted(heads) or "none")
+    log.info(
+        "loaded run %s (best checkpoint %s): %d model tensors, heads for %s",
+        path,
+        best.name,
+        len(own),
+        sorted(heads) or "none",
+    )
     return model, heads, record["training"]
 
 
@@ -72,12 +79,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out_dir", required=True)
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: $GPT2_TOKENIZER or the hub)")
     parser.add_argument("--batch_size", type=int, default=32, help="(default: %(default)s)")
-    parser.add_argument("--max_length", type=int, default=None,
-                        help="token cap per example (default: sst/quora 128, cfimdb 512; at most n_positions)")
+    parser.add_argument(
+        "--max_length",
+        type=int,
+        default=None,
+        help="token cap per example (default: sst/quora 128, cfimdb 512; at most n_positions)",
+    )
     parser.add_argument("--dev_limit", type=int, default=None, help="use the first N dev examples (default: all)")
     parser.add_argument("--test_limit", type=int, default=None, help="use the first N test examples (default: all)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="seed of fresh heads and sonnet sampling (default: a run folder's own seed, else 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of fresh heads and sonnet sampling (default: a run folder's own seed, else 0)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for task in TASKS.values():
         task.add_flags(parser)
@@ -111,8 +126,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     model, trained_heads, training = load_model(args.model)
     model = model.to(args.device).eval()
     if training.get("paraphrase_head") and training["paraphrase_head"] != args.paraphrase_head:
-        log.warning("the run was trained with --paraphrase_head %s; evaluating with that head",
-                    training["paraphrase_head"])
+        log.warning(
+            "the run was trained with --paraphrase_head %s; evaluating with that head", training["paraphrase_head"]
+        )
         args.paraphrase_head = training["paraphrase_head"]
     if args.seed is None:
         args.seed = training.get("seed", 0)
@@ -131,8 +147,12 @@ def _evaluate(args: argparse.Namespace) -> int:
             if name in trained_heads:
                 head.load_state_dict(trained_heads[name])  # strict: a head of another shape raises
             elif any(True for _ in head.parameters()):
-                log.warning("%s: the %s head is freshly initialised (no trained head in %s): a pipeline check, "
-                            "not a result", name, type(head).__name__, args.model)
+                log.warning(
+                    "%s: the %s head is freshly initialised (no trained head in %s): a pipeline check, not a result",
+                    name,
+                    type(head).__name__,
+                    args.model,
+                )
         start = time.perf_counter()
         metrics = task.evaluate(model, head, folder, args.device)  # the path training evaluates with
         metrics.update(task=name, model=str(args.model), seconds=round(time.perf_counter() - start, 3))

@@ -63,14 +63,18 @@ def lr_lambda(schedule: str, warmup: float, total: int):
             return 1.0
         progress = min(1.0, (step - warm) / max(1, total - warm))
         return max(0.0, 1.0 - progress) if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
     return factor
 
 
-def epoch_schedule(objectives: dict, args: argparse.Namespace, epoch: int, rank: int, world: int
-                   ) -> list[tuple[str, list[int]]]:
+def epoch_schedule(
+    objectives: dict, args: argparse.Namespace, epoch: int, rank: int, world: int
+) -> list[tuple[str, list[int]]]:
     """(task, batch) pairs of one epoch for this rank; identical on every rank before sharding."""
-    per_task = {name: obj.batches(epoch, args.batch_size, args.seed, bucket=not args.no_bucket)
-                for name, obj in objectives.items()}
+    per_task = {
+        name: obj.batches(epoch, args.batch_size, args.seed, bucket=not args.no_bucket)
+        for name, obj in objectives.items()
+    }
     rng = random.Random(args.seed * 1_000_003 + epoch)
     pairs = [(name, batch) for name, batches in per_task.items() for batch in batches]
     if len(per_task) > 1:
@@ -136,13 +140,30 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
     total_steps = args.max_steps or steps_per_epoch * args.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.schedule, args.warmup, total_steps))
     trainable = {n: p for n, p in task_model.named_parameters() if p.requires_grad}
-    record = {"task": task_label, "run": name, "config": config.to_dict(), "variants":
-              [v.name for v in enabled_variants(config)], "training": {k: v for k, v in vars(args).items()
-              if k not in {f for f in config.to_dict()} and k != "argv"}, "command": args.argv,
-              "config_hash": config_hash(task_label, config, args), "wandb_id": new_wandb_id(task_label, config, args),
-              "git_commit": git_commit(), "parameters": counts, "world_size": world, "device": device}
-    progress = {"epoch": 0, "position": 0, "step": 0, "best": None, "best_step": None, "bad_evals": 0,
-                "train_seconds": 0.0, "best_metrics": None}
+    record = {
+        "task": task_label,
+        "run": name,
+        "config": config.to_dict(),
+        "variants": [v.name for v in enabled_variants(config)],
+        "training": {k: v for k, v in vars(args).items() if k not in {f for f in config.to_dict()} and k != "argv"},
+        "command": args.argv,
+        "config_hash": config_hash(task_label, config, args),
+        "wandb_id": new_wandb_id(task_label, config, args),
+        "git_commit": git_commit(),
+        "parameters": counts,
+        "world_size": world,
+        "device": device,
+    }
+    progress = {
+        "epoch": 0,
+        "position": 0,
+        "step": 0,
+        "best": None,
+        "best_step": None,
+        "bad_evals": 0,
+        "train_seconds": 0.0,
+        "best_metrics": None,
+    }
     if args.resume:
         folder = ckpt.checkpoint_folder(checkpoints, "last")
         if folder is None:
@@ -166,8 +187,17 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "config.json", record)
     tags = [task_label, *(record["variants"] or ["base"])]
-    logger = RunLogger(run_dir, name, record["wandb_id"], args.wandb_group or task_label, tags, record, args.wandb,
-                       args.wandb_project, enabled=main_process)
+    logger = RunLogger(
+        run_dir,
+        name,
+        record["wandb_id"],
+        args.wandb_group or task_label,
+        tags,
+        record,
+        args.wandb,
+        args.wandb_project,
+        enabled=main_process,
+    )
 
     def save(kind: str) -> None:
         if main_process:
@@ -181,8 +211,12 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
         task_model.eval()
-        metrics = {n: obj.evaluate(model, heads.get(n), staging if main_process else None, device, args.eval_train,
-                                   (rank, world)) for n, obj in objectives.items()}
+        metrics = {
+            n: obj.evaluate(
+                model, heads.get(n), staging if main_process else None, device, args.eval_train, (rank, world)
+            )
+            for n, obj in objectives.items()
+        }
         task_model.train()
         stop = False
         if main_process:
@@ -214,7 +248,7 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
     while not stopped and progress["epoch"] < args.epochs:
         schedule = epoch_schedule(objectives, args, progress["epoch"], rank, world)
         while progress["position"] < len(schedule):
-            group = schedule[progress["position"]:progress["position"] + args.grad_accum]
+            group = schedule[progress["position"] : progress["position"] + args.grad_accum]
             for task, batch in group:
                 with autocast:
                     loss = wrapped(task, batch) * getattr(args, "task_weights", {}).get(task, 1.0)
@@ -224,7 +258,8 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
                     last = ckpt.checkpoint_folder(checkpoints, "last")
                     raise TrainingDiverged(
                         f"non-finite loss ({loss.item()}) at step {progress['step']} on task {task}; stopped. "
-                        f"The last good checkpoint is untouched: {last or 'none saved yet'}")
+                        f"The last good checkpoint is untouched: {last or 'none saved yet'}"
+                    )
                 (loss / len(group)).backward()
                 tokens_since += objectives[task].batch_tokens(batch)
             grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), args.max_grad_norm)
@@ -237,17 +272,27 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
             elapsed = time.perf_counter() - clock
             if main_process:
                 bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens_since * world / max(elapsed, 1e-9):.0f}")
-                logger.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0],
-                            "train/grad_norm": float(grad_norm), "train/tokens_per_s": tokens_since * world / elapsed,
-                            "epoch": progress["epoch"]}, progress["step"])
+                logger.log(
+                    {
+                        "train/loss": loss.item(),
+                        "train/lr": scheduler.get_last_lr()[0],
+                        "train/grad_norm": float(grad_norm),
+                        "train/tokens_per_s": tokens_since * world / elapsed,
+                        "epoch": progress["epoch"],
+                    },
+                    progress["step"],
+                )
             tokens_since, clock = 0, time.perf_counter()
             progress["train_seconds"] = time.perf_counter() - start_time
             end_of_epoch = progress["position"] >= len(schedule)
             if end_of_epoch:
                 progress.update(epoch=progress["epoch"] + 1, position=0)
             last_step = progress["step"] >= total_steps or progress["epoch"] >= args.epochs
-            if (args.eval_every and progress["step"] % args.eval_every == 0) or \
-                    (not args.eval_every and end_of_epoch) or last_step:
+            if (
+                (args.eval_every and progress["step"] % args.eval_every == 0)
+                or (not args.eval_every and end_of_epoch)
+                or last_step
+            ):
                 stopped = evaluate() or last_step
                 evaluated_at = progress["step"]
                 save("last")
@@ -263,37 +308,62 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
     if main_process:
         best = progress["best_metrics"] or {}
         result = _finish(run_dir, name, task_label, config, args, record, progress, best, device, objectives)
-        logger.summary({"best/selection_score": progress["best"], **{f"best/{n}/{k}": v for n, m in best.items()
-                                                                      for k, v in m.items() if k != "predictions"}})
+        logger.summary(
+            {
+                "best/selection_score": progress["best"],
+                **{f"best/{n}/{k}": v for n, m in best.items() for k, v in m.items() if k != "predictions"},
+            }
+        )
     logger.finish()
     if world > 1:
         dist.barrier()
     return result
 
 
-def _finish(run_dir: Path, name: str, task_label: str, config, args, record, progress, best, device,
-            objectives) -> dict[str, Any]:
+def _finish(
+    run_dir: Path, name: str, task_label: str, config, args, record, progress, best, device, objectives
+) -> dict[str, Any]:
     single = len(objectives) == 1
     metrics: dict[str, Any] = dict(next(iter(best.values()))) if single else {"tasks": best}
     if single and "predictions" in metrics:
         metrics["predictions"] = {k: f"predictions/{v}" for k, v in metrics["predictions"].items()}
-    metrics.update(selection_score=progress["best"], best_step=progress["best_step"], steps=progress["step"],
-                   train_seconds=round(progress["train_seconds"], 3), peak_memory_mb=round(_peak_memory_mb(device), 1))
+    metrics.update(
+        selection_score=progress["best"],
+        best_step=progress["best_step"],
+        steps=progress["step"],
+        train_seconds=round(progress["train_seconds"], 3),
+        peak_memory_mb=round(_peak_memory_mb(device), 1),
+    )
     atomic_write_json(run_dir / "metrics.json", metrics)
     primary = next(iter(objectives.values())).metric if single else "selection_score"
     best_value = metrics.get(primary, progress["best"])
-    append_runs_tsv(Path(args.out_dir) / "runs.tsv", {
-        "run": name, "task": task_label, "variant": variant_tag(config), "config_hash": record["config_hash"],
-        "seed": args.seed, "lr": args.lr,
-        "fine_tune_mode": config.resolved_fine_tune_mode, "trainable_params": record["parameters"]["trainable"],
-        "total_params": record["parameters"]["total"], "metric": primary, "best_value": best_value,
-        "best_step": progress["best_step"], "dev_metrics": json.dumps({n: {k: v for k, v in m.items()
-                                                                          if k != "predictions"}
-                                                                      for n, m in best.items()}),
-        "train_seconds": metrics["train_seconds"], "peak_memory_mb": metrics["peak_memory_mb"],
-        "steps": progress["step"], "git_commit": record["git_commit"], "run_dir": str(run_dir),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    print(f"done {name}: best {primary} = {best_value:.4f} at step {progress['best_step']} "
-          f"(epoch {progress['epoch']}), {metrics['train_seconds']:.1f} s, "
-          f"{record['parameters']['trainable']:,} of {record['parameters']['total']:,} parameters trained -> {run_dir}")
+    append_runs_tsv(
+        Path(args.out_dir) / "runs.tsv",
+        {
+            "run": name,
+            "task": task_label,
+            "variant": variant_tag(config),
+            "config_hash": record["config_hash"],
+            "seed": args.seed,
+            "lr": args.lr,
+            "fine_tune_mode": config.resolved_fine_tune_mode,
+            "trainable_params": record["parameters"]["trainable"],
+            "total_params": record["parameters"]["total"],
+            "metric": primary,
+            "best_value": best_value,
+            "best_step": progress["best_step"],
+            "dev_metrics": json.dumps({n: {k: v for k, v in m.items() if k != "predictions"} for n, m in best.items()}),
+            "train_seconds": metrics["train_seconds"],
+            "peak_memory_mb": metrics["peak_memory_mb"],
+            "steps": progress["step"],
+            "git_commit": record["git_commit"],
+            "run_dir": str(run_dir),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+    )
+    print(
+        f"done {name}: best {primary} = {best_value:.4f} at step {progress['best_step']} "
+        f"(epoch {progress['epoch']}), {metrics['train_seconds']:.1f} s, "
+        f"{record['parameters']['trainable']:,} of {record['parameters']['total']:,} parameters trained -> {run_dir}"
+    )
     return metrics

@@ -26,12 +26,41 @@ from typing import Any
 from modules.registry import enabled_variants
 
 log = logging.getLogger(__name__)
-RUNS_COLUMNS = ["run", "task", "variant", "config_hash", "seed", "lr", "fine_tune_mode", "trainable_params",
-                "total_params", "metric", "best_value", "best_step", "dev_metrics", "train_seconds", "peak_memory_mb",
-                "steps", "git_commit", "run_dir", "finished_at"]
+RUNS_COLUMNS = [
+    "run",
+    "task",
+    "variant",
+    "config_hash",
+    "seed",
+    "lr",
+    "fine_tune_mode",
+    "trainable_params",
+    "total_params",
+    "metric",
+    "best_value",
+    "best_step",
+    "dev_metrics",
+    "train_seconds",
+    "peak_memory_mb",
+    "steps",
+    "git_commit",
+    "run_dir",
+    "finished_at",
+]
 # Flags that say where things go or how they are logged, not what is computed.
-IDENTITY_EXCLUDED = {"out_dir", "resume", "wandb", "wandb_project", "wandb_group", "data_dir", "tokenizer", "device",
-                     "save_every", "eval_train", "argv"}
+IDENTITY_EXCLUDED = {
+    "out_dir",
+    "resume",
+    "wandb",
+    "wandb_project",
+    "wandb_group",
+    "data_dir",
+    "tokenizer",
+    "device",
+    "save_every",
+    "eval_train",
+    "argv",
+}
 MODE_TAGS = {"full-model": "full", "last-linear-layer": "lastlinear", "adapters": "adapters"}
 
 
@@ -47,8 +76,11 @@ def identity_settings(task_label: str, config: Any, args: Any) -> dict[str, Any]
     """Everything that changes a run's result, seed excluded (it is in the name itself)."""
     config_values = config.to_dict()
     config_values.pop("name")  # provenance; the `model` flag below says what was loaded
-    training = {k: v for k, v in sorted(vars(args).items())
-                if k not in IDENTITY_EXCLUDED and k not in config_values and k not in ("seed", "name")}
+    training = {
+        k: v
+        for k, v in sorted(vars(args).items())
+        if k not in IDENTITY_EXCLUDED and k not in config_values and k not in ("seed", "name")
+    }
     return {"task": task_label, "config": config_values, "training": training}
 
 
@@ -67,8 +99,16 @@ def new_wandb_id(task_label: str, config: Any, args: Any) -> str:
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                cwd=Path(__file__).resolve().parents[1],
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -92,8 +132,18 @@ def append_runs_tsv(path: Path, row: dict[str, Any]) -> None:
 class RunLogger:
     """Per-step JSON lines in `log.jsonl`, mirrored to wandb when it is available (offline by default)."""
 
-    def __init__(self, run_dir: Path, name: str, run_id: str, group: str, tags: list[str], config: dict, mode: str,
-                 project: str, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        name: str,
+        run_id: str,
+        group: str,
+        tags: list[str],
+        config: dict,
+        mode: str,
+        project: str,
+        enabled: bool = True,
+    ) -> None:
         self.enabled = enabled
         self.path = run_dir / "log.jsonl"
         self.wandb = None
@@ -105,9 +155,18 @@ class RunLogger:
             warnings.warn(f"wandb is unavailable ({error}); logging to {self.path} only", stacklevel=2)
             return
         try:
-            self.wandb = wandb.init(project=project, name=name, group=group, tags=tags, config=config, mode=mode,
-                                    dir=str(run_dir), id=run_id, resume="allow",
-                                    settings=wandb.Settings(silent=True))
+            self.wandb = wandb.init(
+                project=project,
+                name=name,
+                group=group,
+                tags=tags,
+                config=config,
+                mode=mode,
+                dir=str(run_dir),
+                id=run_id,
+                resume="allow",
+                settings=wandb.Settings(silent=True),
+            )
         except Exception as error:  # noqa: BLE001
             warnings.warn(f"wandb.init failed ({error}); logging to {self.path} only", stacklevel=2)
 

@@ -1,7 +1,7 @@
 """Train on SST-5 or CFIMDB sentiment (an alias of `python -m train --task sst|cfimdb`).
 
-    python -m train.sentiment --dataset sst --use_lora
-    python -m train.sentiment --dataset cfimdb --fine_tune_mode last-linear-layer
+python -m train.sentiment --dataset sst --use_lora
+python -m train.sentiment --dataset cfimdb --fine_tune_mode last-linear-layer
 """
 
 import sys

@@ -21,8 +21,12 @@ if os.environ.get("GPT2_TEST_STEP_SLEEP") or os.environ.get("GPT2_TEST_DUMP_GRAD
     def _step(self, *args, **kwargs):
         target = os.environ.get("GPT2_TEST_DUMP_GRADS")
         if target and not _state["dumped"] and os.environ.get("RANK", "0") == "0":
-            grads = {f"{g}.{i}": p.grad.detach().clone() for g, group in enumerate(self.param_groups)
-                     for i, p in enumerate(group["params"]) if p.grad is not None}
+            grads = {
+                f"{g}.{i}": p.grad.detach().clone()
+                for g, group in enumerate(self.param_groups)
+                for i, p in enumerate(group["params"])
+                if p.grad is not None
+            }
             save_file(grads, target)
             _state["dumped"] = True
         result = _original_step(self, *args, **kwargs)

@@ -94,8 +94,15 @@ class Task:
         raise NotImplementedError
 
     # ---- evaluation (training and `train.evaluate` share it) ----
-    def evaluate(self, model: nn.Module, head: nn.Module | None, out_dir: Path | None, device: str,
-                 with_train: bool = False, shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    def evaluate(
+        self,
+        model: nn.Module,
+        head: nn.Module | None,
+        out_dir: Path | None,
+        device: str,
+        with_train: bool = False,
+        shard: tuple[int, int] = (0, 1),
+    ) -> dict[str, Any]:
         raise NotImplementedError
 
     @classmethod

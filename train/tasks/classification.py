@@ -86,8 +86,15 @@ class ClassificationTask(Task):
         return F.cross_entropy(head(hidden, mask), self.labels[batch].to(device))
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, head: nn.Module, examples: list[Example], batch_size: int = 32,
-                bucket: bool = True, device: str = "cpu") -> PredictionRun:
+    def predict(
+        self,
+        model: nn.Module,
+        head: nn.Module,
+        examples: list[Example],
+        batch_size: int = 32,
+        bucket: bool = True,
+        device: str = "cpu",
+    ) -> PredictionRun:
         encoded = encode(self.tokenizer, [self.to_text(e) for e in examples], self.max_length, self.truncation_side)
         lengths = [len(ids) for ids in encoded.ids]
         batches = make_batches(lengths, batch_size, bucket=bucket)
@@ -110,11 +117,19 @@ class ClassificationTask(Task):
 
     def _predict(self, model, head, examples, device, shard) -> list[int]:
         batch_size = getattr(self.args, "eval_batch_size", 32)
-        return sharded(examples, shard,
-                       lambda part: self.predict(model, head, part, batch_size, device=device).predictions)
+        return sharded(
+            examples, shard, lambda part: self.predict(model, head, part, batch_size, device=device).predictions
+        )
 
-    def evaluate(self, model: nn.Module, head: nn.Module, out_dir: Path | None, device: str,
-                 with_train: bool = False, shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    def evaluate(
+        self,
+        model: nn.Module,
+        head: nn.Module,
+        out_dir: Path | None,
+        device: str,
+        with_train: bool = False,
+        shard: tuple[int, int] = (0, 1),
+    ) -> dict[str, Any]:
         """Dev metrics (every rank predicts its share; predictions are gathered); the rank given an
         `out_dir` writes dev and test predictions there."""
         dev = self._predict(model, head, self.dev, device, shard)

@@ -26,8 +26,12 @@ class Quora(ClassificationTask):
 
     @classmethod
     def add_flags(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--paraphrase_head", choices=["cloze", "linear"], default="cloze",
-                            help="quora: the LM's yes/no logits (cloze) or a linear head (default: %(default)s)")
+        parser.add_argument(
+            "--paraphrase_head",
+            choices=["cloze", "linear"],
+            default="cloze",
+            help="quora: the LM's yes/no logits (cloze) or a linear head (default: %(default)s)",
+        )
 
     def load(self, split: str) -> list[Example]:
         return load_paraphrase(split, self.data_dir)

@@ -36,8 +36,9 @@ class GenerationSettings:
 
 
 @torch.no_grad()
-def generate_sonnets(model: nn.Module, tokenizer, prompts: list[tuple[str, str]], settings: GenerationSettings,
-                     device: str = "cpu") -> list[tuple[str, str]]:
+def generate_sonnets(
+    model: nn.Module, tokenizer, prompts: list[tuple[str, str]], settings: GenerationSettings, device: str = "cpu"
+) -> list[tuple[str, str]]:
     """Complete each 3-line prompt; keep the first `settings.lines` lines of prompt + continuation."""
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     sonnets = []
@@ -45,12 +46,19 @@ def generate_sonnets(model: nn.Module, tokenizer, prompts: list[tuple[str, str]]
         text = prompt + "\n"
         ids = torch.tensor([tokenizer.encode(text)], device=device)
         budget = min(settings.max_new_tokens, model.config.n_positions - ids.shape[1])
-        out = model.generate(ids, max_new_tokens=budget, do_sample=settings.do_sample,
-                             temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                             eos_token_id=tokenizer.eos_token_id, generator=generator)
-        continuation = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+        out = model.generate(
+            ids,
+            max_new_tokens=budget,
+            do_sample=settings.do_sample,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            eos_token_id=tokenizer.eos_token_id,
+            generator=generator,
+        )
+        continuation = tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
         lines = [line.rstrip() for line in (text + continuation).split("\n")]
-        sonnets.append((number, "\n".join(lines[:settings.lines]).strip()))
+        sonnets.append((number, "\n".join(lines[: settings.lines]).strip()))
     return sonnets
 
 
@@ -95,9 +103,14 @@ class Sonnet(Task):
         self.dev_prompts = limit(load_sonnets("dev_prompts", self.data_dir), args.dev_limit)
         self.test_prompts = limit(load_sonnets("test_prompts", self.data_dir), args.test_limit)
         self.gold = load_sonnets("dev_gold", self.data_dir)
-        self.generation = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                             top_p=args.top_p, top_k=args.top_k, do_sample=not args.greedy,
-                                             seed=args.seed)
+        self.generation = GenerationSettings(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            do_sample=not args.greedy,
+            seed=args.seed,
+        )
 
     @cached_property
     def train(self) -> list[tuple[str, str]]:
@@ -123,8 +136,15 @@ class Sonnet(Task):
         ids, mask = ids.to(device), mask.to(device)
         return model(ids, attention_mask=mask, labels=ids).loss  # padding positions are ignored
 
-    def evaluate(self, model: nn.Module, head: None, out_dir: Path | None, device: str,
-                 with_train: bool = False, shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    def evaluate(
+        self,
+        model: nn.Module,
+        head: None,
+        out_dir: Path | None,
+        device: str,
+        with_train: bool = False,
+        shard: tuple[int, int] = (0, 1),
+    ) -> dict[str, Any]:
         def generate(prompts):
             return generate_sonnets(model, self.tokenizer, prompts, self.generation, device)
 
