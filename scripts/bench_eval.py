@@ -19,12 +19,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.batching import collate, encode  # noqa: E402
+from datasets.common import data_dir  # noqa: E402
 from datasets.paraphrase import cloze_prompt, load_paraphrase  # noqa: E402
 from datasets.sonnets import load_sonnets  # noqa: E402
 from model import GPT2Config, GPT2LMHeadModel, load_tokenizer  # noqa: E402
 from model.heads import NO_ID, YES_ID, ClozeParaphraseHead  # noqa: E402
 from scripts.bench_utils import median_time  # noqa: E402
-from train.tasks import CLASSIFICATION_TASKS, GenerationSettings, generate_sonnets, predict  # noqa: E402
+from train.tasks import TASKS  # noqa: E402
+from train.tasks.classification import ClassificationTask  # noqa: E402
+from train.tasks.sonnet import GenerationSettings, generate_sonnets  # noqa: E402
 
 
 def main() -> None:
@@ -45,11 +48,23 @@ def main() -> None:
     )
     print("| task (dev) | examples | examples/s | padding, unbucketed | padding, bucketed | truncated |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, task in CLASSIFICATION_TASKS.items():
-        examples = task.load("dev", args.data_dir)
+    flags = argparse.Namespace(
+        max_length=None,
+        dev_limit=None,
+        test_limit=None,
+        train_limit=None,
+        paraphrase_head="cloze",
+        eval_batch_size=args.batch_size,
+        seed=0,
+    )
+    for name, cls in TASKS.items():
+        if not issubclass(cls, ClassificationTask):
+            continue
+        task = cls(tokenizer, data_dir(args.data_dir), flags, tiny.config.n_positions)
+        examples = task.dev
         head = task.make_head(tiny)
-        predict(task, tiny, head, tokenizer, examples[:64], args.batch_size)  # warm-up
-        run = predict(task, tiny, head, tokenizer, examples, args.batch_size)
+        task.predict(tiny, head, examples[:64], args.batch_size)  # warm-up
+        run = task.predict(tiny, head, examples, args.batch_size)
         print(
             f"| {name} | {len(examples)} | {len(examples) / run.seconds:.0f} | {run.padding_unbucketed:.1%} | "
             f"{run.padding_bucketed:.1%} | {run.truncated} |",
