@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 ENV_VAR = "GPT2_TOKENIZER"
-EOS_ID = 50256
 # Known encodings of the real GPT-2 BPE, used as a sanity check.
 _KNOWN = {"Hello world": [15496, 995], " yes": [3763], " no": [645]}
 
