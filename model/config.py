@@ -36,21 +36,6 @@ SIZE_PRESETS: dict[str, dict[str, int]] = {
 }
 FINE_TUNE_MODES = ("full-model", "last-linear-layer", "adapters")
 
-# HF config.json fields that map one-to-one onto ours.
-_HF_FIELDS = (
-    "vocab_size",
-    "n_positions",
-    "n_embd",
-    "n_layer",
-    "n_head",
-    "n_inner",
-    "layer_norm_epsilon",
-    "embd_pdrop",
-    "attn_pdrop",
-    "resid_pdrop",
-    "initializer_range",
-)
-
 
 @dataclass(frozen=True)
 class ModelSettings(Settings):
@@ -77,6 +62,7 @@ class ModelSettings(Settings):
             raise ValueError(f"GPT2Config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
 
 
+# The stack a checkpoint fixes (never a CLI override).
 STACK_FIELDS = (
     "vocab_size",
     "n_positions",
@@ -87,6 +73,8 @@ STACK_FIELDS = (
     "layer_norm_epsilon",
     "initializer_range",
 )
+# HF config.json fields that map one-to-one onto ours.
+_HF_FIELDS = (*STACK_FIELDS, "embd_pdrop", "attn_pdrop", "resid_pdrop")
 
 
 class GPT2Config:
@@ -98,33 +86,26 @@ class GPT2Config:
             raise ValueError(
                 f"unknown GPT2Config field(s): {', '.join(unknown)}; known fields: {', '.join(self.field_names())}"
             )
-        groups = {"model": ModelSettings, **{name: v.settings for name, v in VARIANTS.items()}}
-        parts = {
-            key: cls(**{f.name: values[f.name] for f in cls.knobs() if f.name in values}) for key, cls in groups.items()
-        }
-        object.__setattr__(self, "_parts", parts)
+        # Each settings class checks (and normalises) its own fields; the config keeps the flat values.
+        flat: dict[str, Any] = {}
+        for cls in (ModelSettings, *(v.settings for v in VARIANTS.values())):
+            part = cls(**{f.name: values[f.name] for f in cls.knobs() if f.name in values})
+            flat.update({f.name: getattr(part, f.name) for f in cls.knobs()})
+        object.__setattr__(self, "_values", flat)
         for variant in enabled_variants(self):  # checks against the resolved model size
             if variant.check is not None:
                 variant.check(self)
 
-    # ---- flat field access ----
-    def _part(self, name: str) -> Settings | None:
-        parts = self.__dict__["_parts"]
-        for part in parts.values():
-            if name in part.__dataclass_fields__:
-                return part
-        for key, variant in VARIANTS.items():  # registered after this config was built: defaults
-            if key not in parts and name in variant.settings.__dataclass_fields__:
-                return variant.settings()
-        return None
-
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        part = self._part(name)
-        if part is None:
-            raise AttributeError(f"GPT2Config has no field {name!r}")
-        return getattr(part, name)
+        values = self.__dict__["_values"]
+        if name in values:
+            return values[name]
+        for variant in VARIANTS.values():  # a variant registered after this config was built: its default
+            if name in variant.settings.__dataclass_fields__:
+                return variant.settings.__dataclass_fields__[name].default
+        raise AttributeError(f"GPT2Config has no field {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"GPT2Config is immutable; use config.replace({name}=...)")

@@ -23,6 +23,12 @@ PLUGINS = REPO / "tests" / "plugins"  # sitecustomize.py: test-only steering of 
 transformers.logging.set_verbosity_error()
 
 
+def run_paths(model, tokenizer_dir, out_dir=None) -> list[str]:
+    """The path flags of a training or evaluation command: model, tokenizer, the shared data, output."""
+    flags = ["--model", str(model), "--tokenizer", str(tokenizer_dir), "--data_dir", str(DATA_DIR)]
+    return flags + (["--out_dir", str(out_dir)] if out_dir is not None else [])
+
+
 def plugin_env(**variables: str) -> dict[str, str]:
     """Environment for a subprocess that loads the test plugin (tests/plugins/sitecustomize.py)."""
     path = os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH", "")]))

@@ -13,7 +13,7 @@ import torch
 
 from model import GPT2Config, GPT2LMHeadModel
 from modules.registry import VARIANTS
-from tests.conftest import DATA_DIR, REPO, make_hf_checkpoint
+from tests.conftest import DATA_DIR, REPO, make_hf_checkpoint, run_paths
 from train import entry, sentiment
 from train.cli import config_fields, field_hint
 
@@ -46,14 +46,7 @@ def test_flags_are_validated_against_the_loaded_checkpoint(gpt2_shaped, tokenize
     args = [
         "--dataset",
         "sst",
-        "--model",
-        str(gpt2_shaped),
-        "--tokenizer",
-        str(tokenizer_dir),
-        "--data_dir",
-        str(DATA_DIR),
-        "--out_dir",
-        str(tmp_path),
+        *run_paths(gpt2_shaped, tokenizer_dir, tmp_path),
         *QUICK,
     ]
     # Valid on this 12-head, 4-block checkpoint (the tiny preset has 2 heads of width 32 and 2 blocks).
@@ -72,6 +65,8 @@ def test_flags_are_validated_against_the_loaded_checkpoint(gpt2_shaped, tokenize
         (["--use_kan", "--lora_dropout", "0"], "--lora_dropout given but no enabled variant"),
         (["--use_kan", "--use_lora", "--lora_dora"], "KOLMG-DoRA"),
         (["--use_lora", "--kora_r", "4"], "--kora_r given"),
+        # both switches are on: no "did you mean to add --use_kan" hint for a switch already given
+        (["--use_kan", "--use_lora", "--kan_init", "random"], "uses it (enabled: kan_lora)\n"),
     ],
 )
 def test_invalid_values_exit_2_before_weights_load(gpt2_shaped, tmp_path, monkeypatch, capsys, flags, message):
@@ -317,14 +312,7 @@ def test_a_variant_in_one_file_gets_everything(toy_variant, tiny_ckpt, tokenizer
             [
                 "--dataset",
                 "sst",
-                "--model",
-                str(tiny_ckpt[0]),
-                "--tokenizer",
-                str(tokenizer_dir),
-                "--data_dir",
-                str(DATA_DIR),
-                "--out_dir",
-                str(out),
+                *run_paths(tiny_ckpt[0], tokenizer_dir, out),
                 *QUICK,
                 "--use_scale",
                 "--scale_init",

@@ -10,7 +10,7 @@ import pytest
 from datasets.paraphrase import load_paraphrase
 from datasets.sentiment import load_sentiment
 from datasets.sonnets import load_sonnets
-from tests.conftest import DATA_DIR
+from tests.conftest import DATA_DIR, run_paths
 from train import evaluate
 from train.metrics import accuracy, chrf, macro_f1
 from train.predictions import read_classification, read_sonnets
@@ -24,14 +24,7 @@ def test_all_tasks_end_to_end(tiny_ckpt, tokenizer_dir, tmp_path):
         [
             "--task",
             "all",
-            "--model",
-            str(tiny_ckpt[0]),
-            "--data_dir",
-            str(DATA_DIR),
-            "--out_dir",
-            str(out),
-            "--tokenizer",
-            str(tokenizer_dir),
+            *run_paths(tiny_ckpt[0], tokenizer_dir, out),
             "--dev_limit",
             "40",
             "--test_limit",
@@ -79,14 +72,7 @@ def test_single_task_writes_flat_folder(tiny_ckpt, tokenizer_dir, tmp_path):
         [
             "--task",
             "quora",
-            "--model",
-            str(tiny_ckpt[0]),
-            "--data_dir",
-            str(DATA_DIR),
-            "--out_dir",
-            str(tmp_path),
-            "--tokenizer",
-            str(tokenizer_dir),
+            *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path),
             "--dev_limit",
             "16",
             "--test_limit",
@@ -110,14 +96,7 @@ def test_evaluating_a_run_folder_reproduces_its_metrics(tiny_ckpt, tokenizer_dir
             [
                 "--dataset",
                 "sst",
-                "--model",
-                str(tiny_ckpt[0]),
-                "--tokenizer",
-                str(tokenizer_dir),
-                "--data_dir",
-                str(DATA_DIR),
-                "--out_dir",
-                str(runs),
+                *run_paths(tiny_ckpt[0], tokenizer_dir, runs),
                 "--train_limit",
                 "32",
                 "--dev_limit",
@@ -145,14 +124,7 @@ def test_evaluating_a_run_folder_reproduces_its_metrics(tiny_ckpt, tokenizer_dir
             [
                 "--task",
                 "sst",
-                "--model",
-                str(run_dir),
-                "--data_dir",
-                str(DATA_DIR),
-                "--out_dir",
-                str(out),
-                "--tokenizer",
-                str(tokenizer_dir),
+                *run_paths(run_dir, tokenizer_dir, out),
                 "--dev_limit",
                 "24",
                 "--test_limit",
@@ -174,14 +146,7 @@ def test_run_folder_without_best_checkpoint_is_refused(tiny_ckpt, tokenizer_dir,
         [
             "--task",
             "sst",
-            "--model",
-            str(run),
-            "--data_dir",
-            str(DATA_DIR),
-            "--out_dir",
-            str(tmp_path / "out"),
-            "--tokenizer",
-            str(tokenizer_dir),
+            *run_paths(run, tokenizer_dir, tmp_path / "out"),
         ]
     )
     assert code == 2 and "without a best checkpoint" in capsys.readouterr().err

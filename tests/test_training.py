@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import DATA_DIR, REPO, plugin_env
+from tests.conftest import DATA_DIR, REPO, plugin_env, run_paths
 from train import multitask, paraphrase, sentiment, sonnet
 from train.predictions import read_classification, read_sonnets
 
@@ -34,11 +34,8 @@ QUICK = [
     "--wandb",
     "disabled",
 ]
+NO_DROPOUT = ["--embd_pdrop", "0", "--attn_pdrop", "0", "--resid_pdrop", "0"]
 SHORT_SONNETS = ["--max_new_tokens", "8"]  # a sonnet-task flag: only entry points that train sonnets take it
-
-
-def common(ckpt, tokenizer_dir, out):
-    return ["--model", str(ckpt), "--tokenizer", str(tokenizer_dir), "--data_dir", str(DATA_DIR), "--out_dir", str(out)]
 
 
 def only_run(out):
@@ -70,7 +67,7 @@ def check_outputs(run_dir, out):
     ],
 )
 def test_sentiment_every_variant(tiny_ckpt, tokenizer_dir, tmp_path, flags):
-    assert sentiment.main(["--dataset", "sst", *common(tiny_ckpt[0], tokenizer_dir, tmp_path), *QUICK, *flags]) == 0
+    assert sentiment.main(["--dataset", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path), *QUICK, *flags]) == 0
     run_dir = only_run(tmp_path)
     metrics, config = check_outputs(run_dir, tmp_path)
     assert config["config"]["use_lora"] == ("--use_lora" in flags)
@@ -85,11 +82,12 @@ def test_sentiment_every_variant(tiny_ckpt, tokenizer_dir, tmp_path, flags):
 
 
 def test_paraphrase_sonnet_multitask_entry_points(tiny_ckpt, tokenizer_dir, tmp_path):
-    assert paraphrase.main([*common(tiny_ckpt[0], tokenizer_dir, tmp_path / "p"), *QUICK, "--use_lora"]) == 0
+    assert paraphrase.main([*run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path / "p"), *QUICK, "--use_lora"]) == 0
     metrics, _ = check_outputs(only_run(tmp_path / "p"), tmp_path / "p")
     assert len(read_classification(only_run(tmp_path / "p") / metrics["predictions"]["test"])) == 4
     assert (
-        sonnet.main([*common(tiny_ckpt[0], tokenizer_dir, tmp_path / "s"), *QUICK, *SHORT_SONNETS, "--use_graph"]) == 0
+        sonnet.main([*run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path / "s"), *QUICK, *SHORT_SONNETS, "--use_graph"])
+        == 0
     )
     metrics, _ = check_outputs(only_run(tmp_path / "s"), tmp_path / "s")
     generated = read_sonnets(only_run(tmp_path / "s") / metrics["predictions"]["dev"])
@@ -100,7 +98,7 @@ def test_paraphrase_sonnet_multitask_entry_points(tiny_ckpt, tokenizer_dir, tmp_
     assert (
         multitask.main(
             [
-                *common(tiny_ckpt[0], tokenizer_dir, tmp_path / "m"),
+                *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path / "m"),
                 *QUICK,
                 *SHORT_SONNETS,
                 "--tasks",
@@ -131,7 +129,7 @@ def test_paraphrase_sonnet_multitask_entry_points(tiny_ckpt, tokenizer_dir, tmp_
 )
 def test_overfits_16_examples(tiny_ckpt, tokenizer_dir, tmp_path, flags, lr):
     args = [
-        *common(tiny_ckpt[0], tokenizer_dir, tmp_path),
+        *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path),
         "--dataset",
         "sst",
         "--train_limit",
@@ -151,12 +149,7 @@ def test_overfits_16_examples(tiny_ckpt, tokenizer_dir, tmp_path, flags, lr):
         "--eval_train",
         "--wandb",
         "disabled",
-        "--embd_pdrop",
-        "0",
-        "--attn_pdrop",
-        "0",
-        "--resid_pdrop",
-        "0",
+        *NO_DROPOUT,
         "--schedule",
         "constant",
         *flags,
@@ -178,12 +171,7 @@ def test_kill_and_resume_matches_uninterrupted(tiny_ckpt, tokenizer_dir, tmp_pat
         "train.sentiment",
         "--dataset",
         "sst",
-        "--model",
-        str(tiny_ckpt[0]),
-        "--tokenizer",
-        str(tokenizer_dir),
-        "--data_dir",
-        str(DATA_DIR),
+        *run_paths(tiny_ckpt[0], tokenizer_dir),
         "--train_limit",
         "48",
         "--dev_limit",
@@ -255,7 +243,7 @@ def test_nan_guard_keeps_last_good_checkpoint(tiny_ckpt, tokenizer_dir, tmp_path
         [
             "--dataset",
             "sst",
-            *common(tiny_ckpt[0], tokenizer_dir, tmp_path),
+            *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path),
             "--train_limit",
             "32",
             "--dev_limit",
@@ -323,12 +311,7 @@ def test_torchrun_two_processes_match_single_process(tiny_ckpt, tokenizer_dir, t
         "train.sentiment",
         "--dataset",
         "sst",
-        "--model",
-        str(tiny_ckpt[0]),
-        "--tokenizer",
-        str(tokenizer_dir),
-        "--data_dir",
-        str(DATA_DIR),
+        *run_paths(tiny_ckpt[0], tokenizer_dir),
         "--train_limit",
         "8",
         "--dev_limit",
@@ -340,12 +323,7 @@ def test_torchrun_two_processes_match_single_process(tiny_ckpt, tokenizer_dir, t
         "--no_bucket",
         "--wandb",
         "disabled",
-        "--embd_pdrop",
-        "0",
-        "--attn_pdrop",
-        "0",
-        "--resid_pdrop",
-        "0",
+        *NO_DROPOUT,
         "--use_lora",
         "--lora_dropout",
         "0",
@@ -389,7 +367,14 @@ def test_torchrun_two_processes_match_single_process(tiny_ckpt, tokenizer_dir, t
 
 
 def test_wandb_offline_and_unavailable(tiny_ckpt, tokenizer_dir, tmp_path, monkeypatch):
-    args = ["--dataset", "sst", *common(tiny_ckpt[0], tokenizer_dir, tmp_path / "w"), *QUICK[:-2], "--wandb", "offline"]
+    args = [
+        "--dataset",
+        "sst",
+        *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path / "w"),
+        *QUICK[:-2],
+        "--wandb",
+        "offline",
+    ]
     assert sentiment.main(args) == 0
     files = list((only_run(tmp_path / "w") / "wandb").rglob("*.wandb"))
     assert files and b"train/loss" in files[0].read_bytes() and b"sst/dev_acc" in files[0].read_bytes()
@@ -409,7 +394,7 @@ def test_kan_regulariser_is_added_to_the_training_loss(tiny_ckpt, tokenizer_dir,
                 [
                     "--dataset",
                     "sst",
-                    *common(tiny_ckpt[0], tokenizer_dir, out),
+                    *run_paths(tiny_ckpt[0], tokenizer_dir, out),
                     *QUICK,
                     "--use_kan",
                     "--kan_init",
@@ -437,7 +422,15 @@ def test_kan_regulariser_is_added_to_the_training_loss(tiny_ckpt, tokenizer_dir,
 def test_bf16_autocast_trains_every_variant(tiny_ckpt, tokenizer_dir, tmp_path, flags):
     assert (
         sentiment.main(
-            ["--dataset", "sst", *common(tiny_ckpt[0], tokenizer_dir, tmp_path), *QUICK, "--precision", "bf16", *flags]
+            [
+                "--dataset",
+                "sst",
+                *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path),
+                *QUICK,
+                "--precision",
+                "bf16",
+                *flags,
+            ]
         )
         == 0
     )
@@ -447,10 +440,10 @@ def test_bf16_autocast_trains_every_variant(tiny_ckpt, tokenizer_dir, tmp_path, 
 
 def test_user_errors_are_one_line_messages(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # found while validating flags, before anything loads
-        sentiment.main(["--dataset", "sst", *common("/no/such/checkpoint", tokenizer_dir, tmp_path), *QUICK])
+        sentiment.main(["--dataset", "sst", *run_paths("/no/such/checkpoint", tokenizer_dir, tmp_path), *QUICK])
     assert exit_info.value.code == 2
     assert "checkpoint folder /no/such/checkpoint does not exist" in capsys.readouterr().err
-    args = ["--dataset", "sst", *common(tiny_ckpt[0], tokenizer_dir, tmp_path), *QUICK]
+    args = ["--dataset", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path), *QUICK]
     assert sentiment.main(args) == 0
     assert sentiment.main(args) == 2  # the same run again without --resume
     assert "already holds a run; pass --resume" in capsys.readouterr().err
@@ -468,7 +461,7 @@ VARIANT_FLAGS = [[], ["--use_lora"], ["--use_kan"], ["--use_kan", "--use_lora"],
     ids=["paraphrase", "sonnet", "multitask"],
 )
 def test_other_entry_points_every_variant(tiny_ckpt, tokenizer_dir, tmp_path, entry, extra, flags):
-    assert entry.main([*common(tiny_ckpt[0], tokenizer_dir, tmp_path), *QUICK, *extra, *flags]) == 0
+    assert entry.main([*run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path), *QUICK, *extra, *flags]) == 0
     metrics, config = check_outputs(only_run(tmp_path), tmp_path)
     assert bool(flags) == bool(config["variants"])  # a variant flag attaches a variant; none: the base
     assert metrics["steps"] == 2

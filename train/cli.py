@@ -142,15 +142,24 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
-def check_training_flags(args: argparse.Namespace) -> None:
-    """Values that need no model; ValueError names the flag."""
-    for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size"):
-        if getattr(args, name, 1) < 1:
+def check_counts(args: argparse.Namespace, required: tuple[str, ...], optional: tuple[str, ...]) -> None:
+    """Counts must be >= 1; an `optional` one may be left out (None = all / no cap)."""
+    for name in required:
+        if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1")
-    for name in ("max_steps", "train_limit", "dev_limit", "test_limit", "max_length"):
-        value = getattr(args, name, None)
+    for name in optional:
+        value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be >= 1 (leave it out for 'all')")
+
+
+def check_training_flags(args: argparse.Namespace) -> None:
+    """Values that need no model; ValueError names the flag."""
+    check_counts(
+        args,
+        ("epochs", "batch_size", "grad_accum", "eval_batch_size"),
+        ("max_steps", "train_limit", "dev_limit", "test_limit", "max_length"),
+    )
     for name in ("eval_every", "save_every", "patience"):
         if getattr(args, name, 0) < 0:
             raise ValueError(f"--{name} must be >= 0 (0: off)")
@@ -181,13 +190,20 @@ def resolve_config(args: argparse.Namespace):
     overrides = config_overrides(args)
     config = read_checkpoint_config(args.model, **overrides)
     model_fields = set(ModelSettings.__dataclass_fields__)
-    unused = sorted(
-        k for k in overrides if k not in model_fields and k not in switches() and k not in used_knobs(config)
-    )
+    allowed = model_fields | set(switches()) | used_knobs(config)
+    unused = sorted(k for k in overrides if k not in allowed)
     if unused:
         on = [v.name for v in enabled_variants(config)] or ["none"]
         owners = knob_owner()
-        needs = sorted({f"--{f.name}" for k in unused for f in owners[k].settings.knobs() if f.metadata["switch"]})
+        # Suggest only switches that are off (with --use_kan --use_lora, the KAN-FFN knobs have no switch to add).
+        needs = sorted(
+            {
+                f"--{f.name}"
+                for k in unused
+                for f in owners[k].settings.knobs()
+                if f.metadata["switch"] and not getattr(config, f.name)
+            }
+        )
         raise ValueError(
             f"{', '.join('--' + k for k in unused)} given but no enabled variant uses "
             f"{'it' if len(unused) == 1 else 'them'} (enabled: {', '.join(on)})"

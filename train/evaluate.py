@@ -32,7 +32,7 @@ from model import CheckpointError, GPT2LMHeadModel, TokenizerNotFound, load_toke
 from model.config import STACK_FIELDS
 from model.files import atomic_write_json
 from train import checkpoint as ckpt
-from train.cli import ArgumentParser, check_device
+from train.cli import ArgumentParser, check_counts, check_device
 from train.tasks import TASKS, get_task
 
 log = logging.getLogger("evaluate")
@@ -98,10 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         task.add_flags(parser)
     args = parser.parse_args(argv)
     try:
-        for name in ("batch_size", "max_length", "dev_limit", "test_limit"):
-            value = getattr(args, name)
-            if value is not None and value < 1:
-                raise ValueError(f"--{name} must be >= 1")
+        check_counts(args, ("batch_size",), ("max_length", "dev_limit", "test_limit"))
         check_device(args.device)
         for task in TASKS.values():
             task.check_flags(args)
