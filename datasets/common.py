@@ -1,8 +1,14 @@
-"""Reading and validating the course release's tab-separated files.
+"""Where the task data live, fetching them when missing, and reading the release's tab-separated files.
+
+Data folder: an explicit `--data_dir`, else `$GPT2_DATA_DIR`, else `./data/cs224n` when it exists
+(where `scripts/download_data.py` writes by default), else the user cache
+`${XDG_CACHE_HOME:-~/.cache}/gpt2-variants/cs224n`. When files are missing and no explicit folder
+was given, `ensure_data` fetches them there (pinned commit, checksums verified; `$GPT2_DATA_URL`
+points at a mirror); an explicit folder is never written to.
 
 Every row is checked as it is read; a problem is reported as `file:line: what is wrong`. Rows the
 release itself ships broken (an empty label, e.g. two rows of Quora train) are skipped with ONE
-counted warning per file, or raise with `bad_rows="error"`.
+counted warning per file (the Python API's `bad_rows="error"` refuses them instead).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +39,46 @@ class Example:
     label: int | None  # None in the test files (no labels there)
 
 
+URL_ENV = "GPT2_DATA_URL"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gpt2-variants" / "cs224n"
+
+
 def data_dir(explicit: str | Path | None = None) -> Path:
-    """An explicit folder, else $GPT2_DATA_DIR, else ./data/cs224n (where the download script writes)."""
+    """An explicit folder, else $GPT2_DATA_DIR, else ./data/cs224n if present, else the user cache."""
     if explicit is not None:
         return Path(explicit)
-    return Path(os.environ.get(DATA_ENV, "data/cs224n"))
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV])
+    local = Path("data/cs224n")
+    return local if local.is_dir() else cache_dir()
+
+
+def ensure_data(names: list[str], explicit: str | Path | None = None) -> Path:
+    """The data folder, with `names` present: missing files are fetched into it (with a progress bar)
+    unless the folder was given explicitly; DataError (one line, naming the download command) when
+    that is impossible."""
+    folder = data_dir(explicit)
+    missing = [name for name in names if not (folder / name).is_file()]
+    if not missing:
+        return folder
+    hint = DOWNLOAD_HINT.format(dir=folder)
+    if explicit is not None:
+        raise DataError(f"{folder} lacks {', '.join(missing)}; fetch the task data with: {hint}")
+    from datasets.download import BASE_URL, download
+
+    print(f"fetching {len(missing)} task data file(s) into {folder}", file=sys.stderr, flush=True)
+    report = download(folder, os.environ.get(URL_ENV, BASE_URL), missing, timeout=30.0, progress=sys.stderr.isatty())
+    if report.failed:
+        name, reason = next(iter(report.failed.items()))
+        raise DataError(
+            f"the task data are not in {folder} and fetching them failed ({name}: {' '.join(reason.split())}); "
+            f"on a machine with internet run: {hint} (then copy the folder here, or pass --data_dir)"
+        )
+    return folder
 
 
 def require_file(path: Path) -> Path:
@@ -69,7 +111,8 @@ def read_tsv(
             for row in reader:
                 line = reader.line_num
                 if None in row or any(row.get(c) is None for c in needed):
-                    raise DataError(f"{path}:{line}: wrong number of fields ({len(row)} for {len(header)} columns)")
+                    fields = len(header) + len(row.get(None) or []) - sum(v is None for k, v in row.items() if k)
+                    raise DataError(f"{path}:{line}: wrong number of fields ({fields} for {len(header)} columns)")
                 label = None
                 if label_column is not None:
                     raw = row[label_column].strip()
@@ -96,7 +139,7 @@ def read_tsv(
         raise DataError(f"{path}: unreadable line: {error}") from None
     if skipped:
         log.warning(
-            "%s: skipped %d row(s) with an empty label (lines %s); pass bad_rows='error' to refuse them",
+            "%s: skipped %d row(s) with an empty label (lines %s), as the release ships them broken",
             path,
             len(skipped),
             ", ".join(map(str, skipped)),

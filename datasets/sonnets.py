@@ -7,10 +7,13 @@ numbers as ids. `sonnets.txt` (training), `sonnets_held_out_dev.txt` (3-line pro
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 from datasets.common import DataError, data_dir, require_file
+
+log = logging.getLogger(__name__)
 
 FILES = {
     "train": "sonnets.txt",
@@ -42,6 +45,14 @@ def read_sonnet_file(path: Path, min_lines: int = 1) -> list[tuple[str, str]]:
         if len([ln for ln in lines if ln.strip()]) < min_lines:
             raise DataError(f"{path}:{line_no}: sonnet {number} has fewer than {min_lines} line(s)")
         sonnets.append((number, body))
+    last_line = sonnets[-1][1].rstrip().rsplit("\n", 1)[-1]
+    if min_lines == 1 and last_line and last_line[-1].isalnum():  # every sonnet ends with a punctuation mark
+        log.warning(
+            "%s: the last sonnet (%s) ends mid-line (%r) without punctuation; the file may be cut short",
+            path,
+            sonnets[-1][0],
+            last_line[-30:],
+        )
     return sonnets
 
 

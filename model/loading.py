@@ -136,10 +136,13 @@ def read_weights(weights_file: Path) -> dict[str, torch.Tensor]:
         index = json.loads(weights_file.read_text())
         state: dict[str, torch.Tensor] = {}
         for shard in sorted(set(index["weight_map"].values())):
-            state.update(load_file(str(weights_file.parent / shard)))
+            state.update(read_weights(weights_file.parent / shard))
         return state
     if weights_file.suffix == ".safetensors":
-        return load_file(str(weights_file))
+        try:
+            return load_file(str(weights_file))
+        except Exception as error:  # noqa: BLE001 - SafetensorError (truncated/corrupt file), OSError
+            raise CheckpointError(f"{weights_file} cannot be read: {type(error).__name__}: {error}") from None
     try:
         return torch.load(weights_file, map_location="cpu", weights_only=True)
     except Exception as error:

@@ -30,8 +30,9 @@ def load_tokenizer(path: str | Path | None = None) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as error:
         raise TokenizerNotFound(
-            f"could not load the GPT-2 tokenizer from {source!r} ({origin}): {type(error).__name__}: {error}\n"
-            f"Provide it by one of: pass a folder holding tokenizer.json (or vocab.json + merges.txt) "
+            f"could not load the GPT-2 tokenizer from {source!r} ({origin}): {type(error).__name__}: "
+            f"{' '.join(str(error).split())}. Provide it by one of: pass a folder holding tokenizer.json "
+            f"(or vocab.json + merges.txt) "
             f"with --tokenizer / load_tokenizer(path); set {ENV_VAR}=<that folder>; or allow Hugging Face "
             f"hub access so 'gpt2' can be downloaded."
         ) from error

@@ -9,6 +9,12 @@ grid's name). Tasks are the task registry's; run folders carry a hash of every r
 setting, so variants that differ in any flag (e.g. `--lora_targets qkv`, `--batch_size 16`) are
 distinct runs. Re-running the same command skips runs whose metrics.json exists and resumes runs
 that were killed (`--resume` from their last checkpoint), so a killed grid just continues.
+
+Before any run starts, every run's flags are validated and the task data and tokenizer are checked
+(`--data_dir` / `--tokenizer`, else $GPT2_DATA_DIR / $GPT2_TOKENIZER; missing data are fetched into
+the cache folder when no --data_dir was given). SIGINT / SIGTERM are forwarded to the running
+jobs, which save a checkpoint and stop; the script then says what is done and left and exits
+130 / 143. `--dry_run` lists the runs and writes nothing.
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from train import entry  # noqa: E402
+from train.lifecycle import EXIT_STATUS, folder_state  # noqa: E402
 from train.tasks import TASKS  # noqa: E402
 
 MODULE = "train"  # python -m train --task <task> ...
@@ -70,22 +79,36 @@ def flag_list(values: dict) -> list[str]:
     return flags
 
 
+def tiny_checkpoint_path(folder: Path, preset_name: str) -> Path:
+    return folder / f"random-{preset_name}-checkpoint"
+
+
 def tiny_checkpoint(folder: Path, preset_name: str) -> Path:
     """A randomly initialised GPT-2 of a test size, saved once per grid (seeded, so reproducible)."""
     import torch
 
     from model import GPT2Config, GPT2LMHeadModel
 
-    path = folder / f"random-{preset_name}-checkpoint"
+    path = tiny_checkpoint_path(folder, preset_name)
     if not (path / "model.safetensors").is_file():
         torch.manual_seed(0)
         GPT2LMHeadModel(GPT2Config.from_preset(preset_name)).save_pretrained(path)
     return path
 
 
-def plan(preset: dict, out_dir: Path) -> list[PlannedRun]:
+def plan(preset: dict, out_dir: Path, inputs: list[str], dry_run: bool = False) -> list[PlannedRun]:
+    """Every run of the grid; `inputs`: the --data_dir / --tokenizer flags passed to each run. A dry
+    run writes nothing: a random-init checkpoint's config.json goes to a temporary folder."""
     model_spec = preset.get("model", {})
-    if "random_init" in model_spec:
+    config_source = None
+    if "random_init" in model_spec and dry_run:
+        from model import GPT2Config
+
+        model = str(tiny_checkpoint_path(out_dir, model_spec["random_init"]))
+        scratch = Path(tempfile.mkdtemp(prefix="ablate-dry-run-"))
+        (scratch / "config.json").write_text(json.dumps(GPT2Config.from_preset(model_spec["random_init"]).to_hf_dict()))
+        config_source = str(scratch)
+    elif "random_init" in model_spec:
         model = str(tiny_checkpoint(out_dir, model_spec["random_init"]))
     else:
         model = model_spec.get("model", "gpt2")
@@ -108,9 +131,10 @@ def plan(preset: dict, out_dir: Path) -> list[PlannedRun]:
                     str(out_dir),
                     "--wandb_group",
                     preset["name"],
+                    *inputs,
                 ]
                 try:
-                    run_dir = entry.planned_run_dir(entry.GENERIC, argv)
+                    run_dir = entry.planned_run_dir(entry.GENERIC, argv, config_source)
                 except SystemExit:  # argparse printed what is wrong with the flags
                     raise SystemExit(
                         f"error: preset task {task!r}, variant {variant!r}: its flags are rejected "
@@ -121,28 +145,58 @@ def plan(preset: dict, out_dir: Path) -> list[PlannedRun]:
 
 
 def status(run: PlannedRun) -> str:
-    if (run.run_dir / "metrics.json").is_file():
-        return "done"
-    if (run.run_dir / "checkpoints" / "last.json").is_file():
-        return "resume"
-    return "new"
+    """done (finished), resume (interrupted, or died before its first checkpoint), or new."""
+    state = folder_state(run.run_dir)
+    return {"finished": "done", "interrupted": "resume", "dead": "resume"}.get(state, "new")
 
 
-def execute(run: PlannedRun, threads: int, log_dir: Path) -> tuple[PlannedRun, int, float]:
-    state = status(run)
-    argv = list(run.argv)
-    if state == "resume":
-        argv.append("--resume")
-    elif run.run_dir.exists():
-        shutil.rmtree(run.run_dir)  # started but never checkpointed: nothing to keep
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    start = time.perf_counter()
-    log_file = log_dir / f"{run.run_dir.name}.log"
-    with open(log_file, "w") as log:
-        code = subprocess.run(
-            [sys.executable, "-m", run.module, *argv], cwd=REPO, stdout=log, stderr=log, env=env
-        ).returncode
-    return run, code, time.perf_counter() - start
+class Jobs:
+    """The running training processes, so a signal can be forwarded to each of them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: set[subprocess.Popen] = set()
+        self.stop_signal: int | None = None
+
+    def forward(self, signum: int, frame) -> None:
+        first = self.stop_signal is None
+        self.stop_signal = signum
+        with self.lock:
+            for proc in self.running:
+                proc.send_signal(signum)
+        if first:
+            print(
+                f"\nreceived {signal.Signals(signum).name}: forwarded to {len(self.running)} running job(s); waiting "
+                f"for their checkpoints (no new runs start)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def execute(self, run: PlannedRun, threads: int, log_dir: Path) -> tuple[PlannedRun, int | None, float]:
+        """(run, exit status or None when it was never started, seconds)."""
+        argv = list(run.argv)
+        if status(run) == "resume":
+            argv.append("--resume")
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        start = time.perf_counter()
+        with self.lock:
+            if self.stop_signal is not None:
+                return run, None, 0.0
+            with open(log_dir / f"{run.run_dir.name}.log", "w") as log:
+                # its own session: a Ctrl-C in the terminal reaches it once, forwarded from here
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", run.module, *argv],
+                    cwd=REPO,
+                    stdout=log,
+                    stderr=log,
+                    env=env,
+                    start_new_session=True,
+                )
+            self.running.add(proc)
+        code = proc.wait()
+        with self.lock:
+            self.running.discard(proc)
+        return run, code, time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,16 +205,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out_dir", type=Path, default=None, help="grid folder (default: ablations/<name>)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--threads", type=int, default=None, help="threads per run (default: cores / jobs)")
-    parser.add_argument("--dry_run", action="store_true", help="list the runs and their status only")
+    parser.add_argument("--dry_run", action="store_true", help="list the runs and their status only; writes nothing")
+    parser.add_argument("--data_dir", default=None, help="task data of every run (default: $GPT2_DATA_DIR or cache)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder of every run (default: $GPT2_TOKENIZER)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
     preset = load_preset(args.preset)
     out_dir = args.out_dir or REPO / "ablations" / preset["name"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    runs = plan(preset, out_dir)
+    inputs = [*(["--data_dir", args.data_dir] if args.data_dir else [])]
+    inputs += ["--tokenizer", args.tokenizer] if args.tokenizer else []
+    if not args.dry_run:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    runs = plan(preset, out_dir, inputs, args.dry_run)
     folders = [r.run_dir for r in runs]
     if len(set(folders)) != len(folders):
         dupes = sorted({f.name for f in folders if folders.count(f) > 1})
         raise SystemExit(f"error: preset variants that produce the same run: {dupes}")
+    todo = [r for r in runs if status(r) != "done"]
+    print(
+        f"grid {preset['name']}: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run "
+        f"-> {out_dir}"
+    )
+    if args.dry_run:
+        for run in runs:
+            print(f"  {status(run):6s} {run.run_dir.name}")
+        return 0
+    # Every run's data and tokenizer, once, before any run starts (fetching missing data when allowed).
+    for task in dict.fromkeys(r.task for r in runs):
+        entry.parse(entry.GENERIC, next(r.argv for r in runs if r.task == task))
     # config hash (the last part of a run folder's name) -> the preset's variant name, for reports
     names = {r.run_dir.name.rsplit("-", 1)[1]: r.variant for r in runs}
     (out_dir / "variants.json").write_text(json.dumps(names, indent=2) + "\n")
@@ -178,30 +253,47 @@ def main(argv: list[str] | None = None) -> int:
         )
         + "\n"
     )
-    todo = [r for r in runs if status(r) != "done"]
-    print(
-        f"grid {preset['name']}: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run "
-        f"-> {out_dir}"
-    )
-    if args.dry_run:
-        for run in runs:
-            print(f"  {status(run):6s} {run.run_dir.name}")
-        return 0
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     log_dir = out_dir / "logs"
     log_dir.mkdir(exist_ok=True)
-    failed = []
+    failed, interrupted, not_started = [], [], []
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for done, (run, code, seconds) in enumerate(pool.map(lambda r: execute(r, threads, log_dir), todo), 1):
-            mark = "ok" if code == 0 else f"FAILED (exit {code}, see {log_dir / (run.run_dir.name + '.log')})"
-            print(
-                f"[{done}/{len(todo)}] {run.task:7s} {run.variant:12s} seed {run.seed}: {mark} ({seconds:.1f} s)",
-                flush=True,
-            )
-            if code != 0:
-                failed.append(run)
-    print(f"grid {preset['name']} finished in {time.perf_counter() - start:.1f} s; {len(failed)} failed")
+    jobs = Jobs()
+    previous = {s: signal.signal(s, jobs.forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            results = pool.map(lambda r: jobs.execute(r, threads, log_dir), todo)
+            for done, (run, code, seconds) in enumerate(results, 1):
+                if code is None:
+                    not_started.append(run)
+                    continue
+                log_file = log_dir / (run.run_dir.name + ".log")
+                if code in EXIT_STATUS.values():
+                    interrupted.append(run)
+                    mark = f"interrupted (exit {code}; checkpointed, see {log_file})"
+                else:
+                    mark = "ok" if code == 0 else f"FAILED (exit {code}, see {log_file})"
+                print(
+                    f"[{done}/{len(todo)}] {run.task:7s} {run.variant:12s} seed {run.seed}: {mark} ({seconds:.1f} s)",
+                    flush=True,
+                )
+                if code not in (0, *EXIT_STATUS.values()):
+                    failed.append(run)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    seconds = time.perf_counter() - start
+    if jobs.stop_signal is not None:
+        finished = len(todo) - len(failed) - len(interrupted) - len(not_started)
+        print(
+            f"grid {preset['name']} interrupted by {signal.Signals(jobs.stop_signal).name} after {seconds:.1f} s: "
+            f"{len(runs) - len(todo) + finished} of {len(runs)} runs done, {len(interrupted)} interrupted "
+            f"(checkpointed), {len(not_started)} not started, {len(failed)} failed. Re-run the same command to "
+            f"continue.",
+            flush=True,
+        )
+        return EXIT_STATUS.get(jobs.stop_signal, 128 + jobs.stop_signal)
+    print(f"grid {preset['name']} finished in {seconds:.1f} s; {len(failed)} failed")
     return 1 if failed else 0
 
 

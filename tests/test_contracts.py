@@ -323,7 +323,7 @@ def test_a_variant_in_one_file_gets_everything(toy_variant, tiny_ckpt, tokenizer
     )
     run = next(out.glob("sst-scale1-*"))
     record = json.loads((run / "config.json").read_text())
-    assert record["variants"] == ["scale"] and record["config"]["fine_tune_mode"] is None
+    assert record["variants"] == ["scale"] and record["config"]["fine_tune_mode"] == "adapters"
     head = 32 * 5 + 5
     assert record["parameters"]["trainable"] == 2 + head  # the two block scalars + the sentiment head
 

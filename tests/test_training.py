@@ -446,8 +446,10 @@ def test_user_errors_are_one_line_messages(tiny_ckpt, tokenizer_dir, tmp_path, c
     args = ["--dataset", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path), *QUICK]
     assert sentiment.main(args) == 0
     assert sentiment.main(args) == 2  # the same run again without --resume
-    assert "already holds a run; pass --resume" in capsys.readouterr().err
-    assert sentiment.main([*args, "--data_dir", str(tmp_path / "empty")]) == 2
+    assert "holds a finished run" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # an explicit --data_dir is never fetched into
+        sentiment.main([*args, "--data_dir", str(tmp_path / "empty")])
+    assert exit_info.value.code == 2
     assert "scripts/download_data.py" in capsys.readouterr().err
 
 

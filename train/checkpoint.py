@@ -25,6 +25,10 @@ from safetensors.torch import load_file, save_file
 from model.files import atomic_write_text
 
 
+class CheckpointCorrupt(ValueError):
+    """A checkpoint pointer or folder that cannot be read; the message names the file."""
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -82,8 +86,11 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     progress: dict[str, Any],
+    rng: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> Path:
-    """Write `<kind>-<step>/` completely, then point `<kind>.json` at it, then drop the old folder."""
+    """Write `<kind>-<step>/` completely, then point `<kind>.json` at it, then drop the old folder.
+    `rng`: the RNG state to record (default: now); the loop passes the state at the end of `step`
+    when it writes the checkpoint one step later, after that step's weights proved healthy."""
     directory.mkdir(parents=True, exist_ok=True)
     name = f"{kind}-{step:06d}"
     final = directory / name
@@ -91,7 +98,7 @@ def save_checkpoint(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     opt_tensors, opt_meta = _optimizer_to_files(optimizer)
-    rng_tensors, rng_meta = rng_state()
+    rng_tensors, rng_meta = rng if rng is not None else rng_state()
     save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(staging / "trainable.safetensors"))
     save_file({**opt_tensors, **rng_tensors}, str(staging / "optimizer.safetensors"))
     scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
@@ -108,7 +115,10 @@ def save_checkpoint(
     os.replace(staging, final)
     _fsync_dir(directory)
     pointer = directory / f"{kind}.json"
-    previous = json.loads(pointer.read_text())["folder"] if pointer.exists() else None
+    try:
+        previous = json.loads(pointer.read_text())["folder"] if pointer.exists() else None
+    except (ValueError, KeyError, TypeError):
+        previous = None  # a corrupt pointer is replaced below
     atomic_write_text(pointer, json.dumps({"folder": name, "step": step}))
     if previous and previous != name:
         shutil.rmtree(directory / previous, ignore_errors=True)
@@ -116,18 +126,29 @@ def save_checkpoint(
 
 
 def checkpoint_folder(directory: Path, kind: str) -> Path | None:
+    """The folder `<kind>.json` points at, None when there is no pointer; a pointer that cannot be
+    read or points at nothing raises CheckpointCorrupt naming it."""
     pointer = directory / f"{kind}.json"
     if not pointer.exists():
         return None
-    folder = directory / json.loads(pointer.read_text())["folder"]
-    return folder if folder.is_dir() else None
+    try:
+        name = json.loads(pointer.read_text())["folder"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointCorrupt(f"{pointer} is corrupt ({type(error).__name__}: {error})") from None
+    folder = directory / name
+    if not folder.is_dir():
+        raise CheckpointCorrupt(f"{pointer} points at {folder}, which does not exist")
+    return folder
 
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor]]:
     """(trainable weights, state.json, optimizer + RNG tensors) of a checkpoint folder."""
-    trainable = load_file(str(folder / "trainable.safetensors"))
-    state = json.loads((folder / "state.json").read_text())
-    return trainable, state, load_file(str(folder / "optimizer.safetensors"))
+    try:
+        trainable = load_file(str(folder / "trainable.safetensors"))
+        state = json.loads((folder / "state.json").read_text())
+        return trainable, state, load_file(str(folder / "optimizer.safetensors"))
+    except Exception as error:  # noqa: BLE001 - truncated safetensors, bad JSON, missing file: one message
+        raise CheckpointCorrupt(f"checkpoint {folder} cannot be read ({type(error).__name__}: {error})") from None
 
 
 def copy_into(params: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], source: Path) -> None:

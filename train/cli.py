@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import torch
@@ -100,11 +101,33 @@ def build_parser(description: str) -> ArgumentParser:
     )
     io.add_argument("--wandb_project", default="gpt2-variants", help="(default: %(default)s)")
     io.add_argument("--wandb_group", default=None, help="wandb group (default: the task; ablation grids: the grid)")
-    io.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    io.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run folder of these settings from its last checkpoint (a finished run: nothing to do)",
+    )
+    io.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="clear an existing run folder of these settings (logs, checkpoints, wandb, its runs.tsv row) first",
+    )
+    io.add_argument(
+        "--extend_epochs",
+        type=int,
+        default=None,
+        help="with --resume: train N epochs more than the run was started with; the lr schedule is re-planned "
+        "over the new total (default: none)",
+    )
+    io.add_argument(
+        "--log_every",
+        type=int,
+        default=50,
+        help="when stderr is not a terminal, print a progress line every N steps (0: never; default: %(default)s)",
+    )
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--seed", type=int, default=11711, help="(default: %(default)s)")
     opt.add_argument("--epochs", type=int, default=10, help="(default: %(default)s)")
-    opt.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+    opt.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (default: none)")
     opt.add_argument("--batch_size", type=int, default=8, help="(default: %(default)s)")
     opt.add_argument("--eval_batch_size", type=int, default=32, help="batch size of evaluation (default: %(default)s)")
     opt.add_argument("--grad_accum", type=int, default=1, help="(default: %(default)s)")
@@ -125,13 +148,39 @@ def build_parser(description: str) -> ArgumentParser:
         "--schedule", choices=["cosine", "linear", "constant"], default="linear", help="(default: %(default)s)"
     )
     opt.add_argument("--max_grad_norm", type=float, default=1.0, help="(default: %(default)s)")
-    opt.add_argument("--eval_every", type=int, default=0, help="evaluate every N optimizer steps (0: each epoch)")
-    opt.add_argument("--save_every", type=int, default=0, help="also save the last checkpoint every N steps (0: off)")
-    opt.add_argument("--patience", type=int, default=0, help="stop after N evaluations without improvement (0: off)")
-    opt.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    opt.add_argument(
+        "--eval_every", type=int, default=0, help="evaluate every N optimizer steps (0: each epoch; default: 0)"
+    )
+    opt.add_argument(
+        "--save_every", type=int, default=0, help="also save the last checkpoint every N steps (0: off; default: 0)"
+    )
+    opt.add_argument(
+        "--save_every_minutes",
+        type=float,
+        default=30.0,
+        help="also save the last checkpoint when this many minutes passed since the last save (0: off; "
+        "default: %(default)s)",
+    )
+    opt.add_argument(
+        "--spike_factor",
+        type=float,
+        default=10.0,
+        help="a step loss above this many times the running median of healthy losses is a spike: the checkpoint "
+        "whose weights gave it is not kept (0: off; default: %(default)s)",
+    )
+    opt.add_argument(
+        "--patience", type=int, default=0, help="stop after N evaluations without improvement (0: off; default: 0)"
+    )
+    opt.add_argument(
+        "--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps (default: %(default)s)"
+    )
     opt.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="(default: %(default)s)")
-    opt.add_argument("--no_bucket", action="store_true", help="batches in data order instead of length buckets")
-    opt.add_argument("--eval_train", action="store_true", help="also report accuracy on the training examples")
+    opt.add_argument(
+        "--no_bucket", action="store_true", help="batches in data order instead of length buckets (default: off)"
+    )
+    opt.add_argument(
+        "--eval_train", action="store_true", help="also report accuracy on the training examples (default: off)"
+    )
     add_config_flags(parser)
     return parser
 
@@ -158,11 +207,17 @@ def check_training_flags(args: argparse.Namespace) -> None:
     check_counts(
         args,
         ("epochs", "batch_size", "grad_accum", "eval_batch_size"),
-        ("max_steps", "train_limit", "dev_limit", "test_limit", "max_length"),
+        ("max_steps", "train_limit", "dev_limit", "test_limit", "max_length", "extend_epochs"),
     )
-    for name in ("eval_every", "save_every", "patience"):
+    for name in ("eval_every", "save_every", "patience", "log_every", "save_every_minutes"):
         if getattr(args, name, 0) < 0:
             raise ValueError(f"--{name} must be >= 0 (0: off)")
+    if 0 < args.spike_factor <= 1:
+        raise ValueError("--spike_factor must be > 1 (0: off)")
+    if args.spike_factor < 0:
+        raise ValueError("--spike_factor must be > 1 (0: off)")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: pass one")
     if getattr(args, "warmup", 0.0) < 0:
         raise ValueError("--warmup must be >= 0")
     if getattr(args, "weight_decay", 0.0) < 0:
@@ -184,11 +239,11 @@ def check_device(name: str) -> None:
         raise ValueError(f"--device {name}: MPS is not available on this machine")
 
 
-def resolve_config(args: argparse.Namespace):
+def resolve_config(args: argparse.Namespace, config_source: str | None = None):
     """The run's GPT2Config: the checkpoint's config.json (only that file is read) + the variant flags,
     validated at that real size. Fills in the default `--lr`. Raises ValueError / CheckpointError."""
     overrides = config_overrides(args)
-    config = read_checkpoint_config(args.model, **overrides)
+    config = read_checkpoint_config(config_source or args.model, **overrides).replace(name=str(args.model))
     model_fields = set(ModelSettings.__dataclass_fields__)
     allowed = model_fields | set(switches()) | used_knobs(config)
     unused = sorted(k for k in overrides if k not in allowed)
@@ -219,15 +274,29 @@ def resolve_config(args: argparse.Namespace):
     return config
 
 
-def validate(parser: argparse.ArgumentParser, args: argparse.Namespace, tasks=()):
+def validate(parser: argparse.ArgumentParser, args: argparse.Namespace, tasks=(), config_source: str | None = None):
     """Both validation stages; exits 2 with one line on any problem."""
     try:
         check_training_flags(args)
         for task in tasks:
             task.check_flags(args)
-        return resolve_config(args)
+        return resolve_config(args, config_source)
     except (ValueError, CheckpointError) as error:
         parser.error(str(error))
+
+
+def check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace, tasks) -> Path:
+    """The task data (fetched into the cache folder when missing and no --data_dir was given) and the
+    tokenizer, checked before any weights load; exits 2 with one line."""
+    from datasets.common import DataError, ensure_data
+    from model.tokenizer import TokenizerNotFound, load_tokenizer
+
+    try:
+        folder = ensure_data(sorted({name for task in tasks for name in task.data_files()}), args.data_dir)
+        load_tokenizer(args.tokenizer)
+    except (DataError, TokenizerNotFound) as error:
+        parser.error(str(error))
+    return folder
 
 
 def resolve_device(name: str) -> str:

@@ -20,13 +20,23 @@ from pathlib import Path
 
 from datasets.common import DataError
 from model import CheckpointError, TokenizerNotFound
-from train.cli import build_parser, validate
-from train.loop import TrainingDiverged, train
+from train.checkpoint import CheckpointCorrupt
+from train.cli import build_parser, check_inputs, validate
+from train.lifecycle import EXIT_DIVERGED, Interrupted, RunFolderError, StopSignals, TrainingDiverged
+from train.loop import train
 from train.runs import run_name
 from train.tasks import TASKS, get_task
 
 # Problems with the user's inputs (paths, files, an existing run folder): one message, no traceback.
-USER_ERRORS = (CheckpointError, DataError, TokenizerNotFound, FileExistsError, FileNotFoundError)
+USER_ERRORS = (
+    CheckpointError,
+    CheckpointCorrupt,
+    DataError,
+    TokenizerNotFound,
+    RunFolderError,
+    FileExistsError,
+    FileNotFoundError,
+)
 
 
 @dataclass(frozen=True)
@@ -89,8 +99,10 @@ GENERIC = EntryPoint(__doc__, _add_task, lambda args: [args.task], lambda args: 
 MULTITASK = EntryPoint(__doc__, _add_multitask, _select_multitask, lambda args: "multitask-" + "-".join(args.tasks))
 
 
-def parse(entry: EntryPoint, argv: list[str] | None):
-    """(args, task classes, resolved GPT2Config); exits 2 with one line on any invalid flag."""
+def parse(entry: EntryPoint, argv: list[str] | None, inputs: bool = True, config_source: str | None = None):
+    """(args, task classes, resolved GPT2Config); exits 2 with one line on any invalid flag. With
+    `inputs`, the tokenizer and the task data files are checked too (fetching missing data into the
+    cache folder when no --data_dir was given), so nothing that can be checked fails later."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     entry.add_selection(pre, False)
@@ -109,28 +121,39 @@ def parse(entry: EntryPoint, argv: list[str] | None):
         tasks = [get_task(n) for n in entry.select(args)]
     except ValueError as error:
         parser.error(str(error))
-    config = validate(parser, args, tasks)
+    config = validate(parser, args, tasks, config_source)
+    if inputs:
+        check_inputs(parser, args, tasks)
     args.argv = argv  # recorded in the run's config.json (not part of its identity)
     return args, tasks, config
 
 
-def planned_run_dir(entry: EntryPoint, argv: list[str]) -> Path:
-    """The folder a run of these flags writes to, without running it (reads config.json only)."""
-    args, _, config = parse(entry, argv)
+def planned_run_dir(entry: EntryPoint, argv: list[str], config_source: str | None = None) -> Path:
+    """The folder a run of these flags writes to, without running it (reads config.json only, from
+    `config_source` instead of --model when given: a checkpoint not written yet)."""
+    args, _, config = parse(entry, argv, inputs=False, config_source=config_source)
     return Path(args.out_dir) / run_name(entry.label(args), config, args)
 
 
 def run(entry: EntryPoint, argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 bad input (one `error:` line), 3 diverged, 130 / 143 interrupted by
+    SIGINT / SIGTERM (a checkpoint was saved: add --resume to continue)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args, tasks, config = parse(entry, argv)
-    try:
-        train(entry.label(args), tasks, args, config)
-    except TrainingDiverged as error:
-        print(f"\nerror: {error}", file=sys.stderr)
-        return 3
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with StopSignals() as signals:
+        args, tasks, config = parse(entry, argv)
+        try:
+            train(entry.label(args), tasks, args, config, signals)
+        except TrainingDiverged as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_DIVERGED
+        except Interrupted as error:
+            print(str(error), file=sys.stderr)
+            return error.exit_status
+        except USER_ERRORS as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        if signals.received is not None:  # arrived during the last evaluation: the run finished anyway
+            print("the run finished before the signal could stop it", file=sys.stderr)
     return 0
 
 

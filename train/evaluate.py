@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from datasets.common import DataError, data_dir
+from datasets.common import DataError
 from model import CheckpointError, GPT2LMHeadModel, TokenizerNotFound, load_tokenizer
 from model.config import STACK_FIELDS
 from model.files import atomic_write_json
 from train import checkpoint as ckpt
-from train.cli import ArgumentParser, check_counts, check_device
+from train.cli import ArgumentParser, check_counts, check_device, check_inputs
 from train.tasks import TASKS, get_task
 
 log = logging.getLogger("evaluate")
@@ -93,7 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="seed of fresh heads and sonnet sampling (default: a run folder's own seed, else 0)",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)"
+    )
     for task in TASKS.values():
         task.add_flags(parser)
     args = parser.parse_args(argv)
@@ -104,7 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             task.check_flags(args)
     except ValueError as error:
         parser.error(str(error))
-    args.data_dir = data_dir(args.data_dir)
+    args.data_dir = check_inputs(parser, args, list(TASKS.values()) if args.task == "all" else [get_task(args.task)])
     args.eval_batch_size, args.train_limit = args.batch_size, None
     return args
 

@@ -8,12 +8,15 @@ survive a SIGKILL (train/checkpoint.py) and `--resume` continues bit-for-bit on 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
 import random
 import resource
 import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,13 +32,23 @@ from model.files import atomic_write_json
 from model.trainable import build_optimizer, set_trainable
 from modules.registry import auxiliary_loss, enabled_variants
 from train import checkpoint as ckpt
+from train import lifecycle
 from train.cli import config_overrides, resolve_device
-from train.runs import RunLogger, append_runs_tsv, config_hash, git_commit, new_wandb_id, run_name, variant_tag
+from train.runs import (
+    RunLogger,
+    config_hash,
+    drop_runs_row,
+    git_commit,
+    identity_settings,
+    new_wandb_id,
+    run_name,
+    truncate_log,
+    variant_tag,
+    write_runs_row,
+)
 from train.tasks import selection_score
 
-
-class TrainingDiverged(RuntimeError):
-    pass
+TrainingDiverged = lifecycle.TrainingDiverged
 
 
 class TaskModel(nn.Module):
@@ -108,14 +121,96 @@ def _peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train(task_label: str, task_classes: list, args: argparse.Namespace, config: GPT2Config) -> dict[str, Any]:
+class Console:
+    """Progress on stderr: a tqdm bar (refreshed at most twice a second) on a terminal; otherwise (a log
+    file, SLURM) one plain line every `every` steps. Messages always get their own line."""
+
+    def __init__(self, enabled: bool, total: int, initial: int, name: str, every: int) -> None:
+        self.enabled, self.total, self.every = enabled, total, every
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=initial, desc=name[:40], mininterval=0.5, disable=not self.tty)
+        self.start = time.perf_counter()
+
+    def step(self, step: int, epoch: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{values['train/loss']:.4f}", tok_s=f"{values['train/tokens_per_s']:.0f}")
+        elif self.every and (step % self.every == 0 or step == self.total):
+            print(
+                f"step {step}/{self.total} epoch {epoch + 1} loss {values['train/loss']:.4f} "
+                f"lr {values['train/lr']:.3g} tok/s {values['train/tokens_per_s']:.0f} "
+                f"elapsed {time.perf_counter() - self.start:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _all_ranks_any(flag: bool, world: int, device: str) -> bool:
+    """True on every rank when `flag` is true on any (so every rank stops at the same step)."""
+    if world == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _metrics_line(step: int, epoch: float, metrics: dict, score: float, best: bool) -> str:
+    parts = [
+        f"{task} {key} {value:.4f}"
+        for task, values in metrics.items()
+        for key, value in values.items()
+        if key.startswith("dev_") and isinstance(value, int | float)
+    ]
+    return (
+        f"step {step} (epoch {epoch:.2f}): "
+        + ", ".join(parts)
+        + f"; selection {score:.4f}"
+        + (" [best]" if best else "")
+    )
+
+
+def train(task_label: str, task_classes: list, args: argparse.Namespace, config: GPT2Config, signals=None) -> dict:
     """Train `task_classes` on one backbone. `config` is the run's resolved config (validated by the
-    entry point before anything was loaded)."""
+    entry point before anything was loaded). `signals`: a StopSignals the caller entered (SIGINT /
+    SIGTERM then stop after the current step with a checkpoint, raising Interrupted)."""
+    signals = signals or lifecycle.StopSignals()
     rank, world, local_rank = _distributed()
     device = resolve_device(args.device)
     if device == "cuda" and world > 1:
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(local_rank)
+    main_process = rank == 0
+
+    name = run_name(task_label, config, args)
+    out_dir = Path(args.out_dir)
+    run_dir = out_dir / name
+    checkpoints = run_dir / "checkpoints"
+    identity = identity_settings(task_label, config, args)
+    state = lifecycle.folder_state(run_dir)
+    saved_record = _check_run_folder(run_dir, state, identity, args, main_process)
+    if saved_record is not None and state == "finished" and not args.extend_epochs:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        if main_process:
+            print(
+                f"{run_dir} is already finished (selection score {metrics.get('selection_score')} at step "
+                f"{metrics.get('best_step')}); nothing to do. --resume --extend_epochs N trains it further."
+            )
+        return metrics
+    if signals.received is not None:
+        raise lifecycle.Interrupted(signals.received, "interrupted before training started; nothing to save")
+    resume = args.resume and state in ("interrupted", "finished")
+    extra_epochs = (saved_record or {}).get("extra_epochs", 0) + (args.extend_epochs or 0)
+    epochs = args.epochs + extra_epochs
+
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     model = GPT2LMHeadModel.from_pretrained(args.model, **config_overrides(args)).to(device)
@@ -132,20 +227,19 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
         wrapped = nn.parallel.DistributedDataParallel(task_model, find_unused_parameters=len(objectives) > 1)
     optimizer = build_optimizer(model, args.lr, args.weight_decay, heads=heads.values())
 
-    name = run_name(task_label, config, args)
-    run_dir = Path(args.out_dir) / name
-    checkpoints = run_dir / "checkpoints"
-    main_process = rank == 0
     steps_per_epoch = math.ceil(len(epoch_schedule(objectives, args, 0, rank, world)) / args.grad_accum)
-    total_steps = args.max_steps or steps_per_epoch * args.epochs
+    total_steps = args.max_steps or steps_per_epoch * epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.schedule, args.warmup, total_steps))
     trainable = {n: p for n, p in task_model.named_parameters() if p.requires_grad}
+    config_values = {**config.to_dict(), "fine_tune_mode": config.resolved_fine_tune_mode}
     record = {
         "task": task_label,
         "run": name,
-        "config": config.to_dict(),
+        "grid": args.wandb_group,
+        "config": config_values,
         "variants": [v.name for v in enabled_variants(config)],
-        "training": {k: v for k, v in vars(args).items() if k not in {f for f in config.to_dict()} and k != "argv"},
+        "training": {k: v for k, v in vars(args).items() if k not in config_values and k != "argv"},
+        "identity": identity,
         "command": args.argv,
         "config_hash": config_hash(task_label, config, args),
         "wandb_id": new_wandb_id(task_label, config, args),
@@ -153,6 +247,7 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
         "parameters": counts,
         "world_size": world,
         "device": device,
+        "extra_epochs": extra_epochs,
     }
     progress = {
         "epoch": 0,
@@ -164,44 +259,73 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
         "train_seconds": 0.0,
         "best_metrics": None,
     }
-    if args.resume:
-        folder = ckpt.checkpoint_folder(checkpoints, "last")
-        if folder is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {checkpoints}")
-        saved = json.loads((run_dir / "config.json").read_text())
-        if GPT2Config.from_dict(saved["config"]) != config:
-            raise FileExistsError(f"--resume: {run_dir}/config.json has a different model config than these flags")
-        record["wandb_id"] = saved.get("wandb_id", record["wandb_id"])  # the same wandb run continues
-        weights, state, tensors = ckpt.load_checkpoint(folder)
+    if resume:
+        folder = lifecycle.last_checkpoint(checkpoints)
+        record["wandb_id"] = saved_record.get("wandb_id", record["wandb_id"])  # the same wandb run continues
+        record["command"] = saved_record.get("command", record["command"])
+        record["resumed_with"] = args.argv
+        weights, state_json, tensors = ckpt.load_checkpoint(folder)
         missing = sorted(set(trainable) - set(weights))
         if missing:
-            raise ValueError(f"--resume: checkpoint {folder} lacks trainable weights {missing[:5]}")
+            raise ckpt.CheckpointCorrupt(f"--resume: checkpoint {folder} lacks trainable weights {missing[:5]}")
         ckpt.copy_into(trainable, weights, folder)
-        ckpt.restore_optimizer(optimizer, state, tensors)
-        scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
-        ckpt.restore_rng(tensors, state["rng"])
-        progress = state["progress"]
+        ckpt.restore_optimizer(optimizer, state_json, tensors)
+        scheduler.load_state_dict({**state_json["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+        ckpt.restore_rng(tensors, state_json["rng"])
+        progress = state_json["progress"]
+        if args.extend_epochs:
+            progress["bad_evals"] = 0  # patience counts afresh in the added epochs
+        if main_process:
+            dropped = truncate_log(run_dir / "log.jsonl", progress["step"])
+            print(
+                f"resuming {name} from step {progress['step']} (epoch {progress['epoch']})"
+                + (f"; dropped {dropped} log line(s) written after that checkpoint" if dropped else ""),
+                file=sys.stderr,
+            )
+            if args.extend_epochs:
+                old_lr = scheduler.get_last_lr()[0]
+                new_lr = args.lr * lr_lambda(args.schedule, args.warmup, total_steps)(progress["step"])
+                print(
+                    f"extending by {args.extend_epochs} epoch(s) to {epochs}: training continues to step "
+                    f"{total_steps}; "
+                    f"the {args.schedule} schedule is re-planned over {total_steps} steps, so the lr goes from "
+                    f"{old_lr:.3g} to {new_lr:.3g} at step {progress['step']}",
+                    file=sys.stderr,
+                )
+            if note := lifecycle.diverged_note(run_dir):
+                print(note, file=sys.stderr)
+            atomic_write_json(run_dir / "config.json", record)
     elif main_process:
-        if (run_dir / "checkpoints").exists():
-            raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or remove it")
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "config.json", record)
     tags = [task_label, *(record["variants"] or ["base"])]
+    wandb_config = {**config_values, **record["training"], "task": task_label, "grid": args.wandb_group, "run": name}
     logger = RunLogger(
         run_dir,
         name,
         record["wandb_id"],
         args.wandb_group or task_label,
         tags,
-        record,
+        wandb_config,
         args.wandb,
         args.wandb_project,
         enabled=main_process,
     )
+    console = Console(main_process, total_steps, progress["step"], name, args.log_every)
 
-    def save(kind: str) -> None:
+    def save(kind: str, snapshot: tuple | None = None) -> None:
+        """Write a checkpoint of the current weights; `snapshot` = (progress, rng) recorded at the end
+        of the step those weights belong to (a deferred save)."""
         if main_process:
-            ckpt.save_checkpoint(checkpoints, kind, progress["step"], trainable, optimizer, scheduler, progress)
+            saved_progress, rng = snapshot or (progress, None)
+            ckpt.save_checkpoint(
+                checkpoints, kind, saved_progress["step"], trainable, optimizer, scheduler, saved_progress, rng
+            )
+        nonlocal last_save
+        last_save = time.monotonic()
+
+    def snapshot() -> tuple:
+        return copy.deepcopy(progress), ckpt.rng_state()
 
     def evaluate() -> bool:
         """Every rank scores its share of dev (gathered); rank 0 logs, keeps the best predictions and
@@ -223,7 +347,11 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
             score = selection_score(metrics)
             flat = {f"{n}/{k}": v for n, m in metrics.items() for k, v in m.items() if k != "predictions"}
             logger.log({**flat, "dev/selection_score": score, "epoch": progress["epoch"]}, progress["step"])
-            if progress["best"] is None or score > progress["best"]:
+            improved = progress["best"] is None or score > progress["best"]
+            console.message(
+                _metrics_line(progress["step"], progress["step"] / steps_per_epoch, metrics, score, improved)
+            )
+            if improved:
                 progress.update(best=score, best_step=progress["step"], bad_evals=0, best_metrics=metrics)
                 shutil.rmtree(run_dir / "predictions", ignore_errors=True)
                 os.replace(staging, run_dir / "predictions")
@@ -238,79 +366,119 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
             stop = flag[0]
         return stop
 
+    def diverged(task: str, value: float, reason: str) -> lifecycle.TrainingDiverged:
+        last = lifecycle.last_checkpoint(checkpoints)
+        info = {"step": progress["step"] + 1, "task": task, "loss": value, "reason": reason}
+        if main_process:
+            atomic_write_json(run_dir / "diverged.json", info)
+            logger.log({"diverged": reason, "epoch": progress["epoch"]}, progress["step"] + 1)
+        return lifecycle.TrainingDiverged(
+            f"training diverged at step {progress['step'] + 1} on task {task}: {reason}; stopped. The last "
+            f"healthy checkpoint is kept: {last or 'none saved yet'}"
+        )
+
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    guard = lifecycle.DivergenceGuard(args.spike_factor)
     wrapped.train()
     start_time = time.perf_counter() - progress["train_seconds"]
     tokens_since, clock = 0, time.perf_counter()
+    last_save = time.monotonic()
+    pending = None  # a checkpoint due at the previous step, written once this step's loss shows its weights are healthy
     stopped = progress["step"] >= total_steps
     evaluated_at = None
-    bar = tqdm(total=total_steps, initial=progress["step"], disable=not main_process, desc=name[:40], mininterval=1.0)
-    while not stopped and progress["epoch"] < args.epochs:
-        schedule = epoch_schedule(objectives, args, progress["epoch"], rank, world)
-        while progress["position"] < len(schedule):
-            group = schedule[progress["position"] : progress["position"] + args.grad_accum]
-            for task, batch in group:
-                with autocast:
-                    loss = wrapped(task, batch) * getattr(args, "task_weights", {}).get(task, 1.0)
-                    if (extra := auxiliary_loss(model, config)) is not None:  # e.g. the KAN regulariser
-                        loss = loss + extra
-                if not torch.isfinite(loss):
-                    last = ckpt.checkpoint_folder(checkpoints, "last")
-                    raise TrainingDiverged(
-                        f"non-finite loss ({loss.item()}) at step {progress['step']} on task {task}; stopped. "
-                        f"The last good checkpoint is untouched: {last or 'none saved yet'}"
-                    )
-                (loss / len(group)).backward()
-                tokens_since += objectives[task].batch_tokens(batch)
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress["position"] += len(group)
-            progress["step"] += 1
-            bar.update(1)
-            elapsed = time.perf_counter() - clock
-            if main_process:
-                bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens_since * world / max(elapsed, 1e-9):.0f}")
-                logger.log(
-                    {
-                        "train/loss": loss.item(),
-                        "train/lr": scheduler.get_last_lr()[0],
-                        "train/grad_norm": float(grad_norm),
-                        "train/tokens_per_s": tokens_since * world / elapsed,
-                        "epoch": progress["epoch"],
-                    },
-                    progress["step"],
-                )
-            tokens_since, clock = 0, time.perf_counter()
-            progress["train_seconds"] = time.perf_counter() - start_time
-            end_of_epoch = progress["position"] >= len(schedule)
-            if end_of_epoch:
-                progress.update(epoch=progress["epoch"] + 1, position=0)
-            last_step = progress["step"] >= total_steps or progress["epoch"] >= args.epochs
-            if (
-                (args.eval_every and progress["step"] % args.eval_every == 0)
-                or (not args.eval_every and end_of_epoch)
-                or last_step
-            ):
-                stopped = evaluate() or last_step
-                evaluated_at = progress["step"]
-                save("last")
-            elif args.save_every and progress["step"] % args.save_every == 0:
-                save("last")
-            if stopped:
-                break
-    bar.close()
+    try:
+        while not stopped and progress["epoch"] < epochs:
+            schedule = epoch_schedule(objectives, args, progress["epoch"], rank, world)
+            while progress["position"] < len(schedule):
+                group = schedule[progress["position"] : progress["position"] + args.grad_accum]
+                spike = None
+                for task, batch in group:
+                    with autocast:
+                        loss = wrapped(task, batch) * getattr(args, "task_weights", {}).get(task, 1.0)
+                        if (extra := auxiliary_loss(model, config)) is not None:  # e.g. the KAN regulariser
+                            loss = loss + extra
+                    value = loss.item()
+                    problem = guard.check(task, value)
+                    if problem and not math.isfinite(value):
+                        raise diverged(task, value, problem)
+                    spike = spike or problem
+                    (loss / len(group)).backward()
+                    tokens_since += objectives[task].batch_tokens(batch)
+                if pending is not None:
+                    if spike:
+                        console.message(
+                            f"step {progress['step'] + 1}: {spike}; the checkpoint of step {pending[0]['step']} "
+                            f"(whose weights gave it) is not kept"
+                        )
+                    else:
+                        save("last", pending)
+                    pending = None
+                elif spike:
+                    console.message(f"step {progress['step'] + 1}: {spike}")
+                grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress["position"] += len(group)
+                progress["step"] += 1
+                elapsed = time.perf_counter() - clock
+                values = {
+                    "train/loss": value,
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/grad_norm": float(grad_norm),
+                    "train/tokens_per_s": tokens_since * world / max(elapsed, 1e-9),
+                    "epoch": progress["epoch"],
+                }
+                if main_process:
+                    logger.log(values, progress["step"])
+                console.step(progress["step"], progress["epoch"], values)
+                tokens_since, clock = 0, time.perf_counter()
+                progress["train_seconds"] = time.perf_counter() - start_time
+                end_of_epoch = progress["position"] >= len(schedule)
+                if end_of_epoch:
+                    progress.update(epoch=progress["epoch"] + 1, position=0)
+                last_step = progress["step"] >= total_steps or progress["epoch"] >= epochs
+                if (
+                    (args.eval_every and progress["step"] % args.eval_every == 0)
+                    or (not args.eval_every and end_of_epoch)
+                    or last_step
+                ):
+                    stopped = evaluate() or last_step
+                    evaluated_at = progress["step"]
+                    if stopped:
+                        save("last")
+                    else:
+                        pending = snapshot()
+                elif (args.save_every and progress["step"] % args.save_every == 0) or (
+                    args.save_every_minutes and time.monotonic() - last_save >= 60 * args.save_every_minutes
+                ):
+                    pending = snapshot()
+                if _all_ranks_any(signals.received is not None, world, device):
+                    signum = signals.received or signal.SIGTERM
+                    if not spike:
+                        save("last")
+                    raise lifecycle.Interrupted(signum, _interrupted_message(signum, progress, checkpoints))
+                if stopped:
+                    break
+    finally:
+        console.close()
+        if sys.exc_info()[0] is not None:
+            logger.finish()
     if evaluated_at != progress["step"] and progress["best"] is None:
         evaluate()
         save("last")
     result = {}
     if main_process:
         best = progress["best_metrics"] or {}
-        result = _finish(run_dir, name, task_label, config, args, record, progress, best, device, objectives)
+        result = _finish(run_dir, name, task_label, config, record, progress, best, device, objectives, steps_per_epoch)
         logger.summary(
             {
                 "best/selection_score": progress["best"],
+                "best/step": progress["best_step"],
+                "train_seconds": result["train_seconds"],
+                "peak_memory_mb": result["peak_memory_mb"],
+                "trainable_params": counts["trainable"],
+                "total_params": counts["total"],
                 **{f"best/{n}/{k}": v for n, m in best.items() for k, v in m.items() if k != "predictions"},
             }
         )
@@ -320,13 +488,67 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
     return result
 
 
+def _interrupted_message(signum: int, progress: dict, checkpoints: Path) -> str:
+    last = lifecycle.last_checkpoint(checkpoints)
+    saved = json.loads((checkpoints / "last.json").read_text())["step"] if last else None
+    where = f"checkpoint at step {saved}" if saved is not None else "no checkpoint (nothing healthy to save)"
+    return (
+        f"interrupted by {signal.Signals(signum).name} at step {progress['step']} (epoch {progress['epoch']}); "
+        f"{where}. Continue with the same command plus --resume"
+    )
+
+
+def _check_run_folder(run_dir: Path, state: str, identity: dict, args, main_process: bool) -> dict | None:
+    """Enforce the start/resume rules (module docstring of train/lifecycle.py); returns the saved
+    record of a run that is resumed, None for a fresh start (after --overwrite cleared the folder)."""
+    if args.extend_epochs and not args.resume:
+        raise lifecycle.RunFolderError("--extend_epochs N extends an existing run: pass it with --resume")
+    if args.extend_epochs and args.max_steps:
+        raise lifecycle.RunFolderError("--extend_epochs cannot extend a run limited by --max_steps")
+    if args.resume:
+        if state == "new":
+            closest = lifecycle.closest_run(Path(args.out_dir), identity, args.seed)
+            if closest is not None and closest[1]:
+                folder, diffs = closest
+                raise lifecycle.RunFolderError(
+                    f"--resume: no run with these settings in {args.out_dir} ({run_dir.name}); the closest, "
+                    f"{folder.name}, differs in: " + "; ".join(diffs)
+                )
+            raise lifecycle.RunFolderError(f"--resume: no run {run_dir.name} in {args.out_dir} to resume")
+        saved = lifecycle.read_record(run_dir)
+        if "identity" in saved and (diffs := lifecycle.differences(saved["identity"], identity)):
+            raise lifecycle.RunFolderError(f"--resume: {run_dir} was run with other settings: " + "; ".join(diffs))
+        if state == "dead":  # nothing to continue: start again from step 0 with a clean folder
+            if main_process:
+                print(
+                    f"{run_dir} stopped at step {lifecycle.logged_steps(run_dir)} before its first checkpoint; "
+                    f"starting it again from step 0",
+                    file=sys.stderr,
+                )
+                lifecycle.clear_run_folder(run_dir)
+            return None
+        lifecycle.last_checkpoint(run_dir / "checkpoints")  # a corrupt pointer fails here, before any loading
+        return saved
+    if state != "new":
+        if not args.overwrite:
+            raise lifecycle.refuse_fresh_start(run_dir, state)
+        if main_process:
+            lifecycle.clear_run_folder(run_dir)
+            drop_runs_row(Path(args.out_dir) / "runs.tsv", run_dir)
+    return None
+
+
 def _finish(
-    run_dir: Path, name: str, task_label: str, config, args, record, progress, best, device, objectives
+    run_dir: Path, name: str, task_label: str, config, record, progress, best, device, objectives, steps_per_epoch
 ) -> dict[str, Any]:
     single = len(objectives) == 1
-    metrics: dict[str, Any] = dict(next(iter(best.values()))) if single else {"tasks": best}
-    if single and "predictions" in metrics:
-        metrics["predictions"] = {k: f"predictions/{v}" for k, v in metrics["predictions"].items()}
+    prefixed = {
+        n: {**m, "predictions": {k: f"predictions/{v}" for k, v in m["predictions"].items()}}
+        if "predictions" in m
+        else m
+        for n, m in best.items()
+    }
+    metrics: dict[str, Any] = dict(next(iter(prefixed.values()))) if single else {"tasks": prefixed}
     metrics.update(
         selection_score=progress["best"],
         best_step=progress["best_step"],
@@ -335,17 +557,18 @@ def _finish(
         peak_memory_mb=round(_peak_memory_mb(device), 1),
     )
     atomic_write_json(run_dir / "metrics.json", metrics)
+    args = record["training"]
     primary = next(iter(objectives.values())).metric if single else "selection_score"
     best_value = metrics.get(primary, progress["best"])
-    append_runs_tsv(
-        Path(args.out_dir) / "runs.tsv",
+    write_runs_row(
+        Path(args["out_dir"]) / "runs.tsv",
         {
             "run": name,
             "task": task_label,
             "variant": variant_tag(config),
             "config_hash": record["config_hash"],
-            "seed": args.seed,
-            "lr": args.lr,
+            "seed": args["seed"],
+            "lr": args["lr"],
             "fine_tune_mode": config.resolved_fine_tune_mode,
             "trainable_params": record["parameters"]["trainable"],
             "total_params": record["parameters"]["total"],
@@ -361,9 +584,10 @@ def _finish(
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         },
     )
+    best_epoch = math.ceil(progress["best_step"] / steps_per_epoch) if progress["best_step"] else 0
     print(
         f"done {name}: best {primary} = {best_value:.4f} at step {progress['best_step']} "
-        f"(epoch {progress['epoch']}), {metrics['train_seconds']:.1f} s, "
+        f"(epoch {best_epoch}), {metrics['train_seconds']:.1f} s, "
         f"{record['parameters']['trainable']:,} of {record['parameters']['total']:,} parameters trained -> {run_dir}"
     )
     return metrics

@@ -18,11 +18,13 @@ import json
 import logging
 import secrets
 import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
+from model.files import atomic_write_text
 from modules.registry import enabled_variants
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,12 @@ IDENTITY_EXCLUDED = {
     "tokenizer",
     "device",
     "save_every",
+    "save_every_minutes",
+    "log_every",
+    "spike_factor",
     "eval_train",
+    "overwrite",
+    "extend_epochs",
     "argv",
 }
 MODE_TAGS = {"full-model": "full", "last-linear-layer": "lastlinear", "adapters": "adapters"}
@@ -113,20 +120,57 @@ def git_commit() -> str:
         return "unknown"
 
 
-def append_runs_tsv(path: Path, row: dict[str, Any]) -> None:
-    """Append one row under an exclusive file lock, so parallel runs never interleave lines."""
+def _locked(path: Path):
+    """An exclusive lock beside `path`, so parallel runs never interleave or lose rows."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".tsv.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock = open(path.with_suffix(".tsv.lock"), "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
+
+
+def _rewrite_rows(path: Path, keep, row: dict[str, Any] | None) -> None:
+    """Rewrite runs.tsv (atomically, under the lock) keeping the rows `keep(fields)` accepts, then `row`."""
+    with _locked(path):
+        lines = path.read_text().splitlines() if path.exists() else []
+        header, rows = "\t".join(RUNS_COLUMNS), []
+        if lines:
+            header, rows = lines[0], lines[1:]
+        names = header.split("\t")
+        kept = [line for line in rows if line.strip() and keep(dict(zip(names, line.split("\t"), strict=False)))]
+        if row is not None:
+            values = [str(row.get(c, "")).replace("\t", " ").replace("\n", " ") for c in names]
+            kept.append("\t".join(values))
+        atomic_write_text(path, "\n".join([header, *kept]) + "\n")
+
+
+def write_runs_row(path: Path, row: dict[str, Any]) -> None:
+    """Add a finished run's row to runs.tsv, replacing any earlier row of the same run folder: a run
+    folder never has two rows (a resumed or extended run updates its own)."""
+    _rewrite_rows(path, lambda fields: fields.get("run_dir") != row["run_dir"], row)
+
+
+def drop_runs_row(path: Path, run_dir: Path) -> None:
+    """Remove a run folder's row (used by --overwrite)."""
+    if path.exists():
+        _rewrite_rows(path, lambda fields: fields.get("run_dir") != str(run_dir), None)
+
+
+def truncate_log(path: Path, last_step: int) -> int:
+    """Drop log.jsonl lines after `last_step` (logged after the checkpoint a run resumes from), so a
+    resumed run's log never repeats a step. Returns how many lines were dropped."""
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
         try:
-            new = not path.exists() or path.stat().st_size == 0
-            with open(path, "a") as handle:
-                if new:
-                    handle.write("\t".join(RUNS_COLUMNS) + "\n")
-                values = [str(row.get(c, "")).replace("\t", " ").replace("\n", " ") for c in RUNS_COLUMNS]
-                handle.write("\t".join(values) + "\n")
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by the crash
+        if step <= last_step:
+            kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
 
 
 class RunLogger:
@@ -154,20 +198,35 @@ class RunLogger:
         except Exception as error:  # noqa: BLE001 - any import failure means: no wandb, keep training
             warnings.warn(f"wandb is unavailable ({error}); logging to {self.path} only", stacklevel=2)
             return
-        try:
-            self.wandb = wandb.init(
+
+        def start(run_mode: str):
+            return wandb.init(
                 project=project,
                 name=name,
                 group=group,
                 tags=tags,
                 config=config,
-                mode=mode,
+                mode=run_mode,
                 dir=str(run_dir),
                 id=run_id,
                 resume="allow",
                 settings=wandb.Settings(silent=True),
             )
+
+        try:
+            self.wandb = start(mode)
         except Exception as error:  # noqa: BLE001
+            if mode == "online":  # no login (or no network): keep an offline copy that can be synced later
+                try:
+                    self.wandb = start("offline")
+                    print(
+                        f"warning: wandb online failed ({type(error).__name__}: {error}); logging offline "
+                        f"instead. Upload it later with: wandb sync {run_dir / 'wandb'}",
+                        file=sys.stderr,
+                    )
+                    return
+                except Exception as second:  # noqa: BLE001
+                    error = second
             warnings.warn(f"wandb.init failed ({error}); logging to {self.path} only", stacklevel=2)
 
     def log(self, values: dict[str, Any], step: int) -> None:

@@ -4,6 +4,7 @@ A `Task` subclass says, in one place:
 * `name`, `metric` (the dev metric it reports, e.g. `dev_acc`) and how that metric becomes a
   selection score in [0, 1] (`selection_score`, used to pick the best checkpoint and, averaged, in
   multitask);
+* `data_files()`: the release files it reads (checked, or fetched, before anything loads);
 * `add_flags(parser)`: its own command-line flags (e.g. Quora's `--paraphrase_head`, the sonnet
   generation settings), and `check_flags(args)` for their values (before anything is loaded);
 * construction from (tokenizer, data folder, parsed flags, the model's context length): it reads
@@ -70,6 +71,11 @@ class Task:
     def __init__(self, tokenizer: Any, data_dir: Path, args: argparse.Namespace, n_positions: int) -> None:
         """`n_positions`: the model's context length, which caps every encoded example."""
         self.tokenizer, self.data_dir, self.args, self.n_positions = tokenizer, Path(data_dir), args, n_positions
+
+    @classmethod
+    def data_files(cls) -> list[str]:
+        """The release files the task reads (checked, and fetched when missing, before anything loads)."""
+        raise NotImplementedError
 
     # ---- flags ----
     @classmethod

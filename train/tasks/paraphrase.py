@@ -10,7 +10,7 @@ import argparse
 from torch import nn
 
 from datasets.common import Example
-from datasets.paraphrase import cloze_prompt, load_paraphrase
+from datasets.paraphrase import SPLIT_FILES, cloze_prompt, load_paraphrase
 from model.heads import ClozeParaphraseHead, LastTokenClassifier
 from train.tasks.base import register_task
 from train.tasks.classification import ClassificationTask
@@ -32,6 +32,10 @@ class Quora(ClassificationTask):
             default="cloze",
             help="quora: the LM's yes/no logits (cloze) or a linear head (default: %(default)s)",
         )
+
+    @classmethod
+    def data_files(cls) -> list[str]:
+        return list(SPLIT_FILES.values())
 
     def load(self, split: str) -> list[Example]:
         return load_paraphrase(split, self.data_dir)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from datasets.common import Example
-from datasets.sentiment import NUM_LABELS, load_sentiment
+from datasets.sentiment import NUM_LABELS, SPLIT_FILES, load_sentiment
 from model.heads import LastTokenClassifier
 from train.tasks.base import register_task
 from train.tasks.classification import ClassificationTask
@@ -13,6 +13,10 @@ from train.tasks.classification import ClassificationTask
 
 class SentimentTask(ClassificationTask):
     prediction_header = "Predicted_Sentiment"
+
+    @classmethod
+    def data_files(cls) -> list[str]:
+        return [pattern.format(name=cls.name) for pattern in SPLIT_FILES.values()]
 
     def load(self, split: str) -> list[Example]:
         return load_sentiment(self.name, split, self.data_dir)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from datasets.batching import collate, encode, make_batches
-from datasets.sonnets import load_sonnets
+from datasets.sonnets import FILES, load_sonnets
 from train.metrics import chrf
 from train.predictions import write_sonnets
 from train.tasks.base import Task, limit, register_task, sharded
@@ -85,6 +85,10 @@ class Sonnet(Task):
         group.add_argument("--top_k", type=int, default=None, help="top-k sampling (default: off)")
         group.add_argument("--max_new_tokens", type=int, default=160, help="tokens per sonnet (default: %(default)s)")
         group.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+
+    @classmethod
+    def data_files(cls) -> list[str]:
+        return list(FILES.values())
 
     @classmethod
     def check_flags(cls, args: argparse.Namespace) -> None:
