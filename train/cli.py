@@ -235,6 +235,11 @@ def check_device(name: str) -> None:
         raise ValueError(f"--device {name!r} unknown; use auto, cpu, cuda, cuda:N or mps")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    index = name.partition(":")[2]
+    if index and (kind not in ("cuda", "mps") or not index.isdigit()):
+        raise ValueError(f"--device {name!r} unknown; use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ValueError(f"--device {name}: MPS is not available on this machine")
 

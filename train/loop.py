@@ -368,7 +368,8 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
 
     def diverged(task: str, value: float, reason: str) -> lifecycle.TrainingDiverged:
         last = lifecycle.last_checkpoint(checkpoints)
-        info = {"step": progress["step"] + 1, "task": task, "loss": value, "reason": reason}
+        info = {"step": progress["step"] + 1, "task": task, "loss": value if math.isfinite(value) else str(value)}
+        info["reason"] = reason
         if main_process:
             atomic_write_json(run_dir / "diverged.json", info)
             logger.log({"diverged": reason, "epoch": progress["epoch"]}, progress["step"] + 1)
