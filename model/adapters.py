@@ -20,9 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import peft
 import torch
-import transformers
 from safetensors.torch import load_file
 
 from model.config import STACK_FIELDS, GPT2Config
@@ -128,6 +126,9 @@ def base_state_dict(model: Any) -> dict[str, torch.Tensor]:
 
 def export_peft(model: Any, directory: str | Path) -> None:
     """Write the LoRA adapter in peft's own format for stock `transformers.GPT2LMHeadModel`."""
+    import peft  # heavy (pulls in transformers): imported only for this export
+    import transformers
+
     names = [v.name for v in enabled_variants(model.config)]
     if names != ["lora"]:
         raise ValueError(f"export_peft writes LoRA-family adapters only; this model has {names or 'none'}")

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from model.config import GPT2Config
 from model.files import atomic_write_json, write_safetensors
+from model.hub import hub_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,13 @@ class LoadReport:
 
 
 def _hub_download(repo_id: str, filename: str) -> str | None:
+    """The file from the hub (or its cache when the hub is unreachable); None when the repo lacks it."""
+    unreachable = hub_unreachable()
     try:
-        return hf_hub_download(repo_id, filename)
-    except LocalEntryNotFoundError:
-        raise  # offline and not cached: not "the file does not exist"
+        return hf_hub_download(repo_id, filename, local_files_only=unreachable is not None)
+    except LocalEntryNotFoundError as error:
+        # offline and not cached: not "the file does not exist"
+        raise LocalEntryNotFoundError(f"{unreachable or 'no connection'}, and {filename} is not cached") from error
     except EntryNotFoundError:
         return None
 

@@ -26,8 +26,11 @@ def load_tokenizer(path: str | Path | None = None) -> Any:
 
     source = str(path) if path is not None else os.environ.get(ENV_VAR) or "gpt2"
     origin = "argument" if path is not None else (f"${ENV_VAR}" if os.environ.get(ENV_VAR) else "hub default")
+    from model.hub import hub_unreachable
+
+    local_only = not Path(source).exists() and hub_unreachable() is not None  # use the cache, do not retry
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except Exception as error:
         raise TokenizerNotFound(
             f"could not load the GPT-2 tokenizer from {source!r} ({origin}): {type(error).__name__}: "

@@ -25,7 +25,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch_geometric.nn import GATConv
 
 from modules.attention import KVCache
 from modules.variant import Settings, Variant, knob, register
@@ -67,6 +66,9 @@ def causal_edge_index(batch: int, seq: int, window: int | None, device: torch.de
 class GraphBranch(nn.Module):
     def __init__(self, n_embd: int, heads: int, window: int | None, dropout: float, backend: str) -> None:
         super().__init__()
+        # imported here, not at start-up (~2.5 s): command lines are validated before any model is built
+        from torch_geometric.nn import GATConv
+
         self.heads, self.head_dim = heads, n_embd // heads
         self.window, self.dropout, self.backend = window, dropout, backend
         self.conv = GATConv(

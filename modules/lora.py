@@ -16,14 +16,18 @@ PiSSA rewrites the targeted base weights (W - B A), so they are saved with the a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from modules.variant import Settings, Variant, knob, register
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+# peft (and the transformers it pulls in) is imported where it is used, not at start-up: it costs
+# ~4 s, and every command line is validated (and a bad flag reported) before any model is built.
 
 ADAPTER_NAME = "default"
 LORA_TARGETS = {"qkv": "attn.c_attn", "attn_out": "attn.c_proj", "mlp_in": "mlp.c_fc", "mlp_out": "mlp.c_proj"}
@@ -69,6 +73,8 @@ def lora_target_names(config: Any) -> list[str]:
 
 def peft_lora_config(config: Any, fan_in_fan_out: bool = False) -> LoraConfig:
     """The peft config equal to our knobs. `fan_in_fan_out=True` is for stock HF GPT-2 (Conv1D)."""
+    from peft import LoraConfig
+
     init: bool | str = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}[config.lora_init]
     return LoraConfig(
         r=config.lora_r,
@@ -88,6 +94,9 @@ def lora_scale(config: Any) -> float:
 
 
 def attach_lora(model: nn.Module, config: Any) -> None:
+    from peft import inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
     inject_adapter_in_model(peft_lora_config(config), model, adapter_name=ADAPTER_NAME)
     scale = lora_scale(config)
     for name, module in model.named_modules():
@@ -97,6 +106,8 @@ def attach_lora(model: nn.Module, config: Any) -> None:
 
 def merge_lora(model: nn.Module) -> None:
     """Fold every LoRA/DoRA adapter into its base Linear and put the plain Linear back."""
+    from peft.tuners.lora import LoraLayer
+
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
             module.merge(safe_merge=True)

@@ -446,3 +446,30 @@ def test_ablate_checks_data_before_any_run(tmp_path, tokenizer_dir, capsys):
         ablate.main([*argv, "--tokenizer", str(tokenizer_dir)])
     assert exit_info.value.code == 2
     assert "lacks ids-" in capsys.readouterr().err and not (out / "logs").exists()
+
+
+def test_unreachable_hub_is_probed_once_and_fails_fast(tmp_path, monkeypatch, capsys):
+    from model import hub
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    probes = []
+    real = socket.create_connection
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: probes.append(a) or real(*a, **k))
+    hub.hub_unreachable.cache_clear()
+    try:
+        err = _exit_2_quickly(
+            sentiment.main, ["--dataset", "sst", "--model", "gpt2", "--out_dir", str(tmp_path)], capsys
+        )
+        assert f"127.0.0.1:{port} is unreachable" in err and "config.json is not cached" in err
+        from model.loading import resolve_weights_file
+
+        with pytest.raises(Exception, match="is unreachable"):  # a second component: no new probe, no retries
+            resolve_weights_file("gpt2")
+        assert len(probes) == 1
+    finally:
+        hub.hub_unreachable.cache_clear()
