@@ -473,3 +473,35 @@ def test_unreachable_hub_is_probed_once_and_fails_fast(tmp_path, monkeypatch, ca
         assert len(probes) == 1
     finally:
         hub.hub_unreachable.cache_clear()
+
+
+def test_help_shows_every_default_and_the_real_program_name():
+    import subprocess
+    import sys
+
+    from train.cli import build_parser
+    from train.tasks import TASKS
+
+    parser = build_parser("x")
+    entry._add_multitask(parser, True)
+    for task in TASKS.values():
+        task.add_flags(parser)
+    missing = [
+        a.option_strings[0]
+        for a in parser._actions
+        if a.option_strings and a.dest != "help" and "default" not in (a.help or "")
+    ]
+    assert missing == []
+    usage = subprocess.run([sys.executable, "-m", "train", "--help"], capture_output=True, text=True, cwd=REPO).stdout
+    assert usage.startswith("usage: python -m train [-h]")
+
+
+def test_off_a_terminal_progress_is_plain_lines_with_dev_metrics(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
+    argv = sst(tiny_ckpt, tokenizer_dir, tmp_path, "--max_steps", "4", "--log_every", "2", "--eval_every", "2")
+    assert sentiment.main(argv) == 0
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "\r" not in err  # no progress bar when stderr is not a terminal
+    assert [line.split(" loss ")[0] for line in lines if "/4 epoch" in line] == ["step 2/4 epoch 1", "step 4/4 epoch 1"]
+    dev = [line for line in lines if "dev_acc" in line]
+    assert len(dev) == 2 and dev[0].startswith("step 2 (epoch 0.50): sst dev_acc ") and "selection" in dev[0]

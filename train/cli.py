@@ -13,6 +13,7 @@ Every problem ends in one `error:` line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import sys
 import types
 import typing
 from pathlib import Path
@@ -73,8 +74,18 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n(run with --help for every flag and its default)\n")
 
 
+def program_name() -> str:
+    """How the user started this command, for usage lines: `python -m train`, `python -m train.sonnet`."""
+    path = Path(sys.argv[0])
+    if path.parent.name == "train":
+        return "python -m train" if path.stem == "__main__" else f"python -m train.{path.stem}"
+    return path.name
+
+
 def build_parser(description: str) -> ArgumentParser:
-    parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog=program_name(), description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     io = parser.add_argument_group("data and outputs")
     io.add_argument("--model", default="gpt2", help="hub id or local HF GPT-2 checkpoint folder (default: %(default)s)")
     io.add_argument("--data_dir", default=None, help="task data (default: $GPT2_DATA_DIR or data/cs224n)")
@@ -104,12 +115,14 @@ def build_parser(description: str) -> ArgumentParser:
     io.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run folder of these settings from its last checkpoint (a finished run: nothing to do)",
+        help="continue the run folder of these settings from its last checkpoint (a finished run: nothing to do; "
+        "default: off)",
     )
     io.add_argument(
         "--overwrite",
         action="store_true",
-        help="clear an existing run folder of these settings (logs, checkpoints, wandb, its runs.tsv row) first",
+        help="clear an existing run folder of these settings (logs, checkpoints, wandb, its runs.tsv row) first "
+        "(default: off)",
     )
     io.add_argument(
         "--extend_epochs",

@@ -71,7 +71,9 @@ def _add_multitask(parser: argparse.ArgumentParser, required: bool) -> None:
         help="how batches are drawn from the tasks (default: %(default)s)",
     )
     group.add_argument("--sampling_temperature", type=float, default=2.0, help="p ∝ n^(1/T) (default: %(default)s)")
-    group.add_argument("--task_weights", nargs="*", default=[], metavar="TASK=WEIGHT", help="loss weight per task")
+    group.add_argument(
+        "--task_weights", nargs="*", default=[], metavar="TASK=WEIGHT", help="loss weight per task (default: 1 each)"
+    )
 
 
 def _select_multitask(args: argparse.Namespace) -> list[str]:

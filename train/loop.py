@@ -278,7 +278,7 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
         if main_process:
             dropped = truncate_log(run_dir / "log.jsonl", progress["step"])
             print(
-                f"resuming {name} from step {progress['step']} (epoch {progress['epoch']})"
+                f"resuming {name} from step {progress['step']} ({progress['epoch']} epoch(s) completed)"
                 + (f"; dropped {dropped} log line(s) written after that checkpoint" if dropped else ""),
                 file=sys.stderr,
             )
@@ -494,7 +494,8 @@ def _interrupted_message(signum: int, progress: dict, checkpoints: Path) -> str:
     saved = json.loads((checkpoints / "last.json").read_text())["step"] if last else None
     where = f"checkpoint at step {saved}" if saved is not None else "no checkpoint (nothing healthy to save)"
     return (
-        f"interrupted by {signal.Signals(signum).name} at step {progress['step']} (epoch {progress['epoch']}); "
+        f"interrupted by {signal.Signals(signum).name} at step {progress['step']} "
+        f"({progress['epoch']} epoch(s) completed); "
         f"{where}. Continue with the same command plus --resume"
     )
 

@@ -84,7 +84,7 @@ class Sonnet(Task):
         group.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling mass (default: %(default)s)")
         group.add_argument("--top_k", type=int, default=None, help="top-k sampling (default: off)")
         group.add_argument("--max_new_tokens", type=int, default=160, help="tokens per sonnet (default: %(default)s)")
-        group.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+        group.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling (default: off)")
 
     @classmethod
     def data_files(cls) -> list[str]:
