@@ -505,3 +505,16 @@ def test_off_a_terminal_progress_is_plain_lines_with_dev_metrics(tiny_ckpt, toke
     assert [line.split(" loss ")[0] for line in lines if "/4 epoch" in line] == ["step 2/4 epoch 1", "step 4/4 epoch 1"]
     dev = [line for line in lines if "dev_acc" in line]
     assert len(dev) == 2 and dev[0].startswith("step 2 (epoch 0.50): sst dev_acc ") and "selection" in dev[0]
+
+
+def test_evaluate_samples_sonnets_with_the_runs_seed(tiny_ckpt, tokenizer_dir, tmp_path):
+    limits = ["--dev_limit", "3", "--test_limit", "1", "--max_new_tokens", "8"]
+    argv = [*run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path / "runs"), *limits, "--train_limit", "4"]
+    assert sonnet.main([*argv, "--max_steps", "1", "--seed", "5", "--wandb", "disabled"]) == 0
+    run_dir = only_run(tmp_path / "runs")
+    trained = json.loads((run_dir / "metrics.json").read_text())["dev_chrf"]
+    out = tmp_path / "eval"
+    assert evaluate.main(["--task", "sonnet", *run_paths(run_dir, tokenizer_dir, out), *limits]) == 0
+    assert json.loads((out / "metrics.json").read_text())["dev_chrf"] == trained
+    assert evaluate.main(["--task", "sonnet", *run_paths(run_dir, tokenizer_dir, out), *limits, "--seed", "0"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["dev_chrf"] != trained  # the seed matters: the check can fail
