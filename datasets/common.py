@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from datasets.download import BASE_URL, download
+
 log = logging.getLogger(__name__)
 
 DATA_ENV = "GPT2_DATA_DIR"
@@ -68,8 +70,6 @@ def ensure_data(names: list[str], explicit: str | Path | None = None) -> Path:
     hint = DOWNLOAD_HINT.format(dir=folder)
     if explicit is not None:
         raise DataError(f"{folder} lacks {', '.join(missing)}; fetch the task data with: {hint}")
-    from datasets.download import BASE_URL, download
-
     print(f"fetching {len(missing)} task data file(s) into {folder}", file=sys.stderr, flush=True)
     report = download(folder, os.environ.get(URL_ENV, BASE_URL), missing, timeout=30.0, progress=sys.stderr.isatty())
     if report.failed:
@@ -111,7 +111,8 @@ def read_tsv(
             for row in reader:
                 line = reader.line_num
                 if None in row or any(row.get(c) is None for c in needed):
-                    fields = len(header) + len(row.get(None) or []) - sum(v is None for k, v in row.items() if k)
+                    # DictReader fills a short row with None and puts a long row's extra fields under None
+                    fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
                     raise DataError(f"{path}:{line}: wrong number of fields ({fields} for {len(header)} columns)")
                 label = None
                 if label_column is not None:

@@ -100,12 +100,18 @@ def plan(preset: dict, out_dir: Path, inputs: list[str], dry_run: bool = False) 
     """Every run of the grid; `inputs`: the --data_dir / --tokenizer flags passed to each run. A dry
     run writes nothing: a random-init checkpoint's config.json goes to a temporary folder."""
     model_spec = preset.get("model", {})
+    with tempfile.TemporaryDirectory(prefix="ablate-dry-run-") as scratch:
+        return _plan_runs(preset, out_dir, inputs, dry_run, model_spec, Path(scratch))
+
+
+def _plan_runs(
+    preset: dict, out_dir: Path, inputs: list[str], dry_run: bool, model_spec: dict, scratch: Path
+) -> list[PlannedRun]:
     config_source = None
     if "random_init" in model_spec and dry_run:
         from model import GPT2Config
 
         model = str(tiny_checkpoint_path(out_dir, model_spec["random_init"]))
-        scratch = Path(tempfile.mkdtemp(prefix="ablate-dry-run-"))
         (scratch / "config.json").write_text(json.dumps(GPT2Config.from_preset(model_spec["random_init"]).to_hf_dict()))
         config_source = str(scratch)
     elif "random_init" in model_spec:
@@ -215,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--threads must be >= 1")
     preset = load_preset(args.preset)
     out_dir = args.out_dir or REPO / "ablations" / preset["name"]
-    inputs = [*(["--data_dir", args.data_dir] if args.data_dir else [])]
-    inputs += ["--tokenizer", args.tokenizer] if args.tokenizer else []
+    inputs = [
+        word for name in ("data_dir", "tokenizer") if (value := getattr(args, name)) for word in (f"--{name}", value)
+    ]
     if not args.dry_run:
         out_dir.mkdir(parents=True, exist_ok=True)
     runs = plan(preset, out_dir, inputs, args.dry_run)

@@ -6,7 +6,12 @@ build and save ourselves; the real `from_pretrained("gpt2")` path is the same co
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
+import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -33,6 +38,31 @@ def plugin_env(**variables: str) -> dict[str, str]:
     """Environment for a subprocess that loads the test plugin (tests/plugins/sitecustomize.py)."""
     path = os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH", "")]))
     return {**os.environ, "PYTHONPATH": path, **variables}
+
+
+@contextlib.contextmanager
+def serve_folder(folder: Path):
+    """A local HTTP server for `folder` (127.0.0.1, a free port); yields its base URL."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def write_grid_preset(path: Path, tokenizer_dir: Path, name: str, **common) -> Path:
+    """A one-task (sst), two-seed, base-only grid preset on a tiny random checkpoint; `common` adds flags."""
+    flags = {"data_dir": str(DATA_DIR), "tokenizer": str(tokenizer_dir), **common, "wandb": "disabled"}
+    lines = "\n".join(f"{key} = {json.dumps(value)}" for key, value in flags.items())
+    path.write_text(
+        f'name = "{name}"\ntasks = ["sst"]\nseeds = [1, 2]\nbaseline = "base"\n'
+        f'[model]\nrandom_init = "tiny"\n[common]\n{lines}\n[variants]\nbase = []\n'
+    )
+    return path
 
 
 def make_hf_checkpoint(directory: Path, seed: int = 0, **config) -> transformers.GPT2LMHeadModel:

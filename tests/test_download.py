@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
 import shutil
 import subprocess
 import sys
-import threading
 
 import pytest
 
 from datasets.download import download, verified
-from tests.conftest import DATA_DIR, REPO
+from tests.conftest import DATA_DIR, REPO, serve_folder
 
 GOOD = ["sonnets_held_out_dev.txt", "ids-cfimdb-dev.csv"]
 CORRUPT = "TRUE_sonnets_held_out_dev.txt"
@@ -27,14 +24,8 @@ def server(tmp_path):
     corrupted = bytearray((DATA_DIR / CORRUPT).read_bytes())
     corrupted[100] ^= 0x20  # flip one bit of one character
     (served / CORRUPT).write_bytes(bytes(corrupted))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *args: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_folder(served) as url:
+        yield url
 
 
 def test_good_files_land_corrupt_rejected_rerun_skips(server, tmp_path):

@@ -6,16 +6,13 @@ wandb's offline fallback, the data cache, and the smaller console / file items. 
 from __future__ import annotations
 
 import csv
-import functools
-import http.server
 import json
 import socket
-import threading
 import time
 
 import pytest
 
-from tests.conftest import DATA_DIR, REPO, run_paths
+from tests.conftest import DATA_DIR, REPO, run_paths, serve_folder
 from train import entry, evaluate, multitask, paraphrase, sentiment, sonnet
 
 QUICK = ["--train_limit", "16", "--dev_limit", "4", "--test_limit", "2", "--batch_size", "4", "--wandb", "disabled"]
@@ -323,13 +320,8 @@ def test_wandb_online_without_login_falls_back_to_offline(tiny_ckpt, tokenizer_d
 
 @pytest.fixture
 def data_server():
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(DATA_DIR))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
+    with serve_folder(DATA_DIR) as url:
+        yield url
 
 
 def test_missing_data_is_fetched_into_the_cache(tiny_ckpt, tokenizer_dir, tmp_path, monkeypatch, data_server, capsys):

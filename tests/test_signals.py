@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import DATA_DIR, REPO, plugin_env, run_paths
+from tests.conftest import REPO, plugin_env, run_paths, write_grid_preset
 
 pytestmark = pytest.mark.slow
 
@@ -93,31 +93,17 @@ def test_signal_mid_epoch_saves_and_resume_matches_uninterrupted(tiny_ckpt, toke
     assert steps == list(range(1, 25))  # each step logged once
 
 
-def grid_preset(path, tokenizer_dir):
-    path.write_text(f"""
-name = "signal-test"
-tasks = ["sst"]
-seeds = [1, 2]
-baseline = "base"
-[model]
-random_init = "tiny"
-[common]
-data_dir = "{DATA_DIR}"
-tokenizer = "{tokenizer_dir}"
-train_limit = 40
-dev_limit = 4
-test_limit = 2
-batch_size = 4
-epochs = 1
-wandb = "disabled"
-[variants]
-base = []
-""")
-    return path
-
-
 def test_sigterm_to_ablate_with_two_jobs_checkpoints_both_and_the_rerun_matches(tmp_path, tokenizer_dir):
-    preset = grid_preset(tmp_path / "grid.toml", tokenizer_dir)
+    preset = write_grid_preset(
+        tmp_path / "grid.toml",
+        tokenizer_dir,
+        "signal-test",
+        train_limit=40,
+        dev_limit=4,
+        test_limit=2,
+        batch_size=4,
+        epochs=1,
+    )
 
     def command(grid):
         script = str(REPO / "scripts" / "ablate.py")

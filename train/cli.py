@@ -21,6 +21,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import torch
 
+from datasets.common import DataError, ensure_data
+from model import tokenizer as tokenizers
 from model.config import STACK_FIELDS, ModelSettings, field_hint, settings_fields
 from model.loading import CheckpointError, read_checkpoint_config
 from modules.registry import VARIANTS, enabled_variants, knob_owner, switches, used_knobs
@@ -225,9 +227,7 @@ def check_training_flags(args: argparse.Namespace) -> None:
     for name in ("eval_every", "save_every", "patience", "log_every", "save_every_minutes"):
         if getattr(args, name, 0) < 0:
             raise ValueError(f"--{name} must be >= 0 (0: off)")
-    if 0 < args.spike_factor <= 1:
-        raise ValueError("--spike_factor must be > 1 (0: off)")
-    if args.spike_factor < 0:
+    if args.spike_factor != 0 and args.spike_factor <= 1:
         raise ValueError("--spike_factor must be > 1 (0: off)")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: pass one")
@@ -306,13 +306,10 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace, tasks=()
 def check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace, tasks) -> Path:
     """The task data (fetched into the cache folder when missing and no --data_dir was given) and the
     tokenizer, checked before any weights load; exits 2 with one line."""
-    from datasets.common import DataError, ensure_data
-    from model.tokenizer import TokenizerNotFound, load_tokenizer
-
     try:
         folder = ensure_data(sorted({name for task in tasks for name in task.data_files()}), args.data_dir)
-        load_tokenizer(args.tokenizer)
-    except (DataError, TokenizerNotFound) as error:
+        tokenizers.load_tokenizer(args.tokenizer)  # looked up on the module, so tests can replace it
+    except (DataError, tokenizers.TokenizerNotFound) as error:
         parser.error(str(error))
     return folder
 

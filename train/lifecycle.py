@@ -13,8 +13,10 @@ nothing for `finished` (unless `--extend_epochs N`).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import shutil
 import signal
 import statistics
 import sys
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from train import checkpoint as ckpt
+from train.runs import drop_runs_row, log_entries
 
 EXIT_DIVERGED = 3
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, the shell convention
@@ -60,15 +63,7 @@ def folder_state(run_dir: Path) -> str:
 
 def logged_steps(run_dir: Path) -> int:
     """The last step log.jsonl reached (0 when none)."""
-    last = 0
-    path = run_dir / "log.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                last = max(last, int(json.loads(line)["step"]))
-            except (ValueError, KeyError, TypeError):
-                continue
-    return last
+    return max((step for _, step in log_entries(run_dir / "log.jsonl")), default=0)
 
 
 def read_record(run_dir: Path) -> dict[str, Any]:
@@ -114,8 +109,6 @@ def closest_run(out_dir: Path, identity: dict[str, Any], seed: int) -> tuple[Pat
 
 def clear_run_folder(run_dir: Path) -> None:
     """What --overwrite removes: every file the run wrote (logs, checkpoints, predictions, wandb)."""
-    import shutil
-
     if run_dir.is_dir():
         shutil.rmtree(run_dir)
 
@@ -138,6 +131,48 @@ def refuse_fresh_start(run_dir: Path, state: str) -> RunFolderError:
         f"{run_dir} holds a run that stopped at step {logged_steps(run_dir)} before its first checkpoint; "
         f"pass --resume (or --overwrite) to start it again from step 0"
     )
+
+
+def check_run_folder(
+    run_dir: Path, state: str, identity: dict, args: argparse.Namespace, main_process: bool
+) -> dict | None:
+    """Enforce the start/resume rules (module docstring of train/py); returns the saved
+    record of a run that is resumed, None for a fresh start (after --overwrite cleared the folder)."""
+    if args.extend_epochs and not args.resume:
+        raise RunFolderError("--extend_epochs N extends an existing run: pass it with --resume")
+    if args.extend_epochs and args.max_steps:
+        raise RunFolderError("--extend_epochs cannot extend a run limited by --max_steps")
+    if args.resume:
+        if state == "new":
+            closest = closest_run(Path(args.out_dir), identity, args.seed)
+            if closest is not None and closest[1]:
+                folder, diffs = closest
+                raise RunFolderError(
+                    f"--resume: no run with these settings in {args.out_dir} ({run_dir.name}); the closest, "
+                    f"{folder.name}, differs in: " + "; ".join(diffs)
+                )
+            raise RunFolderError(f"--resume: no run {run_dir.name} in {args.out_dir} to resume")
+        saved = read_record(run_dir)
+        if "identity" in saved and (diffs := differences(saved["identity"], identity)):
+            raise RunFolderError(f"--resume: {run_dir} was run with other settings: " + "; ".join(diffs))
+        if state == "dead":  # nothing to continue: start again from step 0 with a clean folder
+            if main_process:
+                print(
+                    f"{run_dir} stopped at step {logged_steps(run_dir)} before its first checkpoint; "
+                    f"starting it again from step 0",
+                    file=sys.stderr,
+                )
+                clear_run_folder(run_dir)
+            return None
+        ckpt.checkpoint_folder(run_dir / "checkpoints", "last")  # a corrupt pointer fails here, before any loading
+        return saved
+    if state != "new":
+        if not args.overwrite:
+            raise refuse_fresh_start(run_dir, state)
+        if main_process:
+            clear_run_folder(run_dir)
+            drop_runs_row(Path(args.out_dir) / "runs.tsv", run_dir)
+    return None
 
 
 # ---------------------------------------------------------------- signals
@@ -213,7 +248,3 @@ def diverged_note(run_dir: Path) -> str | None:
         f"{info.get('task')}); it resumes from its last healthy checkpoint, and with the same settings it "
         f"will likely diverge again (lower --lr, raise --warmup, or lower --max_grad_norm in a new run)"
     )
-
-
-def last_checkpoint(checkpoints: Path) -> Path | None:
-    return ckpt.checkpoint_folder(checkpoints, "last")

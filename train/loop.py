@@ -37,7 +37,6 @@ from train.cli import config_overrides, resolve_device
 from train.runs import (
     RunLogger,
     config_hash,
-    drop_runs_row,
     git_commit,
     identity_settings,
     new_wandb_id,
@@ -196,7 +195,7 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
     checkpoints = run_dir / "checkpoints"
     identity = identity_settings(task_label, config, args)
     state = lifecycle.folder_state(run_dir)
-    saved_record = _check_run_folder(run_dir, state, identity, args, main_process)
+    saved_record = lifecycle.check_run_folder(run_dir, state, identity, args, main_process)
     if saved_record is not None and state == "finished" and not args.extend_epochs:
         metrics = json.loads((run_dir / "metrics.json").read_text())
         if main_process:
@@ -260,7 +259,7 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
         "best_metrics": None,
     }
     if resume:
-        folder = lifecycle.last_checkpoint(checkpoints)
+        folder = ckpt.checkpoint_folder(checkpoints, "last")
         record["wandb_id"] = saved_record.get("wandb_id", record["wandb_id"])  # the same wandb run continues
         record["command"] = saved_record.get("command", record["command"])
         record["resumed_with"] = args.argv
@@ -367,7 +366,7 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
         return stop
 
     def diverged(task: str, value: float, reason: str) -> lifecycle.TrainingDiverged:
-        last = lifecycle.last_checkpoint(checkpoints)
+        last = ckpt.checkpoint_folder(checkpoints, "last")
         info = {"step": progress["step"] + 1, "task": task, "loss": value if math.isfinite(value) else str(value)}
         info["reason"] = reason
         if main_process:
@@ -461,10 +460,11 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
                     raise lifecycle.Interrupted(signum, _interrupted_message(signum, progress, checkpoints))
                 if stopped:
                     break
+    except BaseException:  # diverged, interrupted, crashed: close the wandb run before leaving
+        logger.finish()
+        raise
     finally:
         console.close()
-        if sys.exc_info()[0] is not None:
-            logger.finish()
     if evaluated_at != progress["step"] and progress["best"] is None:
         evaluate()
         save("last")
@@ -490,7 +490,7 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
 
 
 def _interrupted_message(signum: int, progress: dict, checkpoints: Path) -> str:
-    last = lifecycle.last_checkpoint(checkpoints)
+    last = ckpt.checkpoint_folder(checkpoints, "last")
     saved = json.loads((checkpoints / "last.json").read_text())["step"] if last else None
     where = f"checkpoint at step {saved}" if saved is not None else "no checkpoint (nothing healthy to save)"
     return (
@@ -498,46 +498,6 @@ def _interrupted_message(signum: int, progress: dict, checkpoints: Path) -> str:
         f"({progress['epoch']} epoch(s) completed); "
         f"{where}. Continue with the same command plus --resume"
     )
-
-
-def _check_run_folder(run_dir: Path, state: str, identity: dict, args, main_process: bool) -> dict | None:
-    """Enforce the start/resume rules (module docstring of train/lifecycle.py); returns the saved
-    record of a run that is resumed, None for a fresh start (after --overwrite cleared the folder)."""
-    if args.extend_epochs and not args.resume:
-        raise lifecycle.RunFolderError("--extend_epochs N extends an existing run: pass it with --resume")
-    if args.extend_epochs and args.max_steps:
-        raise lifecycle.RunFolderError("--extend_epochs cannot extend a run limited by --max_steps")
-    if args.resume:
-        if state == "new":
-            closest = lifecycle.closest_run(Path(args.out_dir), identity, args.seed)
-            if closest is not None and closest[1]:
-                folder, diffs = closest
-                raise lifecycle.RunFolderError(
-                    f"--resume: no run with these settings in {args.out_dir} ({run_dir.name}); the closest, "
-                    f"{folder.name}, differs in: " + "; ".join(diffs)
-                )
-            raise lifecycle.RunFolderError(f"--resume: no run {run_dir.name} in {args.out_dir} to resume")
-        saved = lifecycle.read_record(run_dir)
-        if "identity" in saved and (diffs := lifecycle.differences(saved["identity"], identity)):
-            raise lifecycle.RunFolderError(f"--resume: {run_dir} was run with other settings: " + "; ".join(diffs))
-        if state == "dead":  # nothing to continue: start again from step 0 with a clean folder
-            if main_process:
-                print(
-                    f"{run_dir} stopped at step {lifecycle.logged_steps(run_dir)} before its first checkpoint; "
-                    f"starting it again from step 0",
-                    file=sys.stderr,
-                )
-                lifecycle.clear_run_folder(run_dir)
-            return None
-        lifecycle.last_checkpoint(run_dir / "checkpoints")  # a corrupt pointer fails here, before any loading
-        return saved
-    if state != "new":
-        if not args.overwrite:
-            raise lifecycle.refuse_fresh_start(run_dir, state)
-        if main_process:
-            lifecycle.clear_run_folder(run_dir)
-            drop_runs_row(Path(args.out_dir) / "runs.tsv", run_dir)
-    return None
 
 
 def _finish(

@@ -155,22 +155,26 @@ def drop_runs_row(path: Path, run_dir: Path) -> None:
         _rewrite_rows(path, lambda fields: fields.get("run_dir") != str(run_dir), None)
 
 
+def log_entries(path: Path) -> list[tuple[str, int]]:
+    """(line, step) of every readable line of a log.jsonl; a line cut by a crash is left out."""
+    entries = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            entries.append((line, int(json.loads(line)["step"])))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return entries
+
+
 def truncate_log(path: Path, last_step: int) -> int:
     """Drop log.jsonl lines after `last_step` (logged after the checkpoint a run resumes from), so a
     resumed run's log never repeats a step. Returns how many lines were dropped."""
     if not path.exists():
         return 0
-    lines = path.read_text().splitlines()
-    kept = []
-    for line in lines:
-        try:
-            step = json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut by the crash
-        if step <= last_step:
-            kept.append(line)
+    total = len(path.read_text().splitlines())
+    kept = [line for line, step in log_entries(path) if step <= last_step]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
-    return len(lines) - len(kept)
+    return total - len(kept)
 
 
 class RunLogger:
