@@ -18,18 +18,15 @@ from tests.conftest import REPO, plugin_env, write_grid_preset
 SCRIPTS = REPO / "scripts"
 
 
+def tiny_grid(tmp_path, tokenizer_dir):
+    """Two seeds of the base model on sst, two steps each."""
+    limits = {"train_limit": 16, "dev_limit": 8, "test_limit": 4, "batch_size": 4, "max_steps": 2}
+    return write_grid_preset(tmp_path / "grid.toml", tokenizer_dir, "tiny-test", **limits)
+
+
 @pytest.mark.slow
 def test_grid_resumes_after_kill_and_report_matches(tmp_path, tokenizer_dir):
-    preset = write_grid_preset(
-        tmp_path / "grid.toml",
-        tokenizer_dir,
-        "tiny-test",
-        train_limit=16,
-        dev_limit=8,
-        test_limit=4,
-        batch_size=4,
-        max_steps=2,
-    )
+    preset = tiny_grid(tmp_path, tokenizer_dir)
     grid = tmp_path / "grid"
     cmd = [sys.executable, str(SCRIPTS / "ablate.py"), str(preset), "--out_dir", str(grid), "--threads", "1"]
     proc = subprocess.Popen(
@@ -152,16 +149,7 @@ def test_preset_files_parse():
 def test_bad_preset_flags_and_broken_runs_tsv_are_named(tmp_path, tokenizer_dir):
     from scripts import ablate, report
 
-    preset = write_grid_preset(
-        tmp_path / "grid.toml",
-        tokenizer_dir,
-        "tiny-test",
-        train_limit=16,
-        dev_limit=8,
-        test_limit=4,
-        batch_size=4,
-        max_steps=2,
-    )
+    preset = tiny_grid(tmp_path, tokenizer_dir)
     preset.write_text(preset.read_text().replace("base = []", 'base = []\nbroken = ["--lora_rank", "4"]'))
     with pytest.raises(SystemExit, match="variant 'broken'"):
         ablate.main([str(preset), "--out_dir", str(tmp_path / "grid"), "--dry_run"])
