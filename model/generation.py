@@ -3,15 +3,36 @@
 Returns the prompt followed by the new tokens, as Hugging Face's `generate` does; a sequence that
 emitted `eos_token_id` is continued with `pad_token_id` (default: the EOS id) until all are done.
 Batches use LEFT padding so every sequence's next token sits in the last column.
+
+The KV cache is allocated in the compute dtype (bf16 under bf16 autocast: half the memory of fp32).
+Sampling with `row_seeds` gives every row its own random stream (inverse-CDF sampling with uniforms
+drawn per row), so a row's sample does not depend on which rows share its batch or its process.
+Whether every row has finished is read every `FINISHED_CHECK_EVERY` tokens (each read is a host sync).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from modules.attention import KVCache
+
+FINISHED_CHECK_EVERY = 8
+
+
+def row_uniforms(row_seeds: Sequence[int], steps: int, device: torch.device) -> torch.Tensor:
+    """(B, steps) uniforms in [0, 1), row r drawn from its own generator seeded `row_seeds[r]`."""
+    rows = [torch.rand(steps, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) for seed in row_seeds]
+    return torch.stack(rows).to(device)
+
+
+def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of (B, V) `probs`: the first index whose cumulative mass exceeds u·total."""
+    cdf = probs.double().cumsum(-1)
+    picked = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return picked.clamp(max=probs.shape[-1] - 1)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -62,27 +83,39 @@ def generate(
     eos_token_id: int | None = 50256,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    row_seeds: Sequence[int] | None = None,
 ) -> torch.Tensor:
+    """`generator` drives `torch.multinomial` for the whole batch; `row_seeds` (one per row) instead
+    gives each row its own stream, independent of the batch it is in."""
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p)
-    if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
-        raise ValueError("generate needs LEFT-padded batches: the last column of attention_mask has padding")
+    if row_seeds is not None and len(row_seeds) != input_ids.shape[0]:
+        raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {input_ids.shape[0]} rows")
+    if attention_mask is not None:
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("generate needs LEFT-padded batches: the last column of attention_mask has padding")
+        if bool(attention_mask.all()):
+            attention_mask = None  # nothing padded: every step takes the fused causal path
     pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
     was_training = model.training
     model.eval()
     batch, prompt_len = input_ids.shape
     config = model.config
-    param = next(model.parameters())
+    weight = model.transformer.wte.weight
+    compute_dtype = (
+        torch.get_autocast_dtype(weight.device.type) if torch.is_autocast_enabled(weight.device.type) else weight.dtype
+    )
     cache = KVCache(
         config.n_layer,
         batch,
         config.n_head,
         prompt_len + max_new_tokens,
         config.head_dim,
-        param.dtype,
+        compute_dtype,
         input_ids.device,
     )
+    uniforms = row_uniforms(row_seeds, max_new_tokens, input_ids.device) if do_sample and row_seeds else None
     mask = attention_mask
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     new_tokens = []
@@ -93,15 +126,18 @@ def generate(
             hidden = model.transformer(step_input, mask, kv_cache=cache, validate=step == 0).last_hidden_state[:, -1]
             logits = model.lm_head(hidden).float()  # (B, V): only the last position's logits
             if do_sample:
-                logits = filter_logits(logits / temperature, top_k, top_p)
-                next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+                probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+                if uniforms is not None:
+                    next_token = sample_inverse_cdf(probs, uniforms[:, step])
+                else:
+                    next_token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             else:
                 next_token = logits.argmax(-1)
             if eos_token_id is not None:
                 next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
                 finished |= next_token == eos_token_id
             new_tokens.append(next_token)
-            if eos_token_id is not None and bool(finished.all()):
+            if eos_token_id is not None and (step + 1) % FINISHED_CHECK_EVERY == 0 and bool(finished.all()):
                 break
             step_input = next_token[:, None]
             if mask is not None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from model import adapters, loading
 from model.config import GPT2Config
@@ -36,8 +37,9 @@ class GPT2Output:
     loss: torch.Tensor | None = None  # next-token cross-entropy when labels were given
 
 
-def validate_inputs(config: GPT2Config, input_ids: Any, attention_mask: Any, past: int) -> None:
-    """Clear errors for bad input instead of an index error deep inside torch."""
+def validate_inputs(config: GPT2Config, input_ids: Any, attention_mask: Any, past: int) -> bool:
+    """Clear errors for bad input instead of an index error deep inside torch. Returns whether the
+    mask pads anything. The value checks and that answer cost one host sync together."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dim() != 2:
@@ -46,10 +48,6 @@ def validate_inputs(config: GPT2Config, input_ids: Any, attention_mask: Any, pas
         raise TypeError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids is empty (seq_len 0)")
-    lowest, highest = int(input_ids.min()), int(input_ids.max())
-    if lowest < 0 or highest >= config.vocab_size:
-        bad = lowest if lowest < 0 else highest
-        raise ValueError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
     total = past + input_ids.shape[1]
     if total > config.n_positions:
         raise ValueError(
@@ -63,14 +61,27 @@ def validate_inputs(config: GPT2Config, input_ids: Any, attention_mask: Any, pas
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected {expected} (batch, past + seq_len)"
             )
-        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-            raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    stats = [input_ids.min(), input_ids.max()]
+    if attention_mask is not None:
+        stats += [((attention_mask == 0) | (attention_mask == 1)).all(), attention_mask.all()]
+    lowest, highest, *mask_stats = torch.stack([v.long() for v in stats]).tolist()  # the one sync
+    if lowest < 0 or highest >= config.vocab_size:
+        bad = lowest if lowest < 0 else highest
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
+    if mask_stats and not mask_stats[0]:
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    return bool(mask_stats) and not mask_stats[1]
 
 
 def build_attention_mask(
-    padding_mask: torch.Tensor | None, q_len: int, past: int, device: torch.device | None = None
+    padding_mask: torch.Tensor | None,
+    q_len: int,
+    past: int,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor | None:
-    """Boolean SDPA mask (B, 1, q_len, past + q_len), True = may attend; None = plain causal.
+    """SDPA mask (B, 1, q_len, past + q_len): boolean (True = may attend), or additive in `dtype` (0 or
+    -inf; built once per forward in the compute dtype, so no layer converts it); None = plain causal.
 
     `padding_mask` is None when nothing is padded (the fused causal path then applies). Causal AND
     key-padding. A padded query row would otherwise mask every key (NaN in softmax), so every token
@@ -86,7 +97,10 @@ def build_attention_mask(
     queries = torch.arange(past, past + q_len, device=device)
     causal = keys[None, :] <= queries[:, None]  # (Tq, Tk)
     mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
-    return mask | (keys[None, :] == queries[:, None])[None, None]
+    mask = mask | (keys[None, :] == queries[:, None])[None, None]
+    if dtype is None:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
 
 
 def position_ids_from_mask(
@@ -137,6 +151,9 @@ class GPT2Model(nn.Module):
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(GPT2Layer(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        # Training-time switches (see --grad_checkpointing and --compile in train/cli.py).
+        self.gradient_checkpointing = False
+        self.pad_to_multiple = 1  # >1: right-pad inputs so compiled blocks see few distinct lengths
 
     def forward(
         self,
@@ -147,20 +164,44 @@ class GPT2Model(nn.Module):
         validate: bool = True,
     ) -> GPT2Output:
         past = kv_cache.length if kv_cache is not None else 0
-        if validate:  # generation validates the prompt once, then skips this per decoded token
-            validate_inputs(self.config, input_ids, attention_mask, past)
+        # Under torch.compile nothing here may read a tensor's value: no validation, and a given mask
+        # is always applied. Eagerly, validation answers "is anything padded?" in the same sync;
+        # generation validates the prompt once and passes no mask when nothing is padded.
+        padded = attention_mask is not None
+        if validate and not torch.compiler.is_compiling():
+            padded = validate_inputs(self.config, input_ids, attention_mask, past)
         q_len = input_ids.shape[1]
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, q_len, past, input_ids.device)
-        # One check per forward: with no padding the mask is dropped (fused causal attention).
-        padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
-        mask = build_attention_mask(padding, q_len, past, input_ids.device)
+        extra = (-q_len) % self.pad_to_multiple if kv_cache is None else 0
+        if extra:  # right padding: causal attention keeps it invisible to the real tokens
+            input_ids = nn.functional.pad(input_ids, (0, extra))
+            position_ids = nn.functional.pad(position_ids.expand(input_ids.shape[0], -1), (0, extra))
+            attention_mask = nn.functional.pad(
+                attention_mask if attention_mask is not None else input_ids.new_ones(input_ids.shape[0], q_len),
+                (0, extra),
+            )
+            padded = True
+        padding = attention_mask.bool() if padded else None
+        mask = build_attention_mask(padding, q_len + extra, past, input_ids.device, _compute_dtype(self.wte.weight))
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
         for index, layer in enumerate(self.h):
-            x = layer(x, mask, kv_cache, index, padding)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, mask, kv_cache, index, padding, use_reentrant=False)
+            elif kv_cache is not None and hasattr(layer, "_compiled_call_impl"):
+                x = layer.forward(x, mask, kv_cache, index, padding)  # decoding runs eagerly (its shapes vary)
+            else:
+                x = layer(x, mask, kv_cache, index, padding)
         if kv_cache is not None:
             kv_cache.length += q_len
-        return GPT2Output(last_hidden_state=self.ln_f(x))
+        return GPT2Output(last_hidden_state=self.ln_f(x[:, :q_len] if extra else x))
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype activations (and so attention's q, k, v) have: autocast's, else the weights'."""
+    if torch.is_autocast_enabled(weight.device.type):
+        return torch.get_autocast_dtype(weight.device.type)
+    return weight.dtype
 
 
 class GPT2LMHeadModel(nn.Module):

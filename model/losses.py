@@ -6,8 +6,8 @@
 
 Plain autograd materialises the (N, V) logits, their log-softmax, a zero-filled slice gradient and
 the log-softmax gradient: four ~200 MB tensors at B=8, T=128 for GPT-2's 50,257-token vocabulary.
-Here one (rows, V) block is reused in place, rows with the ignore label are dropped before any
-matmul (padding costs nothing), and dW is skipped when W is frozen. Same maths, same numbers
+Here one (rows, V) block is reused in place, rows with the ignore label get weight 0 (no
+data-dependent shapes, so no host sync and no graph break), and dW is skipped when W is frozen. Same maths, same numbers
 (tests compare against `F.cross_entropy` to float32 noise).
 """
 
@@ -19,42 +19,63 @@ IGNORE_INDEX = -100
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
+    """Forward returns the loss and keeps dL/dh and dL/dW (computed block by block) for backward.
+
+    Computed in float32 with autocast off (what `torch.amp.custom_fwd(cast_inputs=float32)` does): under
+    bf16 autocast the logits' matmuls would otherwise run in bf16 while dW accumulates in fp32, and
+    the gradients drift ~2% from the fp32 values. (On CUDA, fp32 matmuls use TF32 when it is allowed.)
+    """
+
     @staticmethod
-    def forward(
-        ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int
-    ) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        n_rows = hidden.shape[0]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        for start in range(0, n_rows, chunk_rows):
-            h = hidden[start : start + chunk_rows]
-            y = targets[start : start + chunk_rows]
-            logits = (h @ weight.t()).float()  # (rows, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            if need_h or need_w:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                probs[torch.arange(len(y), device=y.device), y] -= 1.0
-                probs.div_(n_rows)
-                if need_h:
-                    grad_h[start : start + chunk_rows] = (probs @ weight.float()).to(hidden.dtype)
-                if need_w:
-                    grad_w.addmm_(probs.t(), h.float())
-        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
-        ctx.weight_dtype = weight.dtype
-        return total / n_rows
+        with torch.autocast(hidden.device.type, enabled=False):
+            total, grad_h, grad_w = _blocks(hidden, weight, targets, chunk_rows, need_h, need_w)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return total
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
         return (
-            None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
-            None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype),
+            None if grad_h is None else (grad_h * grad_out).to(h_dtype),
+            None if grad_w is None else (grad_w * grad_out).to(w_dtype),
             None,
             None,
         )
+
+
+def _blocks(hidden, weight, targets, chunk_rows: int, need_h: bool, need_w: bool):
+    """Mean loss over the rows whose target is kept, and (optionally) its gradients, in float32.
+
+    Ignored rows are weighted 0 instead of being selected out: no data-dependent shapes, no host
+    sync, no graph break under torch.compile (they cost their share of the matmuls; bucketing keeps
+    padding small)."""
+    hidden, weight = hidden.float(), weight.float()
+    keep = targets != IGNORE_INDEX
+    n_valid = keep.sum().clamp(min=1).float()
+    safe = targets.clamp(min=0)  # ignored rows point at class 0 and are weighted 0
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros_like(weight) if need_w else None
+    for start in range(0, hidden.shape[0], chunk_rows):
+        h = hidden[start : start + chunk_rows]
+        y = safe[start : start + chunk_rows]
+        row_weight = keep[start : start + chunk_rows].float() / n_valid
+        logits = h @ weight.t()  # (rows, V)
+        lse = torch.logsumexp(logits, dim=-1)
+        total = total + ((lse - logits.gather(1, y[:, None]).squeeze(1)) * row_weight).sum()
+        if need_h or need_w:
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            probs.scatter_add_(1, y[:, None], -torch.ones_like(y[:, None], dtype=probs.dtype))  # p[y] -= 1
+            probs.mul_(row_weight[:, None])
+            if need_h:
+                grad_h[start : start + chunk_rows] = probs @ weight
+            if need_w:
+                grad_w.addmm_(probs.t(), h)
+    return total, grad_h, grad_w
 
 
 def linear_cross_entropy(
@@ -66,26 +87,21 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Mean CE of `hidden @ weight.T` against `targets` over rows whose target is not ignored.
 
-    hidden: (N, C), weight: (V, C), targets: (N,). Returns a scalar; NaN-free 0 if nothing is valid.
+    hidden: (N, C), weight: (V, C), targets: (N,). Returns a float32 scalar; 0 if nothing is valid.
     """
-    keep = targets != ignore_index
-    if not bool(keep.any()):
-        return hidden.sum() * 0.0  # keeps the graph connected, contributes no gradient
-    hidden, targets = hidden[keep], targets[keep]
-    if int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]:
-        raise ValueError(f"label ids must be in [0, {weight.shape[0]}) or {ignore_index} (ignored)")
+    if ignore_index != IGNORE_INDEX:
+        targets = targets.masked_fill(targets == ignore_index, IGNORE_INDEX)
+    if not torch.compiler.is_compiling():
+        valid = (targets == IGNORE_INDEX) | ((targets >= 0) & (targets < weight.shape[0]))
+        if targets.device.type == "cpu":  # free on CPU; on a GPU a check here would stall the host
+            if not bool(valid.all()):
+                raise ValueError(f"label ids must be in [0, {weight.shape[0]}) or {ignore_index} (ignored)")
+        else:
+            torch._assert_async(valid.all(), f"label ids must be in [0, {weight.shape[0]}) or {ignore_index}")
     if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
-        return _loss_only(hidden, weight, targets, chunk_rows)  # evaluation: no gradients to precompute
+        with torch.autocast(hidden.device.type, enabled=False):  # evaluation: no gradients to precompute
+            return _blocks(hidden, weight, targets, chunk_rows, False, False)[0]
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
-
-
-def _loss_only(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk_rows):
-        logits = (hidden[start : start + chunk_rows] @ weight.t()).float()
-        y = targets[start : start + chunk_rows]
-        total += (torch.logsumexp(logits, dim=-1) - logits.gather(1, y[:, None]).squeeze(1)).sum()
-    return total / hidden.shape[0]
 
 
 def next_token_targets(

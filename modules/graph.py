@@ -12,13 +12,16 @@ Parameter namespace: `parallel_branches.graph.*`.
 Backends (same parameters, same maths, agree to ≤ 1e-5):
 * `gatconv`: torch_geometric's GATConv over ONE edge_index for the whole batch, built with tensor
   ops (a banded lower-triangular pattern offset per sequence, no Python loop over tokens or
-  sequences), cached per (B, T, window, device); padding edges are dropped by a mask.
+  sequences). The per-length pattern is LRU-cached (8 lengths); the batch's edges, with those that
+  touch padding dropped, are built once per forward and shared by every layer.
 * `dense`: a masked dense softmax over (B, H, T, T) scores; also used by KV-cache decoding
   (it keeps z and a_srcᵀz of past tokens in the cache), whatever the backend.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,23 +47,48 @@ def check_graph(config: Any) -> None:
         raise ValueError(f"GPT2Config.graph_heads must divide n_embd={config.n_embd}, got {config.graph_heads}")
 
 
-_EDGE_CACHE: dict[tuple, torch.Tensor] = {}
+_BANDS: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+_BAND_CACHE_SIZE = 8  # distinct (length, window, device) patterns kept; each is O(T²/2) ints, not O(B·T²)
+_LAST_EDGES: dict[str, Any] = {}  # the edges of the current forward (one entry), shared by every layer
+
+
+def causal_band(seq: int, window: int | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(src, dst) of one sequence's causal pattern, j ≤ i within the window; LRU-cached per length."""
+    key = (seq, window, str(device))
+    if key in _BANDS:
+        _BANDS.move_to_end(key)
+        return _BANDS[key]
+    pos = torch.arange(seq, device=device)
+    band = pos[None, :] <= pos[:, None]  # [i, j]: j <= i
+    if window is not None:
+        band &= (pos[:, None] - pos[None, :]) < window
+    dst, src = band.nonzero(as_tuple=True)
+    _BANDS[key] = (src, dst)
+    while len(_BANDS) > _BAND_CACHE_SIZE:
+        _BANDS.popitem(last=False)
+    return src, dst
 
 
 def causal_edge_index(batch: int, seq: int, window: int | None, device: torch.device) -> torch.Tensor:
     """(2, E) edge_index, row 0 = source j, row 1 = target i, j ≤ i within the window, per sequence."""
+    src, dst = causal_band(seq, window, device)
+    offsets = (torch.arange(batch, device=device) * seq)[:, None]
+    return torch.stack([(src[None] + offsets).reshape(-1), (dst[None] + offsets).reshape(-1)])
+
+
+def batch_edges(batch: int, seq: int, window: int | None, padding_mask: torch.Tensor | None, device) -> torch.Tensor:
+    """The batch's edges without any that touch padding, built once per forward: every layer gets
+    the same padding_mask object, so later layers reuse the first layer's result."""
     key = (batch, seq, window, str(device))
-    if key not in _EDGE_CACHE:
-        if len(_EDGE_CACHE) > 64:
-            _EDGE_CACHE.clear()
-        pos = torch.arange(seq, device=device)
-        band = pos[None, :] <= pos[:, None]  # [i, j]: j <= i
-        if window is not None:
-            band &= (pos[:, None] - pos[None, :]) < window
-        dst, src = band.nonzero(as_tuple=True)
-        offsets = (torch.arange(batch, device=device) * seq)[:, None]
-        _EDGE_CACHE[key] = torch.stack([(src[None] + offsets).reshape(-1), (dst[None] + offsets).reshape(-1)])
-    return _EDGE_CACHE[key]
+    last = _LAST_EDGES.get("entry")
+    if last is not None and last[0] == key and last[1]() is padding_mask:
+        return last[2]
+    edges = causal_edge_index(batch, seq, window, device)
+    if padding_mask is not None:
+        valid = padding_mask.reshape(-1)
+        edges = edges[:, valid[edges[0]] & valid[edges[1]]]
+    _LAST_EDGES["entry"] = (key, (lambda: None) if padding_mask is None else weakref.ref(padding_mask), edges)
+    return edges
 
 
 class GraphBranch(nn.Module):
@@ -92,10 +120,7 @@ class GraphBranch(nn.Module):
 
     def _gatconv(self, h: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
         batch, seq, width = h.shape
-        edges = causal_edge_index(batch, seq, self.window, h.device)
-        if padding_mask is not None:
-            valid = padding_mask.reshape(-1)
-            edges = edges[:, valid[edges[0]] & valid[edges[1]]]
+        edges = batch_edges(batch, seq, self.window, padding_mask, h.device)
         return self.conv(h.reshape(batch * seq, width), edges).view(batch, seq, width)
 
     def _dense(

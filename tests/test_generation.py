@@ -94,3 +94,34 @@ def test_filter_logits_top_p_keeps_smallest_nucleus():
     assert kept.tolist() == [[True, True, False, False]]
     kept = torch.isfinite(filter_logits(logits, 3, None))
     assert kept.tolist() == [[True, True, True, False]]
+
+
+def test_row_seeds_make_a_rows_sample_independent_of_its_batch(tiny_ckpt):
+    """Sampling with per-row seeds: a prompt sampled alone equals the same prompt (same seed) sampled
+    in a left-padded batch with another, so sharding prompts over processes cannot change a sonnet."""
+    ours = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0]).eval()
+    gen = torch.Generator().manual_seed(3)
+    short, long = torch.randint(0, 50257, (1, 4), generator=gen), torch.randint(0, 50257, (1, 9), generator=gen)
+    kwargs = {"max_new_tokens": 20, "do_sample": True, "temperature": 1.5, "eos_token_id": None}
+    alone = ours.generate(short, row_seeds=[11], **kwargs)[0, 4:]
+    ids = torch.cat([torch.full((1, 5), 50256), short], dim=1)
+    batch = torch.cat([ids, long])
+    mask = torch.ones_like(batch)
+    mask[0, :5] = 0
+    together = ours.generate(batch, attention_mask=mask, row_seeds=[11, 12], **kwargs)
+    assert torch.equal(together[0, 9:], alone)
+    assert not torch.equal(ours.generate(short, row_seeds=[12], **kwargs)[0, 4:], alone)  # the seed matters
+
+
+def test_kv_cache_is_allocated_in_the_compute_dtype(tiny_ckpt, monkeypatch):
+    import model.generation as generation
+
+    dtypes = []
+    original = generation.KVCache
+    monkeypatch.setattr(generation, "KVCache", lambda *a: dtypes.append(a[5]) or original(*a))
+    ours = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0]).eval()
+    ids = torch.randint(0, 50257, (2, 5), generator=torch.Generator().manual_seed(0))
+    ours.generate(ids, max_new_tokens=3, eos_token_id=None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours.generate(ids, max_new_tokens=3, eos_token_id=None)
+    assert dtypes == [torch.float32, torch.bfloat16]

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import modules.graph as graph_module
 from model import GPT2Config, GPT2LMHeadModel
-from modules.graph import GraphBranch, causal_edge_index
+from modules.graph import GraphBranch, causal_band, causal_edge_index
 from modules.kan_ffn import matched_hidden_width, random_kan_ffn
 from modules.kan_lora import KANLoRALinear
 
@@ -68,7 +69,30 @@ def test_edge_index_is_causal_windowed_cached():
     assert bool((src <= dst).all()) and bool(((dst - src) < 2).all())
     assert bool((src // 6 == dst // 6).all())  # never across sequences
     assert edges.shape[1] == 3 * (6 + 5)  # self edges + one predecessor each
-    assert causal_edge_index(3, 6, 2, torch.device("cpu")) is edges  # cached per shape
+    assert causal_band(6, 2, torch.device("cpu"))[0] is causal_band(6, 2, torch.device("cpu"))[0]  # cached
+
+
+def test_edge_cache_stays_small_over_many_evaluation_shapes():
+    """64 evaluation shapes at B=32 once held 65 (B, T)-keyed edge tensors (1.67 GiB at gpt2 lengths);
+    now at most 8 per-length patterns stay, each independent of the batch size."""
+    for seq in range(8, 72):
+        causal_edge_index(32, seq, None, torch.device("cpu"))
+    held = sum(t.numel() * t.element_size() for pair in graph_module._BANDS.values() for t in pair)
+    assert len(graph_module._BANDS) <= 8
+    assert held <= 8 * 2 * 8 * (71 * 72 // 2)  # 8 lengths x (src, dst) x int64 x one sequence's edges
+
+
+def test_graph_edges_are_built_once_per_forward(monkeypatch):
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=3, n_head=2, n_embd=16, n_positions=32, vocab_size=50, use_graph=True)
+    model = GPT2LMHeadModel(config).eval()
+    calls = []
+    original = graph_module.causal_edge_index
+    monkeypatch.setattr(graph_module, "causal_edge_index", lambda *a: calls.append(a) or original(*a))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :2] = 0  # left padding: edges from padding must be dropped, once, for all 3 layers
+    model(torch.randint(0, 50, (2, 7)), attention_mask=mask)
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("window", [None, 3])

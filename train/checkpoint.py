@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _optimizer_to_files(
+    optimizer: torch.optim.Optimizer, copy: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     state = optimizer.state_dict()
     tensors, plain = {}, {}
     for index, values in state["state"].items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{index}.{key}"] = _to_cpu(value, copy)
             else:
                 plain[f"{index}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "plain": plain}
@@ -60,22 +63,45 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
+def rng_state(device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This process's RNG state: torch CPU, the CUDA generator of *its own* device, Python's."""
+    tensors = {"torch": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        tensors["cuda"] = torch.cuda.get_rng_state(device)
     version, internal, gauss = random.getstate()
     return tensors, {"python": [version, list(internal), gauss]}
 
 
-def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    version, internal, gauss = meta["python"]
+def rank_rng_states(states: list[tuple[dict[str, torch.Tensor], dict[str, Any]]]):
+    """Every rank's `rng_state()` (index = rank) as checkpoint entries: tensors `rng.<rank>.<kind>`
+    and JSON {"ranks": [python state per rank]}, so each rank resumes from its own streams."""
+    tensors = {f"rng.{rank}.{kind}": value for rank, (own, _) in enumerate(states) for kind, value in own.items()}
+    return tensors, {"ranks": [meta for _, meta in states]}
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any], rank: int = 0, device: str = "cpu") -> bool:
+    """Restore this rank's saved RNG streams; False (nothing restored) when the checkpoint has none for
+    `rank` (it was written by fewer processes). Reads the older single-process layout too."""
+    if "ranks" not in meta:  # older checkpoints: one CPU state, every visible GPU's state, rank 0's only
+        if rank != 0:
+            return False
+        cuda = {int(k.rsplit(".", 1)[1]): v for k, v in tensors.items() if k.startswith("rng.cuda.")}
+        own = {"torch": tensors["rng.torch"]}
+        index = (torch.device(device).index or 0) if device.startswith("cuda") else None
+        if index is not None and index in cuda:
+            own["cuda"] = cuda[index]
+        python = meta["python"]
+    else:
+        if rank >= len(meta["ranks"]):
+            return False
+        own = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"rng.{rank}.")}
+        python = meta["ranks"][rank]["python"]
+    torch.set_rng_state(own["torch"])
+    if "cuda" in own and device.startswith("cuda"):
+        torch.cuda.set_rng_state(own["cuda"], device)
+    version, internal, gauss = python
     random.setstate((version, tuple(internal), gauss))
+    return True
 
 
 def save_checkpoint(
@@ -87,27 +113,40 @@ def save_checkpoint(
     scheduler: Any,
     progress: dict[str, Any],
     rng: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
-) -> Path:
+    writer: BackgroundWriter | None = None,
+) -> None:
     """Write `<kind>-<step>/` completely, then point `<kind>.json` at it, then drop the old folder.
-    `rng`: the RNG state to record (default: now); the loop passes the state at the end of `step`
-    when it writes the checkpoint one step later, after that step's weights proved healthy."""
+    `rng`: the RNG state to record (default: this process's, now); the loop passes every rank's state
+    at the end of `step` when it writes the checkpoint one step later, after that step's weights
+    proved healthy. With a `writer` the tensors are copied to CPU now and the files are written on its
+    thread, so training (and the other ranks' collectives) need not wait for the disk."""
+    opt_tensors, opt_meta = _optimizer_to_files(optimizer, copy=writer is not None)
+    rng_tensors, rng_meta = rng if rng is not None else rank_rng_states([rng_state()])
+    weights = {k: _to_cpu(v, copy=writer is not None) for k, v in trainable.items()}
+    scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler_state, "rng": rng_meta, "progress": progress}
+    files = (weights, {**opt_tensors, **rng_tensors}, json.loads(json.dumps(state)))  # JSON copy: a snapshot
+    if writer is None:
+        _write_checkpoint(directory, kind, step, *files)
+    else:
+        writer.submit(_write_checkpoint, directory, kind, step, *files)
+
+
+def _to_cpu(tensor: torch.Tensor, copy: bool) -> torch.Tensor:
+    # copy=True: a CPU tensor is cloned too, since training mutates it in place while a thread writes it
+    return tensor.detach().to("cpu", copy=copy).contiguous()
+
+
+def _write_checkpoint(directory: Path, kind: str, step: int, weights: dict, tensors: dict, state: dict) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     name = f"{kind}-{step:06d}"
     final = directory / name
     staging = directory / f".{name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    opt_tensors, opt_meta = _optimizer_to_files(optimizer)
-    rng_tensors, rng_meta = rng if rng is not None else rng_state()
-    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(staging / "trainable.safetensors"))
-    save_file({**opt_tensors, **rng_tensors}, str(staging / "optimizer.safetensors"))
-    scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    (staging / "state.json").write_text(
-        json.dumps(
-            {"step": step, "optimizer": opt_meta, "scheduler": scheduler_state, "rng": rng_meta, "progress": progress},
-            indent=1,
-        )
-    )
+    save_file(weights, str(staging / "trainable.safetensors"))
+    save_file(tensors, str(staging / "optimizer.safetensors"))
+    (staging / "state.json").write_text(json.dumps(state, indent=1))
     for file in staging.iterdir():
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
@@ -123,6 +162,35 @@ def save_checkpoint(
     if previous and previous != name:
         shutil.rmtree(directory / previous, ignore_errors=True)
     return final
+
+
+class BackgroundWriter:
+    """Runs checkpoint writes one at a time on a thread. `submit` first waits for the previous write;
+    `wait` re-raises a write's error in the training thread (so a full disk is never silent)."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, function, *args) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                function(*args)
+            except BaseException as error:  # noqa: BLE001 - handed to the training thread by wait()
+                self._error = error
+
+        self._thread = threading.Thread(target=run, name="checkpoint-writer", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def checkpoint_folder(directory: Path, kind: str) -> Path | None:

@@ -189,7 +189,25 @@ def build_parser(description: str) -> ArgumentParser:
     opt.add_argument(
         "--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps (default: %(default)s)"
     )
-    opt.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="(default: %(default)s)")
+    opt.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="compute precision: bf16 autocast (weights and optimizer stay fp32) or fp32 (with TF32 matmuls on "
+        "CUDA); auto = bf16 on a CUDA GPU that supports it, else fp32 (default: %(default)s)",
+    )
+    opt.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each transformer block (lengths are padded to a multiple of 64 so length buckets "
+        "reuse a few graphs; default: off)",
+    )
+    opt.add_argument(
+        "--grad_checkpointing",
+        action="store_true",
+        help="recompute each block's activations in backward instead of storing them (less memory, ~30%% more "
+        "compute, same gradients; default: off)",
+    )
     opt.add_argument(
         "--no_bucket", action="store_true", help="batches in data order instead of length buckets (default: off)"
     )
@@ -314,11 +332,8 @@ def check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace, task
     return folder
 
 
-def resolve_device(name: str) -> str:
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+def resolve_precision(precision: str, device: str) -> str:
+    """`auto`: bf16 on a CUDA GPU with bf16 support (flash attention and tensor cores), fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"

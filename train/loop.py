@@ -8,6 +8,7 @@ survive a SIGKILL (train/checkpoint.py) and `--resume` continues bit-for-bit on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -28,12 +29,13 @@ from tqdm import tqdm
 
 from datasets.common import data_dir
 from model import GPT2Config, GPT2LMHeadModel, load_tokenizer
+from model.compile import compile_blocks
 from model.files import atomic_write_json
 from model.trainable import build_optimizer, set_trainable
 from modules.registry import auxiliary_loss, enabled_variants
 from train import checkpoint as ckpt
-from train import lifecycle
-from train.cli import config_overrides, resolve_device
+from train import distributed, lifecycle
+from train.cli import config_overrides, resolve_precision
 from train.runs import (
     RunLogger,
     config_hash,
@@ -107,16 +109,19 @@ def epoch_schedule(
     return pairs[rank:usable:world]
 
 
-def _distributed() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank() if world > 1 else 0), world, int(os.environ.get("LOCAL_RANK", "0"))
+def device_synchronize(device: str) -> None:
+    """Wait for the device's queued work (kernels launch asynchronously: a clock read without this
+    measures the launch, not the step)."""
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        torch.cuda.synchronize(device)
+    elif kind == "mps":
+        torch.mps.synchronize()
 
 
 def _peak_memory_mb(device: str) -> float:
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -153,13 +158,23 @@ class Console:
         self.bar.close()
 
 
-def _all_ranks_any(flag: bool, world: int, device: str) -> bool:
-    """True on every rank when `flag` is true on any (so every rank stops at the same step)."""
+def _all_ranks_any(flags: list[bool], world: int, device: str) -> list[bool]:
+    """Each flag true on every rank when it is true on any (so every rank stops or saves at the same step)."""
     if world == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
+        return flags
+    value = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return [bool(v) for v in value.tolist()]
+
+
+def _gathered_rng(world: int, device: str) -> tuple:
+    """Every rank's RNG state (collective: every rank calls it at the same step)."""
+    own = ckpt.rng_state(device)
+    if world == 1:
+        return ckpt.rank_rng_states([own])
+    states: list = [None] * world
+    dist.all_gather_object(states, ({k: v.cpu() for k, v in own[0].items()}, own[1]))
+    return ckpt.rank_rng_states(states)
 
 
 def _metrics_line(step: int, epoch: float, metrics: dict, score: float, best: bool) -> str:
@@ -182,12 +197,12 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
     entry point before anything was loaded). `signals`: a StopSignals the caller entered (SIGINT /
     SIGTERM then stop after the current step with a checkpoint, raising Interrupted)."""
     signals = signals or lifecycle.StopSignals()
-    rank, world, local_rank = _distributed()
-    device = resolve_device(args.device)
-    if device == "cuda" and world > 1:
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(local_rank)
-    main_process = rank == 0
+    placement = distributed.setup(args.device)
+    rank, world, device, main_process = placement.rank, placement.world, placement.device, placement.main
+    precision = resolve_precision(args.precision, device)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (bf16 runs are unaffected)
+        torch.backends.cudnn.allow_tf32 = True
 
     name = run_name(task_label, config, args)
     out_dir = Path(args.out_dir)
@@ -220,11 +235,18 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
     objectives = {cls.name: cls(tokenizer, folder, args, config.n_positions) for cls in task_classes}
     heads = {name: head.to(device) for name, obj in objectives.items() if (head := obj.make_head(model)) is not None}
     counts = set_trainable(model, config.fine_tune_mode, heads.values())
+    if args.grad_checkpointing:
+        model.transformer.gradient_checkpointing = True
+    if args.compile:
+        compile_blocks(model)
     task_model = TaskModel(model, heads, objectives, device)
     wrapped: nn.Module = task_model
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(task_model, find_unused_parameters=len(objectives) > 1)
-    optimizer = build_optimizer(model, args.lr, args.weight_decay, heads=heads.values())
+        # Every rank built the same weights from the run's seed; dropout now gets its own stream per rank.
+        torch.manual_seed(distributed.rank_seed(args.seed, rank))
+    fused = {"fused": True} if device.startswith("cuda") else {}  # one kernel for all parameters
+    optimizer = build_optimizer(model, args.lr, args.weight_decay, heads=heads.values(), **fused)
 
     steps_per_epoch = math.ceil(len(epoch_schedule(objectives, args, 0, rank, world)) / args.grad_accum)
     total_steps = args.max_steps or steps_per_epoch * epochs
@@ -270,7 +292,12 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
         ckpt.copy_into(trainable, weights, folder)
         ckpt.restore_optimizer(optimizer, state_json, tensors)
         scheduler.load_state_dict({**state_json["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
-        ckpt.restore_rng(tensors, state_json["rng"])
+        if not ckpt.restore_rng(tensors, state_json["rng"], rank, device):
+            print(
+                f"rank {rank}: the checkpoint has no RNG state for this rank (fewer processes wrote it); "
+                "its streams start from the rank's seed",
+                file=sys.stderr,
+            )
         progress = state_json["progress"]
         if args.extend_epochs:
             progress["bad_evals"] = 0  # patience counts afresh in the added epochs
@@ -312,19 +339,28 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
     )
     console = Console(main_process, total_steps, progress["step"], name, args.log_every)
 
+    # Under torchrun rank 0 writes on a thread, so the other ranks never wait in a collective for its disk.
+    writer = ckpt.BackgroundWriter() if world > 1 and main_process else None
+
     def save(kind: str, snapshot: tuple | None = None) -> None:
-        """Write a checkpoint of the current weights; `snapshot` = (progress, rng) recorded at the end
-        of the step those weights belong to (a deferred save)."""
+        """Write a checkpoint of the current weights; `snapshot` = (progress, every rank's RNG) recorded
+        at the end of the step those weights belong to (all ranks call snapshot() together). Without
+        one (the "best" checkpoint, rank 0 only), rank 0's RNG is recorded."""
         if main_process:
             saved_progress, rng = snapshot or (progress, None)
             ckpt.save_checkpoint(
-                checkpoints, kind, saved_progress["step"], trainable, optimizer, scheduler, saved_progress, rng
+                checkpoints, kind, saved_progress["step"], trainable, optimizer, scheduler, saved_progress, rng, writer
             )
         nonlocal last_save
         last_save = time.monotonic()
 
     def snapshot() -> tuple:
-        return copy.deepcopy(progress), ckpt.rng_state()
+        return copy.deepcopy(progress), _gathered_rng(world, device)
+
+    def saved_checkpoint() -> Path | None:
+        if writer is not None:
+            writer.wait()
+        return ckpt.checkpoint_folder(checkpoints, "last")
 
     def evaluate() -> bool:
         """Every rank scores its share of dev (gathered); rank 0 logs, keeps the best predictions and
@@ -334,12 +370,13 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
         task_model.eval()
-        metrics = {
-            n: obj.evaluate(
-                model, heads.get(n), staging if main_process else None, device, args.eval_train, (rank, world)
-            )
-            for n, obj in objectives.items()
-        }
+        with autocast:  # evaluation computes in the run's precision too
+            metrics = {
+                n: obj.evaluate(
+                    model, heads.get(n), staging if main_process else None, device, args.eval_train, (rank, world)
+                )
+                for n, obj in objectives.items()
+            }
         task_model.train()
         stop = False
         if main_process:
@@ -366,7 +403,7 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
         return stop
 
     def diverged(task: str, value: float, reason: str) -> lifecycle.TrainingDiverged:
-        last = ckpt.checkpoint_folder(checkpoints, "last")
+        last = saved_checkpoint()
         info = {"step": progress["step"] + 1, "task": task, "loss": value if math.isfinite(value) else str(value)}
         info["reason"] = reason
         if main_process:
@@ -377,7 +414,7 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
             f"healthy checkpoint is kept: {last or 'none saved yet'}"
         )
 
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
     guard = lifecycle.DivergenceGuard(args.spike_factor)
     wrapped.train()
     start_time = time.perf_counter() - progress["train_seconds"]
@@ -391,19 +428,27 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
             schedule = epoch_schedule(objectives, args, progress["epoch"], rank, world)
             while progress["position"] < len(schedule):
                 group = schedule[progress["position"] : progress["position"] + args.grad_accum]
+                losses = []
+                for index, (task, batch) in enumerate(group):
+                    # DDP all-reduces gradients on the last micro-batch only
+                    last_micro = index == len(group) - 1 or world == 1
+                    with contextlib.nullcontext() if last_micro else wrapped.no_sync():
+                        with autocast:
+                            loss = wrapped(task, batch) * getattr(args, "task_weights", {}).get(task, 1.0)
+                            if (extra := auxiliary_loss(model, config)) is not None:  # e.g. the KAN regulariser
+                                loss = loss + extra
+                        (loss / len(group)).backward()
+                    losses.append(loss.detach().float())
+                    tokens_since += objectives[task].batch_tokens(batch)
+                grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), args.max_grad_norm)
+                # The step's one host sync: every micro-batch loss and the gradient norm at once.
+                *loss_values, grad_norm_value = torch.stack([*losses, grad_norm.float().to(losses[0].device)]).tolist()
                 spike = None
-                for task, batch in group:
-                    with autocast:
-                        loss = wrapped(task, batch) * getattr(args, "task_weights", {}).get(task, 1.0)
-                        if (extra := auxiliary_loss(model, config)) is not None:  # e.g. the KAN regulariser
-                            loss = loss + extra
-                    value = loss.item()
+                for (task, _), value in zip(group, loss_values, strict=True):
                     problem = guard.check(task, value)
                     if problem and not math.isfinite(value):
                         raise diverged(task, value, problem)
                     spike = spike or problem
-                    (loss / len(group)).backward()
-                    tokens_since += objectives[task].batch_tokens(batch)
                 if pending is not None:
                     if spike:
                         console.message(
@@ -415,17 +460,17 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
                     pending = None
                 elif spike:
                     console.message(f"step {progress['step'] + 1}: {spike}")
-                grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), args.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 progress["position"] += len(group)
                 progress["step"] += 1
+                device_synchronize(device)  # the clock must see the step finish on the device
                 elapsed = time.perf_counter() - clock
                 values = {
-                    "train/loss": value,
+                    "train/loss": loss_values[-1],
                     "train/lr": scheduler.get_last_lr()[0],
-                    "train/grad_norm": float(grad_norm),
+                    "train/grad_norm": grad_norm_value,
                     "train/tokens_per_s": tokens_since * world / max(elapsed, 1e-9),
                     "epoch": progress["epoch"],
                 }
@@ -438,6 +483,8 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
                 if end_of_epoch:
                     progress.update(epoch=progress["epoch"] + 1, position=0)
                 last_step = progress["step"] >= total_steps or progress["epoch"] >= epochs
+                time_due = bool(args.save_every_minutes) and time.monotonic() - last_save >= 60 * args.save_every_minutes
+                stop_now, time_due = _all_ranks_any([signals.received is not None, time_due], world, device)
                 if (
                     (args.eval_every and progress["step"] % args.eval_every == 0)
                     or (not args.eval_every and end_of_epoch)
@@ -446,28 +493,31 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
                     stopped = evaluate() or last_step
                     evaluated_at = progress["step"]
                     if stopped:
-                        save("last")
+                        save("last", snapshot())
                     else:
                         pending = snapshot()
-                elif (args.save_every and progress["step"] % args.save_every == 0) or (
-                    args.save_every_minutes and time.monotonic() - last_save >= 60 * args.save_every_minutes
-                ):
+                elif (args.save_every and progress["step"] % args.save_every == 0) or time_due:
                     pending = snapshot()
-                if _all_ranks_any(signals.received is not None, world, device):
+                if stop_now:
                     signum = signals.received or signal.SIGTERM
                     if not spike:
-                        save("last")
-                    raise lifecycle.Interrupted(signum, _interrupted_message(signum, progress, checkpoints))
+                        save("last", snapshot())
+                    raise lifecycle.Interrupted(signum, _interrupted_message(signum, progress, saved_checkpoint()))
                 if stopped:
                     break
-    except BaseException:  # diverged, interrupted, crashed: close the wandb run before leaving
+    except BaseException:  # diverged, interrupted, crashed: finish the checkpoint write, close the wandb run
+        if writer is not None:
+            with contextlib.suppress(Exception):  # the original error is the one to report
+                writer.wait()
         logger.finish()
         raise
     finally:
         console.close()
     if evaluated_at != progress["step"] and progress["best"] is None:
         evaluate()
-        save("last")
+        save("last", snapshot())
+    if writer is not None:
+        writer.wait()
     result = {}
     if main_process:
         best = progress["best_metrics"] or {}
@@ -489,9 +539,8 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
     return result
 
 
-def _interrupted_message(signum: int, progress: dict, checkpoints: Path) -> str:
-    last = ckpt.checkpoint_folder(checkpoints, "last")
-    saved = json.loads((checkpoints / "last.json").read_text())["step"] if last else None
+def _interrupted_message(signum: int, progress: dict, last: Path | None) -> str:
+    saved = json.loads((last.parent / "last.json").read_text())["step"] if last else None
     where = f"checkpoint at step {saved}" if saved is not None else "no checkpoint (nothing healthy to save)"
     return (
         f"interrupted by {signal.Signals(signum).name} at step {progress['step']} "

@@ -66,6 +66,8 @@ IDENTITY_EXCLUDED = {
     "eval_train",
     "overwrite",
     "extend_epochs",
+    "compile",  # how the same maths is executed, not what it computes
+    "grad_checkpointing",
     "argv",
 }
 MODE_TAGS = {"full-model": "full", "last-linear-layer": "lastlinear", "adapters": "adapters"}

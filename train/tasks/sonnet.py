@@ -2,8 +2,9 @@
 complete each held-out 3-line prompt to 14 lines with the KV-cache `generate` and score the dev
 completions with corpus chrF against the gold sonnets (the course's scoring, through sacrebleu).
 
-Sampling is seeded with the run's `--seed`, so training's evaluation and `train.evaluate` of the
-same weights with the same seed write the same sonnets.
+Sampling is seeded with the run's `--seed` (prompt i has its own stream), and prompts are batched
+before they are shared over processes, so training's evaluation, `train.evaluate` of the same
+weights and a torchrun evaluation with any number of processes write the same sonnets.
 """
 
 from __future__ import annotations
@@ -37,27 +38,46 @@ class GenerationSettings:
 
 @torch.no_grad()
 def generate_sonnets(
-    model: nn.Module, tokenizer, prompts: list[tuple[str, str]], settings: GenerationSettings, device: str = "cpu"
+    model: nn.Module,
+    tokenizer,
+    prompts: list[tuple[str, str]],
+    settings: GenerationSettings,
+    device: str = "cpu",
+    batch_size: int = 16,
+    shard: tuple[int, int] = (0, 1),
 ) -> list[tuple[str, str]]:
-    """Complete each 3-line prompt; keep the first `settings.lines` lines of prompt + continuation."""
-    generator = torch.Generator(device=device).manual_seed(settings.seed)
-    sonnets = []
-    for number, prompt in prompts:
-        text = prompt + "\n"
-        ids = torch.tensor([tokenizer.encode(text)], device=device)
+    """Complete each 3-line prompt; keep the first `settings.lines` lines of prompt + continuation.
+
+    Prompts are grouped into fixed, length-sorted, left-padded batches *before* they are shared out
+    over the `shard` = (rank, world) processes, and prompt i samples from its own stream
+    (seed, i): every process count makes the same batches and the same sonnets."""
+    texts = [prompt + "\n" for _, prompt in prompts]
+    encoded = [tokenizer.encode(text) for text in texts]
+    order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+    def complete(batch: list[int]) -> list[str]:
+        ids, mask = collate([encoded[i] for i in batch], side="left", pad_id=tokenizer.eos_token_id)
+        ids, mask = ids.to(device), mask.to(device)
         budget = min(settings.max_new_tokens, model.config.n_positions - ids.shape[1])
         out = model.generate(
             ids,
+            attention_mask=mask,
             max_new_tokens=budget,
             do_sample=settings.do_sample,
             temperature=settings.temperature,
             top_p=settings.top_p,
             top_k=settings.top_k,
             eos_token_id=tokenizer.eos_token_id,
-            generator=generator,
+            row_seeds=[settings.seed * 1_000_003 + i for i in batch],
         )
-        continuation = tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
-        lines = [line.rstrip() for line in (text + continuation).split("\n")]
+        return [tokenizer.decode(row[ids.shape[1] :].tolist(), skip_special_tokens=True) for row in out]
+
+    done = sharded(batches, shard, lambda mine: [complete(batch) for batch in mine])
+    continuations = {i: text for batch, texts_ in zip(batches, done, strict=True) for i, text in zip(batch, texts_)}
+    sonnets = []
+    for index, (number, _) in enumerate(prompts):
+        lines = [line.rstrip() for line in (texts[index] + continuations[index]).split("\n")]
         sonnets.append((number, "\n".join(lines[: settings.lines]).strip()))
     return sonnets
 
@@ -150,11 +170,12 @@ class Sonnet(Task):
         shard: tuple[int, int] = (0, 1),
     ) -> dict[str, Any]:
         def generate(prompts):
-            return generate_sonnets(model, self.tokenizer, prompts, self.generation, device)
+            batch_size = getattr(self.args, "eval_batch_size", 16)
+            return generate_sonnets(model, self.tokenizer, prompts, self.generation, device, batch_size, shard)
 
-        dev = sharded(self.dev_prompts, shard, generate)
+        dev = generate(self.dev_prompts)
         metrics: dict[str, Any] = {"dev_chrf": sonnet_chrf(dev, self.gold)}
-        test = sharded(self.test_prompts, shard, generate)
+        test = generate(self.test_prompts)
         if out_dir is not None:
             files = {"dev": "sonnet-dev-output.txt", "test": "sonnet-test-output.txt"}
             write_sonnets(out_dir / files["dev"], dev)

@@ -1,0 +1,162 @@
+"""torchrun and CUDA placement, tested with CPU stand-ins: 2-process gloo runs for per-rank RNG and
+resume, spawned gloo processes for sharded sonnet evaluation, and the device/backend rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.conftest import DATA_DIR, REPO, plugin_env, run_paths
+from train import checkpoint as ckpt
+from train import distributed
+
+
+@pytest.mark.parametrize(
+    "requested, local_rank, world, expected",
+    [
+        ("cuda", 1, 2, "cuda:1"),  # every rank its own GPU, not all on cuda:0
+        ("cuda:0", 3, 4, "cuda:3"),
+        ("cuda:1", 0, 1, "cuda:1"),  # one process: the index asked for
+        ("cpu", 1, 2, "cpu"),
+    ],
+)
+def test_each_rank_gets_its_own_gpu(requested, local_rank, world, expected):
+    assert distributed.rank_device(requested, local_rank, world) == expected
+
+
+def test_backend_follows_the_device_not_the_machine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU box
+    assert distributed.backend_for(distributed.rank_device("cpu", 0, 2)) == "gloo"
+    assert distributed.backend_for(distributed.rank_device("auto", 1, 2)) == "nccl"
+    assert distributed.rank_device("auto", 1, 2) == "cuda:1"
+
+
+def test_rank_seeds_differ_and_rank_zero_keeps_the_run_seed():
+    seeds = [distributed.rank_seed(7, rank) for rank in range(8)]
+    assert seeds[0] == 7 and len(set(seeds)) == 8
+
+
+def test_restore_rng_reads_each_ranks_state_and_old_numeric_cuda_keys():
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(ckpt.rng_state())
+    tensors, meta = ckpt.rank_rng_states(states)
+    assert ckpt.restore_rng(tensors, meta, rank=1)
+    assert torch.equal(torch.get_rng_state(), states[1][0]["torch"])
+    assert not ckpt.restore_rng(tensors, meta, rank=2)  # written by 2 processes: nothing for rank 2
+    # the older layout keyed every GPU as rng.cuda.<i>; "10" must not sort before "2" (read as numbers)
+    old = {"rng.torch": states[0][0]["torch"], **{f"rng.cuda.{i}": torch.full((4,), i) for i in (0, 2, 10)}}
+    calls = []
+    original = torch.cuda.set_rng_state
+    try:
+        torch.cuda.set_rng_state = lambda state, device: calls.append((int(state[0]), device))
+        assert ckpt.restore_rng(old, {"python": states[0][1]["python"]}, rank=0, device="cuda:2")
+    finally:
+        torch.cuda.set_rng_state = original
+    assert calls == [(2, "cuda:2")]  # its own GPU's state; fewer GPUs at resume is no IndexError
+
+
+def test_step_clock_waits_for_the_device(monkeypatch):
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    from train.loop import device_synchronize
+
+    device_synchronize("cuda:1")
+    device_synchronize("cpu")
+    assert synced == ["cuda:1"]  # the index is passed on (a bare synchronize() waits on cuda:0 only)
+
+
+def _torchrun(args: list[str], env: dict, port: int) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    return subprocess.run(command + args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_process_resume_restores_each_ranks_rng(tiny_ckpt, tokenizer_dir, tmp_path):
+    """An uninterrupted 2-process run and one stopped by SIGTERM after step 2 and resumed: from step 3
+    on, each rank's RNG stream is the uninterrupted one's, and the two ranks' streams differ."""
+    common = [
+        "-m",
+        "train.sentiment",
+        "--dataset",
+        "sst",
+        *run_paths(tiny_ckpt[0], tokenizer_dir),
+        "--train_limit",
+        "16",
+        "--dev_limit",
+        "4",
+        "--test_limit",
+        "2",
+        "--batch_size",
+        "4",
+        "--epochs",
+        "2",
+        "--wandb",
+        "disabled",
+        "--device",
+        "cpu",
+    ]
+    logs = {}
+    for name, stop in (("straight", None), ("stopped", "2")):
+        folder = tmp_path / name
+        folder.mkdir()
+        env = plugin_env(OMP_NUM_THREADS="1", GPT2_TEST_RNG_LOG=str(folder))
+        if stop:
+            env["GPT2_TEST_SIGTERM_AT"] = stop
+        run = _torchrun([*common, "--out_dir", str(folder / "runs")], env, 29541)
+        if stop:
+            assert run.returncode != 0 and "interrupted by SIGTERM at step 2" in run.stderr, run.stderr[-3000:]
+            env.pop("GPT2_TEST_SIGTERM_AT")
+            run = _torchrun([*common, "--out_dir", str(folder / "runs"), "--resume"], env, 29542)
+        assert run.returncode == 0, run.stderr[-3000:]
+        logs[name] = [(folder / f"rank{r}.txt").read_text().split() for r in (0, 1)]
+    straight, stopped = logs["straight"], logs["stopped"]
+    assert len(straight[0]) == 4 and straight[0] != straight[1]  # 4 steps; per-rank streams
+    for rank in (0, 1):
+        assert stopped[rank] == straight[rank], f"rank {rank}"
+
+
+def _sonnet_chrf_worker(rank: int, world: int, port: int, ckpt_dir: str, tokenizer_dir: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    from argparse import Namespace
+
+    from model import GPT2LMHeadModel, load_tokenizer
+    from train.tasks.sonnet import Sonnet
+
+    args = Namespace(
+        max_length=None, dev_limit=5, test_limit=1, train_limit=1, seed=3, max_new_tokens=24, temperature=1.2,
+        top_p=0.9, top_k=None, greedy=False, eval_batch_size=2,
+    )  # fmt: skip
+    model = GPT2LMHeadModel.from_pretrained(ckpt_dir).eval()
+    task = Sonnet(load_tokenizer(tokenizer_dir), DATA_DIR, args, model.config.n_positions)
+    metrics = task.evaluate(model, None, None, "cpu", shard=(rank, world))
+    if rank == 0:
+        Path(out).write_text(json.dumps(metrics["dev_chrf"]))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sonnet_dev_chrf_is_the_same_with_one_or_two_processes(tiny_ckpt, tokenizer_dir, tmp_path):
+    scores = {}
+    for world, port in ((1, 29551), (2, 29552)):
+        out = tmp_path / f"chrf{world}.json"
+        mp.spawn(
+            _sonnet_chrf_worker,
+            args=(world, port, str(tiny_ckpt[0]), str(tokenizer_dir), str(out)),
+            nprocs=world,
+        ) if world > 1 else _sonnet_chrf_worker(0, 1, port, str(tiny_ckpt[0]), str(tokenizer_dir), str(out))
+        scores[world] = json.loads(out.read_text())
+    assert scores[1] == scores[2] and scores[1] > 0
