@@ -503,8 +503,8 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
                     if not spike:
                         save("last", snapshot())
                     raise lifecycle.Interrupted(signum, _interrupted_message(signum, progress, saved_checkpoint()))
-                if stopped:
-                    break
+                if stopped or end_of_epoch:
+                    break  # a new epoch needs its own schedule (the outer loop draws it)
     except BaseException:  # diverged, interrupted, crashed: finish the checkpoint write, close the wandb run
         if writer is not None:
             with contextlib.suppress(Exception):  # the original error is the one to report
