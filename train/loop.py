@@ -483,7 +483,9 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
                 if end_of_epoch:
                     progress.update(epoch=progress["epoch"] + 1, position=0)
                 last_step = progress["step"] >= total_steps or progress["epoch"] >= epochs
-                time_due = bool(args.save_every_minutes) and time.monotonic() - last_save >= 60 * args.save_every_minutes
+                time_due = (
+                    bool(args.save_every_minutes) and time.monotonic() - last_save >= 60 * args.save_every_minutes
+                )
                 stop_now, time_due = _all_ranks_any([signals.received is not None, time_due], world, device)
                 if (
                     (args.eval_every and progress["step"] % args.eval_every == 0)
