@@ -228,7 +228,11 @@ class GPT2LMHeadModel(nn.Module):
         """Attach the variants the config enables (after the base weights are in place)."""
         if self.adapter_params:
             raise RuntimeError("variants are already attached to this model")
+        reference = self.transformer.wte.weight
         self.adapter_params = attach_variants(self, self.config)
+        # Variants build their modules on the CPU in float32; a model already on a GPU (or in float64
+        # or bf16) would then mix devices or dtypes at the first forward.
+        self.to(device=reference.device, dtype=reference.dtype)
         self.train(self.training)  # new modules start in train mode; follow the model's mode
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -148,6 +148,23 @@ def test_save_load_round_trip(tiny_ckpt, case, tmp_path):
     assert fresh.config == model.config.replace(name=fresh.config.name)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_load_adapters_follows_the_models_device_and_dtype(tiny_ckpt, case, tmp_path):
+    """Loading adapters into a model already moved (bf16 here, as a GPU stand-in; the meta device
+    for placement) builds every variant module there, in that dtype."""
+    build(tiny_ckpt[0], case).save_adapters(tmp_path / "adapters")
+    fresh = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0], **NO_DROPOUT).to(torch.bfloat16).eval()
+    fresh.load_adapters(tmp_path / "adapters")
+    assert {p.dtype for p in fresh.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert fresh(ids_batch(seed=5)).logits.dtype == torch.bfloat16
+    if case in ("kan_ffn", "pissa"):
+        return  # their start is computed from the pretrained weights' values (MLP fit, SVD): none on meta
+    on_meta = GPT2LMHeadModel(fresh.config, with_variants=False).to("meta")
+    on_meta.apply_variants()
+    assert {p.device.type for p in on_meta.parameters()} == {"meta"}
+
+
 def test_load_adapters_is_strict(tiny_ckpt, tmp_path):
     from safetensors.torch import load_file, save_file
 

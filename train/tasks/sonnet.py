@@ -74,7 +74,11 @@ def generate_sonnets(
         return [tokenizer.decode(row[ids.shape[1] :].tolist(), skip_special_tokens=True) for row in out]
 
     done = sharded(batches, shard, lambda mine: [complete(batch) for batch in mine])
-    continuations = {i: text for batch, texts_ in zip(batches, done, strict=True) for i, text in zip(batch, texts_)}
+    continuations = {
+        i: text
+        for batch, completed in zip(batches, done, strict=True)
+        for i, text in zip(batch, completed, strict=True)
+    }
     sonnets = []
     for index, (number, _) in enumerate(prompts):
         lines = [line.rstrip() for line in (texts[index] + continuations[index]).split("\n")]
