@@ -8,8 +8,11 @@ m = 0..G+2k, so there are G + k bases of order k (1: piecewise linear, 2: quadra
 Fast bases: on a uniform grid every basis is a shifted cardinal B-spline, so for x in interval m
 (u = (x - lo)/h, m = ⌊u⌋, f = u - m) only B_m..B_{m+k} are non-zero and their values are fixed
 polynomials of f: w = [1, f, …, f^k] · M_k (closed form, one small matmul, no Cox–de Boor recursion).
-Memory-lean backward: the autograd function saves only x and recomputes the (N, in, G+k) bases in
-backward instead of keeping them (and the recursion's intermediates) alive.
+Memory-lean: the autograd function saves only x and recomputes the bases in backward instead of
+keeping them (and the recursion's intermediates) alive, and it builds the dense (rows, in, G+k) bases
+one row block at a time (`CHUNK_ELEMENTS`), so its temporaries do not grow with B·T. The spline
+matmul stays a dense GEMM over all G+k bases: a gather of only the k+1 non-zero ones
+(`embedding_bag` with per-sample weights) does half the FLOPs but measured 7x slower on CPU.
 
 Out-of-grid inputs are CLAMPED to [lo, hi] for the spline term (the spline is constant beyond the
 grid and its slope there is zero), never silently zeroed as on a grid whose bases all vanish; the
@@ -87,30 +90,49 @@ def bspline_bases(x: torch.Tensor, lo: float, h: float, grid_size: int, order: i
     return out.scatter_(-1, index, values)
 
 
+CHUNK_ELEMENTS = 1 << 23  # dense-basis elements per row block (32 MiB in float32)
+
+
+def _row_blocks(n_rows: int, in_features: int, n_bases: int):
+    """Row slices whose dense bases (rows, in·(G+k)) stay under CHUNK_ELEMENTS: the temporaries of a
+    KAN layer are then bounded by the block, not by B·T (a 3072->768 layer at B=8, T=512 once held
+    ~6.9 GB of int64 indices and dense bases at once)."""
+    rows = max(1, CHUNK_ELEMENTS // (in_features * n_bases))
+    return [slice(start, start + rows) for start in range(0, n_rows, rows)]
+
+
 class _SplineLinear(torch.autograd.Function):
-    """y = bases(x).view(N, in·(G+k)) @ c.view(out, in·(G+k))ᵀ, saving only x and c."""
+    """y = bases(x).view(N, in·(G+k)) @ c.view(out, in·(G+k))ᵀ, saving only x and c; the bases are
+    built (and rebuilt in backward) one row block at a time."""
 
     @staticmethod
     def forward(ctx, x, coeff, lo, h, grid_size, order):
         ctx.save_for_backward(x, coeff)
         ctx.grid = (lo, h, grid_size, order)
-        bases = bspline_bases(x, lo, h, grid_size, order)
-        return bases.flatten(1) @ coeff.flatten(1).t()
+        flat = coeff.flatten(1).t()  # (in·(G+k), out)
+        out = x.new_empty(x.shape[0], coeff.shape[0])
+        for rows in _row_blocks(x.shape[0], x.shape[1], grid_size + order):
+            torch.matmul(bspline_bases(x[rows], lo, h, grid_size, order).flatten(1), flat, out=out[rows])
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, coeff = ctx.saved_tensors
         lo, h, grid_size, order = ctx.grid
-        grad_x = grad_coeff = None
-        m, values, slopes = _local_bases(x, lo, h, grid_size, order, derivative=ctx.needs_input_grad[0])
-        index = m.unsqueeze(-1) + torch.arange(order + 1, device=x.device)
-        if ctx.needs_input_grad[1]:
-            bases = x.new_zeros(*x.shape, grid_size + order).scatter_(-1, index, values)
-            grad_coeff = (grad_out.t() @ bases.flatten(1)).view_as(coeff)
-        if ctx.needs_input_grad[0]:
-            grad_bases = (grad_out @ coeff.flatten(1)).view(*x.shape, grid_size + order)
-            grad_x = (grad_bases.gather(-1, index) * slopes).sum(-1)
-        return grad_x, grad_coeff, None, None, None, None
+        need_x, need_coeff = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_coeff = torch.zeros_like(coeff).flatten(1) if need_coeff else None
+        offsets = torch.arange(order + 1, device=x.device)
+        for rows in _row_blocks(x.shape[0], x.shape[1], grid_size + order):
+            m, values, slopes = _local_bases(x[rows], lo, h, grid_size, order, derivative=need_x)
+            index = m.unsqueeze(-1) + offsets
+            if need_coeff:
+                bases = x.new_zeros(*values.shape[:-1], grid_size + order).scatter_(-1, index, values)
+                grad_coeff.addmm_(grad_out[rows].t(), bases.flatten(1))
+            if need_x:
+                grad_bases = (grad_out[rows] @ coeff.flatten(1)).view(*m.shape, grid_size + order)
+                grad_x[rows] = (grad_bases.gather(-1, index) * slopes).sum(-1)
+        return grad_x, None if grad_coeff is None else grad_coeff.view_as(coeff), None, None, None, None
 
 
 class KANLinear(nn.Module):

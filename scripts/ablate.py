@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import queue
 import threading
 import time
 import tomllib
@@ -35,6 +36,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
 
 from train import entry  # noqa: E402
 from train.lifecycle import EXIT_STATUS, folder_state  # noqa: E402
@@ -156,13 +159,34 @@ def status(run: PlannedRun) -> str:
     return {"finished": "done", "interrupted": "resume", "dead": "resume"}.get(state, "new")
 
 
+def parse_gpus(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    if not words or not all(w.isdigit() for w in words):
+        parser.error(f"--gpus {text!r}: give GPU indices separated by commas, e.g. 0,1,2,3")
+    gpus = [int(w) for w in words]
+    if len(set(gpus)) != len(gpus):
+        parser.error(f"--gpus {text!r}: a GPU is listed twice")
+    if not torch.cuda.is_available():
+        parser.error("--gpus: CUDA is not available on this machine")
+    visible = torch.cuda.device_count()
+    if max(gpus) >= visible:
+        parser.error(f"--gpus {text!r}: this machine has {visible} CUDA device(s) (0..{visible - 1})")
+    return gpus
+
+
 class Jobs:
     """The running training processes, so a signal can be forwarded to each of them."""
 
-    def __init__(self) -> None:
+    def __init__(self, gpus: list[int] | None = None) -> None:
         self.lock = threading.Lock()
         self.running: set[subprocess.Popen] = set()
         self.stop_signal: int | None = None
+        # --gpus: a pool of free GPUs; a job takes one (as its only visible device) and gives it back
+        self.free_gpus: queue.Queue[int] | None = None
+        if gpus:
+            self.free_gpus = queue.Queue()
+            for gpu in gpus:
+                self.free_gpus.put(gpu)
 
     def forward(self, signum: int, frame) -> None:
         first = self.stop_signal is None
@@ -184,6 +208,17 @@ class Jobs:
         if status(run) == "resume":
             argv.append("--resume")
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        gpu = self.free_gpus.get() if self.free_gpus is not None else None
+        try:
+            if gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = str(gpu)  # the job sees only its GPU, as cuda:0
+                argv += ["--device", "cuda"]
+            return self._run(run, argv, env, log_dir)
+        finally:
+            if gpu is not None:
+                self.free_gpus.put(gpu)
+
+    def _run(self, run: PlannedRun, argv: list[str], env: dict, log_dir: Path) -> tuple[PlannedRun, int | None, float]:
         start = time.perf_counter()
         with self.lock:
             if self.stop_signal is not None:
@@ -209,7 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("preset", type=Path)
     parser.add_argument("--out_dir", type=Path, default=None, help="grid folder (default: ablations/<name>)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default: 1, or one per --gpus entry)")
+    parser.add_argument(
+        "--gpus",
+        default=None,
+        help="comma-separated GPU indices, e.g. 0,1,2,3: one run per GPU at a time (CUDA_VISIBLE_DEVICES), the "
+        "rest queued (default: off)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="threads per run (default: cores / jobs)")
     parser.add_argument("--dry_run", action="store_true", help="list the runs and their status only; writes nothing")
     parser.add_argument("--data_dir", default=None, help="task data of every run (default: $GPT2_DATA_DIR or cache)")
@@ -219,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--jobs must be >= 1")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
+    gpus = parse_gpus(parser, args.gpus) if args.gpus is not None else None
+    if gpus:
+        args.jobs = len(gpus)
     preset = load_preset(args.preset)
     out_dir = args.out_dir or REPO / "ablations" / preset["name"]
     inputs = [
@@ -265,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(exist_ok=True)
     failed, interrupted, not_started = [], [], []
     start = time.perf_counter()
-    jobs = Jobs()
+    jobs = Jobs(gpus)
     previous = {s: signal.signal(s, jobs.forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:

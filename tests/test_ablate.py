@@ -159,3 +159,40 @@ def test_bad_preset_flags_and_broken_runs_tsv_are_named(tmp_path, tokenizer_dir)
     (grid / "runs.tsv").write_text("\n".join(lines) + "\n")
     with pytest.raises(SystemExit, match=r"runs\.tsv:3: unreadable row"):
         report.main([str(grid)])
+
+
+def test_gpus_run_one_job_per_gpu_and_queue_the_rest(tmp_path, tokenizer_dir, monkeypatch, capsys):
+    """--gpus 0,3 on a (faked) 4-GPU box: 4 runs, never two at once on one GPU, each job sees only
+    its GPU (CUDA_VISIBLE_DEVICES) and is told --device cuda."""
+    import threading
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import ablate
+
+    preset = write_grid_preset(tmp_path / "grid.toml", tokenizer_dir, "gpu-test", train_limit=4)
+    preset.write_text(preset.read_text().replace("seeds = [1, 2]", "seeds = [1, 2, 3, 4]"))
+    monkeypatch.setattr(ablate.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ablate.torch.cuda, "device_count", lambda: 4)
+    lock, busy, seen = threading.Lock(), set(), []
+
+    class FakeJob:
+        def __init__(self, command, env, **kwargs):
+            self.gpu, self.command = env["CUDA_VISIBLE_DEVICES"], command
+            with lock:
+                assert self.gpu not in busy, f"two jobs on GPU {self.gpu}"
+                busy.add(self.gpu)
+                seen.append((self.gpu, command[-2:]))
+
+        def wait(self):
+            time.sleep(0.2)
+            with lock:
+                busy.discard(self.gpu)
+            return 0
+
+    monkeypatch.setattr(ablate.subprocess, "Popen", FakeJob)
+    assert ablate.main([str(preset), "--out_dir", str(tmp_path / "grid"), "--gpus", "0,3"]) == 0
+    assert len(seen) == 4 and {gpu for gpu, _ in seen} == {"0", "3"}
+    assert all(tail == ["--device", "cuda"] for _, tail in seen)
+    with pytest.raises(SystemExit):
+        ablate.main([str(preset), "--out_dir", str(tmp_path / "grid"), "--gpus", "0,4"])
+    assert "this machine has 4 CUDA device(s)" in capsys.readouterr().err

@@ -83,3 +83,23 @@ def test_bad_arguments():
         KANLinear(2, 2, spline_order=4)
     with pytest.raises(ValueError, match="base function"):
         KANLinear(2, 2, base="relu6")
+
+
+def test_row_blocks_give_the_same_outputs_and_gradients(monkeypatch):
+    """The spline matmul in row blocks (bounded temporaries) equals one block over every row."""
+    import modules.kan as kan
+
+    torch.manual_seed(0)
+    layer = kan.KANLinear(6, 5, grid_size=5, spline_order=3)
+    x = (torch.rand(37, 6) * 2.4 - 1.2).requires_grad_(True)
+    results = []
+    for elements in (1 << 30, 6 * 8 * 4):  # one block; blocks of 4 rows (the last one shorter)
+        monkeypatch.setattr(kan, "CHUNK_ELEMENTS", elements)
+        layer.zero_grad()
+        x.grad = None
+        y = layer(x)
+        y.pow(2).sum().backward()
+        results.append((y.detach(), x.grad.clone(), layer.spline_coeff.grad.clone()))
+    assert len(kan._row_blocks(37, 6, 8)) == 10
+    for one, blocked in zip(results[0], results[1], strict=True):
+        assert torch.allclose(one, blocked, atol=1e-6)
