@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
 import tempfile
-import queue
 import threading
 import time
 import tomllib

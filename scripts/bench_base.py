@@ -24,11 +24,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import GPT2LMHeadModel  # noqa: E402
+from train.distributed import device_synchronize  # noqa: E402
 
 
 def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+    device_synchronize(device)  # cuda:N included (the index matters)
 
 
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modules.graph import GraphBranch  # noqa: E402
 from scripts.bench_utils import median_time  # noqa: E402
 
+DEVICE = "cpu"
+
 
 def course_reference(branch: GraphBranch, h: torch.Tensor) -> torch.Tensor:
     """Per sequence: a Python-built fully connected edge list, then one GATConv call each."""
@@ -34,10 +36,14 @@ def course_reference(branch: GraphBranch, h: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    torch.set_default_device(args.device)  # every module and input below is built there
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     branch = GraphBranch(768, 12, None, 0.0, "gatconv")
@@ -60,9 +66,9 @@ def main() -> None:
 
         return fn
 
-    t_ref = median_time(run(lambda: course_reference(branch, h)), args.repeats)
-    t_sparse = median_time(run(ours("gatconv")), args.repeats)
-    t_dense = median_time(run(ours("dense")), args.repeats)
+    t_ref = median_time(run(lambda: course_reference(branch, h)), args.repeats, device=DEVICE)
+    t_sparse = median_time(run(ours("gatconv")), args.repeats, device=DEVICE)
+    t_dense = median_time(run(ours("dense")), args.repeats, device=DEVICE)
     with torch.no_grad():
         branch.backend = "gatconv"
         a = branch(h)

@@ -57,6 +57,9 @@ class EfficientKANReference(nn.Module):
         return base + spline
 
 
+DEVICE = "cpu"
+
+
 def fwd_bwd(module, x):
     """One forward + backward with the input requiring grad, as inside a network."""
     x = x.detach().requires_grad_(True)
@@ -81,8 +84,8 @@ def kan_layer_rows(tokens: int, repeats: int) -> list[str]:
         x = torch.rand(tokens, n_in) * 1.8 - 0.9  # inside the grid, where both are defined the same
         with torch.no_grad():
             gap = (ours(x) - ref(x)).abs().max().item()
-        t_ours = median_time(fwd_bwd(ours, x), repeats)
-        t_ref = median_time(fwd_bwd(ref, x), repeats)
+        t_ours = median_time(fwd_bwd(ours, x), repeats, device=DEVICE)
+        t_ref = median_time(fwd_bwd(ref, x), repeats, device=DEVICE)
         x_grad = x.detach().requires_grad_(True)
         m_ours = saved_activation_bytes(lambda m=ours, x=x_grad: m(x).sum())
         m_ref = saved_activation_bytes(lambda m=ref, x=x_grad: m(x).sum())
@@ -121,8 +124,8 @@ def kan_lora_row(tokens: int, repeats: int) -> str:
     x = torch.rand(tokens, 768) * 0.2 - 0.1  # keeps φ_in's outputs inside the grid as well
     with torch.no_grad():
         gap = (ours(x) - ref(x)).abs().max().item()
-    t_ours = median_time(fwd_bwd(ours, x), repeats)
-    t_ref = median_time(fwd_bwd(ref, x), repeats)
+    t_ours = median_time(fwd_bwd(ours, x), repeats, device=DEVICE)
+    t_ref = median_time(fwd_bwd(ref, x), repeats, device=DEVICE)
     return (
         f"| LoRA-KAN 768->768, r=16, G=4, k=1, N={tokens} | {t_ours * 1e3:.0f} ms | {t_ref * 1e3:.0f} ms | "
         f"**{t_ours / t_ref:.2f}** | | | | {gap:.1e} |"
@@ -132,9 +135,13 @@ def kan_lora_row(tokens: int, repeats: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: %(default)s)")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    torch.set_default_device(args.device)  # every module and input below is built there
     torch.set_num_threads(args.threads)
     print(f"torch={torch.__version__} threads={torch.get_num_threads()} (fwd+bwd, median of {args.repeats})")
     print("| layer | ours | reference | time ratio | ours saved | ref saved | memory ratio | max |out diff| |")

@@ -8,19 +8,20 @@ from collections.abc import Callable
 
 import torch
 
+from train.distributed import device_synchronize
 
-def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of `fn()` in seconds (CUDA synchronised)."""
+
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, device: str = "cpu") -> float:
+    """Median wall time of `fn()` in seconds, `device` synchronised before and after each call (a GPU
+    runs asynchronously: without the sync the clock measures kernel launches)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        device_synchronize(device)
         start = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        device_synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

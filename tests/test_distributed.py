@@ -68,7 +68,7 @@ def test_restore_rng_reads_each_ranks_state_and_old_numeric_cuda_keys():
 def test_step_clock_waits_for_the_device(monkeypatch):
     synced = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
-    from train.loop import device_synchronize
+    from train.distributed import device_synchronize
 
     device_synchronize("cuda:1")
     device_synchronize("cpu")

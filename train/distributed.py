@@ -54,6 +54,16 @@ def backend_for(device: str) -> str:
     return "nccl" if device.split(":")[0] == "cuda" else "gloo"
 
 
+def device_synchronize(device: str) -> None:
+    """Wait for the device's queued work (kernels launch asynchronously: a clock read without this
+    measures the launch, not the step). The index matters: a bare synchronize() waits on cuda:0."""
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        torch.cuda.synchronize(device)
+    elif kind == "mps":
+        torch.mps.synchronize()
+
+
 def rank_seed(seed: int, rank: int) -> int:
     return seed if rank == 0 else seed + 1_000_003 * rank
 

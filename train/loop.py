@@ -36,6 +36,7 @@ from modules.registry import auxiliary_loss, enabled_variants
 from train import checkpoint as ckpt
 from train import distributed, lifecycle
 from train.cli import config_overrides, resolve_precision
+from train.distributed import device_synchronize
 from train.runs import (
     RunLogger,
     config_hash,
@@ -107,16 +108,6 @@ def epoch_schedule(
                 cursors[name] += 1
     usable = len(pairs) - len(pairs) % world
     return pairs[rank:usable:world]
-
-
-def device_synchronize(device: str) -> None:
-    """Wait for the device's queued work (kernels launch asynchronously: a clock read without this
-    measures the launch, not the step)."""
-    kind = device.split(":")[0]
-    if kind == "cuda":
-        torch.cuda.synchronize(device)
-    elif kind == "mps":
-        torch.mps.synchronize()
 
 
 def _peak_memory_mb(device: str) -> float:
