@@ -65,7 +65,8 @@ def main() -> None:
         with SyncCounter() as counter:
             model(ids, attention_mask=mask, labels=ids).loss.backward()
         torch._dynamo.reset()
-        breaks = torch._dynamo.explain(lambda m=model: m(ids, attention_mask=mask, labels=ids).loss)().graph_break_count
+        explained = torch._dynamo.explain(lambda m=model, i=ids, a=mask: m(i, attention_mask=a, labels=i).loss)()
+        breaks = explained.graph_break_count
         model.eval()
         with SyncCounter() as generation:
             model.generate(ids[:, :8], max_new_tokens=32, eos_token_id=999)  # an EOS that never comes
