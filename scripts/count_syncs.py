@@ -53,9 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args()
-    print(
-        "| variant | host syncs per fwd+bwd (padded batch) | graph breaks per training forward | syncs per generated token |"
-    )
+    print("| variant | host syncs per fwd+bwd (padded batch) | graph breaks (training forward) | syncs per token |")
     print("|---|---:|---:|---:|")
     for name, knobs in VARIANTS.items():
         torch.manual_seed(0)
