@@ -23,7 +23,12 @@ SHARED = Path(os.environ.get("SHARED_DIR", REPO.parent / "shared"))
 TOKENIZER_DIR = SHARED / "tokenizer" / "gpt2"
 DATA_DIR = SHARED / "data" / "cs224n"
 
-PLUGINS = REPO / "tests" / "plugins"  # sitecustomize.py: test-only steering of training subprocesses
+PLUGINS = REPO / "tests" / "plugins"
+# GPT2_TEST_DEVICE=cuda runs the parity tests and every CLI training/evaluation test on that device
+# (default cpu, so a GPU box does not silently switch the suite to CUDA and bf16).
+TEST_DEVICE = os.environ.get("GPT2_TEST_DEVICE", "cpu")
+if TEST_DEVICE.startswith("cuda") and not torch.cuda.is_available():
+    raise pytest.UsageError(f"GPT2_TEST_DEVICE={TEST_DEVICE}, but CUDA is not available on this machine")  # sitecustomize.py: test-only steering of training subprocesses
 
 transformers.logging.set_verbosity_error()
 
@@ -31,6 +36,7 @@ transformers.logging.set_verbosity_error()
 def run_paths(model, tokenizer_dir, out_dir=None) -> list[str]:
     """The path flags of a training or evaluation command: model, tokenizer, the shared data, output."""
     flags = ["--model", str(model), "--tokenizer", str(tokenizer_dir), "--data_dir", str(DATA_DIR)]
+    flags += ["--device", TEST_DEVICE]
     return flags + (["--out_dir", str(out_dir)] if out_dir is not None else [])
 
 

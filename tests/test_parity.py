@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from model import GPT2LMHeadModel
+from tests.conftest import TEST_DEVICE
 
 ATOL = 1e-5
 
@@ -28,10 +31,30 @@ def padded_batch(vocab: int, lengths: list[int], total: int, side: str, seed: in
     return ids, mask
 
 
+class OnDevice:
+    """Runs a model on TEST_DEVICE (GPT2_TEST_DEVICE) and hands back CPU outputs, so the same
+    comparisons check CUDA when asked; the shared HF fixture is copied, never moved."""
+
+    def __init__(self, model):
+        self.model = model if TEST_DEVICE == "cpu" else copy.deepcopy(model).to(TEST_DEVICE)
+        self.config = getattr(model, "config", None)
+
+    def __call__(self, *args, **kwargs):
+        moved = [a.to(TEST_DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+        kwargs = {k: v.to(TEST_DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        out = self.model(*moved, **kwargs)
+        for name in ("logits", "last_hidden_state", "loss"):
+            if isinstance(getattr(out, name, None), torch.Tensor):
+                setattr(out, name, getattr(out, name).cpu())
+        if getattr(out, "hidden_states", None) is not None:
+            out.hidden_states = tuple(h.cpu() for h in out.hidden_states)
+        return out
+
+
 @pytest.fixture(params=["tiny", "small"])
 def pair(request, tiny_ckpt, small_ckpt):
     path, hf = tiny_ckpt if request.param == "tiny" else small_ckpt
-    return GPT2LMHeadModel.from_pretrained(path).eval(), hf
+    return OnDevice(GPT2LMHeadModel.from_pretrained(path).eval()), OnDevice(hf)
 
 
 def test_unpadded_logits_equal_hf(pair):

@@ -327,6 +327,8 @@ def test_torchrun_two_processes_match_single_process(tiny_ckpt, tokenizer_dir, t
         "--use_lora",
         "--lora_dropout",
         "0",
+        "--device",
+        "cpu",  # gloo on CPU whatever GPT2_TEST_DEVICE says: two ranks on one GPU would prove nothing
     ]
     single = _run(
         [sys.executable, *common_args, "--batch_size", "8", "--out_dir", str(tmp_path / "one")],
