@@ -28,7 +28,9 @@ PLUGINS = REPO / "tests" / "plugins"
 # (default cpu, so a GPU box does not silently switch the suite to CUDA and bf16).
 TEST_DEVICE = os.environ.get("GPT2_TEST_DEVICE", "cpu")
 if TEST_DEVICE.startswith("cuda") and not torch.cuda.is_available():
-    raise pytest.UsageError(f"GPT2_TEST_DEVICE={TEST_DEVICE}, but CUDA is not available on this machine")  # sitecustomize.py: test-only steering of training subprocesses
+    raise pytest.UsageError(
+        f"GPT2_TEST_DEVICE={TEST_DEVICE}, but CUDA is not available on this machine"
+    )  # sitecustomize.py: test-only steering of training subprocesses
 
 transformers.logging.set_verbosity_error()
 

@@ -160,3 +160,66 @@ def test_sonnet_dev_chrf_is_the_same_with_one_or_two_processes(tiny_ckpt, tokeni
         ) if world > 1 else _sonnet_chrf_worker(0, 1, port, str(tiny_ckpt[0]), str(tokenizer_dir), str(out))
         scores[world] = json.loads(out.read_text())
     assert scores[1] == scores[2] and scores[1] > 0
+
+
+def test_background_checkpoint_snapshots_tensors_and_reports_errors(tmp_path):
+    """Rank 0's checkpoint write runs on a thread (the other ranks go on training): what it writes is
+    the state at submit time, even though training mutates the tensors right after; a write error
+    surfaces at the next wait, not silently."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    weight.grad = torch.ones(3)
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    writer = ckpt.BackgroundWriter()
+    expected = weight.detach().clone()
+    ckpt.save_checkpoint(tmp_path, "last", 1, {"w": weight}, optimizer, scheduler, {"step": 1}, writer=writer)
+    with torch.no_grad():
+        weight.add_(100.0)  # the next training step, while the thread may still be writing
+    writer.wait()
+    saved, _, _ = ckpt.load_checkpoint(ckpt.checkpoint_folder(tmp_path, "last"))
+    assert torch.equal(saved["w"], expected)
+    (tmp_path / "blocked").write_text("a file where the checkpoint folder should go")
+    ckpt.save_checkpoint(tmp_path / "blocked", "last", 2, {"w": weight}, optimizer, scheduler, {}, writer=writer)
+    with pytest.raises(OSError):
+        writer.wait()
+
+
+def test_attention_mask_is_built_once_in_the_compute_dtype(monkeypatch):
+    """A padded batch under bf16 autocast: every layer gets the same additive bf16 mask (no per-layer
+    bool -> float conversion inside SDPA; it was a bool mask before); an unpadded batch gets none."""
+    import modules.attention as attention
+    from model import GPT2Config, GPT2LMHeadModel
+
+    seen = []
+    original = attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        attention.F,
+        "scaled_dot_product_attention",
+        lambda q, k, v, attn_mask=None, **kw: seen.append(attn_mask) or original(q, k, v, attn_mask=attn_mask, **kw),
+    )
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=2, n_embd=16, n_positions=32, vocab_size=50)).eval()
+    ids = torch.randint(0, 50, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids, attention_mask=mask)
+        model(ids, attention_mask=torch.ones_like(ids))
+    padded, plain = seen[:3], seen[3:]
+    assert all(m is padded[0] for m in padded) and padded[0].dtype == torch.bfloat16
+    assert plain == [None, None, None]
+
+
+def test_the_training_loop_waits_for_the_device_before_reading_the_step_clock(
+    tiny_ckpt, tokenizer_dir, tmp_path, monkeypatch
+):
+    import train.loop as loop
+    from train import sentiment
+
+    synced = []
+    monkeypatch.setattr(loop, "device_synchronize", lambda device: synced.append(device))
+    flags = ["--train_limit", "8", "--dev_limit", "4", "--test_limit", "2", "--batch_size", "4", "--max_steps", "2"]
+    args = ["--dataset", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path), *flags, "--wandb", "disabled"]
+    assert sentiment.main(args) == 0
+    assert synced == ["cpu", "cpu"]  # once per step, on the run's device
