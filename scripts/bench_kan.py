@@ -6,7 +6,9 @@
    fwd+bwd time ratio (target <= 0.5), saved-activation memory ratio (target <= 0.5), outputs equal.
 2. Our LoRA-KAN adapter vs kolmg-lora's KOLMGLoRALinear, r=16, grid 4, order 1, 768->768:
    fwd+bwd time ratio (target <= 0.5), outputs equal on the same weights.
-Usage: python scripts/bench_kan.py [--threads 2] [--tokens 2048]
+3. With --temporaries: peak-RSS growth of one fwd+bwd of a 3072->768 KAN at N=4096 (B=8, T=512),
+   dense bases in one block (as before row blocks) vs in row blocks, each in a fresh process.
+Usage: python scripts/bench_kan.py [--threads 2] [--tokens 2048] [--device cpu] [--temporaries]
 """
 
 from __future__ import annotations
@@ -132,13 +134,48 @@ def kan_lora_row(tokens: int, repeats: int) -> str:
     )
 
 
+TEMPORARIES = """
+import resource, sys, time, torch
+import modules.kan as kan
+torch.set_num_threads({threads})
+kan.CHUNK_ELEMENTS = {elements}
+layer = kan.KANLinear(3072, 768, grid_size=5, spline_order=3)
+x = (torch.rand(4096, 3072) * 1.8 - 0.9).requires_grad_(True)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+layer(x).sum().backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, time.perf_counter() - start)
+"""
+
+
+def temporaries_rows(threads: int) -> list[str]:
+    import subprocess
+
+    from modules import kan
+
+    rows = []
+    for label, elements in (("one block (before)", 1 << 40), ("row blocks (now)", kan.CHUNK_ELEMENTS)):
+        code = TEMPORARIES.format(threads=threads, elements=elements)
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True
+        )
+        mib, seconds = map(float, out.stdout.split())
+        rows.append(f"| KAN 3072->768, N=4096, {label} | {mib:.0f} MiB peak RSS growth | {seconds:.1f} s |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: %(default)s)")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--temporaries", action="store_true", help="only the temporaries measurement")
     args = parser.parse_args()
+    if args.temporaries:
+        print("| layer | memory | time |\n|---|---|---|")
+        print("\n".join(temporaries_rows(args.threads)))
+        return
     global DEVICE
     DEVICE = args.device
     torch.set_default_device(args.device)  # every module and input below is built there
