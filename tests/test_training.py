@@ -305,7 +305,10 @@ def test_cli_rejects_bad_flags(tiny_ckpt, args, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_torchrun_two_processes_match_single_process(tiny_ckpt, tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_torchrun_two_processes_match_single_process(tiny_ckpt, tokenizer_dir, tmp_path, grad_accum):
+    """2 ranks x batch 4 (or x 2 micro-batches of 2 with --grad_accum 2, DDP's all-reduce skipped on
+    the first by no_sync) give the gradients, predictions and metrics of 1 process x batch 8."""
     common_args = [
         "-m",
         "train.sentiment",
@@ -346,7 +349,9 @@ def test_torchrun_two_processes_match_single_process(tiny_ckpt, tokenizer_dir, t
             "29533",
             *common_args,
             "--batch_size",
-            "4",
+            str(4 // grad_accum),
+            "--grad_accum",
+            str(grad_accum),
             "--out_dir",
             str(tmp_path / "two"),
         ],

@@ -259,6 +259,7 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
         "parameters": counts,
         "world_size": world,
         "device": device,
+        "precision": precision,  # what --precision auto resolved to on this device
         "extra_epochs": extra_epochs,
     }
     progress = {
