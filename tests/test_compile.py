@@ -85,3 +85,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(variant):
     for (name, a), (_, b) in zip(plain.named_parameters(), recomputed.named_parameters(), strict=True):
         if a.grad is not None:
             assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_decoding_bypasses_the_compiled_blocks_and_training_uses_them():
+    """KV-cache decoding changes shape every token, so it must run the blocks eagerly; a training
+    forward must go through the compiled call. Stand-in compiled calls record which path ran."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**TINY)).eval()
+    calls = []
+    for block in model.transformer.h:
+        block._compiled_call_impl = lambda *a, b=block, **k: calls.append("compiled") or b.forward(*a, **k)
+    ids = torch.randint(0, 500, (1, 5))
+    model.generate(ids, max_new_tokens=3, eos_token_id=None)
+    assert calls == []
+    model(ids)
+    assert calls == ["compiled"] * len(model.transformer.h)
