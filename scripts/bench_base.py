@@ -7,6 +7,9 @@
 Both models hold the same weights (ours is loaded from the HF checkpoint) and run with the same
 thread count; timings alternate ours/HF so drift hits both. Usage:
     python scripts/bench_base.py [--layers 4] [--steps 5] [--threads 2] [--device cpu]
+        [--precision fp32|bf16] [--compile]
+On a GPU, the issue's table: --device cuda --layers 12 --batch 8 --seq 512 --precision bf16 [--compile]
+(--compile compiles each block of BOTH models, as our --compile does).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import GPT2LMHeadModel  # noqa: E402
+from model.compile import compile_blocks  # noqa: E402
 from train.distributed import device_synchronize  # noqa: E402
 
 
@@ -48,11 +52,12 @@ def matmul_gflops(device: str, size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def train_step_time(model, loss_fn, ids, device: str) -> float:
+def train_step_time(model, loss_fn, ids, device: str, precision: str = "fp32") -> float:
     optimizer = model._bench_opt
     sync(device)
     start = time.perf_counter()
-    loss = loss_fn(ids)
+    with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = loss_fn(ids)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -78,6 +83,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="train steps under autocast")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block of both models")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -101,6 +108,10 @@ def main() -> None:
         ours = GPT2LMHeadModel.from_pretrained(folder)
     hf.to(device).train()
     ours.to(device).train()
+    if args.compile:
+        compile_blocks(ours)
+        for block in hf.transformer.h:
+            block.compile()
     for model in (ours, hf):
         model._bench_opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, 50257, (args.batch, args.seq), device=device)
@@ -114,15 +125,19 @@ def main() -> None:
         f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
         f"transformers={transformers.__version__}"
     )
-    print(f"shape: gpt2-small width (768, 12 heads), {args.layers} layers, B={args.batch}, T={args.seq}")
+    print(
+        f"shape: gpt2-small width (768, 12 heads), {args.layers} layers, B={args.batch}, T={args.seq}, "
+        f"{args.precision}{', compiled blocks' if args.compile else ''}"
+    )
     step_times = {}
     for label, (ours_loss, hf_loss) in paths.items():
-        train_step_time(ours, ours_loss, ids, device)  # warm-up, then alternate
-        train_step_time(hf, hf_loss, ids, device)
+        for _ in range(2 if args.compile else 1):  # warm-up (compilation), then alternate
+            train_step_time(ours, ours_loss, ids, device, args.precision)
+            train_step_time(hf, hf_loss, ids, device, args.precision)
         ours_times, hf_times = [], []
         for _ in range(args.steps):
-            ours_times.append(train_step_time(ours, ours_loss, ids, device))
-            hf_times.append(train_step_time(hf, hf_loss, ids, device))
+            ours_times.append(train_step_time(ours, ours_loss, ids, device, args.precision))
+            hf_times.append(train_step_time(hf, hf_loss, ids, device, args.precision))
         ours_step, hf_step = statistics.median(ours_times), statistics.median(hf_times)
         step_times[label] = ours_step
         print(
