@@ -42,6 +42,12 @@ def run_paths(model, tokenizer_dir, out_dir=None) -> list[str]:
     return flags + (["--out_dir", str(out_dir)] if out_dir is not None else [])
 
 
+def data_limits(train: int, dev: int = 4, test: int = 2, batch: int = 4) -> list[str]:
+    """Flags for a quick run on the first examples of each split."""
+    flags = {"train_limit": train, "dev_limit": dev, "test_limit": test, "batch_size": batch}
+    return [word for key, value in flags.items() for word in (f"--{key}", str(value))]
+
+
 def plugin_env(**variables: str) -> dict[str, str]:
     """Environment for a subprocess that loads the test plugin (tests/plugins/sitecustomize.py)."""
     path = os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH", "")]))

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.conftest import DATA_DIR, REPO, plugin_env, run_paths
+from tests.conftest import DATA_DIR, REPO, data_limits, plugin_env, run_paths
 from train import checkpoint as ckpt
 from train import distributed
 
@@ -90,14 +90,7 @@ def test_two_process_resume_restores_each_ranks_rng(tiny_ckpt, tokenizer_dir, tm
         "--dataset",
         "sst",
         *run_paths(tiny_ckpt[0], tokenizer_dir),
-        "--train_limit",
-        "16",
-        "--dev_limit",
-        "4",
-        "--test_limit",
-        "2",
-        "--batch_size",
-        "4",
+        *data_limits(16),
         "--epochs",
         "2",
         "--wandb",
@@ -115,6 +108,8 @@ def test_two_process_resume_restores_each_ranks_rng(tiny_ckpt, tokenizer_dir, tm
         run = _torchrun([*common, "--out_dir", str(folder / "runs")], env, 29541)
         if stop:
             assert run.returncode != 0 and "interrupted by SIGTERM at step 2" in run.stderr, run.stderr[-3000:]
+            # one report (rank 0's, after its background write landed), naming the checkpoint just written
+            assert run.stderr.count("interrupted by SIGTERM") == 1 and "checkpoint at step 2." in run.stderr
             env.pop("GPT2_TEST_SIGTERM_AT")
             run = _torchrun([*common, "--out_dir", str(folder / "runs"), "--resume"], env, 29542)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -219,7 +214,7 @@ def test_the_training_loop_waits_for_the_device_before_reading_the_step_clock(
 
     synced = []
     monkeypatch.setattr(loop, "device_synchronize", lambda device: synced.append(device))
-    flags = ["--train_limit", "8", "--dev_limit", "4", "--test_limit", "2", "--batch_size", "4", "--max_steps", "2"]
-    args = ["--dataset", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path), *flags, "--wandb", "disabled"]
+    flags = [*data_limits(8), "--max_steps", "2", "--wandb", "disabled"]
+    args = ["--dataset", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path), *flags]
     assert sentiment.main(args) == 0
     assert synced == ["cpu", "cpu"]  # once per step, on the run's device

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, plugin_env, run_paths, write_grid_preset
+from tests.conftest import REPO, data_limits, plugin_env, run_paths, write_grid_preset
 
 pytestmark = pytest.mark.slow
 
@@ -137,3 +137,15 @@ def test_sigterm_to_ablate_with_two_jobs_checkpoints_both_and_the_rerun_matches(
     uninterrupted = {p.name.rsplit("-", 1)[0]: p for p in (tmp_path / "full").glob("sst-*")}
     for run in runs:
         assert same(last_weights(run), last_weights(uninterrupted[run.name.rsplit("-", 1)[0]]))
+
+
+def test_a_signal_during_the_last_step_lets_the_run_finish(tiny_ckpt, tokenizer_dir, tmp_path):
+    """SIGTERM while the last step runs: the run is complete, so it finishes (metrics.json, runs.tsv,
+    exit 0) instead of stopping with a checkpoint that --resume would only have to finish."""
+    command = [sys.executable, "-m", "train.sentiment", "--dataset", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir)]
+    command += [*data_limits(8), "--max_steps", "2", "--wandb", "disabled", "--out_dir", str(tmp_path)]
+    env = plugin_env(OMP_NUM_THREADS="1", GPT2_TEST_SIGTERM_AT="2")
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "the run finished before the signal could stop it" in run.stderr
+    assert len(list(tmp_path.glob("*/metrics.json"))) == 1 and (tmp_path / "runs.tsv").is_file()

@@ -146,10 +146,12 @@ def run(entry: EntryPoint, argv: list[str] | None = None) -> int:
         try:
             train(entry.label(args), tasks, args, config, signals)
         except TrainingDiverged as error:
-            print(f"error: {error}", file=sys.stderr)
+            if str(error):  # empty on torchrun ranks other than 0: one report per run
+                print(f"error: {error}", file=sys.stderr)
             return EXIT_DIVERGED
         except Interrupted as error:
-            print(str(error), file=sys.stderr)
+            if str(error):
+                print(str(error), file=sys.stderr)
             return error.exit_status
         except USER_ERRORS as error:
             print(f"error: {error}", file=sys.stderr)

@@ -401,6 +401,8 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
         if main_process:
             atomic_write_json(run_dir / "diverged.json", info)
             logger.log({"diverged": reason, "epoch": progress["epoch"]}, progress["step"] + 1)
+        if not main_process:  # rank 0 reports; another rank could read the pointer before rank 0's write lands
+            return lifecycle.TrainingDiverged("")
         return lifecycle.TrainingDiverged(
             f"training diverged at step {progress['step'] + 1} on task {task}: {reason}; stopped. The last "
             f"healthy checkpoint is kept: {last or 'none saved yet'}"
@@ -492,11 +494,13 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
                         pending = snapshot()
                 elif (args.save_every and progress["step"] % args.save_every == 0) or time_due:
                     pending = snapshot()
-                if stop_now:
+                if stop_now and not stopped:  # a signal during the last step: the run finishes instead
                     signum = signals.received or signal.SIGTERM
                     if not spike:
                         save("last", snapshot())
-                    raise lifecycle.Interrupted(signum, _interrupted_message(signum, progress, saved_checkpoint()))
+                    # Rank 0 reports (after its checkpoint write lands); the other ranks stop silently.
+                    message = _interrupted_message(signum, progress, saved_checkpoint()) if main_process else ""
+                    raise lifecycle.Interrupted(signum, message)
                 if stopped or end_of_epoch:
                     break  # a new epoch needs its own schedule (the outer loop draws it)
     except BaseException:  # diverged, interrupted, crashed: finish the checkpoint write, close the wandb run
