@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from modules.attention import KVCache
+from modules.attention import KVCache, compute_dtype
 
 FINISHED_CHECK_EVERY = 8
 
@@ -102,17 +102,13 @@ def generate(
     model.eval()
     batch, prompt_len = input_ids.shape
     config = model.config
-    weight = model.transformer.wte.weight
-    compute_dtype = (
-        torch.get_autocast_dtype(weight.device.type) if torch.is_autocast_enabled(weight.device.type) else weight.dtype
-    )
     cache = KVCache(
         config.n_layer,
         batch,
         config.n_head,
         prompt_len + max_new_tokens,
         config.head_dim,
-        compute_dtype,
+        compute_dtype(model.transformer.wte.weight),
         input_ids.device,
     )
     uniforms = row_uniforms(row_seeds, max_new_tokens, input_ids.device) if do_sample and row_seeds else None

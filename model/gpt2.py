@@ -25,7 +25,7 @@ from model import adapters, loading
 from model.config import GPT2Config
 from model.generation import generate
 from model.losses import linear_cross_entropy, next_token_targets
-from modules.attention import CausalSelfAttention, KVCache
+from modules.attention import CausalSelfAttention, KVCache, compute_dtype
 from modules.mlp import MLP
 from modules.registry import attach_variants
 
@@ -183,7 +183,7 @@ class GPT2Model(nn.Module):
             )
             padded = True
         padding = attention_mask.bool() if padded else None
-        mask = build_attention_mask(padding, q_len + extra, past, input_ids.device, _compute_dtype(self.wte.weight))
+        mask = build_attention_mask(padding, q_len + extra, past, input_ids.device, compute_dtype(self.wte.weight))
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
         for index, layer in enumerate(self.h):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -195,13 +195,6 @@ class GPT2Model(nn.Module):
         if kv_cache is not None:
             kv_cache.length += q_len
         return GPT2Output(last_hidden_state=self.ln_f(x[:, :q_len] if extra else x))
-
-
-def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype activations (and so attention's q, k, v) have: autocast's, else the weights'."""
-    if torch.is_autocast_enabled(weight.device.type):
-        return torch.get_autocast_dtype(weight.device.type)
-    return weight.dtype
 
 
 class GPT2LMHeadModel(nn.Module):

@@ -7,8 +7,8 @@
 Plain autograd materialises the (N, V) logits, their log-softmax, a zero-filled slice gradient and
 the log-softmax gradient: four ~200 MB tensors at B=8, T=128 for GPT-2's 50,257-token vocabulary.
 Here one (rows, V) block is reused in place, rows with the ignore label get weight 0 (no
-data-dependent shapes, so no host sync and no graph break), and dW is skipped when W is frozen. Same maths, same numbers
-(tests compare against `F.cross_entropy` to float32 noise).
+data-dependent shapes, so no host sync and no graph break), and dW is skipped when W is frozen.
+Same maths, same numbers (tests compare against `F.cross_entropy` to float32 noise).
 """
 
 from __future__ import annotations

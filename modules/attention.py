@@ -17,6 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype activations (so attention's q, k, v and the KV cache) have: autocast's when it is on
+    for the weight's device, else the weight's own."""
+    if torch.is_autocast_enabled(weight.device.type):
+        return torch.get_autocast_dtype(weight.device.type)
+    return weight.dtype
+
+
 class KVCache:
     """Pre-allocated key/value cache for incremental decoding: one (B, H, max_len, D) buffer pair
     per layer, written in place, so a decoding step costs O(T) instead of recomputing O(T²)."""

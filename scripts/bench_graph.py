@@ -19,8 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modules.graph import GraphBranch  # noqa: E402
 from scripts.bench_utils import median_time  # noqa: E402
 
-DEVICE = "cpu"
-
 
 def course_reference(branch: GraphBranch, h: torch.Tensor) -> torch.Tensor:
     """Per sequence: a Python-built fully connected edge list, then one GATConv call each."""
@@ -41,8 +39,6 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    global DEVICE
-    DEVICE = args.device
     torch.set_default_device(args.device)  # every module and input below is built there
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -66,9 +62,9 @@ def main() -> None:
 
         return fn
 
-    t_ref = median_time(run(lambda: course_reference(branch, h)), args.repeats, device=DEVICE)
-    t_sparse = median_time(run(ours("gatconv")), args.repeats, device=DEVICE)
-    t_dense = median_time(run(ours("dense")), args.repeats, device=DEVICE)
+    t_ref = median_time(run(lambda: course_reference(branch, h)), args.repeats, device=args.device)
+    t_sparse = median_time(run(ours("gatconv")), args.repeats, device=args.device)
+    t_dense = median_time(run(ours("dense")), args.repeats, device=args.device)
     with torch.no_grad():
         branch.backend = "gatconv"
         a = branch(h)

@@ -59,9 +59,6 @@ class EfficientKANReference(nn.Module):
         return base + spline
 
 
-DEVICE = "cpu"
-
-
 def fwd_bwd(module, x):
     """One forward + backward with the input requiring grad, as inside a network."""
     x = x.detach().requires_grad_(True)
@@ -74,7 +71,7 @@ def fwd_bwd(module, x):
     return step
 
 
-def kan_layer_rows(tokens: int, repeats: int) -> list[str]:
+def kan_layer_rows(tokens: int, repeats: int, device: str) -> list[str]:
     rows = []
     for n_in, n_out in ((768, 768), (768, 3072)):
         torch.manual_seed(0)
@@ -86,8 +83,8 @@ def kan_layer_rows(tokens: int, repeats: int) -> list[str]:
         x = torch.rand(tokens, n_in) * 1.8 - 0.9  # inside the grid, where both are defined the same
         with torch.no_grad():
             gap = (ours(x) - ref(x)).abs().max().item()
-        t_ours = median_time(fwd_bwd(ours, x), repeats, device=DEVICE)
-        t_ref = median_time(fwd_bwd(ref, x), repeats, device=DEVICE)
+        t_ours = median_time(fwd_bwd(ours, x), repeats, device=device)
+        t_ref = median_time(fwd_bwd(ref, x), repeats, device=device)
         x_grad = x.detach().requires_grad_(True)
         m_ours = saved_activation_bytes(lambda m=ours, x=x_grad: m(x).sum())
         m_ref = saved_activation_bytes(lambda m=ref, x=x_grad: m(x).sum())
@@ -99,7 +96,7 @@ def kan_layer_rows(tokens: int, repeats: int) -> list[str]:
     return rows
 
 
-def kan_lora_row(tokens: int, repeats: int) -> str:
+def kan_lora_row(tokens: int, repeats: int, device: str) -> str:
     from kolmg_lora import KOLMGLoRALinear
 
     torch.manual_seed(0)
@@ -126,8 +123,8 @@ def kan_lora_row(tokens: int, repeats: int) -> str:
     x = torch.rand(tokens, 768) * 0.2 - 0.1  # keeps φ_in's outputs inside the grid as well
     with torch.no_grad():
         gap = (ours(x) - ref(x)).abs().max().item()
-    t_ours = median_time(fwd_bwd(ours, x), repeats, device=DEVICE)
-    t_ref = median_time(fwd_bwd(ref, x), repeats, device=DEVICE)
+    t_ours = median_time(fwd_bwd(ours, x), repeats, device=device)
+    t_ref = median_time(fwd_bwd(ref, x), repeats, device=device)
     return (
         f"| LoRA-KAN 768->768, r=16, G=4, k=1, N={tokens} | {t_ours * 1e3:.0f} ms | {t_ref * 1e3:.0f} ms | "
         f"**{t_ours / t_ref:.2f}** | | | | {gap:.1e} |"
@@ -176,16 +173,14 @@ def main() -> None:
         print("| layer | memory | time |\n|---|---|---|")
         print("\n".join(temporaries_rows(args.threads)))
         return
-    global DEVICE
-    DEVICE = args.device
     torch.set_default_device(args.device)  # every module and input below is built there
     torch.set_num_threads(args.threads)
     print(f"torch={torch.__version__} threads={torch.get_num_threads()} (fwd+bwd, median of {args.repeats})")
     print("| layer | ours | reference | time ratio | ours saved | ref saved | memory ratio | max |out diff| |")
     print("|---|---|---|---|---|---|---|---|")
-    for row in kan_layer_rows(args.tokens, args.repeats):
+    for row in kan_layer_rows(args.tokens, args.repeats, args.device):
         print(row, flush=True)
-    print(kan_lora_row(args.tokens, args.repeats))
+    print(kan_lora_row(args.tokens, args.repeats, args.device))
 
 
 if __name__ == "__main__":

@@ -39,9 +39,6 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-DEVICE = "cpu"
-
-
 def added_macs_per_token(c: GPT2Config, seq: int) -> int:
     """Analytic multiply-accumulates per token that the variant adds to GPT-2 (all layers)."""
     width, ffn, rank = c.n_embd, c.ffn_dim, c.lora_r
@@ -75,8 +72,6 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    global DEVICE
-    DEVICE = args.device
     torch.set_default_device(args.device)  # every module and input below is built there
     torch.set_num_threads(args.threads)
     no_dropout = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, lora_dropout=0.0, graph_dropout=0.0)
@@ -109,8 +104,8 @@ def main() -> None:
             m.zero_grad(set_to_none=True)
             m(ids, labels=ids).loss.backward()
 
-        t_fwd = median_time(forward, args.repeats, device=DEVICE)
-        t_step = median_time(train_step, args.repeats, device=DEVICE)
+        t_fwd = median_time(forward, args.repeats, device=args.device)
+        t_step = median_time(train_step, args.repeats, device=args.device)
         saved = saved_activation_bytes(lambda m=model: m(ids, labels=ids).loss)
         print(
             f"| {name} | {trainable:,} | {total:,} | {added_macs_per_token(full, args.seq):,} | "
