@@ -10,6 +10,7 @@ import torch
 from datasets.batching import collate
 from model import GPT2Config, GPT2LMHeadModel
 from model.compile import compile_blocks
+from tests.conftest import REPO
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=256, vocab_size=500)
 NO_DROPOUT = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
@@ -100,3 +101,20 @@ def test_decoding_bypasses_the_compiled_blocks_and_training_uses_them():
     assert calls == []
     model(ids)
     assert calls == ["compiled"] * len(model.transformer.h)
+
+
+@pytest.mark.parametrize("variant", [{}, {"use_lora": True}])
+def test_one_host_sync_per_training_forward_and_backward(variant):
+    """Counted like scripts/count_syncs.py: a padded forward+backward waits for the device once (the
+    input check and the padding decision, read together); it waited 10 times before."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from count_syncs import SyncCounter
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**TINY, **variant)).train()
+    ids, mask = _batches(1, seed=4)[0]
+    with SyncCounter() as counter:
+        model(ids, attention_mask=mask, labels=ids).loss.backward()
+    assert sum(counter.counts.values()) == 1, dict(counter.counts)

@@ -218,3 +218,14 @@ def test_the_training_loop_waits_for_the_device_before_reading_the_step_clock(
     args = ["--dataset", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path), *flags]
     assert sentiment.main(args) == 0
     assert synced == ["cpu", "cpu"]  # once per step, on the run's device
+
+
+def test_precision_auto_is_bf16_on_a_cuda_gpu_with_bf16_and_fp32_elsewhere(monkeypatch):
+    from train.cli import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", "cuda:1") == "bf16"
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("fp32", "cuda") == "fp32"  # an explicit choice stays
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100
+    assert resolve_precision("auto", "cuda") == "fp32"
