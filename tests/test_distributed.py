@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.conftest import DATA_DIR, REPO, data_limits, plugin_env, run_paths
+from tests.conftest import DATA_DIR, REPO, TEST_DEVICE, data_limits, plugin_env, run_paths
 from train import checkpoint as ckpt
 from train import distributed
 
@@ -217,7 +217,7 @@ def test_the_training_loop_waits_for_the_device_before_reading_the_step_clock(
     flags = [*data_limits(8), "--max_steps", "2", "--wandb", "disabled"]
     args = ["--dataset", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path), *flags]
     assert sentiment.main(args) == 0
-    assert synced == ["cpu", "cpu"]  # once per step, on the run's device
+    assert synced == [TEST_DEVICE] * 2  # once per step, on the run's device
 
 
 def test_precision_auto_is_bf16_on_a_cuda_gpu_with_bf16_and_fp32_elsewhere(monkeypatch):
@@ -229,3 +229,28 @@ def test_precision_auto_is_bf16_on_a_cuda_gpu_with_bf16_and_fp32_elsewhere(monke
     assert resolve_precision("fp32", "cuda") == "fp32"  # an explicit choice stays
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100
     assert resolve_precision("auto", "cuda") == "fp32"
+
+
+def test_tf32_is_on_only_while_training_runs_and_the_callers_setting_comes_back(tiny_ckpt, tokenizer_dir, tmp_path):
+    # Found on an H100: in-process training left TF32 on, and later fp32 parity checks in the same
+    # process were off by ~1e-3.
+    from train import entry, sentiment
+    from train.cli import tf32_matmuls
+
+    seen = []
+    original = entry.train
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return original(*args, **kwargs)
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(entry, "train", spy)
+        args = ["--dataset", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path), *data_limits(4)]
+        assert sentiment.main([*args, "--max_steps", "1", "--wandb", "disabled"]) == 0
+    assert seen == [True] and torch.backends.cuda.matmul.allow_tf32 is False
+    cudnn = torch.backends.cudnn.allow_tf32
+    with pytest.raises(RuntimeError), tf32_matmuls():
+        raise RuntimeError
+    assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is cudnn

@@ -499,10 +499,14 @@ def test_off_a_terminal_progress_is_plain_lines_with_dev_metrics(tiny_ckpt, toke
     assert len(dev) == 2 and dev[0].startswith("step 2 (epoch 0.50): sst dev_acc ") and "selection" in dev[0]
 
 
-def test_evaluate_samples_sonnets_with_the_runs_seed(tiny_ckpt, tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_evaluate_samples_sonnets_with_the_runs_seed_and_precision(tiny_ckpt, tokenizer_dir, tmp_path, precision):
+    # bf16: a run that trained (and scored dev) under bf16 autocast is evaluated under it too; found on an
+    # H100, where --precision auto is bf16 and evaluate.py used to score in fp32 (another chrF)
     limits = ["--dev_limit", "3", "--test_limit", "1", "--max_new_tokens", "8"]
     argv = [*run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path / "runs"), *limits, "--train_limit", "4"]
-    assert sonnet.main([*argv, "--max_steps", "1", "--seed", "5", "--wandb", "disabled"]) == 0
+    flags = ["--max_steps", "1", "--seed", "5", "--wandb", "disabled", "--precision", precision]
+    assert sonnet.main([*argv, *flags]) == 0
     run_dir = only_run(tmp_path / "runs")
     trained = json.loads((run_dir / "metrics.json").read_text())["dev_chrf"]
     out = tmp_path / "eval"

@@ -13,6 +13,7 @@ Every problem ends in one `error:` line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import types
 import typing
@@ -337,3 +338,21 @@ def resolve_precision(precision: str, device: str) -> str:
     if precision != "auto":
         return precision
     return "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def autocast_for(device: str, precision: str) -> torch.autocast:
+    """bf16 autocast for a resolved precision of `bf16`, a no-op context for `fp32`; training, its
+    evaluations and `train.evaluate` all compute under this one context, so they score alike."""
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@contextlib.contextmanager
+def tf32_matmuls():
+    """TF32 tensor cores for fp32 matmuls on CUDA (no effect on the CPU) while the block runs, then the
+    caller's own settings again: an in-process caller (a notebook, a test) keeps exact fp32 afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

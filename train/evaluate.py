@@ -32,7 +32,7 @@ from model import CheckpointError, GPT2LMHeadModel, TokenizerNotFound, load_toke
 from model.config import STACK_FIELDS
 from model.files import atomic_write_json
 from train import checkpoint as ckpt
-from train.cli import ArgumentParser, check_counts, check_device, check_inputs
+from train.cli import ArgumentParser, autocast_for, check_counts, check_device, check_inputs, resolve_precision, tf32_matmuls
 from train.tasks import TASKS, get_task
 
 log = logging.getLogger("evaluate")
@@ -68,7 +68,8 @@ def load_model(spec: str) -> tuple[GPT2LMHeadModel, dict[str, dict[str, torch.Te
         len(own),
         sorted(heads) or "none",
     )
-    return model, heads, record["training"]
+    # the precision training resolved (and evaluated in) on its device: older runs did not record it
+    return model, heads, {**record["training"], "resolved_precision": record.get("precision", "fp32")}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -95,6 +96,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default=None,
+        help="compute precision (default: a run folder's own, the one its dev metrics were computed in, so "
+        "the scores match; else auto = bf16 on a CUDA GPU that supports it, fp32 elsewhere)",
     )
     for task in TASKS.values():
         task.add_flags(parser)
@@ -131,6 +139,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         args.paraphrase_head = training["paraphrase_head"]
     if args.seed is None:
         args.seed = training.get("seed", 0)
+    precision = resolve_precision(args.precision or training.get("resolved_precision", "auto"), args.device)
+    log.info("computing in %s on %s", precision, args.device)
     tokenizer = load_tokenizer(args.tokenizer)
     out_dir = Path(args.out_dir)
     names = list(TASKS) if args.task == "all" else [args.task]
@@ -153,7 +163,9 @@ def _evaluate(args: argparse.Namespace) -> int:
                     args.model,
                 )
         start = time.perf_counter()
-        metrics = task.evaluate(model, head, folder, args.device)  # the path training evaluates with
+        with tf32_matmuls(), autocast_for(args.device, precision):  # as training evaluated
+            metrics = task.evaluate(model, head, folder, args.device)  # the path training evaluates with
+        metrics["precision"] = precision
         metrics.update(task=name, model=str(args.model), seconds=round(time.perf_counter() - start, 3))
         atomic_write_json(folder / "metrics.json", metrics)
         summary[name] = metrics

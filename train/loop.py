@@ -35,7 +35,7 @@ from model.trainable import build_optimizer, set_trainable
 from modules.registry import auxiliary_loss, enabled_variants
 from train import checkpoint as ckpt
 from train import distributed, lifecycle
-from train.cli import config_overrides, resolve_precision
+from train.cli import autocast_for, config_overrides, resolve_precision
 from train.distributed import device_synchronize
 from train.runs import (
     RunLogger,
@@ -190,10 +190,7 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
     signals = signals or lifecycle.StopSignals()
     placement = distributed.setup(args.device)
     rank, world, device, main_process = placement.rank, placement.world, placement.device, placement.main
-    precision = resolve_precision(args.precision, device)
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (bf16 runs are unaffected)
-        torch.backends.cudnn.allow_tf32 = True
+    precision = resolve_precision(args.precision, device)  # fp32 matmuls use TF32 (entry.run: tf32_matmuls)
 
     name = run_name(task_label, config, args)
     out_dir = Path(args.out_dir)
@@ -408,7 +405,7 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
             f"healthy checkpoint is kept: {last or 'none saved yet'}"
         )
 
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = autocast_for(device, precision)
     guard = lifecycle.DivergenceGuard(args.spike_factor)
     wrapped.train()
     start_time = time.perf_counter() - progress["train_seconds"]
