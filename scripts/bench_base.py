@@ -2,7 +2,7 @@
 
 1. Training step (forward + backward + AdamW) at gpt2-small width, B=8, T=128: ours / HF time.
 2. Greedy generation of 64 new tokens: ours / HF tokens per second.
-3. Achieved GFLOP/s of our training step as a fraction of this machine's fp32 matmul rate.
+3. Achieved GFLOP/s of our training step as a fraction of this machine's matmul rate in the step's precision.
 
 Both models hold the same weights (ours is loaded from the HF checkpoint) and run with the same
 thread count; timings alternate ours/HF so drift hits both. Usage:
@@ -39,9 +39,10 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def matmul_gflops(device: str, size: int = 2048, repeats: int = 10) -> float:
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+def matmul_gflops(device: str, dtype: torch.dtype = torch.float32, size: int = 4096, repeats: int = 10) -> float:
+    """This machine's matmul rate in `dtype` (the step's compute dtype: bf16 under --precision bf16)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     sync(device)
@@ -87,6 +88,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile each block of both models")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # fp32 matmuls on CUDA use TF32, as our training does (for both models, and the peak rate)
+    torch.backends.cuda.matmul.allow_tf32 = True
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -103,9 +106,9 @@ def main() -> None:
         attn_pdrop=0.0,
     )
     hf = transformers.GPT2LMHeadModel(hf_config)
-    with tempfile.TemporaryDirectory() as folder:
-        hf.save_pretrained(folder)
-        ours = GPT2LMHeadModel.from_pretrained(folder)
+    checkpoint = tempfile.TemporaryDirectory()
+    hf.save_pretrained(checkpoint.name)
+    ours = GPT2LMHeadModel.from_pretrained(checkpoint.name)
     hf.to(device).train()
     ours.to(device).train()
     if args.compile:
@@ -150,15 +153,19 @@ def main() -> None:
     params = ours.num_parameters() - ours.transformer.wpe.weight.numel()
     tokens = args.batch * args.seq
     flops = 6 * params * tokens + 12 * args.layers * args.seq * 768 * tokens // 2  # causal: half the scores
-    peak = matmul_gflops(device)
+    peak = matmul_gflops(device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
     achieved = flops / ours_step / 1e9
     print(
-        f"training     {flops / 1e9:.0f} GFLOP/step -> {achieved:.1f} GFLOP/s; fp32 matmul peak here "
+        f"training     {flops / 1e9:.0f} GFLOP/step -> {achieved:.1f} GFLOP/s; {args.precision} matmul peak here "
         f"{peak:.1f} GFLOP/s; fraction = {achieved / peak:.2f}"
     )
 
-    ours.eval()
-    hf.eval()
+    # Generation: fresh, eager copies of the same checkpoint in exact fp32 (the trained models' weights
+    # have drifted apart, and on a random model near-tied logits flip greedy tokens under TF32).
+    torch.backends.cuda.matmul.allow_tf32 = False
+    hf = transformers.GPT2LMHeadModel.from_pretrained(checkpoint.name).to(device).eval()
+    ours = GPT2LMHeadModel.from_pretrained(checkpoint.name).to(device).eval()
+    checkpoint.cleanup()
     prompt = torch.randint(0, 50257, (1, 16), device=device)
     n = args.new_tokens
     with torch.no_grad():

@@ -231,17 +231,19 @@ def test_precision_auto_is_bf16_on_a_cuda_gpu_with_bf16_and_fp32_elsewhere(monke
     assert resolve_precision("auto", "cuda") == "fp32"
 
 
-def test_tf32_is_on_only_while_training_runs_and_the_callers_setting_comes_back(tiny_ckpt, tokenizer_dir, tmp_path):
+def test_cuda_kernel_settings_hold_only_while_training_runs_and_the_callers_come_back(
+    tiny_ckpt, tokenizer_dir, tmp_path
+):
     # Found on an H100: in-process training left TF32 on, and later fp32 parity checks in the same
-    # process were off by ~1e-3.
+    # process were off by ~1e-3; and cuDNN attention cost 110-185 ms for every new batch length.
     from train import entry, sentiment
-    from train.cli import tf32_matmuls
+    from train.cli import cuda_kernel_settings
 
     seen = []
     original = entry.train
 
     def spy(*args, **kwargs):
-        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cuda.cudnn_sdp_enabled()))
         return original(*args, **kwargs)
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -249,8 +251,9 @@ def test_tf32_is_on_only_while_training_runs_and_the_callers_setting_comes_back(
         patch.setattr(entry, "train", spy)
         args = ["--dataset", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path), *data_limits(4)]
         assert sentiment.main([*args, "--max_steps", "1", "--wandb", "disabled"]) == 0
-    assert seen == [True] and torch.backends.cuda.matmul.allow_tf32 is False
+    assert seen == [(True, False)]
+    assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cuda.cudnn_sdp_enabled()
     cudnn = torch.backends.cudnn.allow_tf32
-    with pytest.raises(RuntimeError), tf32_matmuls():
+    with pytest.raises(RuntimeError), cuda_kernel_settings():
         raise RuntimeError
     assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is cudnn

@@ -21,7 +21,7 @@ from pathlib import Path
 from datasets.common import DataError
 from model import CheckpointError, TokenizerNotFound
 from train.checkpoint import CheckpointCorrupt
-from train.cli import build_parser, check_inputs, tf32_matmuls, validate
+from train.cli import build_parser, check_inputs, cuda_kernel_settings, validate
 from train.lifecycle import EXIT_DIVERGED, Interrupted, RunFolderError, StopSignals, TrainingDiverged
 from train.loop import train
 from train.runs import run_name
@@ -144,7 +144,7 @@ def run(entry: EntryPoint, argv: list[str] | None = None) -> int:
     with StopSignals() as signals:
         args, tasks, config = parse(entry, argv)
         try:
-            with tf32_matmuls():
+            with cuda_kernel_settings():
                 train(entry.label(args), tasks, args, config, signals)
         except TrainingDiverged as error:
             if str(error):  # empty on torchrun ranks other than 0: one report per run

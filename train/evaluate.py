@@ -32,7 +32,15 @@ from model import CheckpointError, GPT2LMHeadModel, TokenizerNotFound, load_toke
 from model.config import STACK_FIELDS
 from model.files import atomic_write_json
 from train import checkpoint as ckpt
-from train.cli import ArgumentParser, autocast_for, check_counts, check_device, check_inputs, resolve_precision, tf32_matmuls
+from train.cli import (
+    ArgumentParser,
+    autocast_for,
+    check_counts,
+    check_device,
+    check_inputs,
+    cuda_kernel_settings,
+    resolve_precision,
+)
 from train.tasks import TASKS, get_task
 
 log = logging.getLogger("evaluate")
@@ -163,7 +171,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                     args.model,
                 )
         start = time.perf_counter()
-        with tf32_matmuls(), autocast_for(args.device, precision):  # as training evaluated
+        with cuda_kernel_settings(), autocast_for(args.device, precision):  # as training evaluated
             metrics = task.evaluate(model, head, folder, args.device)  # the path training evaluates with
         metrics["precision"] = precision
         metrics.update(task=name, model=str(args.model), seconds=round(time.perf_counter() - start, 3))

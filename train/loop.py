@@ -190,7 +190,7 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
     signals = signals or lifecycle.StopSignals()
     placement = distributed.setup(args.device)
     rank, world, device, main_process = placement.rank, placement.world, placement.device, placement.main
-    precision = resolve_precision(args.precision, device)  # fp32 matmuls use TF32 (entry.run: tf32_matmuls)
+    precision = resolve_precision(args.precision, device)  # fp32 matmuls use TF32 (entry.run: cuda_kernel_settings)
 
     name = run_name(task_label, config, args)
     out_dir = Path(args.out_dir)
