@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from modules.registry import VARIANTS, Variant, enabled_variants, switches
+from modules.registry import VARIANTS, Variant, enabled_variants
 from modules.variant import Settings, knob
 
 # Size presets keyed by the Hugging Face names, plus small ones for tests and smoke runs.
@@ -142,7 +142,7 @@ class GPT2Config:
 
     def base_config(self) -> GPT2Config:
         """The same stack with every variant off: what checkpoints are loaded into."""
-        return self.replace(**{name: False for name in switches()})
+        return self.replace(**{f.name: f.default for f in settings_fields() if f.metadata.get("switch")})
 
     @property
     def ffn_dim(self) -> int:

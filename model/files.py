@@ -41,4 +41,9 @@ def atomic_write_json(path: Path, payload: Any) -> None:
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    seen: set[int] = set()
+    for key, tensor in tensors.items():  # safetensors refuses tensors that share memory (peft's shared banks)
+        if tensor.untyped_storage().data_ptr() in seen:
+            tensors[key] = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata or {"format": "pt"}))

@@ -33,6 +33,21 @@ import torch
 from torch import nn
 
 
+class JSONObject(dict):
+    """A knob holding a JSON object (e.g. a peft method's config fields): a plain dict for json and
+    `==`, read-only so a frozen config stays frozen."""
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a GPT2Config JSON field is read-only; use config.replace(...)")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _read_only  # type: ignore[assignment]
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        import json
+
+        return hash(json.dumps(self, sort_keys=True))
+
+
 def knob(
     default: Any,
     help: str,
@@ -68,6 +83,8 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(a) for a in get_args(hint))
     if hint is type(None):
         return "None"
+    if hint is JSONObject:
+        return "a JSON object"
     if origin is tuple:
         args = get_args(hint)
         inner = _describe(args[0])
@@ -110,6 +127,15 @@ def coerce(owner: str, name: str, value: Any, hint: Any) -> Any:
         if len(value) != len(args):
             raise bad
         return tuple(coerce(owner, name, v, a) for v, a in zip(value, args, strict=True))
+    if hint is JSONObject:
+        import json
+
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad
+        try:  # a JSON round trip: what is saved in config.json is what the model was built with
+            return JSONObject(json.loads(json.dumps(value)))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{owner}.{name} must be JSON-serialisable: {error}") from error
     if hint is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{owner}.{name} must be a bool, got {value!r}")

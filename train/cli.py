@@ -62,12 +62,29 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         groups[name] = parser.add_argument_group(f"variant {name} (GPT2Config fields)")
     for f in config_fields():
         kwargs = _argparse_type(field_hint(f.name))
+        if f.metadata.get("cli") == "json_file":
+            kwargs = {"type": read_json_object, "metavar": "PATH"}
         default = f.default
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
         group = groups[owners[f.name].name if f.name in owners else "model"]
         group.add_argument(
             f"--{f.name}", default=None, help=f"{f.metadata.get('help', '')} (default: {shown})", **kwargs
         )
+
+
+def read_json_object(path: str) -> dict:
+    """A flag's JSON file (e.g. a peft adapter_config.json): a JSON object, or an error naming the file."""
+    import json
+
+    try:
+        value = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {error.strerror}") from error
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{path} line {error.lineno}: not valid JSON ({error.msg})") from error
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -222,6 +239,10 @@ def build_parser(description: str) -> ArgumentParser:
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The GPT2Config fields given on the command line (None = not given)."""
     values = {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name, None) is not None}
+    if isinstance(values.get("peft_config"), dict) and "peft_method" not in values:
+        saved_type = values["peft_config"].get("peft_type")  # a peft adapter_config.json names its method
+        if saved_type is not None:
+            values["peft_method"] = str(saved_type).lower()
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 

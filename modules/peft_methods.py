@@ -1,0 +1,239 @@
+"""Any peft tuner by name: `GPT2Config.peft_method="ia3"` (+ `peft_config={...}`, that method's fields).
+
+    y = adapter_m(W, b, x)      one peft tuner m on the targeted linears (its own equation: IA3
+                                scales activations, VeRA y = Wx + Λ_b B Λ_d A x with frozen random A/B,
+                                OFT y = (R W) x with R orthogonal, LoHa ΔW = (B₁A₁) ⊙ (B₂A₂), ...)
+
+Identity at init: where the method defines it (peft initialises the update to zero or R = I), the
+adapted model equals the base exactly; `NOT_IDENTITY_AT_INIT` lists the methods whose peft default
+initialisation is not the identity, with the reason. Each method runs through peft's own tuner
+class (`PEFT_TYPE_TO_TUNER_MAPPING`), which also builds the shared state of VeRA-like methods.
+
+Targets default to GPT-2's attention and MLP linears, named as in HF GPT-2 (`c_attn`, `c_proj`,
+`c_fc`), so an adapter exported with `export_peft` loads into stock HF GPT-2 for the methods whose
+peft layer accepts HF's Conv1D (`fan_in_fan_out`). The others (`LINEAR_ONLY`) run here (our
+projections are `nn.Linear`) and equal HF GPT-2 with its Conv1D layers as `nn.Linear`, but peft
+cannot put them on stock GPT-2, so they are not exported in peft's format.
+
+Parameter namespace: peft's adapter name `peft` (`ia3_l.peft`, `vera_lambda_b.peft`, ...), distinct
+from the LoRA variant's `default`. Methods peft offers but that do not fit this model are refused
+with the reason (`REFUSED`); `python scripts/peft_methods.py` prints both lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from modules.variant import JSONObject, Settings, Variant, knob, register
+
+ADAPTER_NAME = "peft"
+CONV1D_TARGETS = ("c_attn", "c_proj", "c_fc")
+
+# Methods whose peft layer takes HF's Conv1D (fan_in_fan_out): parity with stock HF GPT-2 + peft,
+# and export_peft output loads with PeftModel.from_pretrained(stock GPT-2, dir).
+STOCK_GPT2 = (
+    "deft fourierft frod gralora hira ia3 ln_tuning lora pvera randlora tinylora unilora vblora vera waveft"
+).split()
+# Methods whose peft layer takes nn.Linear only: parity with HF GPT-2 whose Conv1D are nn.Linear.
+LINEAR_ONLY = "beft boft c3a delora glora hra lily loha lokr miss oft peanut psoft road shira supertuning".split()
+SUPPORTED = tuple(sorted(STOCK_GPT2 + LINEAR_ONLY))
+
+PROMPT = (
+    "a prompt-learning method: it adds virtual tokens to every input, which this model's task heads "
+    "and run pipeline do not handle"
+)
+REFUSED = {
+    "adalora": (
+        "needs its rank allocator (update_and_allocate) called after every optimizer step, which the "
+        "training loop does not do; without it AdaLoRA is plain SVD-form LoRA"
+    ),
+    "adamss": "needs scikit-learn, which is not a dependency of this project",
+    "adaption_prompt": PROMPT,
+    "cartridge": PROMPT,
+    "cpt": PROMPT,
+    "multitask_prompt_tuning": PROMPT,
+    "osf": (
+        "its SVD tensors are named differently on this model and on stock HF GPT-2 + peft (24 of them "
+        "unmatched on a 2-block model), so its parity cannot be checked"
+    ),
+    "p_tuning": PROMPT,
+    "poly": "routes each batch by task_ids (multi-task LoRA mixtures), which the training loop does not pass",
+    "prefix_tuning": PROMPT,
+    "prompt_tuning": PROMPT,
+    "shadow": "rewrites the model config to add layers, which GPT2Config (immutable, validated) does not allow",
+    "trainable_tokens": (
+        "trains rows of the token embedding for given token_indices, not the linears; not wired to "
+        "this model's embedding"
+    ),
+    "xlora": (
+        "a mixture of pretrained LoRA experts with use_cache=False; needs LoRA adapters to mix, which a "
+        "run does not have"
+    ),
+}
+
+# Method defaults for GPT-2 (what a peft user would write for gpt2); user fields override them.
+DEFAULT_FIELDS: dict[str, dict[str, Any]] = {
+    "ia3": {"target_modules": ["c_attn", "mlp.c_proj"], "feedforward_modules": ["mlp.c_proj"]},
+    "ln_tuning": {"target_modules": ["ln_1", "ln_2"]},
+}
+NOT_IDENTITY_AT_INIT = {
+    "fourierft": "peft's default init_weights=False draws a random spectrum",
+    "c3a": "peft's default init draws the circulant kernels at random (init_weights='xavier_uniform')",
+    "vblora": "the logits that pick vectors from the bank are random, so the update is not zero",
+    "unilora": "its shared vector is drawn at random",
+}
+# peft config fields that describe a saved adapter, not the method; they are not ours to set.
+BOOKKEEPING = {
+    *("peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "task_type"),
+    "peft_version",
+}
+
+
+def method_status(name: str) -> str:
+    """'stock', 'linear', or the reason it is refused (ValueError for a name peft does not have)."""
+    if name in STOCK_GPT2:
+        return "stock"
+    if name in LINEAR_ONLY:
+        return "linear"
+    if name in REFUSED:
+        return REFUSED[name]
+    raise ValueError(f"peft has no method {name!r} (known: {', '.join(sorted([*SUPPORTED, *REFUSED]))})")
+
+
+@dataclass(frozen=True)
+class PeftSettings(Settings):
+    peft_method: str | None = knob(
+        None, "any supported peft tuner by name (ia3, vera, loha, oft, ...; see the README's list)", switch=True
+    )
+    peft_config: JSONObject | None = knob(
+        None,
+        "that method's peft config fields (CLI: a peft adapter_config.json; its peft_type sets the method)",
+        cli="json_file",
+    )
+
+    def validate(self) -> None:
+        if self.peft_method is None:
+            return
+        status = method_status(self.peft_method)
+        if status not in ("stock", "linear"):
+            raise ValueError(f"peft method {self.peft_method!r} is not supported on this model: {status}")
+        saved_type = (self.peft_config or {}).get("peft_type")
+        if saved_type is not None and str(saved_type).lower() != self.peft_method:
+            raise ValueError(f"peft_config is a {saved_type} config but peft_method is {self.peft_method!r}")
+
+
+def peft_config_for(config: Any, fan_in_fan_out: bool = False):
+    """The peft config object for this model's method and fields. `fan_in_fan_out=True` is for stock
+    HF GPT-2 (Conv1D); it is set only for methods that have the field."""
+    from peft import PeftType
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    config_class = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(config.peft_method.upper())]
+    fields = config_class.__dataclass_fields__
+    values: dict[str, Any] = {}
+    if "target_modules" in fields:
+        values["target_modules"] = list(CONV1D_TARGETS)
+    values.update(DEFAULT_FIELDS.get(config.peft_method, {}))
+    user = {k: v for k, v in (config.peft_config or {}).items() if k not in BOOKKEEPING}
+    unknown = sorted(set(user) - set(fields))
+    if unknown:
+        raise ValueError(f"peft_config: {config.peft_method} has no field(s) {unknown}")
+    values.update(user)
+    if "fan_in_fan_out" in fields:
+        values["fan_in_fan_out"] = fan_in_fan_out
+    if "layers_to_transform" in fields and getattr(config, "n_layer", None) is not None:
+        bad = [i for i in _as_list(values.get("layers_to_transform")) if not 0 <= i < config.n_layer]
+        if bad:
+            raise ValueError(
+                f"peft_config.layers_to_transform {bad} are not blocks of this {config.n_layer}-block model"
+            )
+    return config_class(**values)
+
+
+def _as_list(value: Any) -> list:
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
+
+
+def check_peft(config: Any) -> None:
+    if config.use_lora or config.use_kan or config.use_kora:
+        others = [f"use_{n}" for n in ("lora", "kan", "kora") if getattr(config, f"use_{n}")]
+        raise ValueError(
+            f"peft_method with {', '.join(others)}: both would adapt the same linears; use one of them "
+            "(peft_method='lora' is peft's LoRA, as use_lora)"
+        )
+    peft_config_for(config)  # unknown fields and bad layer indices are reported before any weight loads
+
+
+def attach_peft(model: nn.Module, config: Any) -> None:
+    from peft import PeftType
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    tuner_class = PEFT_TYPE_TO_TUNER_MAPPING[PeftType(config.peft_method.upper()).value]
+    # peft's own tuner class (not inject_adapter_in_model): it also builds VeRA-like shared state,
+    # which the layers keep references to; the tuner wrapper itself is not kept.
+    tuner_class(model, peft_config_for(config), adapter_name=ADAPTER_NAME)
+    frozen_new = [n for n, p in model.named_parameters() if ADAPTER_NAME in n.split(".") and not p.requires_grad]
+    for name in frozen_new:  # peft keeps these fixed (e.g. random projections): buffers, never trained
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        tensor = getattr(owner, leaf).detach()
+        delattr(owner, leaf)
+        owner.register_buffer(leaf, tensor)
+
+
+def tuner_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def merge_peft(model: nn.Module) -> None:
+    """Fold every tuner layer into its base layer (peft's merge) and put the base layer back."""
+    for name, module in tuner_layers(model):
+        try:
+            module.merge(safe_merge=True)
+        except (NotImplementedError, TypeError, ValueError) as error:
+            raise ValueError(f"{model.config.peft_method} cannot merge exactly ({name}): {error}") from error
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+
+
+def peft_state(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
+    """The method's fixed tensors (random projections, shared banks, SVD factors): saved beside its
+    parameters so a load reproduces the adapter exactly (peft shares some across layers; the file
+    writer copies those)."""
+    params = {n for n, _ in model.named_parameters()}
+    return {
+        name: tensor
+        for name, tensor in model.state_dict(keep_vars=False).items()
+        if ADAPTER_NAME in name.split(".") and name not in params
+    }
+
+
+def peft_tag(config: Any) -> str:
+    tag = f"peft-{config.peft_method}"
+    if config.peft_config:
+        text = json.dumps(config.peft_config, sort_keys=True)
+        tag += "-" + hashlib.sha256(text.encode()).hexdigest()[:6]
+    return tag
+
+
+register(
+    Variant(
+        name="peft",
+        settings=PeftSettings,
+        enabled=lambda c: c.peft_method is not None,
+        attach=attach_peft,
+        tag=peft_tag,
+        namespace=f".{ADAPTER_NAME}",
+        check=check_peft,
+        merge=merge_peft,
+        extra_state=peft_state,
+    )
+)
