@@ -9,8 +9,10 @@
 * `merge_adapters()`: folds every enabled variant that can merge exactly into the base weights; a
   variant that is not linear in the input (KoRA, LoRA-KAN, ...) raises with its reason instead.
 * `export_hf(dir)`: a plain HF GPT-2 checkpoint of the merged model.
-* `export_peft(dir)`: the LoRA adapter in peft's own format, for stock HF GPT-2 + peft.
-All of it loops over the variant registry: no variant is named here except LoRA for peft's format.
+* `export_peft(dir)`: the LoRA adapter, or a `peft_method` adapter, in peft's own format, for stock HF
+  GPT-2 + peft.
+All of it loops over the variant registry: no variant is named here except LoRA and peft_method for
+peft's format.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from model.config import STACK_FIELDS, GPT2Config
 from model.files import atomic_write_json, write_safetensors
 from model.loading import ours_to_hf
 from modules.lora import peft_lora_config
+from modules.peft_methods import ADAPTER_NAME as PEFT_ADAPTER
+from modules.peft_methods import method_status, peft_config_for
 from modules.registry import enabled_variants, variant_state
 
 FORMAT = "gpt2-variants-adapters/1"
@@ -116,27 +120,61 @@ def export_hf(model: Any, directory: str | Path) -> None:
 
 
 def base_state_dict(model: Any) -> dict[str, torch.Tensor]:
-    """Base weights under their plain names (peft's `.base_layer.` removed), adapters excluded."""
+    """Base weights under their plain names (peft's `.base_layer.` removed), adapters and the
+    variants' own buffers (a peft method's fixed projections) excluded."""
+    extra = variant_state(model, model.config)
     return {
         name.replace(".base_layer.", "."): tensor
         for name, tensor in model.state_dict().items()
-        if name not in model.adapter_params
+        if name not in model.adapter_params and name not in extra
     }
 
 
 def export_peft(model: Any, directory: str | Path) -> None:
-    """Write the LoRA adapter in peft's own format for stock `transformers.GPT2LMHeadModel`."""
+    """Write the adapter in peft's own format for stock `transformers.GPT2LMHeadModel`: the LoRA family
+    (`use_lora`) or a `peft_method` whose peft layer accepts HF's Conv1D."""
+    names = [v.name for v in enabled_variants(model.config)]
+    if names == ["lora"]:
+        if model.config.lora_init == "pissa":
+            raise ValueError(
+                "PiSSA adapters are relative to a rewritten base (W - BA), not stock GPT-2; "
+                "use export_hf(dir) to write the merged model instead"
+            )
+        peft_config, ours_adapter = peft_lora_config(model.config, fan_in_fan_out=True), "default"
+    elif names == ["peft"]:
+        method = model.config.peft_method
+        if method_status(method) != "stock":
+            raise ValueError(
+                f"peft's {method} layers accept nn.Linear only, not stock HF GPT-2's Conv1D, so an exported "
+                "adapter could not load there; use save_adapters(dir), or export_hf(dir) for the merged model"
+            )
+        peft_config, ours_adapter = peft_config_for(model.config, fan_in_fan_out=True), PEFT_ADAPTER
+    else:
+        raise ValueError(
+            f"export_peft writes one peft adapter (use_lora or peft_method); this model has {names or 'none'}"
+        )
     import peft  # heavy (pulls in transformers): imported only for this export
+
+    hf = stock_hf_copy(model)
+    peft_config.base_model_name_or_path = model.config.name
+    wrapped = peft.get_peft_model(hf, peft_config)
+    wrapped.peft_config["default"].base_model_name_or_path = model.config.name  # peft resets it from hf
+    theirs = wrapped.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if ours_adapter not in name.split("."):
+                continue
+            key = "base_model.model." + ".".join("default" if p == ours_adapter else p for p in name.split("."))
+            if key not in theirs or theirs[key].shape != tensor.shape:
+                raise RuntimeError(f"{name}: no tensor of that shape in peft's {type(peft_config).__name__} ({key})")
+            theirs[key].copy_(tensor)
+    wrapped.save_pretrained(str(directory))
+
+
+def stock_hf_copy(model: Any):
+    """A stock `transformers.GPT2LMHeadModel` holding this model's base weights (adapters left out)."""
     import transformers
 
-    names = [v.name for v in enabled_variants(model.config)]
-    if names != ["lora"]:
-        raise ValueError(f"export_peft writes LoRA-family adapters only; this model has {names or 'none'}")
-    if model.config.lora_init == "pissa":
-        raise ValueError(
-            "PiSSA adapters are relative to a rewritten base (W - BA), not stock GPT-2; "
-            "use export_hf(dir) to write the merged model instead"
-        )
     hf = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(**{k: v for k, v in model.config.to_hf_dict().items() if k != "architectures"})
     )
@@ -145,12 +183,4 @@ def export_peft(model: Any, directory: str | Path) -> None:
         raise RuntimeError(f"base weights did not map onto HF GPT-2: missing {missing}, unexpected {unexpected}")
     hf.tie_weights()
     hf.config.name_or_path = model.config.name
-    lora_config = peft_lora_config(model.config, fan_in_fan_out=True)
-    lora_config.base_model_name_or_path = model.config.name
-    wrapped = peft.get_peft_model(hf, lora_config)
-    params = dict(wrapped.named_parameters())
-    own = dict(model.named_parameters())
-    with torch.no_grad():
-        for name in model.adapter_params:
-            params["base_model.model." + name].copy_(own[name])
-    wrapped.save_pretrained(str(directory))
+    return hf

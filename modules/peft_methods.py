@@ -126,6 +126,9 @@ class PeftSettings(Settings):
         saved_type = (self.peft_config or {}).get("peft_type")
         if saved_type is not None and str(saved_type).lower() != self.peft_method:
             raise ValueError(f"peft_config is a {saved_type} config but peft_method is {self.peft_method!r}")
+        if self.peft_config is not None:  # keep the method's fields only: they alone set the run's identity
+            fields = {k: v for k, v in self.peft_config.items() if k not in BOOKKEEPING}
+            object.__setattr__(self, "peft_config", JSONObject(fields) if fields else None)
 
 
 def peft_config_for(config: Any, fan_in_fan_out: bool = False):

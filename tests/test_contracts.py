@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -102,6 +103,12 @@ def _changed_value(name: str, default, hint):
         return ["--fine_tune_mode", "full-model"]
     if name == "graph_heads":
         return ["--graph_heads", "8"]  # must divide the tiny checkpoint's width 32
+    if name == "peft_method":
+        return ["--peft_method", "ia3"]
+    if name == "peft_config":  # a peft adapter_config.json
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
+            json.dump({"peft_type": "VERA", "r": 8}, file)
+        return ["--peft_config", file.name]
     if literal and isinstance(literal[0], str | int) and not isinstance(default, float):
         return [f"--{name}", str(literal[0])]
     if isinstance(default, float):
@@ -142,6 +149,7 @@ def _enablers(name: str) -> list[str]:
         ("kan_", ["--use_kan", "--kan_init", "random"]),
         ("kora_", ["--use_kora"]),
         ("graph_", ["--use_graph"]),
+        ("peft_", ["--peft_method", "vera"]),
     ):
         if name.startswith(prefix):
             return flags

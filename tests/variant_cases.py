@@ -20,8 +20,11 @@ VARIANT_CASES: dict[str, dict] = {
     "graph": dict(use_graph=True),
     "graph_dense_window": dict(use_graph=True, graph_backend="dense", graph_window=4),
     "graph+lora": dict(use_graph=True, use_lora=True),
+    "peft_ia3": dict(peft_method="ia3"),
+    "peft_loha_r4": dict(peft_method="loha", peft_config={"r": 4, "alpha": 8}),
+    "peft_vera+graph": dict(peft_method="vera", use_graph=True),
     "kan_lora+kora+graph": dict(use_lora=True, use_kan=True, use_kora=True, use_graph=True, graph_window=3),
 }
-MERGEABLE = {"lora", "rslora", "dora", "lora_gaussian", "pissa", "lora_plus_some_layers"}
+MERGEABLE = {"lora", "rslora", "dora", "lora_gaussian", "pissa", "lora_plus_some_layers", "peft_ia3", "peft_loha_r4"}
 # Replaces pretrained weights with a fresh KAN by design: not the base model at step 0.
 NOT_IDENTITY_AT_INIT = {"kan_ffn_random"}

@@ -1,0 +1,221 @@
+"""Every supported peft method (`peft_method`) equals HF GPT-2 + `peft.get_peft_model` with the same
+config and adapter weights; exports load into stock HF GPT-2 + peft; identity at init and exact merge
+where the method defines them; every other installed peft method is refused with its reason."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import peft
+import pytest
+import torch
+import transformers
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from torch import nn
+
+from model import GPT2LMHeadModel
+from model.adapters import merge_adapters
+from model.config import GPT2Config
+from model.trainable import set_trainable
+from modules.peft_methods import (
+    ADAPTER_NAME,
+    LINEAR_ONLY,
+    NOT_IDENTITY_AT_INIT,
+    REFUSED,
+    STOCK_GPT2,
+    SUPPORTED,
+    peft_config_for,
+)
+from tests.conftest import make_hf_checkpoint, run_paths
+
+ATOL = 1e-5
+NOT_MERGEABLE = {"lily"}  # peft 0.21.2 has no merge for Lily's shared routers
+
+
+@pytest.fixture(scope="module")
+def wide_ckpt(tmp_path_factory):
+    """Width 256: C3A's default block size and VB-LoRA's vector length (256) must divide the widths."""
+    path = tmp_path_factory.mktemp("wide_gpt2")
+    make_hf_checkpoint(path, n_layer=2, n_head=4, n_embd=256, n_positions=64, vocab_size=100)
+    return path
+
+
+def linear_hf_gpt2(path) -> transformers.GPT2LMHeadModel:
+    """HF GPT-2 with each Conv1D replaced by the equal nn.Linear (for peft layers that take Linear only)."""
+    from transformers.pytorch_utils import Conv1D
+
+    hf = transformers.GPT2LMHeadModel.from_pretrained(path)
+    for name, module in list(hf.named_modules()):
+        if isinstance(module, Conv1D):
+            linear = nn.Linear(*module.weight.shape)
+            linear.weight.data, linear.bias.data = module.weight.data.t().contiguous(), module.bias.data
+            parent, _, child = name.rpartition(".")
+            setattr(hf.get_submodule(parent), child, linear)
+    return hf
+
+
+def perturbed(path, method: str) -> GPT2LMHeadModel:
+    """Our model with the method attached and its trainable weights moved away from init."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = GPT2LMHeadModel.from_pretrained(
+            path, peft_method=method, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0
+        )
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in model.adapter_params:
+                param.add_(0.05 * torch.randn(param.shape, generator=gen))
+    return model.eval()
+
+
+def reference_for(path, ours: GPT2LMHeadModel):
+    """HF GPT-2 + peft.get_peft_model, built independently of our export, holding our adapter tensors."""
+    method = ours.config.peft_method
+    stock = method in STOCK_GPT2
+    base = transformers.GPT2LMHeadModel.from_pretrained(path) if stock else linear_hf_gpt2(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = peft.get_peft_model(base, peft_config_for(ours.config, fan_in_fan_out=stock)).eval()
+    theirs = reference.state_dict(keep_vars=True)
+    copied = 0
+    with torch.no_grad():
+        for name, tensor in ours.state_dict().items():
+            if ADAPTER_NAME in name.split("."):
+                key = "base_model.model." + name.replace(f".{ADAPTER_NAME}", ".default")
+                theirs[key].copy_(tensor)
+                copied += 1
+    assert copied > 0
+    return reference
+
+
+def test_every_installed_peft_method_is_supported_or_refused():
+    installed = {t.value.lower() for t in PEFT_TYPE_TO_CONFIG_MAPPING}
+    assert not set(SUPPORTED) & set(REFUSED)
+    assert installed == set(SUPPORTED) | set(REFUSED), "a peft method is neither supported nor refused"
+
+
+@pytest.mark.parametrize("method", SUPPORTED)
+def test_logits_equal_hf_plus_peft_and_identity_merge(wide_ckpt, method):
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(2))
+    base = GPT2LMHeadModel.from_pretrained(wide_ckpt).eval()
+    torch.manual_seed(0)
+    fresh = GPT2LMHeadModel.from_pretrained(wide_ckpt, peft_method=method).eval()
+    with torch.no_grad():
+        gap_at_init = (fresh(ids).logits - base(ids).logits).abs().max().item()
+    if method in NOT_IDENTITY_AT_INIT:
+        assert gap_at_init > ATOL  # the listed reason still holds: otherwise move the method off the list
+    else:
+        assert gap_at_init <= ATOL
+
+    ours = perturbed(wide_ckpt, method)
+    reference = reference_for(wide_ckpt, ours)
+    with torch.no_grad():
+        logits = ours(ids).logits
+        assert (logits - base(ids).logits).abs().max().item() > 1e-3  # the perturbation moved the output
+        assert (logits - reference(input_ids=ids).logits).abs().max().item() <= ATOL
+
+    # adapters mode trains exactly what peft trains on the reference
+    set_trainable(ours, "adapters")
+    trained = {n for n, p in ours.named_parameters() if p.requires_grad}
+    peft_trained = {
+        n.removeprefix("base_model.model.").replace(".default", f".{ADAPTER_NAME}")
+        for n, p in reference.named_parameters()
+        if p.requires_grad
+    }
+    assert trained == peft_trained
+
+    if method in NOT_MERGEABLE:
+        with pytest.raises(ValueError, match="cannot merge"):
+            merge_adapters(ours)
+    else:
+        merge_adapters(ours)
+        assert not any(ADAPTER_NAME in n.split(".") for n in ours.state_dict())
+        with torch.no_grad():
+            assert (ours(ids).logits - logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("method", STOCK_GPT2)
+def test_export_peft_loads_into_stock_hf_gpt2(wide_ckpt, method, tmp_path):
+    ours = perturbed(wide_ckpt, method)
+    ours.export_peft(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"].lower() == method
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(wide_ckpt), tmp_path)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (ours(ids).logits - loaded.eval()(input_ids=ids).logits).abs().max().item() <= ATOL
+
+
+def test_save_load_adapters_round_trip_with_shared_tensors(wide_ckpt, tmp_path):
+    ours = perturbed(wide_ckpt, "vera")  # VeRA's frozen A/B are one tensor shared by every layer
+    ours.save_adapters(tmp_path)
+    fresh = GPT2LMHeadModel.from_pretrained(wide_ckpt).eval()
+    fresh.load_adapters(tmp_path)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, fresh(ids).logits)
+
+
+def test_linear_only_methods_are_not_exported_in_peft_format(wide_ckpt, tmp_path):
+    ours = perturbed(wide_ckpt, LINEAR_ONLY[0])
+    with pytest.raises(ValueError, match="nn.Linear only"):
+        ours.export_peft(tmp_path)
+
+
+@pytest.mark.parametrize("method", sorted(REFUSED))
+def test_refused_methods_exit_2_with_their_reason(tiny_ckpt, tokenizer_dir, tmp_path, capsys, method):
+    from train import sentiment
+
+    with pytest.raises(SystemExit) as exit_info:
+        sentiment.main(["--dataset", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path), "--peft_method", method])
+    assert exit_info.value.code == 2
+    assert REFUSED[method][:40] in capsys.readouterr().err
+
+
+def test_peft_method_with_use_lora_is_refused():
+    with pytest.raises(ValueError, match="same linears"):
+        GPT2LMHeadModel(GPT2Config.from_preset("tiny", peft_method="ia3", use_lora=True))
+
+
+def test_peft_method_composes_with_the_graph_branch(wide_ckpt):
+    model = GPT2LMHeadModel.from_pretrained(wide_ckpt, peft_method="vera", use_graph=True)
+    set_trainable(model, "adapters")
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(".peft" in n for n in trained) and any("graph" in n for n in trained)
+    ids = torch.randint(0, 100, (2, 9))
+    model(ids).logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_cli_trains_a_peft_adapter_config_json(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
+    """`--peft_config adapter_config.json` (what peft users keep): its peft_type sets the method, its
+    bookkeeping fields do not change the run's identity, and adapters mode trains the method's weights."""
+    from train import sentiment
+
+    perturbed(tiny_ckpt[0], "ia3").export_peft(tmp_path / "exported")
+    saved = json.loads((tmp_path / "exported" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] and saved["peft_type"] == "IA3"
+    renamed = tmp_path / "renamed.json"
+    renamed.write_text(json.dumps({**saved, "base_model_name_or_path": "elsewhere"}))
+    flags = [*run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path / "runs"), "--train_limit", "8", "--dev_limit", "4"]
+    flags += ["--test_limit", "2", "--batch_size", "4", "--max_steps", "1", "--wandb", "disabled"]
+    assert (
+        sentiment.main(
+            ["--dataset", "sst", *flags, "--peft_config", str(tmp_path / "exported" / "adapter_config.json")]
+        )
+        == 0
+    )
+    (run,) = [path for path in (tmp_path / "runs").iterdir() if path.is_dir()]
+    capsys.readouterr()
+    assert sentiment.main(["--dataset", "sst", *flags, "--peft_config", str(renamed)]) == 2
+    assert f"{run} holds a finished run" in capsys.readouterr().err  # same identity, same folder
+    assert run.name.startswith("sst-peft-ia3-")
+    record = json.loads((run / "config.json").read_text())
+    assert record["config"]["peft_method"] == "ia3"
+    assert record["config"]["peft_config"]["feedforward_modules"] == ["mlp.c_proj"]
+    # IA3 vectors: c_attn's output (3 x 32) and mlp.c_proj's input (4 x 32) per block; plus the head
+    assert record["parameters"]["trainable"] == 2 * (3 * 32 + 4 * 32) + 5 * 32 + 5
