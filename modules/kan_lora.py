@@ -4,8 +4,18 @@
     φ(x) = b(x) W_base + Σ_k c_k B_k(x)                              φ_in: in -> r, φ_out: r -> out
 
 Enabled by `use_kan` + `use_lora`; reads the LoRA knobs (rank, alpha, dropout, targets, layers,
-rsLoRA, LoRA+) and the KAN knobs (grid, order, base, regulariser) and owns `lora_kan_squash`.
-DoRA and the gaussian/PiSSA inits are LoRA-only: asking for them here is refused, not ignored.
+rsLoRA, DoRA, LoRA+) and the KAN knobs (grid, order, base, regulariser) and owns `lora_kan_squash`.
+The gaussian/PiSSA inits are LoRA-only: asking for them here is refused, not ignored.
+
+KOLMG-DoRA (`lora_dora` here, kolmg-lora's `use_dora=True`): a learnable per-output magnitude m,
+initialised to the base weight's row norms ‖W‖_row, rescales the frozen base path:
+
+    y = (W x + b) ⊙ m / ‖W‖_row + s · φ_out( q( φ_in( q( dropout(x) ) ) ) )
+
+Unlike DoRA on a linear layer, which normalises the *adapted* weight, m ⊙ (W + sBA) / ‖W + sBA‖,
+only the base is renormalised here: a non-linear adapter has no ΔW to put inside the norm, so the
+KAN update is added outside it (and, as in kolmg-lora, the bias is rescaled with W x). m = ‖W‖_row
+at init, so the identity holds. Not mergeable either: m alone could fold into W and b, φ cannot.
 
 Identity at init: φ_out's base and spline weights are zero, so y = W x + b exactly.
 Inputs kept inside the grid: q squashes each value into the grid range with a fixed tanh,
@@ -37,6 +47,7 @@ LORA_KNOBS = (
     "lora_targets",
     "lora_layers",
     "lora_rslora",
+    "lora_dora",
     "lora_plus_ratio",
 )
 KAN_KNOBS = ("use_kan", "kan_grid_size", "kan_grid_range", "kan_spline_order", "kan_base", "kan_l1", "kan_entropy")
@@ -64,6 +75,8 @@ class KANLoRALinear(nn.Module):
         )
         self.kan_in = KANLinear(base_layer.in_features, rank, **kan)
         self.kan_out = KANLinear(rank, base_layer.out_features, zero_init=True, **kan)
+        # KOLMG-DoRA's magnitude m = ‖W‖_row at init ("kan_" prefix: the variant's namespace)
+        self.kan_magnitude = nn.Parameter(base_layer.weight.detach().float().norm(dim=1)) if config.lora_dora else None
         self.to(base_layer.weight.device)
 
     def _into_grid(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,16 +86,15 @@ class KANLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         delta = self.kan_out(self._into_grid(self.kan_in(self._into_grid(self.dropout(x)))))
-        return self.base_layer(x) + self.scaling * delta
+        base = self.base_layer(x)
+        if self.kan_magnitude is not None:  # W is frozen: its row norms carry no gradient (as in kolmg-lora)
+            row_norm = self.base_layer.weight.detach().norm(dim=1).clamp(min=1e-8)
+            base = base * (self.kan_magnitude / row_norm).to(base.dtype)
+        return base + self.scaling * delta
 
 
 def check_kan_lora(config: Any) -> None:
     check_lora_layers(config)
-    if config.lora_dora:
-        raise ValueError(
-            "use_kan + use_lora (LoRA-KAN) with lora_dora is not implemented (KOLMG-DoRA); "
-            "drop --lora_dora or --use_kan"
-        )
     if config.lora_init != "default":
         raise ValueError(
             f"lora_init={config.lora_init!r} is a LoRA-only initialisation; LoRA-KAN has its own "
@@ -99,7 +111,8 @@ def attach_kan_lora(model: nn.Module, config: Any) -> None:
 
 def kan_lora_tag(config: Any) -> str:
     return (
-        f"kanlora-r{config.lora_r}-a{config.lora_alpha:g}-g{config.kan_grid_size}k{config.kan_spline_order}"
+        ("kandora" if config.lora_dora else "kanlora")
+        + f"-r{config.lora_r}-a{config.lora_alpha:g}-g{config.kan_grid_size}k{config.kan_spline_order}"
         + ("-rs" if config.lora_rslora else "")
         + (f"-plus{config.lora_plus_ratio:g}" if config.lora_plus_ratio != 1.0 else "")
         + ("-reg" if config.kan_l1 or config.kan_entropy else "")
@@ -116,11 +129,12 @@ register(
         namespace="kan",
         reads=LORA_KNOBS + KAN_KNOBS,
         check=check_kan_lora,
-        not_mergeable="LoRA-KAN's φ_in/φ_out are non-linear in the input, so no ΔW reproduces them "
-        "(a finite-difference Jacobian is right at one point only)",
+        not_mergeable="LoRA-KAN's φ_in/φ_out (KOLMG-DoRA's too) are non-linear in the input, so no ΔW "
+        "reproduces them (a finite-difference Jacobian is right at one point only)",
         aux_loss=kan_aux_loss,
         extra_state=kan_grids,
         before_load=adopt_kan_grids,
-        lora_plus=lambda name: ".kan_out." in name,
+        # φ_out plays B's role; KOLMG-DoRA's magnitudes join it, as peft's LoRA+ puts DoRA's (1-D) magnitudes
+        lora_plus=lambda name: ".kan_out." in name or name.endswith(".kan_magnitude"),
     )
 )

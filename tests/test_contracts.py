@@ -64,7 +64,7 @@ def test_flags_are_validated_against_the_loaded_checkpoint(gpt2_shaped, tokenize
         (["--use_graph", "--graph_heads", "5"], "must divide n_embd=48"),
         (["--lora_r", "16"], "--lora_r given but no enabled variant uses it"),
         (["--use_kan", "--lora_dropout", "0"], "--lora_dropout given but no enabled variant"),
-        (["--use_kan", "--use_lora", "--lora_dora"], "KOLMG-DoRA"),
+        (["--use_lora", "--peft_method", "ia3"], "both would adapt the same linears"),
         (["--use_lora", "--kora_r", "4"], "--kora_r given"),
         # both switches are on: no "did you mean to add --use_kan" hint for a switch already given
         (["--use_kan", "--use_lora", "--kan_init", "random"], "uses it (enabled: kan_lora)\n"),

@@ -13,14 +13,16 @@ from modules.kan_ffn import matched_hidden_width, random_kan_ffn
 from modules.kan_lora import KANLoRALinear
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["kolmg-lora", "kolmg-dora"])
 @pytest.mark.parametrize("order", [1, 3])
 @pytest.mark.parametrize("rslora", [False, True])
-def test_lora_kan_equals_kolmg_lora(order, rslora):
-    from kolmg_lora import KOLMGLoRALinear
+def test_lora_kan_equals_kolmg_lora(order, rslora, dora):
+    """LoRA-KAN = KOLMGLoRALinear; with lora_dora (KOLMG-DoRA) = KOLMGDoRALinear (use_dora=True)."""
+    from kolmg_lora import KOLMGDoRALinear, KOLMGLoRALinear
 
     torch.manual_seed(0)
     base = torch.nn.Linear(12, 10)
-    ref = KOLMGLoRALinear(
+    ref = (KOLMGDoRALinear if dora else KOLMGLoRALinear)(
         base, rank=4, alpha=8.0, rs_lora=rslora, grid_size=4, spline_order=order, grid_range=(-1.0, 1.0)
     ).eval()
     kan = ref.kan
@@ -31,6 +33,9 @@ def test_lora_kan_equals_kolmg_lora(order, rslora):
         kan.out_base_weight.normal_(0, 0.2)
         kan.out_spline_weight.normal_(0, 0.2)
         kan.out_spline_scaler.uniform_(0.5, 1.5)
+        if dora:
+            assert torch.allclose(ref.magnitude.squeeze(1), base.weight.norm(dim=1))  # m = ‖W‖_row at init
+            ref.magnitude.mul_(torch.empty_like(ref.magnitude).uniform_(0.5, 1.5))
     config = GPT2Config.from_preset(
         "tiny",
         lora_r=4,
@@ -41,8 +46,15 @@ def test_lora_kan_equals_kolmg_lora(order, rslora):
         kan_grid_range=(-1.0, 1.0),
         lora_kan_squash=False,
         lora_dropout=0.0,
+        lora_dora=dora,
     )
     ours = KANLoRALinear(base, config).eval()
+    if dora:
+        assert torch.allclose(ours.kan_magnitude, base.weight.norm(dim=1))
+        with torch.no_grad():
+            ours.kan_magnitude.copy_(ref.magnitude.squeeze(1))
+    else:
+        assert ours.kan_magnitude is None
     with torch.no_grad():  # the scaler is folded into our coefficients (c = w_spline · scaler)
         ours.kan_in.base_weight.copy_(kan.in_base_weight)
         ours.kan_in.spline_coeff.copy_(kan.in_spline_weight * kan.in_spline_scaler[..., None])
@@ -54,6 +66,23 @@ def test_lora_kan_equals_kolmg_lora(order, rslora):
         assert hidden.abs().max() < 1.0  # inside the grid, where both definitions agree
         assert (ours(x) - ref(x)).abs().max().item() <= 1e-5
         assert (ours(x) - base(x)).abs().max().item() > 1e-3  # the adapter is doing something
+
+
+def test_kolmg_dora_magnitudes_train_in_adapters_mode_with_the_lora_plus_rate():
+    from model.trainable import build_param_groups, set_trainable
+
+    model = GPT2LMHeadModel(GPT2Config.from_preset("tiny", use_lora=True, use_kan=True, lora_dora=True))
+    magnitudes = {n for n, _ in model.named_parameters() if n.endswith(".kan_magnitude")}
+    assert len(magnitudes) == model.config.n_layer * len(model.config.lora_targets)
+    set_trainable(model, "adapters")
+    assert all(p.requires_grad for n, p in model.named_parameters() if n in magnitudes)
+    groups = build_param_groups(model, lr=1e-3, weight_decay=0.1, lora_plus_ratio=16.0)
+    in_group = {id(p): g for g in groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        if name in magnitudes:
+            assert in_group[id(param)]["lr"] == 16e-3 and in_group[id(param)]["weight_decay"] == 0.0
+    model(torch.randint(0, model.config.vocab_size, (2, 7))).logits.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in magnitudes)
 
 
 def test_lora_kan_squash_keeps_inputs_inside_grid():

@@ -17,6 +17,7 @@ VARIANT_CASES: dict[str, dict] = {
     "kan_lora_order1_rslora_nosquash": dict(
         use_lora=True, use_kan=True, kan_spline_order=1, lora_rslora=True, lora_kan_squash=False, kan_grid_size=4
     ),
+    "kolmg_dora": dict(use_lora=True, use_kan=True, lora_dora=True, kan_spline_order=1),
     "graph": dict(use_graph=True),
     "graph_dense_window": dict(use_graph=True, graph_backend="dense", graph_window=4),
     "graph+lora": dict(use_graph=True, use_lora=True),
