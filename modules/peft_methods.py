@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,13 +165,46 @@ def _as_list(value: Any) -> list:
 
 
 def check_peft(config: Any) -> None:
-    if config.use_lora or config.use_kan or config.use_kora:
-        others = [f"use_{n}" for n in ("lora", "kan", "kora") if getattr(config, f"use_{n}")]
+    if config.use_lora or config.use_kan:  # (KoRA adds its own adapters beside attention: it composes)
+        others = [f"use_{n}" for n in ("lora", "kan") if getattr(config, f"use_{n}")]
         raise ValueError(
             f"peft_method with {', '.join(others)}: both would adapt the same linears; use one of them "
             "(peft_method='lora' is peft's LoRA, as use_lora)"
         )
-    peft_config_for(config)  # unknown fields and bad layer indices are reported before any weight loads
+    peft_config = peft_config_for(config)  # unknown fields and bad layer indices, before any weight loads
+    # peft checks sizes (block sizes, ranks, group sizes) when it builds a layer: build them on a
+    # weightless skeleton of this model's linears, so a bad size is one error line, not a traceback.
+    from peft import PeftType
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    tuner_class = PEFT_TYPE_TO_TUNER_MAPPING[PeftType(config.peft_method.upper()).value]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tuner_class(_skeleton(config), peft_config, adapter_name=ADAPTER_NAME)
+    except ValueError as error:  # peft's own message for a size that does not fit
+        raise ValueError(f"peft {config.peft_method} on this {config.n_embd}-wide model: {error}") from None
+    except Exception:  # noqa: BLE001 - a method that reads weight values cannot run on meta; the real attach will
+        pass
+
+
+def _skeleton(config: Any) -> nn.Module:
+    """GPT-2's adaptable modules, named as ours and HF's, on the meta device (no memory)."""
+    width, ffn = config.n_embd, config.n_inner or 4 * config.n_embd
+    with torch.device("meta"):
+        blocks = nn.ModuleList()
+        for _ in range(config.n_layer):
+            block = nn.Module()
+            block.ln_1, block.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+            block.attn, block.mlp = nn.Module(), nn.Module()
+            block.attn.c_attn, block.attn.c_proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+            block.mlp.c_fc, block.mlp.c_proj = nn.Linear(width, ffn), nn.Linear(ffn, width)
+            blocks.append(block)
+        skeleton = nn.Module()
+        skeleton.transformer = nn.Module()
+        skeleton.transformer.h = blocks
+        skeleton.transformer.ln_f = nn.LayerNorm(width)
+    return skeleton
 
 
 def attach_peft(model: nn.Module, config: Any) -> None:

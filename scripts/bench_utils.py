@@ -33,7 +33,10 @@ def saved_activation_bytes(fn: Callable[[], torch.Tensor]) -> int:
     params: set[int] = set()
 
     def pack(tensor: torch.Tensor):
-        if not isinstance(tensor, torch.nn.Parameter):
+        if tensor.is_sparse:  # (FRoD's sparse core) no single storage: its indices and values
+            for part in (tensor._indices(), tensor._values()):
+                storages[part.untyped_storage().data_ptr()] = part.untyped_storage().nbytes()
+        elif not isinstance(tensor, torch.nn.Parameter):
             storage = tensor.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
         else:

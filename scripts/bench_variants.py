@@ -1,42 +1,54 @@
-"""One row per variant: trainable and total parameters and added MACs per token at full gpt2 size,
-forward and forward+backward time and saved-activation memory at gpt2-small width (few layers).
+"""One cost table for every variant and every supported peft method, with ratios to plain LoRA.
 
-Parameters are exact (each variant is built on the meta device at gpt2 size). Added MACs per token
-are analytic (per token, all 12 layers, over the base model's ~85M non-embedding MACs + 38.6M for the
-LM head). Timing: B x T tokens through `--layers` blocks of width 768 in `fine_tune_mode=adapters`
-(full-model for the base), dropout 0, median of `--repeats`. Memory: bytes autograd saves for
-backward (the activation memory between forward and backward), measured with saved-tensor hooks.
-Usage: python scripts/bench_variants.py [--layers 2] [--batch 4] [--seq 128] [--threads 2]
-"""
+Per row, at full gpt2 size (12 x 768, built on the CPU): trainable and total parameters; added
+multiply-accumulates per token, counted with `torch.utils.flop_counter.FlopCounterMode` (matmul-like
+ops only: elementwise scaling such as IA3's is not counted) for one forward of B=1 x T=`--seq`
+tokens over the base model's, and for our own variants also the analytic count (a cross-check);
+one-time init seconds (attaching the variant to a built model: PiSSA's SVD, FRoD's decomposition,
+KAN's least-squares fit from the MLP). At gpt2-small width with `--layers` blocks, B x T tokens:
+forward and forward+backward ms in `fine_tune_mode=adapters` (full-model for the base), dropout 0,
+median of `--repeats`, and the bytes autograd saves for backward (saved-tensor hooks). Ratios:
+forward+backward time and trainable parameters over plain LoRA r=8's, measured in the same run.
+Usage: python scripts/bench_variants.py [--layers 2] [--batch 4] [--seq 128] [--threads 2] [--only TEXT]"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from model.trainable import set_trainable  # noqa: E402
 from modules.kan_ffn import matched_hidden_width  # noqa: E402
+from modules.peft_methods import SUPPORTED  # noqa: E402
 from scripts.bench_utils import median_time, saved_activation_bytes  # noqa: E402
-from scripts.param_counts import count  # noqa: E402
 
-VARIANTS: dict[str, dict] = {
+LORA_ROW = "LoRA r=8"
+OWN: dict[str, dict] = {
     "base (full fine-tuning)": {},
-    "LoRA r=8": dict(use_lora=True),
+    LORA_ROW: dict(use_lora=True),
     "rsLoRA r=8": dict(use_lora=True, lora_rslora=True),
     "DoRA r=8": dict(use_lora=True, lora_dora=True),
+    "PiSSA r=8": dict(use_lora=True, lora_init="pissa"),
+    "LoRA+ r=8 (ratio 16; optimizer-side)": dict(use_lora=True, lora_plus_ratio=16.0),
     "KoRA r=8, d_comp=64": dict(use_kora=True),
     "KAN-FFN, mlp init (G=5, k=3)": dict(use_kan=True),
     "KAN-FFN, param-matched random": dict(use_kan=True, kan_init="random"),
     "LoRA-KAN r=8 (G=5, k=3)": dict(use_lora=True, use_kan=True),
+    "KOLMG-DoRA r=8 (G=5, k=3)": dict(use_lora=True, use_kan=True, lora_dora=True),
     "graph, GATConv backend": dict(use_graph=True),
     "graph, dense backend": dict(use_graph=True, graph_backend="dense"),
+    "graph (dense) + LoRA r=8": dict(use_graph=True, graph_backend="dense", use_lora=True),
 }
+PEFT = {f"peft {method}": dict(peft_method=method) for method in SUPPORTED}  # each at peft's defaults
+VARIANTS = {**OWN, **PEFT}
 
 
 def added_macs_per_token(c: GPT2Config, seq: int) -> int:
@@ -47,7 +59,7 @@ def added_macs_per_token(c: GPT2Config, seq: int) -> int:
     bases = c.kan_grid_size + c.kan_spline_order
     if c.use_lora and not c.use_kan:
         per_layer += sum(rank * (i + o) for t, (i, o) in targets.items() if t in c.lora_targets)
-    if c.use_lora and c.use_kan:
+    if c.use_lora and c.use_kan:  # (KOLMG-DoRA's magnitude is one elementwise scale: no MACs)
         per_layer += sum((1 + bases) * rank * (i + o) for t, (i, o) in targets.items() if t in c.lora_targets)
     if c.use_kan and not c.use_lora:
         if c.kan_init == "mlp":
@@ -63,55 +75,96 @@ def added_macs_per_token(c: GPT2Config, seq: int) -> int:
     return per_layer * c.n_layer
 
 
+def full_size_costs(knobs: dict, seq: int) -> dict:
+    """Parameters, init seconds and counted forward FLOPs (B=1, T=seq) of the variant at gpt2 size."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config.from_preset("gpt2", **knobs), with_variants=False).eval()
+    start = time.perf_counter()
+    model.apply_variants()
+    init_seconds = time.perf_counter() - start
+    counts = set_trainable(model)
+    ids = torch.zeros(1, seq, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(ids)
+    return {**counts, "init": init_seconds, "flops": counter.get_total_flops()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="timing device: cpu, cuda, cuda:N (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default=None, help="rows whose name contains TEXT (plain LoRA always runs)")
     args = parser.parse_args()
-    torch.set_default_device(args.device)  # every module and input below is built there
     torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")  # peft's per-method notices would interleave with the table
+    rows = {n: k for n, k in VARIANTS.items() if args.only is None or args.only in n or n == LORA_ROW}
+    for knobs in (dict(use_lora=True), dict(peft_method="ia3")):  # import peft once, outside the init timings
+        GPT2LMHeadModel(GPT2Config.from_preset("tiny", **knobs))
+    base_flops = full_size_costs({}, args.seq)["flops"]
     no_dropout = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, lora_dropout=0.0, graph_dropout=0.0)
-    ids = torch.randint(0, 50257, (args.batch, args.seq))
-    warm = GPT2LMHeadModel(GPT2Config.from_preset("gpt2", n_layer=args.layers, **no_dropout))
+    ids = torch.randint(0, 50257, (args.batch, args.seq), device=args.device)
+    warm = GPT2LMHeadModel(GPT2Config.from_preset("gpt2", n_layer=args.layers, **no_dropout)).to(args.device)
     for _ in range(2):  # first-touch allocations and thread-pool start-up, so row 1 is not penalised
         warm(ids, labels=ids).loss.backward()
     del warm
     print(
-        f"torch={torch.__version__} threads={torch.get_num_threads()}; params/MACs at gpt2 (12 x 768); timing at "
-        f"768 width, {args.layers} layers, B={args.batch}, T={args.seq}"
+        f"torch={torch.__version__} threads={torch.get_num_threads()}; params, MACs and init at gpt2 (12 x 768, "
+        f"CPU; MACs for B=1, T={args.seq}); timing on {args.device} at 768 width, {args.layers} layers, "
+        f"B={args.batch}, T={args.seq}"
     )
     print(
-        "| variant | trainable (gpt2) | total (gpt2) | added MACs/token (gpt2) | fwd ms | fwd+bwd ms | "
-        "saved activations |"
+        "| variant | trainable (gpt2) | × LoRA | total (gpt2) | added MACs/token counted | analytic | init s | "
+        "fwd ms | fwd+bwd ms | × LoRA | saved activations |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, knobs in VARIANTS.items():
-        full = GPT2Config.from_preset("gpt2", **knobs)
-        trainable, total = count("gpt2", knobs)
-        torch.manual_seed(0)
-        model = GPT2LMHeadModel(GPT2Config.from_preset("gpt2", n_layer=args.layers, **no_dropout, **knobs)).train()
-        set_trainable(model)
-
-        def forward(m=model):
-            with torch.no_grad():
-                m(ids, labels=ids)
-
-        def train_step(m=model):
-            m.zero_grad(set_to_none=True)
-            m(ids, labels=ids).loss.backward()
-
-        t_fwd = median_time(forward, args.repeats, device=args.device)
-        t_step = median_time(train_step, args.repeats, device=args.device)
-        saved = saved_activation_bytes(lambda m=model: m(ids, labels=ids).loss)
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    lora = measure(OWN[LORA_ROW], args, ids, base_flops, no_dropout)  # the ratios' reference, first
+    for name, knobs in tqdm(rows.items(), desc="variants", file=sys.stderr, leave=False):
+        try:
+            r = lora if name == LORA_ROW else measure(knobs, args, ids, base_flops, no_dropout)
+        except Exception as error:  # noqa: BLE001 - one method failing must not lose the table
+            print(f"| {name} | error: {type(error).__name__}: {str(error)[:100]} |", flush=True)
+            continue
+        analytic = "—" if r["analytic"] is None else f"{r['analytic']:,}"
         print(
-            f"| {name} | {trainable:,} | {total:,} | {added_macs_per_token(full, args.seq):,} | "
-            f"{t_fwd * 1e3:.0f} | {t_step * 1e3:.0f} | {saved / 2**20:.0f} MiB |",
+            f"| {name} | {r['trainable']:,} | {r['trainable'] / lora['trainable']:.2f} | {r['total']:,} | "
+            f"{r['counted']:,} | {analytic} | {r['init']:.2f} | {r['fwd'] * 1e3:.0f} | {r['step'] * 1e3:.0f} | "
+            f"{r['step'] / lora['step']:.2f} | {r['saved'] / 2**20:.0f} MiB |",
             flush=True,
         )
+
+
+def measure(knobs: dict, args: argparse.Namespace, ids: torch.Tensor, base_flops: int, no_dropout: dict) -> dict:
+    full = full_size_costs(knobs, args.seq)
+    torch.manual_seed(0)
+    config = GPT2Config.from_preset("gpt2", n_layer=args.layers, **no_dropout, **knobs)
+    model = GPT2LMHeadModel(config).to(args.device).train()
+    set_trainable(model)
+
+    def forward():
+        with torch.no_grad():
+            model(ids, labels=ids)
+
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+
+    own = "peft_method" not in knobs
+    return dict(
+        trainable=full["trainable"],
+        total=full["total"],
+        counted=(full["flops"] - base_flops) // 2 // args.seq,
+        analytic=added_macs_per_token(GPT2Config.from_preset("gpt2", **knobs), args.seq) if own else None,
+        init=full["init"],
+        fwd=median_time(forward, args.repeats, device=args.device),
+        step=median_time(train_step, args.repeats, device=args.device),
+        saved=saved_activation_bytes(lambda: model(ids, labels=ids).loss),
+    )
 
 
 if __name__ == "__main__":

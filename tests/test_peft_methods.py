@@ -27,7 +27,7 @@ from modules.peft_methods import (
     SUPPORTED,
     peft_config_for,
 )
-from tests.conftest import make_hf_checkpoint, run_paths
+from tests.conftest import DATA_DIR, REPO, make_hf_checkpoint, run_paths
 
 ATOL = 1e-5
 NOT_MERGEABLE = {"lily"}  # peft 0.21.2 has no merge for Lily's shared routers
@@ -181,11 +181,12 @@ def test_peft_method_with_use_lora_is_refused():
         GPT2LMHeadModel(GPT2Config.from_preset("tiny", peft_method="ia3", use_lora=True))
 
 
-def test_peft_method_composes_with_the_graph_branch(wide_ckpt):
-    model = GPT2LMHeadModel.from_pretrained(wide_ckpt, peft_method="vera", use_graph=True)
+@pytest.mark.parametrize("other, namespace", [("use_graph", "graph"), ("use_kora", "kora")])
+def test_peft_method_composes_with_graph_and_kora(wide_ckpt, other, namespace):
+    model = GPT2LMHeadModel.from_pretrained(wide_ckpt, peft_method="vera", **{other: True})
     set_trainable(model, "adapters")
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert any(".peft" in n for n in trained) and any("graph" in n for n in trained)
+    assert any(".peft" in n for n in trained) and any(namespace in n for n in trained)
     ids = torch.randint(0, 100, (2, 9))
     model(ids).logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
@@ -219,3 +220,37 @@ def test_cli_trains_a_peft_adapter_config_json(tiny_ckpt, tokenizer_dir, tmp_pat
     assert record["config"]["peft_config"]["feedforward_modules"] == ["mlp.c_proj"]
     # IA3 vectors: c_attn's output (3 x 32) and mlp.c_proj's input (4 x 32) per block; plus the head
     assert record["parameters"]["trainable"] == 2 * (3 * 32 + 4 * 32) + 5 * 32 + 5
+
+
+def test_readme_table_and_methods_presets_are_generated_from_the_code():
+    from scripts import peft_methods
+
+    readme = (REPO / "README.md").read_text()
+    assert peft_methods.readme_table() in readme, "README's peft table is stale: python scripts/peft_methods.py"
+    for name in peft_methods.HEADER:
+        text = (REPO / "scripts" / "presets" / f"{name}.toml").read_text()
+        assert text == peft_methods.preset_text(name), f"{name}.toml is stale: python scripts/peft_methods.py --write"
+
+
+def test_methods_smoke_grid_plans_every_method_without_collisions(tmp_path, tokenizer_dir):
+    from scripts import ablate, peft_methods
+
+    preset = ablate.load_preset(REPO / "scripts" / "presets" / "methods_smoke.toml")
+    inputs = ["--data_dir", str(DATA_DIR), "--tokenizer", str(tokenizer_dir)]
+    runs = ablate.plan(preset, tmp_path, inputs, dry_run=True)
+    assert len({run.run_dir for run in runs}) == len(runs) == len(preset["variants"]) * 3
+    expected = {*peft_methods.OWN_VARIANTS, *(f"peft_{m}" for m in SUPPORTED)}
+    assert {run.variant for run in runs} == expected
+    assert {"kolmg_dora", "pissa", "lora_plus", "graph_lora", "kora"} <= expected
+
+
+def test_sizes_peft_rejects_are_one_error_before_weights_load_and_gpt2_defaults_fit():
+    from modules.peft_methods import check_peft
+    from scripts.peft_methods import SMOKE_SIZES
+
+    for method in SUPPORTED:  # every default fits gpt2 (768 wide, 12 blocks)
+        check_peft(GPT2Config.from_preset("gpt2", peft_method=method))
+    for method, sizes in SMOKE_SIZES.items():  # ... but not the 32-wide test model, unless resized
+        with pytest.raises(ValueError, match=f"peft {method} on this 32-wide model"):
+            check_peft(GPT2Config.from_preset("tiny", peft_method=method))
+        check_peft(GPT2Config.from_preset("tiny", peft_method=method, peft_config=sizes))

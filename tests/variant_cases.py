@@ -24,6 +24,7 @@ VARIANT_CASES: dict[str, dict] = {
     "peft_ia3": dict(peft_method="ia3"),
     "peft_loha_r4": dict(peft_method="loha", peft_config={"r": 4, "alpha": 8}),
     "peft_vera+graph": dict(peft_method="vera", use_graph=True),
+    "peft_ia3+kora": dict(peft_method="ia3", use_kora=True),
     "kan_lora+kora+graph": dict(use_lora=True, use_kan=True, use_kora=True, use_graph=True, graph_window=3),
 }
 MERGEABLE = {"lora", "rslora", "dora", "lora_gaussian", "pissa", "lora_plus_some_layers", "peft_ia3", "peft_loha_r4"}

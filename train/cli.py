@@ -73,17 +73,20 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def read_json_object(path: str) -> dict:
-    """A flag's JSON file (e.g. a peft adapter_config.json): a JSON object, or an error naming the file."""
+    """A flag's JSON object: a file (e.g. a peft adapter_config.json), or the object itself written
+    inline (`'{"r": 4}'`, handy in grid presets); an error names the file and line."""
     import json
 
+    inline = path.lstrip().startswith("{")
+    source = "inline JSON" if inline else path
     try:
-        value = json.loads(Path(path).read_text())
+        value = json.loads(path if inline else Path(path).read_text())
     except OSError as error:
         raise argparse.ArgumentTypeError(f"cannot read {path}: {error.strerror}") from error
     except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"{path} line {error.lineno}: not valid JSON ({error.msg})") from error
+        raise argparse.ArgumentTypeError(f"{source} line {error.lineno}: not valid JSON ({error.msg})") from error
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{path}: expected a JSON object, got {type(value).__name__}")
+        raise argparse.ArgumentTypeError(f"{source}: expected a JSON object, got {type(value).__name__}")
     return value
 
 
