@@ -86,7 +86,10 @@ def full_size_costs(knobs: dict, seq: int) -> dict:
     init_seconds = time.perf_counter() - start
     counts = set_trainable(model)
     ids = torch.zeros(1, seq, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    # frozen rather than no_grad: the counter's module tracker trips over outputs that require grad
+    # without a grad_fn under no_grad (GLoRA)
+    model.requires_grad_(False)
+    with FlopCounterMode(display=False) as counter:
         model(ids)
     return {**counts, "init": init_seconds, "flops": counter.get_total_flops()}
 

@@ -141,30 +141,59 @@ def markdown(tasks, variants, values, extra, metrics: dict[str, str], baseline: 
     return "\n".join(lines) + "\n"
 
 
+MARKERS = "os^Dv<>PX*"
+MANY = 10  # more variants than this: one legend outside the axes, distinct colour x marker per variant
+
+
+def variant_style(index: int) -> dict:
+    """A colour and marker per variant (tab20 x 10 markers: 200 distinct styles, not 10 repeating)."""
+    return {"color": plt.get_cmap("tab20")(index % 20), "marker": MARKERS[(index // 20 + index) % len(MARKERS)]}
+
+
+def finish(fig, axes, path: Path, count: int) -> None:
+    """One legend (inside the first axes for a few variants, outside to the right for many), then save."""
+    if count > MANY:
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, ncol=1 + count // 26)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+    else:
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_metric_vs_params(tasks, variants, values, extra, metrics, path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        for variant in variants:
+        for index, variant in enumerate(variants):
             vals = values.get((variant, task))
             if not vals:
                 continue
             x = statistics.mean(extra["info"][variant]["params"])
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            ax.errorbar([x], [statistics.mean(vals)], yerr=[sd], fmt="o", capsize=3, label=variant)
+            style = variant_style(index)
+            ax.errorbar(
+                [x],
+                [statistics.mean(vals)],
+                yerr=[sd],
+                fmt=style["marker"],
+                color=style["color"],
+                capsize=3,
+                label=variant,
+            )
         ax.set_xscale("log")
         ax.set_title(task)
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel(metrics[task])
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    finish(fig, axes, path, len(variants))
 
 
 def plot_curves(rows: list[dict], tasks, variants, path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        for variant in variants:
+        for index, variant in enumerate(variants):
             curves = []
             for row in rows:
                 if row["task"] != task or row["variant"] != variant:
@@ -175,17 +204,23 @@ def plot_curves(rows: list[dict], tasks, variants, path: Path) -> None:
                     curves.append({e["step"]: e["train/loss"] for e in entries if "train/loss" in e})
             if curves:
                 steps = sorted(set.intersection(*(set(c) for c in curves)))
-                ax.plot(steps, [statistics.mean(c[s] for c in curves) for s in steps], label=variant)
+                means = [statistics.mean(c[s] for c in curves) for s in steps]
+                ax.plot(
+                    steps,
+                    means,
+                    label=variant,
+                    color=variant_style(index)["color"],
+                    markevery=max(1, len(steps) // 6),
+                    marker=variant_style(index)["marker"] if len(variants) > MANY else None,
+                    markersize=3,
+                )
         ax.set_title(f"{task}: training loss (mean over seeds)")
         ax.set_xlabel("step")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    finish(fig, axes, path, len(variants))
 
 
 def plot_cost(variants, extra, path: Path) -> None:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, max(3.8, 0.2 * len(variants))))  # a readable row each
     times = [statistics.mean(extra["info"][v]["time"]) for v in variants]
     memory = [max(extra["info"][v]["memory"]) for v in variants]
     left.barh(variants, times)
