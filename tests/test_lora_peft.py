@@ -71,7 +71,7 @@ def test_export_peft_loads_in_stock_hf(tiny_ckpt, kind, tmp_path):
 
 def test_export_peft_refuses_non_lora(tiny_ckpt, tmp_path):
     model = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0], use_kora=True)
-    with pytest.raises(ValueError, match="writes one peft adapter \(use_lora or peft_method\)"):
+    with pytest.raises(ValueError, match=r"writes one peft adapter \(use_lora or peft_method\)"):
         model.export_peft(tmp_path / "x")
 
 
