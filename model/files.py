@@ -39,11 +39,18 @@ def atomic_write_json(path: Path, payload: Any) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (a peft method's frozen tensor shared by every
+    layer, e.g. VeRA's projections): those after the first are written as copies."""
     seen: set[int] = set()
-    for key, tensor in tensors.items():  # safetensors refuses tensors that share memory (peft's shared banks)
-        if tensor.untyped_storage().data_ptr() in seen:
-            tensors[key] = tensor.clone()
-        seen.add(tensor.untyped_storage().data_ptr())
+    out = {}
+    for key, tensor in tensors.items():
+        pointer = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    return out
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tensors = unshared({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata or {"format": "pt"}))

@@ -245,11 +245,12 @@ def peft_state(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
     """The method's fixed tensors (random projections, shared banks, SVD factors): saved beside its
     parameters so a load reproduces the adapter exactly (peft shares some across layers; the file
     writer copies those)."""
-    params = {n for n, _ in model.named_parameters()}
+    # by identity, not name: a parameter shared by every layer (VB-LoRA's vector bank) has one name in
+    # named_parameters() but one per layer in state_dict()
     return {
-        name: tensor
-        for name, tensor in model.state_dict(keep_vars=False).items()
-        if ADAPTER_NAME in name.split(".") and name not in params
+        name: tensor.detach()
+        for name, tensor in model.state_dict(keep_vars=True).items()
+        if ADAPTER_NAME in name.split(".") and not isinstance(tensor, nn.Parameter)
     }
 
 
@@ -272,5 +273,7 @@ register(
         check=check_peft,
         merge=merge_peft,
         extra_state=peft_state,
+        # VB-LoRA's and UniLoRA's frozen tensors are random draws: a rebuilt model would not have them
+        extra_state_in_checkpoints=True,
     )
 )

@@ -93,10 +93,11 @@ def is_lora_plus_param(name: str, config: Any) -> bool:
     return any(v.lora_plus is not None and v.lora_plus(name) for v in enabled_variants(config))
 
 
-def variant_state(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
-    """Extra tensors the enabled variants save beside their parameters (KAN grids, PiSSA residuals)."""
+def variant_state(model: nn.Module, config: Any, checkpoints_only: bool = False) -> dict[str, torch.Tensor]:
+    """Extra tensors the enabled variants save beside their parameters (KAN grids, PiSSA residuals);
+    `checkpoints_only`: those a training checkpoint must hold too (a peft method's random frozen draws)."""
     state: dict[str, torch.Tensor] = {}
     for variant in enabled_variants(config):
-        if variant.extra_state is not None:
+        if variant.extra_state is not None and (variant.extra_state_in_checkpoints or not checkpoints_only):
             state.update(variant.extra_state(model, config))
     return state

@@ -211,6 +211,8 @@ class Variant:
     not_mergeable: str = ""  # why not, when merge is None
     aux_loss: Callable[[nn.Module, Any], torch.Tensor | None] | None = None
     extra_state: Callable[[nn.Module, Any], dict[str, torch.Tensor]] | None = None  # saved with the adapters
+    # ... and in training checkpoints too, when rebuilding the model does not reproduce it (random draws)
+    extra_state_in_checkpoints: bool = False
     before_load: Callable[[nn.Module, dict[str, torch.Tensor]], None] | None = None  # e.g. resize KAN grids
     lora_plus: Callable[[str], bool] | None = None  # parameters that get lr x lora_plus_ratio
 

@@ -254,3 +254,26 @@ def test_sizes_peft_rejects_are_one_error_before_weights_load_and_gpt2_defaults_
         with pytest.raises(ValueError, match=f"peft {method} on this 32-wide model"):
             check_peft(GPT2Config.from_preset("tiny", peft_method=method))
         check_peft(GPT2Config.from_preset("tiny", peft_method=method, peft_config=sizes))
+
+
+def test_random_frozen_state_travels_in_checkpoints_to_evaluate(tiny_ckpt, tokenizer_dir, tmp_path):
+    """VB-LoRA's frozen tensors are random draws: train.evaluate must use the run's, not new ones."""
+    from train import evaluate, sentiment
+    from train.checkpoint import checkpoint_folder, load_checkpoint
+
+    flags = [*run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path / "runs"), "--train_limit", "8", "--dev_limit", "8"]
+    flags += ["--test_limit", "2", "--batch_size", "4", "--max_steps", "2", "--wandb", "disabled"]
+    flags += ["--peft_method", "vblora", "--peft_config", '{"vector_length": 16}']
+    assert sentiment.main(["--dataset", "sst", *flags]) == 0
+    (run,) = [path for path in (tmp_path / "runs").iterdir() if path.is_dir()]
+    weights, _, _ = load_checkpoint(checkpoint_folder(run / "checkpoints", "best"))
+    frozen = {k: v for k, v in weights.items() if ".peft" in k and "vblora_vector_bank" not in k}
+    torch.manual_seed(1234)  # a different draw than training's
+    model, _, _ = evaluate.load_model(str(run))
+    state = model.state_dict()
+    assert frozen and all(torch.equal(state[k.removeprefix("model.")], v) for k, v in frozen.items())
+    out = tmp_path / "eval"
+    limits = ["--dev_limit", "8", "--test_limit", "2"]
+    assert evaluate.main(["--task", "sst", *run_paths(run, tokenizer_dir, out), *limits]) == 0
+    trained = json.loads((run / "metrics.json").read_text())
+    assert json.loads((out / "metrics.json").read_text())["dev_acc"] == trained["dev_acc"]

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.files import atomic_write_text
+from model.files import atomic_write_text, unshared
 
 
 class CheckpointCorrupt(ValueError):
@@ -144,7 +144,7 @@ def _write_checkpoint(directory: Path, kind: str, step: int, weights: dict, tens
     staging = directory / f".{name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    save_file(weights, str(staging / "trainable.safetensors"))
+    save_file(unshared(weights), str(staging / "trainable.safetensors"))
     save_file(tensors, str(staging / "optimizer.safetensors"))
     (staging / "state.json").write_text(json.dumps(state, indent=1))
     for file in staging.iterdir():

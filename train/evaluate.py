@@ -31,6 +31,7 @@ from datasets.common import DataError
 from model import CheckpointError, GPT2LMHeadModel, TokenizerNotFound, load_tokenizer
 from model.config import STACK_FIELDS
 from model.files import atomic_write_json
+from modules.registry import variant_state
 from train import checkpoint as ckpt
 from train.cli import (
     ArgumentParser,
@@ -63,7 +64,7 @@ def load_model(spec: str) -> tuple[GPT2LMHeadModel, dict[str, dict[str, torch.Te
     model = GPT2LMHeadModel.from_pretrained(record["training"]["model"], **overrides)
     weights, _, _ = ckpt.load_checkpoint(best)
     own = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
-    ckpt.copy_into(dict(model.named_parameters()), own, best)
+    ckpt.copy_into({**dict(model.named_parameters()), **variant_state(model, model.config)}, own, best)
     heads: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in weights.items():
         if key.startswith("heads."):

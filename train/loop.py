@@ -32,7 +32,7 @@ from model import GPT2Config, GPT2LMHeadModel, load_tokenizer
 from model.compile import compile_blocks
 from model.files import atomic_write_json
 from model.trainable import build_optimizer, set_trainable
-from modules.registry import auxiliary_loss, enabled_variants
+from modules.registry import auxiliary_loss, enabled_variants, variant_state
 from train import checkpoint as ckpt
 from train import distributed, lifecycle
 from train.cli import autocast_for, config_overrides, resolve_precision
@@ -240,6 +240,9 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
     total_steps = args.max_steps or steps_per_epoch * epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.schedule, args.warmup, total_steps))
     trainable = {n: p for n, p in task_model.named_parameters() if p.requires_grad}
+    # checkpoints hold the trainable weights plus frozen variant state a rebuild would not reproduce
+    frozen = {f"model.{k}": v for k, v in variant_state(model, config, checkpoints_only=True).items()}
+    checkpointed = {**trainable, **frozen}
     config_values = {**config.to_dict(), "fine_tune_mode": config.resolved_fine_tune_mode}
     record = {
         "task": task_label,
@@ -278,7 +281,7 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
         missing = sorted(set(trainable) - set(weights))
         if missing:
             raise ckpt.CheckpointCorrupt(f"--resume: checkpoint {folder} lacks trainable weights {missing[:5]}")
-        ckpt.copy_into(trainable, weights, folder)
+        ckpt.copy_into(checkpointed, weights, folder)
         ckpt.restore_optimizer(optimizer, state_json, tensors)
         scheduler.load_state_dict({**state_json["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
         if not ckpt.restore_rng(tensors, state_json["rng"], rank, device):
@@ -338,7 +341,15 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
         if main_process:
             saved_progress, rng = snapshot or (progress, None)
             ckpt.save_checkpoint(
-                checkpoints, kind, saved_progress["step"], trainable, optimizer, scheduler, saved_progress, rng, writer
+                checkpoints,
+                kind,
+                saved_progress["step"],
+                checkpointed,
+                optimizer,
+                scheduler,
+                saved_progress,
+                rng,
+                writer,
             )
         nonlocal last_save
         last_save = time.monotonic()
