@@ -123,10 +123,12 @@ def base_state_dict(model: Any) -> dict[str, torch.Tensor]:
     """Base weights under their plain names (peft's `.base_layer.` removed), adapters and the
     variants' own buffers (a peft method's fixed projections) excluded."""
     extra = variant_state(model, model.config)
+    # by identity: a parameter shared by several layers (VB-LoRA's bank) has more names in state_dict()
+    adapters = {id(p) for name, p in model.named_parameters() if name in model.adapter_params}
     return {
-        name.replace(".base_layer.", "."): tensor
-        for name, tensor in model.state_dict().items()
-        if name not in model.adapter_params and name not in extra
+        name.replace(".base_layer.", "."): tensor.detach()
+        for name, tensor in model.state_dict(keep_vars=True).items()
+        if id(tensor) not in adapters and name not in extra
     }
 
 
