@@ -42,6 +42,16 @@ def run_paths(model, tokenizer_dir, out_dir=None) -> list[str]:
     return flags + (["--out_dir", str(out_dir)] if out_dir is not None else [])
 
 
+def perturb_adapters(model, scale: float = 0.05, seed: int = 1):
+    """Move every adapter parameter away from its init (seeded), so parity checks are not at identity."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in model.adapter_params:
+                param.add_(scale * torch.randn(param.shape, generator=gen))
+    return model.eval()
+
+
 def data_limits(train: int, dev: int = 4, test: int = 2, batch: int = 4) -> list[str]:
     """Flags for a quick run on the first examples of each split."""
     flags = {"train_limit": train, "dev_limit": dev, "test_limit": test, "batch_size": batch}

@@ -10,6 +10,7 @@ import transformers
 
 from model import GPT2LMHeadModel
 from modules.lora import peft_lora_config
+from tests.conftest import perturb_adapters
 
 NO_DROPOUT = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, lora_dropout=0.0)
 KINDS = {"lora": {}, "rslora": dict(lora_rslora=True), "dora": dict(lora_dora=True)}
@@ -18,12 +19,7 @@ KINDS = {"lora": {}, "rslora": dict(lora_rslora=True), "dora": dict(lora_dora=Tr
 def trained_like(path, **knobs):
     torch.manual_seed(0)
     model = GPT2LMHeadModel.from_pretrained(path, use_lora=True, lora_r=4, lora_alpha=32, **NO_DROPOUT, **knobs)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name in model.adapter_params:
-                param.add_(0.05 * torch.randn(param.shape, generator=gen))
-    return model.eval()
+    return perturb_adapters(model)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

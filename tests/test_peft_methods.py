@@ -27,7 +27,7 @@ from modules.peft_methods import (
     SUPPORTED,
     peft_config_for,
 )
-from tests.conftest import DATA_DIR, REPO, make_hf_checkpoint, run_paths
+from tests.conftest import DATA_DIR, REPO, make_hf_checkpoint, perturb_adapters, run_paths
 
 ATOL = 1e-5
 NOT_MERGEABLE = {"lily"}  # peft 0.21.2 has no merge for Lily's shared routers
@@ -63,12 +63,7 @@ def perturbed(path, method: str) -> GPT2LMHeadModel:
         model = GPT2LMHeadModel.from_pretrained(
             path, peft_method=method, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0
         )
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name in model.adapter_params:
-                param.add_(0.05 * torch.randn(param.shape, generator=gen))
-    return model.eval()
+    return perturb_adapters(model)
 
 
 def reference_for(path, ours: GPT2LMHeadModel):
