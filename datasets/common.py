@@ -158,3 +158,30 @@ def int_label(allowed: range) -> Callable[[str], int]:
         return int(value)
 
     return parse
+
+
+def stratified_fraction(labels: list[int], fraction: float, seed: int, what: str = "the training set") -> list[int]:
+    """Indices (in data order) of a seeded, stratified `fraction` of labelled examples: round(fraction
+    x count) of each label, drawn without replacement. Raises DataError when that leaves a label with
+    no example, so a subset that misses a class is refused instead of training silently on fewer
+    classes than the task scores."""
+    import random
+
+    if not 0 < fraction <= 1:
+        raise DataError(f"a fraction of {what} must be in (0, 1], got {fraction}")
+    by_label: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_label.setdefault(label, []).append(index)
+    rng = random.Random(seed)
+    chosen: list[int] = []
+    sizes = {label: round(fraction * len(members)) for label, members in sorted(by_label.items())}
+    empty = {label: len(by_label[label]) for label, size in sizes.items() if size == 0}
+    if empty:
+        raise DataError(
+            f"a fraction {fraction} of {what} has no example of label(s) "
+            + ", ".join(f"{label} ({count} there)" for label, count in empty.items())
+            + "; every label must be in the subset: raise the fraction"
+        )
+    for label, size in sizes.items():
+        chosen += rng.sample(by_label[label], size)
+    return sorted(chosen)

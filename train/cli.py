@@ -119,6 +119,13 @@ def build_parser(description: str) -> ArgumentParser:
     )
     io.add_argument("--tokenizer", default=None, help="tokenizer folder (default: $GPT2_TOKENIZER or the hub)")
     io.add_argument("--train_limit", type=int, default=None, help="use the first N training examples (default: all)")
+    io.add_argument(
+        "--train_fraction",
+        type=float,
+        default=None,
+        help="train on a seeded (--seed), stratified share of the training examples, e.g. 0.01; every label must "
+        "be in it (classification tasks; default: all)",
+    )
     io.add_argument("--dev_limit", type=int, default=None, help="use the first N dev examples (default: all)")
     io.add_argument("--test_limit", type=int, default=None, help="use the first N test examples (default: all)")
     io.add_argument(
@@ -274,6 +281,9 @@ def check_training_flags(args: argparse.Namespace) -> None:
         raise ValueError("--spike_factor must be > 1 (0: off)")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: pass one")
+    fraction = getattr(args, "train_fraction", None)
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ValueError(f"--train_fraction must be in (0, 1], got {fraction}")
     if getattr(args, "warmup", 0.0) < 0:
         raise ValueError("--warmup must be >= 0")
     if getattr(args, "weight_decay", 0.0) < 0:
@@ -341,6 +351,8 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace, tasks=()
         check_training_flags(args)
         for task in tasks:
             task.check_flags(args)
+            if getattr(args, "train_fraction", None) is not None and getattr(task, "num_labels", None) is None:
+                raise ValueError(f"--train_fraction draws a share stratified by label; {task.name} has no labels")
         return resolve_config(args, config_source)
     except (ValueError, CheckpointError) as error:
         parser.error(str(error))

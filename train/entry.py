@@ -143,22 +143,27 @@ def run(entry: EntryPoint, argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with StopSignals() as signals:
         args, tasks, config = parse(entry, argv)
-        try:
-            with cuda_kernel_settings():
-                train(entry.label(args), tasks, args, config, signals)
-        except TrainingDiverged as error:
-            if str(error):  # empty on torchrun ranks other than 0: one report per run
-                print(f"error: {error}", file=sys.stderr)
-            return EXIT_DIVERGED
-        except Interrupted as error:
-            if str(error):
-                print(str(error), file=sys.stderr)
-            return error.exit_status
-        except USER_ERRORS as error:
+        return execute(entry.label(args), tasks, args, config, signals)
+
+
+def execute(label: str, tasks: list, args, config, signals: StopSignals, start=None) -> int:
+    """Train (exit statuses as `run`); every entry point, transfer included, ends here."""
+    try:
+        with cuda_kernel_settings():
+            train(label, tasks, args, config, signals, start)
+    except TrainingDiverged as error:
+        if str(error):  # empty on torchrun ranks other than 0: one report per run
             print(f"error: {error}", file=sys.stderr)
-            return 2
-        if signals.received is not None:  # arrived during the last evaluation: the run finished anyway
-            print("the run finished before the signal could stop it", file=sys.stderr)
+        return EXIT_DIVERGED
+    except Interrupted as error:
+        if str(error):
+            print(str(error), file=sys.stderr)
+        return error.exit_status
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if signals.received is not None:  # arrived during the last evaluation: the run finished anyway
+        print("the run finished before the signal could stop it", file=sys.stderr)
     return 0
 
 

@@ -62,23 +62,25 @@ def load_model(spec: str) -> tuple[GPT2LMHeadModel, dict[str, dict[str, torch.Te
     saved = record["config"]
     overrides = {k: v for k, v in saved.items() if k not in (*STACK_FIELDS, "name")}
     model = GPT2LMHeadModel.from_pretrained(record["training"]["model"], **overrides)
-    weights, _, _ = ckpt.load_checkpoint(best)
+    heads = copy_run_weights(model, best)
+    log.info("loaded run %s (best checkpoint %s): heads for %s", path, best.name, sorted(heads) or "none")
+    # the precision training resolved (and evaluated in) on its device: older runs did not record it
+    return model, heads, {**record["training"], "resolved_precision": record.get("precision", "fp32")}
+
+
+def copy_run_weights(model: GPT2LMHeadModel, checkpoint: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Copy a training checkpoint's model tensors (its trained weights and the frozen variant state it
+    saved) into `model`, built with the run's config from the run's base checkpoint; returns the
+    trained head weights per task. A tensor the model lacks, or of another shape, raises."""
+    weights, _, _ = ckpt.load_checkpoint(checkpoint)
     own = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
-    ckpt.copy_into({**dict(model.named_parameters()), **variant_state(model, model.config)}, own, best)
+    ckpt.copy_into({**dict(model.named_parameters()), **variant_state(model, model.config)}, own, checkpoint)
     heads: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in weights.items():
         if key.startswith("heads."):
             task, _, rest = key.removeprefix("heads.").partition(".")
             heads.setdefault(task, {})[rest] = value
-    log.info(
-        "loaded run %s (best checkpoint %s): %d model tensors, heads for %s",
-        path,
-        best.name,
-        len(own),
-        sorted(heads) or "none",
-    )
-    # the precision training resolved (and evaluated in) on its device: older runs did not record it
-    return model, heads, {**record["training"], "resolved_precision": record.get("precision", "fp32")}
+    return heads
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

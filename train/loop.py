@@ -183,10 +183,17 @@ def _metrics_line(step: int, epoch: float, metrics: dict, score: float, best: bo
     )
 
 
-def train(task_label: str, task_classes: list, args: argparse.Namespace, config: GPT2Config, signals=None) -> dict:
+def train(
+    task_label: str, task_classes: list, args: argparse.Namespace, config: GPT2Config, signals=None, start=None
+) -> dict:
     """Train `task_classes` on one backbone. `config` is the run's resolved config (validated by the
     entry point before anything was loaded). `signals`: a StopSignals the caller entered (SIGINT /
-    SIGTERM then stop after the current step with a checkpoint, raising Interrupted)."""
+    SIGTERM then stop after the current step with a checkpoint, raising Interrupted). `start`: a run
+    that begins from another run's trained weights (train/transfer.py), with
+    - `load(model)`: copy them in, before the task heads are built and anything trains;
+    - `before_training(model, objectives, device, autocast, shard) -> dict`: blocks (e.g. the zero-shot
+      metrics) computed once on the starting weights and kept in config.json (a resumed run keeps them);
+    - `final_blocks(record, best_metrics) -> dict`: blocks added to metrics.json."""
     signals = signals or lifecycle.StopSignals()
     placement = distributed.setup(args.device)
     rank, world, device, main_process = placement.rank, placement.world, placement.device, placement.main
@@ -213,14 +220,18 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
     extra_epochs = (saved_record or {}).get("extra_epochs", 0) + (args.extend_epochs or 0)
     epochs = args.epochs + extra_epochs
 
+    tokenizer = load_tokenizer(args.tokenizer)
+    folder = data_dir(args.data_dir)
+    objectives = {cls.name: cls(tokenizer, folder, args, config.n_positions) for cls in task_classes}
+    for objective in objectives.values():
+        objective.check_training_data()  # e.g. a --train_fraction missing a label: refused before weights load
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     model = GPT2LMHeadModel.from_pretrained(args.model, **config_overrides(args)).to(device)
     if model.config != config:
         raise RuntimeError(f"the loaded model's config differs from the validated one: {model.config} vs {config}")
-    tokenizer = load_tokenizer(args.tokenizer)
-    folder = data_dir(args.data_dir)
-    objectives = {cls.name: cls(tokenizer, folder, args, config.n_positions) for cls in task_classes}
+    if start is not None:
+        start.load(model)
     heads = {name: head.to(device) for name, obj in objectives.items() if (head := obj.make_head(model)) is not None}
     counts = set_trainable(model, config.fine_tune_mode, heads.values())
     if args.grad_checkpointing:
@@ -262,6 +273,12 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
         "precision": precision,  # what --precision auto resolved to on this device
         "extra_epochs": extra_epochs,
     }
+    autocast = autocast_for(device, precision)
+    if start is not None:
+        if resume and "start" in saved_record:
+            record["start"] = saved_record["start"]
+        else:
+            record["start"] = start.before_training(model, objectives, device, autocast, (rank, world))
     progress = {
         "epoch": 0,
         "position": 0,
@@ -416,7 +433,6 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
             f"healthy checkpoint is kept: {last or 'none saved yet'}"
         )
 
-    autocast = autocast_for(device, precision)
     guard = lifecycle.DivergenceGuard(args.spike_factor)
     wrapped.train()
     start_time = time.perf_counter() - progress["train_seconds"]
@@ -527,7 +543,10 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
     result = {}
     if main_process:
         best = progress["best_metrics"] or {}
-        result = _finish(run_dir, name, task_label, config, record, progress, best, device, objectives, steps_per_epoch)
+        extra = start.final_blocks(record, best) if start is not None else {}
+        result = _finish(
+            run_dir, name, task_label, config, record, progress, best, device, objectives, steps_per_epoch, extra
+        )
         logger.summary(
             {
                 "best/selection_score": progress["best"],
@@ -537,12 +556,24 @@ def train(task_label: str, task_classes: list, args: argparse.Namespace, config:
                 "trainable_params": counts["trainable"],
                 "total_params": counts["total"],
                 **{f"best/{n}/{k}": v for n, m in best.items() for k, v in m.items() if k != "predictions"},
+                **_numbers(record.get("start", {}), "start"),
             }
         )
     logger.finish()
     if world > 1:
         dist.barrier()
     return result
+
+
+def _numbers(block: dict, prefix: str) -> dict[str, float]:
+    """The numbers of a nested dict, flattened to `prefix/key/...` (wandb summary keys)."""
+    flat = {}
+    for key, value in block.items():
+        if isinstance(value, dict):
+            flat.update(_numbers(value, f"{prefix}/{key}"))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[f"{prefix}/{key}"] = value
+    return flat
 
 
 def _interrupted_message(signum: int, progress: dict, last: Path | None) -> str:
@@ -556,7 +587,17 @@ def _interrupted_message(signum: int, progress: dict, last: Path | None) -> str:
 
 
 def _finish(
-    run_dir: Path, name: str, task_label: str, config, record, progress, best, device, objectives, steps_per_epoch
+    run_dir: Path,
+    name: str,
+    task_label: str,
+    config,
+    record,
+    progress,
+    best,
+    device,
+    objectives,
+    steps_per_epoch,
+    extra: dict[str, Any],
 ) -> dict[str, Any]:
     single = len(objectives) == 1
     prefixed = {
@@ -572,6 +613,7 @@ def _finish(
         steps=progress["step"],
         train_seconds=round(progress["train_seconds"], 3),
         peak_memory_mb=round(_peak_memory_mb(device), 1),
+        **extra,
     )
     atomic_write_json(run_dir / "metrics.json", metrics)
     args = record["training"]

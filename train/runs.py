@@ -70,6 +70,9 @@ IDENTITY_EXCLUDED = {
     "grad_checkpointing",
     "argv",
 }
+# Flags added after run folders existed: left out of the identity while at their default, so those
+# folders keep their names (and --resume keeps finding them).
+OMITTED_AT_DEFAULT = {"train_fraction": None}
 MODE_TAGS = {"full-model": "full", "last-linear-layer": "lastlinear", "adapters": "adapters"}
 
 
@@ -89,6 +92,7 @@ def identity_settings(task_label: str, config: Any, args: Any) -> dict[str, Any]
         k: v
         for k, v in sorted(vars(args).items())
         if k not in IDENTITY_EXCLUDED and k not in config_values and k not in ("seed", "name")
+        if not (k in OMITTED_AT_DEFAULT and v == OMITTED_AT_DEFAULT[k])
     }
     return {"task": task_label, "config": config_values, "training": training}
 

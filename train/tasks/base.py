@@ -99,6 +99,9 @@ class Task:
     def batch_tokens(self, batch: list[int]) -> int:
         raise NotImplementedError
 
+    def check_training_data(self) -> None:
+        """Read and validate the training split (the loop calls it before any weight loads)."""
+
     # ---- evaluation (training and `train.evaluate` share it) ----
     def evaluate(
         self,

@@ -8,7 +8,9 @@ and its head.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -19,10 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from datasets.batching import collate, encode, make_batches, padding_fraction
-from datasets.common import Example
+from datasets.common import DataError, Example, stratified_fraction
 from train.metrics import accuracy, macro_f1
 from train.predictions import write_classification
 from train.tasks.base import Task, limit, sharded
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,11 +36,18 @@ class PredictionRun:
     padding_unbucketed: float
     padding_bucketed: float
     truncated: int
+    logits: torch.Tensor | None = None
 
 
 def classification_metrics(examples: list[Example], predictions: list[int], num_labels: int) -> dict[str, float]:
+    """Accuracy and macro-F1, with the majority-class accuracy beside them: a model that always answers
+    the most frequent dev label scores `dev_majority_acc` (a one-label dev set scores 1.0 that way)."""
     gold = [e.label for e in examples]
-    return {"dev_acc": accuracy(gold, predictions), "dev_f1": macro_f1(gold, predictions, range(num_labels))}
+    return {
+        "dev_acc": accuracy(gold, predictions),
+        "dev_f1": macro_f1(gold, predictions, range(num_labels)),
+        "dev_majority_acc": max(Counter(gold).values()) / len(gold),
+    }
 
 
 class ClassificationTask(Task):
@@ -58,11 +69,36 @@ class ClassificationTask(Task):
         self.max_length = min(self.default_max_length, cap, n_positions)
         self.dev = limit(self.load("dev"), args.dev_limit)
         self.test = limit(self.load("test"), args.test_limit)
+        if len({e.label for e in self.dev}) == 1:
+            log.warning(
+                "%s: every dev example used has label %s, so accuracy cannot tell a model from one that always "
+                "answers it (dev_majority_acc = 1.0); use more dev examples",
+                self.name,
+                self.dev[0].label,
+            )
 
     # Training data is read and tokenised on first use: evaluation alone never pays for it.
     @cached_property
     def train(self) -> list[Example]:
-        return limit(self.load("train"), self.args.train_limit)
+        """The training split, after `--train_limit` (the first N) and `--train_fraction` (a seeded,
+        stratified share, which must hold every label the task scores)."""
+        examples = limit(self.load("train"), self.args.train_limit)
+        fraction = getattr(self.args, "train_fraction", None)
+        if fraction is None:
+            return examples
+        counts = Counter(e.label for e in examples)
+        missing = [label for label in range(self.num_labels) if label not in counts]
+        if missing:
+            used = "training split" if self.args.train_limit is None else f"first {self.args.train_limit} training examples"
+            raise DataError(
+                f"{self.name}: the {used} have no example of label(s) {missing}; a subset for --train_fraction "
+                f"must contain every label"
+            )
+        chosen = stratified_fraction([e.label for e in examples], fraction, self.args.seed, f"{self.name} train")
+        return [examples[i] for i in chosen]
+
+    def check_training_data(self) -> None:
+        self.train  # noqa: B018 - reading it validates --train_limit / --train_fraction before any weight loads
 
     @cached_property
     def encoded(self):
@@ -94,7 +130,9 @@ class ClassificationTask(Task):
         batch_size: int = 32,
         bucket: bool = True,
         device: str = "cpu",
+        return_logits: bool = False,
     ) -> PredictionRun:
+        """Predicted labels (and, with `return_logits`, the head's float32 logits in example order)."""
         encoded = encode(self.tokenizer, [self.to_text(e) for e in examples], self.max_length, self.truncation_side)
         lengths = [len(ids) for ids in encoded.ids]
         batches = make_batches(lengths, batch_size, bucket=bucket)
@@ -103,17 +141,36 @@ class ClassificationTask(Task):
         model.eval()
         head.eval()
         predictions = [0] * len(examples)
+        logits: list[torch.Tensor | None] = [None] * len(examples)
         start = time.perf_counter()
         for batch in batches:
             ids, mask = collate([encoded.ids[i] for i in batch], side="right")
             ids, mask = ids.to(device), mask.to(device)
             hidden = model(ids, attention_mask=mask, return_logits=False).last_hidden_state
-            for index, label in zip(batch, head(hidden, mask).argmax(-1).tolist(), strict=True):
+            scores = head(hidden, mask)
+            for index, label in zip(batch, scores.argmax(-1).tolist(), strict=True):
                 predictions[index] = label
+            if return_logits:
+                for index, row in zip(batch, scores.float().cpu(), strict=True):
+                    logits[index] = row
         seconds = time.perf_counter() - start
         model.train(was_training[0])
         head.train(was_training[1])
-        return PredictionRun(predictions, seconds, plain, padding_fraction(lengths, batches), encoded.truncated)
+        run = PredictionRun(predictions, seconds, plain, padding_fraction(lengths, batches), encoded.truncated)
+        if return_logits:
+            run.logits = torch.stack(logits) if examples else torch.empty(0)
+        return run
+
+    def dev_logits(self, model: nn.Module, head: nn.Module, device: str, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+        """(n_dev, head outputs) float32 logits of `head` on this task's dev examples (every rank scores
+        its share; gathered). Transfer scores another task's trained head on this task's texts with it."""
+        batch_size = getattr(self.args, "eval_batch_size", 32)
+        rows = sharded(
+            self.dev,
+            shard,
+            lambda part: list(self.predict(model, head, part, batch_size, device=device, return_logits=True).logits),
+        )
+        return torch.stack(rows)
 
     def _predict(self, model, head, examples, device, shard) -> list[int]:
         batch_size = getattr(self.args, "eval_batch_size", 32)

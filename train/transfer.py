@@ -1,0 +1,295 @@
+"""Cross-task transfer: continue a trained run on another task, and score it before and after.
+
+    python -m train.transfer --source_run RUN_DIR --target cfimdb [--target_fraction 0.01] [--epochs 1] [--seed S]
+    python -m train.transfer --source_run RUN_DIR --target cfimdb --from_scratch      (the control)
+
+The source run's model (its base checkpoint, its variants and knobs, its trained weights and the
+frozen variant state its checkpoint keeps) is the starting point; nothing about the architecture
+can be changed here. The run then
+1. scores the target's dev set ZERO-SHOT with the source task's trained head, where the two label
+   spaces map (LABEL_MAPS). SST-5 -> CFIMDB: p(negative) = p(0) + p(1) + p(2)/2 and
+   p(positive) = p(3) + p(4) + p(2)/2 (the neutral class's probability is split evenly). Where no map
+   exists (CFIMDB's 2 labels say nothing about SST-5's neutral class or strength), the block says so;
+2. continues training the SAME trained weights (the source's fine-tune mode: adapters stay adapters)
+   on a seeded, stratified `--target_fraction` of the target's training set (`--train_fraction`;
+   every label must be in it, or the run is refused) for `--epochs`, with a fresh, seeded task head
+   (the label spaces of different tasks differ), and scores the target's dev set.
+
+`--from_scratch` is the control that answers "does the source help?": the same flags, subset,
+epochs and seed, but from the base checkpoint with freshly initialised variants. It is exactly the
+plain run `python -m train --task TARGET <the source's variant flags> --train_fraction F ...`, so
+its folder is that run's.
+
+Training flags the target run does not set are taken from the source run (INHERITED: lr, batch
+size, precision, ...); `--epochs` defaults to 1, `--seed` to the source's seed, `--out_dir` to the
+folder holding the source run, `--wandb_group` to the source's group. The run folder is a normal
+one (`<source task>-to-<target>-<variants>-lr..-s..-<hash>`; the hash covers the source's
+configuration), with metrics.json holding the target dev metrics plus
+- `source`: the source run, its task, metric and best value;
+- `zero_shot`: the mapped dev metrics before any target training (or why there are none);
+- `transfer`: the dev metrics after training on the fraction, with the majority-class accuracy
+  beside them (`dev_majority_acc`), the fraction and the number of training examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.config import STACK_FIELDS
+from train import checkpoint as ckpt
+from train import entry
+from train.cli import build_parser, check_inputs, config_fields, validate
+from train.evaluate import copy_run_weights
+from train.lifecycle import StopSignals, folder_state
+from train.runs import run_name
+from train.tasks import TASKS, get_task
+from train.tasks.classification import classification_metrics
+
+# (source task, target task) -> (source labels x target labels) matrix M: p_target = softmax(logits) @ M.
+LABEL_MAPS: dict[tuple[str, str], list[list[float]]] = {
+    # SST-5: 0 very negative, 1 negative, 2 neutral, 3 positive, 4 very positive -> CFIMDB: 0 negative, 1 positive
+    ("sst", "cfimdb"): [[1.0, 0.0], [1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [0.0, 1.0]],
+}
+NO_MAP_REASONS = {
+    ("cfimdb", "sst"): "CFIMDB's two labels say nothing about SST-5's neutral class or sentiment strength",
+}
+# Training flags a transfer run takes from its source unless given (how to optimise, not what data).
+INHERITED = (
+    "model",
+    "lr",
+    "batch_size",
+    "eval_batch_size",
+    "grad_accum",
+    "weight_decay",
+    "warmup",
+    "schedule",
+    "max_grad_norm",
+    "precision",
+    "max_length",
+    "no_bucket",
+)
+TARGETS = [name for name, task in TASKS.items() if getattr(task, "num_labels", None) is not None]
+
+
+def map_to_target(source_logits: torch.Tensor, matrix: list[list[float]]) -> torch.Tensor:
+    """(n, target labels) probabilities: the source head's softmax pushed through the label map."""
+    weights = torch.tensor(matrix, dtype=torch.float32)
+    if source_logits.shape[-1] != weights.shape[0]:
+        raise ValueError(f"the source head has {source_logits.shape[-1]} outputs, the label map {weights.shape[0]} rows")
+    return source_logits.float().softmax(-1) @ weights
+
+
+@dataclass
+class SourceRun:
+    run_dir: Path
+    record: dict[str, Any]
+    metrics: dict[str, Any]
+    checkpoint: Path
+
+    @property
+    def task(self) -> str:
+        return self.record["task"]
+
+    @property
+    def seed(self) -> int:
+        return self.record["training"]["seed"]
+
+    def summary(self) -> dict[str, Any]:
+        metric = get_task(self.task).metric
+        return {
+            "run": self.run_dir.name,
+            "run_dir": str(self.run_dir),
+            "task": self.task,
+            "config_hash": self.record["config_hash"],
+            "seed": self.seed,
+            "metric": metric,
+            "value": self.metrics.get(metric),
+            "best_step": self.metrics.get("best_step"),
+        }
+
+
+def read_source(path: Path) -> SourceRun:
+    """A finished single-task run folder; a ValueError says what is wrong with it."""
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--source_run {path}: not a run folder (no config.json)")
+    if folder_state(path) != "finished":
+        raise ValueError(f"--source_run {path}: the run has not finished (no metrics.json); finish it with --resume")
+    record = json.loads((path / "config.json").read_text())
+    if record.get("task") not in TASKS:
+        raise ValueError(f"--source_run {path}: transfer starts from a single-task run, not {record.get('task')!r}")
+    if "identity" not in record:
+        raise ValueError(f"--source_run {path}: written by an older version of this code (no identity recorded)")
+    best = ckpt.checkpoint_folder(path / "checkpoints", "best")
+    if best is None:
+        raise ValueError(f"--source_run {path}: no best checkpoint")
+    return SourceRun(path, record, json.loads((path / "metrics.json").read_text()), best)
+
+
+class TransferStart:
+    """The loop's `start` hook: the source run's weights in, zero-shot before training, blocks after."""
+
+    def __init__(self, source: SourceRun, target: str) -> None:
+        self.source, self.target = source, target
+
+    def load(self, model: torch.nn.Module) -> None:
+        self.source_heads = copy_run_weights(model, self.source.checkpoint)
+
+    def before_training(self, model, objectives, device, autocast, shard) -> dict[str, Any]:
+        objective = objectives[self.target]
+        counts = {str(label): 0 for label in range(objective.num_labels)}
+        for example in objective.train:
+            counts[str(example.label)] += 1
+        block: dict[str, Any] = {
+            "source": self.source.summary(),
+            "train_examples": len(objective.train),
+            "train_label_counts": counts,
+            "zero_shot": self.zero_shot(model, objective, device, autocast, shard),
+        }
+        return block
+
+    def zero_shot(self, model, objective, device, autocast, shard) -> dict[str, Any]:
+        pair = (self.source.task, self.target)
+        if pair not in LABEL_MAPS:
+            reason = NO_MAP_REASONS.get(pair, f"no label map from {pair[0]} to {pair[1]}")
+            return {"available": False, "reason": reason}
+        # The source head is rebuilt off the run's random stream, so the target run draws the same
+        # numbers (head init, dropout) as its from-scratch control.
+        source_task = get_task(self.source.task)
+        with torch.random.fork_rng(devices=[]):
+            # a sentiment head is built from class attributes only: no need to read the source's data
+            head = source_task.__new__(source_task).make_head(model)
+        head.load_state_dict(self.source_heads[self.source.task])
+        head = head.to(device)
+        was_training = model.training
+        model.eval()
+        with autocast:
+            logits = objective.dev_logits(model, head, device, shard)
+        model.train(was_training)
+        predictions = map_to_target(logits, LABEL_MAPS[pair]).argmax(-1).tolist()
+        metrics = classification_metrics(objective.dev, predictions, objective.num_labels)
+        return {"available": True, "label_map": LABEL_MAPS[pair], **metrics}
+
+    def final_blocks(self, record: dict, best: dict) -> dict[str, Any]:
+        start = record["start"]
+        after = {k: v for k, v in best.get(self.target, {}).items() if k != "predictions"}
+        return {
+            "source": start["source"],
+            "zero_shot": start["zero_shot"],
+            "transfer": {
+                "target": self.target,
+                "train_fraction": record["training"]["train_fraction"],
+                "train_examples": start["train_examples"],
+                "epochs": record["training"]["epochs"],
+                **after,
+            },
+        }
+
+
+def _given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the flags written on the command line."""
+    options = {opt: action.dest for action in parser._actions for opt in action.option_strings}
+    return {options[word.split("=")[0]] for word in argv if word.split("=")[0] in options}
+
+
+def parse(argv: list[str] | None, inputs: bool = True):
+    """(label, task classes, args, config, TransferStart or None); exits 2 with one line on bad input."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--target", choices=TARGETS)
+    known, _ = pre.parse_known_args(argv)
+    parser = build_parser(__doc__)
+    parser.prog = "python -m train.transfer"
+    group = parser.add_argument_group("transfer")
+    group.add_argument("--source_run", type=Path, required=True, help="a finished single-task run folder")
+    group.add_argument("--target", choices=TARGETS, required=True, help="the task to transfer to")
+    group.add_argument(
+        "--target_fraction",
+        type=float,
+        default=0.01,
+        help="stratified share of the target's training set to train on (default: %(default)s)",
+    )
+    group.add_argument(
+        "--from_scratch",
+        action="store_true",
+        help="the control: the same run from the base checkpoint with fresh variants (default: off)",
+    )
+    if known.target:
+        get_task(known.target).add_flags(parser)
+    args = parser.parse_args(argv)
+    given = _given(parser, argv)
+    try:
+        source = read_source(args.source_run)
+    except ValueError as error:
+        parser.error(str(error))
+    refused = sorted(f"--{f.name}" for f in config_fields() if f.name in given)
+    if refused:
+        parser.error(
+            f"{', '.join(refused)}: the variants and their knobs come from the source run ({source.run_dir}); "
+            f"transfer continues its trained weights"
+        )
+    if "train_fraction" in given:
+        parser.error("use --target_fraction (the share of the target's training set)")
+    if args.target == source.task:
+        parser.error(f"--target {args.target} is the source run's own task; continue it with --resume --extend_epochs")
+    training = source.record["training"]
+    for name in INHERITED:
+        if name not in given and name in training:
+            setattr(args, name, training[name])
+    if "epochs" not in given:
+        args.epochs = 1
+    if "seed" not in given:
+        args.seed = source.seed
+    if "out_dir" not in given:
+        args.out_dir = str(source.run_dir.parent)
+    if "wandb_group" not in given:
+        args.wandb_group = source.record.get("grid") or source.task
+    defaults = {f.name: f.default for f in config_fields()}
+    for name, value in source.record["identity"]["config"].items():
+        value = tuple(value) if isinstance(value, list) else value
+        if name in defaults and value != defaults[name]:  # as if the source's flags were typed again
+            setattr(args, name, value)
+    target, from_scratch = args.target, args.from_scratch
+    args.task, args.train_fraction = target, args.target_fraction
+    for name in ("source_run", "target", "target_fraction", "from_scratch"):
+        delattr(args, name)  # a from-scratch control's identity is the plain run's
+    if not from_scratch:  # the transfer run's identity: which configuration it starts from, and its seed
+        args.transfer_from = {
+            "task": source.task,
+            "config_hash": source.record["config_hash"],
+            "seed": "same" if source.seed == args.seed else source.seed,
+        }
+    tasks = [get_task(target)]
+    config = validate(parser, args, tasks)
+    stack = {k: v for k, v in config.to_dict().items() if k in STACK_FIELDS}
+    saved_stack = {k: v for k, v in source.record["config"].items() if k in STACK_FIELDS}
+    if stack != saved_stack:
+        parser.error(f"--model {args.model} is not the source run's base size: {stack} vs {saved_stack}")
+    if inputs:
+        check_inputs(parser, args, tasks)
+    args.argv = argv
+    label = target if from_scratch else f"{source.task}-to-{target}"
+    return label, tasks, args, config, (None if from_scratch else TransferStart(source, target))
+
+
+def planned_run_dir(argv: list[str]) -> Path:
+    label, _, args, config, _ = parse(argv, inputs=False)
+    return Path(args.out_dir) / run_name(label, config, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    with StopSignals() as signals:
+        label, tasks, args, config, start = parse(argv)
+        return entry.execute(label, tasks, args, config, signals, start)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
