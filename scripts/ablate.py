@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from datasets.common import DataError, ensure_data  # noqa: E402
 from train import entry  # noqa: E402
 from train.lifecycle import EXIT_STATUS, folder_state  # noqa: E402
 from train.tasks import TASKS  # noqa: E402
@@ -54,6 +55,7 @@ class PlannedRun:
     argv: list[str]  # everything after `python -m <module>`
     module: str
     run_dir: Path
+    done_file: Path | None = None  # for jobs that are not training runs (CKA): done when this file exists
 
 
 def load_preset(path: Path) -> dict:
@@ -67,6 +69,13 @@ def load_preset(path: Path) -> dict:
     unknown = [t for t in preset["tasks"] if t not in TASKS]
     if unknown:
         raise SystemExit(f"error: {path}: unknown task(s) {unknown}; known: {list(TASKS)}")
+    if "transfer" in preset:
+        pairs = preset["transfer"].get("pairs")
+        if not pairs or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+            raise SystemExit(f"error: {path}: [transfer] needs pairs = [[source, target], ...]")
+        strays = sorted({source for source, _ in pairs} - set(preset["tasks"]))
+        if strays:
+            raise SystemExit(f"error: {path}: transfer source task(s) {strays} are not in tasks {preset['tasks']}")
     return preset
 
 
@@ -153,8 +162,89 @@ def _plan_runs(
     return runs
 
 
+def plan_transfer(preset: dict, sources: list[PlannedRun], inputs: list[str]) -> tuple[list[PlannedRun], list[dict]]:
+    """The second stage of a preset with a [transfer] section, planned once the source runs exist:
+    per finished source run and pair, a transfer run and its from-scratch control (train/transfer.py),
+    and one CKA analysis of each source model (scripts/cka.py). Returns (jobs, manifest rows)."""
+    from train import transfer
+
+    spec = preset["transfer"]
+    shared = [
+        "--target_fraction",
+        str(spec.get("target_fraction", 0.01)),
+        "--epochs",
+        str(spec.get("epochs", 1)),
+        *spec.get("flags", []),
+    ]
+    cka = preset.get("cka", {})
+    jobs, manifest, analysed = [], [], set()
+    for source_task, target in spec["pairs"]:
+        for source in (r for r in sources if r.task == source_task):
+            argv = [
+                "--source_run",
+                str(source.run_dir),
+                "--target",
+                target,
+                *shared,
+                *spec.get("target_flags", {}).get(target, []),
+                *inputs,
+            ]
+            try:
+                transfer_dir = transfer.planned_run_dir(argv)
+                scratch_dir = transfer.planned_run_dir([*argv, "--from_scratch"])
+            except SystemExit:
+                raise SystemExit(
+                    f"error: transfer {source_task} -> {target} from {source.run_dir.name}: its flags are rejected by "
+                    f"python -m train.transfer (message above)"
+                ) from None
+            label = f"{source_task}-to-{target}"
+            jobs.append(PlannedRun(label, source.variant, source.seed, argv, "train.transfer", transfer_dir))
+            jobs.append(
+                PlannedRun(
+                    f"{target} scratch",
+                    source.variant,
+                    source.seed,
+                    [*argv, "--from_scratch"],
+                    "train.transfer",
+                    scratch_dir,
+                )
+            )
+            cka_dir = source.run_dir / "cka"
+            if source.run_dir not in analysed:
+                analysed.add(source.run_dir)
+                layers = ["--layers", *map(str, cka["layers"])] if cka.get("layers") else []
+                cka_argv = [str(source.run_dir), "--task", source_task, "--n", str(cka.get("n", 512)), *layers]
+                cka_argv += ["--out", str(cka_dir), *inputs]
+                jobs.append(
+                    PlannedRun(
+                        f"cka {source_task}",
+                        source.variant,
+                        source.seed,
+                        cka_argv,
+                        "scripts.cka",
+                        cka_dir,
+                        cka_dir / "cka.json",
+                    )
+                )
+            manifest.append(
+                {
+                    "variant": source.variant,
+                    "seed": source.seed,
+                    "source_task": source_task,
+                    "target": target,
+                    "source_run": str(source.run_dir),
+                    "transfer_run": str(transfer_dir),
+                    "scratch_run": str(scratch_dir),
+                    "cka": str(cka_dir / "cka.json"),
+                }
+            )
+    return jobs, manifest
+
+
 def status(run: PlannedRun) -> str:
     """done (finished), resume (interrupted, or died before its first checkpoint), or new."""
+    if run.done_file is not None:
+        return "done" if run.done_file.is_file() else "new"
     state = folder_state(run.run_dir)
     return {"finished": "done", "interrupted": "resume", "dead": "resume"}.get(state, "new")
 
@@ -283,10 +373,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         for run in runs:
             print(f"  {status(run):6s} {run.run_dir.name}")
+        if "transfer" in preset:
+            pairs = preset["transfer"]["pairs"]
+            if todo:
+                per_source = {source: sum(1 for s, _ in pairs if s == source) for source, _ in pairs}
+                count = sum(per_source.get(r.task, 0) for r in runs)
+                print(
+                    f"then, once every source run is done: {count} transfer runs, {count} from-scratch controls and "
+                    f"a CKA analysis of each source model (pairs {pairs})"
+                )
+            else:
+                stage, _ = plan_transfer(preset, runs, inputs)
+                print(f"transfer stage: {len(stage)} jobs")
+                for run in stage:
+                    print(f"  {status(run):6s} {run.task:16s} {(run.done_file or run.run_dir).relative_to(out_dir)}")
         return 0
     # Every run's data and tokenizer, once, before any run starts (fetching missing data when allowed).
     for task in dict.fromkeys(r.task for r in runs):
         entry.parse(entry.GENERIC, next(r.argv for r in runs if r.task == task))
+    targets = {target for _, target in preset.get("transfer", {}).get("pairs", [])} - set(preset["tasks"])
+    try:
+        ensure_data(sorted({name for t in targets for name in TASKS[t].data_files()}), args.data_dir)
+    except (DataError, KeyError) as error:
+        raise SystemExit(f"error: transfer target data: {error}") from None
     # config hash (the last part of a run folder's name) -> the preset's variant name, for reports
     names = {r.run_dir.name.rsplit("-", 1)[1]: r.variant for r in runs}
     (out_dir / "variants.json").write_text(json.dumps(names, indent=2) + "\n")
@@ -299,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                 "model": model_spec,
                 "seeds": preset["seeds"],
                 "random_init": "random_init" in model_spec,
+                "transfer": "transfer" in preset,
             },
             indent=2,
         )
@@ -307,38 +417,39 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     log_dir = out_dir / "logs"
     log_dir.mkdir(exist_ok=True)
-    failed, interrupted, not_started = [], [], []
     start = time.perf_counter()
     jobs = Jobs(gpus)
     previous = {s: signal.signal(s, jobs.forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            results = pool.map(lambda r: jobs.execute(r, threads, log_dir), todo)
-            for done, (run, code, seconds) in enumerate(results, 1):
-                if code is None:
-                    not_started.append(run)
-                    continue
-                log_file = log_dir / (run.run_dir.name + ".log")
-                if code in EXIT_STATUS.values():
-                    interrupted.append(run)
-                    mark = f"interrupted (exit {code}; checkpointed, see {log_file})"
-                else:
-                    mark = "ok" if code == 0 else f"FAILED (exit {code}, see {log_file})"
-                print(
-                    f"[{done}/{len(todo)}] {run.task:7s} {run.variant:12s} seed {run.seed}: {mark} ({seconds:.1f} s)",
-                    flush=True,
-                )
-                if code not in (0, *EXIT_STATUS.values()):
-                    failed.append(run)
+        outcome = run_jobs(jobs, todo, args.jobs, threads, log_dir)
+        done_before = len(runs) - len(todo)
+        total = len(runs)
+        if "transfer" in preset and jobs.stop_signal is None and not outcome["failed"]:
+            stage, manifest = plan_transfer(preset, runs, inputs)
+            write_transfer_manifest(out_dir, preset, stage, manifest)
+            stage_todo = [r for r in stage if status(r) != "done"]
+            print(
+                f"grid {preset['name']}, transfer stage: {len(stage)} jobs (transfer runs, from-scratch controls, "
+                f"CKA of each source model), {len(stage) - len(stage_todo)} already done, {len(stage_todo)} to run",
+                flush=True,
+            )
+            more = run_jobs(jobs, stage_todo, args.jobs, threads, log_dir)
+            outcome = {key: outcome[key] + more[key] for key in outcome}
+            done_before += len(stage) - len(stage_todo)
+            total += len(stage)
+            todo = todo + stage_todo
+        elif "transfer" in preset and outcome["failed"]:
+            print("the transfer stage needs every source run: fix the failed runs and re-run", flush=True)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    failed, interrupted, not_started = outcome["failed"], outcome["interrupted"], outcome["not_started"]
     seconds = time.perf_counter() - start
     if jobs.stop_signal is not None:
         finished = len(todo) - len(failed) - len(interrupted) - len(not_started)
         print(
             f"grid {preset['name']} interrupted by {signal.Signals(jobs.stop_signal).name} after {seconds:.1f} s: "
-            f"{len(runs) - len(todo) + finished} of {len(runs)} runs done, {len(interrupted)} interrupted "
+            f"{done_before + finished} of {total} jobs done, {len(interrupted)} interrupted "
             f"(checkpointed), {len(not_started)} not started, {len(failed)} failed. Re-run the same command to "
             f"continue.",
             flush=True,
@@ -346,6 +457,44 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STATUS.get(jobs.stop_signal, 128 + jobs.stop_signal)
     print(f"grid {preset['name']} finished in {seconds:.1f} s; {len(failed)} failed")
     return 1 if failed else 0
+
+
+def run_jobs(jobs: Jobs, todo: list[PlannedRun], parallel: int, threads: int, log_dir: Path) -> dict[str, list]:
+    """Run `todo` with `parallel` at a time; lists of the failed, interrupted and never started."""
+    outcome: dict[str, list] = {"failed": [], "interrupted": [], "not_started": []}
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        results = pool.map(lambda r: jobs.execute(r, threads, log_dir), todo)
+        for done, (run, code, seconds) in enumerate(results, 1):
+            if code is None:
+                outcome["not_started"].append(run)
+                continue
+            log_file = log_dir / (run.run_dir.name + ".log")
+            if code in EXIT_STATUS.values():
+                outcome["interrupted"].append(run)
+                mark = f"interrupted (exit {code}; checkpointed, see {log_file})"
+            else:
+                mark = "ok" if code == 0 else f"FAILED (exit {code}, see {log_file})"
+            print(
+                f"[{done}/{len(todo)}] {run.task:7s} {run.variant:12s} seed {run.seed}: {mark} ({seconds:.1f} s)",
+                flush=True,
+            )
+            if code not in (0, *EXIT_STATUS.values()):
+                outcome["failed"].append(run)
+    return outcome
+
+
+def write_transfer_manifest(out_dir: Path, preset: dict, stage: list[PlannedRun], manifest: list[dict]) -> None:
+    """transfer.json (which runs belong together, for scripts/report.py) and the variant names of the
+    stage's runs in variants.json (config hash -> the preset's variant name)."""
+    (out_dir / "transfer.json").write_text(
+        json.dumps({"settings": preset["transfer"], "runs": manifest}, indent=2) + "\n"
+    )
+    names_file = out_dir / "variants.json"
+    names = json.loads(names_file.read_text()) if names_file.is_file() else {}
+    for run in stage:
+        if run.done_file is None:
+            names[run.run_dir.name.rsplit("-", 1)[1]] = run.variant
+    names_file.write_text(json.dumps(names, indent=2) + "\n")
 
 
 if __name__ == "__main__":

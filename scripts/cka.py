@@ -1,5 +1,6 @@
 """Linear centred kernel alignment (CKA; Kornblith et al. 2019, "Similarity of Neural Network
-Representations Revisited", eq. for linear kernels) between two activation matrices.
+Representations Revisited", eq. for linear kernels) between two activation matrices, and a CLI that
+compares the blocks of one model (KoRA's figure) or of two models.
 
     CKA(X, Y) = ‖Yᶜᵀ Xᶜ‖²_F / (‖Xᶜᵀ Xᶜ‖_F · ‖Yᶜᵀ Yᶜ‖_F)        Xᶜ, Yᶜ: columns centred over the n rows
 
@@ -7,12 +8,31 @@ It equals HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L)) with linear kernels K = X 
 for identical inputs, symmetric, and invariant to orthogonal transforms and isotropic scaling of
 either input, but not to a general invertible linear map (that is the point of the measure).
 
-(The CLI that collects per-block hidden states from run folders, issue 14, is not written yet.)
+    python scripts/cka.py RUN_A [RUN_B] --task sst --layers 0 6 11 --n 512 --out DIR
+
+RUN_A / RUN_B: a training run folder (its best checkpoint: base model, variants, trained weights), a
+local Hugging Face GPT-2 folder or a hub id (e.g. a run against its base model). The first `--n` dev
+examples of `--task` go through each model; the residual stream after each listed block (the
+block's output) is read at the last real token and mean-pooled over the real tokens. `cka.json`
+holds, per pooling, the block x block CKA matrix within each model and, with two models, the
+matrix between them (A's block i vs B's block j), plus `summary`: the mean CKA over the pairs of
+distinct listed blocks within each model (KoRA reports this for blocks 0, 6 and 11) and the mean of
+the between-model diagonal. `cka.png` draws every matrix as a heatmap.
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
+import time
+from pathlib import Path
+
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+POOLINGS = ("last_token", "mean")
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -30,3 +50,213 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     if norm_x == 0 or norm_y == 0:
         raise ValueError("linear_cka is undefined for a constant input (all rows equal)")
     return (cross / (norm_x * norm_y)).item()
+
+
+def centred_gram(x: torch.Tensor) -> torch.Tensor:
+    """Xᶜ Xᶜᵀ (n, n) in float64, scaled to unit Frobenius norm."""
+    x = x.double() - x.double().mean(dim=0, keepdim=True)
+    gram = x @ x.T
+    norm = torch.linalg.matrix_norm(gram)
+    if norm == 0:
+        raise ValueError("linear CKA is undefined for a constant input (all rows equal)")
+    return gram / norm
+
+
+def cka_matrix(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[list[float]]:
+    """[[linear_cka(a_i, b_j)]] over two lists of (n, d) activation matrices, through the identity
+    ‖Yᶜᵀ Xᶜ‖²_F = ⟨Xᶜ Xᶜᵀ, Yᶜ Yᶜᵀ⟩_F: one centred Gram matrix per input instead of one d x d product
+    per pair (12 gpt2 blocks: 24 Grams instead of 288 products)."""
+    grams_a = [centred_gram(x) for x in a]
+    grams_b = grams_a if b is a else [centred_gram(y) for y in b]
+    return [[(ga * gb).sum().item() for gb in grams_b] for ga in grams_a]
+
+
+def cross_block_mean(matrix: list[list[float]]) -> float | None:
+    """Mean CKA over the pairs of distinct blocks (the upper triangle); None with one block."""
+    pairs = [matrix[i][j] for i in range(len(matrix)) for j in range(i + 1, len(matrix))]
+    return sum(pairs) / len(pairs) if pairs else None
+
+
+@torch.no_grad()
+def block_states(model, task, layers: list[int], batch_size: int, device: str) -> dict[str, list[torch.Tensor]]:
+    """Per pooling, one (n, C) float32 matrix per listed block: the block's output (the residual stream
+    after it) at each dev example's last real token, and averaged over its real tokens."""
+    from datasets.batching import collate, encode, make_batches
+    from model.heads import last_token_state
+
+    examples = task.dev
+    encoded = encode(task.tokenizer, [task.to_text(e) for e in examples], task.max_length, task.truncation_side)
+    outputs: dict[int, torch.Tensor] = {}
+    hooks = [
+        model.transformer.h[layer].register_forward_hook(
+            lambda module, inputs, output, layer=layer: outputs.__setitem__(
+                layer, output[0] if isinstance(output, tuple) else output
+            )
+        )
+        for layer in layers
+    ]
+    rows: dict[str, dict[int, list]] = {p: {layer: [None] * len(examples) for layer in layers} for p in POOLINGS}
+    model.eval()
+    try:
+        for batch in make_batches([len(ids) for ids in encoded.ids], batch_size, bucket=True):
+            ids, mask = collate([encoded.ids[i] for i in batch], side="right")
+            ids, mask = ids.to(device), mask.to(device)
+            model(ids, attention_mask=mask, return_logits=False)
+            weights = mask.unsqueeze(-1).float()
+            for layer in layers:
+                hidden = outputs[layer].float()
+                pooled = {
+                    "last_token": last_token_state(hidden, mask),
+                    "mean": (hidden * weights).sum(1) / weights.sum(1),
+                }
+                for pooling, values in pooled.items():
+                    for index, row in zip(batch, values.cpu(), strict=True):
+                        rows[pooling][layer][index] = row
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {p: [torch.stack(rows[p][layer]) for layer in layers] for p in POOLINGS}
+
+
+def compare(states_a: dict, states_b: dict | None) -> tuple[dict, dict]:
+    """(matrices per pooling, summary per pooling)."""
+    matrices, summary = {}, {}
+    for pooling in POOLINGS:
+        entry = {"within_a": cka_matrix(states_a[pooling], states_a[pooling])}  # the same list: Grams once
+        info = {"a_cross_block_mean": cross_block_mean(entry["within_a"])}
+        if states_b is not None:
+            entry["within_b"] = cka_matrix(states_b[pooling], states_b[pooling])
+            entry["between"] = cka_matrix(states_a[pooling], states_b[pooling])
+            size = min(len(entry["between"]), len(entry["between"][0]))
+            info["b_cross_block_mean"] = cross_block_mean(entry["within_b"])
+            info["between_diagonal_mean"] = sum(entry["between"][i][i] for i in range(size)) / size
+        matrices[pooling], summary[pooling] = entry, info
+    return matrices, summary
+
+
+def heatmaps(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(result["cka"][POOLINGS[0]])
+    fig, axes = plt.subplots(
+        len(POOLINGS), len(panels), figsize=(3.6 * len(panels), 3.3 * len(POOLINGS)), squeeze=False
+    )
+    names = {"within_a": "A", "within_b": "B"}
+    for row, pooling in enumerate(POOLINGS):
+        for col, panel in enumerate(panels):
+            ax, matrix = axes[row][col], result["cka"][pooling][panel]
+            rows_from = result["layers_b"] if panel == "within_b" else result["layers_a"]
+            cols_from = result["layers_a"] if panel == "within_a" else result["layers_b"]
+            image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+            ax.set_xticks(range(len(cols_from)), cols_from)
+            ax.set_yticks(range(len(rows_from)), rows_from)
+            if len(matrix) * len(matrix[0]) <= 64:  # numbers only where they stay readable
+                for i, line in enumerate(matrix):
+                    for j, value in enumerate(line):
+                        color = "black" if value > 0.6 else "white"  # readable on viridis' yellow and its purple
+                        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
+            title = f"block x block, {names[panel]}" if panel in names else "A's block (rows) vs B's block"
+            ax.set_title(f"{title}\n({pooling.replace('_', ' ')})", fontsize=9)
+            fig.colorbar(image, ax=ax, fraction=0.046)
+    legend = "; ".join(f"{k.upper()}: {Path(v).name or v}" for k, v in result["models"].items())
+    fig.suptitle(f"linear CKA on {result['n']} {result['task']} dev examples ({legend})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_layers(parser: argparse.ArgumentParser, words: list[str] | None, n_layer: int, which: str) -> list[int]:
+    if not words:
+        return sorted({0, n_layer // 2, n_layer - 1})  # first, middle, last: 0 6 11 on gpt2
+    if words == ["all"]:
+        return list(range(n_layer))
+    try:
+        layers = [int(w) for w in words]
+    except ValueError:
+        parser.error(f"--layers takes block indices or 'all', got {words}")
+    bad = [layer for layer in layers if not 0 <= layer < n_layer]
+    if bad or len(set(layers)) != len(layers):
+        parser.error(f"--layers {words}: {which} has blocks 0..{n_layer - 1}, each listed once")
+    return layers
+
+
+def main(argv: list[str] | None = None) -> int:
+    from model import CheckpointError, load_tokenizer
+    from train.cli import ArgumentParser, check_device, check_inputs
+    from train.evaluate import load_model
+    from train.tasks import TASKS, get_task
+
+    classification = [name for name, task in TASKS.items() if getattr(task, "num_labels", None) is not None]
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", metavar="RUN", help="one or two run folders / HF folders / hub ids")
+    parser.add_argument("--task", choices=classification, default="sst", help="whose dev texts (default: sst)")
+    parser.add_argument("--layers", nargs="+", default=None, help="block indices or 'all' (default: first middle last)")
+    parser.add_argument("--n", type=int, default=512, help="dev examples, the first N (default: %(default)s)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for cka.json and cka.png")
+    parser.add_argument("--batch_size", type=int, default=32, help="(default: %(default)s)")
+    parser.add_argument("--max_length", type=int, default=None, help="token cap (default: the task's)")
+    parser.add_argument("--data_dir", default=None, help="task data (default: $GPT2_DATA_DIR or data/cs224n)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: $GPT2_TOKENIZER or the hub)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    for task in TASKS.values():
+        task.add_flags(parser)
+    args = parser.parse_args(argv)
+    if len(args.models) > 2:
+        parser.error(f"give one model (block x block) or two (and between them), not {len(args.models)}")
+    if args.n < 2 or args.batch_size < 1:
+        parser.error("--n must be >= 2 and --batch_size >= 1")
+    try:
+        check_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    task_class = get_task(args.task)
+    args.data_dir = check_inputs(parser, args, [task_class])
+    args.dev_limit, args.test_limit, args.train_limit, args.seed, args.eval_batch_size = args.n, 1, None, 0, 32
+    start = time.perf_counter()
+    try:
+        models = [load_model(spec)[0] for spec in args.models]
+    except (CheckpointError, FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+    pairs = zip(models, args.models, strict=True)
+    layers = [parse_layers(parser, args.layers, model.config.n_layer, spec) for model, spec in pairs]
+    tokenizer = load_tokenizer(args.tokenizer)
+    task = task_class(tokenizer, args.data_dir, args, min(m.config.n_positions for m in models))
+    if len(task.dev) < args.n:
+        print(f"warning: {args.task} dev has {len(task.dev)} examples; using all of them", file=sys.stderr)
+    states = []
+    for model, model_layers in zip(models, layers, strict=True):
+        states.append(block_states(model.to(args.device), task, model_layers, args.batch_size, args.device))
+        model.cpu()
+    collected = time.perf_counter()
+    matrices, summary = compare(states[0], states[1] if len(states) > 1 else None)
+    finished = time.perf_counter()
+    result = {
+        "models": {"a": args.models[0], **({"b": args.models[1]} if len(args.models) > 1 else {})},
+        "task": args.task,
+        "n": len(task.dev),
+        "layers_a": layers[0],
+        "layers_b": layers[-1],
+        "summary": summary,
+        "cka": matrices,
+        "seconds": {
+            "load_and_collect": round(collected - start, 2),
+            "cka": round(finished - collected, 2),
+            "total": round(finished - start, 2),
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    from model.files import atomic_write_json
+
+    atomic_write_json(args.out / "cka.json", result)
+    heatmaps(result, args.out / "cka.png")
+    for pooling, info in summary.items():
+        print(f"{pooling}: " + ", ".join(f"{k} {v:.4f}" for k, v in info.items() if v is not None))
+    print(f"{result['seconds']['total']:.1f} s; wrote {args.out / 'cka.json'} and {args.out / 'cka.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

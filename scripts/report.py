@@ -7,6 +7,15 @@ then trainable parameters, mean training time and peak memory. A variant's cell 
 the 95% Welch t-interval of (variant - baseline) over seeds excludes 0 on that task, i.e. the gap
 is larger than run-to-run noise; with fewer than 2 seeds on either side nothing is marked.
 Plots: metric vs trainable parameters per task, training-loss curves per variant, time and memory.
+
+A transfer grid (a preset with [transfer], see scripts/presets/transfer.toml) adds a section per
+direction (e.g. sst -> cfimdb): per variant, the source run's dev metric, the zero-shot transfer (the
+source head through the label map, before any target training), the few-shot transfer (after
+training on the target fraction), the same run from scratch on that fraction, the gap transfer -
+scratch (does the source help?) and the source model's cross-block CKA (mean linear CKA between
+distinct listed blocks, last-token states; KoRA's representation claim). Marks as above against the
+baseline variant; the gap's mark compares transfer with scratch of the same variant. The
+majority-class accuracy of the target's dev set is printed beside each table.
 """
 
 from __future__ import annotations
@@ -232,6 +241,151 @@ def plot_cost(variants, extra, path: Path) -> None:
     plt.close(fig)
 
 
+TRANSFER_COLUMNS = {
+    "source": "source",
+    "zero_shot": "zero-shot",
+    "transfer": "few-shot transfer",
+    "scratch": "from scratch",
+    "gap": "transfer − scratch",
+    "cka": "cross-block CKA",
+}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def transfer_results(manifest: dict) -> tuple[list[dict], int]:
+    """One row per (source run, target) with the numbers the transfer table shows (None where a file
+    is missing), and how many rows miss a finished run."""
+    results, incomplete = [], 0
+    for item in manifest["runs"]:
+        source = _read_json(Path(item["source_run"]) / "metrics.json") or {}
+        moved = _read_json(Path(item["transfer_run"]) / "metrics.json")
+        scratch = _read_json(Path(item["scratch_run"]) / "metrics.json")
+        cka = _read_json(Path(item["cka"]))
+        if moved is None or scratch is None or not source:
+            incomplete += 1
+        metric = TASKS[item["target"]].metric
+        zero = (moved or {}).get("zero_shot", {})
+        row = {
+            "direction": f"{item['source_task']} → {item['target']}",
+            "variant": item["variant"],
+            "seed": item["seed"],
+            "source_metric": f"{item['source_task']} {TASKS[item['source_task']].metric}",
+            "target_metric": metric,
+            "source": source.get(TASKS[item["source_task"]].metric),
+            "zero_shot": zero.get(metric) if zero.get("available") else None,
+            "zero_shot_note": None if zero.get("available", True) else zero.get("reason"),
+            "transfer": (moved or {}).get(metric),
+            "scratch": (scratch or {}).get(metric),
+            "majority": (moved or scratch or {}).get("dev_majority_acc"),
+            "cka": (cka or {}).get("summary", {}).get("last_token", {}).get("a_cross_block_mean"),
+        }
+        both = row["transfer"] is not None and row["scratch"] is not None
+        row["gap"] = row["transfer"] - row["scratch"] if both else None
+        results.append(row)
+    return results, incomplete
+
+
+def _cell(values: list[float], mark: str) -> str:
+    if not values:
+        return "–"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {sd:.4f} (n={len(values)}){mark}"
+
+
+def _mark(interval) -> str:
+    return "" if interval is None or interval[0] <= 0 <= interval[1] else (" ▲" if interval[0] > 0 else " ▼")
+
+
+def transfer_tables(results: list[dict], baseline: str) -> str:
+    lines = []
+    for direction in dict.fromkeys(r["direction"] for r in results):
+        rows = [r for r in results if r["direction"] == direction]
+        variants = list(dict.fromkeys(r["variant"] for r in rows))
+        if baseline in variants:
+            variants.remove(baseline)
+            variants.insert(0, baseline)
+        values = {
+            (v, c): [r[c] for r in rows if r["variant"] == v and r[c] is not None]
+            for v in variants
+            for c in TRANSFER_COLUMNS
+        }
+        header = [
+            "variant",
+            *[
+                f"{name} ({rows[0]['source_metric'] if key == 'source' else rows[0]['target_metric']})"
+                if key not in ("cka",)
+                else name
+                for key, name in TRANSFER_COLUMNS.items()
+            ],
+        ]
+        lines += [f"### {direction}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for variant in variants:
+            cells = [variant]
+            for column in TRANSFER_COLUMNS:
+                mine = values[(variant, column)]
+                if column == "gap":
+                    interval = welch_interval(values[(variant, "transfer")], values[(variant, "scratch")])
+                elif variant != baseline:
+                    interval = welch_interval(mine, values.get((baseline, column), []))
+                else:
+                    interval = None
+                cells.append(_cell(mine, _mark(interval)))
+            lines.append("| " + " | ".join(cells) + " |")
+        majority = [r["majority"] for r in rows if r["majority"] is not None]
+        notes = {r["zero_shot_note"] for r in rows if r["zero_shot_note"]}
+        lines.append("")
+        if majority:
+            lines.append(
+                f"Majority-class accuracy of the target's dev set (always answering its most frequent label): "
+                f"{max(majority):.4f}."
+            )
+        for note in sorted(notes):
+            lines.append(f"No zero-shot number: {note}.")
+        lines.append("")
+    lines.append(
+        "Mean ± sample sd over seeds. ▲/▼ in a column: the 95% Welch t-interval of the difference to "
+        f"`{baseline}` in that column excludes 0. In `transfer − scratch`: the interval of few-shot transfer "
+        "minus from-scratch training of the same variant excludes 0, i.e. the source run helped (▲) or hurt (▼) "
+        "beyond run-to-run noise. Cross-block CKA: mean linear CKA between distinct listed blocks of the source "
+        "model, last-token states on its own task's dev texts (KoRA reports it for blocks 0, 6, 11)."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def plot_transfer(results: list[dict], baseline: str, path: Path) -> None:
+    directions = list(dict.fromkeys(r["direction"] for r in results))
+    fig, axes = plt.subplots(1, len(directions), figsize=(6.5 * len(directions), 4.2), squeeze=False)
+    kinds = [("zero_shot", "zero-shot"), ("transfer", "few-shot transfer"), ("scratch", "from scratch")]
+    for ax, direction in zip(axes[0], directions, strict=True):
+        rows = [r for r in results if r["direction"] == direction]
+        variants = list(dict.fromkeys(r["variant"] for r in rows))
+        width = 0.8 / len(kinds)
+        for k, (key, name) in enumerate(kinds):
+            means, sds = [], []
+            for variant in variants:
+                vals = [r[key] for r in rows if r["variant"] == variant and r[key] is not None]
+                means.append(statistics.mean(vals) if vals else math.nan)
+                sds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+            positions = [i + (k - 1) * width for i in range(len(variants))]
+            ax.bar(positions, means, width, yerr=sds, capsize=2, label=name)
+        majority = [r["majority"] for r in rows if r["majority"] is not None]
+        if majority:
+            ax.axhline(max(majority), color="grey", linestyle="--", linewidth=1, label="majority class")
+        ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
+        ax.set_ylabel(rows[0]["target_metric"])
+        ax.set_title(f"{direction} (mean ± sd over seeds)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("grid", type=Path, help="grid folder holding runs.tsv")
@@ -239,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", default=None, help="variant to compare against (default: the base model)")
     args = parser.parse_args(argv)
     rows = read_runs(args.grid / "runs.tsv")
+    manifest = _read_json(args.grid / "transfer.json")
+    if manifest is not None:  # the main table is the source runs; the transfer stage has its own section
+        stage = {item[key] for item in manifest["runs"] for key in ("transfer_run", "scratch_run")}
+        rows = [row for row in rows if row["run_dir"] not in stage]
     label_variants(rows, args.grid)
     baseline = args.baseline or ("base" if any(r["variant"] == "base" for r in rows) else rows[0]["variant"])
     metrics = {r["task"]: r["metric"] for r in rows}
@@ -256,10 +414,24 @@ def main(argv: list[str] | None = None) -> int:
         )
     elif grid_info:
         caveat = f"> Model: `{grid_info['model'].get('model', 'gpt2')}` (preset `{grid_info['preset']}`).\n\n"
+    transfer_text = ""
+    if manifest is not None:
+        results, incomplete = transfer_results(manifest)
+        settings = manifest["settings"]
+        transfer_text = (
+            f"\n## Transfer\n\nEach source run continued on the other task's training set, a stratified "
+            f"{settings.get('target_fraction', 0.01)} of it for {settings.get('epochs', 1)} epoch(s), scored on "
+            f"its dev set; from scratch = the same run from the base checkpoint with fresh variants.\n\n"
+            + (f"> {incomplete} source/target pair(s) miss a finished run and are left out.\n\n" if incomplete else "")
+            + transfer_tables(results, baseline)
+            + "\n![transfer](transfer.png)\n"
+        )
+        plot_transfer(results, baseline, out / "transfer.png")
+        print(transfer_text)
     (out / "report.md").write_text(
         f"# Report: {args.grid.name}\n\n{caveat}{table}\n"
         "![metric vs trainable parameters](metric_vs_params.png)\n\n"
-        "![training curves](training_curves.png)\n\n![time and memory](cost.png)\n"
+        "![training curves](training_curves.png)\n\n![time and memory](cost.png)\n" + transfer_text
     )
     plot_metric_vs_params(tasks, variants, values, extra, metrics, out / "metric_vs_params.png")
     plot_curves(rows, tasks, variants, out / "training_curves.png")

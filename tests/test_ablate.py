@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -196,3 +197,61 @@ def test_gpus_run_one_job_per_gpu_and_queue_the_rest(tmp_path, tokenizer_dir, mo
     with pytest.raises(SystemExit):
         ablate.main([str(preset), "--out_dir", str(tmp_path / "grid"), "--gpus", "0,4"])
     assert "this machine has 4 CUDA device(s)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_transfer_grid_runs_its_second_stage_and_reports_it(tmp_path, tokenizer_dir, capsys):
+    """A [transfer] preset: the source run, then its transfer run, from-scratch control and CKA; the
+    report's transfer table shows their numbers; re-running does nothing."""
+    from scripts import ablate, report
+    from tests.conftest import DATA_DIR
+
+    preset = write_grid_preset(
+        tmp_path / "transfer.toml",
+        tokenizer_dir,
+        "transfer-test",
+        train_limit=32,
+        dev_limit=8,
+        test_limit=2,
+        epochs=1,
+        batch_size=8,
+    )
+    text = preset.read_text().replace("seeds = [1, 2]", "seeds = [1]").replace("base = []", 'lora = ["--use_lora"]')
+    text += (
+        '[transfer]\npairs = [["sst", "cfimdb"]]\ntarget_fraction = 0.01\nepochs = 1\n'
+        'flags = ["--dev_limit", "16", "--test_limit", "2"]\n[cka]\nn = 16\n'
+    )
+    preset.write_text(text)
+    grid = tmp_path / "grid"
+    inputs = ["--data_dir", str(DATA_DIR), "--tokenizer", str(tokenizer_dir), "--threads", "1"]
+    assert ablate.main([str(preset), "--out_dir", str(grid), *inputs]) == 0
+    manifest = json.loads((grid / "transfer.json").read_text())
+    (item,) = manifest["runs"]
+    moved = json.loads((Path(item["transfer_run"]) / "metrics.json").read_text())
+    scratch = json.loads((Path(item["scratch_run"]) / "metrics.json").read_text())
+    cka = json.loads(Path(item["cka"]).read_text())
+    assert moved["source"]["run_dir"] == item["source_run"] and "transfer" in moved and "zero_shot" in moved
+    assert "transfer" not in scratch and scratch["dev_majority_acc"] == moved["transfer"]["dev_majority_acc"]
+
+    capsys.readouterr()
+    assert ablate.main([str(preset), "--out_dir", str(grid), *inputs]) == 0
+    printed = capsys.readouterr().out
+    assert "1 runs, 1 already done, 0 to run" in printed and "3 jobs" in printed and "0 to run" in printed
+
+    assert report.main([str(grid)]) == 0
+    table = (grid / "report" / "report.md").read_text()
+    main_rows = [line for line in table.split("## Transfer")[0].splitlines() if line.startswith("| lora")]
+    assert len(main_rows) == 1 and "(n=1)" in main_rows[0]  # the transfer stage's runs stay out of it
+    (row,) = [line for line in table.split("### sst → cfimdb")[1].splitlines() if line.startswith("| lora")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    expected = [
+        json.loads((Path(item["source_run"]) / "metrics.json").read_text())["dev_acc"],
+        moved["zero_shot"]["dev_acc"],
+        moved["dev_acc"],
+        scratch["dev_acc"],
+        moved["dev_acc"] - scratch["dev_acc"],
+        cka["summary"]["last_token"]["a_cross_block_mean"],
+    ]
+    assert cells[1:] == [f"{value:.4f} ± 0.0000 (n=1)" for value in expected]
+    assert f"{moved['dev_majority_acc']:.4f}" in table.split("### sst → cfimdb")[1]
+    assert (grid / "report" / "transfer.png").stat().st_size > 10_000

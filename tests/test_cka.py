@@ -56,3 +56,61 @@ def test_bad_shapes_and_constant_inputs_are_refused():
         linear_cka(x, y[:-1])
     with pytest.raises(ValueError, match="constant"):
         linear_cka(torch.ones(8, 3), x[:8])
+
+
+def test_cka_matrix_equals_pairwise_linear_cka():
+    from scripts.cka import cka_matrix, cross_block_mean
+
+    gen = torch.Generator().manual_seed(2)
+    a = [torch.randn(40, 16, generator=gen) for _ in range(3)]
+    b = [a[0] @ torch.randn(16, 24, generator=gen), torch.randn(40, 8, generator=gen)]
+    matrix = cka_matrix(a, b)
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            assert matrix[i][j] == pytest.approx(linear_cka(x, y), abs=1e-12)
+    within = cka_matrix(a, a)
+    assert [within[i][i] for i in range(3)] == pytest.approx([1.0] * 3, abs=1e-12)
+    assert cross_block_mean(within) == pytest.approx((within[0][1] + within[0][2] + within[1][2]) / 3)
+
+
+@pytest.mark.slow
+def test_cli_within_and_between_models_on_a_run_and_its_base(tmp_path, tiny_ckpt, tokenizer_dir):
+    import json
+
+    from scripts import cka
+    from tests.conftest import DATA_DIR, run_paths
+    from train import entry
+
+    runs = tmp_path / "runs"
+    flags = [
+        "--task",
+        "sst",
+        *run_paths(tiny_ckpt[0], tokenizer_dir, runs),
+        "--use_lora",
+        "--train_limit",
+        "32",
+        "--lr",
+        "0.05",
+    ]
+    assert entry.main([*flags, "--dev_limit", "8", "--test_limit", "2", "--epochs", "1", "--wandb", "disabled"]) == 0
+    (run,) = [p for p in runs.iterdir() if p.is_dir()]
+    inputs = ["--tokenizer", str(tokenizer_dir), "--data_dir", str(DATA_DIR), "--device", "cpu"]
+    out = tmp_path / "cka"
+    assert cka.main([str(run), str(tiny_ckpt[0]), "--task", "sst", "--n", "24", "--out", str(out), *inputs]) == 0
+    result = json.loads((out / "cka.json").read_text())
+    assert result["n"] == 24 and result["layers_a"] == [0, 1] == result["layers_b"]
+    for pooling in ("last_token", "mean"):
+        matrices = result["cka"][pooling]
+        assert set(matrices) == {"within_a", "within_b", "between"}
+        assert [matrices["within_a"][i][i] for i in range(2)] == pytest.approx([1.0, 1.0], abs=1e-9)
+        assert result["summary"][pooling]["a_cross_block_mean"] == pytest.approx(matrices["within_a"][0][1])
+        # 4 LoRA steps at lr 0.05 move the run's blocks away from the base's (identical models give 1)
+        assert 0.0 < result["summary"][pooling]["between_diagonal_mean"] < 1.0 - 1e-6
+    assert (out / "cka.png").stat().st_size > 10_000
+    # One model against itself: the between matrix is the within matrix.
+    same = tmp_path / "same"
+    assert cka.main([str(run), str(run), "--layers", "0", "1", "--n", "24", "--out", str(same), *inputs]) == 0
+    again = json.loads((same / "cka.json").read_text())["cka"]["mean"]
+    assert torch.allclose(torch.tensor(again["between"]), torch.tensor(again["within_a"]), atol=1e-9, rtol=0)
+    with pytest.raises(SystemExit):
+        cka.main([str(run), "--layers", "2", "--out", str(same), *inputs])

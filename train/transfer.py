@@ -61,7 +61,8 @@ LABEL_MAPS: dict[tuple[str, str], list[list[float]]] = {
 NO_MAP_REASONS = {
     ("cfimdb", "sst"): "CFIMDB's two labels say nothing about SST-5's neutral class or sentiment strength",
 }
-# Training flags a transfer run takes from its source unless given (how to optimise, not what data).
+# Flags a transfer run takes from its source unless given (how to optimise and where things are; not
+# which examples: limits and fractions are the target's own).
 INHERITED = (
     "model",
     "lr",
@@ -75,6 +76,8 @@ INHERITED = (
     "precision",
     "max_length",
     "no_bucket",
+    "tokenizer",  # the source model's tokenizer, and its data folder, unless given
+    "data_dir",
 )
 TARGETS = [name for name, task in TASKS.items() if getattr(task, "num_labels", None) is not None]
 
@@ -83,7 +86,9 @@ def map_to_target(source_logits: torch.Tensor, matrix: list[list[float]]) -> tor
     """(n, target labels) probabilities: the source head's softmax pushed through the label map."""
     weights = torch.tensor(matrix, dtype=torch.float32)
     if source_logits.shape[-1] != weights.shape[0]:
-        raise ValueError(f"the source head has {source_logits.shape[-1]} outputs, the label map {weights.shape[0]} rows")
+        raise ValueError(
+            f"the source head has {source_logits.shape[-1]} outputs, the label map {weights.shape[0]} rows"
+        )
     return source_logits.float().softmax(-1) @ weights
 
 

@@ -89,7 +89,11 @@ class ClassificationTask(Task):
         counts = Counter(e.label for e in examples)
         missing = [label for label in range(self.num_labels) if label not in counts]
         if missing:
-            used = "training split" if self.args.train_limit is None else f"first {self.args.train_limit} training examples"
+            used = (
+                "training split"
+                if self.args.train_limit is None
+                else f"first {self.args.train_limit} training examples"
+            )
             raise DataError(
                 f"{self.name}: the {used} have no example of label(s) {missing}; a subset for --train_fraction "
                 f"must contain every label"
@@ -161,7 +165,9 @@ class ClassificationTask(Task):
             run.logits = torch.stack(logits) if examples else torch.empty(0)
         return run
 
-    def dev_logits(self, model: nn.Module, head: nn.Module, device: str, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    def dev_logits(
+        self, model: nn.Module, head: nn.Module, device: str, shard: tuple[int, int] = (0, 1)
+    ) -> torch.Tensor:
         """(n_dev, head outputs) float32 logits of `head` on this task's dev examples (every rank scores
         its share; gathered). Transfer scores another task's trained head on this task's texts with it."""
         batch_size = getattr(self.args, "eval_batch_size", 32)
