@@ -15,6 +15,11 @@ Before any run starts, every run's flags are validated and the task data and tok
 the cache folder when no --data_dir was given). SIGINT / SIGTERM are forwarded to the running
 jobs, which save a checkpoint and stop; the script then says what is done and left and exits
 130 / 143. `--dry_run` lists the runs and writes nothing.
+
+Beyond this machine (scripts/launchers.py): `--launcher slurm` submits the pending runs as one SLURM
+job array through submitit (preemption-safe: checkpoint, requeue, --resume); `--wandb_sweep OUT.yaml`
+writes a wandb grid sweep whose agents run one point each through `--task T --variant V --seed S`.
+A preset with a [transfer] table adds a second stage once its runs are done (train/transfer.py).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +46,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from datasets.common import DataError, ensure_data  # noqa: E402
+from scripts import launchers  # noqa: E402
 from train import entry  # noqa: E402
 from train.lifecycle import EXIT_STATUS, folder_state  # noqa: E402
 from train.tasks import TASKS  # noqa: E402
@@ -345,6 +352,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry_run", action="store_true", help="list the runs and their status only; writes nothing")
     parser.add_argument("--data_dir", default=None, help="task data of every run (default: $GPT2_DATA_DIR or cache)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder of every run (default: $GPT2_TOKENIZER)")
+    cluster = parser.add_argument_group("beyond this machine (scripts/launchers.py)")
+    cluster.add_argument(
+        "--launcher",
+        choices=launchers.LAUNCHERS,
+        default="local",
+        help="local: run here; slurm: submit the pending runs as one SLURM job array through submitit; "
+        "submitit_local: the slurm path with submitit's local executor (default: %(default)s)",
+    )
+    for name in launchers.SlurmSettings.names():
+        default = getattr(launchers.SlurmSettings(), name)
+        kind = {"extra": None, "mem": str, "partition": str, "account": str, "qos": str}.get(name, int)
+        extra = {"nargs": "*", "metavar": "KEY=VALUE"} if name == "extra" else {"type": kind}
+        cluster.add_argument(
+            f"--slurm_{name}", default=None, help=f"(default: the preset's [slurm] {name}, else {default})", **extra
+        )
+    cluster.add_argument("--wait", action="store_true", help="slurm: wait for the submitted jobs and report them")
+    cluster.add_argument(
+        "--wandb_sweep", type=Path, default=None, metavar="OUT.yaml", help="write a wandb sweep of the grid and stop"
+    )
+    point = parser.add_argument_group("one point of the grid (what a wandb sweep agent runs)")
+    point.add_argument("--task", default=None)
+    point.add_argument("--variant", default=None)
+    point.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
@@ -358,6 +388,22 @@ def main(argv: list[str] | None = None) -> int:
     inputs = [
         word for name in ("data_dir", "tokenizer") if (value := getattr(args, name)) for word in (f"--{name}", value)
     ]
+    settings = None
+    if args.launcher != "local" or args.dry_run:
+        try:
+            overrides = {name: getattr(args, f"slurm_{name}") for name in launchers.SlurmSettings.names()}
+            settings = launchers.slurm_settings(preset, overrides)
+        except (TypeError, ValueError) as error:
+            parser.error(str(error))
+    if args.launcher == "slurm" and not args.dry_run and shutil.which("sbatch") is None:
+        parser.error("--launcher slurm needs SLURM's sbatch on this machine (run it on the cluster's login node)")
+    if args.wandb_sweep is not None:
+        return write_sweep(preset, args, out_dir, inputs)
+    selection = [args.task, args.variant, args.seed]
+    if any(value is not None for value in selection):
+        if None in selection:
+            parser.error("one grid point needs all of --task, --variant and --seed")
+        return run_point(preset, out_dir, inputs, args.task, args.variant, args.seed)
     if not args.dry_run:
         out_dir.mkdir(parents=True, exist_ok=True)
     runs = plan(preset, out_dir, inputs, args.dry_run)
@@ -387,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"transfer stage: {len(stage)} jobs")
                 for run in stage:
                     print(f"  {status(run):6s} {run.task:16s} {(run.done_file or run.run_dir).relative_to(out_dir)}")
+        if args.launcher != "local" and todo:
+            print(f"sbatch file of the array (--launcher {args.launcher} submits it through submitit):")
+            print(launchers.sbatch_script(settings, out_dir / "slurm", preset["name"], len(todo)))
         return 0
     # Every run's data and tokenizer, once, before any run starts (fetching missing data when allowed).
     for task in dict.fromkeys(r.task for r in runs):
@@ -414,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         + "\n"
     )
+    if args.launcher != "local":
+        return launch_cluster(args, preset, runs, todo, out_dir, inputs, settings)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     log_dir = out_dir / "logs"
     log_dir.mkdir(exist_ok=True)
@@ -449,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         finished = len(todo) - len(failed) - len(interrupted) - len(not_started)
         print(
             f"grid {preset['name']} interrupted by {signal.Signals(jobs.stop_signal).name} after {seconds:.1f} s: "
-            f"{done_before + finished} of {total} jobs done, {len(interrupted)} interrupted "
+            f"{done_before + finished} of {total} runs done, {len(interrupted)} interrupted "
             f"(checkpointed), {len(not_started)} not started, {len(failed)} failed. Re-run the same command to "
             f"continue.",
             flush=True,
@@ -457,6 +508,88 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STATUS.get(jobs.stop_signal, 128 + jobs.stop_signal)
     print(f"grid {preset['name']} finished in {seconds:.1f} s; {len(failed)} failed")
     return 1 if failed else 0
+
+
+def launch_cluster(args, preset, runs, todo, out_dir: Path, inputs, settings) -> int:
+    """--launcher slurm / submitit_local: submit the pending runs as one array; with --wait, wait for
+    them (and then submit a transfer preset's second stage the same way)."""
+    threads = args.threads or settings.cpus_per_run
+    stages = [("runs", todo)]
+    failed = 0
+    while stages:
+        label, pending = stages.pop(0)
+        start = time.perf_counter()
+        submitted, queued = launchers.submit(args.launcher, pending, out_dir, settings, preset["name"], threads)
+        seconds = time.perf_counter() - start
+        for run, job_id in queued:
+            print(f"  queued  {run.run_dir.name} (job {job_id}, still pending or running: not submitted again)")
+        if submitted:
+            ids = sorted({str(job.job_id).split("_")[0] for _, job in submitted})
+            print(
+                f"submitted {len(submitted)} {label} as job(s) {', '.join(ids)} in {seconds:.2f} s "
+                f"({seconds / len(submitted):.3f} s per run); logs in {out_dir / 'logs'}, job ids in "
+                f"{out_dir / 'slurm' / launchers.JOBS_FILE}",
+                flush=True,
+            )
+        if not args.wait:
+            if "transfer" in preset and label == "runs":
+                print("the transfer stage is submitted by a re-run of this command once every source run is done")
+            break
+        for run, job in submitted:
+            try:
+                job.result()
+                print(f"  ok      {run.run_dir.name}", flush=True)
+            except Exception as error:  # noqa: BLE001 - submitit re-raises the job's error: report, go on
+                failed += 1
+                print(f"  FAILED  {run.run_dir.name}: {str(error).strip().splitlines()[-1]}", flush=True)
+        if label == "runs" and "transfer" in preset and all(status(r) == "done" for r in runs):
+            stage, manifest = plan_transfer(preset, runs, inputs)
+            write_transfer_manifest(out_dir, preset, stage, manifest)
+            stages.append(("transfer-stage jobs", [r for r in stage if status(r) != "done"]))
+    if not args.wait and "transfer" in preset and not todo:  # every source run done: the second stage
+        stage, manifest = plan_transfer(preset, runs, inputs)
+        write_transfer_manifest(out_dir, preset, stage, manifest)
+        pending = [r for r in stage if status(r) != "done"]
+        submitted, _ = launchers.submit(args.launcher, pending, out_dir, settings, preset["name"], threads)
+        print(f"submitted {len(submitted)} transfer-stage jobs")
+    return 1 if failed else 0
+
+
+def write_sweep(preset: dict, args, out_dir: Path, inputs: list[str]) -> int:
+    """--wandb_sweep OUT.yaml: a grid sweep whose points are the grid's runs (validated first)."""
+    import yaml
+
+    plan(preset, out_dir, inputs, dry_run=True)  # every point's flags are valid before agents start
+    config = launchers.sweep_config(preset, args.preset, out_dir, inputs)
+    args.wandb_sweep.write_text(yaml.safe_dump(config, sort_keys=False))
+    points = len(preset["tasks"]) * len(preset["variants"]) * len(preset["seeds"])
+    print(
+        f"wrote {args.wandb_sweep}: a grid sweep over {points} runs into {out_dir}. Start it with\n"
+        f"  wandb sweep {args.wandb_sweep}\n  wandb agent <entity/project/sweep id>   (on any number of machines "
+        f"that share {out_dir})"
+    )
+    if "transfer" in preset:
+        print("the transfer stage is not in the sweep: run `ablate.py PRESET` once every source run is done")
+    return 0
+
+
+def run_point(preset: dict, out_dir: Path, inputs: list[str], task: str, variant: str, seed: int) -> int:
+    """Run one point of the grid in the foreground, exactly as the grid runs it (a wandb sweep agent's
+    command): the same flags and folder; a finished run does nothing, an interrupted one resumes."""
+    if task not in preset["tasks"] or variant not in preset["variants"] or seed not in preset["seeds"]:
+        raise SystemExit(
+            f"error: ({task}, {variant}, {seed}) is not a point of grid {preset['name']}: tasks {preset['tasks']}, "
+            f"variants {list(preset['variants'])}, seeds {preset['seeds']}"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    selected = {**preset, "tasks": [task], "variants": {variant: preset["variants"][variant]}, "seeds": [seed]}
+    (run,) = plan(selected, out_dir, inputs)
+    if status(run) == "done":
+        print(f"{run.run_dir} is already finished; nothing to do")
+        return 0
+    argv = [*run.argv, *(["--resume"] if status(run) == "resume" else [])]
+    os.chdir(REPO)
+    os.execv(sys.executable, [sys.executable, "-m", run.module, *argv])  # signals and output go to the run
 
 
 def run_jobs(jobs: Jobs, todo: list[PlannedRun], parallel: int, threads: int, log_dir: Path) -> dict[str, list]:

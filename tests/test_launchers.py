@@ -1,0 +1,166 @@
+"""Grids beyond one machine (scripts/launchers.py): the slurm code path through submitit's local
+executor, with a simulated preemption; the sbatch file's resources; the wandb sweep file."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from scripts import ablate, launchers
+from tests.conftest import DATA_DIR, PLUGINS, REPO, write_grid_preset
+from train import checkpoint as ckpt
+from train.lifecycle import folder_state
+
+INPUTS = ["--data_dir", str(DATA_DIR)]
+
+
+def tiny_preset(tmp_path, tokenizer_dir, **extra) -> Path:
+    limits = {"train_limit": 32, "dev_limit": 8, "test_limit": 2, "batch_size": 4, "epochs": 1, **extra}
+    return write_grid_preset(tmp_path / "grid.toml", tokenizer_dir, "launch-test", **limits)
+
+
+def wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+def logged_steps(run_dir: Path) -> int:
+    log = run_dir / "log.jsonl"
+    lines = log.read_text().splitlines() if log.is_file() else []
+    return sum(1 for line in lines if '"train/loss"' in line)
+
+
+def best_weights(run_dir: Path) -> dict:
+    return load_file(str(ckpt.checkpoint_folder(run_dir / "checkpoints", "best") / "trainable.safetensors"))
+
+
+@pytest.mark.slow
+def test_slurm_path_through_submitit_survives_a_preemption(tmp_path, tokenizer_dir, monkeypatch, capsys):
+    """Two runs submitted as one array (submitit's LocalExecutor in place of sbatch); SIGTERM to one job
+    mid-run: it checkpoints, requeues, continues with --resume and ends with the metrics and weights of
+    the same run done without interruption."""
+    preset = tiny_preset(tmp_path, tokenizer_dir)
+    grid = tmp_path / "grid"
+    # the jobs' training processes sleep 0.4 s per step (test plugin), so the signal lands mid-run
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("GPT2_TEST_STEP_SLEEP", "0.4")
+    command = [str(preset), "--out_dir", str(grid), "--launcher", "submitit_local", "--threads", "1", *INPUTS]
+    assert ablate.main(command) == 0
+    assert "submitted 2 runs" in capsys.readouterr().out
+    jobs = launchers.read_jobs(grid)
+    assert len(jobs) == 2 and all(record["launcher"] == "submitit_local" for record in jobs.values())
+    preempted, other = sorted(jobs)
+    run_dir = grid / preempted
+    wait_for(lambda: logged_steps(run_dir) >= 2, 120, "the first run's second step")
+    os.kill(int(jobs[preempted]["job_id"]), signal.SIGTERM)  # submitit's controller forwards it to the job
+    wait_for(lambda: all(folder_state(grid / name) == "finished" for name in jobs), 300, "both runs to finish")
+
+    record = json.loads((run_dir / "config.json").read_text())
+    assert "resumed_with" in record, "the preempted run did not resume from its checkpoint"
+    job_log = (grid / "logs" / f"{preempted}.log").read_text()
+    assert job_log.count("\n$ ") == 2 and "--resume" in job_log.split("\n$ ")[2]
+    assert "interrupted by SIGTERM" in job_log
+    assert "resumed_with" not in json.loads((grid / other / "config.json").read_text())
+
+    # The same run, uninterrupted, in another folder (same thread count: bit-for-bit on CPU).
+    (planned,) = [r for r in ablate.plan(ablate.load_preset(preset), grid, INPUTS) if r.run_dir.name == preempted]
+    argv = list(planned.argv)
+    argv[argv.index("--out_dir") + 1] = str(tmp_path / "reference")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPT2_TEST_STEP_SLEEP": ""}
+    subprocess.run([sys.executable, "-m", "train", *argv], cwd=REPO, env=env, check=True, capture_output=True)
+    reference = tmp_path / "reference" / preempted
+    resumed_metrics = json.loads((run_dir / "metrics.json").read_text())
+    reference_metrics = json.loads((reference / "metrics.json").read_text())
+    for key in ("dev_acc", "dev_f1", "selection_score", "best_step", "steps"):
+        assert resumed_metrics[key] == reference_metrics[key], key
+    resumed, uninterrupted = best_weights(run_dir), best_weights(reference)
+    assert resumed.keys() == uninterrupted.keys()
+    assert all((resumed[k] == uninterrupted[k]).all() for k in resumed)
+
+    # Re-running submits nothing: both runs are done.
+    assert ablate.main(command) == 0
+    out = capsys.readouterr().out
+    assert "2 runs, 2 already done, 0 to run" in out and "submitted" not in out
+
+
+def test_sbatch_file_has_the_asked_resources_from_flags_and_preset(tmp_path, tokenizer_dir, capsys):
+    preset = tiny_preset(tmp_path, tokenizer_dir)
+    preset.write_text(preset.read_text() + '[slurm]\npartition = "gpu"\nmem = "64G"\nqos = "normal"\n')
+    flags = ["--slurm_account", "proj42", "--slurm_gpus_per_run", "2", "--slurm_cpus_per_run", "12"]
+    flags += ["--slurm_time_min", "90", "--slurm_qos", "high", "--slurm_extra", "constraint=h100", "exclude=node7"]
+    assert ablate.main([str(preset), "--out_dir", str(tmp_path / "g"), "--dry_run", "--launcher", "slurm", *flags]) == 0
+    script = capsys.readouterr().out.split("sbatch file of the array")[1]
+    for line in [
+        "#SBATCH --partition=gpu",  # the preset's
+        "#SBATCH --mem=64G",
+        "#SBATCH --qos=high",  # the flag over the preset
+        "#SBATCH --account=proj42",
+        "#SBATCH --gpus-per-node=2",
+        "#SBATCH --cpus-per-task=12",
+        "#SBATCH --time=90",
+        "#SBATCH --constraint=h100",
+        "#SBATCH --exclude=node7",
+        "#SBATCH --array=0-1%2",  # the grid's 2 pending runs, one array (parallelism capped at its size)
+        f"#SBATCH --signal=USR2@{launchers.SIGNAL_DELAY_S}",  # the warning that checkpoints and requeues
+        "#SBATCH --ntasks-per-node=1",
+    ]:
+        assert line in script.splitlines(), line
+    assert not (tmp_path / "g").exists()  # a dry run writes nothing
+    preset.write_text(preset.read_text() + "gpus = 3\n")
+    with pytest.raises(SystemExit):
+        ablate.main([str(preset), "--dry_run", "--launcher", "slurm"])
+    assert "unknown field(s) ['gpus']" in capsys.readouterr().err
+
+
+def test_a_recorded_job_that_is_still_running_is_not_submitted_again(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert launchers.job_alive({"launcher": "submitit_local", "job_id": str(sleeper.pid)})
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not launchers.job_alive({"launcher": "submitit_local", "job_id": str(sleeper.pid)})
+    assert not launchers.job_alive(None)
+
+
+@pytest.mark.slow
+def test_wandb_sweep_enumerates_the_grid_and_its_command_makes_the_grids_run_folders(tmp_path, tokenizer_dir):
+    preset = tiny_preset(tmp_path, tokenizer_dir, max_steps=2)
+    preset.write_text(preset.read_text() + 'lora = ["--use_lora"]\n')
+    grid, sweep_file = tmp_path / "grid", tmp_path / "sweep.yaml"
+    assert ablate.main([str(preset), "--out_dir", str(grid), "--wandb_sweep", str(sweep_file), *INPUTS]) == 0
+    sweep = yaml.safe_load(sweep_file.read_text())
+    assert sweep["method"] == "grid" and sweep["name"] == "launch-test"
+    values = {name: spec["values"] for name, spec in sweep["parameters"].items()}
+    points = set(itertools.product(values["task"], values["variant"], values["seed"]))
+    planned = {(r.task, r.variant, r.seed): r.run_dir for r in ablate.plan(ablate.load_preset(preset), grid, INPUTS)}
+    assert points == set(planned) and len(points) == 4
+
+    # What `wandb agent` runs for a point: the command with its macros filled in (${args} as --key=value).
+    for task, variant, seed in [("sst", "base", 1), ("sst", "lora", 2)]:
+        macros = {"${env}": "/usr/bin/env", "${interpreter}": sys.executable}
+        command = [macros.get(word, word) for word in sweep["command"] if word != "${args}"]
+        command += [f"--task={task}", f"--variant={variant}", f"--seed={seed}"]
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert folder_state(planned[(task, variant, seed)]) == "finished"
+        record = json.loads((planned[(task, variant, seed)] / "config.json").read_text())
+        assert record["grid"] == "launch-test"  # the grid's wandb group
+    finished = {p for p in grid.iterdir() if (p / "metrics.json").is_file()}
+    assert finished == {planned[("sst", "base", 1)], planned[("sst", "lora", 2)]}
+    with pytest.raises(SystemExit, match="not a point"):
+        ablate.main([str(preset), "--out_dir", str(grid), "--task", "sst", "--variant", "dora", "--seed", "1"])
