@@ -164,3 +164,30 @@ def test_wandb_sweep_enumerates_the_grid_and_its_command_makes_the_grids_run_fol
     assert finished == {planned[("sst", "base", 1)], planned[("sst", "lora", 2)]}
     with pytest.raises(SystemExit, match="not a point"):
         ablate.main([str(preset), "--out_dir", str(grid), "--task", "sst", "--variant", "dora", "--seed", "1"])
+
+
+def test_grid_job_command_uses_torchrun_for_several_gpus_resumes_and_pickles_without_its_process(tmp_path):
+    import pickle
+
+    run_dir = tmp_path / "sst-base-s1"
+    job = launchers.GridJob("train", ["--task", "sst"], str(run_dir), str(tmp_path / "log"), nproc=2, threads=4)
+    assert job.command()[1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "train",
+        "--task",
+        "sst",
+    ]
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.json").write_text("{}")  # an interrupted run: it continues
+    single = launchers.GridJob("train", ["--task", "sst"], str(run_dir), str(tmp_path / "log"), nproc=1, threads=4)
+    assert single.command()[1:] == ["-m", "train", "--task", "sst", "--resume"]
+    single.process = subprocess.Popen([sys.executable, "-c", "pass"])
+    single.process.wait()
+    again = pickle.loads(pickle.dumps(single))
+    assert again.process is None and again.argv == single.argv and again.nproc == 1
+    requeued = single.checkpoint().function  # what submitit requeues: the same run, no process attached
+    assert isinstance(requeued, launchers.GridJob) and requeued.run_dir == single.run_dir and requeued.process is None
