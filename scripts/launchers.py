@@ -133,9 +133,18 @@ class GridJob(submitit.helpers.Checkpointable):
     (USR2) or SIGTERM, the child checkpoints and stops, and `checkpoint` hands submitit the same job
     to requeue (which then continues the run with --resume)."""
 
-    def __init__(self, module: str, argv: list[str], run_dir: str, log_file: str, nproc: int, threads: int) -> None:
+    def __init__(
+        self,
+        module: str,
+        argv: list[str],
+        run_dir: str,
+        log_file: str,
+        nproc: int,
+        threads: int,
+        resumable: bool = True,  # a training run (--resume); not an analysis such as CKA
+    ) -> None:
         self.module, self.argv, self.run_dir, self.log_file = module, list(argv), run_dir, log_file
-        self.nproc, self.threads = nproc, threads
+        self.nproc, self.threads, self.resumable = nproc, threads, resumable
         self.process: subprocess.Popen | None = None
 
     def __getstate__(self) -> dict:
@@ -143,7 +152,7 @@ class GridJob(submitit.helpers.Checkpointable):
 
     def command(self) -> list[str]:
         argv = list(self.argv)
-        if folder_state(Path(self.run_dir)) in ("interrupted", "dead"):
+        if self.resumable and folder_state(Path(self.run_dir)) in ("interrupted", "dead"):
             argv.append("--resume")
         if self.nproc > 1:
             launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}"]
@@ -151,7 +160,7 @@ class GridJob(submitit.helpers.Checkpointable):
         return [sys.executable, "-m", self.module, *argv]
 
     def __call__(self) -> dict[str, Any]:
-        if folder_state(Path(self.run_dir)) == "finished":
+        if self.resumable and folder_state(Path(self.run_dir)) == "finished":
             return {"run_dir": self.run_dir, "exit": 0, "seconds": 0.0, "note": "already finished"}
         # submitit set USR2 to "checkpoint and requeue" and ignores SIGTERM; a preemption's SIGTERM
         # must do the same as the time-limit warning.
@@ -185,7 +194,7 @@ class GridJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(GridJob(**self._arguments()))
 
     def _arguments(self) -> dict[str, Any]:
-        keys = ("module", "argv", "run_dir", "log_file", "nproc", "threads")
+        keys = ("module", "argv", "run_dir", "log_file", "nproc", "threads", "resumable")
         return {key: getattr(self, key) for key in keys}
 
 
@@ -261,6 +270,7 @@ def submit(
                     str(grid / "logs" / f"{run.run_dir.name}.log"),
                     max(1, settings.gpus_per_run) if launcher == "slurm" else 1,
                     threads,
+                    resumable=run.done_file is None,
                 )
             )
             for run in pending

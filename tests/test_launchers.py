@@ -185,9 +185,29 @@ def test_grid_job_command_uses_torchrun_for_several_gpus_resumes_and_pickles_wit
     (run_dir / "checkpoints" / "last.json").write_text("{}")  # an interrupted run: it continues
     single = launchers.GridJob("train", ["--task", "sst"], str(run_dir), str(tmp_path / "log"), nproc=1, threads=4)
     assert single.command()[1:] == ["-m", "train", "--task", "sst", "--resume"]
+    analysis = launchers.GridJob("scripts.cka", ["RUN"], str(run_dir), str(tmp_path / "log"), 1, 4, resumable=False)
+    assert analysis.command()[1:] == ["-m", "scripts.cka", "RUN"]  # CKA has no --resume
     single.process = subprocess.Popen([sys.executable, "-c", "pass"])
     single.process.wait()
     again = pickle.loads(pickle.dumps(single))
     assert again.process is None and again.argv == single.argv and again.nproc == 1
     requeued = single.checkpoint().function  # what submitit requeues: the same run, no process attached
     assert isinstance(requeued, launchers.GridJob) and requeued.run_dir == single.run_dir and requeued.process is None
+
+
+@pytest.mark.slow
+def test_wait_runs_a_transfer_preset_through_both_stages(tmp_path, tokenizer_dir, capsys):
+    preset = tiny_preset(tmp_path, tokenizer_dir)
+    text = preset.read_text().replace("seeds = [1, 2]", "seeds = [1]")
+    text += '[transfer]\npairs = [["sst", "cfimdb"]]\nflags = ["--dev_limit", "8", "--test_limit", "2"]\n[cka]\nn = 8\n'
+    preset.write_text(text)
+    grid = tmp_path / "grid"
+    command = [str(preset), "--out_dir", str(grid), "--launcher", "submitit_local", "--wait", "--threads", "1"]
+    assert ablate.main([*command, *INPUTS]) == 0
+    out = capsys.readouterr().out
+    assert "submitted 1 runs" in out and "submitted 3 transfer-stage jobs" in out and "FAILED" not in out
+    (item,) = json.loads((grid / "transfer.json").read_text())["runs"]
+    for key in ("source_run", "transfer_run", "scratch_run"):
+        assert folder_state(Path(item[key])) == "finished", key
+    assert Path(item["cka"]).is_file()
+    assert len(launchers.read_jobs(grid)) == 4  # one recorded job per run and analysis
