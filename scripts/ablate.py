@@ -532,7 +532,7 @@ def launch_cluster(args, preset, runs, todo, out_dir: Path, inputs, settings) ->
                 flush=True,
             )
         if not args.wait:
-            if "transfer" in preset and label == "runs":
+            if "transfer" in preset and label == "runs" and todo:
                 print("the transfer stage is submitted by a re-run of this command once every source run is done")
             break
         for run, job in submitted:
