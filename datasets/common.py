@@ -160,16 +160,18 @@ def int_label(allowed: range) -> Callable[[str], int]:
     return parse
 
 
-def stratified_fraction(labels: list[int], fraction: float, seed: int, what: str = "the training set") -> list[int]:
+def stratified_fraction(
+    labels: list[int], fraction: float, seed: int, what: str = "the training set", all_labels: range | None = None
+) -> list[int]:
     """Indices (in data order) of a seeded, stratified `fraction` of labelled examples: round(fraction
     x count) of each label, drawn without replacement. Raises DataError when that leaves a label with
-    no example, so a subset that misses a class is refused instead of training silently on fewer
-    classes than the task scores."""
+    no example (one of `all_labels`, the labels the task scores, or of those present), so a subset
+    that misses a class is refused instead of training silently on fewer classes than are scored."""
     import random
 
     if not 0 < fraction <= 1:
         raise DataError(f"a fraction of {what} must be in (0, 1], got {fraction}")
-    by_label: dict[int, list[int]] = {}
+    by_label: dict[int, list[int]] = {label: [] for label in all_labels or ()}
     for index, label in enumerate(labels):
         by_label.setdefault(label, []).append(index)
     rng = random.Random(seed)

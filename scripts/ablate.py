@@ -476,9 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         done_before = len(runs) - len(todo)
         total = len(runs)
         if "transfer" in preset and jobs.stop_signal is None and not outcome["failed"]:
-            stage, manifest = plan_transfer(preset, runs, inputs)
-            write_transfer_manifest(out_dir, preset, stage, manifest)
-            stage_todo = [r for r in stage if status(r) != "done"]
+            stage, stage_todo = transfer_stage(preset, runs, inputs, out_dir)
             print(
                 f"grid {preset['name']}, transfer stage: {len(stage)} jobs (transfer runs, from-scratch controls, "
                 f"CKA of each source model), {len(stage) - len(stage_todo)} already done, {len(stage_todo)} to run",
@@ -510,9 +508,17 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def transfer_stage(preset: dict, runs: list[PlannedRun], inputs: list[str], out_dir: Path) -> tuple[list, list]:
+    """A transfer preset's second stage, planned from its finished source runs and recorded in
+    transfer.json: (every job of the stage, those not done yet)."""
+    stage, manifest = plan_transfer(preset, runs, inputs)
+    write_transfer_manifest(out_dir, preset, stage, manifest)
+    return stage, [r for r in stage if status(r) != "done"]
+
+
 def launch_cluster(args, preset, runs, todo, out_dir: Path, inputs, settings) -> int:
-    """--launcher slurm / submitit_local: submit the pending runs as one array; with --wait, wait for
-    them (and then submit a transfer preset's second stage the same way)."""
+    """--launcher slurm / submitit_local: submit the pending runs as one array (with --wait, wait for
+    them); a transfer preset's second stage follows the same way once every source run is done."""
     threads = args.threads or settings.cpus_per_run
     stages = [("runs", todo)]
     failed = 0
@@ -531,27 +537,18 @@ def launch_cluster(args, preset, runs, todo, out_dir: Path, inputs, settings) ->
                 f"{out_dir / 'slurm' / launchers.JOBS_FILE}",
                 flush=True,
             )
-        if not args.wait:
-            if "transfer" in preset and label == "runs" and todo:
-                print("the transfer stage is submitted by a re-run of this command once every source run is done")
-            break
-        for run, job in submitted:
+        for run, job in submitted if args.wait else []:
             try:
                 job.result()
                 print(f"  ok      {run.run_dir.name}", flush=True)
             except Exception as error:  # noqa: BLE001 - submitit re-raises the job's error: report, go on
                 failed += 1
                 print(f"  FAILED  {run.run_dir.name}: {str(error).strip().splitlines()[-1]}", flush=True)
-        if label == "runs" and "transfer" in preset and all(status(r) == "done" for r in runs):
-            stage, manifest = plan_transfer(preset, runs, inputs)
-            write_transfer_manifest(out_dir, preset, stage, manifest)
-            stages.append(("transfer-stage jobs", [r for r in stage if status(r) != "done"]))
-    if not args.wait and "transfer" in preset and not todo:  # every source run done: the second stage
-        stage, manifest = plan_transfer(preset, runs, inputs)
-        write_transfer_manifest(out_dir, preset, stage, manifest)
-        pending = [r for r in stage if status(r) != "done"]
-        submitted, _ = launchers.submit(args.launcher, pending, out_dir, settings, preset["name"], threads)
-        print(f"submitted {len(submitted)} transfer-stage jobs")
+        if label == "runs" and "transfer" in preset:
+            if all(status(r) == "done" for r in runs):
+                stages.append(("transfer-stage jobs", transfer_stage(preset, runs, inputs, out_dir)[1]))
+            else:
+                print("the transfer stage is submitted by a re-run of this command once every source run is done")
     return 1 if failed else 0
 
 

@@ -62,13 +62,17 @@ def centred_gram(x: torch.Tensor) -> torch.Tensor:
     return gram / norm
 
 
+def aligned(grams_a: list[torch.Tensor], grams_b: list[torch.Tensor]) -> list[list[float]]:
+    """[[⟨Ga_i, Gb_j⟩_F]] of unit-norm centred Gram matrices: the linear CKA of every pair."""
+    return [[(ga * gb).sum().item() for gb in grams_b] for ga in grams_a]
+
+
 def cka_matrix(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[list[float]]:
     """[[linear_cka(a_i, b_j)]] over two lists of (n, d) activation matrices, through the identity
     ‖Yᶜᵀ Xᶜ‖²_F = ⟨Xᶜ Xᶜᵀ, Yᶜ Yᶜᵀ⟩_F: one centred Gram matrix per input instead of one d x d product
     per pair (12 gpt2 blocks: 24 Grams instead of 288 products)."""
     grams_a = [centred_gram(x) for x in a]
-    grams_b = grams_a if b is a else [centred_gram(y) for y in b]
-    return [[(ga * gb).sum().item() for gb in grams_b] for ga in grams_a]
+    return aligned(grams_a, grams_a if b is a else [centred_gram(y) for y in b])
 
 
 def cross_block_mean(matrix: list[list[float]]) -> float | None:
@@ -95,7 +99,8 @@ def block_states(model, task, layers: list[int], batch_size: int, device: str) -
         )
         for layer in layers
     ]
-    rows: dict[str, dict[int, list]] = {p: {layer: [None] * len(examples) for layer in layers} for p in POOLINGS}
+    width = model.config.n_embd
+    states = {p: [torch.empty(len(examples), width) for _ in layers] for p in POOLINGS}  # rows in dev order
     model.eval()
     try:
         for batch in make_batches([len(ids) for ids in encoded.ids], batch_size, bucket=True):
@@ -103,30 +108,27 @@ def block_states(model, task, layers: list[int], batch_size: int, device: str) -
             ids, mask = ids.to(device), mask.to(device)
             model(ids, attention_mask=mask, return_logits=False)
             weights = mask.unsqueeze(-1).float()
-            for layer in layers:
+            for position, layer in enumerate(layers):
                 hidden = outputs[layer].float()
-                pooled = {
-                    "last_token": last_token_state(hidden, mask),
-                    "mean": (hidden * weights).sum(1) / weights.sum(1),
-                }
-                for pooling, values in pooled.items():
-                    for index, row in zip(batch, values.cpu(), strict=True):
-                        rows[pooling][layer][index] = row
+                states["last_token"][position][batch] = last_token_state(hidden, mask).cpu()
+                states["mean"][position][batch] = ((hidden * weights).sum(1) / weights.sum(1)).cpu()
     finally:
         for hook in hooks:
             hook.remove()
-    return {p: [torch.stack(rows[p][layer]) for layer in layers] for p in POOLINGS}
+    return states
 
 
 def compare(states_a: dict, states_b: dict | None) -> tuple[dict, dict]:
     """(matrices per pooling, summary per pooling)."""
     matrices, summary = {}, {}
     for pooling in POOLINGS:
-        entry = {"within_a": cka_matrix(states_a[pooling], states_a[pooling])}  # the same list: Grams once
+        grams_a = [centred_gram(x) for x in states_a[pooling]]  # each block's Gram once, for every matrix
+        entry = {"within_a": aligned(grams_a, grams_a)}
         info = {"a_cross_block_mean": cross_block_mean(entry["within_a"])}
         if states_b is not None:
-            entry["within_b"] = cka_matrix(states_b[pooling], states_b[pooling])
-            entry["between"] = cka_matrix(states_a[pooling], states_b[pooling])
+            grams_b = [centred_gram(y) for y in states_b[pooling]]
+            entry["within_b"] = aligned(grams_b, grams_b)
+            entry["between"] = aligned(grams_a, grams_b)
             size = min(len(entry["between"]), len(entry["between"][0]))
             info["b_cross_block_mean"] = cross_block_mean(entry["within_b"])
             info["between_diagonal_mean"] = sum(entry["between"][i][i] for i in range(size)) / size
@@ -185,14 +187,14 @@ def parse_layers(parser: argparse.ArgumentParser, words: list[str] | None, n_lay
 
 def main(argv: list[str] | None = None) -> int:
     from model import CheckpointError, load_tokenizer
+    from model.files import atomic_write_json
     from train.cli import ArgumentParser, check_device, check_inputs
     from train.evaluate import load_model
-    from train.tasks import TASKS, get_task
+    from train.tasks import TASKS, get_task, labelled_tasks
 
-    classification = [name for name, task in TASKS.items() if getattr(task, "num_labels", None) is not None]
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", metavar="RUN", help="one or two run folders / HF folders / hub ids")
-    parser.add_argument("--task", choices=classification, default="sst", help="whose dev texts (default: sst)")
+    parser.add_argument("--task", choices=labelled_tasks(), default="sst", help="whose dev texts (default: sst)")
     parser.add_argument("--layers", nargs="+", default=None, help="block indices or 'all' (default: first middle last)")
     parser.add_argument("--n", type=int, default=512, help="dev examples, the first N (default: %(default)s)")
     parser.add_argument("--out", type=Path, required=True, help="folder for cka.json and cka.png")
@@ -248,8 +250,6 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    from model.files import atomic_write_json
-
     atomic_write_json(args.out / "cka.json", result)
     heatmaps(result, args.out / "cka.png")
     for pooling, info in summary.items():

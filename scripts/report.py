@@ -92,6 +92,28 @@ def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> tuple
     return diff - half, diff + half
 
 
+def baseline_first(rows: list[dict], baseline: str) -> list[str]:
+    """The rows' variants in first-seen order, the baseline first."""
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    if baseline in variants:
+        variants.remove(baseline)
+        variants.insert(0, baseline)
+    return variants
+
+
+def mark(interval: tuple[float, float] | None) -> str:
+    """▲ / ▼ when a difference's interval excludes 0 (above / below), else nothing."""
+    return "" if interval is None or interval[0] <= 0 <= interval[1] else (" ▲" if interval[0] > 0 else " ▼")
+
+
+def cell(values: list[float], marked: str = "") -> str:
+    """`mean ± sample sd (n)` and a mark; – without values."""
+    if not values:
+        return "–"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {sd:.4f} (n={len(values)}){marked}"
+
+
 def summarise(rows: list[dict], baseline: str) -> tuple[list[str], list[str], dict, dict]:
     values: dict[tuple[str, str], list[float]] = defaultdict(list)
     info: dict[str, dict] = defaultdict(lambda: {"params": [], "time": [], "memory": []})
@@ -101,19 +123,14 @@ def summarise(rows: list[dict], baseline: str) -> tuple[list[str], list[str], di
         info[row["variant"]]["time"].append(row["train_seconds"])
         info[row["variant"]]["memory"].append(row["peak_memory_mb"])
     tasks = sorted({r["task"] for r in rows}, key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else 99, t))
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    if baseline in variants:
-        variants.remove(baseline)
-        variants.insert(0, baseline)
+    variants = baseline_first(rows, baseline)
     marks = {}
     for variant in variants:
         for task in tasks:
             interval = None
             if variant != baseline and (baseline, task) in values:
                 interval = welch_interval(values.get((variant, task), []), values[(baseline, task)])
-            marks[(variant, task)] = (
-                "" if interval is None or interval[0] <= 0 <= interval[1] else (" ▲" if interval[0] > 0 else " ▼")
-            )
+            marks[(variant, task)] = mark(interval)
     return tasks, variants, values, {"info": info, "marks": marks}
 
 
@@ -130,12 +147,7 @@ def markdown(tasks, variants, values, extra, metrics: dict[str, str], baseline: 
     for variant in variants:
         cells = [variant]
         for task in tasks:
-            vals = values.get((variant, task), [])
-            if not vals:
-                cells.append("–")
-                continue
-            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            cells.append(f"{statistics.mean(vals):.4f} ± {sd:.4f} (n={len(vals)}){marks[(variant, task)]}")
+            cells.append(cell(values.get((variant, task), []), marks[(variant, task)]))
         params = info[variant]["params"]
         cells.append(f"{min(params):,}" if min(params) == max(params) else f"{min(params):,}–{max(params):,}")
         cells.append(f"{statistics.mean(info[variant]['time']):.1f}")
@@ -291,25 +303,11 @@ def transfer_results(manifest: dict) -> tuple[list[dict], int]:
     return results, incomplete
 
 
-def _cell(values: list[float], mark: str) -> str:
-    if not values:
-        return "–"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {sd:.4f} (n={len(values)}){mark}"
-
-
-def _mark(interval) -> str:
-    return "" if interval is None or interval[0] <= 0 <= interval[1] else (" ▲" if interval[0] > 0 else " ▼")
-
-
 def transfer_tables(results: list[dict], baseline: str) -> str:
     lines = []
     for direction in dict.fromkeys(r["direction"] for r in results):
         rows = [r for r in results if r["direction"] == direction]
-        variants = list(dict.fromkeys(r["variant"] for r in rows))
-        if baseline in variants:
-            variants.remove(baseline)
-            variants.insert(0, baseline)
+        variants = baseline_first(rows, baseline)
         values = {
             (v, c): [r[c] for r in rows if r["variant"] == v and r[c] is not None]
             for v in variants
@@ -335,7 +333,7 @@ def transfer_tables(results: list[dict], baseline: str) -> str:
                     interval = welch_interval(mine, values.get((baseline, column), []))
                 else:
                     interval = None
-                cells.append(_cell(mine, _mark(interval)))
+                cells.append(cell(mine, mark(interval)))
             lines.append("| " + " | ".join(cells) + " |")
         majority = [r["majority"] for r in rows if r["majority"] is not None]
         notes = {r["zero_shot_note"] for r in rows if r["zero_shot_note"]}
@@ -358,7 +356,7 @@ def transfer_tables(results: list[dict], baseline: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_transfer(results: list[dict], baseline: str, path: Path) -> None:
+def plot_transfer(results: list[dict], path: Path) -> None:
     directions = list(dict.fromkeys(r["direction"] for r in results))
     fig, axes = plt.subplots(1, len(directions), figsize=(6.5 * len(directions), 4.2), squeeze=False)
     kinds = [("zero_shot", "zero-shot"), ("transfer", "few-shot transfer"), ("scratch", "from scratch")]
@@ -426,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             + transfer_tables(results, baseline)
             + "\n![transfer](transfer.png)\n"
         )
-        plot_transfer(results, baseline, out / "transfer.png")
+        plot_transfer(results, out / "transfer.png")
         print(transfer_text)
     (out / "report.md").write_text(
         f"# Report: {args.grid.name}\n\n{caveat}{table}\n"

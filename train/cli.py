@@ -27,6 +27,7 @@ from model import tokenizer as tokenizers
 from model.config import STACK_FIELDS, ModelSettings, field_hint, settings_fields
 from model.loading import CheckpointError, read_checkpoint_config
 from modules.registry import VARIANTS, enabled_variants, knob_owner, switches, used_knobs
+from train.tasks import labelled_tasks
 
 DEFAULT_LR = {"full-model": 1e-5, "last-linear-layer": 1e-3, "adapters": 2e-4}
 NOT_FLAGS = {*STACK_FIELDS, "name"}  # the stack comes from the checkpoint
@@ -351,7 +352,7 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace, tasks=()
         check_training_flags(args)
         for task in tasks:
             task.check_flags(args)
-            if getattr(args, "train_fraction", None) is not None and getattr(task, "num_labels", None) is None:
+            if getattr(args, "train_fraction", None) is not None and task.name not in labelled_tasks():
                 raise ValueError(f"--train_fraction draws a share stratified by label; {task.name} has no labels")
         return resolve_config(args, config_source)
     except (ValueError, CheckpointError) as error:

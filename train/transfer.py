@@ -48,9 +48,9 @@ from train import checkpoint as ckpt
 from train import entry
 from train.cli import build_parser, check_inputs, config_fields, validate
 from train.evaluate import copy_run_weights
-from train.lifecycle import StopSignals, folder_state
+from train.lifecycle import StopSignals, folder_state, read_record
 from train.runs import run_name
-from train.tasks import TASKS, get_task
+from train.tasks import TASKS, get_task, labelled_tasks
 from train.tasks.classification import classification_metrics
 
 # (source task, target task) -> (source labels x target labels) matrix M: p_target = softmax(logits) @ M.
@@ -79,7 +79,6 @@ INHERITED = (
     "tokenizer",  # the source model's tokenizer, and its data folder, unless given
     "data_dir",
 )
-TARGETS = [name for name, task in TASKS.items() if getattr(task, "num_labels", None) is not None]
 
 
 def map_to_target(source_logits: torch.Tensor, matrix: list[list[float]]) -> torch.Tensor:
@@ -123,11 +122,9 @@ class SourceRun:
 
 def read_source(path: Path) -> SourceRun:
     """A finished single-task run folder; a ValueError says what is wrong with it."""
-    if not (path / "config.json").is_file():
-        raise ValueError(f"--source_run {path}: not a run folder (no config.json)")
+    record = read_record(path)  # a RunFolderError (a ValueError) names a missing or corrupt config.json
     if folder_state(path) != "finished":
         raise ValueError(f"--source_run {path}: the run has not finished (no metrics.json); finish it with --resume")
-    record = json.loads((path / "config.json").read_text())
     if record.get("task") not in TASKS:
         raise ValueError(f"--source_run {path}: transfer starts from a single-task run, not {record.get('task')!r}")
     if "identity" not in record:
@@ -208,13 +205,13 @@ def parse(argv: list[str] | None, inputs: bool = True):
     """(label, task classes, args, config, TransferStart or None); exits 2 with one line on bad input."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--target", choices=TARGETS)
+    pre.add_argument("--target", choices=labelled_tasks())
     known, _ = pre.parse_known_args(argv)
     parser = build_parser(__doc__)
     parser.prog = "python -m train.transfer"
     group = parser.add_argument_group("transfer")
     group.add_argument("--source_run", type=Path, required=True, help="a finished single-task run folder")
-    group.add_argument("--target", choices=TARGETS, required=True, help="the task to transfer to")
+    group.add_argument("--target", choices=labelled_tasks(), required=True, help="the task to transfer to")
     group.add_argument(
         "--target_fraction",
         type=float,

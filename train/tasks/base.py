@@ -38,6 +38,11 @@ def register_task(cls: type[Task]) -> type[Task]:
     return cls
 
 
+def labelled_tasks() -> list[str]:
+    """The tasks whose examples carry a class label (the classification tasks)."""
+    return [name for name, task in TASKS.items() if getattr(task, "num_labels", None) is not None]
+
+
 def get_task(name: str) -> type[Task]:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from datasets.batching import collate, encode, make_batches, padding_fraction
-from datasets.common import DataError, Example, stratified_fraction
+from datasets.common import Example, stratified_fraction
 from train.metrics import accuracy, macro_f1
 from train.predictions import write_classification
 from train.tasks.base import Task, limit, sharded
@@ -86,19 +86,8 @@ class ClassificationTask(Task):
         fraction = getattr(self.args, "train_fraction", None)
         if fraction is None:
             return examples
-        counts = Counter(e.label for e in examples)
-        missing = [label for label in range(self.num_labels) if label not in counts]
-        if missing:
-            used = (
-                "training split"
-                if self.args.train_limit is None
-                else f"first {self.args.train_limit} training examples"
-            )
-            raise DataError(
-                f"{self.name}: the {used} have no example of label(s) {missing}; a subset for --train_fraction "
-                f"must contain every label"
-            )
-        chosen = stratified_fraction([e.label for e in examples], fraction, self.args.seed, f"{self.name} train")
+        labels = [e.label for e in examples]
+        chosen = stratified_fraction(labels, fraction, self.args.seed, f"{self.name} train", range(self.num_labels))
         return [examples[i] for i in chosen]
 
     def check_training_data(self) -> None:
