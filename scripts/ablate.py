@@ -49,7 +49,7 @@ from datasets.common import DataError, ensure_data  # noqa: E402
 from scripts import launchers  # noqa: E402
 from train import entry  # noqa: E402
 from train.lifecycle import EXIT_STATUS, folder_state  # noqa: E402
-from train.tasks import TASKS  # noqa: E402
+from train.tasks import TASKS, labelled_tasks  # noqa: E402
 
 MODULE = "train"  # python -m train --task <task> ...
 
@@ -83,6 +83,12 @@ def load_preset(path: Path) -> dict:
         strays = sorted({source for source, _ in pairs} - set(preset["tasks"]))
         if strays:
             raise SystemExit(f"error: {path}: transfer source task(s) {strays} are not in tasks {preset['tasks']}")
+        unlabelled = sorted({task for pair in pairs for task in pair} - set(labelled_tasks()))
+        if unlabelled:
+            raise SystemExit(
+                f"error: {path}: [transfer] pairs name {unlabelled}; transfer runs between the classification "
+                f"tasks {labelled_tasks()}"
+            )
     return preset
 
 
@@ -443,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = {target for _, target in preset.get("transfer", {}).get("pairs", [])} - set(preset["tasks"])
     try:
         ensure_data(sorted({name for t in targets for name in TASKS[t].data_files()}), args.data_dir)
-    except (DataError, KeyError) as error:
+    except DataError as error:
         raise SystemExit(f"error: transfer target data: {error}") from None
     # config hash (the last part of a run folder's name) -> the preset's variant name, for reports
     names = {r.run_dir.name.rsplit("-", 1)[1]: r.variant for r in runs}
@@ -558,7 +564,10 @@ def write_sweep(preset: dict, args, out_dir: Path, inputs: list[str]) -> int:
 
     plan(preset, out_dir, inputs, dry_run=True)  # every point's flags are valid before agents start
     config = launchers.sweep_config(preset, args.preset, out_dir, inputs)
-    args.wandb_sweep.write_text(yaml.safe_dump(config, sort_keys=False))
+    try:
+        args.wandb_sweep.write_text(yaml.safe_dump(config, sort_keys=False))
+    except OSError as error:
+        raise SystemExit(f"error: --wandb_sweep {args.wandb_sweep}: cannot write it ({error.strerror})") from None
     points = len(preset["tasks"]) * len(preset["variants"]) * len(preset["seeds"])
     print(
         f"wrote {args.wandb_sweep}: a grid sweep over {points} runs into {out_dir}. Start it with\n"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,9 +69,27 @@ class SlurmSettings:
         return [f.name for f in fields(cls)]
 
     def check(self) -> None:
+        for name in self.names():  # a preset's TOML can hold any type
+            default, value = getattr(SlurmSettings(), name), getattr(self, name)
+            kind = (
+                int
+                if name in ("gpus_per_run", "cpus_per_run", "time_min", "array_parallelism", "max_requeues")
+                else str
+            )
+            if name == "extra":
+                ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
+            else:
+                ok = (value is None and default is None) or (isinstance(value, kind) and not isinstance(value, bool))
+            if not ok:
+                wanted = {"extra": "a list of KEY=VALUE strings"}.get(name, "an integer" if kind is int else "a string")
+                raise ValueError(f"slurm {name} must be {wanted}, got {value!r}")
         for name in ("gpus_per_run", "cpus_per_run", "time_min", "array_parallelism", "max_requeues"):
             if getattr(self, name) < (0 if name in ("gpus_per_run", "max_requeues") else 1):
                 raise ValueError(f"slurm {name} = {getattr(self, name)} is out of range")
+        if not re.fullmatch(r"[0-9]+[KMGT]?", self.mem):
+            raise ValueError(
+                f"slurm mem takes sbatch's form, a number with an optional K/M/G/T unit (32G), got {self.mem!r}"
+            )
         bad = [item for item in self.extra if "=" not in item or not item.split("=", 1)[0]]
         if bad:
             raise ValueError(f"slurm extra takes sbatch options as KEY=VALUE (e.g. constraint=h100), got {bad}")

@@ -392,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = read_runs(args.grid / "runs.tsv")
     manifest = _read_json(args.grid / "transfer.json")
+    if manifest is None and (args.grid / "transfer.json").exists():
+        raise SystemExit(f"error: {args.grid / 'transfer.json'} cannot be read; re-run ablate.py to rewrite it")
     if manifest is not None:  # the main table is the source runs; the transfer stage has its own section
         stage = {item[key] for item in manifest["runs"] for key in ("transfer_run", "scratch_run")}
         rows = [row for row in rows if row["run_dir"] not in stage]

@@ -211,3 +211,27 @@ def test_wait_runs_a_transfer_preset_through_both_stages(tmp_path, tokenizer_dir
         assert folder_state(Path(item[key])) == "finished", key
     assert Path(item["cka"]).is_file()
     assert len(launchers.read_jobs(grid)) == 4  # one recorded job per run and analysis
+
+
+def test_bad_slurm_fields_transfer_pairs_and_transfer_manifest_are_named(tmp_path, tokenizer_dir, capsys):
+    from scripts import report
+
+    preset = tiny_preset(tmp_path, tokenizer_dir)
+    with pytest.raises(SystemExit):
+        ablate.main([str(preset), "--dry_run", "--launcher", "slurm", "--slurm_mem", "lots"])
+    assert "slurm mem takes sbatch's form" in capsys.readouterr().err
+    preset.write_text(preset.read_text() + '[slurm]\ngpus_per_run = "two"\n')
+    with pytest.raises(SystemExit):
+        ablate.main([str(preset), "--dry_run", "--launcher", "slurm"])
+    assert "slurm gpus_per_run must be an integer, got 'two'" in capsys.readouterr().err
+    paired = tiny_preset(tmp_path, tokenizer_dir)
+    paired.write_text(paired.read_text() + '[transfer]\npairs = [["sst", "sonnet"]]\n')
+    with pytest.raises(SystemExit, match=r"pairs name \['sonnet'\]"):
+        ablate.main([str(paired), "--out_dir", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
+    grid = tmp_path / "grid"
+    grid.mkdir()
+    (grid / "runs.tsv").write_text((REPO / "results" / "transfer_smoke" / "runs.tsv").read_text())
+    (grid / "transfer.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="transfer.json cannot be read"):
+        report.main([str(grid)])
