@@ -64,6 +64,12 @@ class PlannedRun:
     run_dir: Path
     done_file: Path | None = None  # for jobs that are not training runs (CKA): done when this file exists
 
+    @property
+    def name(self) -> str:
+        """The job's own name (log file, job record): its run folder's; for an analysis, which writes into
+        a sub-folder of the run it analyses (`<run>/cka`), `<run>-cka`."""
+        return self.run_dir.name if self.done_file is None else f"{self.run_dir.parent.name}-{self.run_dir.name}"
+
 
 def load_preset(path: Path) -> dict:
     try:
@@ -326,7 +332,7 @@ class Jobs:
         with self.lock:
             if self.stop_signal is not None:
                 return run, None, 0.0
-            with open(log_dir / f"{run.run_dir.name}.log", "w") as log:
+            with open(log_dir / f"{run.name}.log", "w") as log:
                 # its own session: a Ctrl-C in the terminal reaches it once, forwarded from here
                 proc = subprocess.Popen(
                     [sys.executable, "-m", run.module, *argv],
@@ -534,7 +540,7 @@ def launch_cluster(args, preset, runs, todo, out_dir: Path, inputs, settings) ->
         submitted, queued = launchers.submit(args.launcher, pending, out_dir, settings, preset["name"], threads)
         seconds = time.perf_counter() - start
         for run, job_id in queued:
-            print(f"  queued  {run.run_dir.name} (job {job_id}, still pending or running: not submitted again)")
+            print(f"  queued  {run.name} (job {job_id}, still pending or running: not submitted again)")
         if submitted:
             ids = sorted({str(job.job_id).split("_")[0] for _, job in submitted})
             print(
@@ -546,10 +552,10 @@ def launch_cluster(args, preset, runs, todo, out_dir: Path, inputs, settings) ->
         for run, job in submitted if args.wait else []:
             try:
                 job.result()
-                print(f"  ok      {run.run_dir.name}", flush=True)
+                print(f"  ok      {run.name}", flush=True)
             except Exception as error:  # noqa: BLE001 - submitit re-raises the job's error: report, go on
                 failed += 1
-                print(f"  FAILED  {run.run_dir.name}: {str(error).strip().splitlines()[-1]}", flush=True)
+                print(f"  FAILED  {run.name}: {str(error).strip().splitlines()[-1]}", flush=True)
         if label == "runs" and "transfer" in preset:
             if all(status(r) == "done" for r in runs):
                 stages.append(("transfer-stage jobs", transfer_stage(preset, runs, inputs, out_dir)[1]))
@@ -607,7 +613,7 @@ def run_jobs(jobs: Jobs, todo: list[PlannedRun], parallel: int, threads: int, lo
             if code is None:
                 outcome["not_started"].append(run)
                 continue
-            log_file = log_dir / (run.run_dir.name + ".log")
+            log_file = log_dir / (run.name + ".log")
             if code in EXIT_STATUS.values():
                 outcome["interrupted"].append(run)
                 mark = f"interrupted (exit {code}; checkpointed, see {log_file})"

@@ -272,9 +272,9 @@ def submit(
     """Submit every run that is not already pending or running under a recorded job, as one array.
     Returns (submitted jobs, (run, job id) of the runs skipped as still queued or running)."""
     records = read_jobs(grid)
-    skipped = [(run, records[run.run_dir.name]["job_id"]) for run in runs if job_alive(records.get(run.run_dir.name))]
-    busy = {run.run_dir.name for run, _ in skipped}
-    pending = [run for run in runs if run.run_dir.name not in busy]
+    skipped = [(run, records[run.name]["job_id"]) for run in runs if job_alive(records.get(run.name))]
+    busy = {run.name for run, _ in skipped}
+    pending = [run for run in runs if run.name not in busy]
     if not pending:
         return [], skipped
     (grid / "logs").mkdir(parents=True, exist_ok=True)
@@ -286,7 +286,7 @@ def submit(
                     run.module,
                     run.argv,
                     str(run.run_dir),
-                    str(grid / "logs" / f"{run.run_dir.name}.log"),
+                    str(grid / "logs" / f"{run.name}.log"),
                     max(1, settings.gpus_per_run) if launcher == "slurm" else 1,
                     threads,
                     resumable=run.done_file is None,
@@ -296,7 +296,7 @@ def submit(
         ]
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
     for run, handle in zip(pending, handles, strict=True):
-        records[run.run_dir.name] = {
+        records[run.name] = {
             "job_id": handle.job_id,
             "launcher": launcher,
             "submitted_at": now,

@@ -211,6 +211,18 @@ def test_wait_runs_a_transfer_preset_through_both_stages(tmp_path, tokenizer_dir
         assert folder_state(Path(item[key])) == "finished", key
     assert Path(item["cka"]).is_file()
     assert len(launchers.read_jobs(grid)) == 4  # one recorded job per run and analysis
+    assert (grid / "logs" / f"{Path(item['source_run']).name}-cka.log").is_file()
+
+
+def test_analysis_jobs_of_different_runs_get_different_names():
+    """CKA jobs all write into `<run>/cka`: their job records and log files must not collide."""
+    runs = [
+        ablate.PlannedRun("cka sst", "lora", seed, [], "scripts.cka", Path(f"g/sst-lora-s{seed}/cka"), Path("x"))
+        for seed in (1, 2)
+    ]
+    assert [run.name for run in runs] == ["sst-lora-s1-cka", "sst-lora-s2-cka"]
+    training = ablate.PlannedRun("sst", "lora", 1, [], "train", Path("g/sst-lora-s1"))
+    assert training.name == "sst-lora-s1"
 
 
 def test_bad_slurm_fields_transfer_pairs_and_transfer_manifest_are_named(tmp_path, tokenizer_dir, capsys):
