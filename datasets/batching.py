@@ -68,13 +68,43 @@ def make_batches(
     return batches
 
 
+# Static shapes (the fast training step, train/graphs.py): a batch pads to the smallest of these
+# lengths that holds it (or to the task's cap), so a whole epoch sees at most len(LENGTH_BUCKETS) + 1
+# distinct lengths, each captured once as a CUDA graph.
+LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
+
+
+def bucket_length(longest: int, cap: int) -> int:
+    """The static length a batch whose longest sequence is `longest` pads to (never above `cap`)."""
+    if longest > cap:
+        raise ValueError(f"a sequence of {longest} tokens is longer than the cap {cap}")
+    return min([b for b in LENGTH_BUCKETS if b >= longest] + [cap])
+
+
+def static_lengths(cap: int) -> list[int]:
+    """Every length `bucket_length` can return under `cap` (the documented bound on distinct shapes)."""
+    return sorted({bucket_length(n, cap) for n in range(1, cap + 1)})
+
+
 def collate(
-    sequences: Sequence[Sequence[int]], side: str = "right", pad_id: int = PAD_ID
+    sequences: Sequence[Sequence[int]],
+    side: str = "right",
+    pad_id: int = PAD_ID,
+    length: int | None = None,
+    rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both (B, longest), padded on `side`."""
+    """(input_ids, attention_mask), both (B, longest), padded on `side`. Static shapes: `length` pads
+    to that many positions, `rows` adds all-padding rows (mask 0) up to that batch size."""
     longest = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    if length is not None:
+        if length < longest:
+            raise ValueError(f"length {length} is shorter than the batch's longest sequence ({longest})")
+        longest = length
+    if rows is not None and rows < len(sequences):
+        raise ValueError(f"rows {rows} is fewer than the batch's {len(sequences)} sequences")
+    count = rows or len(sequences)
+    ids = torch.full((count, longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((count, longest), dtype=torch.long)
     for row, seq in enumerate(sequences):
         if side == "right":
             ids[row, : len(seq)] = torch.tensor(seq)

@@ -162,8 +162,16 @@ class GPT2Model(nn.Module):
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         validate: bool = True,
+        right_padded: bool = False,
     ) -> GPT2Output:
+        """`right_padded=True` promises that every row's padding (mask 0) comes after its real tokens,
+        as the training batches are collated. Under causal attention no real query can then see a
+        padded key and real tokens sit at positions 0..n-1, so the stack runs the plain causal path
+        (the fused kernel, no mask built, no branch filtering padding): exact at every real position,
+        with no host sync. The mask stays the caller's to use (heads, the loss)."""
         past = kv_cache.length if kv_cache is not None else 0
+        if right_padded and kv_cache is None and position_ids is None:
+            attention_mask = None
         # Under torch.compile nothing here may read a tensor's value: no validation, and a given mask
         # is always applied. Eagerly, validation answers "is anything padded?" in the same sync;
         # generation validates the prompt once and passes no mask when nothing is padded.
@@ -177,11 +185,12 @@ class GPT2Model(nn.Module):
         if extra:  # right padding: causal attention keeps it invisible to the real tokens
             input_ids = nn.functional.pad(input_ids, (0, extra))
             position_ids = nn.functional.pad(position_ids.expand(input_ids.shape[0], -1), (0, extra))
-            attention_mask = nn.functional.pad(
-                attention_mask if attention_mask is not None else input_ids.new_ones(input_ids.shape[0], q_len),
-                (0, extra),
-            )
-            padded = True
+            if not right_padded:
+                attention_mask = nn.functional.pad(
+                    attention_mask if attention_mask is not None else input_ids.new_ones(input_ids.shape[0], q_len),
+                    (0, extra),
+                )
+                padded = True
         padding = attention_mask.bool() if padded else None
         mask = build_attention_mask(padding, q_len + extra, past, input_ids.device, compute_dtype(self.wte.weight))
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
@@ -247,18 +256,23 @@ class GPT2LMHeadModel(nn.Module):
         kv_cache: KVCache | None = None,
         labels: torch.Tensor | None = None,
         return_logits: bool | None = None,
+        validate: bool = True,
+        right_padded: bool = False,
     ) -> GPT2Output:
         """`labels` (B, T) follow HF's convention (shifted inside; -100 ignored; padding positions are
         ignored too). With labels the loss goes through the fused LM-head cross-entropy and the full
-        logits are not materialised unless `return_logits=True`."""
-        out = self.transformer(input_ids, attention_mask, position_ids, kv_cache)
+        logits are not materialised unless `return_logits=True`. `validate=False` skips the input
+        checks (and their host sync) for ids already checked; `right_padded`: see GPT2Model.forward."""
+        out = self.transformer(
+            input_ids, attention_mask, position_ids, kv_cache, validate=validate, right_padded=right_padded
+        )
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(input_ids.shape)}")
             targets = next_token_targets(input_ids, labels, attention_mask)
             hidden = out.last_hidden_state
             out.loss = linear_cross_entropy(
-                hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1)
+                hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1), check=validate
             )
         if return_logits or (return_logits is None and labels is None):
             out.logits = self.lm_head(out.last_hidden_state)

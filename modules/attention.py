@@ -79,6 +79,10 @@ class CausalSelfAttention(nn.Module):
         qkv = self.c_attn(x)  # (B, T, 3C)
         for adapter in self.qkv_adapters.values():
             qkv = adapter(x, qkv)
+        if torch.is_autocast_enabled(qkv.device.type):
+            # Some adapted projections (peft's VeRA and LoHa) answer in float32 under autocast; attention
+            # then runs in the run's precision anyway (the flash kernel, as for every other method).
+            qkv = qkv.to(torch.get_autocast_dtype(qkv.device.type))
         # (B, T, 3, H, D) -> 3 x (B, H, T, D)
         q, k, v = qkv.view(batch, seq, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         past = 0

@@ -12,7 +12,7 @@ Parameter namespace: `parallel_branches.graph.*`.
 Backends (same parameters, same maths, agree to ≤ 1e-5):
 * `gatconv`: torch_geometric's GATConv over ONE edge_index for the whole batch, built with tensor
   ops (a banded lower-triangular pattern offset per sequence, no Python loop over tokens or
-  sequences). The per-length pattern is LRU-cached (8 lengths); the batch's edges, with those that
+  sequences). The per-length pattern is LRU-cached (64 shapes); the batch's edges, with those that
   touch padding dropped, are built once per forward and shared by every layer.
 * `dense`: a masked dense softmax over (B, H, T, T) scores; also used by KV-cache decoding
   (it keeps z and a_srcᵀz of past tokens in the cache), whatever the backend.
@@ -25,6 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,7 +49,10 @@ def check_graph(config: Any) -> None:
 
 
 _BANDS: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-_BAND_CACHE_SIZE = 8  # distinct (length, window, device) patterns kept; each is O(T²/2) ints, not O(B·T²)
+# Distinct (length, window, device) patterns kept; each is O(T²/2) ints, not O(B·T²). A captured CUDA
+# graph (train/graphs.py) reads its length's pattern at every replay, so the pattern must outlive the
+# graph: the fast step's static shapes stay far below this bound (at most 8 lengths a task).
+_BAND_CACHE_SIZE = 64
 _LAST_EDGES: dict[str, Any] = {}  # the edges of the current forward (one entry), shared by every layer
 
 
@@ -58,11 +62,13 @@ def causal_band(seq: int, window: int | None, device: torch.device) -> tuple[tor
     if key in _BANDS:
         _BANDS.move_to_end(key)
         return _BANDS[key]
-    pos = torch.arange(seq, device=device)
+    # Built on the host with numpy, then copied: a `nonzero` on the device would make the host wait
+    # for the GPU (and break CUDA graph capture) the first time each length is seen.
+    pos = np.arange(seq)
     band = pos[None, :] <= pos[:, None]  # [i, j]: j <= i
     if window is not None:
         band &= (pos[:, None] - pos[None, :]) < window
-    dst, src = band.nonzero(as_tuple=True)
+    dst, src = (torch.from_numpy(index).to(device) for index in np.nonzero(band))
     _BANDS[key] = (src, dst)
     while len(_BANDS) > _BAND_CACHE_SIZE:
         _BANDS.popitem(last=False)
@@ -80,14 +86,18 @@ def batch_edges(batch: int, seq: int, window: int | None, padding_mask: torch.Te
     """The batch's edges without any that touch padding, built once per forward: every layer gets
     the same padding_mask object, so later layers reuse the first layer's result."""
     key = (batch, seq, window, str(device))
+    # While a CUDA graph is being captured, the edges are computed inside it (from the cached pattern),
+    # never taken from or left in this cache: a graph must not read a tensor that may be freed later.
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     last = _LAST_EDGES.get("entry")
-    if last is not None and last[0] == key and last[1]() is padding_mask:
+    if not capturing and last is not None and last[0] == key and last[1]() is padding_mask:
         return last[2]
     edges = causal_edge_index(batch, seq, window, device)
     if padding_mask is not None:
         valid = padding_mask.reshape(-1)
         edges = edges[:, valid[edges[0]] & valid[edges[1]]]
-    _LAST_EDGES["entry"] = (key, (lambda: None) if padding_mask is None else weakref.ref(padding_mask), edges)
+    if not capturing:
+        _LAST_EDGES["entry"] = (key, (lambda: None) if padding_mask is None else weakref.ref(padding_mask), edges)
     return edges
 
 

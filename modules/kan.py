@@ -5,14 +5,18 @@
 Grid: G intervals on [lo, hi], spacing h = (hi - lo) / G, knots t_m = lo + (m - k) h for
 m = 0..G+2k, so there are G + k bases of order k (1: piecewise linear, 2: quadratic, 3: cubic).
 
-Fast bases: on a uniform grid every basis is a shifted cardinal B-spline, so for x in interval m
-(u = (x - lo)/h, m = ⌊u⌋, f = u - m) only B_m..B_{m+k} are non-zero and their values are fixed
-polynomials of f: w = [1, f, …, f^k] · M_k (closed form, one small matmul, no Cox–de Boor recursion).
-Memory-lean: the autograd function saves only x and recomputes the bases in backward instead of
-keeping them (and the recursion's intermediates) alive, and it builds the dense (rows, in, G+k) bases
-one row block at a time (`CHUNK_ELEMENTS`), so its temporaries do not grow with B·T. The spline
-matmul stays a dense GEMM over all G+k bases: a gather of only the k+1 non-zero ones
-(`embedding_bag` with per-sample weights) does half the FLOPs but measured 7x slower on CPU.
+Fast bases: on a uniform grid every basis is a shifted cardinal B-spline, B_j(x) = N_k(u - j + k)
+with u = (x - lo)/h, and N_k has a closed piecewise-polynomial form (`_cardinal`). So the dense
+(…, in, G+k) bases and their derivatives are one elementwise expression over u and the shifts: no
+Cox–de Boor recursion, no index tensors, no scatter or gather, and on CUDA torch.compile turns it
+into one kernel (`_fused_bases`). Memory-lean: the autograd function saves only x and recomputes
+the bases in backward instead of keeping them (and the recursion's intermediates) alive, and it
+builds the bases one row block at a time (`CHUNK_ELEMENTS`), so its temporaries do not grow with
+B·T. The spline matmul is a dense GEMM over all G+k bases (a gather of only the k+1 non-zero ones,
+`embedding_bag` with per-sample weights, does fewer FLOPs but measured 7x slower on CPU).
+
+Precision: the bases and the spline GEMM run in the coefficients' dtype (float32) with autocast off,
+so the bases keep their partition of unity; the layer's output is cast back to the run's precision.
 
 Out-of-grid inputs are CLAMPED to [lo, hi] for the spline term (the spline is constant beyond the
 grid and its slope there is zero), never silently zeroed as on a grid whose bases all vanish; the
@@ -36,58 +40,71 @@ from torch import nn
 
 from modules.mlp import gelu_tanh
 
-# Rows: powers f^0..f^k; columns: the k+1 non-zero bases B_m..B_{m+k} on one interval.
-_CARDINAL = {
-    1: [[1.0, 0.0], [-1.0, 1.0]],
-    2: [[0.5, 0.5, 0.0], [-1.0, 1.0, 0.0], [0.5, -1.0, 0.5]],
-    3: [
-        [1 / 6, 4 / 6, 1 / 6, 0.0],
-        [-3 / 6, 0.0, 3 / 6, 0.0],
-        [3 / 6, -6 / 6, 3 / 6, 0.0],
-        [-1 / 6, 3 / 6, -3 / 6, 1 / 6],
-    ],
-}
 BASE_FUNCTIONS = {"silu": F.silu, "identity": lambda x: x, "gelu": gelu_tanh}
+SUPPORTED_ORDERS = (1, 2, 3)
 
 
-@functools.lru_cache(maxsize=32)
-def _cardinal_matrix(order: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # Built once per (order, dtype, device), not on every forward and backward of every layer.
-    return torch.tensor(_CARDINAL[order], dtype=dtype, device=device)
+def _cardinal(s: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cardinal B-spline N_k(s) of `order` k (support [0, k+1]) and dN/ds, elementwise, in the
+    symmetric form r = |s - (k+1)/2|:
+        k=1: 1 - r                                   (r < 1)
+        k=2: 3/4 - r²  (r < 1/2),  (3/2 - r)²/2       (1/2 ≤ r < 3/2)
+        k=3: 2/3 - r² + r³/2  (r < 1),  (2 - r)³/6    (1 ≤ r < 2)
+    and 0 beyond. Pure elementwise maths: no indices, no scatter, so it fuses into one kernel."""
+    centre = (order + 1) / 2
+    d = s - centre
+    r = d.abs()
+    sign = torch.sign(d)
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    if order == 1:
+        inner = r < 1
+        return torch.where(inner, 1 - r, zero), torch.where(inner, -sign, zero)
+    if order == 2:
+        outer_r = (1.5 - r).clamp(min=0)
+        value = torch.where(r < 0.5, 0.75 - r * r, 0.5 * outer_r * outer_r)
+        slope = torch.where(r < 0.5, -2 * r, -outer_r)
+        return value, sign * slope
+    outer_r = (2 - r).clamp(min=0)
+    value = torch.where(r < 1, 2 / 3 - r * r + 0.5 * r * r * r, outer_r * outer_r * outer_r / 6)
+    slope = torch.where(r < 1, -2 * r + 1.5 * r * r, -0.5 * outer_r * outer_r)
+    return value, sign * slope
 
 
-def _local_bases(x: torch.Tensor, lo: float, h: float, grid_size: int, order: int, derivative: bool = False):
-    """Index of the first non-zero basis (…, in) and the k+1 values (…, in, k+1) [and d/dx]."""
+def dense_bases(
+    x: torch.Tensor, lo: float, h: float, grid_size: int, order: int, derivative: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """All G+k B-spline bases of a uniform grid at x (…, in) -> (…, in, G+k), inputs clamped to
+    [lo, hi], and, with `derivative`, d bases / dx (zero where x was clamped: the spline is constant
+    beyond the grid). On the grid u = (x - lo)/h basis j is the cardinal spline N_k(u - j + k)."""
     u = (x - lo) / h
     inside = (u >= 0) & (u <= grid_size)
-    u = u.clamp_(0, grid_size)
-    m = u.floor().clamp_(max=grid_size - 1)
-    f = (u - m).unsqueeze(-1)
-    if order == 1:  # hat functions: the common LoRA-KAN case, without the power matrix
-        values = torch.cat([1 - f, f], dim=-1)
-        slopes = None
-        if derivative:
-            slope = (inside.to(x.dtype) / h).unsqueeze(-1)
-            slopes = torch.cat([-slope, slope], dim=-1)
-        return m.long(), values, slopes
-    coeffs = _cardinal_matrix(order, x.dtype, x.device)  # (k+1, k+1)
-    powers = torch.cat([torch.ones_like(f)] + [f**p for p in range(1, order + 1)], dim=-1)
-    values = powers @ coeffs
+    u = u.clamp(0, grid_size)
+    shifts = torch.arange(grid_size + order, dtype=x.dtype, device=x.device) - order
+    values, slopes = _cardinal(u.unsqueeze(-1) - shifts, order)
     if not derivative:
-        return m.long(), values, None
-    dpowers = torch.cat(
-        [torch.zeros_like(f), torch.ones_like(f)] + [p * f ** (p - 1) for p in range(2, order + 1)], dim=-1
-    )
-    slopes = (dpowers @ coeffs) / h * inside.unsqueeze(-1).to(x.dtype)  # zero slope where clamped
-    return m.long(), values, slopes
+        return values, None
+    return values, slopes * (inside.to(x.dtype) / h).unsqueeze(-1)
 
 
 def bspline_bases(x: torch.Tensor, lo: float, h: float, grid_size: int, order: int) -> torch.Tensor:
     """Dense B-spline bases (…, in, G+k) of a uniform grid, inputs clamped to [lo, hi]."""
-    m, values, _ = _local_bases(x, lo, h, grid_size, order)
-    index = m.unsqueeze(-1) + torch.arange(order + 1, device=x.device)
-    out = x.new_zeros(*x.shape, grid_size + order)
-    return out.scatter_(-1, index, values)
+    return dense_bases(x, lo, h, grid_size, order)[0]
+
+
+_COMPILED: dict[bool, object] = {}
+
+
+def _fused_bases(x: torch.Tensor, lo: float, h: float, grid_size: int, order: int, derivative: bool = False):
+    """`dense_bases`, on CUDA compiled into one kernel by torch.compile (eagerly it is ~15 passes over
+    the (rows, in, G+k) tensor, which made LoRA-KAN 12x LoRA's step on an H200). One compile serves
+    every shape (dynamic=True); the CPU keeps the eager form (compiling costs more than it saves there)."""
+    if x.device.type != "cuda" or torch.compiler.is_compiling():
+        return dense_bases(x, lo, h, grid_size, order, derivative)
+    if derivative not in _COMPILED:
+        _COMPILED[derivative] = torch.compile(
+            functools.partial(dense_bases, derivative=derivative), dynamic=True, fullgraph=True
+        )
+    return _COMPILED[derivative](x, lo, h, grid_size, order)
 
 
 CHUNK_ELEMENTS = 1 << 23  # dense-basis elements per row block (32 MiB in float32)
@@ -112,7 +129,8 @@ class _SplineLinear(torch.autograd.Function):
         flat = coeff.flatten(1).t()  # (in·(G+k), out)
         out = x.new_empty(x.shape[0], coeff.shape[0])
         for rows in _row_blocks(x.shape[0], x.shape[1], grid_size + order):
-            torch.matmul(bspline_bases(x[rows], lo, h, grid_size, order).flatten(1), flat, out=out[rows])
+            bases = _fused_bases(x[rows], lo, h, grid_size, order)[0]
+            torch.matmul(bases.flatten(1), flat, out=out[rows])
         return out
 
     @staticmethod
@@ -122,16 +140,13 @@ class _SplineLinear(torch.autograd.Function):
         need_x, need_coeff = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = torch.empty_like(x) if need_x else None
         grad_coeff = torch.zeros_like(coeff).flatten(1) if need_coeff else None
-        offsets = torch.arange(order + 1, device=x.device)
         for rows in _row_blocks(x.shape[0], x.shape[1], grid_size + order):
-            m, values, slopes = _local_bases(x[rows], lo, h, grid_size, order, derivative=need_x)
-            index = m.unsqueeze(-1) + offsets
+            bases, slopes = _fused_bases(x[rows], lo, h, grid_size, order, derivative=need_x)
             if need_coeff:
-                bases = x.new_zeros(*values.shape[:-1], grid_size + order).scatter_(-1, index, values)
                 grad_coeff.addmm_(grad_out[rows].t(), bases.flatten(1))
             if need_x:
-                grad_bases = (grad_out[rows] @ coeff.flatten(1)).view(*m.shape, grid_size + order)
-                grad_x[rows] = (grad_bases.gather(-1, index) * slopes).sum(-1)
+                grad_bases = (grad_out[rows] @ coeff.flatten(1)).view_as(bases)
+                grad_x[rows] = (grad_bases * slopes).sum(-1)
         return grad_x, None if grad_coeff is None else grad_coeff.view_as(coeff), None, None, None, None
 
 
@@ -149,8 +164,8 @@ class KANLinear(nn.Module):
         spline_noise: float = 0.1,
     ) -> None:
         super().__init__()
-        if spline_order not in _CARDINAL:
-            raise ValueError(f"spline_order must be one of {sorted(_CARDINAL)}, got {spline_order}")
+        if spline_order not in SUPPORTED_ORDERS:
+            raise ValueError(f"spline_order must be one of {list(SUPPORTED_ORDERS)}, got {spline_order}")
         if base not in BASE_FUNCTIONS:
             raise ValueError(f"unknown KAN base function {base!r}; choose from {list(BASE_FUNCTIONS)}")
         if grid_size < 1 or not grid_range[0] < grid_range[1]:
@@ -190,7 +205,8 @@ class KANLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        y = F.linear(self.base_fn(flat), self.base_weight, self.bias) + self.spline(flat)
+        base = F.linear(self.base_fn(flat), self.base_weight, self.bias)
+        y = base + self.spline(flat).to(base.dtype)  # the run's precision out (bf16 under autocast)
         return y.view(*shape[:-1], self.out_features)
 
     # ---- grid update that keeps the function ----

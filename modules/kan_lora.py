@@ -90,7 +90,10 @@ class KANLoRALinear(nn.Module):
         if self.kan_magnitude is not None:  # W is frozen: its row norms carry no gradient (as in kolmg-lora)
             row_norm = self.base_layer.weight.detach().norm(dim=1).clamp(min=1e-8)
             base = base * (self.kan_magnitude / row_norm).to(base.dtype)
-        return base + self.scaling * delta
+        # The splines compute in float32 (modules/kan.py says why); the layer answers in the base
+        # projection's dtype (bf16 under autocast), so attention and the residual stream stay in the
+        # run's precision, as with plain LoRA.
+        return base + (self.scaling * delta).to(base.dtype)
 
 
 def check_kan_lora(config: Any) -> None:

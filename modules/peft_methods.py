@@ -215,6 +215,8 @@ def attach_peft(model: nn.Module, config: Any) -> None:
     # peft's own tuner class (not inject_adapter_in_model): it also builds VeRA-like shared state,
     # which the layers keep references to; the tuner wrapper itself is not kept.
     tuner_class(model, peft_config_for(config), adapter_name=ADAPTER_NAME)
+    for _, layer in tuner_layers(model):
+        layer.register_forward_hook(_answer_in_run_precision)
     frozen_new = [n for n, p in model.named_parameters() if ADAPTER_NAME in n.split(".") and not p.requires_grad]
     for name in frozen_new:  # peft keeps these fixed (e.g. random projections): buffers, never trained
         owner_name, _, leaf = name.rpartition(".")
@@ -222,6 +224,17 @@ def attach_peft(model: nn.Module, config: Any) -> None:
         tensor = getattr(owner, leaf).detach()
         delattr(owner, leaf)
         owner.register_buffer(leaf, tensor)
+
+
+def _answer_in_run_precision(module: nn.Module, args: tuple, output: Any) -> Any:
+    """Some peft layers (VeRA, LoHa) answer in float32 under bf16 autocast (their delta is computed
+    from float32 factors); cast back, so attention, the MLP and the residual stream run in the run's
+    precision for every method alike, and methods in one grid compare at one precision."""
+    if isinstance(output, torch.Tensor) and output.is_floating_point():
+        kind = output.device.type
+        if torch.is_autocast_enabled(kind) and output.dtype != torch.get_autocast_dtype(kind):
+            return output.to(torch.get_autocast_dtype(kind))
+    return output
 
 
 def tuner_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

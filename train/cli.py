@@ -232,6 +232,13 @@ def build_parser(description: str) -> ArgumentParser:
         "reuse a few graphs; default: off)",
     )
     opt.add_argument(
+        "--fast_step",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="static batch shapes (length buckets, a fixed batch size) and, on CUDA, the whole training step "
+        "as CUDA graphs (train/graphs.py); auto = on for CUDA, off elsewhere (default: %(default)s)",
+    )
+    opt.add_argument(
         "--grad_checkpointing",
         action="store_true",
         help="recompute each block's activations in backward instead of storing them (less memory, ~30%% more "
@@ -377,10 +384,11 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def autocast_for(device: str, precision: str) -> torch.autocast:
+def autocast_for(device: str, precision: str, cache: bool = True) -> torch.autocast:
     """bf16 autocast for a resolved precision of `bf16`, a no-op context for `fp32`; training, its
-    evaluations and `train.evaluate` all compute under this one context, so they score alike."""
-    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16")
+    evaluations and `train.evaluate` all compute under this one context, so they score alike.
+    `cache=False` inside a CUDA graph (autocast's cache of bf16 weight copies would be baked in)."""
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=cache)
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ from model.files import atomic_write_json
 from model.trainable import build_optimizer, set_trainable
 from modules.registry import auxiliary_loss, enabled_variants, variant_state
 from train import checkpoint as ckpt
-from train import distributed, lifecycle
+from train import distributed, graphs, lifecycle
 from train.cli import autocast_for, config_overrides, resolve_precision
 from train.distributed import device_synchronize
 from train.runs import (
@@ -63,9 +63,9 @@ class TaskModel(nn.Module):
         self.objectives = objectives
         self.device_name = device
 
-    def forward(self, task: str, batch: list[int]) -> torch.Tensor:
+    def forward(self, task: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         head = self.heads[task] if task in self.heads else None
-        return self.objectives[task].loss(self.model, head, batch, self.device_name)
+        return self.objectives[task].loss_on(self.model, head, inputs)
 
 
 def lr_lambda(schedule: str, warmup: float, total: int):
@@ -225,6 +225,7 @@ def train(
     objectives = {cls.name: cls(tokenizer, folder, args, config.n_positions) for cls in task_classes}
     for objective in objectives.values():
         objective.check_training_data()  # e.g. a --train_fraction missing a label: refused before weights load
+        objective.check_token_ids(config.vocab_size)  # once here, so no training step checks (or syncs)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     model = GPT2LMHeadModel.from_pretrained(args.model, **config_overrides(args)).to(device)
@@ -244,7 +245,19 @@ def train(
         wrapped = nn.parallel.DistributedDataParallel(task_model, find_unused_parameters=len(objectives) > 1)
         # Every rank built the same weights from the run's seed; dropout now gets its own stream per rank.
         torch.manual_seed(distributed.rank_seed(args.seed, rank))
+    # The fast step (train/graphs.py): static shapes always; the whole step as CUDA graphs where it can.
+    fast_step = getattr(args, "fast_step", "auto")
+    fast = fast_step == "on" or (fast_step == "auto" and device.startswith("cuda"))
+    static_rows = args.batch_size if fast else None
+    not_captured = (
+        graphs.why_not_captured(device, world, args.grad_accum, args.grad_checkpointing, len(objectives))
+        if fast
+        else None
+    )
+    capture = fast and not_captured is None
     fused = {"fused": True} if device.startswith("cuda") else {}  # one kernel for all parameters
+    if capture:
+        fused["capturable"] = True  # its step count and lr live on the device, so a graph can hold it
     optimizer = build_optimizer(model, args.lr, args.weight_decay, heads=heads.values(), **fused)
 
     steps_per_epoch = math.ceil(len(epoch_schedule(objectives, args, 0, rank, world)) / args.grad_accum)
@@ -347,6 +360,19 @@ def train(
         enabled=main_process,
     )
     console = Console(main_process, total_steps, progress["step"], name, args.log_every)
+    if fast and not_captured is not None and main_process:
+        console.message(f"fast step: static shapes, eager (no CUDA graphs: {not_captured})")
+    task_weights = getattr(args, "task_weights", {})
+
+    def step_loss(task: str, inputs: dict[str, torch.Tensor], autocast_context) -> torch.Tensor:
+        with autocast_context:
+            loss = wrapped(task, inputs) * task_weights.get(task, 1.0)
+            if (extra := auxiliary_loss(model, config)) is not None:  # e.g. the KAN regulariser
+                loss = loss + extra
+        return loss
+
+    captured = None  # CapturedSteps, made after the first (eager) step measured no host sync
+    autocast_static = autocast_for(device, precision, cache=False)  # a graph must not bake in autocast's cache
 
     # Under torchrun rank 0 writes on a thread, so the other ranks never wait in a collective for its disk.
     writer = ckpt.BackgroundWriter() if world > 1 and main_process else None
@@ -446,41 +472,75 @@ def train(
             schedule = epoch_schedule(objectives, args, progress["epoch"], rank, world)
             while progress["position"] < len(schedule):
                 group = schedule[progress["position"] : progress["position"] + args.grad_accum]
-                losses = []
-                for index, (task, batch) in enumerate(group):
-                    # DDP all-reduces gradients on the last micro-batch only
-                    last_micro = index == len(group) - 1 or world == 1
-                    with contextlib.nullcontext() if last_micro else wrapped.no_sync():
-                        with autocast:
-                            loss = wrapped(task, batch) * getattr(args, "task_weights", {}).get(task, 1.0)
-                            if (extra := auxiliary_loss(model, config)) is not None:  # e.g. the KAN regulariser
-                                loss = loss + extra
-                        (loss / len(group)).backward()
-                    losses.append(loss.detach().float())
+                if captured is not None and pending is None:
+                    # The whole step is one graph replay; AdamW skipped itself on the device if the
+                    # loss or gradient norm is not finite, so the guard below still stops healthy weights.
+                    ((task, batch),) = group
+                    loss_t, norm_t = captured.step(task, objectives[task].inputs(batch, static_rows))
+                    loss_value, grad_norm_value = torch.stack([loss_t, norm_t]).tolist()  # the step's one sync
+                    loss_values = [loss_value]
                     tokens_since += objectives[task].batch_tokens(batch)
-                grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), args.max_grad_norm)
-                # The step's one host sync: every micro-batch loss and the gradient norm at once.
-                *loss_values, grad_norm_value = torch.stack([*losses, grad_norm.float().to(losses[0].device)]).tolist()
-                spike = None
-                for (task, _), value in zip(group, loss_values, strict=True):
-                    problem = guard.check(task, value)
-                    if problem and not math.isfinite(value):
-                        raise diverged(task, value, problem)
-                    spike = spike or problem
-                if pending is not None:
+                    spike = guard.check(task, loss_value)
+                    if spike and not math.isfinite(loss_value):
+                        raise diverged(task, loss_value, spike)
+                    if not math.isfinite(grad_norm_value):
+                        raise diverged(task, loss_value, f"non-finite gradient norm ({grad_norm_value})")
                     if spike:
-                        console.message(
-                            f"step {progress['step'] + 1}: {spike}; the checkpoint of step {pending[0]['step']} "
-                            f"(whose weights gave it) is not kept"
-                        )
-                    else:
-                        save("last", pending)
-                    pending = None
-                elif spike:
-                    console.message(f"step {progress['step'] + 1}: {spike}")
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                        console.message(f"step {progress['step'] + 1}: {spike}")
+                    scheduler.step()
+                else:
+                    losses = []
+                    syncs = graphs.SyncCounter() if capture and captured is None else None
+                    for index, (task, batch) in enumerate(group):
+                        inputs = {k: v.to(device) for k, v in objectives[task].inputs(batch, static_rows).items()}
+                        # DDP all-reduces gradients on the last micro-batch only
+                        last_micro = index == len(group) - 1 or world == 1
+                        with contextlib.nullcontext() if last_micro else wrapped.no_sync():
+                            with syncs if syncs is not None else contextlib.nullcontext():
+                                loss = step_loss(task, inputs, autocast)
+                                (loss / len(group)).backward()
+                        losses.append(loss.detach().float())
+                        tokens_since += objectives[task].batch_tokens(batch)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), args.max_grad_norm)
+                    # The step's one host sync: every micro-batch loss and the gradient norm at once.
+                    *loss_values, grad_norm_value = torch.stack(
+                        [*losses, grad_norm.float().to(losses[0].device)]
+                    ).tolist()
+                    spike = None
+                    for (task, _), value in zip(group, loss_values, strict=True):
+                        problem = guard.check(task, value)
+                        if problem and not math.isfinite(value):
+                            raise diverged(task, value, problem)
+                        spike = spike or problem
+                    if pending is not None:
+                        if spike:
+                            console.message(
+                                f"step {progress['step'] + 1}: {spike}; the checkpoint of step {pending[0]['step']} "
+                                f"(whose weights gave it) is not kept"
+                            )
+                        else:
+                            save("last", pending)
+                        pending = None
+                    elif spike:
+                        console.message(f"step {progress['step'] + 1}: {spike}")
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=not capture)  # captured graphs keep the .grad tensors
+                    if syncs is not None:
+                        if syncs.total:
+                            capture = False
+                            console.message(
+                                "fast step: static shapes, eager (no CUDA graphs: this variant's layers sync with "
+                                f"the host {syncs.total} time(s) per step: {dict(syncs.counts)})"
+                            )
+                        else:
+                            captured = graphs.CapturedSteps(
+                                lambda task, inputs: step_loss(task, inputs, autocast_static),
+                                list(trainable.values()),
+                                optimizer,
+                                args.max_grad_norm,
+                                device,
+                            )
                 progress["position"] += len(group)
                 progress["step"] += 1
                 device_synchronize(device)  # the clock must see the step finish on the device

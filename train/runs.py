@@ -67,6 +67,7 @@ IDENTITY_EXCLUDED = {
     "overwrite",
     "extend_epochs",
     "compile",  # how the same maths is executed, not what it computes
+    "fast_step",
     "grad_checkpointing",
     "argv",
 }

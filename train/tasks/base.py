@@ -98,8 +98,30 @@ class Task:
     def batches(self, epoch: int, batch_size: int, seed: int, bucket: bool = True) -> list[list[int]]:
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, head: nn.Module | None, batch: list[int], device: str) -> torch.Tensor:
+    def inputs(self, batch: list[int], rows: int | None = None) -> dict[str, torch.Tensor]:
+        """The batch as CPU tensors, right-padded. `rows` (static shapes, the fast step): the length
+        pads to a bucket (datasets.batching.bucket_length) and the batch to `rows` rows, the extra
+        rows all padding and ignored by the loss, so an epoch sees a bounded set of shapes."""
         raise NotImplementedError
+
+    def loss_on(self, model: nn.Module, head: nn.Module | None, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's loss from `inputs` already on the model's device. No host sync: the ids were
+        checked once (`check_token_ids`), the batch is right-padded (see GPT2Model.forward)."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, head: nn.Module | None, batch: list[int], device: str) -> torch.Tensor:
+        inputs = {key: value.to(device) for key, value in self.inputs(batch).items()}
+        return self.loss_on(model, head, inputs)
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Raise ValueError when a training token id is outside the model's vocabulary (checked once
+        here, on the host, so the training step itself never needs to)."""
+        highest = max((max(ids) for ids in self.encoded.ids), default=0)
+        if highest >= vocab_size:
+            raise ValueError(
+                f"{self.name}: the training data has token id {highest}, outside the model's vocabulary "
+                f"[0, {vocab_size}); use the model's own tokenizer"
+            )
 
     def batch_tokens(self, batch: list[int]) -> int:
         raise NotImplementedError

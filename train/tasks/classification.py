@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datasets.batching import collate, encode, make_batches, padding_fraction
+from datasets.batching import bucket_length, collate, encode, make_batches, padding_fraction
 from datasets.common import Example, stratified_fraction
 from train.metrics import accuracy, macro_f1
 from train.predictions import write_classification
@@ -108,11 +108,20 @@ class ClassificationTask(Task):
     def batch_tokens(self, batch: list[int]) -> int:
         return sum(len(self.encoded.ids[i]) for i in batch)
 
-    def loss(self, model: nn.Module, head: nn.Module, batch: list[int], device: str) -> torch.Tensor:
-        ids, mask = collate([self.encoded.ids[i] for i in batch], side="right")
-        ids, mask = ids.to(device), mask.to(device)
-        hidden = model(ids, attention_mask=mask, return_logits=False).last_hidden_state
-        return F.cross_entropy(head(hidden, mask), self.labels[batch].to(device))
+    def inputs(self, batch: list[int], rows: int | None = None) -> dict[str, torch.Tensor]:
+        sequences = [self.encoded.ids[i] for i in batch]
+        length = bucket_length(max(map(len, sequences)), self.max_length) if rows is not None else None
+        ids, mask = collate(sequences, side="right", length=length, rows=rows)
+        labels = torch.full((ids.shape[0],), -100, dtype=torch.long)  # padding rows: ignored by the loss
+        labels[: len(batch)] = self.labels[batch]
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def loss_on(self, model: nn.Module, head: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = inputs["attention_mask"]
+        hidden = model(
+            inputs["input_ids"], attention_mask=mask, return_logits=False, validate=False, right_padded=True
+        ).last_hidden_state
+        return F.cross_entropy(head(hidden, mask), inputs["labels"], ignore_index=-100)
 
     @torch.no_grad()
     def predict(
@@ -139,7 +148,7 @@ class ClassificationTask(Task):
         for batch in batches:
             ids, mask = collate([encoded.ids[i] for i in batch], side="right")
             ids, mask = ids.to(device), mask.to(device)
-            hidden = model(ids, attention_mask=mask, return_logits=False).last_hidden_state
+            hidden = model(ids, attention_mask=mask, return_logits=False, right_padded=True).last_hidden_state
             scores = head(hidden, mask)
             for index, label in zip(batch, scores.argmax(-1).tolist(), strict=True):
                 predictions[index] = label

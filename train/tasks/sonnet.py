@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from datasets.batching import collate, encode, make_batches
+from datasets.batching import bucket_length, collate, encode, make_batches
 from datasets.sonnets import FILES, load_sonnets
 from train.metrics import chrf
 from train.predictions import write_sonnets
@@ -159,10 +159,16 @@ class Sonnet(Task):
     def batch_tokens(self, batch: list[int]) -> int:
         return sum(len(self.encoded.ids[i]) for i in batch)
 
-    def loss(self, model: nn.Module, head: None, batch: list[int], device: str) -> torch.Tensor:
-        ids, mask = collate([self.encoded.ids[i] for i in batch], side="right")
-        ids, mask = ids.to(device), mask.to(device)
-        return model(ids, attention_mask=mask, labels=ids).loss  # padding positions are ignored
+    def inputs(self, batch: list[int], rows: int | None = None) -> dict[str, torch.Tensor]:
+        sequences = [self.encoded.ids[i] for i in batch]
+        length = bucket_length(max(map(len, sequences)), self.max_length) if rows is not None else None
+        ids, mask = collate(sequences, side="right", length=length, rows=rows)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def loss_on(self, model: nn.Module, head: None, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        # padding positions (and all-padding rows) are ignored by the loss
+        return model(ids, attention_mask=mask, labels=ids, validate=False, right_padded=True).loss
 
     def evaluate(
         self,

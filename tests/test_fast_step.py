@@ -1,0 +1,297 @@
+"""The fast training step (train/graphs.py), checked on the CPU: no host sync in forward, loss and
+backward for every registered variant; zero graph breaks under fullgraph=True; the run's precision
+everywhere under bf16 autocast; a bounded set of shapes over a whole epoch of each task; and the
+static-shape step (eager and compiled with inductor) equal to the classic eager step.
+CUDA graph capture itself needs a GPU: `GPT2_TEST_DEVICE=cuda` runs test_captured_steps_match_eager."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datasets.batching import LENGTH_BUCKETS, bucket_length, collate, static_lengths
+from model import GPT2Config, GPT2LMHeadModel, load_tokenizer
+from model.heads import LastTokenClassifier
+from model.trainable import set_trainable
+from modules import attention as attention_module
+from tests.conftest import DATA_DIR, REPO, TEST_DEVICE
+from tests.variant_cases import VARIANT_CASES
+from train.graphs import CapturedSteps, count_host_syncs, why_not_captured
+from train.tasks import get_task
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=256, vocab_size=500)
+NO_DROPOUT = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, lora_dropout=0.0, graph_dropout=0.0)
+CASES = {"base": {}, **VARIANT_CASES}
+# peft methods whose own layers wait for the host inside forward/backward: the loop measures this on
+# its first step and runs them eagerly (README, "The fast step"); LoHa is the one in this matrix.
+SYNCING_CASES = {"peft_loha_r4"}
+
+
+def static_batch(seed: int = 0, rows: int = 4, cap: int = 128) -> dict[str, torch.Tensor]:
+    """A right-padded batch collated as the fast step does: a length bucket, a full batch with one
+    all-padding row, labels -100 on that row."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [int(torch.randint(3, 30, (1,), generator=gen)) for _ in range(rows - 1)]
+    sequences = [torch.randint(0, 500, (n,), generator=gen).tolist() for n in lengths]
+    ids, mask = collate(sequences, side="right", pad_id=0, length=bucket_length(max(lengths), cap), rows=rows)
+    labels = torch.full((rows,), -100)
+    labels[: rows - 1] = torch.randint(0, 3, (rows - 1,), generator=gen)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def build(case: str, seed: int = 0, **extra) -> tuple[GPT2LMHeadModel, LastTokenClassifier]:
+    torch.manual_seed(seed)
+    config = GPT2Config(**TINY, **NO_DROPOUT, **CASES[case], **extra)
+    model = GPT2LMHeadModel(config).train()
+    head = LastTokenClassifier(config.n_embd, 3, dropout=0.0)
+    set_trainable(model, config.fine_tune_mode, [head])
+    return model, head
+
+
+def fast_loss(model, head, batch) -> torch.Tensor:
+    """What the tasks' `loss_on` computes: the LM loss (sonnets) plus a classification head's loss."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    out = model(ids, attention_mask=mask, labels=ids, return_logits=False, validate=False, right_padded=True)
+    logits = head(out.last_hidden_state, mask)
+    return out.loss + F.cross_entropy(logits, batch["labels"], ignore_index=-100)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_zero_host_syncs_in_the_training_step(case):
+    model, head = build(case)
+    batch = static_batch()
+
+    def step():
+        fast_loss(model, head, batch).backward()
+
+    counts = count_host_syncs(step)
+    if case in SYNCING_CASES:
+        assert sum(counts.values()) > 0, "listed as syncing but does not: update SYNCING_CASES and the README"
+    else:
+        assert sum(counts.values()) == 0, dict(counts)
+
+
+def test_the_sync_counter_can_fail():
+    """`.item()`, boolean indexing and `nonzero` each wait for the device: the counter sees each."""
+    x = torch.randn(8)
+    counts = count_host_syncs(lambda: (x.sum().item(), x[x > 0], (x > 0).nonzero()))
+    assert counts["_local_scalar_dense"] == 1 and counts["boolean index"] == 1 and counts["nonzero"] >= 1
+
+
+# Exceptions, each inside peft's own layers (README, "The fast step"):
+GRAPH_BREAK_CASES = {
+    # peft's DoRA calls dequantize_module_weight, which reads type(weight).__module__.startswith(...)
+    "dora": "Dynamo does not know how to trace method `startswith`",
+    # peft's LoHa reads tensor values on the host (the syncs above)
+    "peft_loha_r4": "",
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_no_graph_breaks_with_fullgraph(case):
+    """The whole training forward (loss included) traces as one graph (dynamo's eager backend: the
+    trace is what breaks, whatever the backend compiles it to)."""
+    torch._dynamo.reset()
+    model, head = build(case)
+    batch = static_batch()
+    compiled = torch.compile(lambda: fast_loss(model, head, batch), backend="eager", fullgraph=True)
+    if case in GRAPH_BREAK_CASES:
+        with pytest.raises(Exception, match=GRAPH_BREAK_CASES[case]):  # still breaking: else drop the exception
+            compiled()
+        return
+    assert torch.isfinite(compiled())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_variant_computes_in_the_runs_precision(case, monkeypatch):
+    """Under bf16 autocast: attention's q, k, v and every projection's output are bf16, and every block
+    answers in the same dtype as the base model's (float32: the residual stream adds bf16 updates to
+    the float32 embeddings, for every method alike). KAN splines compute in float32 inside on purpose
+    (modules/kan.py) but their layers answer in bf16."""
+    model, head = build(case)
+    seen_sdpa, outputs = [], {}
+    real_sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, *args, **kwargs):
+        seen_sdpa.append((q.dtype, k.dtype, v.dtype))
+        return real_sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", recording_sdpa)
+    hooks = []
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("c_attn", "c_proj", "c_fc") or (name.startswith("transformer.h.") and name.count(".") == 2):
+            hooks.append(module.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o.dtype)))
+    batch = static_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast_loss(model, head, batch)
+    for hook in hooks:
+        hook.remove()
+    assert seen_sdpa and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen_sdpa), seen_sdpa
+    projections = {n: d for n, d in outputs.items() if n.rsplit(".", 1)[-1] in ("c_attn", "c_proj", "c_fc")}
+    assert projections and all(d == torch.bfloat16 for d in projections.values()), projections
+    blocks = {n: d for n, d in outputs.items() if n not in projections}
+    assert len(blocks) == TINY["n_layer"] and set(blocks.values()) == {torch.float32}, blocks
+
+
+def _task(name: str, tokenizer, **flags):
+    args = argparse.Namespace(
+        train_limit=None, dev_limit=1, test_limit=1, max_length=None, seed=0, eval_batch_size=32,
+        train_fraction=None, paraphrase_head="cloze", max_new_tokens=8, temperature=1.0, top_p=0.9,
+        top_k=None, greedy=True, **flags,
+    )  # fmt: skip
+    return get_task(name)(load_tokenizer(str(tokenizer)), DATA_DIR, args, 1024)
+
+
+@pytest.mark.parametrize("task_name", ["sst", "cfimdb", "quora", "sonnet"])
+def test_a_whole_epoch_sees_a_bounded_set_of_shapes(task_name, tokenizer_dir):
+    task = _task(task_name, tokenizer_dir)
+    batch_size = 16
+    shapes = set()
+    for batch in task.batches(0, batch_size, seed=0):
+        inputs = task.inputs(batch, rows=batch_size)
+        shapes.add(tuple(inputs["input_ids"].shape))
+        assert inputs["attention_mask"].sum() == task.batch_tokens(batch)  # no token lost, none added
+    allowed = {(batch_size, length) for length in static_lengths(task.max_length)}
+    assert shapes <= allowed, shapes - allowed
+    assert len(allowed) <= len(LENGTH_BUCKETS) + 1  # the documented bound
+    # and the classic path (no static shapes) sees many more: the bound is the fast step's doing
+    classic = {tuple(task.inputs(b)["input_ids"].shape) for b in task.batches(0, batch_size, seed=0)}
+    assert len(classic) > len(shapes)
+
+
+def test_static_lengths_and_buckets():
+    assert static_lengths(128) == [16, 32, 64, 128]
+    assert static_lengths(100) == [16, 32, 64, 100]
+    assert bucket_length(1, 128) == 16 and bucket_length(17, 128) == 32 and bucket_length(128, 128) == 128
+    with pytest.raises(ValueError, match="longer than the cap"):
+        bucket_length(129, 128)
+    ids, mask = collate([[1, 2], [3]], length=16, rows=4)
+    assert ids.shape == (4, 16) and mask.sum() == 3 and mask[2:].sum() == 0
+    with pytest.raises(ValueError, match="shorter"):
+        collate([[1, 2, 3]], length=2)
+
+
+def _classic_loss(model, head, batch):
+    """The step before the fast path: unpadded rows, the mask applied in the stack, validation on."""
+    real = batch["labels"] != -100
+    ids, mask, labels = batch["input_ids"][real], batch["attention_mask"][real], batch["labels"][real]
+    longest = int(mask.sum(-1).max())
+    ids, mask = ids[:, :longest], mask[:, :longest]
+    out = model(ids, attention_mask=mask, labels=ids, return_logits=False)
+    return out.loss + F.cross_entropy(head(out.last_hidden_state, mask), labels)
+
+
+def _train(model, head, loss_fn, steps: int, compiled: bool = False) -> list[float]:
+    params = [p for p in [*model.parameters(), *head.parameters()] if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    step_loss = torch.compile(loss_fn, backend="inductor", fullgraph=True) if compiled else loss_fn
+    losses = []
+    for step in range(steps):
+        loss = step_loss(model, head, static_batch(seed=step % 5))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("case", ["base", "lora", "kan_lora", "graph+lora"])
+def test_static_shape_step_equals_the_classic_step(case):
+    """20 AdamW steps: padding rows, bucket lengths and the mask-free right-padded stack change no
+    loss beyond float32 reassociation."""
+    classic_model, classic_head = build(case)
+    fast_model, fast_head = build(case)
+    reference = _train(classic_model, classic_head, _classic_loss, 20)
+    losses = _train(fast_model, fast_head, fast_loss, 20)
+    assert losses == pytest.approx(reference, rel=2e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_fast_step_equals_eager():
+    """The fast step compiled by inductor (CPU; on CUDA the same code is captured as CUDA graphs) gives
+    the eager losses over 20 steps within float32 reassociation (the 5 batches fall in 2 buckets)."""
+    torch._dynamo.reset()
+    eager_model, eager_head = build("lora")
+    compiled_model, compiled_head = build("lora")
+    reference = _train(eager_model, eager_head, fast_loss, 20)
+    losses = _train(compiled_model, compiled_head, fast_loss, 20, compiled=True)
+    assert losses == pytest.approx(reference, rel=1e-4, abs=1e-5)
+
+
+def test_why_not_captured_names_each_reason():
+    assert why_not_captured("cuda", 1, 1, False) is None
+    assert "CUDA device" in why_not_captured("cpu", 1, 1, False)
+    assert "multitask" in why_not_captured("cuda", 1, 1, False, tasks=2)
+    assert "processes" in why_not_captured("cuda", 2, 1, False)
+    assert "grad_accum" in why_not_captured("cuda", 1, 2, False)
+    assert "grad_checkpointing" in why_not_captured("cuda:0", 1, 1, True)
+
+
+def test_captured_steps_refuse_an_optimizer_a_graph_cannot_hold():
+    model, _ = build("lora")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    with pytest.raises(ValueError, match="capturable"):
+        CapturedSteps(lambda task, inputs: None, [], optimizer, 1.0, "cpu")
+
+
+@pytest.mark.skipif(not TEST_DEVICE.startswith("cuda"), reason="CUDA graphs need GPT2_TEST_DEVICE=cuda")
+@pytest.mark.parametrize("case", ["base", "lora", "kan_lora", "graph+lora", "kora"])
+def test_captured_steps_match_eager(case):
+    """On CUDA: 12 whole-step graph replays (two shapes, so two graphs sharing one memory pool) give the
+    eager step's losses and weights (fp32, dropout off: the same kernels, replayed)."""
+    device = TEST_DEVICE
+    results = []
+    for captured in (False, True):
+        model, head = build(case)
+        model.to(device), head.to(device)
+        params = [p for p in [*model.parameters(), *head.parameters()] if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True, capturable=True)
+        batches = [static_batch(seed=s % 2, cap=128) for s in range(13)]
+
+        def loss_fn(task, inputs, model=model, head=head):
+            return fast_loss(model, head, inputs)
+
+        def eager(inputs, params=params, optimizer=optimizer, loss_fn=loss_fn):
+            loss = loss_fn("t", {k: v.to(device) for k, v in inputs.items()})
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)
+            return loss.item()
+
+        losses = [eager(batches[0])]
+        steps = CapturedSteps(loss_fn, params, optimizer, 1.0, device) if captured else None
+        for batch in batches[1:]:
+            if steps is None:
+                losses.append(eager(batch))
+            else:
+                loss, _ = steps.step("t", batch)
+                losses.append(loss.item())
+        if steps is not None:
+            assert len(steps.graphs) == len({tuple(b["input_ids"].shape) for b in batches[1:]})
+        results.append((losses, [p.detach().cpu().clone() for p in params]))
+    (eager_losses, eager_params), (graph_losses, graph_params) = results
+    assert graph_losses == pytest.approx(eager_losses, rel=1e-5, abs=1e-6)
+    for a, b in zip(eager_params, graph_params, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_bench_gpu_smoke():
+    """`scripts/bench_gpu.py --smoke` runs every section at tiny shapes on the CPU, so it never rots."""
+    run = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_gpu.py"), "--smoke", "--steps", "1"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    for heading in ("Ours vs reference", "Every variant", "longer contexts", "Real loop"):
+        assert heading in run.stdout
+    assert "error" not in run.stdout.lower(), run.stdout
+    assert "LoRA-KAN r=8 | eager" in run.stdout

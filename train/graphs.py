@@ -1,0 +1,197 @@
+"""The fast training step: static shapes, no host sync, and on CUDA the whole step as one CUDA graph.
+
+Why: GPT-2 small at SST's lengths is launch-bound. An eager step issues ~200 kernels per block
+(forward, backward, clipping, AdamW), each a few microseconds of Python and driver time, while the
+GPU needs less than that to run them: the GPU waits for the host. Three things remove the wait:
+
+1. **Static shapes.** The loop collates every batch to a length bucket (`datasets.batching.bucket_length`:
+   16, 32, 64, ... or the task's cap) and to the full batch size (missing rows are all padding, ignored
+   by the loss), so an epoch sees at most `len(static_lengths(cap))` shapes per task.
+2. **No host sync.** Token ids are checked once when the data is encoded (`Task.check_token_ids`), the
+   batch is right-padded so the stack needs no mask (`GPT2Model.forward(right_padded=True)`), and the
+   loss keeps ignored rows by weight, not by selection. `count_host_syncs` measures it.
+3. **One CUDA graph per shape** (`CapturedSteps`), recorded once and replayed every step:
+
+       copy the batch into the graph's static buffers            (outside the graph, asynchronous)
+       forward + loss under autocast (its weight cache off)      ┐
+       backward into persistent .grad tensors                    │
+       clip_grad_norm_ (foreach, on the device)                  │ one replay
+       found_inf = !isfinite(loss) or !isfinite(norm)            │
+       fused AdamW, lr read from a device tensor, and skipped    │
+         on the device when found_inf (as GradScaler does)       │
+       gradients zeroed in place                                 ┘
+
+   The host then reads the loss and gradient norm once (the divergence guard). A non-finite loss
+   never reached the weights (AdamW skipped itself on the device and undid its step count), so the
+   run stops with the same healthy weights an eager step would have left.
+
+Where it cannot apply the step runs eagerly (with static shapes still), and the run prints one line
+saying why: not CUDA, multitask, several processes, gradient accumulation, gradient checkpointing, or a variant
+whose own layers sync with the host (measured on the first step; some peft methods do, README).
+A step whose checkpoint is pending (the loop saves the weights of step n only after step n+1's loss
+proves them healthy) also runs eagerly: the graph has already updated the weights by the time the
+host sees the loss.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_assert_async"}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts ops that make the host wait for the device: `.item()`/`bool(t)` (`_local_scalar_dense`)
+    and the data-dependent shapes (`nonzero`, `masked_select`, boolean indexing). A dispatch mode sees
+    the same ops on every device, so a CPU test counts what a GPU run would wait for. (`_assert_async`
+    does not wait on CUDA, but on the CPU it is a sync and it cannot be captured in a CUDA graph.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        if name in SYNC_OPS:
+            self.counts[name] += 1
+        elif name in ("_to_copy", "copy_") and _device_to_host(name, args, kwargs or {}):
+            self.counts["device-to-host copy"] += 1  # `.tolist()`, `.cpu()` of a GPU tensor
+        elif name in ("index", "index_put_", "index_put") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else [])
+        ):
+            self.counts["boolean index"] += 1  # its output shape is the mask's count: a sync
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def _device_to_host(name: str, args: tuple, kwargs: dict) -> bool:
+    if name == "_to_copy":
+        source, target = args[0], kwargs.get("device")
+        return source.device.type != "cpu" and target is not None and torch.device(target).type == "cpu"
+    target, source = args[0], args[1]
+    return isinstance(source, torch.Tensor) and source.device.type != "cpu" and target.device.type == "cpu"
+
+
+def count_host_syncs(fn: Callable[[], object]) -> Counter[str]:
+    """The host syncs `fn()` performs, by op."""
+    with SyncCounter() as counter:
+        fn()
+    return counter.counts
+
+
+def why_not_captured(device: str, world: int, grad_accum: int, grad_checkpointing: bool, tasks: int = 1) -> str | None:
+    """The reason the whole-step CUDA graph cannot apply to a run, or None when it can."""
+    if not device.startswith("cuda"):
+        return f"CUDA graphs need a CUDA device (this run: {device})"
+    if tasks > 1:
+        # each task's step leaves the other heads without gradients; eagerly AdamW skips them, while
+        # graphs share one set of gradient tensors (zeros would still move them through momentum)
+        return "multitask (the tasks' heads would share gradient tensors across graphs)"
+    if world > 1:
+        return "several processes (DDP's gradient all-reduce is not captured)"
+    if grad_accum > 1:
+        return "--grad_accum > 1 (one graph holds one forward and backward)"
+    if grad_checkpointing:
+        return "--grad_checkpointing (its recomputation is not captured)"
+    return None
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: dict[str, torch.Tensor]  # static buffers the graph reads
+    loss: torch.Tensor  # float32 scalar the graph writes
+    grad_norm: torch.Tensor
+
+
+class CapturedSteps:
+    """One CUDA graph per (task, input shapes): forward, loss, backward, clipping and AdamW.
+
+    `loss_fn(task, inputs) -> loss` computes the weighted loss (auxiliary terms included) under the
+    run's autocast; it must not sync. The optimizer must be a fused, capturable AdamW whose state
+    already exists (the loop's first step is eager), and `params` are exactly the parameters it trains.
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[[str, dict[str, torch.Tensor]], torch.Tensor],
+        params: list[nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        max_grad_norm: float,
+        device: str,
+    ) -> None:
+        if not all(group.get("capturable") and group.get("fused") for group in optimizer.param_groups):
+            raise ValueError("CapturedSteps needs AdamW(fused=True, capturable=True)")
+        self.loss_fn, self.params, self.optimizer = loss_fn, params, optimizer
+        self.max_grad_norm, self.device = max_grad_norm, torch.device(device)
+        self.graphs: dict[tuple, _Graph] = {}
+        self.pool = None  # one memory pool shared by every shape's graph (they never run at once)
+        # The scheduler keeps writing float learning rates into the param groups; each replay first
+        # copies them into these device tensors, which the captured AdamW reads.
+        self.lrs = [
+            torch.tensor(float(g["lr"]), dtype=torch.float32, device=self.device) for g in optimizer.param_groups
+        ]
+
+    @staticmethod
+    def key(task: str, inputs: dict[str, torch.Tensor]) -> tuple:
+        return (task, *((name, tuple(value.shape)) for name, value in sorted(inputs.items())))
+
+    def step(self, task: str, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one whole training step on CPU `inputs`; returns (loss, grad norm) device scalars,
+        valid until the next call."""
+        key = self.key(task, inputs)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._capture(task, inputs)
+        for name, value in inputs.items():
+            entry.inputs[name].copy_(value, non_blocking=True)
+        for lr, group in zip(self.lrs, self.optimizer.param_groups, strict=True):
+            lr.fill_(float(group["lr"]))
+        entry.graph.replay()
+        return entry.loss, entry.grad_norm
+
+    def _capture(self, task: str, inputs: dict[str, torch.Tensor]) -> _Graph:
+        static = {name: value.to(self.device) for name, value in inputs.items()}
+        # Warm-up on a side stream, as CUDA graph capture requires (cuBLAS workspaces, autograd's
+        # device threads); its RNG draws and gradients are undone, so training is unaffected. Its
+        # backward also allocates the gradient of every parameter the step uses (the loop's eager
+        # steps keep .grad tensors instead of freeing them once graphs are planned). Backward inside
+        # the graphs accumulates into exactly these tensors, so they are never replaced; a parameter
+        # the loss never reaches keeps no gradient, and AdamW skips it as it would eagerly.
+        with torch.random.fork_rng(devices=[self.device]):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.loss_fn(task, static).backward()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+        used = [p for p in self.params if p.grad is not None]
+        grads = [p.grad for p in used]
+        torch._foreach_zero_(grads)
+        graph = torch.cuda.CUDAGraph()
+        floats = [group["lr"] for group in self.optimizer.param_groups]
+        try:
+            for group, lr in zip(self.optimizer.param_groups, self.lrs, strict=True):
+                group["lr"] = lr
+            with torch.cuda.graph(graph, pool=self.pool):
+                loss = self.loss_fn(task, static)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(used, self.max_grad_norm, foreach=True).float()
+                loss_value = loss.detach().float()
+                self.optimizer.found_inf = (~torch.isfinite(loss_value) | ~torch.isfinite(grad_norm)).float()
+                self.optimizer.step()
+                torch._foreach_zero_(grads)
+        finally:
+            self.optimizer.found_inf = None  # eager steps must not see it
+            for group, lr in zip(self.optimizer.param_groups, floats, strict=True):
+                group["lr"] = lr
+        self.pool = graph.pool()
+        return _Graph(graph, static, loss_value, grad_norm)
