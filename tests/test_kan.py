@@ -8,7 +8,8 @@ import pytest
 import torch
 from scipy.interpolate import BSpline
 
-from modules.kan import KANLinear, bspline_bases, kan_regularization
+from modules import kan
+from modules.kan import KANLinear, bspline_bases, dense_bases, kan_regularization
 
 
 @pytest.mark.parametrize("order", [1, 2, 3])
@@ -22,6 +23,47 @@ def test_bases_equal_scipy_design_matrix(order, grid_size, lo, hi):
     ours = bspline_bases(torch.tensor(x, dtype=torch.float64), lo, h, grid_size, order).numpy()
     assert ref.shape == ours.shape == (len(x), grid_size + order)
     assert np.abs(ours - ref).max() <= 1e-6
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_closed_form_equals_scipy_and_the_local_form_with_its_derivative(order):
+    """The CUDA path's closed form (dense_bases) against scipy's design matrix and its derivative
+    (BSpline.derivative), and against the CPU path's local form, in and beyond the grid."""
+    lo, hi, grid_size = -1.5, 2.0, 5
+    h = (hi - lo) / grid_size
+    knots = lo + h * (np.arange(grid_size + 2 * order + 1) - order)
+    x = np.random.default_rng(1).uniform(lo, hi, 400)
+    values, slopes = dense_bases(torch.tensor(x, dtype=torch.float64), lo, h, grid_size, order, derivative=True)
+    identity = np.eye(grid_size + order)
+    ref_values = np.stack([BSpline(knots, identity[j], order)(x) for j in range(grid_size + order)], -1)
+    ref_slopes = np.stack([BSpline(knots, identity[j], order).derivative()(x) for j in range(grid_size + order)], -1)
+    assert np.abs(values.numpy() - ref_values).max() <= 1e-9
+    assert np.abs(slopes.numpy() - ref_slopes).max() <= 1e-8
+    wide = torch.linspace(-4, 5, 301, dtype=torch.float64)  # beyond the grid: clamped, slope 0
+    closed, closed_slope = dense_bases(wide, lo, h, grid_size, order, derivative=True)
+    assert torch.allclose(closed, bspline_bases(wide, lo, h, grid_size, order), atol=1e-12)
+    assert closed_slope[(wide < lo) | (wide > hi)].abs().max() == 0
+
+
+@pytest.mark.parametrize("closed_form", [True, False])
+def test_both_basis_paths_give_the_same_layer_and_gradients(closed_form, monkeypatch):
+    torch.manual_seed(0)
+    layer = KANLinear(6, 4, grid_size=5, spline_order=3, bias=True).double()
+    x = (torch.randn(9, 6, dtype=torch.float64) * 1.5).requires_grad_(True)
+    monkeypatch.setattr(kan, "CLOSED_FORM", not closed_form)
+    other = layer(x)
+    other_grads = torch.autograd.grad(other.sum(), (x, layer.spline_coeff))
+    monkeypatch.setattr(kan, "CLOSED_FORM", closed_form)
+    out = layer(x)
+    grads = torch.autograd.grad(out.sum(), (x, layer.spline_coeff))
+    torch.testing.assert_close(out, other, rtol=0, atol=1e-12)
+    for a, b in zip(grads, other_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    coeff = layer.spline_coeff.detach().clone().requires_grad_(True)
+    inputs = torch.tensor([[-0.83, 0.31], [0.12, 1.7], [-1.9, 0.93]], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda inp, c: kan._SplineLinear.apply(inp, c, -1.0, 0.5, 4, 3), (inputs, coeff[:, :2, :7])
+    )
 
 
 def test_outside_grid_is_clamped_not_zeroed():
