@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model.shapes import LENGTH_BUCKETS, bucket_length, static_lengths  # noqa: F401  (re-exported)
+
 log = logging.getLogger(__name__)
 PAD_ID = 50256
 
@@ -66,24 +68,6 @@ def make_batches(
     if shuffle:
         rng.shuffle(batches)
     return batches
-
-
-# Static shapes (the fast training step, train/graphs.py): a batch pads to the smallest of these
-# lengths that holds it (or to the task's cap), so a whole epoch sees at most len(LENGTH_BUCKETS) + 1
-# distinct lengths, each captured once as a CUDA graph.
-LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
-
-
-def bucket_length(longest: int, cap: int) -> int:
-    """The static length a batch whose longest sequence is `longest` pads to (never above `cap`)."""
-    if longest > cap:
-        raise ValueError(f"a sequence of {longest} tokens is longer than the cap {cap}")
-    return min([b for b in LENGTH_BUCKETS if b >= longest] + [cap])
-
-
-def static_lengths(cap: int) -> list[int]:
-    """Every length `bucket_length` can return under `cap` (the documented bound on distinct shapes)."""
-    return sorted({bucket_length(n, cap) for n in range(1, cap + 1)})
 
 
 def collate(

@@ -25,6 +25,7 @@ from model import adapters, loading
 from model.config import GPT2Config
 from model.generation import generate
 from model.losses import linear_cross_entropy, next_token_targets
+from model.shapes import bucket_length
 from modules.attention import CausalSelfAttention, KVCache, compute_dtype
 from modules.mlp import MLP
 from modules.registry import attach_variants
@@ -154,6 +155,7 @@ class GPT2Model(nn.Module):
         # Training-time switches (see --grad_checkpointing and --compile in train/cli.py).
         self.gradient_checkpointing = False
         self.pad_to_multiple = 1  # >1: right-pad inputs so compiled blocks see few distinct lengths
+        self.pad_to_bucket = False  # True: right-pad inputs to a bucket length (model/shapes.py)
 
     def forward(
         self,
@@ -181,7 +183,13 @@ class GPT2Model(nn.Module):
         q_len = input_ids.shape[1]
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, q_len, past, input_ids.device)
-        extra = (-q_len) % self.pad_to_multiple if kv_cache is None else 0
+        extra = 0
+        if kv_cache is None:
+            extra = (
+                bucket_length(q_len, self.config.n_positions) - q_len
+                if self.pad_to_bucket
+                else (-q_len) % self.pad_to_multiple
+            )
         if extra:  # right padding: causal attention keeps it invisible to the real tokens
             input_ids = nn.functional.pad(input_ids, (0, extra))
             position_ids = nn.functional.pad(position_ids.expand(input_ids.shape[0], -1), (0, extra))

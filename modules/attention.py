@@ -91,7 +91,9 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(layer_idx, k, v)
         # Without an explicit mask the fused causal kernel applies; a single query token attending
         # to a cached past needs no mask at all.
-        is_causal = attn_mask is None and seq > 1
+        # Without a cache a one-token input is causal either way, so the flag needs no look at the length
+        # (which is symbolic under torch.compile with dynamic shapes, and SDPA wants a plain bool).
+        is_causal = attn_mask is None and (kv_cache is None or seq > 1)
         if is_causal and past > 0:
             raise ValueError("a multi-token step on a non-empty KV cache needs an explicit attention mask")
         a = F.scaled_dot_product_attention(

@@ -260,7 +260,7 @@ def test_spike_is_not_checkpointed_and_resume_says_the_run_diverged(
 ):
     from train.tasks.classification import ClassificationTask
 
-    original = ClassificationTask.loss
+    original = ClassificationTask.loss_on  # the training step's loss
     calls = {"n": 0}
 
     def poisoned(self, *args, **kwargs):  # step 8: a finite spike; step 10: NaN
@@ -268,7 +268,7 @@ def test_spike_is_not_checkpointed_and_resume_says_the_run_diverged(
         loss = original(self, *args, **kwargs)
         return loss * {8: 1e6, 10: float("nan")}.get(calls["n"], 1.0)
 
-    monkeypatch.setattr(ClassificationTask, "loss", poisoned)
+    monkeypatch.setattr(ClassificationTask, "loss_on", poisoned)
     argv = sst(tiny_ckpt, tokenizer_dir, tmp_path, "--train_limit", "48", "--save_every", "1", "--epochs", "1")
     assert sentiment.main(argv) == 3
     err = capsys.readouterr().err
@@ -284,7 +284,7 @@ def test_spike_is_not_checkpointed_and_resume_says_the_run_diverged(
     assert pointer["step"] == 8
     info = json.loads((run_dir / "diverged.json").read_text())
     assert info["step"] == 10 and info["loss"] == "nan"
-    monkeypatch.setattr(ClassificationTask, "loss", original)
+    monkeypatch.setattr(ClassificationTask, "loss_on", original)
     assert sentiment.main([*argv, "--resume"]) == 0
     assert "this run diverged before (non-finite loss (nan) at step 10" in capsys.readouterr().err
 

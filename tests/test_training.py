@@ -230,7 +230,7 @@ def test_kill_and_resume_matches_uninterrupted(tiny_ckpt, tokenizer_dir, tmp_pat
 def test_nan_guard_keeps_last_good_checkpoint(tiny_ckpt, tokenizer_dir, tmp_path, monkeypatch):
     from train.tasks.classification import ClassificationTask
 
-    original = ClassificationTask.loss
+    original = ClassificationTask.loss_on  # the training step's loss
     calls = {"n": 0}
 
     def poisoned(self, *args, **kwargs):
@@ -238,7 +238,7 @@ def test_nan_guard_keeps_last_good_checkpoint(tiny_ckpt, tokenizer_dir, tmp_path
         loss = original(self, *args, **kwargs)
         return loss * float("nan") if calls["n"] == 4 else loss
 
-    monkeypatch.setattr(ClassificationTask, "loss", poisoned)
+    monkeypatch.setattr(ClassificationTask, "loss_on", poisoned)
     code = sentiment.main(
         [
             "--dataset",

@@ -195,3 +195,45 @@ class CapturedSteps:
                 group["lr"] = lr
         self.pool = graph.pool()
         return _Graph(graph, static, loss_value, grad_norm)
+
+
+class CapturedForward:
+    """Evaluation as CUDA graphs, one per input shape: `fn(inputs) -> tensor` under no_grad (the
+    model in eval mode: the graph holds no dropout), replayed on every batch of that shape. The
+    returned tensor is the graph's own output, valid until the next call with the same shape.
+
+    `fn` runs in `precision`'s autocast with its weight cache off. The first call of each shape runs
+    eagerly under a SyncCounter first: a method whose layers read values on the host cannot be
+    captured, and `usable` turns False (the caller then predicts eagerly)."""
+
+    def __init__(self, fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], device: str) -> None:
+        self.fn, self.device = fn, torch.device(device)
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
+        self.pool = None
+        self.usable = True
+        self.syncs: Counter[str] = Counter()
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The output for CPU `inputs`, or None when this method cannot be captured (`usable`)."""
+        key = tuple((name, tuple(value.shape)) for name, value in sorted(inputs.items()))
+        if key not in self.graphs:
+            static = {name: value.to(self.device) for name, value in inputs.items()}
+            with torch.no_grad():
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side), SyncCounter() as counter:
+                    self.fn(static)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                if counter.total:
+                    self.usable, self.syncs = False, counter.counts
+                    return None
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    output = self.fn(static)
+            self.pool = graph.pool()
+            self.graphs[key] = (graph, static, output)
+        graph, static, output = self.graphs[key]
+        for name, value in inputs.items():
+            static[name].copy_(value, non_blocking=True)
+        graph.replay()
+        return output

@@ -237,8 +237,6 @@ def train(
     counts = set_trainable(model, config.fine_tune_mode, heads.values())
     if args.grad_checkpointing:
         model.transformer.gradient_checkpointing = True
-    if args.compile:
-        compile_blocks(model)
     task_model = TaskModel(model, heads, objectives, device)
     wrapped: nn.Module = task_model
     if world > 1:
@@ -255,6 +253,8 @@ def train(
         else None
     )
     capture = fast and not_captured is None
+    if args.compile:
+        compile_blocks(model, static_shapes=fast)
     fused = {"fused": True} if device.startswith("cuda") else {}  # one kernel for all parameters
     if capture:
         fused["capturable"] = True  # its step count and lr live on the device, so a graph can hold it

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
@@ -22,6 +23,7 @@ from torch import nn
 
 from datasets.batching import bucket_length, collate, encode, make_batches, padding_fraction
 from datasets.common import Example, stratified_fraction
+from train.graphs import CapturedForward
 from train.metrics import accuracy, macro_f1
 from train.predictions import write_classification
 from train.tasks.base import Task, limit, sharded
@@ -142,14 +144,23 @@ class ClassificationTask(Task):
         was_training = model.training, head.training
         model.eval()
         head.eval()
+        graphed = self._captured_forward(model, head, device, encoded.ids)
         predictions = [0] * len(examples)
         logits: list[torch.Tensor | None] = [None] * len(examples)
         start = time.perf_counter()
         for batch in batches:
-            ids, mask = collate([encoded.ids[i] for i in batch], side="right")
-            ids, mask = ids.to(device), mask.to(device)
-            hidden = model(ids, attention_mask=mask, return_logits=False, right_padded=True).last_hidden_state
-            scores = head(hidden, mask)
+            sequences = [encoded.ids[i] for i in batch]
+            scores = None
+            if graphed is not None and graphed.usable:  # static shapes, one CUDA graph replay
+                length = bucket_length(max(map(len, sequences)), self.max_length)
+                ids, mask = collate(sequences, side="right", length=length, rows=batch_size)
+                scores = graphed({"input_ids": ids, "attention_mask": mask})
+                scores = None if scores is None else scores[: len(batch)]
+            if scores is None:
+                ids, mask = collate(sequences, side="right")
+                ids, mask = ids.to(device), mask.to(device)
+                hidden = model(ids, attention_mask=mask, return_logits=False, right_padded=True).last_hidden_state
+                scores = head(hidden, mask)
             for index, label in zip(batch, scores.argmax(-1).tolist(), strict=True):
                 predictions[index] = label
             if return_logits:
@@ -162,6 +173,33 @@ class ClassificationTask(Task):
         if return_logits:
             run.logits = torch.stack(logits) if examples else torch.empty(0)
         return run
+
+    def _captured_forward(self, model: nn.Module, head: nn.Module, device: str, ids: list[list[int]]):
+        """Evaluation through CUDA graphs (train/graphs.py) on CUDA, unless `--fast_step off`; one
+        CapturedForward per (model, head, precision), kept while both live. None: predict eagerly."""
+        if not str(device).startswith("cuda") or getattr(self.args, "fast_step", "auto") == "off":
+            return None
+        if max((max(row) for row in ids), default=0) >= model.config.vocab_size:
+            return None  # the eager path reports the bad id clearly
+        enabled, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+        cache = self.__dict__.setdefault("_eval_graphs", {})
+        key = (id(model), id(head), enabled, dtype)
+        entry = cache.get(key)
+        if entry is None or entry[0]() is not model or entry[1]() is not head:
+
+            def forward(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+                with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+                    mask = inputs["attention_mask"]
+                    out = model(
+                        inputs["input_ids"], attention_mask=mask, return_logits=False, validate=False, right_padded=True
+                    )
+                    return head(out.last_hidden_state, mask)
+
+            entry = cache[key] = (weakref.ref(model), weakref.ref(head), CapturedForward(forward, device))
+        graphed = entry[2]
+        if not graphed.usable:
+            log.info("%s: evaluation runs eagerly (host syncs in the model: %s)", self.name, dict(graphed.syncs))
+        return graphed
 
     def dev_logits(
         self, model: nn.Module, head: nn.Module, device: str, shard: tuple[int, int] = (0, 1)
