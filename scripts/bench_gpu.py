@@ -11,7 +11,8 @@ bf16 autocast with TF32 (what `--precision auto` does on CUDA), B=32, T=128, fus
 dropouts, LM loss on every position. Within a table the models' steps are interleaved (one step of
 each in turn) and each figure is the median of `--steps` steps after warm-up. "eager" is the plain
 step; "graphs" is the fast step of the training loop (static shapes, no host sync, the whole step as
-one CUDA graph: train/graphs.py). Peak memory is each model's own, measured in a separate step.
+one CUDA graph: train/graphs.py). Peak memory: what each model's warm-up steps add on top of its
+weights (AdamW state, gradients, activations, and for graphs the captured pool).
 
 FLOPs per step: 6 x (matmul parameters, the tied LM head included) x tokens + 6 x layers x width x
 T x tokens (causal attention), i.e. trained-weight gradients included; for LoRA methods that
@@ -140,16 +141,6 @@ class Stepper:
         sync(self.device)
         self.times.append(time.perf_counter() - start)
 
-    def peak_memory(self, inputs) -> float | None:
-        if not self.device.startswith("cuda"):
-            return None
-        sync(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        before = torch.cuda.memory_allocated(self.device)
-        self.step(inputs)
-        sync(self.device)
-        return (torch.cuda.max_memory_allocated(self.device) - before) / 2**20
-
     @property
     def median(self) -> float:
         return statistics.median(self.times)
@@ -204,10 +195,23 @@ def hf(base: dict, device: str, precision: str, lora_r: int | None) -> Stepper:
 
 
 def run_table(steppers: list[Stepper], inputs, steps: int, warmup: int) -> dict[str, float | None]:
+    """Warm each model up on its own (its peak memory: what its first steps add on top of its weights:
+    AdamW state, gradients, activations and, for graphs, the captured memory pool), then time them
+    interleaved."""
+    memory = {}
     for s in steppers:
+        cuda = s.device.startswith("cuda")
+        if cuda:
+            sync(s.device)
+            torch.cuda.reset_peak_memory_stats(s.device)
+            before = torch.cuda.memory_allocated(s.device)
         for _ in range(warmup):
             s.step(inputs)
-    memory = {s.name: s.peak_memory(inputs) for s in steppers}
+        if cuda:
+            sync(s.device)
+            memory[s.name] = (torch.cuda.max_memory_allocated(s.device) - before) / 2**20
+        else:
+            memory[s.name] = None
     for _ in range(steps):
         for s in steppers:  # interleaved: drift hits every model alike
             s.timed(inputs)
@@ -397,12 +401,21 @@ def real_loop(args, base) -> None:
     ]
     if args.smoke:
         flags += ["--train_limit", "64", "--dev_limit", "32", "--test_limit", "16"]
+    no_dropout = ["--embd_pdrop", "0", "--attn_pdrop", "0", "--resid_pdrop", "0", "--lora_dropout", "0"]
     runs = [
-        ("today's tree, --fast_step off (eager)", REPO, ["--fast_step", "off"]),
-        ("today's tree, fast step (default on CUDA)", REPO, ["--fast_step", "on"]),
+        ("today's tree, --fast_step off (eager, the default)", REPO, ["--fast_step", "off"]),
+        ("today's tree, --fast_step on (dropout on: static shapes, eager)", REPO, ["--fast_step", "on"]),
+        ("today's tree, --fast_step off, dropouts 0", REPO, ["--fast_step", "off", *no_dropout]),
+        ("today's tree, --fast_step on, dropouts 0 (CUDA graphs)", REPO, ["--fast_step", "on", *no_dropout]),
     ]
     if args.compile_loop:
-        runs.append(("today's tree, fast step + --compile", REPO, ["--fast_step", "on", "--compile"]))
+        runs.append(
+            (
+                "today's tree, --fast_step on --compile, dropouts 0",
+                REPO,
+                ["--fast_step", "on", "--compile", *no_dropout],
+            )
+        )
     if args.baseline_tree:
         runs.insert(0, (f"baseline tree {args.baseline_tree} (its default)", Path(args.baseline_tree), []))
     print("\n## Real loop: one SST epoch with LoRA (python -m train.sentiment), random gpt2-shaped checkpoint\n")

@@ -236,6 +236,18 @@ def test_why_not_captured_names_each_reason():
     assert "processes" in why_not_captured("cuda", 2, 1, False)
     assert "grad_accum" in why_not_captured("cuda", 1, 2, False)
     assert "grad_checkpointing" in why_not_captured("cuda:0", 1, 1, True)
+    assert "dropout" in why_not_captured("cuda", 1, 1, False, dropout=True)
+
+
+def test_dropout_is_detected_in_every_place_a_step_draws_random_numbers():
+    from train.graphs import uses_dropout
+
+    off = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    assert not uses_dropout(GPT2LMHeadModel(GPT2Config(**TINY, **off)))
+    assert uses_dropout(GPT2LMHeadModel(GPT2Config(**TINY, **{**off, "attn_pdrop": 0.1})))  # SDPA's
+    assert uses_dropout(GPT2LMHeadModel(GPT2Config(**TINY, **off, use_lora=True, lora_dropout=0.05)))
+    assert uses_dropout(GPT2LMHeadModel(GPT2Config(**TINY, **off, use_graph=True, graph_dropout=0.1)))
+    assert uses_dropout(GPT2LMHeadModel(GPT2Config(**TINY, **off)), [LastTokenClassifier(32, 2, dropout=0.1)])
 
 
 def test_captured_steps_refuse_an_optimizer_a_graph_cannot_hold():
@@ -308,11 +320,11 @@ def test_captured_evaluation_matches_eager(tokenizer_dir):
     model = GPT2LMHeadModel(GPT2Config(**{**TINY, "vocab_size": 50257}, **NO_DROPOUT)).to(device).eval()
     head = LastTokenClassifier(TINY["n_embd"], 5).to(device)
     results = {}
-    for mode in ("off", "auto"):
+    for mode in ("off", "on"):
         task = _task("sst", tokenizer_dir, fast_step=mode)
         run = task.predict(model, head, task.train[:70], batch_size=16, device=device, return_logits=True)
         results[mode] = run
-        if mode == "auto":
+        if mode == "on":
             assert task._eval_graphs and next(iter(task._eval_graphs.values()))[2].graphs
-    assert results["auto"].predictions == results["off"].predictions
-    torch.testing.assert_close(results["auto"].logits, results["off"].logits, rtol=1e-4, atol=1e-5)
+    assert results["on"].predictions == results["off"].predictions
+    torch.testing.assert_close(results["on"].logits, results["off"].logits, rtol=1e-4, atol=1e-5)

@@ -233,10 +233,11 @@ def build_parser(description: str) -> ArgumentParser:
     )
     opt.add_argument(
         "--fast_step",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="static batch shapes (length buckets, a fixed batch size) and, on CUDA, the whole training step "
-        "as CUDA graphs (train/graphs.py); auto = on for CUDA, off elsewhere (default: %(default)s)",
+        choices=["off", "on"],
+        default="off",
+        help="on: static batch shapes (length buckets, a fixed batch size), no host sync in the step, and on "
+        "CUDA the whole training step and evaluation as CUDA graphs (train/graphs.py; not with dropout yet: "
+        "README) (default: %(default)s)",
     )
     opt.add_argument(
         "--grad_checkpointing",

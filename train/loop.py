@@ -244,11 +244,17 @@ def train(
         # Every rank built the same weights from the run's seed; dropout now gets its own stream per rank.
         torch.manual_seed(distributed.rank_seed(args.seed, rank))
     # The fast step (train/graphs.py): static shapes always; the whole step as CUDA graphs where it can.
-    fast_step = getattr(args, "fast_step", "auto")
-    fast = fast_step == "on" or (fast_step == "auto" and device.startswith("cuda"))
+    fast = getattr(args, "fast_step", "off") == "on"
     static_rows = args.batch_size if fast else None
     not_captured = (
-        graphs.why_not_captured(device, world, args.grad_accum, args.grad_checkpointing, len(objectives))
+        graphs.why_not_captured(
+            device,
+            world,
+            args.grad_accum,
+            args.grad_checkpointing,
+            len(objectives),
+            dropout=graphs.uses_dropout(model, heads.values()),
+        )
         if fast
         else None
     )

@@ -175,9 +175,9 @@ class ClassificationTask(Task):
         return run
 
     def _captured_forward(self, model: nn.Module, head: nn.Module, device: str, ids: list[list[int]]):
-        """Evaluation through CUDA graphs (train/graphs.py) on CUDA, unless `--fast_step off`; one
+        """Evaluation through CUDA graphs (train/graphs.py) on CUDA with `--fast_step on`; one
         CapturedForward per (model, head, precision), kept while both live. None: predict eagerly."""
-        if not str(device).startswith("cuda") or getattr(self.args, "fast_step", "auto") == "off":
+        if not str(device).startswith("cuda") or getattr(self.args, "fast_step", "off") != "on":
             return None
         if max((max(row) for row in ids), default=0) >= model.config.vocab_size:
             return None  # the eager path reports the bad id clearly
