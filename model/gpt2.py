@@ -38,9 +38,12 @@ class GPT2Output:
     loss: torch.Tensor | None = None  # next-token cross-entropy when labels were given
 
 
-def validate_inputs(config: GPT2Config, input_ids: Any, attention_mask: Any, past: int) -> bool:
+def validate_inputs(
+    config: GPT2Config, input_ids: Any, attention_mask: Any, past: int, right_padded: bool = False
+) -> bool:
     """Clear errors for bad input instead of an index error deep inside torch. Returns whether the
-    mask pads anything. The value checks and that answer cost one host sync together."""
+    mask pads anything. The value checks and that answer cost one host sync together.
+    `right_padded`: also check that every row's padding follows its real tokens."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dim() != 2:
@@ -65,7 +68,11 @@ def validate_inputs(config: GPT2Config, input_ids: Any, attention_mask: Any, pas
     stats = [input_ids.min(), input_ids.max()]
     if attention_mask is not None:
         stats += [((attention_mask == 0) | (attention_mask == 1)).all(), attention_mask.all()]
+        if right_padded:
+            stats.append((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
     lowest, highest, *mask_stats = torch.stack([v.long() for v in stats]).tolist()  # the one sync
+    if right_padded and attention_mask is not None and not mask_stats[2]:
+        raise ValueError("right_padded=True, but a row of attention_mask has a real token after padding")
     if lowest < 0 or highest >= config.vocab_size:
         bad = lowest if lowest < 0 else highest
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
@@ -172,14 +179,15 @@ class GPT2Model(nn.Module):
         (the fused kernel, no mask built, no branch filtering padding): exact at every real position,
         with no host sync. The mask stays the caller's to use (heads, the loss)."""
         past = kv_cache.length if kv_cache is not None else 0
-        if right_padded and kv_cache is None and position_ids is None:
-            attention_mask = None
+        right_padded = right_padded and kv_cache is None and position_ids is None
         # Under torch.compile nothing here may read a tensor's value: no validation, and a given mask
         # is always applied. Eagerly, validation answers "is anything padded?" in the same sync;
         # generation validates the prompt once and passes no mask when nothing is padded.
         padded = attention_mask is not None
         if validate and not torch.compiler.is_compiling():
-            padded = validate_inputs(self.config, input_ids, attention_mask, past)
+            padded = validate_inputs(self.config, input_ids, attention_mask, past, right_padded)
+        if right_padded:  # the stack needs no mask (the docstring says why)
+            attention_mask, padded = None, False
         q_len = input_ids.shape[1]
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, q_len, past, input_ids.device)

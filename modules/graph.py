@@ -50,15 +50,18 @@ def check_graph(config: Any) -> None:
 
 _BANDS: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 # Distinct (length, window, device) patterns kept; each is O(T²/2) ints, not O(B·T²). A captured CUDA
-# graph (train/graphs.py) reads its length's pattern at every replay, so the pattern must outlive the
-# graph: the fast step's static shapes stay far below this bound (at most 8 lengths a task).
+# graph (train/graphs.py) reads its length's pattern at every replay, so a pattern used while capturing
+# is pinned and never evicted (the fast step's static shapes give at most 8 lengths a task).
 _BAND_CACHE_SIZE = 64
 _LAST_EDGES: dict[str, Any] = {}  # the edges of the current forward (one entry), shared by every layer
+_PINNED: set[tuple] = set()  # patterns read by captured CUDA graphs
 
 
 def causal_band(seq: int, window: int | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(src, dst) of one sequence's causal pattern, j ≤ i within the window; LRU-cached per length."""
     key = (seq, window, str(device))
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        _PINNED.add(key)  # a CUDA graph reads this pattern at every replay: never evicted
     if key in _BANDS:
         _BANDS.move_to_end(key)
         return _BANDS[key]
@@ -70,8 +73,8 @@ def causal_band(seq: int, window: int | None, device: torch.device) -> tuple[tor
         band &= (pos[:, None] - pos[None, :]) < window
     dst, src = (torch.from_numpy(index).to(device) for index in np.nonzero(band))
     _BANDS[key] = (src, dst)
-    while len(_BANDS) > _BAND_CACHE_SIZE:
-        _BANDS.popitem(last=False)
+    for old in [k for k in _BANDS if k not in _PINNED][: max(0, len(_BANDS) - _BAND_CACHE_SIZE)]:
+        del _BANDS[old]  # least recently used first
     return src, dst
 
 

@@ -8,11 +8,15 @@ m = 0..G+2k, so there are G + k bases of order k (1: piecewise linear, 2: quadra
 Bases, two exact forms of one function. On a uniform grid every basis is a shifted cardinal B-spline,
 B_j(x) = N_k(u - j + k) with u = (x - lo)/h, and for x in interval m only B_m..B_{m+k} are non-zero,
 with values that are fixed polynomials of f = u - m (no Cox–de Boor recursion in either form):
-* CUDA: the closed form (`dense_bases`): N_k is evaluated on (…, in, G+k) as one elementwise
-  expression, no index tensors, no scatter or gather, compiled by torch.compile into one kernel
-  (`_fused_bases`). Eagerly, the scatter form made LoRA-KAN 12x LoRA's step on an H200.
-* CPU: the local form (`_local_bases`): the k+1 values from [1, f, …, f^k] · M_k, scattered into
-  zeros (1.3-1.5x faster than the closed form there). `CLOSED_FORM` forces either; tests check both.
+* the local form (`_local_bases`, the default): the k+1 values from [1, f, …, f^k] · M_k,
+  scattered into zeros;
+* the closed form (`dense_bases`, `CLOSED_FORM = True`): N_k evaluated on (…, in, G+k) as one
+  elementwise expression, no index tensors, no scatter or gather; on CUDA torch.compile makes it one
+  kernel (`_fused_bases`). It was meant to make LoRA-KAN cheap on a GPU, but on an H200 the
+  LoRA-KAN step with it took 468 ms eager (354 ms as a CUDA graph), against 437 ms eager for the
+  previous commit's local form on another H200 (BENCHMARKS.md): no gain. On this CPU it is 1.3-1.5x
+  slower. So it is opt-in until a profile shows where LoRA-KAN's time goes. Tests check both forms
+  against scipy and each other.
 Memory-lean: the autograd function saves only x and recomputes the bases in backward instead of
 keeping them alive, and it builds them one row block at a time (`CHUNK_ELEMENTS`), so its
 temporaries do not grow with B·T. The spline matmul is a dense GEMM over all G+k bases (a gather of
@@ -144,13 +148,8 @@ def bspline_bases(x: torch.Tensor, lo: float, h: float, grid_size: int, order: i
     return x.new_zeros(*x.shape, grid_size + order).scatter_(-1, index, values)
 
 
-# Which basis path the spline layer takes: None = by device (the closed form on CUDA, compiled into
-# one kernel; the sparse local form on the CPU, where it measured 1.3-1.5x faster); tests force each.
-CLOSED_FORM: bool | None = None
-
-
-def _use_closed_form(x: torch.Tensor) -> bool:
-    return x.device.type == "cuda" if CLOSED_FORM is None else CLOSED_FORM
+# Which basis form the spline layer uses (module docstring): the local one unless set True.
+CLOSED_FORM = False
 
 
 _COMPILED: dict[bool, object] = {}
@@ -190,7 +189,7 @@ class _SplineLinear(torch.autograd.Function):
         ctx.grid = (lo, h, grid_size, order)
         flat = coeff.flatten(1).t()  # (in·(G+k), out)
         out = x.new_empty(x.shape[0], coeff.shape[0])
-        closed = _use_closed_form(x)
+        closed = CLOSED_FORM
         for rows in _row_blocks(x.shape[0], x.shape[1], grid_size + order):
             if closed:
                 bases = _fused_bases(x[rows], lo, h, grid_size, order)[0]
@@ -206,7 +205,7 @@ class _SplineLinear(torch.autograd.Function):
         need_x, need_coeff = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = torch.empty_like(x) if need_x else None
         grad_coeff = torch.zeros_like(coeff).flatten(1) if need_coeff else None
-        closed = _use_closed_form(x)
+        closed = CLOSED_FORM
         offsets = torch.arange(order + 1, device=x.device)
         for rows in _row_blocks(x.shape[0], x.shape[1], grid_size + order):
             if closed:  # dense bases and slopes, one fused kernel on CUDA

@@ -216,7 +216,8 @@ def attach_peft(model: nn.Module, config: Any) -> None:
     # which the layers keep references to; the tuner wrapper itself is not kept.
     tuner_class(model, peft_config_for(config), adapter_name=ADAPTER_NAME)
     for _, layer in tuner_layers(model):
-        layer.register_forward_hook(_answer_in_run_precision)
+        if isinstance(layer.get_base_layer(), nn.Linear):  # projections (LN-tuning's LayerNorms stay float32)
+            layer.register_forward_hook(_answer_in_run_precision)
     frozen_new = [n for n, p in model.named_parameters() if ADAPTER_NAME in n.split(".") and not p.requires_grad]
     for name in frozen_new:  # peft keeps these fixed (e.g. random projections): buffers, never trained
         owner_name, _, leaf = name.rpartition(".")

@@ -11,34 +11,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import Counter
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from train.graphs import SyncCounter  # noqa: E402
 
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select"}
 VARIANTS = {"base": {}, "LoRA": {"use_lora": True}, "graph": {"use_graph": True}, "KAN-FFN": {"use_kan": True}}
-
-
-class SyncCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name.split("::")[-1]
-        if name in SYNC_OPS:
-            self.counts[name] += 1
-        elif name in ("index", "index_put_", "index_put") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else [])
-        ):
-            self.counts["boolean index"] += 1  # its output shape is the mask's count: a sync
-        return func(*args, **(kwargs or {}))
 
 
 def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

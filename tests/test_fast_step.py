@@ -19,6 +19,7 @@ from model import GPT2Config, GPT2LMHeadModel, load_tokenizer
 from model.heads import LastTokenClassifier
 from model.trainable import set_trainable
 from modules import attention as attention_module
+from modules.registry import VARIANTS
 from tests.conftest import DATA_DIR, REPO, TEST_DEVICE
 from tests.variant_cases import VARIANT_CASES
 from train.graphs import CapturedSteps, count_host_syncs, why_not_captured
@@ -81,6 +82,32 @@ def test_the_sync_counter_can_fail():
     x = torch.randn(8)
     counts = count_host_syncs(lambda: (x.sum().item(), x[x > 0], (x > 0).nonzero()))
     assert counts["_local_scalar_dense"] == 1 and counts["boolean index"] == 1 and counts["nonzero"] >= 1
+    counts = count_host_syncs(lambda: (torch.equal(x, x), x.round().unique()))
+    assert counts["equal"] == 1 and sum(v for k, v in counts.items() if "unique" in k) == 1
+
+
+def test_right_padded_is_checked_when_validating():
+    model, _ = build("base")
+    ids = torch.randint(0, 500, (2, 6))
+    left = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="real token after padding"):
+        model(ids, attention_mask=left, right_padded=True)
+    right = left.flip(-1)
+    masked = model(ids, attention_mask=right).logits
+    unmasked = model(ids, attention_mask=right, right_padded=True).logits
+    real = right.bool()
+    torch.testing.assert_close(unmasked[real], masked[real], rtol=1e-5, atol=1e-5)  # exact where it counts
+
+
+def test_a_pattern_read_by_a_captured_graph_is_never_evicted(monkeypatch):
+    from modules import graph as graph_module
+
+    monkeypatch.setattr(graph_module, "_BANDS", type(graph_module._BANDS)())
+    monkeypatch.setattr(graph_module, "_PINNED", {(5, None, "cpu")})
+    for seq in range(5, 5 + 80):
+        graph_module.causal_band(seq, None, torch.device("cpu"))
+    assert (5, None, "cpu") in graph_module._BANDS  # the oldest, yet kept
+    assert len(graph_module._BANDS) == graph_module._BAND_CACHE_SIZE
 
 
 # Exceptions, each inside peft's own layers (README, "The fast step"):
@@ -92,7 +119,29 @@ GRAPH_BREAK_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# One case per registry entry (and the base, the exceptions, the everything-at-once case): tracing
+# costs 5-7 s a case on 2 cores, and the other cases reuse these entries' code.
+FULLGRAPH_CASES = [
+    "base",
+    "lora",
+    "dora",
+    "kora",
+    "kan_ffn",
+    "kan_lora",
+    "graph",
+    "graph_dense_window",
+    "peft_ia3",
+    "peft_loha_r4",
+    "kan_lora+kora+graph",
+]
+
+
+def test_fullgraph_cases_cover_the_registry():
+    covered = {v.name for case in FULLGRAPH_CASES for v in GPT2Config(**TINY, **CASES[case]).variants}
+    assert covered == set(VARIANTS)
+
+
+@pytest.mark.parametrize("case", FULLGRAPH_CASES)
 def test_no_graph_breaks_with_fullgraph(case):
     """The whole training forward (loss included) traces as one graph (dynamo's eager backend: the
     trace is what breaks, whatever the backend compiles it to)."""

@@ -227,6 +227,38 @@ def test_kill_and_resume_matches_uninterrupted(tiny_ckpt, tokenizer_dir, tmp_pat
     assert set(last_a) == set(last_b) and all(torch.equal(last_a[k], last_b[k]) for k in last_a)
 
 
+class _InfiniteGradient(torch.autograd.Function):
+    """The identity forward with an infinite gradient: a finite loss whose step would blow up."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_a_non_finite_gradient_norm_stops_the_run(tiny_ckpt, tokenizer_dir, tmp_path, monkeypatch):
+    """A finite loss with an infinite gradient: clipping would write NaN into the weights, so the run
+    stops as diverged (exit 3) before the optimizer steps, as the CUDA-graph step does."""
+    from train.tasks.classification import ClassificationTask
+
+    original = ClassificationTask.loss_on
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = original(self, *args, **kwargs)
+        return _InfiniteGradient.apply(loss) if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(ClassificationTask, "loss_on", poisoned)
+    flags = ["--train_limit", "16", "--dev_limit", "4", "--batch_size", "4", "--wandb", "disabled"]
+    assert sentiment.main(["--dataset", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path), *flags]) == 3
+    diverged = json.loads((only_run(tmp_path) / "diverged.json").read_text())
+    assert diverged["step"] == 2 and "gradient norm" in diverged["reason"]
+
+
 def test_nan_guard_keeps_last_good_checkpoint(tiny_ckpt, tokenizer_dir, tmp_path, monkeypatch):
     from train.tasks.classification import ClassificationTask
 

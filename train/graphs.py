@@ -43,14 +43,29 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_assert_async"}
+# Ops whose result the host must wait for: a Python value (`.item()`, `bool(t)`, `torch.equal`) or an
+# output shape that depends on the data.
+SYNC_OPS = {
+    "_local_scalar_dense",
+    "equal",
+    "nonzero",
+    "masked_select",
+    "_assert_async",
+    "_unique",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "unique_dim_consecutive",
+    "repeat_interleave",  # without output_size its length is the sum of the repeats
+}
 
 
 class SyncCounter(TorchDispatchMode):
     """Counts ops that make the host wait for the device: `.item()`/`bool(t)` (`_local_scalar_dense`)
-    and the data-dependent shapes (`nonzero`, `masked_select`, boolean indexing). A dispatch mode sees
-    the same ops on every device, so a CPU test counts what a GPU run would wait for. (`_assert_async`
-    does not wait on CUDA, but on the CPU it is a sync and it cannot be captured in a CUDA graph.)"""
+    and the data-dependent shapes (`nonzero`, `masked_select`, `unique`, boolean indexing, ...). A
+    dispatch mode sees the same ops on every device, so a CPU test counts what a GPU run would wait
+    for, with one gap: a device-to-host copy (`.tolist()`, `.cpu()`) is seen only where the tensor is
+    on a GPU. (`_assert_async` does not wait on CUDA, but it cannot be captured in a CUDA graph.)"""
 
     def __init__(self) -> None:
         super().__init__()
@@ -184,17 +199,18 @@ class CapturedSteps:
     def _capture(self, task: str, inputs: dict[str, torch.Tensor]) -> _Graph:
         static = {name: value.to(self.device) for name, value in inputs.items()}
         # Warm-up on a side stream, as CUDA graph capture requires (cuBLAS workspaces, autograd's
-        # device threads); its RNG draws and gradients are undone, so training is unaffected. Its
-        # backward also allocates the gradient of every parameter the step uses (the loop's eager
-        # steps keep .grad tensors instead of freeing them once graphs are planned). Backward inside
-        # the graphs accumulates into exactly these tensors, so they are never replaced; a parameter
-        # the loss never reaches keeps no gradient, and AdamW skips it as it would eagerly.
-        with torch.random.fork_rng(devices=[self.device]):
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self.loss_fn(task, static).backward()
-            torch.cuda.current_stream(self.device).wait_stream(side)
+        # device threads); its gradients are zeroed below, so training is unaffected. (Its RNG draws
+        # are not undone: setting the CUDA generator's state after an earlier graph captured random
+        # ops is a suspect in the crash with dropout, README.) Its backward also allocates the
+        # gradient of every parameter the step uses (the loop's eager steps keep .grad tensors
+        # instead of freeing them once graphs are planned). Backward inside the graphs accumulates
+        # into exactly these tensors, so they are never replaced; a parameter the loss never reaches
+        # keeps no gradient, and AdamW skips it as it would eagerly.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self.loss_fn(task, static).backward()
+        torch.cuda.current_stream(self.device).wait_stream(side)
         used = [p for p in self.params if p.grad is not None]
         grads = [p.grad for p in used]
         torch._foreach_zero_(grads)

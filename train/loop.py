@@ -319,6 +319,8 @@ def train(
             raise ckpt.CheckpointCorrupt(f"--resume: checkpoint {folder} lacks trainable weights {missing[:5]}")
         ckpt.copy_into(checkpointed, weights, folder)
         ckpt.restore_optimizer(optimizer, state_json, tensors)
+        for group in optimizer.param_groups:  # how this run steps, not how the saving run did
+            group.update({key: value for key, value in fused.items() if key in ("fused", "capturable")})
         scheduler.load_state_dict({**state_json["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
         if not ckpt.restore_rng(tensors, state_json["rng"], rank, device):
             print(
@@ -478,11 +480,18 @@ def train(
             schedule = epoch_schedule(objectives, args, progress["epoch"], rank, world)
             while progress["position"] < len(schedule):
                 group = schedule[progress["position"] : progress["position"] + args.grad_accum]
+                graph_step = None
                 if captured is not None and pending is None:
+                    ((task, batch),) = group
+                    try:
+                        graph_step = captured.step(task, objectives[task].inputs(batch, static_rows))
+                    except RuntimeError as error:  # e.g. an op a CUDA graph cannot hold: eager from now on
+                        console.message(f"fast step: capturing failed ({str(error).splitlines()[0][:200]}); eager")
+                        captured, capture = None, False
+                if graph_step is not None:
                     # The whole step is one graph replay; AdamW skipped itself on the device if the
                     # loss or gradient norm is not finite, so the guard below still stops healthy weights.
-                    ((task, batch),) = group
-                    loss_t, norm_t = captured.step(task, objectives[task].inputs(batch, static_rows))
+                    loss_t, norm_t = graph_step
                     loss_value, grad_norm_value = torch.stack([loss_t, norm_t]).tolist()  # the step's one sync
                     loss_values = [loss_value]
                     tokens_since += objectives[task].batch_tokens(batch)
@@ -518,6 +527,8 @@ def train(
                         if problem and not math.isfinite(value):
                             raise diverged(task, value, problem)
                         spike = spike or problem
+                    if not math.isfinite(grad_norm_value):  # clipping would write NaN into the weights
+                        raise diverged(group[-1][0], loss_values[-1], f"non-finite gradient norm ({grad_norm_value})")
                     if pending is not None:
                         if spike:
                             console.message(

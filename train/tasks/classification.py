@@ -175,17 +175,20 @@ class ClassificationTask(Task):
         return run
 
     def _captured_forward(self, model: nn.Module, head: nn.Module, device: str, ids: list[list[int]]):
-        """Evaluation through CUDA graphs (train/graphs.py) on CUDA with `--fast_step on`; one
-        CapturedForward per (model, head, precision), kept while both live. None: predict eagerly."""
+        """Evaluation through CUDA graphs (train/graphs.py) on CUDA with `--fast_step on`, by a
+        CapturedForward for the current (model, head, precision). None: predict eagerly."""
         if not str(device).startswith("cuda") or getattr(self.args, "fast_step", "off") != "on":
             return None
         if max((max(row) for row in ids), default=0) >= model.config.vocab_size:
             return None  # the eager path reports the bad id clearly
         enabled, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+        # One entry: the current (model, head, precision); another pair (a transfer's zero-shot head)
+        # replaces it, so no graph or memory pool outlives its use.
         cache = self.__dict__.setdefault("_eval_graphs", {})
         key = (id(model), id(head), enabled, dtype)
         entry = cache.get(key)
         if entry is None or entry[0]() is not model or entry[1]() is not head:
+            cache.clear()
 
             def forward(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
                 with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
