@@ -377,3 +377,40 @@ def test_captured_evaluation_matches_eager(tokenizer_dir):
             assert task._eval_graphs and next(iter(task._eval_graphs.values()))[2].graphs
     assert results["on"].predictions == results["off"].predictions
     torch.testing.assert_close(results["on"].logits, results["off"].logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not TEST_DEVICE.startswith("cuda"), reason="CUDA graphs need GPT2_TEST_DEVICE=cuda")
+def test_captured_step_skips_a_non_finite_update_and_follows_the_lr_schedule():
+    """On CUDA: a replay whose loss is NaN leaves weights, AdamW moments and step counts untouched
+    (found_inf), and a learning rate changed in the param groups between replays is the one used."""
+    device = TEST_DEVICE
+    model, head = build("lora")
+    model.to(device), head.to(device)
+    params = [p for p in [*model.parameters(), *head.parameters()] if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True, capturable=True)
+    poison = {"on": torch.zeros((), device=device)}
+
+    def loss_fn(task, inputs):  # the NaN comes from a device tensor, so a replay can carry it
+        return fast_loss(model, head, inputs) + torch.where(poison["on"] > 0, float("nan"), 0.0)
+
+    batch = static_batch(seed=0)
+    first = loss_fn("t", {k: v.to(device) for k, v in batch.items()})
+    first.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    steps = CapturedSteps(loss_fn, params, optimizer, 1.0, device)
+    steps.step("t", batch)
+    before = [p.detach().clone() for p in params]
+    moments = [optimizer.state[p]["exp_avg"].clone() for p in params]
+    counts = [optimizer.state[p]["step"].clone() for p in params]
+    poison["on"].fill_(1.0)
+    loss, _ = steps.step("t", batch)
+    assert not torch.isfinite(loss)
+    for p, b, m, c in zip(params, before, moments, counts, strict=True):
+        assert torch.equal(p, b) and torch.equal(optimizer.state[p]["exp_avg"], m)
+        assert torch.equal(optimizer.state[p]["step"], c)
+    poison["on"].fill_(0.0)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0  # what a scheduler at lr 0 writes: the next replay must not move anything
+    steps.step("t", batch)
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
