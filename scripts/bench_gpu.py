@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from model import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from model.trainable import set_trainable  # noqa: E402
+from scripts.bench_base import matmul_gflops, sync  # noqa: E402
 
 try:  # the fast step (absent from trees older than it: their graphs column stays empty)
     from train.graphs import CapturedSteps, count_host_syncs
@@ -60,11 +61,6 @@ VARIANTS = {
 }
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
 def autocast(device: str, precision: str, cache: bool = True):
     if precision != "bf16":
         return contextlib.nullcontext()
@@ -74,17 +70,7 @@ def autocast(device: str, precision: str, cache: bool = True):
 def matmul_peak(device: str, precision: str, size: int) -> float:
     """Measured matmul rate (FLOP/s) in the step's compute dtype: the ceiling the fractions use."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    repeats = 10 if device.startswith("cuda") else 2
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
+    return matmul_gflops(device, dtype, size, repeats=10 if device.startswith("cuda") else 2) * 1e9
 
 
 def step_flops(config: GPT2Config, model: torch.nn.Module, batch: int, seq: int) -> float:
@@ -169,13 +155,7 @@ def hf(base: dict, device: str, precision: str, lora_r: int | None) -> Stepper:
     import transformers
 
     torch.manual_seed(0)
-    hf_config = transformers.GPT2Config(
-        vocab_size=base["vocab_size"],
-        n_positions=base["n_positions"],
-        n_embd=base["n_embd"],
-        n_layer=base["n_layer"],
-        n_head=base["n_head"],
-    )
+    hf_config = transformers.GPT2Config(**base)  # base: vocab_size, n_positions, n_embd, n_layer, n_head
     hf_config._attn_implementation = "sdpa"
     model = transformers.GPT2LMHeadModel(hf_config).to(device)
     name = "HF"
@@ -375,15 +355,8 @@ def real_loop(args, base) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
     checkpoint = work / "ckpt"
-    hf_config = transformers.GPT2Config(
-        vocab_size=base["vocab_size"],
-        n_positions=base["n_positions"],
-        n_embd=base["n_embd"],
-        n_layer=base["n_layer"],
-        n_head=base["n_head"],
-    )
     torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(hf_config).save_pretrained(checkpoint)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(**base)).save_pretrained(checkpoint)
     flags = [
         "--dataset",
         "sst",
