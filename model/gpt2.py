@@ -26,6 +26,7 @@ from model.config import GPT2Config
 from model.generation import generate
 from model.losses import linear_cross_entropy, next_token_targets
 from model.shapes import bucket_length
+from modules import registry
 from modules.attention import CausalSelfAttention, KVCache, compute_dtype
 from modules.mlp import MLP
 from modules.registry import attach_variants
@@ -263,6 +264,15 @@ class GPT2LMHeadModel(nn.Module):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """The enabled variants' auxiliary losses summed (e.g. the KAN regulariser); None when none."""
+        return registry.auxiliary_loss(self, self.config)
+
+    def variant_state(self, checkpoints_only: bool = False) -> dict[str, torch.Tensor]:
+        """Tensors the enabled variants save beside their parameters (KAN grids ...); `checkpoints_only`:
+        those a training checkpoint must hold too (random frozen draws a rebuild would not reproduce)."""
+        return registry.variant_state(self, self.config, checkpoints_only=checkpoints_only)
 
     def forward(
         self,

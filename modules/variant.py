@@ -23,6 +23,7 @@ config duck-typed (`config.n_embd`, `config.lora_r`, ...) and never import `mode
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -70,7 +71,7 @@ def knob(
         "switch": switch,
         "cli": cli,
     }
-    if isinstance(default, list | dict | set):
+    if isinstance(default, list | dict | set) and not isinstance(default, JSONObject):  # JSONObject: read-only
         raise TypeError("knob defaults must be immutable (use a tuple)")
     return field(default=default, metadata=meta)
 
@@ -92,10 +93,18 @@ def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
+def setting_label(owner: str, name: str) -> str:
+    """How an error names a setting: `GPT2Config.lora_r` for the model config, `--lr` for a command-line
+    setting (an empty owner)."""
+    return f"{owner}.{name}" if owner else f"--{name}"
+
+
 def coerce(owner: str, name: str, value: Any, hint: Any) -> Any:
-    """Check `value` against a type hint and normalise it (JSON lists -> tuples, ints -> floats)."""
+    """Check `value` against a type hint and normalise it (JSON lists -> tuples, ints -> floats).
+    Floats must be finite: a NaN passes every bound check and an inf turns guards off silently."""
     origin = get_origin(hint)
-    bad = ValueError(f"{owner}.{name} must be {_describe(hint)}, got {value!r}")
+    label = setting_label(owner, name)
+    bad = ValueError(f"{label} must be {_describe(hint)}, got {value!r}")
     if origin in (typing.Union, types.UnionType):
         options = get_args(hint)
         if value is None:
@@ -112,7 +121,7 @@ def coerce(owner: str, name: str, value: Any, hint: Any) -> Any:
         raise bad
     if origin is Literal:
         if value not in get_args(hint) or isinstance(value, bool) != any(isinstance(a, bool) for a in get_args(hint)):
-            raise ValueError(f"{owner}.{name} {value!r} unknown; choose from {list(get_args(hint))}")
+            raise ValueError(f"{label} {value!r} unknown; choose from {list(get_args(hint))}")
         return value
     if origin is tuple:
         args = get_args(hint)
@@ -122,7 +131,7 @@ def coerce(owner: str, name: str, value: Any, hint: Any) -> Any:
             raise bad
         if len(args) == 2 and args[1] is Ellipsis:
             if not value:
-                raise ValueError(f"{owner}.{name} must not be empty")
+                raise ValueError(f"{label} must not be empty")
             return tuple(coerce(owner, name, v, args[0]) for v in value)
         if len(value) != len(args):
             raise bad
@@ -135,24 +144,26 @@ def coerce(owner: str, name: str, value: Any, hint: Any) -> Any:
         try:  # a JSON round trip: what is saved in config.json is what the model was built with
             return JSONObject(json.loads(json.dumps(value)))
         except (TypeError, ValueError) as error:
-            raise ValueError(f"{owner}.{name} must be JSON-serialisable: {error}") from error
+            raise ValueError(f"{label} must be JSON-serialisable: {error}") from error
     if hint is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{owner}.{name} must be a bool, got {value!r}")
+            raise ValueError(f"{label} must be a bool, got {value!r}")
         return value
     if hint is int:
         if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"{owner}.{name} must be an integer, got {value!r}")
+            raise ValueError(f"{label} must be an integer, got {value!r}")
         return value
     if hint is float:
         if not isinstance(value, int | float) or isinstance(value, bool):
-            raise ValueError(f"{owner}.{name} must be a number, got {value!r}")
+            raise ValueError(f"{label} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{label} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
             raise bad
         return value
-    raise TypeError(f"{owner}.{name}: unsupported knob type {hint!r}")
+    raise TypeError(f"{label}: unsupported knob type {hint!r}")
 
 
 def _check_bounds(owner: str, f: dataclasses.Field, value: Any) -> None:
@@ -168,18 +179,22 @@ def _check_bounds(owner: str, f: dataclasses.Field, value: Any) -> None:
             lo = "(" if meta.get("low_open") else "["
             hi = ")" if meta.get("high_open") else "]"
             span = f"{lo}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{hi}"
-            raise ValueError(f"{owner}.{f.name} must be in {span}, got {value!r}")
+            raise ValueError(f"{setting_label(owner, f.name)} must be in {span}, got {value!r}")
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Base of every typed settings dataclass: fields declared with `knob`, checked on construction."""
+    """Base of every typed settings dataclass: fields declared with `knob`, checked on construction.
+    `owner` names the settings in errors: the model config's fields as `GPT2Config.lora_r`, the
+    command-line settings of train/settings.py (owner "") as `--lr`."""
+
+    owner: typing.ClassVar[str] = "GPT2Config"
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            value = coerce("GPT2Config", f.name, getattr(self, f.name), hints[f.name])
-            _check_bounds("GPT2Config", f, value)
+            value = coerce(self.owner, f.name, getattr(self, f.name), hints[f.name])
+            _check_bounds(self.owner, f, value)
             object.__setattr__(self, f.name, value)
         self.validate()
 

@@ -188,9 +188,11 @@ def parse_layers(parser: argparse.ArgumentParser, words: list[str] | None, n_lay
 def main(argv: list[str] | None = None) -> int:
     from model import CheckpointError, load_tokenizer
     from model.files import atomic_write_json
-    from train.cli import ArgumentParser, check_device, check_inputs
-    from train.evaluate import load_model
-    from train.tasks import TASKS, get_task, labelled_tasks
+    from train.cli import ArgumentParser, check_data
+    from train.evaluate import load_model, run_record
+    from train.runtime import check_device
+    from train.settings import TrainingSettings
+    from train.tasks import get_task, labelled_tasks
 
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", metavar="RUN", help="one or two run folders / HF folders / hub ids")
@@ -200,11 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for cka.json and cka.png")
     parser.add_argument("--batch_size", type=int, default=32, help="(default: %(default)s)")
     parser.add_argument("--max_length", type=int, default=None, help="token cap (default: the task's)")
-    parser.add_argument("--data_dir", default=None, help="task data (default: $GPT2_DATA_DIR or data/cs224n)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: $GPT2_TOKENIZER or the hub)")
+    parser.add_argument(
+        "--data_dir", default=None, help="task data (default: the first run's own, else $GPT2_DATA_DIR or data/cs224n)"
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer folder (default: the first run's own, else $GPT2_TOKENIZER or the hub)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    for task in TASKS.values():
-        task.add_flags(parser)
     args = parser.parse_args(argv)
     if len(args.models) > 2:
         parser.error(f"give one model (block x block) or two (and between them), not {len(args.models)}")
@@ -215,8 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     task_class = get_task(args.task)
-    args.data_dir = check_inputs(parser, args, [task_class])
-    args.dev_limit, args.test_limit, args.train_limit, args.seed, args.eval_batch_size = args.n, 1, None, 0, 32
+    recorded = run_record(args.models[0])  # a run folder: its own data and tokenizer folders unless given
+    args.tokenizer = args.tokenizer or recorded.get("tokenizer")
+    args.data_dir = check_data(parser, [args.task], args.data_dir or recorded.get("data_dir"), args.tokenizer)
+    try:
+        settings = TrainingSettings(dev_limit=args.n, test_limit=1, seed=0, max_length=args.max_length)
+    except ValueError as error:
+        parser.error(str(error))
     start = time.perf_counter()
     try:
         models = [load_model(spec)[0] for spec in args.models]
@@ -225,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = zip(models, args.models, strict=True)
     layers = [parse_layers(parser, args.layers, model.config.n_layer, spec) for model, spec in pairs]
     tokenizer = load_tokenizer(args.tokenizer)
-    task = task_class(tokenizer, args.data_dir, args, min(m.config.n_positions for m in models))
+    task = task_class(tokenizer, args.data_dir, settings, min(m.config.n_positions for m in models))
     if len(task.dev) < args.n:
         print(f"warning: {args.task} dev has {len(task.dev)} examples; using all of them", file=sys.stderr)
     states = []

@@ -1,59 +1,51 @@
-"""Command-line flags for every entry point: the training flags, each selected task's own flags, and
-one flag per GPT2Config field generated from the variant registry (so a registered variant gets
-`--use_<name>` and its knobs with no edit here), plus validation of the whole combination.
+"""argv -> `RunSpec`: the command line of every entry point, validated once.
 
-Validation happens in two stages, both before any weight, tokenizer or data file is read:
-1. `check_training_flags`: values that need no model (limits, intervals, generation settings ...);
+The flags come from typed settings: the training, output and runtime settings (train/settings.py),
+each selected task's own settings, and one flag per GPT2Config field generated from the variant
+registry (so a registered variant gets `--use_<name>` and its knobs with no edit here).
+
+Validation happens before any weight, tokenizer or data file is read:
+1. the settings classes check their own values (types, bounds, finiteness, cross-field rules);
 2. `resolve_config`: the checkpoint's config.json alone is read (cheap) and every variant flag is
    validated against that real model size (e.g. `--graph_heads 12` on a 12-head gpt2 checkpoint),
-   and a knob given for a variant that is not enabled is refused instead of silently ignored.
+   and a knob given for a variant that is not enabled is refused instead of silently ignored;
+3. the checkpoint's identity is its content (model/fingerprint.py).
 Every problem ends in one `error:` line and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
 import sys
-import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
-
-import torch
+from typing import Any
 
 from datasets.common import DataError, ensure_data
 from model import tokenizer as tokenizers
 from model.config import STACK_FIELDS, ModelSettings, field_hint, settings_fields
+from model.fingerprint import checkpoint_identity
 from model.loading import CheckpointError, read_checkpoint_config
 from modules.registry import VARIANTS, enabled_variants, knob_owner, switches, used_knobs
-from train.tasks import labelled_tasks
+from train.runtime import check_device
+from train.settings import (
+    CommandSettings,
+    OutputSettings,
+    RuntimeSettings,
+    TrainingSettings,
+    _argparse_type,
+    add_flags,
+    from_args,
+)
+from train.spec import Checkpoint, RunSpec
+from train.tasks import get_task, labelled_tasks
 
-DEFAULT_LR = {"full-model": 1e-5, "last-linear-layer": 1e-3, "adapters": 2e-4}
 NOT_FLAGS = {*STACK_FIELDS, "name"}  # the stack comes from the checkpoint
 
 
 def config_fields() -> list:
     return [f for f in settings_fields() if f.name not in NOT_FLAGS]
-
-
-def _argparse_type(hint: Any) -> dict[str, Any]:
-    """argparse keywords for a knob's type hint."""
-    origin = get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in get_args(hint) if a is not type(None)]
-        return _argparse_type(inner[0])
-    if origin is Literal:
-        choices = list(get_args(hint))
-        return {"type": type(choices[0]), "choices": choices}
-    if origin is tuple:
-        args = get_args(hint)
-        element = _argparse_type(args[0])
-        nargs: Any = "+" if len(args) == 2 and args[1] is Ellipsis else len(args)
-        return {**element, "nargs": nargs}
-    if hint is bool:
-        return {"action": argparse.BooleanOptionalAction}
-    return {"type": hint}
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -106,151 +98,18 @@ def program_name() -> str:
     return path.name
 
 
-def build_parser(description: str) -> ArgumentParser:
+def build_parser(description: str, task_names: list[str] = ()) -> ArgumentParser:
+    """Every flag a command accepts: the checkpoint, the training / output / runtime settings, the
+    own settings of `task_names` (only those), and the GPT2Config fields."""
     parser = ArgumentParser(
         prog=program_name(), description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    io = parser.add_argument_group("data and outputs")
-    io.add_argument("--model", default="gpt2", help="hub id or local HF GPT-2 checkpoint folder (default: %(default)s)")
-    io.add_argument("--data_dir", default=None, help="task data (default: $GPT2_DATA_DIR or data/cs224n)")
-    io.add_argument(
-        "--out_dir",
-        default="runs",
-        help="parent folder; each run gets a sub-folder named from its settings (default: %(default)s)",
-    )
-    io.add_argument("--tokenizer", default=None, help="tokenizer folder (default: $GPT2_TOKENIZER or the hub)")
-    io.add_argument("--train_limit", type=int, default=None, help="use the first N training examples (default: all)")
-    io.add_argument(
-        "--train_fraction",
-        type=float,
-        default=None,
-        help="train on a seeded (--seed), stratified share of the training examples, e.g. 0.01; every label must "
-        "be in it (classification tasks; default: all)",
-    )
-    io.add_argument("--dev_limit", type=int, default=None, help="use the first N dev examples (default: all)")
-    io.add_argument("--test_limit", type=int, default=None, help="use the first N test examples (default: all)")
-    io.add_argument(
-        "--max_length",
-        type=int,
-        default=512,
-        help="token cap per example (also capped by the task's cap and n_positions; default: %(default)s)",
-    )
-    io.add_argument(
-        "--wandb",
-        choices=["offline", "online", "disabled"],
-        default="offline",
-        help="wandb mode (default: %(default)s)",
-    )
-    io.add_argument("--wandb_project", default="gpt2-variants", help="(default: %(default)s)")
-    io.add_argument("--wandb_group", default=None, help="wandb group (default: the task; ablation grids: the grid)")
-    io.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run folder of these settings from its last checkpoint (a finished run: nothing to do; "
-        "default: off)",
-    )
-    io.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="clear an existing run folder of these settings (logs, checkpoints, wandb, its runs.tsv row) first "
-        "(default: off)",
-    )
-    io.add_argument(
-        "--extend_epochs",
-        type=int,
-        default=None,
-        help="with --resume: train N epochs more than the run was started with; the lr schedule is re-planned "
-        "over the new total (default: none)",
-    )
-    io.add_argument(
-        "--log_every",
-        type=int,
-        default=50,
-        help="when stderr is not a terminal, print a progress line every N steps (0: never; default: %(default)s)",
-    )
-    opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--seed", type=int, default=11711, help="(default: %(default)s)")
-    opt.add_argument("--epochs", type=int, default=10, help="(default: %(default)s)")
-    opt.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (default: none)")
-    opt.add_argument("--batch_size", type=int, default=8, help="(default: %(default)s)")
-    opt.add_argument("--eval_batch_size", type=int, default=32, help="batch size of evaluation (default: %(default)s)")
-    opt.add_argument("--grad_accum", type=int, default=1, help="(default: %(default)s)")
-    opt.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="default by fine_tune_mode: full-model 1e-5, last-linear-layer 1e-3, adapters 2e-4",
-    )
-    opt.add_argument("--weight_decay", type=float, default=0.0, help="(default: %(default)s)")
-    opt.add_argument(
-        "--warmup",
-        type=float,
-        default=0.0,
-        help="warm-up steps (>= 1) or fraction of all steps (< 1) (default: %(default)s)",
-    )
-    opt.add_argument(
-        "--schedule", choices=["cosine", "linear", "constant"], default="linear", help="(default: %(default)s)"
-    )
-    opt.add_argument("--max_grad_norm", type=float, default=1.0, help="(default: %(default)s)")
-    opt.add_argument(
-        "--eval_every", type=int, default=0, help="evaluate every N optimizer steps (0: each epoch; default: 0)"
-    )
-    opt.add_argument(
-        "--save_every", type=int, default=0, help="also save the last checkpoint every N steps (0: off; default: 0)"
-    )
-    opt.add_argument(
-        "--save_every_minutes",
-        type=float,
-        default=30.0,
-        help="also save the last checkpoint when this many minutes passed since the last save (0: off; "
-        "default: %(default)s)",
-    )
-    opt.add_argument(
-        "--spike_factor",
-        type=float,
-        default=10.0,
-        help="a step loss above this many times the running median of healthy losses is a spike: the checkpoint "
-        "whose weights gave it is not kept (0: off; default: %(default)s)",
-    )
-    opt.add_argument(
-        "--patience", type=int, default=0, help="stop after N evaluations without improvement (0: off; default: 0)"
-    )
-    opt.add_argument(
-        "--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps (default: %(default)s)"
-    )
-    opt.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16"],
-        default="auto",
-        help="compute precision: bf16 autocast (weights and optimizer stay fp32) or fp32 (with TF32 matmuls on "
-        "CUDA); auto = bf16 on a CUDA GPU that supports it, else fp32 (default: %(default)s)",
-    )
-    opt.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile each transformer block (lengths are padded to a multiple of 64 so length buckets "
-        "reuse a few graphs; default: off)",
-    )
-    opt.add_argument(
-        "--fast_step",
-        choices=["off", "on"],
-        default="off",
-        help="on: static batch shapes (length buckets, a fixed batch size), no host sync in the step, and on "
-        "CUDA the whole training step and evaluation as CUDA graphs (train/graphs.py; not with dropout yet: "
-        "README) (default: %(default)s)",
-    )
-    opt.add_argument(
-        "--grad_checkpointing",
-        action="store_true",
-        help="recompute each block's activations in backward instead of storing them (less memory, ~30%% more "
-        "compute, same gradients; default: off)",
-    )
-    opt.add_argument(
-        "--no_bucket", action="store_true", help="batches in data order instead of length buckets (default: off)"
-    )
-    opt.add_argument(
-        "--eval_train", action="store_true", help="also report accuracy on the training examples (default: off)"
-    )
+    model = parser.add_argument_group("checkpoint")
+    model.add_argument("--model", default=None, help="hub id or local HF GPT-2 checkpoint folder (default: gpt2)")
+    for cls in (TrainingSettings, OutputSettings, RuntimeSettings):
+        add_flags(parser, cls)
+    for name in dict.fromkeys(task_names):
+        get_task(name).add_flags(parser)
     add_config_flags(parser)
     return parser
 
@@ -265,65 +124,12 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
-def check_counts(args: argparse.Namespace, required: tuple[str, ...], optional: tuple[str, ...]) -> None:
-    """Counts must be >= 1; an `optional` one may be left out (None = all / no cap)."""
-    for name in required:
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1")
-    for name in optional:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name} must be >= 1 (leave it out for 'all')")
-
-
-def check_training_flags(args: argparse.Namespace) -> None:
-    """Values that need no model; ValueError names the flag."""
-    check_counts(
-        args,
-        ("epochs", "batch_size", "grad_accum", "eval_batch_size"),
-        ("max_steps", "train_limit", "dev_limit", "test_limit", "max_length", "extend_epochs"),
-    )
-    for name in ("eval_every", "save_every", "patience", "log_every", "save_every_minutes"):
-        if getattr(args, name, 0) < 0:
-            raise ValueError(f"--{name} must be >= 0 (0: off)")
-    if args.spike_factor != 0 and args.spike_factor <= 1:
-        raise ValueError("--spike_factor must be > 1 (0: off)")
-    if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite contradict each other: pass one")
-    fraction = getattr(args, "train_fraction", None)
-    if fraction is not None and not 0 < fraction <= 1:
-        raise ValueError(f"--train_fraction must be in (0, 1], got {fraction}")
-    if getattr(args, "warmup", 0.0) < 0:
-        raise ValueError("--warmup must be >= 0")
-    if getattr(args, "weight_decay", 0.0) < 0:
-        raise ValueError("--weight_decay must be >= 0")
-    if getattr(args, "max_grad_norm", 1.0) <= 0:
-        raise ValueError("--max_grad_norm must be > 0")
-    if args.lr is not None and args.lr <= 0:
-        raise ValueError("--lr must be > 0")
-    check_device(args.device)
-
-
-def check_device(name: str) -> None:
-    kind = name.split(":")[0]
-    if kind not in ("auto", "cpu", "cuda", "mps"):
-        raise ValueError(f"--device {name!r} unknown; use auto, cpu, cuda, cuda:N or mps")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    index = name.partition(":")[2]
-    if index and (kind not in ("cuda", "mps") or not index.isdigit()):
-        raise ValueError(f"--device {name!r} unknown; use auto, cpu, cuda, cuda:N or mps")
-    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"--device {name}: MPS is not available on this machine")
-
-
-def resolve_config(args: argparse.Namespace, config_source: str | None = None):
+def resolve_config(args: argparse.Namespace, checkpoint_source: str | None = None):
     """The run's GPT2Config: the checkpoint's config.json (only that file is read) + the variant flags,
-    validated at that real size. Fills in the default `--lr`. Raises ValueError / CheckpointError."""
+    validated at that real size. Raises ValueError / CheckpointError."""
     overrides = config_overrides(args)
-    config = read_checkpoint_config(config_source or args.model, **overrides).replace(name=str(args.model))
+    model = args.model or "gpt2"
+    config = read_checkpoint_config(checkpoint_source or model, **overrides).replace(name=str(model))
     model_fields = set(ModelSettings.__dataclass_fields__)
     allowed = model_fields | set(switches()) | used_knobs(config)
     unused = sorted(k for k in overrides if k not in allowed)
@@ -349,67 +155,99 @@ def resolve_config(args: argparse.Namespace, config_source: str | None = None):
         raise ValueError(
             "--fine_tune_mode adapters needs a variant flag (" + ", ".join(f"--{s}" for s in switches()) + ")"
         )
-    if args.lr is None:
-        args.lr = DEFAULT_LR[mode]
+    if mode == "last-linear-layer" and config.any_variant:
+        names = ", ".join(f"--use_{v.name}" for v in config.variants)
+        raise ValueError(
+            f"--fine_tune_mode last-linear-layer trains only the task head, so {names} would add layers that never "
+            "train (and a KAN FFN would replace the pretrained FFN by a frozen random one); drop the variant flag, "
+            "or use --fine_tune_mode adapters / full-model"
+        )
     return config
 
 
-def validate(parser: argparse.ArgumentParser, args: argparse.Namespace, tasks=(), config_source: str | None = None):
-    """Both validation stages; exits 2 with one line on any problem."""
+def check_model_flag(model: str) -> None:
+    """`--model` pointing at one of our run folders (not a checkpoint) gets a message that says so."""
+    path = Path(model)
+    record = path / "config.json"
+    if not record.is_file():
+        return
     try:
-        check_training_flags(args)
-        for task in tasks:
-            task.check_flags(args)
-            if getattr(args, "train_fraction", None) is not None and task.name not in labelled_tasks():
-                raise ValueError(f"--train_fraction draws a share stratified by label; {task.name} has no labels")
-        return resolve_config(args, config_source)
+        saved = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return  # read_checkpoint_config reports a broken config.json
+    if isinstance(saved, dict) and ("run" in saved and "identity" in saved):
+        raise ValueError(
+            f"--model {model} is a run folder of this project, not a checkpoint: continue it with the same flags "
+            f"plus --resume, train from it with python -m train.transfer --source_run {model}, score it with "
+            f"python -m train.evaluate --model {model}, or export it (README, Export)"
+        )
+
+
+def check_out_dir(out_dir: str) -> None:
+    path = Path(out_dir)
+    for parent in (path, *path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"--out_dir {out_dir}: {parent} is a file, not a folder")
+
+
+def build_spec(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    label: str,
+    task_names: list[str],
+    extra_settings: dict[str, CommandSettings] | None = None,
+    checkpoint_source: str | None = None,
+    transfer_from: dict | None = None,
+    argv: list[str] = (),
+) -> RunSpec:
+    """The run's `RunSpec`, validated once (exits 2 with one `error:` line): settings, the resolved
+    config at the checkpoint's real size, the default lr of the fine-tune mode, the checkpoint's
+    content identity (from `checkpoint_source` instead of --model when given: a checkpoint the
+    caller wrote elsewhere with the same bytes)."""
+    try:
+        training = from_args(TrainingSettings, args)
+        output = from_args(OutputSettings, args)
+        runtime = from_args(RuntimeSettings, args)
+        check_device(runtime.device)
+        check_out_dir(output.out_dir)
+        settings = {n: from_args(get_task(n).settings, args) for n in task_names if get_task(n).settings}
+        settings.update(extra_settings or {})
+        unlabelled = [n for n in task_names if n not in labelled_tasks()]
+        if training.train_fraction is not None and unlabelled:
+            raise ValueError(f"--train_fraction draws a share stratified by label; {unlabelled[0]} has no labels")
+        model = args.model or "gpt2"
+        check_model_flag(model)
+        config = resolve_config(args, checkpoint_source)
+        training = training.resolved(config.resolved_fine_tune_mode)
+        checkpoint = Checkpoint(str(model), checkpoint_identity(checkpoint_source or model))
     except (ValueError, CheckpointError) as error:
         parser.error(str(error))
+    return RunSpec(
+        label=label,
+        tasks=tuple(task_names),
+        config=config,
+        checkpoint=checkpoint,
+        training=training,
+        task_settings=settings,
+        output=output,
+        runtime=runtime,
+        transfer_from=transfer_from,
+        argv=tuple(argv),
+    )
 
 
-def check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace, tasks) -> Path:
+def check_inputs(parser: argparse.ArgumentParser, spec: RunSpec) -> Path:
+    """The spec's task data and tokenizer (see `check_data`)."""
+    return check_data(parser, spec.tasks, spec.output.data_dir, spec.output.tokenizer)
+
+
+def check_data(parser: argparse.ArgumentParser, tasks, data_dir: str | None, tokenizer: str | None) -> Path:
     """The task data (fetched into the cache folder when missing and no --data_dir was given) and the
-    tokenizer, checked before any weights load; exits 2 with one line."""
+    tokenizer, checked before any weights load; exits 2 with one line. Returns the data folder."""
     try:
-        folder = ensure_data(sorted({name for task in tasks for name in task.data_files()}), args.data_dir)
-        tokenizers.load_tokenizer(args.tokenizer)  # looked up on the module, so tests can replace it
+        files = sorted({name for task in tasks for name in get_task(task).data_files()})
+        folder = ensure_data(files, data_dir)
+        tokenizers.load_tokenizer(tokenizer)  # looked up on the module, so tests can replace it
     except (DataError, tokenizers.TokenizerNotFound) as error:
         parser.error(str(error))
     return folder
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    """`auto`: bf16 on a CUDA GPU with bf16 support (flash attention and tensor cores), fp32 elsewhere."""
-    if precision != "auto":
-        return precision
-    return "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
-
-
-def autocast_for(device: str, precision: str, cache: bool = True) -> torch.autocast:
-    """bf16 autocast for a resolved precision of `bf16`, a no-op context for `fp32`; training, its
-    evaluations and `train.evaluate` all compute under this one context, so they score alike.
-    `cache=False` inside a CUDA graph (autocast's cache of bf16 weight copies would be baked in)."""
-    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=cache)
-
-
-@contextlib.contextmanager
-def cuda_kernel_settings():
-    """While the block runs (no effect on the CPU), then the caller's own settings again, so an in-process
-    caller (a notebook, a test) keeps exact fp32 and its attention backends afterwards:
-    - TF32 tensor cores for fp32 matmuls;
-    - no cuDNN attention: PyTorch prefers it on Hopper, and it builds a plan for every new sequence
-      length, measured on an H100 (torch 2.11, bf16, B=32, 12 heads) at 110-185 ms per new length for
-      forward+backward against ~1 ms with flash / memory-efficient attention. Our batches are padded to
-      their longest example, so nearly every batch is a new length."""
-    saved = (
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-        torch.backends.cuda.cudnn_sdp_enabled(),
-    )
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cuda.enable_cudnn_sdp(False)
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-        torch.backends.cuda.enable_cudnn_sdp(saved[2])

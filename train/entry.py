@@ -21,11 +21,14 @@ from pathlib import Path
 from datasets.common import DataError
 from model import CheckpointError, TokenizerNotFound
 from train.checkpoint import CheckpointCorrupt
-from train.cli import build_parser, check_inputs, cuda_kernel_settings, validate
+from train.cli import build_parser, build_spec, check_inputs
 from train.lifecycle import EXIT_DIVERGED, Interrupted, RunFolderError, StopSignals, TrainingDiverged
 from train.loop import train
-from train.runs import run_name
-from train.tasks import TASKS, get_task
+from train.run import RunFolderBusy, run_folder
+from train.runtime import cuda_kernel_settings
+from train.settings import MultitaskSettings, from_args, task_weights
+from train.spec import RunSpec
+from train.tasks import TASKS
 
 # Problems with the user's inputs (paths, files, an existing run folder): one message, no traceback.
 USER_ERRORS = (
@@ -34,6 +37,7 @@ USER_ERRORS = (
     DataError,
     TokenizerNotFound,
     RunFolderError,
+    RunFolderBusy,
     FileExistsError,
     FileNotFoundError,
 )
@@ -45,6 +49,8 @@ class EntryPoint:
     add_selection: Callable[[argparse.ArgumentParser, bool], None]  # (parser, required)
     select: Callable[[argparse.Namespace], list[str]]  # task names
     label: Callable[[argparse.Namespace], str]  # run-name prefix
+    possible: tuple[str, ...] | None = None  # the tasks it can select (None: every task); --help shows their flags
+    settings: Callable[[argparse.Namespace, list[str]], dict] | None = None  # its own settings (multitask)
 
 
 def _no_selection(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -52,7 +58,7 @@ def _no_selection(parser: argparse.ArgumentParser, required: bool) -> None:
 
 
 def fixed_task(name: str, description: str) -> EntryPoint:
-    return EntryPoint(description, _no_selection, lambda args: [name], lambda args: name)
+    return EntryPoint(description, _no_selection, lambda args: [name], lambda args: name, possible=(name,))
 
 
 def _add_task(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -64,77 +70,78 @@ def _add_multitask(parser: argparse.ArgumentParser, required: bool) -> None:
     group.add_argument(
         "--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), help="tasks sharing one backbone (default: all)"
     )
+    defaults = MultitaskSettings()
     group.add_argument(
         "--task_sampling",
         choices=["proportional", "uniform", "temperature"],
-        default="proportional",
-        help="how batches are drawn from the tasks (default: %(default)s)",
+        default=None,
+        help=f"how batches are drawn from the tasks (default: {defaults.task_sampling})",
     )
-    group.add_argument("--sampling_temperature", type=float, default=2.0, help="p ∝ n^(1/T) (default: %(default)s)")
     group.add_argument(
-        "--task_weights", nargs="*", default=[], metavar="TASK=WEIGHT", help="loss weight per task (default: 1 each)"
+        "--sampling_temperature",
+        type=float,
+        default=None,
+        help=f"p ∝ n^(1/T) (default: {defaults.sampling_temperature})",
+    )
+    group.add_argument(
+        "--task_weights", nargs="*", default=None, metavar="TASK=WEIGHT", help="loss weight per task (default: 1 each)"
     )
 
 
 def _select_multitask(args: argparse.Namespace) -> list[str]:
     if len(set(args.tasks)) != len(args.tasks):
         raise ValueError("--tasks lists a task twice")
-    if args.sampling_temperature <= 0:
-        raise ValueError("--sampling_temperature must be > 0")
-    if isinstance(args.task_weights, list):
-        weights = {}
-        for item in args.task_weights:
-            name, _, value = item.partition("=")
-            try:
-                weights[name] = float(value)
-            except ValueError:
-                name = ""
-            if name not in args.tasks or weights.get(name, -1) < 0:
-                raise ValueError(
-                    f"--task_weights expects TASK=WEIGHT (weight >= 0) for TASK in {args.tasks}, got {item!r}"
-                )
-        args.task_weights = weights
     return list(args.tasks)
 
 
+def _multitask_settings(args: argparse.Namespace, tasks: list[str]) -> dict:
+    weights = task_weights(args.task_weights or [], tasks)
+    return {"multitask": from_args(MultitaskSettings, args, task_weights=weights)}
+
+
 GENERIC = EntryPoint(__doc__, _add_task, lambda args: [args.task], lambda args: args.task)
-MULTITASK = EntryPoint(__doc__, _add_multitask, _select_multitask, lambda args: "multitask-" + "-".join(args.tasks))
+MULTITASK = EntryPoint(
+    __doc__,
+    _add_multitask,
+    _select_multitask,
+    lambda args: "multitask-" + "-".join(args.tasks),
+    settings=_multitask_settings,
+)
 
 
-def parse(entry: EntryPoint, argv: list[str] | None, inputs: bool = True, config_source: str | None = None):
-    """(args, task classes, resolved GPT2Config); exits 2 with one line on any invalid flag. With
-    `inputs`, the tokenizer and the task data files are checked too (fetching missing data into the
-    cache folder when no --data_dir was given), so nothing that can be checked fails later."""
+def parse(
+    entry: EntryPoint, argv: list[str] | None, inputs: bool = True, checkpoint_source: str | None = None
+) -> tuple[RunSpec, list]:
+    """(the run's RunSpec, its task classes); exits 2 with one line on any invalid flag. With `inputs`,
+    the tokenizer and the task data files are checked too (fetching missing data into the cache folder
+    when no --data_dir was given), so nothing that can be checked fails later."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     entry.add_selection(pre, False)
     known, _ = pre.parse_known_args(argv)
     try:
-        names = entry.select(known)
-        names = [n for n in names if n is not None] or list(TASKS)
+        names = [n for n in entry.select(known) if n is not None]
     except (ValueError, TypeError, AttributeError):
-        names = list(TASKS)  # the full parser below reports the problem
-    parser = build_parser(entry.description)
+        names = []
+    parser = build_parser(entry.description, names or list(entry.possible or TASKS))
     entry.add_selection(parser, True)
-    for name in dict.fromkeys(names):
-        get_task(name).add_flags(parser)
     args = parser.parse_args(argv)
     try:
-        tasks = [get_task(n) for n in entry.select(args)]
+        names = entry.select(args)
+        extra = entry.settings(args, names) if entry.settings else {}
     except ValueError as error:
         parser.error(str(error))
-    config = validate(parser, args, tasks, config_source)
+    spec = build_spec(parser, args, entry.label(args), names, extra, checkpoint_source, argv=argv)
     if inputs:
-        check_inputs(parser, args, tasks)
-    args.argv = argv  # recorded in the run's config.json (not part of its identity)
-    return args, tasks, config
+        check_inputs(parser, spec)
+    return spec, [TASKS[n] for n in names]
 
 
-def planned_run_dir(entry: EntryPoint, argv: list[str], config_source: str | None = None) -> Path:
-    """The folder a run of these flags writes to, without running it (reads config.json only, from
-    `config_source` instead of --model when given: a checkpoint not written yet)."""
-    args, _, config = parse(entry, argv, inputs=False, config_source=config_source)
-    return Path(args.out_dir) / run_name(entry.label(args), config, args)
+def planned_run_dir(entry: EntryPoint, argv: list[str], checkpoint_source: str | None = None) -> Path:
+    """The folder a run of these flags writes to, without running it (reads config.json and hashes the
+    checkpoint, from `checkpoint_source` instead of --model when given)."""
+    spec, _ = parse(entry, argv, inputs=False, checkpoint_source=checkpoint_source)
+    return run_folder(spec)
 
 
 def run(entry: EntryPoint, argv: list[str] | None = None) -> int:
@@ -142,15 +149,15 @@ def run(entry: EntryPoint, argv: list[str] | None = None) -> int:
     SIGINT / SIGTERM (a checkpoint was saved: add --resume to continue)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with StopSignals() as signals:
-        args, tasks, config = parse(entry, argv)
-        return execute(entry.label(args), tasks, args, config, signals)
+        spec, _ = parse(entry, argv)
+        return execute(spec, signals)
 
 
-def execute(label: str, tasks: list, args, config, signals: StopSignals, start=None) -> int:
+def execute(spec: RunSpec, signals: StopSignals, start=None) -> int:
     """Train (exit statuses as `run`); every entry point, transfer included, ends here."""
     try:
         with cuda_kernel_settings():
-            train(label, tasks, args, config, signals, start)
+            train(spec, signals, start)
     except TrainingDiverged as error:
         if str(error):  # empty on torchrun ranks other than 0: one report per run
             print(f"error: {error}", file=sys.stderr)

@@ -19,6 +19,7 @@ and sonnet generation need no new parameters. Test files carry no labels and are
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -33,15 +34,9 @@ from model.config import STACK_FIELDS
 from model.files import atomic_write_json
 from modules.registry import variant_state
 from train import checkpoint as ckpt
-from train.cli import (
-    ArgumentParser,
-    autocast_for,
-    check_counts,
-    check_device,
-    check_inputs,
-    cuda_kernel_settings,
-    resolve_precision,
-)
+from train.cli import ArgumentParser, check_data
+from train.runtime import autocast_for, check_device, cuda_kernel_settings, resolve_precision
+from train.settings import TrainingSettings, from_args
 from train.tasks import TASKS, get_task
 
 log = logging.getLogger("evaluate")
@@ -87,9 +82,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, choices=[*TASKS, "all"])
     parser.add_argument("--model", default="gpt2", help="hub id, local HF GPT-2 checkpoint folder or run folder")
-    parser.add_argument("--data_dir", default=None, help="task data folder (default: $GPT2_DATA_DIR or data/cs224n)")
+    parser.add_argument(
+        "--data_dir",
+        default=None,
+        help="task data folder (default: a run folder's own, else $GPT2_DATA_DIR or data/cs224n)",
+    )
     parser.add_argument("--out_dir", required=True)
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: $GPT2_TOKENIZER or the hub)")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer folder (default: a run folder's own, else $GPT2_TOKENIZER or the hub)",
+    )
     parser.add_argument("--batch_size", type=int, default=32, help="(default: %(default)s)")
     parser.add_argument(
         "--max_length",
@@ -118,16 +121,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for task in TASKS.values():
         task.add_flags(parser)
     args = parser.parse_args(argv)
+    names = list(TASKS) if args.task == "all" else [args.task]
     try:
-        check_counts(args, ("batch_size",), ("max_length", "dev_limit", "test_limit"))
+        args.settings = TrainingSettings(
+            eval_batch_size=args.batch_size,
+            max_length=args.max_length,
+            dev_limit=args.dev_limit,
+            test_limit=args.test_limit,
+            train_limit=None,
+        )
+        args.task_settings = {n: from_args(get_task(n).settings, args) for n in names if get_task(n).settings}
         check_device(args.device)
-        for task in TASKS.values():
-            task.check_flags(args)
     except ValueError as error:
         parser.error(str(error))
-    args.data_dir = check_inputs(parser, args, list(TASKS.values()) if args.task == "all" else [get_task(args.task)])
-    args.eval_batch_size, args.train_limit = args.batch_size, None
+    recorded = run_record(args.model)  # a run folder: its own data and tokenizer folders unless given
+    args.tokenizer = args.tokenizer or recorded.get("tokenizer")
+    args.data_dir = check_data(parser, names, args.data_dir or recorded.get("data_dir"), args.tokenizer)
     return args
+
+
+def run_record(model: str) -> dict:
+    """The `training` block of a run folder's config.json ({} for a checkpoint)."""
+    try:
+        record = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return record.get("training", {}) if isinstance(record, dict) and "identity" in record else {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,13 +162,15 @@ def main(argv: list[str] | None = None) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     model, trained_heads, training = load_model(args.model)
     model = model.to(args.device).eval()
-    if training.get("paraphrase_head") and training["paraphrase_head"] != args.paraphrase_head:
+    quora = args.task_settings.get("quora")
+    if quora is not None and training.get("paraphrase_head") and training["paraphrase_head"] != quora.paraphrase_head:
         log.warning(
             "the run was trained with --paraphrase_head %s; evaluating with that head", training["paraphrase_head"]
         )
-        args.paraphrase_head = training["paraphrase_head"]
+        args.task_settings["quora"] = dataclasses.replace(quora, paraphrase_head=training["paraphrase_head"])
     if args.seed is None:
         args.seed = training.get("seed", 0)
+    settings = dataclasses.replace(args.settings, seed=args.seed)
     precision = resolve_precision(args.precision or training.get("resolved_precision", "auto"), args.device)
     log.info("computing in %s on %s", precision, args.device)
     tokenizer = load_tokenizer(args.tokenizer)
@@ -159,7 +180,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     for name in names:
         folder = out_dir / name if args.task == "all" else out_dir
         folder.mkdir(parents=True, exist_ok=True)
-        task = get_task(name)(tokenizer, args.data_dir, args, model.config.n_positions)
+        task = get_task(name)(
+            tokenizer, args.data_dir, settings, model.config.n_positions, args.task_settings.get(name)
+        )
         torch.manual_seed(args.seed)
         head = task.make_head(model)
         if head is not None:

@@ -13,7 +13,6 @@ nothing for `finished` (unless `--extend_epochs N`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -26,6 +25,7 @@ from typing import Any
 
 from train import checkpoint as ckpt
 from train.runs import drop_runs_row, log_entries
+from train.spec import flat_identity
 
 EXIT_DIVERGED = 3
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, the shell convention
@@ -56,7 +56,7 @@ def folder_state(run_dir: Path) -> str:
         return "finished"
     if (run_dir / "checkpoints" / "last.json").is_file():
         return "interrupted"
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    if run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):  # the lock alone is no run
         return "dead"
     return "new"
 
@@ -76,15 +76,10 @@ def read_record(run_dir: Path) -> dict[str, Any]:
         raise RunFolderError(f"{path} is corrupt ({error}); pass --overwrite to start the run again") from None
 
 
-def flat_settings(identity: dict[str, Any]) -> dict[str, Any]:
-    """identity_settings() as {flag: value}: the model config and training flags side by side."""
-    return {"task": identity.get("task"), **identity.get("config", {}), **identity.get("training", {})}
-
-
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """'--flag: run value -> value now' for every result-changing setting that differs."""
     # compared as stored in config.json (JSON: tuples become lists)
-    a, b = (json.loads(json.dumps(flat_settings(x), default=str)) for x in (saved, now))
+    a, b = (json.loads(json.dumps(flat_identity(x), default=str)) for x in (saved, now))
     return [
         f"--{k}: {a.get(k)!r} in the run, {b.get(k)!r} now" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
     ]
@@ -99,7 +94,7 @@ def closest_run(out_dir: Path, identity: dict[str, Any], seed: int) -> tuple[Pat
         except ValueError:
             continue
         saved = record.get("identity")
-        if not saved or saved.get("task") != identity["task"] or record.get("training", {}).get("seed") != seed:
+        if not saved or saved.get("label") != identity["label"] or record.get("training", {}).get("seed") != seed:
             continue
         diffs = differences(saved, identity)
         if best is None or len(diffs) < len(best[1]):
@@ -108,9 +103,16 @@ def closest_run(out_dir: Path, identity: dict[str, Any], seed: int) -> tuple[Pat
 
 
 def clear_run_folder(run_dir: Path) -> None:
-    """What --overwrite removes: every file the run wrote (logs, checkpoints, predictions, wandb)."""
+    """What --overwrite removes: every file the run wrote (logs, checkpoints, predictions, wandb); the
+    lock file stays, since this process holds it (train/run.py)."""
     if run_dir.is_dir():
-        shutil.rmtree(run_dir)
+        for path in run_dir.iterdir():
+            if path.name == ".lock":
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def refuse_fresh_start(run_dir: Path, state: str) -> RunFolderError:
@@ -133,25 +135,22 @@ def refuse_fresh_start(run_dir: Path, state: str) -> RunFolderError:
     )
 
 
-def check_run_folder(
-    run_dir: Path, state: str, identity: dict, args: argparse.Namespace, main_process: bool
-) -> dict | None:
-    """Enforce the start/resume rules (module docstring of train/py); returns the saved
-    record of a run that is resumed, None for a fresh start (after --overwrite cleared the folder)."""
-    if args.extend_epochs and not args.resume:
-        raise RunFolderError("--extend_epochs N extends an existing run: pass it with --resume")
-    if args.extend_epochs and args.max_steps:
+def check_run_folder(run_dir: Path, state: str, spec: Any, main_process: bool) -> dict | None:
+    """Enforce the start/resume rules (module docstring); returns the saved record of a run that is
+    resumed, None for a fresh start (after --overwrite cleared the folder)."""
+    out, identity = spec.output, spec.identity()
+    if out.extend_epochs and spec.training.max_steps:
         raise RunFolderError("--extend_epochs cannot extend a run limited by --max_steps")
-    if args.resume:
+    if out.resume:
         if state == "new":
-            closest = closest_run(Path(args.out_dir), identity, args.seed)
+            closest = closest_run(Path(out.out_dir), identity, spec.seed)
             if closest is not None and closest[1]:
                 folder, diffs = closest
                 raise RunFolderError(
-                    f"--resume: no run with these settings in {args.out_dir} ({run_dir.name}); the closest, "
+                    f"--resume: no run with these settings in {out.out_dir} ({run_dir.name}); the closest, "
                     f"{folder.name}, differs in: " + "; ".join(diffs)
                 )
-            raise RunFolderError(f"--resume: no run {run_dir.name} in {args.out_dir} to resume")
+            raise RunFolderError(f"--resume: no run {run_dir.name} in {out.out_dir} to resume")
         saved = read_record(run_dir)
         if "identity" in saved and (diffs := differences(saved["identity"], identity)):
             raise RunFolderError(f"--resume: {run_dir} was run with other settings: " + "; ".join(diffs))
@@ -167,11 +166,11 @@ def check_run_folder(
         ckpt.checkpoint_folder(run_dir / "checkpoints", "last")  # a corrupt pointer fails here, before any loading
         return saved
     if state != "new":
-        if not args.overwrite:
+        if not out.overwrite:
             raise refuse_fresh_start(run_dir, state)
         if main_process:
             clear_run_folder(run_dir)
-            drop_runs_row(Path(args.out_dir) / "runs.tsv", run_dir)
+            drop_runs_row(run_dir.parent / "runs.tsv", run_dir)
     return None
 
 

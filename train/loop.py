@@ -7,7 +7,6 @@ survive a SIGKILL (train/checkpoint.py) and `--resume` continues bit-for-bit on 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -28,27 +27,20 @@ from torch import nn
 from tqdm import tqdm
 
 from datasets.common import data_dir
-from model import GPT2Config, GPT2LMHeadModel, load_tokenizer
+from model import GPT2LMHeadModel, load_tokenizer
 from model.compile import compile_blocks
+from model.config import STACK_FIELDS
 from model.files import atomic_write_json
 from model.trainable import build_optimizer, set_trainable
-from modules.registry import auxiliary_loss, enabled_variants, variant_state
 from train import checkpoint as ckpt
 from train import distributed, graphs, lifecycle
-from train.cli import autocast_for, config_overrides, resolve_precision
 from train.distributed import device_synchronize
-from train.runs import (
-    RunLogger,
-    config_hash,
-    git_commit,
-    identity_settings,
-    new_wandb_id,
-    run_name,
-    truncate_log,
-    variant_tag,
-    write_runs_row,
-)
-from train.tasks import selection_score
+from train.run import new_wandb_id, owned, run_folder
+from train.runs import RunLogger, git_commit, truncate_log, write_runs_row
+from train.runtime import autocast_for, resolve_precision
+from train.settings import MultitaskSettings, TrainingSettings
+from train.spec import RunSpec, variant_tag
+from train.tasks import TASKS, selection_score
 
 TrainingDiverged = lifecycle.TrainingDiverged
 
@@ -83,22 +75,28 @@ def lr_lambda(schedule: str, warmup: float, total: int):
 
 
 def epoch_schedule(
-    objectives: dict, args: argparse.Namespace, epoch: int, rank: int, world: int
+    objectives: dict,
+    training: TrainingSettings,
+    epoch: int,
+    rank: int,
+    world: int,
+    mixture: MultitaskSettings | None = None,
 ) -> list[tuple[str, list[int]]]:
     """(task, batch) pairs of one epoch for this rank; identical on every rank before sharding."""
     per_task = {
-        name: obj.batches(epoch, args.batch_size, args.seed, bucket=not args.no_bucket)
+        name: obj.batches(epoch, training.batch_size, training.seed, bucket=not training.no_bucket)
         for name, obj in objectives.items()
     }
-    rng = random.Random(args.seed * 1_000_003 + epoch)
+    rng = random.Random(training.seed * 1_000_003 + epoch)
+    mixture = mixture or MultitaskSettings()
     pairs = [(name, batch) for name, batches in per_task.items() for batch in batches]
     if len(per_task) > 1:
-        rule = getattr(args, "task_sampling", "proportional")
+        rule = mixture.task_sampling
         if rule == "proportional":
             rng.shuffle(pairs)  # sampling without replacement in proportion to each task's size
         else:
             sizes = {n: len(b) for n, b in per_task.items()}
-            power = 0.0 if rule == "uniform" else 1.0 / args.sampling_temperature
+            power = 0.0 if rule == "uniform" else 1.0 / mixture.sampling_temperature
             weights = [sizes[n] ** power for n in per_task]
             cursors = {n: 0 for n in per_task}
             pairs = []
@@ -183,11 +181,9 @@ def _metrics_line(step: int, epoch: float, metrics: dict, score: float, best: bo
     )
 
 
-def train(
-    task_label: str, task_classes: list, args: argparse.Namespace, config: GPT2Config, signals=None, start=None
-) -> dict:
-    """Train `task_classes` on one backbone. `config` is the run's resolved config (validated by the
-    entry point before anything was loaded). `signals`: a StopSignals the caller entered (SIGINT /
+def train(spec: RunSpec, signals=None, start=None) -> dict:
+    """Train the spec's tasks on one backbone. `spec.config` is the run's resolved config (validated by
+    the entry point before anything was loaded). `signals`: a StopSignals the caller entered (SIGINT /
     SIGTERM then stop after the current step with a checkpoint, raising Interrupted). `start`: a run
     that begins from another run's trained weights (train/transfer.py), with
     - `load(model)`: copy them in, before the task heads are built and anything trains;
@@ -195,18 +191,24 @@ def train(
       metrics) computed once on the starting weights and kept in config.json (a resumed run keeps them);
     - `final_blocks(record, best_metrics) -> dict`: blocks added to metrics.json."""
     signals = signals or lifecycle.StopSignals()
-    placement = distributed.setup(args.device)
-    rank, world, device, main_process = placement.rank, placement.world, placement.device, placement.main
-    precision = resolve_precision(args.precision, device)  # fp32 matmuls use TF32 (entry.run: cuda_kernel_settings)
+    mixture = spec.settings_of("multitask")
+    placement = distributed.setup(spec.runtime.device)
+    # fp32 matmuls use TF32 (entry.run: cuda_kernel_settings)
+    precision = resolve_precision(spec.runtime.precision, placement.device)
 
-    name = run_name(task_label, config, args)
-    out_dir = Path(args.out_dir)
-    run_dir = out_dir / name
+    run_dir = run_folder(spec)
+    identity = spec.identity()
+    with owned(run_dir, placement.main):  # one writer for the folder's whole life (train/run.py)
+        return _train(spec, signals, start, placement, precision, run_dir, identity, mixture)
+
+
+def _train(spec: RunSpec, signals, start, placement, precision, run_dir, identity, mixture) -> dict:
+    config, task_label, name = spec.config, spec.label, run_dir.name
+    rank, world, device, main_process = placement.rank, placement.world, placement.device, placement.main
     checkpoints = run_dir / "checkpoints"
-    identity = identity_settings(task_label, config, args)
     state = lifecycle.folder_state(run_dir)
-    saved_record = lifecycle.check_run_folder(run_dir, state, identity, args, main_process)
-    if saved_record is not None and state == "finished" and not args.extend_epochs:
+    saved_record = lifecycle.check_run_folder(run_dir, state, spec, main_process)
+    if saved_record is not None and state == "finished" and not spec.output.extend_epochs:
         metrics = json.loads((run_dir / "metrics.json").read_text())
         if main_process:
             print(
@@ -216,42 +218,45 @@ def train(
         return metrics
     if signals.received is not None:
         raise lifecycle.Interrupted(signals.received, "interrupted before training started; nothing to save")
-    resume = args.resume and state in ("interrupted", "finished")
-    extra_epochs = (saved_record or {}).get("extra_epochs", 0) + (args.extend_epochs or 0)
-    epochs = args.epochs + extra_epochs
+    resume = spec.output.resume and state in ("interrupted", "finished")
+    extra_epochs = (saved_record or {}).get("extra_epochs", 0) + (spec.output.extend_epochs or 0)
+    epochs = spec.training.epochs + extra_epochs
 
-    tokenizer = load_tokenizer(args.tokenizer)
-    folder = data_dir(args.data_dir)
-    objectives = {cls.name: cls(tokenizer, folder, args, config.n_positions) for cls in task_classes}
+    tokenizer = load_tokenizer(spec.output.tokenizer)
+    folder = data_dir(spec.output.data_dir)
+    fast = spec.runtime.fast_step == "on"
+    objectives = {
+        n: TASKS[n](tokenizer, folder, spec.training, config.n_positions, spec.settings_of(n), fast) for n in spec.tasks
+    }
     for objective in objectives.values():
         objective.check_training_data()  # e.g. a --train_fraction missing a label: refused before weights load
         objective.check_token_ids(config.vocab_size)  # once here, so no training step checks (or syncs)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    model = GPT2LMHeadModel.from_pretrained(args.model, **config_overrides(args)).to(device)
+    torch.manual_seed(spec.training.seed)
+    random.seed(spec.training.seed)
+    overrides = {k: v for k, v in config.to_dict().items() if k not in STACK_FIELDS and k != "name"}
+    model = GPT2LMHeadModel.from_pretrained(spec.checkpoint.source, **overrides).to(device)
     if model.config != config:
         raise RuntimeError(f"the loaded model's config differs from the validated one: {model.config} vs {config}")
     if start is not None:
         start.load(model)
     heads = {name: head.to(device) for name, obj in objectives.items() if (head := obj.make_head(model)) is not None}
     counts = set_trainable(model, config.fine_tune_mode, heads.values())
-    if args.grad_checkpointing:
+    if spec.runtime.grad_checkpointing:
         model.transformer.gradient_checkpointing = True
     task_model = TaskModel(model, heads, objectives, device)
     wrapped: nn.Module = task_model
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(task_model, find_unused_parameters=len(objectives) > 1)
         # Every rank built the same weights from the run's seed; dropout now gets its own stream per rank.
-        torch.manual_seed(distributed.rank_seed(args.seed, rank))
+        torch.manual_seed(distributed.rank_seed(spec.training.seed, rank))
     # The fast step (train/graphs.py): static shapes always; the whole step as CUDA graphs where it can.
-    fast = getattr(args, "fast_step", "off") == "on"
-    static_rows = args.batch_size if fast else None
+    static_rows = spec.training.batch_size if fast else None
     not_captured = (
         graphs.why_not_captured(
             device,
             world,
-            args.grad_accum,
-            args.grad_checkpointing,
+            spec.training.grad_accum,
+            spec.runtime.grad_checkpointing,
             len(objectives),
             dropout=graphs.uses_dropout(model, heads.values()),
         )
@@ -259,32 +264,37 @@ def train(
         else None
     )
     capture = fast and not_captured is None
-    if args.compile:
+    if spec.runtime.compile:
         compile_blocks(model, static_shapes=fast)
     fused = {"fused": True} if device.startswith("cuda") else {}  # one kernel for all parameters
     if capture:
         fused["capturable"] = True  # its step count and lr live on the device, so a graph can hold it
-    optimizer = build_optimizer(model, args.lr, args.weight_decay, heads=heads.values(), **fused)
+    optimizer = build_optimizer(model, spec.training.lr, spec.training.weight_decay, heads=heads.values(), **fused)
 
-    steps_per_epoch = math.ceil(len(epoch_schedule(objectives, args, 0, rank, world)) / args.grad_accum)
-    total_steps = args.max_steps or steps_per_epoch * epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.schedule, args.warmup, total_steps))
+    steps_per_epoch = math.ceil(
+        len(epoch_schedule(objectives, spec.training, 0, rank, world, mixture)) / spec.training.grad_accum
+    )
+    total_steps = spec.training.max_steps or steps_per_epoch * epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(spec.training.schedule, spec.training.warmup, total_steps)
+    )
     trainable = {n: p for n, p in task_model.named_parameters() if p.requires_grad}
     # checkpoints hold the trainable weights plus frozen variant state a rebuild would not reproduce
-    frozen = {f"model.{k}": v for k, v in variant_state(model, config, checkpoints_only=True).items()}
+    frozen = {f"model.{k}": v for k, v in model.variant_state(checkpoints_only=True).items()}
     checkpointed = {**trainable, **frozen}
     config_values = {**config.to_dict(), "fine_tune_mode": config.resolved_fine_tune_mode}
     record = {
         "task": task_label,
         "run": name,
-        "grid": args.wandb_group,
+        "grid": spec.output.wandb_group,
         "config": config_values,
-        "variants": [v.name for v in enabled_variants(config)],
-        "training": {k: v for k, v in vars(args).items() if k not in config_values and k != "argv"},
+        "variants": [v.name for v in config.variants],
+        "training": spec.flat_settings(),
         "identity": identity,
-        "command": args.argv,
-        "config_hash": config_hash(task_label, config, args),
-        "wandb_id": new_wandb_id(task_label, config, args),
+        "spec": spec.to_json(),
+        "command": list(spec.argv),
+        "config_hash": spec.identity_hash(),
+        "wandb_id": new_wandb_id(spec),
         "git_commit": git_commit(),
         "parameters": counts,
         "world_size": world,
@@ -312,7 +322,7 @@ def train(
         folder = ckpt.checkpoint_folder(checkpoints, "last")
         record["wandb_id"] = saved_record.get("wandb_id", record["wandb_id"])  # the same wandb run continues
         record["command"] = saved_record.get("command", record["command"])
-        record["resumed_with"] = args.argv
+        record["resumed_with"] = list(spec.argv)
         weights, state_json, tensors = ckpt.load_checkpoint(folder)
         missing = sorted(set(trainable) - set(weights))
         if missing:
@@ -329,7 +339,7 @@ def train(
                 file=sys.stderr,
             )
         progress = state_json["progress"]
-        if args.extend_epochs:
+        if spec.output.extend_epochs:
             progress["bad_evals"] = 0  # patience counts afresh in the added epochs
         if main_process:
             dropped = truncate_log(run_dir / "log.jsonl", progress["step"])
@@ -338,14 +348,16 @@ def train(
                 + (f"; dropped {dropped} log line(s) written after that checkpoint" if dropped else ""),
                 file=sys.stderr,
             )
-            if args.extend_epochs:
+            if spec.output.extend_epochs:
                 old_lr = scheduler.get_last_lr()[0]
-                new_lr = args.lr * lr_lambda(args.schedule, args.warmup, total_steps)(progress["step"])
+                new_lr = spec.training.lr * lr_lambda(spec.training.schedule, spec.training.warmup, total_steps)(
+                    progress["step"]
+                )
                 print(
-                    f"extending by {args.extend_epochs} epoch(s) to {epochs}: training continues to step "
+                    f"extending by {spec.output.extend_epochs} epoch(s) to {epochs}: training continues to step "
                     f"{total_steps}; "
-                    f"the {args.schedule} schedule is re-planned over {total_steps} steps, so the lr goes from "
-                    f"{old_lr:.3g} to {new_lr:.3g} at step {progress['step']}",
+                    f"the {spec.training.schedule} schedule is re-planned over {total_steps} steps, so the lr goes "
+                    f"from {old_lr:.3g} to {new_lr:.3g} at step {progress['step']}",
                     file=sys.stderr,
                 )
             if note := lifecycle.diverged_note(run_dir):
@@ -355,27 +367,33 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "config.json", record)
     tags = [task_label, *(record["variants"] or ["base"])]
-    wandb_config = {**config_values, **record["training"], "task": task_label, "grid": args.wandb_group, "run": name}
+    wandb_config = {
+        **config_values,
+        **record["training"],
+        "task": task_label,
+        "grid": spec.output.wandb_group,
+        "run": name,
+    }
     logger = RunLogger(
         run_dir,
         name,
         record["wandb_id"],
-        args.wandb_group or task_label,
+        spec.output.wandb_group or task_label,
         tags,
         wandb_config,
-        args.wandb,
-        args.wandb_project,
+        spec.output.wandb,
+        spec.output.wandb_project,
         enabled=main_process,
     )
-    console = Console(main_process, total_steps, progress["step"], name, args.log_every)
+    console = Console(main_process, total_steps, progress["step"], name, spec.output.log_every)
     if fast and not_captured is not None and main_process:
         console.message(f"fast step: static shapes, eager (no CUDA graphs: {not_captured})")
-    task_weights = getattr(args, "task_weights", {})
+    task_weights = dict(mixture.task_weights) if mixture is not None else {}
 
     def step_loss(task: str, inputs: dict[str, torch.Tensor], autocast_context) -> torch.Tensor:
         with autocast_context:
             loss = wrapped(task, inputs) * task_weights.get(task, 1.0)
-            if (extra := auxiliary_loss(model, config)) is not None:  # e.g. the KAN regulariser
+            if (extra := model.auxiliary_loss()) is not None:  # e.g. the KAN regulariser
                 loss = loss + extra
         return loss
 
@@ -424,7 +442,12 @@ def train(
         with autocast:  # evaluation computes in the run's precision too
             metrics = {
                 n: obj.evaluate(
-                    model, heads.get(n), staging if main_process else None, device, args.eval_train, (rank, world)
+                    model,
+                    heads.get(n),
+                    staging if main_process else None,
+                    device,
+                    spec.output.eval_train,
+                    (rank, world),
                 )
                 for n, obj in objectives.items()
             }
@@ -446,7 +469,7 @@ def train(
             else:
                 progress["bad_evals"] += 1
                 shutil.rmtree(staging, ignore_errors=True)
-            stop = bool(args.patience) and progress["bad_evals"] >= args.patience
+            stop = bool(spec.training.patience) and progress["bad_evals"] >= spec.training.patience
         if world > 1:
             flag = [stop]
             dist.broadcast_object_list(flag, src=0)
@@ -467,7 +490,7 @@ def train(
             f"healthy checkpoint is kept: {last or 'none saved yet'}"
         )
 
-    guard = lifecycle.DivergenceGuard(args.spike_factor)
+    guard = lifecycle.DivergenceGuard(spec.output.spike_factor)
     wrapped.train()
     start_time = time.perf_counter() - progress["train_seconds"]
     tokens_since, clock = 0, time.perf_counter()
@@ -477,9 +500,9 @@ def train(
     evaluated_at = None
     try:
         while not stopped and progress["epoch"] < epochs:
-            schedule = epoch_schedule(objectives, args, progress["epoch"], rank, world)
+            schedule = epoch_schedule(objectives, spec.training, progress["epoch"], rank, world, mixture)
             while progress["position"] < len(schedule):
-                group = schedule[progress["position"] : progress["position"] + args.grad_accum]
+                group = schedule[progress["position"] : progress["position"] + spec.training.grad_accum]
                 graph_step = None
                 if captured is not None and pending is None:
                     ((task, batch),) = group
@@ -516,7 +539,7 @@ def train(
                                 (loss / len(group)).backward()
                         losses.append(loss.detach().float())
                         tokens_since += objectives[task].batch_tokens(batch)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), args.max_grad_norm)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), spec.training.max_grad_norm)
                     # The step's one host sync: every micro-batch loss and the gradient norm at once.
                     *loss_values, grad_norm_value = torch.stack(
                         [*losses, grad_norm.float().to(losses[0].device)]
@@ -555,7 +578,7 @@ def train(
                                 lambda task, inputs: step_loss(task, inputs, autocast_static),
                                 list(trainable.values()),
                                 optimizer,
-                                args.max_grad_norm,
+                                spec.training.max_grad_norm,
                                 device,
                             )
                 progress["position"] += len(group)
@@ -579,12 +602,13 @@ def train(
                     progress.update(epoch=progress["epoch"] + 1, position=0)
                 last_step = progress["step"] >= total_steps or progress["epoch"] >= epochs
                 time_due = (
-                    bool(args.save_every_minutes) and time.monotonic() - last_save >= 60 * args.save_every_minutes
+                    bool(spec.output.save_every_minutes)
+                    and time.monotonic() - last_save >= 60 * spec.output.save_every_minutes
                 )
                 stop_now, time_due = _all_ranks_any([signals.received is not None, time_due], world, device)
                 if (
-                    (args.eval_every and progress["step"] % args.eval_every == 0)
-                    or (not args.eval_every and end_of_epoch)
+                    (spec.training.eval_every and progress["step"] % spec.training.eval_every == 0)
+                    or (not spec.training.eval_every and end_of_epoch)
                     or last_step
                 ):
                     stopped = evaluate() or last_step
@@ -593,7 +617,7 @@ def train(
                         save("last", snapshot())
                     else:
                         pending = snapshot()
-                elif (args.save_every and progress["step"] % args.save_every == 0) or time_due:
+                elif (spec.output.save_every and progress["step"] % spec.output.save_every == 0) or time_due:
                     pending = snapshot()
                 if stop_now and not stopped:  # a signal during the last step: the run finishes instead
                     signum = signals.received or signal.SIGTERM
@@ -697,7 +721,7 @@ def _finish(
     primary = next(iter(objectives.values())).metric if single else "selection_score"
     best_value = metrics.get(primary, progress["best"])
     write_runs_row(
-        Path(args["out_dir"]) / "runs.tsv",
+        run_dir.parent / "runs.tsv",  # where the folder is now, wherever it was made
         {
             "run": name,
             "task": task_label,

@@ -1,22 +1,15 @@
-"""Run identity, the per-run log, wandb, and the `runs.tsv` summary (one row per run).
+"""The per-run log, wandb, and the `runs.tsv` summary (one row per run).
 
-A run's identity covers every setting that changes its result: the task, the resolved model
-config (checkpoint size + every variant knob), the model it starts from and every training flag
-except where outputs go and how they are logged (`IDENTITY_EXCLUDED`). Its folder name is
-readable, `<task>-<variant tags>-lr<lr>-s<seed>-<hash>`, where `hash` is 8 hex digits of the
-SHA-256 of those settings without the seed (so the seeds of one configuration share it and the
-report groups them). Two runs that differ in any one setting get different folders; the wandb run
-id is that hash, the seed and a random suffix drawn when the folder is created (kept in its
-config.json, so a resumed run continues the same wandb run and runs in two out dirs never merge).
+A run's identity and folder name are train/spec.py's (`RunSpec`); a row of `runs.tsv` is keyed by that
+identity (task, `config_hash`, seed), not by the folder's path, so a moved or copied run that is
+resumed or extended still has one row.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
-import secrets
 import subprocess
 import sys
 import time
@@ -25,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from model.files import atomic_write_text
-from modules.registry import enabled_variants
 
 log = logging.getLogger(__name__)
 RUNS_COLUMNS = [
@@ -49,66 +41,6 @@ RUNS_COLUMNS = [
     "run_dir",
     "finished_at",
 ]
-# Flags that say where things go or how they are logged, not what is computed.
-IDENTITY_EXCLUDED = {
-    "out_dir",
-    "resume",
-    "wandb",
-    "wandb_project",
-    "wandb_group",
-    "data_dir",
-    "tokenizer",
-    "device",
-    "save_every",
-    "save_every_minutes",
-    "log_every",
-    "spike_factor",
-    "eval_train",
-    "overwrite",
-    "extend_epochs",
-    "compile",  # how the same maths is executed, not what it computes
-    "fast_step",
-    "grad_checkpointing",
-    "argv",
-}
-# Flags added after run folders existed: left out of the identity while at their default, so those
-# folders keep their names (and --resume keeps finding them).
-OMITTED_AT_DEFAULT = {"train_fraction": None}
-MODE_TAGS = {"full-model": "full", "last-linear-layer": "lastlinear", "adapters": "adapters"}
-
-
-def variant_tag(config: Any) -> str:
-    parts = [variant.tag(config) for variant in enabled_variants(config)] or ["base"]
-    mode = config.resolved_fine_tune_mode
-    if mode != ("adapters" if config.any_variant else "full-model"):
-        parts.append(MODE_TAGS[mode])
-    return "+".join(parts)
-
-
-def identity_settings(task_label: str, config: Any, args: Any) -> dict[str, Any]:
-    """Everything that changes a run's result, seed excluded (it is in the name itself)."""
-    config_values = config.to_dict()
-    config_values.pop("name")  # provenance; the `model` flag below says what was loaded
-    training = {
-        k: v
-        for k, v in sorted(vars(args).items())
-        if k not in IDENTITY_EXCLUDED and k not in config_values and k not in ("seed", "name")
-        if not (k in OMITTED_AT_DEFAULT and v == OMITTED_AT_DEFAULT[k])
-    }
-    return {"task": task_label, "config": config_values, "training": training}
-
-
-def config_hash(task_label: str, config: Any, args: Any) -> str:
-    text = json.dumps(identity_settings(task_label, config, args), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
-
-
-def run_name(task_label: str, config: Any, args: Any) -> str:
-    return f"{task_label}-{variant_tag(config)}-lr{args.lr:g}-s{args.seed}-{config_hash(task_label, config, args)}"
-
-
-def new_wandb_id(task_label: str, config: Any, args: Any) -> str:
-    return f"{config_hash(task_label, config, args)}-s{args.seed}-{secrets.token_hex(3)}"
 
 
 def git_commit() -> str:
@@ -135,31 +67,49 @@ def _locked(path: Path):
     return lock
 
 
-def _rewrite_rows(path: Path, keep, row: dict[str, Any] | None) -> None:
-    """Rewrite runs.tsv (atomically, under the lock) keeping the rows `keep(fields)` accepts, then `row`."""
+def rewrite_runs_rows(path: Path, update, row: dict[str, Any] | None = None) -> None:
+    """Rewrite runs.tsv (atomically, under its lock): each row through `update(fields)` (a dict to keep,
+    possibly changed, or None to drop it), then `row` appended."""
     with _locked(path):
         lines = path.read_text().splitlines() if path.exists() else []
         header, rows = "\t".join(RUNS_COLUMNS), []
         if lines:
             header, rows = lines[0], lines[1:]
         names = header.split("\t")
-        kept = [line for line in rows if line.strip() and keep(dict(zip(names, line.split("\t"), strict=False)))]
+        kept = []
+        for line in rows:
+            if not line.strip():
+                continue
+            fields = update(dict(zip(names, line.split("\t"), strict=False)))
+            if fields is not None:
+                kept.append(_row_line(names, fields))
         if row is not None:
-            values = [str(row.get(c, "")).replace("\t", " ").replace("\n", " ") for c in names]
-            kept.append("\t".join(values))
+            kept.append(_row_line(names, row))
         atomic_write_text(path, "\n".join([header, *kept]) + "\n")
 
 
+def _row_line(names: list[str], row: dict[str, Any]) -> str:
+    return "\t".join(str(row.get(c, "")).replace("\t", " ").replace("\n", " ") for c in names)
+
+
+def same_run(fields: dict[str, str], row: dict[str, Any]) -> bool:
+    """One run: the same folder, or the same identity (task, configuration hash and seed) wherever it lies."""
+    if fields.get("run_dir") == str(row["run_dir"]):
+        return True
+    keys = ("task", "config_hash", "seed")
+    return all(str(fields.get(k)) == str(row[k]) for k in keys)
+
+
 def write_runs_row(path: Path, row: dict[str, Any]) -> None:
-    """Add a finished run's row to runs.tsv, replacing any earlier row of the same run folder: a run
-    folder never has two rows (a resumed or extended run updates its own)."""
-    _rewrite_rows(path, lambda fields: fields.get("run_dir") != row["run_dir"], row)
+    """Add a finished run's row to runs.tsv, replacing any earlier row of the same run: a run never has
+    two rows (a resumed, extended, moved or copied run updates its own)."""
+    rewrite_runs_rows(path, lambda fields: None if same_run(fields, row) else fields, row)
 
 
 def drop_runs_row(path: Path, run_dir: Path) -> None:
     """Remove a run folder's row (used by --overwrite)."""
     if path.exists():
-        _rewrite_rows(path, lambda fields: fields.get("run_dir") != str(run_dir), None)
+        rewrite_runs_rows(path, lambda fields: None if fields.get("run_dir") == str(run_dir) else fields)
 
 
 def log_entries(path: Path) -> list[tuple[str, int]]:

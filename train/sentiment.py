@@ -13,7 +13,9 @@ def _add_dataset(parser, required):
     parser.add_argument("--dataset", choices=["sst", "cfimdb"], required=required)
 
 
-ENTRY = EntryPoint(__doc__, _add_dataset, lambda args: [args.dataset], lambda args: args.dataset)
+ENTRY = EntryPoint(
+    __doc__, _add_dataset, lambda args: [args.dataset], lambda args: args.dataset, possible=("sst", "cfimdb")
+)
 
 
 def main(argv=None) -> int:

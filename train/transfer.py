@@ -44,13 +44,17 @@ from typing import Any
 import torch
 
 from model.config import STACK_FIELDS
+from model.fingerprint import checkpoint_identity
+from model.loading import CheckpointError, read_checkpoint_config
 from train import checkpoint as ckpt
 from train import entry
-from train.cli import build_parser, check_inputs, config_fields, validate
+from train.cli import build_parser, check_inputs, config_fields
 from train.evaluate import copy_run_weights
 from train.lifecycle import StopSignals, folder_state, read_record
-from train.runs import run_name
-from train.tasks import TASKS, get_task, labelled_tasks
+from train.run import migrate_legacy, run_folder
+from train.settings import OutputSettings, RuntimeSettings, TrainingSettings, given
+from train.spec import Checkpoint, RunSpec
+from train.tasks import TASKS, get_task, labelled_tasks, settings_classes
 from train.tasks.classification import classification_metrics
 
 # (source task, target task) -> (source labels x target labels) matrix M: p_target = softmax(logits) @ M.
@@ -61,24 +65,24 @@ LABEL_MAPS: dict[tuple[str, str], list[list[float]]] = {
 NO_MAP_REASONS = {
     ("cfimdb", "sst"): "CFIMDB's two labels say nothing about SST-5's neutral class or sentiment strength",
 }
-# Flags a transfer run takes from its source unless given (how to optimise and where things are; not
-# which examples: limits and fractions are the target's own).
-INHERITED = (
-    "model",
-    "lr",
-    "batch_size",
-    "eval_batch_size",
-    "grad_accum",
-    "weight_decay",
-    "warmup",
-    "schedule",
-    "max_grad_norm",
-    "precision",
-    "max_length",
-    "no_bucket",
-    "tokenizer",  # the source model's tokenizer, and its data folder, unless given
-    "data_dir",
-)
+# Settings a transfer run takes from its source unless given (how to optimise and where things are;
+# not which examples: limits and fractions are the target's own). The checkpoint is the source's too.
+INHERITED = {
+    TrainingSettings: (
+        "lr",
+        "batch_size",
+        "eval_batch_size",
+        "grad_accum",
+        "weight_decay",
+        "warmup",
+        "schedule",
+        "max_grad_norm",
+        "max_length",
+        "no_bucket",
+    ),
+    RuntimeSettings: ("precision",),
+    OutputSettings: ("tokenizer", "data_dir"),  # the source model's tokenizer, and its data folder
+}
 
 
 def map_to_target(source_logits: torch.Tensor, matrix: list[list[float]]) -> torch.Tensor:
@@ -106,6 +110,10 @@ class SourceRun:
     def seed(self) -> int:
         return self.record["training"]["seed"]
 
+    @property
+    def spec(self) -> RunSpec:
+        return RunSpec.from_json(self.record["spec"], settings_classes())
+
     def summary(self) -> dict[str, Any]:
         metric = get_task(self.task).metric
         return {
@@ -121,14 +129,24 @@ class SourceRun:
 
 
 def read_source(path: Path) -> SourceRun:
-    """A finished single-task run folder; a ValueError says what is wrong with it."""
+    """A finished single-task run folder (one written before RunSpec is migrated first); a ValueError
+    says what is wrong with it."""
     record = read_record(path)  # a RunFolderError (a ValueError) names a missing or corrupt config.json
+    if isinstance(record, dict) and "spec" not in record and "identity" in record:
+        for old, new in migrate_legacy(path.parent):
+            if old.resolve() == path.resolve():
+                print(f"note: {path} was written by an older version; renamed to {new.name}", file=sys.stderr)
+                path = new
+        record = read_record(path)
     if folder_state(path) != "finished":
         raise ValueError(f"--source_run {path}: the run has not finished (no metrics.json); finish it with --resume")
     if record.get("task") not in TASKS:
         raise ValueError(f"--source_run {path}: transfer starts from a single-task run, not {record.get('task')!r}")
-    if "identity" not in record:
-        raise ValueError(f"--source_run {path}: written by an older version of this code (no identity recorded)")
+    if "spec" not in record:
+        raise ValueError(
+            f"--source_run {path}: written by an older version of this code, and its checkpoint "
+            f"{record.get('training', {}).get('model')!r} cannot be found to migrate it"
+        )
     best = ckpt.checkpoint_folder(path / "checkpoints", "best")
     if best is None:
         raise ValueError(f"--source_run {path}: no best checkpoint")
@@ -201,13 +219,15 @@ def _given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     return {options[word.split("=")[0]] for word in argv if word.split("=")[0] in options}
 
 
-def parse(argv: list[str] | None, inputs: bool = True):
-    """(label, task classes, args, config, TransferStart or None); exits 2 with one line on bad input."""
+def parse(argv: list[str] | None, inputs: bool = True) -> tuple[RunSpec, TransferStart | None]:
+    """(the transfer run's RunSpec, its TransferStart or None for --from_scratch); exits 2 with one line
+    on bad input. The spec is the source run's saved spec with the target, the target's fraction and
+    the settings given here."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--target", choices=labelled_tasks())
     known, _ = pre.parse_known_args(argv)
-    parser = build_parser(__doc__)
+    parser = build_parser(__doc__, [known.target] if known.target else [])
     parser.prog = "python -m train.transfer"
     group = parser.add_argument_group("transfer")
     group.add_argument("--source_run", type=Path, required=True, help="a finished single-task run folder")
@@ -223,74 +243,86 @@ def parse(argv: list[str] | None, inputs: bool = True):
         action="store_true",
         help="the control: the same run from the base checkpoint with fresh variants (default: off)",
     )
-    if known.target:
-        get_task(known.target).add_flags(parser)
     args = parser.parse_args(argv)
-    given = _given(parser, argv)
     try:
         source = read_source(args.source_run)
     except ValueError as error:
         parser.error(str(error))
-    refused = sorted(f"--{f.name}" for f in config_fields() if f.name in given)
+    written = _given(parser, argv)
+    refused = sorted(f"--{f.name}" for f in config_fields() if f.name in written)
     if refused:
         parser.error(
             f"{', '.join(refused)}: the variants and their knobs come from the source run ({source.run_dir}); "
             f"transfer continues its trained weights"
         )
-    if "train_fraction" in given:
+    if "train_fraction" in written:
         parser.error("use --target_fraction (the share of the target's training set)")
     if args.target == source.task:
         parser.error(f"--target {args.target} is the source run's own task; continue it with --resume --extend_epochs")
-    training = source.record["training"]
-    for name in INHERITED:
-        if name not in given and name in training:
-            setattr(args, name, training[name])
-    if "epochs" not in given:
-        args.epochs = 1
-    if "seed" not in given:
-        args.seed = source.seed
-    if "out_dir" not in given:
-        args.out_dir = str(source.run_dir.parent)
-    if "wandb_group" not in given:
-        args.wandb_group = source.record.get("grid") or source.task
-    defaults = {f.name: f.default for f in config_fields()}
-    for name, value in source.record["identity"]["config"].items():
-        value = tuple(value) if isinstance(value, list) else value
-        if name in defaults and value != defaults[name]:  # as if the source's flags were typed again
-            setattr(args, name, value)
+    origin = source.spec
     target, from_scratch = args.target, args.from_scratch
-    args.task, args.train_fraction = target, args.target_fraction
-    for name in ("source_run", "target", "target_fraction", "from_scratch"):
-        delattr(args, name)  # a from-scratch control's identity is the plain run's
+
+    def settings(cls, own, **defaults):
+        inherited = {name: getattr(own, name) for name in INHERITED.get(cls, ())}
+        return cls(**{**inherited, **defaults, **given(cls, args)})
+
+    try:
+        training = settings(TrainingSettings, origin.training, epochs=1, seed=origin.seed)
+        training = TrainingSettings(**{**training.to_dict(), "train_fraction": args.target_fraction})
+        output = settings(
+            OutputSettings,
+            origin.output,
+            out_dir=str(source.run_dir.parent),
+            wandb_group=origin.output.wandb_group or source.task,
+        )
+        runtime = settings(RuntimeSettings, origin.runtime)
+        target_settings = get_task(target).settings
+        task_settings = {target: settings(target_settings, None)} if target_settings else {}
+        config, checkpoint = origin.config, origin.checkpoint
+        if args.model is not None:  # the source's base checkpoint elsewhere (a moved folder): the same size only
+            moved = read_checkpoint_config(args.model)
+            stack = {k: getattr(moved, k) for k in STACK_FIELDS}
+            saved_stack = {k: getattr(config, k) for k in STACK_FIELDS}
+            if stack != saved_stack:
+                raise ValueError(f"--model {args.model} is not the source run's base size: {stack} vs {saved_stack}")
+            config = config.replace(name=str(args.model))
+            checkpoint = Checkpoint(str(args.model), checkpoint_identity(args.model))
+    except (ValueError, CheckpointError) as error:
+        parser.error(str(error))
+    transfer_from = None
     if not from_scratch:  # the transfer run's identity: which configuration it starts from, and its seed
-        args.transfer_from = {
+        transfer_from = {
             "task": source.task,
             "config_hash": source.record["config_hash"],
-            "seed": "same" if source.seed == args.seed else source.seed,
+            "seed": "same" if source.seed == training.seed else source.seed,
         }
-    tasks = [get_task(target)]
-    config = validate(parser, args, tasks)
-    stack = {k: v for k, v in config.to_dict().items() if k in STACK_FIELDS}
-    saved_stack = {k: v for k, v in source.record["config"].items() if k in STACK_FIELDS}
-    if stack != saved_stack:
-        parser.error(f"--model {args.model} is not the source run's base size: {stack} vs {saved_stack}")
+    spec = RunSpec(
+        label=target if from_scratch else f"{source.task}-to-{target}",
+        tasks=(target,),
+        config=config,
+        checkpoint=checkpoint,
+        training=training,
+        task_settings=task_settings,
+        output=output,
+        runtime=runtime,
+        transfer_from=transfer_from,
+        argv=tuple(argv),
+    )
     if inputs:
-        check_inputs(parser, args, tasks)
-    args.argv = argv
-    label = target if from_scratch else f"{source.task}-to-{target}"
-    return label, tasks, args, config, (None if from_scratch else TransferStart(source, target))
+        check_inputs(parser, spec)
+    return spec, (None if from_scratch else TransferStart(source, target))
 
 
 def planned_run_dir(argv: list[str]) -> Path:
-    label, _, args, config, _ = parse(argv, inputs=False)
-    return Path(args.out_dir) / run_name(label, config, args)
+    spec, _ = parse(argv, inputs=False)
+    return run_folder(spec)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with StopSignals() as signals:
-        label, tasks, args, config, start = parse(argv)
-        return entry.execute(label, tasks, args, config, signals, start)
+        spec, start = parse(argv)
+        return entry.execute(spec, signals, start)
 
 
 if __name__ == "__main__":

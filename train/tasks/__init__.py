@@ -10,6 +10,14 @@ multitask, `scripts/ablate.py` and `scripts/report.py` all loop over `TASKS`.
 from train.tasks import sentiment, paraphrase, sonnet  # noqa: F401  (registration side effect)
 # isort: on
 
-from train.tasks.base import TASKS, Task, get_task, labelled_tasks, register_task, selection_score
+from train.tasks.base import (
+    TASKS,
+    Task,
+    get_task,
+    labelled_tasks,
+    register_task,
+    selection_score,
+    settings_classes,
+)
 
-__all__ = ["TASKS", "Task", "get_task", "labelled_tasks", "register_task", "selection_score"]
+__all__ = ["TASKS", "Task", "get_task", "labelled_tasks", "register_task", "selection_score", "settings_classes"]

@@ -5,16 +5,16 @@ A `Task` subclass says, in one place:
   selection score in [0, 1] (`selection_score`, used to pick the best checkpoint and, averaged, in
   multitask);
 * `data_files()`: the release files it reads (checked, or fetched, before anything loads);
-* `add_flags(parser)`: its own command-line flags (e.g. Quora's `--paraphrase_head`, the sonnet
-  generation settings), and `check_flags(args)` for their values (before anything is loaded);
-* construction from (tokenizer, data folder, parsed flags, the model's context length): it reads
-  its files (the training split lazily);
+* `settings`: the typed settings of its own flags (e.g. Quora's `--paraphrase_head`, the sonnet
+  generation settings; train/settings.py machinery: flags, defaults, bounds and checks in one place);
+* construction from (tokenizer, data folder, training settings, the model's context length, its own
+  settings): it reads its files (the training split lazily);
 * `make_head(model)`, `batches(...)`, `loss(...)`, `batch_tokens(...)` for training;
 * `evaluate(...)`: dev metrics plus its course-format prediction files for dev and test. The
   training loop and `python -m train.evaluate` both call this: one evaluation path.
 
-Flags every task reads from the parsed arguments: `train_limit`, `dev_limit`, `test_limit`
-(None = all), `max_length`, `seed`, and `eval_batch_size`.
+Training settings every task reads: `train_limit`, `dev_limit`, `test_limit` (None = all),
+`max_length`, `seed`, and `eval_batch_size`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from train.settings import CommandSettings, TrainingSettings, add_flags
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -41,6 +43,14 @@ def register_task(cls: type[Task]) -> type[Task]:
 def labelled_tasks() -> list[str]:
     """The tasks whose examples carry a class label (the classification tasks)."""
     return [name for name, task in TASKS.items() if getattr(task, "num_labels", None) is not None]
+
+
+def settings_classes() -> dict[str, type]:
+    """Each task's own settings class by task name, plus the multitask mixture's (RunSpec.from_json)."""
+    from train.settings import MultitaskSettings
+
+    classes = {name: task.settings for name, task in TASKS.items() if task.settings is not None}
+    return {**classes, "multitask": MultitaskSettings}
 
 
 def get_task(name: str) -> type[Task]:
@@ -72,10 +82,24 @@ class Task:
     name: ClassVar[str]
     metric: ClassVar[str]  # the dev metric in `evaluate`'s result that ranks checkpoints
     metric_scale: ClassVar[float] = 1.0  # selection score = metric / scale (chrF: 100)
+    settings: ClassVar[type[CommandSettings] | None] = None  # the task's own flags, if any
 
-    def __init__(self, tokenizer: Any, data_dir: Path, args: argparse.Namespace, n_positions: int) -> None:
-        """`n_positions`: the model's context length, which caps every encoded example."""
-        self.tokenizer, self.data_dir, self.args, self.n_positions = tokenizer, Path(data_dir), args, n_positions
+    def __init__(
+        self,
+        tokenizer: Any,
+        data_dir: Path,
+        training: TrainingSettings,
+        n_positions: int,
+        options: CommandSettings | None = None,
+        fast_step: bool = False,
+    ) -> None:
+        """`n_positions`: the model's context length, which caps every encoded example. `options`: the
+        task's own settings (its defaults when None). `fast_step`: evaluation may use CUDA graphs."""
+        self.tokenizer, self.data_dir, self.n_positions = tokenizer, Path(data_dir), n_positions
+        self.training = training
+        if options is None and self.settings is not None:
+            options = self.settings()
+        self.options, self.fast_step = options, fast_step
 
     @classmethod
     def data_files(cls) -> list[str]:
@@ -85,11 +109,9 @@ class Task:
     # ---- flags ----
     @classmethod
     def add_flags(cls, parser: argparse.ArgumentParser) -> None:
-        """Task-specific flags (none by default)."""
-
-    @classmethod
-    def check_flags(cls, args: argparse.Namespace) -> None:
-        """Raise ValueError naming the flag when a value is invalid (before anything loads)."""
+        """The task's own flags, generated from `settings` (none by default)."""
+        if cls.settings is not None:
+            add_flags(parser, cls.settings)
 
     # ---- training ----
     def make_head(self, model: nn.Module) -> nn.Module | None:

@@ -65,12 +65,12 @@ class ClassificationTask(Task):
     def to_text(self, example: Example) -> str:
         return example.text
 
-    def __init__(self, tokenizer: Any, data_dir: Path, args, n_positions: int) -> None:
-        super().__init__(tokenizer, data_dir, args, n_positions)
-        cap = args.max_length if args.max_length is not None else self.default_max_length
+    def __init__(self, tokenizer: Any, data_dir: Path, training, n_positions: int, options=None, fast_step=False):
+        super().__init__(tokenizer, data_dir, training, n_positions, options, fast_step)
+        cap = training.max_length if training.max_length is not None else self.default_max_length
         self.max_length = min(self.default_max_length, cap, n_positions)
-        self.dev = limit(self.load("dev"), args.dev_limit)
-        self.test = limit(self.load("test"), args.test_limit)
+        self.dev = limit(self.load("dev"), training.dev_limit)
+        self.test = limit(self.load("test"), training.test_limit)
         if len({e.label for e in self.dev}) == 1:
             log.warning(
                 "%s: every dev example used has label %s, so accuracy cannot tell a model from one that always "
@@ -84,12 +84,12 @@ class ClassificationTask(Task):
     def train(self) -> list[Example]:
         """The training split, after `--train_limit` (the first N) and `--train_fraction` (a seeded,
         stratified share, which must hold every label the task scores)."""
-        examples = limit(self.load("train"), self.args.train_limit)
-        fraction = getattr(self.args, "train_fraction", None)
+        examples = limit(self.load("train"), self.training.train_limit)
+        fraction = self.training.train_fraction
         if fraction is None:
             return examples
         labels = [e.label for e in examples]
-        chosen = stratified_fraction(labels, fraction, self.args.seed, f"{self.name} train", range(self.num_labels))
+        chosen = stratified_fraction(labels, fraction, self.training.seed, f"{self.name} train", range(self.num_labels))
         return [examples[i] for i in chosen]
 
     def check_training_data(self) -> None:
@@ -177,7 +177,7 @@ class ClassificationTask(Task):
     def _captured_forward(self, model: nn.Module, head: nn.Module, device: str, ids: list[list[int]]):
         """Evaluation through CUDA graphs (train/graphs.py) on CUDA with `--fast_step on`, by a
         CapturedForward for the current (model, head, precision). None: predict eagerly."""
-        if not str(device).startswith("cuda") or getattr(self.args, "fast_step", "off") != "on":
+        if not str(device).startswith("cuda") or not self.fast_step:
             return None
         if max((max(row) for row in ids), default=0) >= model.config.vocab_size:
             return None  # the eager path reports the bad id clearly
@@ -209,7 +209,7 @@ class ClassificationTask(Task):
     ) -> torch.Tensor:
         """(n_dev, head outputs) float32 logits of `head` on this task's dev examples (every rank scores
         its share; gathered). Transfer scores another task's trained head on this task's texts with it."""
-        batch_size = getattr(self.args, "eval_batch_size", 32)
+        batch_size = self.training.eval_batch_size
         rows = sharded(
             self.dev,
             shard,
@@ -218,7 +218,7 @@ class ClassificationTask(Task):
         return torch.stack(rows)
 
     def _predict(self, model, head, examples, device, shard) -> list[int]:
-        batch_size = getattr(self.args, "eval_batch_size", 32)
+        batch_size = self.training.eval_batch_size
         return sharded(
             examples, shard, lambda part: self.predict(model, head, part, batch_size, device=device).predictions
         )

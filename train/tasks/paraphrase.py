@@ -5,15 +5,27 @@ Long pairs are cut from the left: the question asked of the model is at the end.
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 from torch import nn
 
 from datasets.common import Example
 from datasets.paraphrase import SPLIT_FILES, cloze_prompt, load_paraphrase
 from model.heads import ClozeParaphraseHead, LastTokenClassifier
+from modules.variant import knob
+from train.settings import CommandSettings
 from train.tasks.base import register_task
 from train.tasks.classification import ClassificationTask
+
+
+@dataclass(frozen=True)
+class ParaphraseSettings(CommandSettings):
+    title: ClassVar[str] = "quora (part of the run's identity)"
+
+    paraphrase_head: Literal["cloze", "linear"] = knob(
+        "cloze", "quora: the LM's yes/no logits (cloze) or a linear head"
+    )
 
 
 @register_task
@@ -24,14 +36,7 @@ class Quora(ClassificationTask):
     default_max_length = 128
     prediction_header = "Predicted_Is_Paraphrase"
 
-    @classmethod
-    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "--paraphrase_head",
-            choices=["cloze", "linear"],
-            default="cloze",
-            help="quora: the LM's yes/no logits (cloze) or a linear head (default: %(default)s)",
-        )
+    settings = ParaphraseSettings
 
     @classmethod
     def data_files(cls) -> list[str]:
@@ -44,6 +49,6 @@ class Quora(ClassificationTask):
         return cloze_prompt(example.text)
 
     def make_head(self, model: nn.Module) -> nn.Module:
-        if self.args.paraphrase_head == "cloze":
+        if self.options.paraphrase_head == "cloze":
             return ClozeParaphraseHead(model.lm_head)
         return LastTokenClassifier(model.config.n_embd, 2, model.config.resid_pdrop)

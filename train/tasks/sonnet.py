@@ -9,19 +9,20 @@ weights and a torchrun evaluation with any number of processes write the same so
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from datasets.batching import bucket_length, collate, encode, make_batches
 from datasets.sonnets import FILES, load_sonnets
+from modules.variant import knob
 from train.metrics import chrf
 from train.predictions import write_sonnets
+from train.settings import CommandSettings
 from train.tasks.base import Task, limit, register_task, sharded
 
 
@@ -95,54 +96,52 @@ def sonnet_chrf(generated: list[tuple[str, str]], gold: list[tuple[str, str]]) -
     return chrf([body for _, body in generated], [gold_by_number[number] for number, _ in generated])
 
 
+@dataclass(frozen=True)
+class SonnetSettings(CommandSettings):
+    title: ClassVar[str] = "sonnet generation, at evaluation (part of the run's identity)"
+
+    temperature: float = knob(1.2, "sampling temperature")
+    top_p: float = knob(0.9, "nucleus sampling mass", low=0, low_open=True, high=1)
+    top_k: int | None = knob(None, "top-k sampling (default: off)", low=1)
+    max_new_tokens: int = knob(160, "tokens per sonnet", low=1)
+    greedy: bool = knob(False, "greedy decoding instead of sampling")
+
+    def validate(self) -> None:
+        if not self.greedy and self.temperature <= 0:
+            raise ValueError("--temperature must be > 0 (or pass --greedy)")
+
+
 @register_task
 class Sonnet(Task):
     name = "sonnet"
     metric = "dev_chrf"
     metric_scale = 100.0
 
-    @classmethod
-    def add_flags(cls, parser: argparse.ArgumentParser) -> None:
-        group = parser.add_argument_group("sonnet generation (evaluation)")
-        group.add_argument("--temperature", type=float, default=1.2, help="sampling temperature (default: %(default)s)")
-        group.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling mass (default: %(default)s)")
-        group.add_argument("--top_k", type=int, default=None, help="top-k sampling (default: off)")
-        group.add_argument("--max_new_tokens", type=int, default=160, help="tokens per sonnet (default: %(default)s)")
-        group.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling (default: off)")
+    settings = SonnetSettings
 
     @classmethod
     def data_files(cls) -> list[str]:
         return list(FILES.values())
 
-    @classmethod
-    def check_flags(cls, args: argparse.Namespace) -> None:
-        if not args.greedy and args.temperature <= 0:
-            raise ValueError("--temperature must be > 0 (or pass --greedy)")
-        if not 0 < args.top_p <= 1:
-            raise ValueError("--top_p must be in (0, 1]")
-        if args.top_k is not None and args.top_k < 1:
-            raise ValueError("--top_k must be >= 1")
-        if args.max_new_tokens < 1:
-            raise ValueError("--max_new_tokens must be >= 1")
-
-    def __init__(self, tokenizer: Any, data_dir: Path, args: argparse.Namespace, n_positions: int) -> None:
-        super().__init__(tokenizer, data_dir, args, n_positions)
-        self.max_length = min(args.max_length or n_positions, n_positions)
-        self.dev_prompts = limit(load_sonnets("dev_prompts", self.data_dir), args.dev_limit)
-        self.test_prompts = limit(load_sonnets("test_prompts", self.data_dir), args.test_limit)
+    def __init__(self, tokenizer: Any, data_dir: Path, training, n_positions: int, options=None, fast_step=False):
+        super().__init__(tokenizer, data_dir, training, n_positions, options, fast_step)
+        self.max_length = min(training.max_length or n_positions, n_positions)
+        self.dev_prompts = limit(load_sonnets("dev_prompts", self.data_dir), training.dev_limit)
+        self.test_prompts = limit(load_sonnets("test_prompts", self.data_dir), training.test_limit)
         self.gold = load_sonnets("dev_gold", self.data_dir)
+        options = self.options
         self.generation = GenerationSettings(
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            do_sample=not args.greedy,
-            seed=args.seed,
+            max_new_tokens=options.max_new_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            top_k=options.top_k,
+            do_sample=not options.greedy,
+            seed=training.seed,
         )
 
     @cached_property
     def train(self) -> list[tuple[str, str]]:
-        return limit(load_sonnets("train", self.data_dir), self.args.train_limit)
+        return limit(load_sonnets("train", self.data_dir), self.training.train_limit)
 
     @cached_property
     def encoded(self):
@@ -180,7 +179,7 @@ class Sonnet(Task):
         shard: tuple[int, int] = (0, 1),
     ) -> dict[str, Any]:
         def generate(prompts):
-            batch_size = getattr(self.args, "eval_batch_size", 16)
+            batch_size = self.training.eval_batch_size
             return generate_sonnets(model, self.tokenizer, prompts, self.generation, device, batch_size, shard)
 
         dev = generate(self.dev_prompts)
