@@ -6,8 +6,8 @@
 - A hub id: the id and the revision (commit) its cached `config.json` was resolved to.
 
 Hashing gpt2-xl's 6 GB takes ~10 s, so a file's digest is cached per machine, keyed by its real
-path, size and modification time (`$GPT2_VARIANTS_CACHE`, default `~/.cache/gpt2-variants`): a run
-start re-hashes only files that changed.
+path, size and modification time (in `$GPT2_VARIANTS_CACHE`, default
+`${XDG_CACHE_HOME:-~/.cache}/gpt2-variants`): a run start re-hashes only files that changed.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ CHUNK = 1 << 24
 
 
 def cache_file() -> Path:
-    root = os.environ.get("GPT2_VARIANTS_CACHE") or Path.home() / ".cache" / "gpt2-variants"
+    root = os.environ.get("GPT2_VARIANTS_CACHE")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2-variants"
     return Path(root) / "file-digests.json"
 
 

@@ -111,12 +111,13 @@ def coerce(owner: str, name: str, value: Any, hint: Any) -> Any:
             if type(None) in options:
                 return None
             raise bad
-        for option in options:
-            if option is type(None):
-                continue
+        real = [option for option in options if option is not type(None)]
+        for option in real:
             try:
                 return coerce(owner, name, value, option)
-            except ValueError:
+            except ValueError as error:
+                if len(real) == 1:  # `float | None`: the float's own message (e.g. "a finite number")
+                    raise error from None
                 continue
         raise bad
     if origin is Literal:

@@ -132,7 +132,6 @@ TRAINING_CHANGES = {
     "--max_grad_norm": "0.5",
     "--eval_every": "5",
     "--patience": "2",
-    "--precision": "bf16",
     "--train_limit": "10",
     "--dev_limit": "10",
     "--test_limit": "10",
@@ -157,17 +156,13 @@ def _enablers(name: str) -> list[str]:
 
 
 def test_every_result_changing_flag_changes_the_run_folder_and_wandb_id(tiny_ckpt, tmp_path):
-    from train.runs import config_hash, new_wandb_id, run_name
+    from train.run import new_wandb_id
 
     def identity(argv):
-        args, _, config = entry.parse(
+        spec, _ = entry.parse(
             entry.GENERIC, ["--task", "sst", "--model", str(tiny_ckpt[0]), "--out_dir", str(tmp_path), *argv]
         )
-        return (
-            run_name("sst", config, args),
-            new_wandb_id("sst", config, args).rsplit("-", 1)[0],
-            config_hash("sst", config, args),
-        )
+        return (spec.run_name(), new_wandb_id(spec).rsplit("-", 1)[0], spec.identity_hash())
 
     checked = 0
     for f in config_fields():
@@ -189,8 +184,9 @@ def test_every_result_changing_flag_changes_the_run_folder_and_wandb_id(tiny_ckp
         assert a[0] != b[0] and a[1] != b[1], flag
         checked += 1
     assert checked >= len(config_fields()) + len(TRAINING_CHANGES)
-    # Where outputs go is not part of a run's identity.
+    # Where outputs go and how the maths is executed are not part of a run's identity.
     assert identity(["--wandb", "online"])[2] == identity([])[2]
+    assert identity(["--precision", "bf16"])[0] == identity([])[0]
 
 
 @pytest.mark.slow

@@ -125,17 +125,14 @@ def _sonnet_chrf_worker(rank: int, world: int, port: int, ckpt_dir: str, tokeniz
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)
-    from argparse import Namespace
-
     from model import GPT2LMHeadModel, load_tokenizer
-    from train.tasks.sonnet import Sonnet
+    from train.settings import TrainingSettings
+    from train.tasks.sonnet import Sonnet, SonnetSettings
 
-    args = Namespace(
-        max_length=None, dev_limit=5, test_limit=1, train_limit=1, seed=3, max_new_tokens=24, temperature=1.2,
-        top_p=0.9, top_k=None, greedy=False, eval_batch_size=2,
-    )  # fmt: skip
+    training = TrainingSettings(max_length=None, dev_limit=5, test_limit=1, train_limit=1, seed=3, eval_batch_size=2)
+    options = SonnetSettings(max_new_tokens=24, temperature=1.2, top_p=0.9, top_k=None, greedy=False)
     model = GPT2LMHeadModel.from_pretrained(ckpt_dir).eval()
-    task = Sonnet(load_tokenizer(tokenizer_dir), DATA_DIR, args, model.config.n_positions)
+    task = Sonnet(load_tokenizer(tokenizer_dir), DATA_DIR, training, model.config.n_positions, options)
     metrics = task.evaluate(model, None, None, "cpu", shard=(rank, world))
     if rank == 0:
         Path(out).write_text(json.dumps(metrics["dev_chrf"]))
@@ -221,7 +218,7 @@ def test_the_training_loop_waits_for_the_device_before_reading_the_step_clock(
 
 
 def test_precision_auto_is_bf16_on_a_cuda_gpu_with_bf16_and_fp32_elsewhere(monkeypatch):
-    from train.cli import resolve_precision
+    from train.runtime import resolve_precision
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_precision("auto", "cuda:1") == "bf16"
@@ -237,7 +234,7 @@ def test_cuda_kernel_settings_hold_only_while_training_runs_and_the_callers_come
     # Found on an H100: in-process training left TF32 on, and later fp32 parity checks in the same
     # process were off by ~1e-3; and cuDNN attention cost 110-185 ms for every new batch length.
     from train import entry, sentiment
-    from train.cli import cuda_kernel_settings
+    from train.runtime import cuda_kernel_settings
 
     seen = []
     original = entry.train

@@ -6,7 +6,6 @@ CUDA graph capture itself needs a GPU: `GPT2_TEST_DEVICE=cuda` runs test_capture
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 
@@ -23,6 +22,7 @@ from modules.registry import VARIANTS
 from tests.conftest import DATA_DIR, REPO, TEST_DEVICE
 from tests.variant_cases import VARIANT_CASES
 from train.graphs import CapturedSteps, count_host_syncs, why_not_captured
+from train.settings import TrainingSettings
 from train.tasks import get_task
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=256, vocab_size=500)
@@ -188,13 +188,13 @@ def test_every_variant_computes_in_the_runs_precision(case, monkeypatch):
     assert len(blocks) == TINY["n_layer"] and set(blocks.values()) == {torch.float32}, blocks
 
 
-def _task(name: str, tokenizer, **flags):
-    args = argparse.Namespace(
-        train_limit=None, dev_limit=1, test_limit=1, max_length=None, seed=0, eval_batch_size=32,
-        train_fraction=None, paraphrase_head="cloze", max_new_tokens=8, temperature=1.0, top_p=0.9,
-        top_k=None, greedy=True, **flags,
-    )  # fmt: skip
-    return get_task(name)(load_tokenizer(str(tokenizer)), DATA_DIR, args, 1024)
+def _task(name: str, tokenizer, fast_step: bool = False):
+    training = TrainingSettings(dev_limit=1, test_limit=1, max_length=None, seed=0)
+    task = get_task(name)
+    options = None
+    if name == "sonnet":
+        options = task.settings(max_new_tokens=8, temperature=1.0, greedy=True)
+    return task(load_tokenizer(str(tokenizer)), DATA_DIR, training, 1024, options, fast_step)
 
 
 @pytest.mark.parametrize("task_name", ["sst", "cfimdb", "quora", "sonnet"])
@@ -370,7 +370,7 @@ def test_captured_evaluation_matches_eager(tokenizer_dir):
     head = LastTokenClassifier(TINY["n_embd"], 5).to(device)
     results = {}
     for mode in ("off", "on"):
-        task = _task("sst", tokenizer_dir, fast_step=mode)
+        task = _task("sst", tokenizer_dir, fast_step=mode == "on")
         run = task.predict(model, head, task.train[:70], batch_size=16, device=device, return_logits=True)
         results[mode] = run
         if mode == "on":

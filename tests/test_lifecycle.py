@@ -249,7 +249,9 @@ def test_resume_continues_without_repeating_log_steps_and_extend_epochs(tiny_ckp
         if "train/lr" in x
     }
     assert lrs[5] == pytest.approx(2e-4 * (1 - 5 / 8)) and lrs[8] == 0.0
-    assert sentiment.main([*argv, "--extend_epochs", "1"]) == 2  # needs --resume
+    with pytest.raises(SystemExit) as refused:  # needs --resume: refused with the flags, before anything loads
+        sentiment.main([*argv, "--extend_epochs", "1"])
+    assert refused.value.code == 2 and "--extend_epochs N extends an existing run" in capsys.readouterr().err
 
 
 # ---- 4. the divergence guard -----------------------------------------------------------------------

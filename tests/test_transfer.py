@@ -3,7 +3,6 @@ a tiny SST -> CFIMDB run end to end, its starting weights, its from-scratch cont
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 
@@ -17,6 +16,7 @@ from tests.conftest import DATA_DIR, TEST_DEVICE, run_paths
 from train import checkpoint as ckpt
 from train import entry, transfer
 from train.evaluate import load_model
+from train.settings import TrainingSettings
 from train.tasks.sentiment import CFIMDB
 
 # ---------------------------------------------------------------- the label map
@@ -117,8 +117,8 @@ def test_sst_to_cfimdb_end_to_end_writes_both_blocks_from_the_source_weights(tmp
     model = model.to(TEST_DEVICE).eval()
     head = LastTokenClassifier(model.config.n_embd, 5)
     head.load_state_dict(heads["sst"])
-    args = argparse.Namespace(max_length=None, dev_limit=24, test_limit=2, eval_batch_size=32)
-    cfimdb = CFIMDB(load_tokenizer(tokenizer_dir), DATA_DIR, args, model.config.n_positions)
+    training = TrainingSettings(max_length=None, dev_limit=24, test_limit=2, eval_batch_size=32)
+    cfimdb = CFIMDB(load_tokenizer(tokenizer_dir), DATA_DIR, training, model.config.n_positions)
     logits = cfimdb.dev_logits(model, head.to(TEST_DEVICE), TEST_DEVICE)
     predictions = transfer.map_to_target(logits, transfer.LABEL_MAPS[("sst", "cfimdb")]).argmax(-1)
     gold = torch.tensor([e.label for e in cfimdb.dev])

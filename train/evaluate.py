@@ -122,6 +122,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         task.add_flags(parser)
     args = parser.parse_args(argv)
     names = list(TASKS) if args.task == "all" else [args.task]
+    if args.batch_size < 1:
+        parser.error("--batch_size must be >= 1")
     try:
         args.settings = TrainingSettings(
             eval_batch_size=args.batch_size,

@@ -1,14 +1,19 @@
 """The one generic training loop: objectives (data + head + loss + metric) x one shared backbone.
 
-Single task or multitask, CPU or GPU, one process or `torchrun --nproc_per_node N` (DDP; gloo on
-CPU, NCCL on GPU; batches sharded per rank; only rank 0 evaluates, logs and writes). Checkpoints
-survive a SIGKILL (train/checkpoint.py) and `--resume` continues bit-for-bit on CPU.
+`train(spec)` takes the run folder (train/run.py: its lock, its state) and hands it to a `Trainer`:
+`step`, `evaluate` and `save` are its methods, and where it stands is a `Progress`. Single task or
+multitask, CPU or GPU, one process or `torchrun --nproc_per_node N` (DDP; gloo on CPU, NCCL on GPU;
+batches sharded per rank; only rank 0 evaluates, logs and writes). Checkpoints survive a SIGKILL
+(train/checkpoint.py) and `--resume` continues bit-for-bit on CPU. This module knows neither the
+command line nor the variant registry: it reads a `RunSpec`, and the model says its auxiliary loss
+and its variant state itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -108,12 +113,6 @@ def epoch_schedule(
     return pairs[rank:usable:world]
 
 
-def _peak_memory_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 class Console:
     """Progress on stderr: a tqdm bar (refreshed at most twice a second) on a terminal; otherwise (a log
     file, SLURM) one plain line every `every` steps. Messages always get their own line."""
@@ -181,489 +180,578 @@ def _metrics_line(step: int, epoch: float, metrics: dict, score: float, best: bo
     )
 
 
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint's state.json (as a dict), so --resume continues here."""
+
+    epoch: int = 0  # epochs completed
+    position: int = 0  # batches of the current epoch consumed
+    step: int = 0  # optimizer steps taken
+    best: float | None = None  # the best selection score so far
+    best_step: int | None = None
+    bad_evals: int = 0  # evaluations since the best (patience)
+    train_seconds: float = 0.0
+    best_metrics: dict | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def train(spec: RunSpec, signals=None, start=None) -> dict:
-    """Train the spec's tasks on one backbone. `spec.config` is the run's resolved config (validated by
-    the entry point before anything was loaded). `signals`: a StopSignals the caller entered (SIGINT /
-    SIGTERM then stop after the current step with a checkpoint, raising Interrupted). `start`: a run
-    that begins from another run's trained weights (train/transfer.py), with
+    """Train the spec's tasks on one backbone; the metrics of the best evaluation. `spec.config` is the
+    run's resolved config (validated by the entry point before anything was loaded). `signals`: a
+    StopSignals the caller entered (SIGINT / SIGTERM then stop after the current step with a
+    checkpoint, raising Interrupted). `start`: a run that begins from another run's trained weights
+    (train/transfer.py), with
     - `load(model)`: copy them in, before the task heads are built and anything trains;
     - `before_training(model, objectives, device, autocast, shard) -> dict`: blocks (e.g. the zero-shot
       metrics) computed once on the starting weights and kept in config.json (a resumed run keeps them);
     - `final_blocks(record, best_metrics) -> dict`: blocks added to metrics.json."""
     signals = signals or lifecycle.StopSignals()
-    mixture = spec.settings_of("multitask")
     placement = distributed.setup(spec.runtime.device)
-    # fp32 matmuls use TF32 (entry.run: cuda_kernel_settings)
-    precision = resolve_precision(spec.runtime.precision, placement.device)
-
     run_dir = run_folder(spec)
-    identity = spec.identity()
     with owned(run_dir, placement.main):  # one writer for the folder's whole life (train/run.py)
-        return _train(spec, signals, start, placement, precision, run_dir, identity, mixture)
+        state = lifecycle.folder_state(run_dir)
+        saved_record = lifecycle.check_run_folder(run_dir, state, spec, placement.main)
+        if saved_record is not None and state == "finished" and not spec.output.extend_epochs:
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            if placement.main:
+                print(
+                    f"{run_dir} is already finished (selection score {metrics.get('selection_score')} at step "
+                    f"{metrics.get('best_step')}); nothing to do. --resume --extend_epochs N trains it further."
+                )
+            return metrics
+        if signals.received is not None:
+            raise lifecycle.Interrupted(signals.received, "interrupted before training started; nothing to save")
+        resume = spec.output.resume and state in ("interrupted", "finished")
+        return Trainer(spec, run_dir, placement, saved_record if resume else None, signals, start).run()
 
 
-def _train(spec: RunSpec, signals, start, placement, precision, run_dir, identity, mixture) -> dict:
-    config, task_label, name = spec.config, spec.label, run_dir.name
-    rank, world, device, main_process = placement.rank, placement.world, placement.device, placement.main
-    checkpoints = run_dir / "checkpoints"
-    state = lifecycle.folder_state(run_dir)
-    saved_record = lifecycle.check_run_folder(run_dir, state, spec, main_process)
-    if saved_record is not None and state == "finished" and not spec.output.extend_epochs:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        if main_process:
-            print(
-                f"{run_dir} is already finished (selection score {metrics.get('selection_score')} at step "
-                f"{metrics.get('best_step')}); nothing to do. --resume --extend_epochs N trains it further."
-            )
-        return metrics
-    if signals.received is not None:
-        raise lifecycle.Interrupted(signals.received, "interrupted before training started; nothing to save")
-    resume = spec.output.resume and state in ("interrupted", "finished")
-    extra_epochs = (saved_record or {}).get("extra_epochs", 0) + (spec.output.extend_epochs or 0)
-    epochs = spec.training.epochs + extra_epochs
+class Trainer:
+    """One run's training: built from its spec (model, heads, optimizer, schedule, record), resumed
+    from its last checkpoint when `saved_record` is given, then `run()`."""
 
-    tokenizer = load_tokenizer(spec.output.tokenizer)
-    folder = data_dir(spec.output.data_dir)
-    fast = spec.runtime.fast_step == "on"
-    objectives = {
-        n: TASKS[n](tokenizer, folder, spec.training, config.n_positions, spec.settings_of(n), fast) for n in spec.tasks
-    }
-    for objective in objectives.values():
-        objective.check_training_data()  # e.g. a --train_fraction missing a label: refused before weights load
-        objective.check_token_ids(config.vocab_size)  # once here, so no training step checks (or syncs)
-    torch.manual_seed(spec.training.seed)
-    random.seed(spec.training.seed)
-    overrides = {k: v for k, v in config.to_dict().items() if k not in STACK_FIELDS and k != "name"}
-    model = GPT2LMHeadModel.from_pretrained(spec.checkpoint.source, **overrides).to(device)
-    if model.config != config:
-        raise RuntimeError(f"the loaded model's config differs from the validated one: {model.config} vs {config}")
-    if start is not None:
-        start.load(model)
-    heads = {name: head.to(device) for name, obj in objectives.items() if (head := obj.make_head(model)) is not None}
-    counts = set_trainable(model, config.fine_tune_mode, heads.values())
-    if spec.runtime.grad_checkpointing:
-        model.transformer.gradient_checkpointing = True
-    task_model = TaskModel(model, heads, objectives, device)
-    wrapped: nn.Module = task_model
-    if world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(task_model, find_unused_parameters=len(objectives) > 1)
-        # Every rank built the same weights from the run's seed; dropout now gets its own stream per rank.
-        torch.manual_seed(distributed.rank_seed(spec.training.seed, rank))
-    # The fast step (train/graphs.py): static shapes always; the whole step as CUDA graphs where it can.
-    static_rows = spec.training.batch_size if fast else None
-    not_captured = (
-        graphs.why_not_captured(
-            device,
-            world,
-            spec.training.grad_accum,
-            spec.runtime.grad_checkpointing,
-            len(objectives),
-            dropout=graphs.uses_dropout(model, heads.values()),
+    def __init__(self, spec: RunSpec, run_dir: Path, placement, saved_record: dict | None, signals, start) -> None:
+        self.spec, self.run_dir, self.signals, self.start = spec, run_dir, signals, start
+        self.rank, self.world, self.device = placement.rank, placement.world, placement.device
+        self.main = placement.main
+        self.training = training = spec.training
+        self.checkpoints = run_dir / "checkpoints"
+        self.mixture = spec.settings_of("multitask")
+        # fp32 matmuls use TF32 (entry.execute: cuda_kernel_settings)
+        self.precision = resolve_precision(spec.runtime.precision, self.device)
+        extra_epochs = (saved_record or {}).get("extra_epochs", 0) + (spec.output.extend_epochs or 0)
+        self.epochs = training.epochs + extra_epochs
+        self._build_objectives()
+        self._build_model()
+        self.steps_per_epoch = math.ceil(len(self.schedule(0)) / training.grad_accum)
+        self.total_steps = training.max_steps or self.steps_per_epoch * self.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(training.schedule, training.warmup, self.total_steps)
         )
-        if fast
-        else None
-    )
-    capture = fast and not_captured is None
-    if spec.runtime.compile:
-        compile_blocks(model, static_shapes=fast)
-    fused = {"fused": True} if device.startswith("cuda") else {}  # one kernel for all parameters
-    if capture:
-        fused["capturable"] = True  # its step count and lr live on the device, so a graph can hold it
-    optimizer = build_optimizer(model, spec.training.lr, spec.training.weight_decay, heads=heads.values(), **fused)
+        self.trainable = {n: p for n, p in self.task_model.named_parameters() if p.requires_grad}
+        # checkpoints hold the trainable weights plus frozen variant state a rebuild would not reproduce
+        frozen = {f"model.{k}": v for k, v in self.model.variant_state(checkpoints_only=True).items()}
+        self.checkpointed = {**self.trainable, **frozen}
+        self.record = self._new_record(extra_epochs)
+        self.autocast = autocast_for(self.device, self.precision)
+        self.autocast_static = autocast_for(self.device, self.precision, cache=False)  # no cache baked into a graph
+        if start is not None:
+            if saved_record is not None and "start" in saved_record:
+                self.record["start"] = saved_record["start"]
+            else:
+                self.record["start"] = start.before_training(
+                    self.model, self.objectives, self.device, self.autocast, (self.rank, self.world)
+                )
+        self.progress = Progress()
+        if saved_record is not None:
+            self._resume(saved_record)
+        elif self.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(run_dir / "config.json", self.record)
+        self.logger = self._logger(replay=saved_record is not None)
+        self.console = Console(self.main, self.total_steps, self.progress.step, run_dir.name, spec.output.log_every)
+        if self.fast and self.not_captured is not None and self.main:
+            self.console.message(f"fast step: static shapes, eager (no CUDA graphs: {self.not_captured})")
+        self.task_weights = dict(self.mixture.task_weights) if self.mixture is not None else {}
+        self.captured = None  # CapturedSteps, made after the first (eager) step measured no host sync
+        # Under torchrun rank 0 writes on a thread, so the other ranks never wait in a collective for its disk.
+        self.writer = ckpt.BackgroundWriter() if self.world > 1 and self.main else None
+        self.guard = lifecycle.DivergenceGuard(spec.output.spike_factor)
+        self.last_save = time.monotonic()
+        self.tokens_since = 0
 
-    steps_per_epoch = math.ceil(
-        len(epoch_schedule(objectives, spec.training, 0, rank, world, mixture)) / spec.training.grad_accum
-    )
-    total_steps = spec.training.max_steps or steps_per_epoch * epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(spec.training.schedule, spec.training.warmup, total_steps)
-    )
-    trainable = {n: p for n, p in task_model.named_parameters() if p.requires_grad}
-    # checkpoints hold the trainable weights plus frozen variant state a rebuild would not reproduce
-    frozen = {f"model.{k}": v for k, v in model.variant_state(checkpoints_only=True).items()}
-    checkpointed = {**trainable, **frozen}
-    config_values = {**config.to_dict(), "fine_tune_mode": config.resolved_fine_tune_mode}
-    record = {
-        "task": task_label,
-        "run": name,
-        "grid": spec.output.wandb_group,
-        "config": config_values,
-        "variants": [v.name for v in config.variants],
-        "training": spec.flat_settings(),
-        "identity": identity,
-        "spec": spec.to_json(),
-        "command": list(spec.argv),
-        "config_hash": spec.identity_hash(),
-        "wandb_id": new_wandb_id(spec),
-        "git_commit": git_commit(),
-        "parameters": counts,
-        "world_size": world,
-        "device": device,
-        "precision": precision,  # what --precision auto resolved to on this device
-        "extra_epochs": extra_epochs,
-    }
-    autocast = autocast_for(device, precision)
-    if start is not None:
-        if resume and "start" in saved_record:
-            record["start"] = saved_record["start"]
-        else:
-            record["start"] = start.before_training(model, objectives, device, autocast, (rank, world))
-    progress = {
-        "epoch": 0,
-        "position": 0,
-        "step": 0,
-        "best": None,
-        "best_step": None,
-        "bad_evals": 0,
-        "train_seconds": 0.0,
-        "best_metrics": None,
-    }
-    if resume:
-        folder = ckpt.checkpoint_folder(checkpoints, "last")
+    # ---- construction ----
+    def _build_objectives(self) -> None:
+        spec, config = self.spec, self.spec.config
+        tokenizer = load_tokenizer(spec.output.tokenizer)
+        folder = data_dir(spec.output.data_dir)
+        self.fast = spec.runtime.fast_step == "on"
+        self.objectives = {
+            name: TASKS[name](tokenizer, folder, spec.training, config.n_positions, spec.settings_of(name), self.fast)
+            for name in spec.tasks
+        }
+        for objective in self.objectives.values():
+            objective.check_training_data()  # e.g. a --train_fraction missing a label: refused before weights load
+            objective.check_token_ids(config.vocab_size)  # once here, so no training step checks (or syncs)
+
+    def _build_model(self) -> None:
+        spec, config, device = self.spec, self.spec.config, self.device
+        torch.manual_seed(spec.training.seed)
+        random.seed(spec.training.seed)
+        overrides = {k: v for k, v in config.to_dict().items() if k not in STACK_FIELDS and k != "name"}
+        model = GPT2LMHeadModel.from_pretrained(spec.checkpoint.source, **overrides).to(device)
+        if model.config != config:
+            raise RuntimeError(f"the loaded model's config differs from the validated one: {model.config} vs {config}")
+        if self.start is not None:
+            self.start.load(model)
+        heads = {n: h.to(device) for n, obj in self.objectives.items() if (h := obj.make_head(model)) is not None}
+        self.counts = set_trainable(model, config.fine_tune_mode, heads.values())
+        if spec.runtime.grad_checkpointing:
+            model.transformer.gradient_checkpointing = True
+        self.model, self.heads = model, heads
+        self.task_model = TaskModel(model, heads, self.objectives, device)
+        self.wrapped: nn.Module = self.task_model
+        if self.world > 1:
+            self.wrapped = nn.parallel.DistributedDataParallel(
+                self.task_model, find_unused_parameters=len(self.objectives) > 1
+            )
+            # Every rank built the same weights from the run's seed; dropout now gets its own stream per rank.
+            torch.manual_seed(distributed.rank_seed(spec.training.seed, self.rank))
+        # The fast step (train/graphs.py): static shapes always; the whole step as CUDA graphs where it can.
+        self.static_rows = spec.training.batch_size if self.fast else None
+        self.not_captured = (
+            graphs.why_not_captured(
+                device,
+                self.world,
+                spec.training.grad_accum,
+                spec.runtime.grad_checkpointing,
+                len(self.objectives),
+                dropout=graphs.uses_dropout(model, heads.values()),
+            )
+            if self.fast
+            else None
+        )
+        self.capture = self.fast and self.not_captured is None
+        if spec.runtime.compile:
+            compile_blocks(model, static_shapes=self.fast)
+        self.fused = {"fused": True} if device.startswith("cuda") else {}  # one kernel for all parameters
+        if self.capture:
+            self.fused["capturable"] = True  # its step count and lr live on the device, so a graph can hold it
+        self.optimizer = build_optimizer(
+            model, spec.training.lr, spec.training.weight_decay, heads=heads.values(), **self.fused
+        )
+
+    def _new_record(self, extra_epochs: int) -> dict[str, Any]:
+        spec, config = self.spec, self.spec.config
+        return {
+            "task": spec.label,
+            "run": self.run_dir.name,
+            "grid": spec.output.wandb_group,
+            "label": spec.output.label or variant_tag(config),
+            "config": {**config.to_dict(), "fine_tune_mode": config.resolved_fine_tune_mode},
+            "variants": [v.name for v in config.variants],
+            "training": spec.flat_settings(),
+            "identity": spec.identity(),
+            "spec": spec.to_json(),
+            "command": list(spec.argv),
+            "config_hash": spec.identity_hash(),
+            "wandb_id": new_wandb_id(spec),
+            "git_commit": git_commit(),
+            "parameters": self.counts,
+            "world_size": self.world,
+            "device": self.device,
+            "precision": self.precision,  # what --precision auto resolved to on this device
+            "extra_epochs": extra_epochs,
+        }
+
+    def _resume(self, saved_record: dict) -> None:
+        spec, record = self.spec, self.record
+        folder = ckpt.checkpoint_folder(self.checkpoints, "last")
         record["wandb_id"] = saved_record.get("wandb_id", record["wandb_id"])  # the same wandb run continues
         record["command"] = saved_record.get("command", record["command"])
         record["resumed_with"] = list(spec.argv)
+        if "migrated_from" in saved_record:
+            record["migrated_from"] = saved_record["migrated_from"]
         weights, state_json, tensors = ckpt.load_checkpoint(folder)
-        missing = sorted(set(trainable) - set(weights))
+        missing = sorted(set(self.trainable) - set(weights))
         if missing:
             raise ckpt.CheckpointCorrupt(f"--resume: checkpoint {folder} lacks trainable weights {missing[:5]}")
-        ckpt.copy_into(checkpointed, weights, folder)
-        ckpt.restore_optimizer(optimizer, state_json, tensors)
-        for group in optimizer.param_groups:  # how this run steps, not how the saving run did
-            group.update({key: value for key, value in fused.items() if key in ("fused", "capturable")})
-        scheduler.load_state_dict({**state_json["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
-        if not ckpt.restore_rng(tensors, state_json["rng"], rank, device):
+        ckpt.copy_into(self.checkpointed, weights, folder)
+        ckpt.restore_optimizer(self.optimizer, state_json, tensors)
+        for group in self.optimizer.param_groups:  # how this run steps, not how the saving run did
+            group.update({key: value for key, value in self.fused.items() if key in ("fused", "capturable")})
+        lambdas = [None] * len(self.optimizer.param_groups)
+        self.scheduler.load_state_dict({**state_json["scheduler"], "lr_lambdas": lambdas})
+        if not ckpt.restore_rng(tensors, state_json["rng"], self.rank, self.device):
             print(
-                f"rank {rank}: the checkpoint has no RNG state for this rank (fewer processes wrote it); "
+                f"rank {self.rank}: the checkpoint has no RNG state for this rank (fewer processes wrote it); "
                 "its streams start from the rank's seed",
                 file=sys.stderr,
             )
-        progress = state_json["progress"]
+        known = {f.name for f in dataclasses.fields(Progress)}
+        self.progress = Progress(**{k: v for k, v in state_json["progress"].items() if k in known})
+        progress = self.progress
         if spec.output.extend_epochs:
-            progress["bad_evals"] = 0  # patience counts afresh in the added epochs
-        if main_process:
-            dropped = truncate_log(run_dir / "log.jsonl", progress["step"])
+            progress.bad_evals = 0  # patience counts afresh in the added epochs
+        if not self.main:
+            return
+        dropped = truncate_log(self.run_dir / "log.jsonl", progress.step)
+        print(
+            f"resuming {self.run_dir.name} from step {progress.step} ({progress.epoch} epoch(s) completed)"
+            + (f"; dropped {dropped} log line(s) written after that checkpoint" if dropped else ""),
+            file=sys.stderr,
+        )
+        if spec.output.extend_epochs:
+            training = spec.training
+            old_lr = self.scheduler.get_last_lr()[0]
+            new_lr = training.lr * lr_lambda(training.schedule, training.warmup, self.total_steps)(progress.step)
             print(
-                f"resuming {name} from step {progress['step']} ({progress['epoch']} epoch(s) completed)"
-                + (f"; dropped {dropped} log line(s) written after that checkpoint" if dropped else ""),
+                f"extending by {spec.output.extend_epochs} epoch(s) to {self.epochs}: training continues to step "
+                f"{self.total_steps}; the {training.schedule} schedule is re-planned over {self.total_steps} steps, "
+                f"so the lr goes from {old_lr:.3g} to {new_lr:.3g} at step {progress.step}",
                 file=sys.stderr,
             )
-            if spec.output.extend_epochs:
-                old_lr = scheduler.get_last_lr()[0]
-                new_lr = spec.training.lr * lr_lambda(spec.training.schedule, spec.training.warmup, total_steps)(
-                    progress["step"]
-                )
-                print(
-                    f"extending by {spec.output.extend_epochs} epoch(s) to {epochs}: training continues to step "
-                    f"{total_steps}; "
-                    f"the {spec.training.schedule} schedule is re-planned over {total_steps} steps, so the lr goes "
-                    f"from {old_lr:.3g} to {new_lr:.3g} at step {progress['step']}",
-                    file=sys.stderr,
-                )
-            if note := lifecycle.diverged_note(run_dir):
-                print(note, file=sys.stderr)
-            atomic_write_json(run_dir / "config.json", record)
-    elif main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", record)
-    tags = [task_label, *(record["variants"] or ["base"])]
-    wandb_config = {
-        **config_values,
-        **record["training"],
-        "task": task_label,
-        "grid": spec.output.wandb_group,
-        "run": name,
-    }
-    logger = RunLogger(
-        run_dir,
-        name,
-        record["wandb_id"],
-        spec.output.wandb_group or task_label,
-        tags,
-        wandb_config,
-        spec.output.wandb,
-        spec.output.wandb_project,
-        enabled=main_process,
-    )
-    console = Console(main_process, total_steps, progress["step"], name, spec.output.log_every)
-    if fast and not_captured is not None and main_process:
-        console.message(f"fast step: static shapes, eager (no CUDA graphs: {not_captured})")
-    task_weights = dict(mixture.task_weights) if mixture is not None else {}
+        if note := lifecycle.diverged_note(self.run_dir):
+            print(note, file=sys.stderr)
+        atomic_write_json(self.run_dir / "config.json", record)
 
-    def step_loss(task: str, inputs: dict[str, torch.Tensor], autocast_context) -> torch.Tensor:
+    def _logger(self, replay: bool) -> RunLogger:
+        """log.jsonl and wandb. wandb groups what the report groups: the grid and task (or the task), the
+        configuration hash and its label in the config, the method in the tags (`peft-vera`)."""
+        spec, record = self.spec, self.record
+        grid = spec.output.wandb_group
+        logger = RunLogger(
+            self.run_dir,
+            self.run_dir.name,
+            record["wandb_id"],
+            f"{grid}-{spec.label}" if grid else spec.label,
+            [spec.label, *wandb_tags(spec.config)],
+            {
+                **record["config"],
+                **record["training"],
+                "task": spec.label,
+                "grid": grid,
+                "run": self.run_dir.name,
+                "config_hash": record["config_hash"],
+                "label": record["label"],
+            },
+            spec.output.wandb,
+            spec.output.wandb_project,
+            enabled=self.main,
+        )
+        if replay:  # steps a killed process logged to log.jsonl but wandb may have lost
+            logger.replay(self.progress.step)
+        return logger
+
+    # ---- the pieces of a run ----
+    def schedule(self, epoch: int) -> list[tuple[str, list[int]]]:
+        return epoch_schedule(self.objectives, self.training, epoch, self.rank, self.world, self.mixture)
+
+    def step_loss(self, task: str, inputs: dict[str, torch.Tensor], autocast_context) -> torch.Tensor:
         with autocast_context:
-            loss = wrapped(task, inputs) * task_weights.get(task, 1.0)
-            if (extra := model.auxiliary_loss()) is not None:  # e.g. the KAN regulariser
+            loss = self.wrapped(task, inputs) * self.task_weights.get(task, 1.0)
+            if (extra := self.model.auxiliary_loss()) is not None:  # e.g. the KAN regulariser
                 loss = loss + extra
         return loss
 
-    captured = None  # CapturedSteps, made after the first (eager) step measured no host sync
-    autocast_static = autocast_for(device, precision, cache=False)  # a graph must not bake in autocast's cache
-
-    # Under torchrun rank 0 writes on a thread, so the other ranks never wait in a collective for its disk.
-    writer = ckpt.BackgroundWriter() if world > 1 and main_process else None
-
-    def save(kind: str, snapshot: tuple | None = None) -> None:
+    def save(self, kind: str, snapshot: tuple | None = None) -> None:
         """Write a checkpoint of the current weights; `snapshot` = (progress, every rank's RNG) recorded
         at the end of the step those weights belong to (all ranks call snapshot() together). Without
         one (the "best" checkpoint, rank 0 only), rank 0's RNG is recorded."""
-        if main_process:
-            saved_progress, rng = snapshot or (progress, None)
+        if self.main:
+            saved_progress, rng = snapshot or (self.progress.to_dict(), None)
             ckpt.save_checkpoint(
-                checkpoints,
+                self.checkpoints,
                 kind,
                 saved_progress["step"],
-                checkpointed,
-                optimizer,
-                scheduler,
+                self.checkpointed,
+                self.optimizer,
+                self.scheduler,
                 saved_progress,
                 rng,
-                writer,
+                self.writer,
             )
-        nonlocal last_save
-        last_save = time.monotonic()
+        self.last_save = time.monotonic()
 
-    def snapshot() -> tuple:
-        return copy.deepcopy(progress), _gathered_rng(world, device)
+    def snapshot(self) -> tuple:
+        return copy.deepcopy(self.progress.to_dict()), _gathered_rng(self.world, self.device)
 
-    def saved_checkpoint() -> Path | None:
-        if writer is not None:
-            writer.wait()
-        return ckpt.checkpoint_folder(checkpoints, "last")
+    def saved_checkpoint(self) -> Path | None:
+        if self.writer is not None:
+            self.writer.wait()
+        return ckpt.checkpoint_folder(self.checkpoints, "last")
 
-    def evaluate() -> bool:
+    def evaluate(self) -> bool:
         """Every rank scores its share of dev (gathered); rank 0 logs, keeps the best predictions and
-        checkpoint, and decides early stopping, which is broadcast to every rank."""
-        staging = run_dir / ".predictions.tmp"
-        if main_process:
+        checkpoint, and decides early stopping, which is broadcast to every rank. True: stop."""
+        progress, staging = self.progress, self.run_dir / ".predictions.tmp"
+        if self.main:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
-        task_model.eval()
-        with autocast:  # evaluation computes in the run's precision too
+        self.task_model.eval()
+        with self.autocast:  # evaluation computes in the run's precision too
             metrics = {
                 n: obj.evaluate(
-                    model,
-                    heads.get(n),
-                    staging if main_process else None,
-                    device,
-                    spec.output.eval_train,
-                    (rank, world),
+                    self.model,
+                    self.heads.get(n),
+                    staging if self.main else None,
+                    self.device,
+                    self.spec.output.eval_train,
+                    (self.rank, self.world),
                 )
-                for n, obj in objectives.items()
+                for n, obj in self.objectives.items()
             }
-        task_model.train()
+        self.task_model.train()
         stop = False
-        if main_process:
+        if self.main:
             score = selection_score(metrics)
             flat = {f"{n}/{k}": v for n, m in metrics.items() for k, v in m.items() if k != "predictions"}
-            logger.log({**flat, "dev/selection_score": score, "epoch": progress["epoch"]}, progress["step"])
-            improved = progress["best"] is None or score > progress["best"]
-            console.message(
-                _metrics_line(progress["step"], progress["step"] / steps_per_epoch, metrics, score, improved)
-            )
+            self.logger.log({**flat, "dev/selection_score": score, "epoch": progress.epoch}, progress.step)
+            improved = progress.best is None or score > progress.best
+            line = _metrics_line(progress.step, progress.step / self.steps_per_epoch, metrics, score, improved)
+            self.console.message(line)
             if improved:
-                progress.update(best=score, best_step=progress["step"], bad_evals=0, best_metrics=metrics)
-                shutil.rmtree(run_dir / "predictions", ignore_errors=True)
-                os.replace(staging, run_dir / "predictions")
-                save("best")
+                progress.best, progress.best_step, progress.bad_evals = score, progress.step, 0
+                progress.best_metrics = metrics
+                shutil.rmtree(self.run_dir / "predictions", ignore_errors=True)
+                os.replace(staging, self.run_dir / "predictions")
+                self.save("best")
             else:
-                progress["bad_evals"] += 1
+                progress.bad_evals += 1
                 shutil.rmtree(staging, ignore_errors=True)
-            stop = bool(spec.training.patience) and progress["bad_evals"] >= spec.training.patience
-        if world > 1:
+            stop = bool(self.training.patience) and progress.bad_evals >= self.training.patience
+        if self.world > 1:
             flag = [stop]
             dist.broadcast_object_list(flag, src=0)
             stop = flag[0]
         return stop
 
-    def diverged(task: str, value: float, reason: str) -> lifecycle.TrainingDiverged:
-        last = saved_checkpoint()
-        info = {"step": progress["step"] + 1, "task": task, "loss": value if math.isfinite(value) else str(value)}
-        info["reason"] = reason
-        if main_process:
-            atomic_write_json(run_dir / "diverged.json", info)
-            logger.log({"diverged": reason, "epoch": progress["epoch"]}, progress["step"] + 1)
-        if not main_process:  # rank 0 reports; another rank could read the pointer before rank 0's write lands
+    def diverged(self, task: str, value: float, reason: str) -> lifecycle.TrainingDiverged:
+        last = self.saved_checkpoint()
+        step = self.progress.step + 1
+        info = {"step": step, "task": task, "loss": value if math.isfinite(value) else str(value), "reason": reason}
+        if not self.main:  # rank 0 reports; another rank could read the pointer before rank 0's write lands
             return lifecycle.TrainingDiverged("")
+        atomic_write_json(self.run_dir / "diverged.json", info)
+        self.logger.log({"diverged": reason, "epoch": self.progress.epoch}, step)
         return lifecycle.TrainingDiverged(
-            f"training diverged at step {progress['step'] + 1} on task {task}: {reason}; stopped. The last "
+            f"training diverged at step {step} on task {task}: {reason}; stopped. The last "
             f"healthy checkpoint is kept: {last or 'none saved yet'}"
         )
 
-    guard = lifecycle.DivergenceGuard(spec.output.spike_factor)
-    wrapped.train()
-    start_time = time.perf_counter() - progress["train_seconds"]
-    tokens_since, clock = 0, time.perf_counter()
-    last_save = time.monotonic()
-    pending = None  # a checkpoint due at the previous step, written once this step's loss shows its weights are healthy
-    stopped = progress["step"] >= total_steps
-    evaluated_at = None
-    try:
-        while not stopped and progress["epoch"] < epochs:
-            schedule = epoch_schedule(objectives, spec.training, progress["epoch"], rank, world, mixture)
-            while progress["position"] < len(schedule):
-                group = schedule[progress["position"] : progress["position"] + spec.training.grad_accum]
-                graph_step = None
-                if captured is not None and pending is None:
-                    ((task, batch),) = group
-                    try:
-                        graph_step = captured.step(task, objectives[task].inputs(batch, static_rows))
-                    except RuntimeError as error:  # e.g. an op a CUDA graph cannot hold: eager from now on
-                        console.message(f"fast step: capturing failed ({str(error).splitlines()[0][:200]}); eager")
-                        captured, capture = None, False
-                if graph_step is not None:
-                    # The whole step is one graph replay; AdamW skipped itself on the device if the
-                    # loss or gradient norm is not finite, so the guard below still stops healthy weights.
-                    loss_t, norm_t = graph_step
-                    loss_value, grad_norm_value = torch.stack([loss_t, norm_t]).tolist()  # the step's one sync
-                    loss_values = [loss_value]
-                    tokens_since += objectives[task].batch_tokens(batch)
-                    spike = guard.check(task, loss_value)
-                    if spike and not math.isfinite(loss_value):
-                        raise diverged(task, loss_value, spike)
-                    if not math.isfinite(grad_norm_value):
-                        raise diverged(task, loss_value, f"non-finite gradient norm ({grad_norm_value})")
-                    if spike:
-                        console.message(f"step {progress['step'] + 1}: {spike}")
-                    scheduler.step()
-                else:
-                    losses = []
-                    syncs = graphs.SyncCounter() if capture and captured is None else None
-                    for index, (task, batch) in enumerate(group):
-                        inputs = {k: v.to(device) for k, v in objectives[task].inputs(batch, static_rows).items()}
-                        # DDP all-reduces gradients on the last micro-batch only
-                        last_micro = index == len(group) - 1 or world == 1
-                        with contextlib.nullcontext() if last_micro else wrapped.no_sync():
-                            with syncs if syncs is not None else contextlib.nullcontext():
-                                loss = step_loss(task, inputs, autocast)
-                                (loss / len(group)).backward()
-                        losses.append(loss.detach().float())
-                        tokens_since += objectives[task].batch_tokens(batch)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), spec.training.max_grad_norm)
-                    # The step's one host sync: every micro-batch loss and the gradient norm at once.
-                    *loss_values, grad_norm_value = torch.stack(
-                        [*losses, grad_norm.float().to(losses[0].device)]
-                    ).tolist()
-                    spike = None
-                    for (task, _), value in zip(group, loss_values, strict=True):
-                        problem = guard.check(task, value)
-                        if problem and not math.isfinite(value):
-                            raise diverged(task, value, problem)
-                        spike = spike or problem
-                    if not math.isfinite(grad_norm_value):  # clipping would write NaN into the weights
-                        raise diverged(group[-1][0], loss_values[-1], f"non-finite gradient norm ({grad_norm_value})")
-                    if pending is not None:
-                        if spike:
-                            console.message(
-                                f"step {progress['step'] + 1}: {spike}; the checkpoint of step {pending[0]['step']} "
-                                f"(whose weights gave it) is not kept"
-                            )
-                        else:
-                            save("last", pending)
-                        pending = None
-                    elif spike:
-                        console.message(f"step {progress['step'] + 1}: {spike}")
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=not capture)  # captured graphs keep the .grad tensors
-                    if syncs is not None:
-                        if syncs.total:
-                            capture = False
-                            console.message(
-                                "fast step: static shapes, eager (no CUDA graphs: this variant's layers sync with "
-                                f"the host {syncs.total} time(s) per step: {dict(syncs.counts)})"
-                            )
-                        else:
-                            captured = graphs.CapturedSteps(
-                                lambda task, inputs: step_loss(task, inputs, autocast_static),
-                                list(trainable.values()),
-                                optimizer,
-                                spec.training.max_grad_norm,
-                                device,
-                            )
-                progress["position"] += len(group)
-                progress["step"] += 1
-                device_synchronize(device)  # the clock must see the step finish on the device
+    def _judge(self, group: list, loss_values: list[float], grad_norm: float) -> str | None:
+        """Stop on a non-finite loss or gradient norm; a spike (the guard's) is returned to the caller."""
+        spike = None
+        for (task, _), value in zip(group, loss_values, strict=True):
+            problem = self.guard.check(task, value)
+            if problem and not math.isfinite(value):
+                raise self.diverged(task, value, problem)
+            spike = spike or problem
+        if not math.isfinite(grad_norm):  # clipping would write NaN into the weights
+            raise self.diverged(group[-1][0], loss_values[-1], f"non-finite gradient norm ({grad_norm})")
+        return spike
+
+    def step(self, group: list, pending: tuple | None) -> tuple[list[float], float, str | None]:
+        """One optimizer step over `group` ((task, batch) micro-batches): (losses, gradient norm, spike).
+        `pending`: a checkpoint due at the previous step, written now if this step's loss shows its
+        weights are healthy (not, when it spiked)."""
+        if self.captured is not None and pending is None:
+            ((task, batch),) = group
+            try:
+                loss_t, norm_t = self.captured.step(task, self.objectives[task].inputs(batch, self.static_rows))
+            except RuntimeError as error:  # e.g. an op a CUDA graph cannot hold: eager from now on
+                self.console.message(f"fast step: capturing failed ({str(error).splitlines()[0][:200]}); eager")
+                self.captured, self.capture = None, False
+            else:
+                # The whole step is one graph replay; AdamW skipped itself on the device if the loss or
+                # gradient norm is not finite, so the guard still stops with healthy weights.
+                loss_value, grad_norm = torch.stack([loss_t, norm_t]).tolist()  # the step's one sync
+                self.tokens_since += self.objectives[task].batch_tokens(batch)
+                spike = self._judge(group, [loss_value], grad_norm)
+                if spike:
+                    self.console.message(f"step {self.progress.step + 1}: {spike}")
+                self.scheduler.step()
+                return [loss_value], grad_norm, spike
+        losses = []
+        syncs = graphs.SyncCounter() if self.capture and self.captured is None else None
+        for index, (task, batch) in enumerate(group):
+            inputs = {k: v.to(self.device) for k, v in self.objectives[task].inputs(batch, self.static_rows).items()}
+            # DDP all-reduces gradients on the last micro-batch only
+            last_micro = index == len(group) - 1 or self.world == 1
+            with contextlib.nullcontext() if last_micro else self.wrapped.no_sync():
+                with syncs if syncs is not None else contextlib.nullcontext():
+                    loss = self.step_loss(task, inputs, self.autocast)
+                    (loss / len(group)).backward()
+            losses.append(loss.detach().float())
+            self.tokens_since += self.objectives[task].batch_tokens(batch)
+        norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.training.max_grad_norm)
+        # The step's one host sync: every micro-batch loss and the gradient norm at once.
+        *loss_values, grad_norm = torch.stack([*losses, norm.float().to(losses[0].device)]).tolist()
+        spike = self._judge(group, loss_values, grad_norm)
+        if pending is not None:
+            if spike:
+                self.console.message(
+                    f"step {self.progress.step + 1}: {spike}; the checkpoint of step {pending[0]['step']} "
+                    f"(whose weights gave it) is not kept"
+                )
+            else:
+                self.save("last", pending)
+        elif spike:
+            self.console.message(f"step {self.progress.step + 1}: {spike}")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=not self.capture)  # captured graphs keep the .grad tensors
+        if syncs is not None:
+            self._capture_after(syncs)
+        return loss_values, grad_norm, spike
+
+    def _capture_after(self, syncs: graphs.SyncCounter) -> None:
+        """After the first eager step of a fast run: capture the step as CUDA graphs if it never synced."""
+        if syncs.total:
+            self.capture = False
+            self.console.message(
+                "fast step: static shapes, eager (no CUDA graphs: this variant's layers sync with "
+                f"the host {syncs.total} time(s) per step: {dict(syncs.counts)})"
+            )
+            return
+        self.captured = graphs.CapturedSteps(
+            lambda task, inputs: self.step_loss(task, inputs, self.autocast_static),
+            list(self.trainable.values()),
+            self.optimizer,
+            self.training.max_grad_norm,
+            self.device,
+        )
+
+    # ---- the run ----
+    def run(self) -> dict:
+        try:
+            evaluated_at = self._loop()
+        except BaseException as error:  # diverged, interrupted, crashed: finish the checkpoint write, close wandb
+            if self.writer is not None:
+                with contextlib.suppress(Exception):  # the original error is the one to report
+                    self.writer.wait()
+            self.logger.finish(exit_code=_exit_code(error))
+            raise
+        finally:
+            self.console.close()
+        if evaluated_at != self.progress.step and self.progress.best is None:
+            self.evaluate()
+            self.save("last", self.snapshot())
+        if self.writer is not None:
+            self.writer.wait()
+        result = self._finish() if self.main else {}
+        self.logger.finish()
+        if self.world > 1:
+            dist.barrier()
+        return result
+
+    def _loop(self) -> int | None:
+        """The epochs and steps; returns the step of the last evaluation."""
+        progress, training, output = self.progress, self.training, self.spec.output
+        self.wrapped.train()
+        start_time = time.perf_counter() - progress.train_seconds
+        clock = time.perf_counter()
+        pending = None  # a checkpoint due at the previous step, written once this step shows its weights healthy
+        stopped = progress.step >= self.total_steps
+        evaluated_at = None
+        while not stopped and progress.epoch < self.epochs:
+            schedule = self.schedule(progress.epoch)
+            while progress.position < len(schedule):
+                group = schedule[progress.position : progress.position + training.grad_accum]
+                loss_values, grad_norm, spike = self.step(group, pending)
+                pending = None  # written by the step, or dropped when its loss spiked
+                progress.position += len(group)
+                progress.step += 1
+                device_synchronize(self.device)  # the clock must see the step finish on the device
                 elapsed = time.perf_counter() - clock
                 values = {
                     "train/loss": loss_values[-1],
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/grad_norm": grad_norm_value,
-                    "train/tokens_per_s": tokens_since * world / max(elapsed, 1e-9),
-                    "epoch": progress["epoch"],
+                    "train/lr": self.scheduler.get_last_lr()[0],
+                    "train/grad_norm": grad_norm,
+                    "train/tokens_per_s": self.tokens_since * self.world / max(elapsed, 1e-9),
+                    "epoch": progress.epoch,
                 }
-                if main_process:
-                    logger.log(values, progress["step"])
-                console.step(progress["step"], progress["epoch"], values)
-                tokens_since, clock = 0, time.perf_counter()
-                progress["train_seconds"] = time.perf_counter() - start_time
-                end_of_epoch = progress["position"] >= len(schedule)
+                if self.main:
+                    self.logger.log(values, progress.step)
+                self.console.step(progress.step, progress.epoch, values)
+                self.tokens_since, clock = 0, time.perf_counter()
+                progress.train_seconds = time.perf_counter() - start_time
+                end_of_epoch = progress.position >= len(schedule)
                 if end_of_epoch:
-                    progress.update(epoch=progress["epoch"] + 1, position=0)
-                last_step = progress["step"] >= total_steps or progress["epoch"] >= epochs
+                    progress.epoch, progress.position = progress.epoch + 1, 0
+                last_step = progress.step >= self.total_steps or progress.epoch >= self.epochs
                 time_due = (
-                    bool(spec.output.save_every_minutes)
-                    and time.monotonic() - last_save >= 60 * spec.output.save_every_minutes
+                    bool(output.save_every_minutes)
+                    and time.monotonic() - self.last_save >= 60 * output.save_every_minutes
                 )
-                stop_now, time_due = _all_ranks_any([signals.received is not None, time_due], world, device)
+                flags = [self.signals.received is not None, time_due]
+                stop_now, time_due = _all_ranks_any(flags, self.world, self.device)
                 if (
-                    (spec.training.eval_every and progress["step"] % spec.training.eval_every == 0)
-                    or (not spec.training.eval_every and end_of_epoch)
+                    (training.eval_every and progress.step % training.eval_every == 0)
+                    or (not training.eval_every and end_of_epoch)
                     or last_step
                 ):
-                    stopped = evaluate() or last_step
-                    evaluated_at = progress["step"]
+                    stopped = self.evaluate() or last_step
+                    evaluated_at = progress.step
                     if stopped:
-                        save("last", snapshot())
+                        self.save("last", self.snapshot())
                     else:
-                        pending = snapshot()
-                elif (spec.output.save_every and progress["step"] % spec.output.save_every == 0) or time_due:
-                    pending = snapshot()
+                        pending = self.snapshot()
+                elif (output.save_every and progress.step % output.save_every == 0) or time_due:
+                    pending = self.snapshot()
                 if stop_now and not stopped:  # a signal during the last step: the run finishes instead
-                    signum = signals.received or signal.SIGTERM
+                    signum = self.signals.received or signal.SIGTERM
                     if not spike:
-                        save("last", snapshot())
+                        self.save("last", self.snapshot())
                     # Rank 0 reports (after its checkpoint write lands); the other ranks stop silently.
-                    message = _interrupted_message(signum, progress, saved_checkpoint()) if main_process else ""
+                    message = _interrupted_message(signum, progress, self.saved_checkpoint()) if self.main else ""
                     raise lifecycle.Interrupted(signum, message)
                 if stopped or end_of_epoch:
                     break  # a new epoch needs its own schedule (the outer loop draws it)
-    except BaseException:  # diverged, interrupted, crashed: finish the checkpoint write, close the wandb run
-        if writer is not None:
-            with contextlib.suppress(Exception):  # the original error is the one to report
-                writer.wait()
-        logger.finish()
-        raise
-    finally:
-        console.close()
-    if evaluated_at != progress["step"] and progress["best"] is None:
-        evaluate()
-        save("last", snapshot())
-    if writer is not None:
-        writer.wait()
-    result = {}
-    if main_process:
-        best = progress["best_metrics"] or {}
-        extra = start.final_blocks(record, best) if start is not None else {}
-        result = _finish(
-            run_dir, name, task_label, config, record, progress, best, device, objectives, steps_per_epoch, extra
+        return evaluated_at
+
+    def _finish(self) -> dict:
+        progress, record = self.progress, self.record
+        best = progress.best_metrics or {}
+        extra = self.start.final_blocks(record, best) if self.start is not None else {}
+        result = finish_run(self.run_dir, self.spec, record, progress, best, self.device, self.objectives, extra)
+        best_epoch = math.ceil(progress.best_step / self.steps_per_epoch) if progress.best_step else 0
+        counts = record["parameters"]
+        print(
+            f"done {self.run_dir.name}: best {result['metric']} = {result['best_value']:.4f} at step "
+            f"{progress.best_step} (epoch {best_epoch}), {result['train_seconds']:.1f} s, "
+            f"{counts['trainable']:,} of {counts['total']:,} parameters trained -> {self.run_dir}"
         )
-        logger.summary(
+        self.logger.summary(
             {
-                "best/selection_score": progress["best"],
-                "best/step": progress["best_step"],
+                "best/selection_score": progress.best,
+                "best/step": progress.best_step,
                 "train_seconds": result["train_seconds"],
                 "peak_memory_mb": result["peak_memory_mb"],
                 "trainable_params": counts["trainable"],
                 "total_params": counts["total"],
+                "run_state": "finished",
                 **{f"best/{n}/{k}": v for n, m in best.items() for k, v in m.items() if k != "predictions"},
                 **_numbers(record.get("start", {}), "start"),
             }
         )
-    logger.finish()
-    if world > 1:
-        dist.barrier()
-    return result
+        return result
+
+
+def wandb_tags(config) -> list[str]:
+    """One tag per enabled variant; a peft method by its name (`peft-vera`), so wandb can tell them apart."""
+    tags = [f"peft-{config.peft_method}" if v.name == "peft" else v.name for v in config.variants]
+    return tags or ["base"]
+
+
+def _exit_code(error: BaseException) -> int:
+    """The exit status the run ends with, for wandb (an interrupted run is not a finished one)."""
+    if isinstance(error, lifecycle.Interrupted):
+        return error.exit_status
+    if isinstance(error, lifecycle.TrainingDiverged):
+        return lifecycle.EXIT_DIVERGED
+    return 1
 
 
 def _numbers(block: dict, prefix: str) -> dict[str, float]:
@@ -677,29 +765,24 @@ def _numbers(block: dict, prefix: str) -> dict[str, float]:
     return flat
 
 
-def _interrupted_message(signum: int, progress: dict, last: Path | None) -> str:
+def _interrupted_message(signum: int, progress: Progress, last: Path | None) -> str:
     saved = json.loads((last.parent / "last.json").read_text())["step"] if last else None
     where = f"checkpoint at step {saved}" if saved is not None else "no checkpoint (nothing healthy to save)"
     return (
-        f"interrupted by {signal.Signals(signum).name} at step {progress['step']} "
-        f"({progress['epoch']} epoch(s) completed); "
+        f"interrupted by {signal.Signals(signum).name} at step {progress.step} "
+        f"({progress.epoch} epoch(s) completed); "
         f"{where}. Continue with the same command plus --resume"
     )
 
 
-def _finish(
-    run_dir: Path,
-    name: str,
-    task_label: str,
-    config,
-    record,
-    progress,
-    best,
-    device,
-    objectives,
-    steps_per_epoch,
-    extra: dict[str, Any],
-) -> dict[str, Any]:
+def _peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def finish_run(run_dir: Path, spec: RunSpec, record, progress: Progress, best, device, objectives, extra) -> dict:
+    """metrics.json, then the run's runs.tsv row (where the folder is now, wherever it was made)."""
     single = len(objectives) == 1
     prefixed = {
         n: {**m, "predictions": {k: f"predictions/{v}" for k, v in m["predictions"].items()}}
@@ -709,45 +792,49 @@ def _finish(
     }
     metrics: dict[str, Any] = dict(next(iter(prefixed.values()))) if single else {"tasks": prefixed}
     metrics.update(
-        selection_score=progress["best"],
-        best_step=progress["best_step"],
-        steps=progress["step"],
-        train_seconds=round(progress["train_seconds"], 3),
+        selection_score=progress.best,
+        best_step=progress.best_step,
+        steps=progress.step,
+        train_seconds=round(progress.train_seconds, 3),
         peak_memory_mb=round(_peak_memory_mb(device), 1),
         **extra,
     )
-    atomic_write_json(run_dir / "metrics.json", metrics)
-    args = record["training"]
     primary = next(iter(objectives.values())).metric if single else "selection_score"
-    best_value = metrics.get(primary, progress["best"])
-    write_runs_row(
-        run_dir.parent / "runs.tsv",  # where the folder is now, wherever it was made
-        {
-            "run": name,
-            "task": task_label,
-            "variant": variant_tag(config),
-            "config_hash": record["config_hash"],
-            "seed": args["seed"],
-            "lr": args["lr"],
-            "fine_tune_mode": config.resolved_fine_tune_mode,
-            "trainable_params": record["parameters"]["trainable"],
-            "total_params": record["parameters"]["total"],
-            "metric": primary,
-            "best_value": best_value,
-            "best_step": progress["best_step"],
-            "dev_metrics": json.dumps({n: {k: v for k, v in m.items() if k != "predictions"} for n, m in best.items()}),
-            "train_seconds": metrics["train_seconds"],
-            "peak_memory_mb": metrics["peak_memory_mb"],
-            "steps": progress["step"],
-            "git_commit": record["git_commit"],
-            "run_dir": str(run_dir),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        },
-    )
-    best_epoch = math.ceil(progress["best_step"] / steps_per_epoch) if progress["best_step"] else 0
-    print(
-        f"done {name}: best {primary} = {best_value:.4f} at step {progress['best_step']} "
-        f"(epoch {best_epoch}), {metrics['train_seconds']:.1f} s, "
-        f"{record['parameters']['trainable']:,} of {record['parameters']['total']:,} parameters trained -> {run_dir}"
-    )
+    metrics.update(metric=primary, best_value=metrics.get(primary, progress.best))
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    write_runs_row(run_dir.parent / "runs.tsv", runs_row(run_dir, spec, record, metrics, best))
     return metrics
+
+
+def runs_row(run_dir: Path, spec: RunSpec, record: dict, metrics: dict, best: dict) -> dict[str, Any]:
+    """A finished run's runs.tsv row, from its record and metrics.json alone (so it can be rebuilt)."""
+    return {
+        "run": run_dir.name,
+        "task": record["task"],
+        "variant": variant_tag(spec.config),
+        "label": record.get("label") or variant_tag(spec.config),
+        "config_hash": record["config_hash"],
+        "seed": spec.seed,
+        "lr": spec.training.lr,
+        "fine_tune_mode": spec.config.resolved_fine_tune_mode,
+        "trainable_params": record["parameters"]["trainable"],
+        "total_params": record["parameters"]["total"],
+        "metric": metrics["metric"],
+        "best_value": metrics["best_value"],
+        "best_step": metrics["best_step"],
+        "dev_metrics": json.dumps({n: {k: v for k, v in m.items() if k != "predictions"} for n, m in best.items()}),
+        "train_seconds": metrics["train_seconds"],
+        "steps": metrics["steps"],
+        "seconds_per_step": round(metrics["train_seconds"] / max(1, metrics["steps"]), 6),
+        "generation_seconds": _generation_seconds(best),
+        "peak_memory_mb": metrics["peak_memory_mb"],
+        "git_commit": record["git_commit"],
+        "run_dir": str(run_dir),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _generation_seconds(best: dict) -> float | str:
+    """Seconds the best evaluation spent generating sonnets ('' when no task generates)."""
+    seconds = [m["generation_seconds"] for m in best.values() if "generation_seconds" in m]
+    return round(sum(seconds), 3) if seconds else ""

@@ -24,6 +24,7 @@ RUNS_COLUMNS = [
     "run",
     "task",
     "variant",
+    "label",
     "config_hash",
     "seed",
     "lr",
@@ -35,8 +36,10 @@ RUNS_COLUMNS = [
     "best_step",
     "dev_metrics",
     "train_seconds",
-    "peak_memory_mb",
     "steps",
+    "seconds_per_step",
+    "generation_seconds",
+    "peak_memory_mb",
     "git_commit",
     "run_dir",
     "finished_at",
@@ -76,6 +79,9 @@ def rewrite_runs_rows(path: Path, update, row: dict[str, Any] | None = None) -> 
         if lines:
             header, rows = lines[0], lines[1:]
         names = header.split("\t")
+        if set(names) <= set(RUNS_COLUMNS):  # a file of an older version: its columns, then the new ones
+            names += [c for c in RUNS_COLUMNS if c not in names]
+            header = "\t".join(names)
         kept = []
         for line in rows:
             if not line.strip():
@@ -202,6 +208,28 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.summary.update(values)
 
-    def finish(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
+    def replay(self, last_step: int) -> int:
+        """Send wandb the log.jsonl steps it lacks (a SIGKILL loses what wandb had not written; a resumed
+        offline run starts an empty history): every logged step from wandb's own next step up to
+        `last_step`. Returns how many lines were sent."""
+        if self.wandb is None:
+            return 0
+        first = int(getattr(self.wandb, "step", 0) or 0)
+        sent = 0
+        for line, step in log_entries(self.path):
+            if first <= step <= last_step:
+                values = {k: v for k, v in json.loads(line).items() if k not in ("step", "time")}
+                self.wandb.log(values, step=step)
+                sent += 1
+        return sent
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the wandb run; a non-zero `exit_code` (130 / 143 interrupted, 3 diverged, 1 crashed)
+        marks it as not finished, with `run_state` in its summary saying why."""
+        if self.wandb is None:
+            return
+        if exit_code:
+            state = {130: "interrupted", 143: "interrupted", 3: "diverged"}.get(exit_code, "crashed")
+            self.wandb.summary.update({"run_state": state, "exit_code": exit_code})
+        self.wandb.finish(exit_code=exit_code)
+        self.wandb = None

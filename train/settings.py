@@ -87,7 +87,12 @@ class OutputSettings(CommandSettings):
     tokenizer: str | None = knob(None, "tokenizer folder (default: $GPT2_TOKENIZER or the hub)")
     wandb: Literal["offline", "online", "disabled"] = knob("offline", "wandb mode")
     wandb_project: str = knob("gpt2-variants", "wandb project")
-    wandb_group: str | None = knob(None, "wandb group (default: the task; ablation grids: grid/task)")
+    wandb_group: str | None = knob(
+        None, "the grid this run belongs to; its wandb group is GROUP-TASK (default: none, the group is the task)"
+    )
+    label: str | None = knob(
+        None, "the grid's name for this configuration, in wandb's config and the report (default: the variant tags)"
+    )
     resume: bool = knob(
         False, "continue the run folder of these settings from its last checkpoint (a finished run: nothing to do)"
     )

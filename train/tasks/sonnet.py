@@ -9,6 +9,8 @@ weights and a torchrun evaluation with any number of processes write the same so
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from datasets.batching import bucket_length, collate, encode, make_batches
 from datasets.sonnets import FILES, load_sonnets
@@ -46,12 +49,14 @@ def generate_sonnets(
     device: str = "cpu",
     batch_size: int = 16,
     shard: tuple[int, int] = (0, 1),
+    progress: str = "",
 ) -> list[tuple[str, str]]:
     """Complete each 3-line prompt; keep the first `settings.lines` lines of prompt + continuation.
 
     Prompts are grouped into fixed, length-sorted, left-padded batches *before* they are shared out
     over the `shard` = (rank, world) processes, and prompt i samples from its own stream
-    (seed, i): every process count makes the same batches and the same sonnets."""
+    (seed, i): every process count makes the same batches and the same sonnets. `progress`: the label
+    of a progress bar shown on a terminal (none when empty)."""
     texts = [prompt + "\n" for _, prompt in prompts]
     encoded = [tokenizer.encode(text) for text in texts]
     order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
@@ -74,7 +79,12 @@ def generate_sonnets(
         )
         return [tokenizer.decode(row[ids.shape[1] :].tolist(), skip_special_tokens=True) for row in out]
 
-    done = sharded(batches, shard, lambda mine: [complete(batch) for batch in mine])
+    def complete_all(mine: list[list[int]]) -> list[list[str]]:
+        # Generation is the slow part of a sonnet evaluation: a bar on a terminal (rank 0 only).
+        bar = tqdm(mine, desc=progress, leave=False, disable=not progress or shard[0] != 0 or not sys.stderr.isatty())
+        return [complete(batch) for batch in bar]
+
+    done = sharded(batches, shard, complete_all)
     continuations = {
         i: text
         for batch, completed in zip(batches, done, strict=True)
@@ -178,13 +188,16 @@ class Sonnet(Task):
         with_train: bool = False,
         shard: tuple[int, int] = (0, 1),
     ) -> dict[str, Any]:
-        def generate(prompts):
+        def generate(prompts, split):
             batch_size = self.training.eval_batch_size
-            return generate_sonnets(model, self.tokenizer, prompts, self.generation, device, batch_size, shard)
+            label = f"generating {len(prompts)} {split} sonnets"
+            return generate_sonnets(model, self.tokenizer, prompts, self.generation, device, batch_size, shard, label)
 
-        dev = generate(self.dev_prompts)
+        started = time.perf_counter()
+        dev = generate(self.dev_prompts, "dev")
         metrics: dict[str, Any] = {"dev_chrf": sonnet_chrf(dev, self.gold)}
-        test = generate(self.test_prompts)
+        test = generate(self.test_prompts, "test")
+        metrics["generation_seconds"] = round(time.perf_counter() - started, 3)
         if out_dir is not None:
             files = {"dev": "sonnet-dev-output.txt", "test": "sonnet-test-output.txt"}
             write_sonnets(out_dir / files["dev"], dev)
