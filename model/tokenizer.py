@@ -28,17 +28,31 @@ def load_tokenizer(path: str | Path | None = None) -> Any:
     origin = "argument" if path is not None else (f"${ENV_VAR}" if os.environ.get(ENV_VAR) else "hub default")
     from model.hub import hub_unreachable
 
-    local_only = not Path(source).exists() and hub_unreachable() is not None  # use the cache, do not retry
+    fix = (
+        f"Pass a folder holding tokenizer.json (or vocab.json + merges.txt) with --tokenizer, set {ENV_VAR} to "
+        "one, or allow Hugging Face hub access so 'gpt2' can be downloaded."
+    )
+    folder = Path(source).expanduser()
+    looks_local = folder.exists() or source.startswith(("/", ".", "~")) or source.count("/") > 1
+    if looks_local:  # a folder: say what is wrong with it, not what the hub client thinks of the name
+        if not folder.exists():
+            raise TokenizerNotFound(f"tokenizer folder {source} ({origin}) does not exist. {fix}")
+        if not folder.is_dir():
+            raise TokenizerNotFound(f"tokenizer {source} ({origin}) is a file, not a folder. {fix}")
+        has = {p.name for p in folder.iterdir()}
+        if "tokenizer.json" not in has and not {"vocab.json", "merges.txt"} <= has:
+            listing = ", ".join(sorted(has)[:8]) or "nothing"
+            raise TokenizerNotFound(
+                f"tokenizer folder {source} ({origin}) holds no GPT-2 tokenizer: expected tokenizer.json or "
+                f"vocab.json + merges.txt, found {listing}. {fix}"
+            )
+    local_only = not looks_local and hub_unreachable() is not None  # use the cache, do not retry
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except Exception as error:
-        raise TokenizerNotFound(
-            f"could not load the GPT-2 tokenizer from {source!r} ({origin}): {type(error).__name__}: "
-            f"{' '.join(str(error).split())}. Provide it by one of: pass a folder holding tokenizer.json "
-            f"(or vocab.json + merges.txt) "
-            f"with --tokenizer / load_tokenizer(path); set {ENV_VAR}=<that folder>; or allow Hugging Face "
-            f"hub access so 'gpt2' can be downloaded."
-        ) from error
+        reason = hub_unreachable() if not looks_local else None
+        detail = f"the hub is not used ({reason}) and it is not cached" if reason else type(error).__name__
+        raise TokenizerNotFound(f"could not load the GPT-2 tokenizer {source!r} ({origin}): {detail}. {fix}") from error
     for text, ids in _KNOWN.items():
         got = tokenizer.encode(text)
         if got != ids:

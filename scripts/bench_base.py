@@ -19,16 +19,14 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model import GPT2LMHeadModel  # noqa: E402
-from model.compile import compile_blocks  # noqa: E402
-from train.distributed import device_synchronize  # noqa: E402
+from model import GPT2LMHeadModel
+from model.compile import compile_blocks
+from train.commands import exit_status
+from train.distributed import device_synchronize
 
 
 def sync(device: str) -> None:
@@ -192,4 +190,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

@@ -12,22 +12,20 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datasets.batching import collate, encode  # noqa: E402
-from datasets.common import data_dir  # noqa: E402
-from datasets.paraphrase import cloze_prompt, load_paraphrase  # noqa: E402
-from datasets.sonnets import load_sonnets  # noqa: E402
-from model import GPT2Config, GPT2LMHeadModel, load_tokenizer  # noqa: E402
-from model.heads import NO_ID, YES_ID, ClozeParaphraseHead  # noqa: E402
-from scripts.bench_utils import median_time  # noqa: E402
-from train.tasks import TASKS  # noqa: E402
-from train.tasks.classification import ClassificationTask  # noqa: E402
-from train.tasks.sonnet import GenerationSettings, generate_sonnets  # noqa: E402
+from datasets.batching import collate, encode
+from datasets.common import data_dir
+from datasets.paraphrase import cloze_prompt, load_paraphrase
+from datasets.sonnets import load_sonnets
+from model import GPT2Config, GPT2LMHeadModel, load_tokenizer
+from model.heads import NO_ID, YES_ID, ClozeParaphraseHead
+from scripts.bench_utils import median_time
+from train.commands import exit_status
+from train.tasks import TASKS
+from train.tasks.classification import ClassificationTask
+from train.tasks.sonnet import GenerationSettings, generate_sonnets
 
 
 def main() -> None:
@@ -101,4 +99,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

@@ -36,12 +36,12 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from model import GPT2Config, GPT2LMHeadModel
+from model.trainable import set_trainable
+from scripts.bench_base import matmul_gflops, sync
+from train.commands import exit_status
 
-from model import GPT2Config, GPT2LMHeadModel  # noqa: E402
-from model.trainable import set_trainable  # noqa: E402
-from scripts.bench_base import matmul_gflops, sync  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 try:  # the fast step (absent from trees older than it: their graphs column stays empty)
     from train.graphs import CapturedSteps, count_host_syncs
@@ -478,4 +478,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from modules.graph import GraphBranch  # noqa: E402
-from scripts.bench_utils import median_time  # noqa: E402
+from modules.graph import GraphBranch
+from scripts.bench_utils import median_time
+from train.commands import exit_status
 
 
 def course_reference(branch: GraphBranch, h: torch.Tensor) -> torch.Tensor:
@@ -86,4 +84,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

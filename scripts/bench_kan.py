@@ -21,12 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model import GPT2Config  # noqa: E402
-from modules.kan import KANLinear  # noqa: E402
-from modules.kan_lora import KANLoRALinear  # noqa: E402
-from scripts.bench_utils import median_time, saved_activation_bytes  # noqa: E402
+from model import GPT2Config
+from modules.kan import KANLinear
+from modules.kan_lora import KANLoRALinear
+from scripts.bench_utils import median_time, saved_activation_bytes
+from train.commands import exit_status
 
 
 class EfficientKANReference(nn.Module):
@@ -184,4 +183,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

@@ -18,11 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from experiments import ablate, launchers
+from train.commands import exit_status
+from train.lifecycle import folder_state
 
-from scripts import ablate, launchers  # noqa: E402
-from train.lifecycle import folder_state  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write_preset(folder: Path, runs: int, steps: int) -> Path:
@@ -100,4 +100,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

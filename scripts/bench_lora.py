@@ -12,15 +12,13 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model import GPT2LMHeadModel  # noqa: E402
-from model.trainable import build_optimizer, set_trainable  # noqa: E402
-from modules.lora import peft_lora_config  # noqa: E402
+from model import GPT2LMHeadModel
+from model.trainable import build_optimizer, set_trainable
+from modules.lora import peft_lora_config
+from train.commands import exit_status
 
 
 def timed_step(loss_fn, optimizer, ids) -> float:
@@ -85,4 +83,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from train.commands import exit_status
+
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "base (full fine-tuning)": [],
@@ -98,4 +100,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

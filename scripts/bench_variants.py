@@ -17,18 +17,16 @@ import argparse
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model import GPT2Config, GPT2LMHeadModel  # noqa: E402
-from model.trainable import set_trainable  # noqa: E402
-from modules.kan_ffn import matched_hidden_width  # noqa: E402
-from modules.peft_methods import SUPPORTED  # noqa: E402
-from scripts.bench_utils import median_time, saved_activation_bytes  # noqa: E402
+from model import GPT2Config, GPT2LMHeadModel
+from model.trainable import set_trainable
+from modules.kan_ffn import matched_hidden_width
+from modules.peft_methods import SUPPORTED
+from scripts.bench_utils import median_time, saved_activation_bytes
+from train.commands import exit_status
 
 LORA_ROW = "LoRA r=8"
 OWN: dict[str, dict] = {
@@ -171,4 +169,4 @@ def measure(knobs: dict, args: argparse.Namespace, ids: torch.Tensor, base_flops
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model import GPT2Config, GPT2LMHeadModel  # noqa: E402
-from train.graphs import SyncCounter  # noqa: E402
+from model import GPT2Config, GPT2LMHeadModel
+from train.commands import exit_status
+from train.graphs import SyncCounter
 
 VARIANTS = {"base": {}, "LoRA": {"use_lora": True}, "graph": {"use_graph": True}, "KAN-FFN": {"use_kan": True}}
 
@@ -55,4 +53,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datasets.download import BASE_URL, RELEASE_FILES, download  # noqa: E402
+from datasets.download import BASE_URL, RELEASE_FILES, download
+from train.commands import exit_status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,4 +34,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

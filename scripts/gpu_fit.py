@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from scripts.param_counts import count  # noqa: E402
+from scripts.param_counts import count
+from train.commands import exit_status
 
 SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 VARIANTS = {
@@ -53,4 +51,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

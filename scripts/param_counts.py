@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model import GPT2Config, GPT2LMHeadModel  # noqa: E402
-from model.trainable import set_trainable  # noqa: E402
+from model import GPT2Config, GPT2LMHeadModel
+from model.trainable import set_trainable
+from train.commands import exit_status
 
 VARIANTS: dict[str, dict] = {
     "base (full fine-tuning)": {},
@@ -49,4 +47,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

@@ -2,7 +2,7 @@
 ablation presets built from that list.
 
     python scripts/peft_methods.py            # the README's table of supported and refused methods
-    python scripts/peft_methods.py --write    # (re)write scripts/presets/methods.toml and methods_smoke.toml
+    python scripts/peft_methods.py --write    # (re)write experiments/presets/methods.toml and methods_smoke.toml
 
 Tests check that the README's table and both presets are what this script generates, so a method
 added to the code without its documentation or its grid row fails the suite.
@@ -15,9 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from modules.peft_methods import LINEAR_ONLY, NOT_IDENTITY_AT_INIT, REFUSED, STOCK_GPT2, SUPPORTED  # noqa: E402
+from modules.peft_methods import LINEAR_ONLY, NOT_IDENTITY_AT_INIT, REFUSED, STOCK_GPT2, SUPPORTED
+from train.commands import exit_status
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 # Our own methods, in the order the issue lists them (the peft methods follow, at peft's defaults).
@@ -134,4 +133,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

@@ -99,7 +99,7 @@ def synthetic_grid(tmp_path, variants: dict[str, list[float]]):
 
 
 def report_rows(grid):
-    from scripts import report
+    from experiments import report
 
     assert report.main([str(grid)]) == 0
     table = (grid / "report" / "report.md").read_text()
@@ -140,7 +140,7 @@ def test_plots_decode_with_expected_size(tmp_path, name, size):
 
 
 def test_preset_files_parse():
-    from scripts.ablate import load_preset
+    from experiments.ablate import load_preset
 
     for preset in (SCRIPTS / "presets").glob("*.toml"):
         loaded = load_preset(preset)
@@ -148,7 +148,7 @@ def test_preset_files_parse():
 
 
 def test_bad_preset_flags_and_broken_runs_tsv_are_named(tmp_path, tokenizer_dir):
-    from scripts import ablate, report
+    from experiments import ablate, report
 
     preset = tiny_grid(tmp_path, tokenizer_dir)
     preset.write_text(preset.read_text().replace("base = []", 'base = []\nbroken = ["--lora_rank", "4"]'))
@@ -167,8 +167,7 @@ def test_gpus_run_one_job_per_gpu_and_queue_the_rest(tmp_path, tokenizer_dir, mo
     its GPU (CUDA_VISIBLE_DEVICES) and is told --device cuda."""
     import threading
 
-    sys.path.insert(0, str(REPO / "scripts"))
-    import ablate
+    from experiments import ablate
 
     preset = write_grid_preset(tmp_path / "grid.toml", tokenizer_dir, "gpu-test", train_limit=4)
     preset.write_text(preset.read_text().replace("seeds = [1, 2]", "seeds = [1, 2, 3, 4]"))
@@ -203,7 +202,7 @@ def test_gpus_run_one_job_per_gpu_and_queue_the_rest(tmp_path, tokenizer_dir, mo
 def test_transfer_grid_runs_its_second_stage_and_reports_it(tmp_path, tokenizer_dir, capsys):
     """A [transfer] preset: the source run, then its transfer run, from-scratch control and CKA; the
     report's transfer table shows their numbers; re-running does nothing."""
-    from scripts import ablate, report
+    from experiments import ablate, report
     from tests.conftest import DATA_DIR
 
     preset = write_grid_preset(

@@ -1,11 +1,11 @@
-"""linear_cka (scripts/cka.py) against its defining properties and a direct HSIC formula."""
+"""linear_cka (experiments/cka.py) against its defining properties and a direct HSIC formula."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from scripts.cka import linear_cka
+from experiments.cka import linear_cka
 
 
 def hsic(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:  # noqa: E741 - the paper's names
@@ -59,7 +59,7 @@ def test_bad_shapes_and_constant_inputs_are_refused():
 
 
 def test_cka_matrix_equals_pairwise_linear_cka():
-    from scripts.cka import cka_matrix, cross_block_mean
+    from experiments.cka import cka_matrix, cross_block_mean
 
     gen = torch.Generator().manual_seed(2)
     a = [torch.randn(40, 16, generator=gen) for _ in range(3)]
@@ -77,7 +77,7 @@ def test_cka_matrix_equals_pairwise_linear_cka():
 def test_cli_within_and_between_models_on_a_run_and_its_base(tmp_path, tiny_ckpt, tokenizer_dir):
     import json
 
-    from scripts import cka
+    from experiments import cka
     from tests.conftest import DATA_DIR, run_paths
     from train import entry
 

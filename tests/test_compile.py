@@ -10,7 +10,6 @@ import torch
 from datasets.batching import collate
 from model import GPT2Config, GPT2LMHeadModel
 from model.compile import compile_blocks
-from tests.conftest import REPO
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=256, vocab_size=500)
 NO_DROPOUT = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
@@ -107,10 +106,7 @@ def test_decoding_bypasses_the_compiled_blocks_and_training_uses_them():
 def test_one_host_sync_per_training_forward_and_backward(variant):
     """Counted like scripts/count_syncs.py: a padded forward+backward waits for the device once (the
     input check and the padding decision, read together); it waited 10 times before."""
-    import sys
-
-    sys.path.insert(0, str(REPO / "scripts"))
-    from count_syncs import SyncCounter
+    from train.graphs import SyncCounter
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(**TINY, **variant)).train()

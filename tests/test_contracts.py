@@ -191,7 +191,7 @@ def test_every_result_changing_flag_changes_the_run_folder_and_wandb_id(tiny_ckp
 
 @pytest.mark.slow
 def test_preset_with_lora_variants_that_differ_in_one_knob_runs(tmp_path, tokenizer_dir):
-    from scripts import ablate
+    from experiments import ablate
 
     preset = tmp_path / "grid.toml"
     preset.write_text(f"""
@@ -220,7 +220,7 @@ lora_bs16 = ["--use_lora", "--batch_size", "16"]
     assert len(folders) == 3
     names = json.loads((grid / "variants.json").read_text())
     assert sorted(names.values()) == ["lora", "lora_bs16", "lora_qkv"]
-    from scripts import report
+    from experiments import report
 
     assert report.main([str(grid)]) == 0
     table = (grid / "report" / "report.md").read_text()

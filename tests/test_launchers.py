@@ -1,4 +1,4 @@
-"""Grids beyond one machine (scripts/launchers.py): the slurm code path through submitit's local
+"""Grids beyond one machine (experiments/launchers.py): the slurm code path through submitit's local
 executor, with a simulated preemption; the sbatch file's resources; the wandb sweep file."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from scripts import ablate, launchers
+from experiments import ablate, launchers
 from tests.conftest import DATA_DIR, PLUGINS, REPO, write_grid_preset
 from train import checkpoint as ckpt
 from train.lifecycle import folder_state
@@ -185,8 +185,8 @@ def test_grid_job_command_uses_torchrun_for_several_gpus_resumes_and_pickles_wit
     (run_dir / "checkpoints" / "last.json").write_text("{}")  # an interrupted run: it continues
     single = launchers.GridJob("train", ["--task", "sst"], str(run_dir), str(tmp_path / "log"), nproc=1, threads=4)
     assert single.command()[1:] == ["-m", "train", "--task", "sst", "--resume"]
-    analysis = launchers.GridJob("scripts.cka", ["RUN"], str(run_dir), str(tmp_path / "log"), 1, 4, resumable=False)
-    assert analysis.command()[1:] == ["-m", "scripts.cka", "RUN"]  # CKA has no --resume
+    analysis = launchers.GridJob("experiments.cka", ["RUN"], str(run_dir), str(tmp_path / "log"), 1, 4, resumable=False)
+    assert analysis.command()[1:] == ["-m", "experiments.cka", "RUN"]  # CKA has no --resume
     single.process = subprocess.Popen([sys.executable, "-c", "pass"])
     single.process.wait()
     again = pickle.loads(pickle.dumps(single))
@@ -217,7 +217,7 @@ def test_wait_runs_a_transfer_preset_through_both_stages(tmp_path, tokenizer_dir
 def test_analysis_jobs_of_different_runs_get_different_names():
     """CKA jobs all write into `<run>/cka`: their job records and log files must not collide."""
     runs = [
-        ablate.PlannedRun("cka sst", "lora", seed, [], "scripts.cka", Path(f"g/sst-lora-s{seed}/cka"), Path("x"))
+        ablate.PlannedRun("cka sst", "lora", seed, [], "experiments.cka", Path(f"g/sst-lora-s{seed}/cka"), Path("x"))
         for seed in (1, 2)
     ]
     assert [run.name for run in runs] == ["sst-lora-s1-cka", "sst-lora-s2-cka"]
@@ -226,7 +226,7 @@ def test_analysis_jobs_of_different_runs_get_different_names():
 
 
 def test_bad_slurm_fields_transfer_pairs_and_transfer_manifest_are_named(tmp_path, tokenizer_dir, capsys):
-    from scripts import report
+    from experiments import report
 
     preset = tiny_preset(tmp_path, tokenizer_dir)
     with pytest.raises(SystemExit):

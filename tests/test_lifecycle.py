@@ -415,11 +415,11 @@ def test_multitask_metrics_paths_and_best_epoch(tiny_ckpt, tokenizer_dir, tmp_pa
 
 
 def test_dry_run_writes_nothing(tmp_path, tokenizer_dir, capsys):
-    from scripts import ablate
+    from experiments import ablate
 
     out = tmp_path / "grid"
     argv = [
-        str(REPO / "scripts/presets/smoke.toml"),
+        str(REPO / "experiments/presets/smoke.toml"),
         "--out_dir",
         str(out),
         "--dry_run",
@@ -432,10 +432,10 @@ def test_dry_run_writes_nothing(tmp_path, tokenizer_dir, capsys):
 
 
 def test_ablate_checks_data_before_any_run(tmp_path, tokenizer_dir, capsys):
-    from scripts import ablate
+    from experiments import ablate
 
     out = tmp_path / "grid"
-    argv = [str(REPO / "scripts/presets/smoke.toml"), "--out_dir", str(out), "--data_dir", str(tmp_path / "empty")]
+    argv = [str(REPO / "experiments/presets/smoke.toml"), "--out_dir", str(out), "--data_dir", str(tmp_path / "empty")]
     with pytest.raises(SystemExit) as exit_info:
         ablate.main([*argv, "--tokenizer", str(tokenizer_dir)])
     assert exit_info.value.code == 2

@@ -228,7 +228,7 @@ def test_readme_table_and_methods_presets_are_generated_from_the_code():
 
 
 def test_methods_smoke_grid_plans_every_method_without_collisions(tmp_path, tokenizer_dir):
-    from scripts import ablate, peft_methods
+    from experiments import ablate, peft_methods
 
     preset = ablate.load_preset(REPO / "scripts" / "presets" / "methods_smoke.toml")
     inputs = ["--data_dir", str(DATA_DIR), "--tokenizer", str(tokenizer_dir)]

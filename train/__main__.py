@@ -2,7 +2,8 @@
 
 import sys
 
+from train.commands import exit_status
 from train.entry import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

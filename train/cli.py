@@ -37,6 +37,7 @@ from train.settings import (
     _argparse_type,
     add_flags,
     from_args,
+    shown_default,
 )
 from train.spec import Checkpoint, RunSpec
 from train.tasks import get_task, labelled_tasks
@@ -57,12 +58,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         kwargs = _argparse_type(field_hint(f.name))
         if f.metadata.get("cli") == "json_file":
             kwargs = {"type": read_json_object, "metavar": "PATH"}
-        default = f.default
-        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f.metadata.get("help", "").replace("%", "%%")
+        if "(default" not in help_text:  # a help text that explains its default says it once
+            help_text += f" (default: {shown_default(f.default)})"
         group = groups[owners[f.name].name if f.name in owners else "model"]
-        group.add_argument(
-            f"--{f.name}", default=None, help=f"{f.metadata.get('help', '')} (default: {shown})", **kwargs
-        )
+        group.add_argument(f"--{f.name}", default=None, help=help_text, **kwargs)
 
 
 def read_json_object(path: str) -> dict:

@@ -12,6 +12,7 @@ registry), validation at the checkpoint's real size before anything loads, and t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Callable
@@ -148,9 +149,27 @@ def run(entry: EntryPoint, argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 bad input (one `error:` line), 3 diverged, 130 / 143 interrupted by
     SIGINT / SIGTERM (a checkpoint was saved: add --resume to continue)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    with StopSignals() as signals:
+    with StopSignals() as signals, stopped_at_once():
         spec, _ = parse(entry, argv)
         return execute(spec, signals)
+
+
+class SecondInterrupt(SystemExit):
+    """A second Ctrl-C: stop at once, with one line (no traceback) and exit status 130."""
+
+
+@contextlib.contextmanager
+def stopped_at_once():
+    """A second Ctrl-C (StopSignals raises KeyboardInterrupt) ends the command with one line, exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(
+            "\nstopped at once by a second Ctrl-C, without a new checkpoint; the last one saved is kept "
+            "(add --resume to continue from it)",
+            file=sys.stderr,
+        )
+        raise SecondInterrupt(130) from None
 
 
 def execute(spec: RunSpec, signals: StopSignals, start=None) -> int:

@@ -35,6 +35,7 @@ from model.files import atomic_write_json
 from modules.registry import variant_state
 from train import checkpoint as ckpt
 from train.cli import ArgumentParser, check_data
+from train.commands import exit_status
 from train.runtime import autocast_for, check_device, cuda_kernel_settings, resolve_precision
 from train.settings import TrainingSettings, from_args
 from train.tasks import TASKS, get_task
@@ -213,4 +214,4 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

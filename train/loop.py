@@ -751,6 +751,8 @@ def _exit_code(error: BaseException) -> int:
         return error.exit_status
     if isinstance(error, lifecycle.TrainingDiverged):
         return lifecycle.EXIT_DIVERGED
+    if isinstance(error, KeyboardInterrupt):  # a second Ctrl-C
+        return lifecycle.EXIT_STATUS[signal.SIGINT]
     return 1
 
 

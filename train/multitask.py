@@ -12,6 +12,7 @@ Every task is evaluated on dev; the model is selected by the mean of the tasks' 
 import dataclasses
 import sys
 
+from train.commands import exit_status
 from train.entry import MULTITASK, run
 
 ENTRY = dataclasses.replace(MULTITASK, description=__doc__)
@@ -22,4 +23,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

@@ -6,6 +6,7 @@ head reads the LM's "yes"/"no" logits; `--paraphrase_head linear` trains a linea
 
 import sys
 
+from train.commands import exit_status
 from train.entry import fixed_task, run
 
 ENTRY = fixed_task("quora", __doc__)
@@ -16,4 +17,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

@@ -6,6 +6,7 @@ python -m train.sentiment --dataset cfimdb --fine_tune_mode last-linear-layer
 
 import sys
 
+from train.commands import exit_status
 from train.entry import EntryPoint, run
 
 
@@ -23,4 +24,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

@@ -149,7 +149,7 @@ class RuntimeSettings(CommandSettings):
     )
     grad_checkpointing: bool = knob(
         False,
-        "recompute each block's activations in backward instead of storing them (less memory, ~30%% more compute, "
+        "recompute each block's activations in backward instead of storing them (less memory, ~30% more compute, "
         "same gradients)",
     )
 
@@ -212,7 +212,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type[Settings], title: str |
             kwargs = {"nargs": "*", "metavar": "TASK=WEIGHT"}
         else:
             kwargs = _argparse_type(hint)
-        help_text = f.metadata.get("help", "").replace("%", "%%").replace("%%%%", "%%")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         if "(default" not in help_text:
             help_text += f" (default: {shown_default(f.default)})"
         group.add_argument(f"--{f.name}", default=None, help=help_text, **kwargs)

@@ -49,6 +49,7 @@ from model.loading import CheckpointError, read_checkpoint_config
 from train import checkpoint as ckpt
 from train import entry
 from train.cli import build_parser, check_inputs, config_fields
+from train.commands import exit_status
 from train.evaluate import copy_run_weights
 from train.lifecycle import StopSignals, folder_state, read_record
 from train.run import migrate_legacy, run_folder
@@ -320,10 +321,10 @@ def planned_run_dir(argv: list[str]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    with StopSignals() as signals:
+    with StopSignals() as signals, entry.stopped_at_once():
         spec, start = parse(argv)
         return entry.execute(spec, signals, start)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

@@ -2,7 +2,7 @@
 
 To add a task: write `train/tasks/<name>.py` (a `Task` subclass decorated with `@register_task`,
 see train/tasks/base.py) and add it to the import line below. The entry points, evaluation,
-multitask, `scripts/ablate.py` and `scripts/report.py` all loop over `TASKS`.
+multitask, `experiments/ablate.py` and `experiments/report.py` all loop over `TASKS`.
 """
 
 # Registration order = the order tasks are listed in.

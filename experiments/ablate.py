@@ -1,7 +1,7 @@
 """Run an ablation grid from a preset: tasks x variants x seeds, every run in its own folder.
 
-    python scripts/ablate.py scripts/presets/smoke.toml --out_dir ablations/smoke --jobs 2
-    python scripts/report.py ablations/smoke
+    python -m experiments.ablate experiments/presets/smoke.toml --out_dir ablations/smoke --jobs 2
+    python -m experiments.report ablations/smoke
 
 Each run is `python -m train --task <task> <common flags> <task flags> <variant flags> --seed S
 --out_dir <grid folder>`; all rows land in `<grid folder>/runs.tsv` and share one wandb group (the
@@ -16,7 +16,7 @@ the cache folder when no --data_dir was given). SIGINT / SIGTERM are forwarded t
 jobs, which save a checkpoint and stop; the script then says what is done and left and exits
 130 / 143. `--dry_run` lists the runs and writes nothing.
 
-Beyond this machine (scripts/launchers.py): `--launcher slurm` submits the pending runs as one SLURM
+Beyond this machine (experiments/launchers.py): `--launcher slurm` submits the pending runs as one SLURM
 job array through submitit (preemption-safe: checkpoint, requeue, --resume); `--wandb_sweep OUT.yaml`
 writes a wandb grid sweep whose agents run one point each through `--task T --variant V --seed S`.
 A preset with a [transfer] table adds a second stage once its runs are done (train/transfer.py).
@@ -40,16 +40,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from datasets.common import DataError, ensure_data
+from experiments import launchers
+from experiments.inputs import InputError, reported
+from train import entry
+from train.cli import ArgumentParser
+from train.commands import exit_status
+from train.lifecycle import EXIT_STATUS, folder_state
+from train.run import lock_holder
+from train.tasks import TASKS, labelled_tasks
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from datasets.common import DataError, ensure_data  # noqa: E402
-from scripts import launchers  # noqa: E402
-from train import entry  # noqa: E402
-from train.lifecycle import EXIT_STATUS, folder_state  # noqa: E402
-from train.tasks import TASKS, labelled_tasks  # noqa: E402
+PRESETS = Path(__file__).resolve().parent / "presets"
 
 MODULE = "train"  # python -m train --task <task> ...
 
@@ -74,24 +78,27 @@ class PlannedRun:
 def load_preset(path: Path) -> dict:
     try:
         preset = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise SystemExit(f"error: {path}: {error}") from None
+    except OSError as error:
+        hint = f"; presets in experiments/presets: {sorted(p.name for p in PRESETS.glob('*.toml'))}"
+        raise InputError(f"error: preset {path}: {error.strerror}{hint}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"error: {path}: {error}") from None
     for key in ("name", "tasks", "seeds", "variants"):
         if key not in preset:
-            raise SystemExit(f"error: {path}: missing key {key!r}")
+            raise InputError(f"error: {path}: missing key {key!r}")
     unknown = [t for t in preset["tasks"] if t not in TASKS]
     if unknown:
-        raise SystemExit(f"error: {path}: unknown task(s) {unknown}; known: {list(TASKS)}")
+        raise InputError(f"error: {path}: unknown task(s) {unknown}; known: {list(TASKS)}")
     if "transfer" in preset:
         pairs = preset["transfer"].get("pairs")
         if not pairs or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
-            raise SystemExit(f"error: {path}: [transfer] needs pairs = [[source, target], ...]")
+            raise InputError(f"error: {path}: [transfer] needs pairs = [[source, target], ...]")
         strays = sorted({source for source, _ in pairs} - set(preset["tasks"]))
         if strays:
-            raise SystemExit(f"error: {path}: transfer source task(s) {strays} are not in tasks {preset['tasks']}")
+            raise InputError(f"error: {path}: transfer source task(s) {strays} are not in tasks {preset['tasks']}")
         unlabelled = sorted({task for pair in pairs for task in pair} - set(labelled_tasks()))
         if unlabelled:
-            raise SystemExit(
+            raise InputError(
                 f"error: {path}: [transfer] pairs name {unlabelled}; transfer runs between the classification "
                 f"tasks {labelled_tasks()}"
             )
@@ -128,25 +135,20 @@ def tiny_checkpoint(folder: Path, preset_name: str) -> Path:
 
 
 def plan(preset: dict, out_dir: Path, inputs: list[str], dry_run: bool = False) -> list[PlannedRun]:
-    """Every run of the grid; `inputs`: the --data_dir / --tokenizer flags passed to each run. A dry
-    run writes nothing: a random-init checkpoint's config.json goes to a temporary folder."""
+    """Every run of the grid; `inputs`: the --data_dir / --tokenizer flags passed to each run. Planning
+    writes nothing: a random-init checkpoint is made in a temporary folder (seeded, so its bytes, and
+    so the runs' identities, are those of the grid's own copy, written once the plan is valid)."""
     model_spec = preset.get("model", {})
-    with tempfile.TemporaryDirectory(prefix="ablate-dry-run-") as scratch:
-        return _plan_runs(preset, out_dir, inputs, dry_run, model_spec, Path(scratch))
+    with tempfile.TemporaryDirectory(prefix="ablate-plan-") as scratch:
+        return _plan_runs(preset, out_dir, inputs, model_spec, Path(scratch))
 
 
-def _plan_runs(
-    preset: dict, out_dir: Path, inputs: list[str], dry_run: bool, model_spec: dict, scratch: Path
-) -> list[PlannedRun]:
+def _plan_runs(preset: dict, out_dir: Path, inputs: list[str], model_spec: dict, scratch: Path) -> list[PlannedRun]:
     config_source = None
-    if "random_init" in model_spec and dry_run:
-        from model import GPT2Config
-
+    if "random_init" in model_spec:
         model = str(tiny_checkpoint_path(out_dir, model_spec["random_init"]))
-        (scratch / "config.json").write_text(json.dumps(GPT2Config.from_preset(model_spec["random_init"]).to_hf_dict()))
-        config_source = str(scratch)
-    elif "random_init" in model_spec:
-        model = str(tiny_checkpoint(out_dir, model_spec["random_init"]))
+        if not (Path(model) / "model.safetensors").is_file():
+            config_source = str(tiny_checkpoint(scratch, model_spec["random_init"]))
     else:
         model = model_spec.get("model", "gpt2")
     common = flag_list(preset.get("common", {}))
@@ -168,12 +170,14 @@ def _plan_runs(
                     str(out_dir),
                     "--wandb_group",
                     preset["name"],
+                    "--label",
+                    variant,
                     *inputs,
                 ]
                 try:
                     run_dir = entry.planned_run_dir(entry.GENERIC, argv, config_source)
                 except SystemExit:  # argparse printed what is wrong with the flags
-                    raise SystemExit(
+                    raise InputError(
                         f"error: preset task {task!r}, variant {variant!r}: its flags are rejected "
                         f"by python -m {MODULE} (message above)"
                     ) from None
@@ -184,7 +188,7 @@ def _plan_runs(
 def plan_transfer(preset: dict, sources: list[PlannedRun], inputs: list[str]) -> tuple[list[PlannedRun], list[dict]]:
     """The second stage of a preset with a [transfer] section, planned once the source runs exist:
     per finished source run and pair, a transfer run and its from-scratch control (train/transfer.py),
-    and one CKA analysis of each source model (scripts/cka.py). Returns (jobs, manifest rows)."""
+    and one CKA analysis of each source model (experiments/cka.py). Returns (jobs, manifest rows)."""
     from train import transfer
 
     spec = preset["transfer"]
@@ -212,7 +216,7 @@ def plan_transfer(preset: dict, sources: list[PlannedRun], inputs: list[str]) ->
                 transfer_dir = transfer.planned_run_dir(argv)
                 scratch_dir = transfer.planned_run_dir([*argv, "--from_scratch"])
             except SystemExit:
-                raise SystemExit(
+                raise InputError(
                     f"error: transfer {source_task} -> {target} from {source.run_dir.name}: its flags are rejected by "
                     f"python -m train.transfer (message above)"
                 ) from None
@@ -240,7 +244,7 @@ def plan_transfer(preset: dict, sources: list[PlannedRun], inputs: list[str]) ->
                         source.variant,
                         source.seed,
                         cka_argv,
-                        "scripts.cka",
+                        "experiments.cka",
                         cka_dir,
                         cka_dir / "cka.json",
                     )
@@ -261,11 +265,16 @@ def plan_transfer(preset: dict, sources: list[PlannedRun], inputs: list[str]) ->
 
 
 def status(run: PlannedRun) -> str:
-    """done (finished), resume (interrupted, or died before its first checkpoint), or new."""
+    """done (finished), running (another process holds its folder: a job of an earlier, killed ablate),
+    resume (interrupted, or died before its first checkpoint), or new."""
     if run.done_file is not None:
         return "done" if run.done_file.is_file() else "new"
     state = folder_state(run.run_dir)
-    return {"finished": "done", "interrupted": "resume", "dead": "resume"}.get(state, "new")
+    if state == "finished":
+        return "done"
+    if lock_holder(run.run_dir):
+        return "running"
+    return {"interrupted": "resume", "dead": "resume"}.get(state, "new")
 
 
 def parse_gpus(parser: argparse.ArgumentParser, text: str) -> list[int]:
@@ -312,7 +321,8 @@ class Jobs:
             )
 
     def execute(self, run: PlannedRun, threads: int, log_dir: Path) -> tuple[PlannedRun, int | None, float]:
-        """(run, exit status or None when it was never started, seconds)."""
+        """(run, exit status or None when it was never started, seconds). Jobs run in their own process
+        sessions: a SIGKILL of ablate leaves them running, and a re-run sees their folders held."""
         argv = list(run.argv)
         if status(run) == "resume":
             argv.append("--resume")
@@ -330,8 +340,8 @@ class Jobs:
     def _run(self, run: PlannedRun, argv: list[str], env: dict, log_dir: Path) -> tuple[PlannedRun, int | None, float]:
         start = time.perf_counter()
         with self.lock:
-            if self.stop_signal is not None:
-                return run, None, 0.0
+            if self.stop_signal is not None or status(run) in ("done", "running"):
+                return run, None, 0.0  # stopped, or finished / taken by another process since it was planned
             with open(log_dir / f"{run.name}.log", "w") as log:
                 # its own session: a Ctrl-C in the terminal reaches it once, forwarded from here
                 proc = subprocess.Popen(
@@ -349,8 +359,9 @@ class Jobs:
         return run, code, time.perf_counter() - start
 
 
+@reported
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("preset", type=Path)
     parser.add_argument("--out_dir", type=Path, default=None, help="grid folder (default: ablations/<name>)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default: 1, or one per --gpus entry)")
@@ -364,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry_run", action="store_true", help="list the runs and their status only; writes nothing")
     parser.add_argument("--data_dir", default=None, help="task data of every run (default: $GPT2_DATA_DIR or cache)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder of every run (default: $GPT2_TOKENIZER)")
-    cluster = parser.add_argument_group("beyond this machine (scripts/launchers.py)")
+    cluster = parser.add_argument_group("beyond this machine (experiments/launchers.py)")
     cluster.add_argument(
         "--launcher",
         choices=launchers.LAUNCHERS,
@@ -396,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     if gpus:
         args.jobs = len(gpus)
     preset = load_preset(args.preset)
-    out_dir = args.out_dir or REPO / "ablations" / preset["name"]
+    out_dir = (args.out_dir or REPO / "ablations" / preset["name"]).absolute()
     inputs = [
         word for name in ("data_dir", "tokenizer") if (value := getattr(args, name)) for word in (f"--{name}", value)
     ]
@@ -416,18 +427,24 @@ def main(argv: list[str] | None = None) -> int:
         if None in selection:
             parser.error("one grid point needs all of --task, --variant and --seed")
         return run_point(preset, out_dir, inputs, args.task, args.variant, args.seed)
-    if not args.dry_run:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        parser.error(f"--out_dir {out_dir} is a file, not a folder")
     runs = plan(preset, out_dir, inputs, args.dry_run)
     folders = [r.run_dir for r in runs]
     if len(set(folders)) != len(folders):
         dupes = sorted({f.name for f in folders if folders.count(f) > 1})
-        raise SystemExit(f"error: preset variants that produce the same run: {dupes}")
-    todo = [r for r in runs if status(r) != "done"]
+        raise InputError(f"error: preset variants that produce the same run: {dupes}")
+    held = [r for r in runs if status(r) == "running"]
+    todo = [r for r in runs if status(r) not in ("done", "running")]
     print(
-        f"grid {preset['name']}: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run "
-        f"-> {out_dir}"
+        f"grid {preset['name']}: {len(runs)} runs, {len(runs) - len(todo) - len(held)} already done, {len(todo)} "
+        f"to run -> {out_dir}"
     )
+    for run in held:
+        print(
+            f"  skipped {run.run_dir.name}: process {lock_holder(run.run_dir)} is writing it (a job of an earlier "
+            "ablate); re-run this command once it has ended"
+        )
     if args.dry_run:
         for run in runs:
             print(f"  {status(run):6s} {run.run_dir.name}")
@@ -450,17 +467,21 @@ def main(argv: list[str] | None = None) -> int:
             print(launchers.sbatch_script(settings, out_dir / "slurm", preset["name"], len(todo)))
         return 0
     # Every run's data and tokenizer, once, before any run starts (fetching missing data when allowed).
+    # (The flags were validated while planning; a random-init checkpoint is written only once all is well.)
+    model_spec = preset.get("model", {})
     for task in dict.fromkeys(r.task for r in runs):
-        entry.parse(entry.GENERIC, next(r.argv for r in runs if r.task == task))
+        _check_inputs(next(r.argv for r in runs if r.task == task))
     targets = {target for _, target in preset.get("transfer", {}).get("pairs", [])} - set(preset["tasks"])
     try:
         ensure_data(sorted({name for t in targets for name in TASKS[t].data_files()}), args.data_dir)
     except DataError as error:
-        raise SystemExit(f"error: transfer target data: {error}") from None
+        raise InputError(f"error: transfer target data: {error}") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if "random_init" in model_spec:
+        tiny_checkpoint(out_dir, model_spec["random_init"])
     # config hash (the last part of a run folder's name) -> the preset's variant name, for reports
     names = {r.run_dir.name.rsplit("-", 1)[1]: r.variant for r in runs}
     (out_dir / "variants.json").write_text(json.dumps(names, indent=2) + "\n")
-    model_spec = preset.get("model", {})
     (out_dir / "grid.json").write_text(
         json.dumps(
             {
@@ -468,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
                 "preset": str(args.preset),
                 "model": model_spec,
                 "seeds": preset["seeds"],
+                "planned_runs": len(runs),
+                "cells": [[variant, task] for variant in preset["variants"] for task in preset["tasks"]],
                 "random_init": "random_init" in model_spec,
                 "transfer": "transfer" in preset,
             },
@@ -573,7 +596,7 @@ def write_sweep(preset: dict, args, out_dir: Path, inputs: list[str]) -> int:
     try:
         args.wandb_sweep.write_text(yaml.safe_dump(config, sort_keys=False))
     except OSError as error:
-        raise SystemExit(f"error: --wandb_sweep {args.wandb_sweep}: cannot write it ({error.strerror})") from None
+        raise InputError(f"error: --wandb_sweep {args.wandb_sweep}: cannot write it ({error.strerror})") from None
     points = len(preset["tasks"]) * len(preset["variants"]) * len(preset["seeds"])
     print(
         f"wrote {args.wandb_sweep}: a grid sweep over {points} runs into {out_dir}. Start it with\n"
@@ -589,7 +612,7 @@ def run_point(preset: dict, out_dir: Path, inputs: list[str], task: str, variant
     """Run one point of the grid in the foreground, exactly as the grid runs it (a wandb sweep agent's
     command): the same flags and folder; a finished run does nothing, an interrupted one resumes."""
     if task not in preset["tasks"] or variant not in preset["variants"] or seed not in preset["seeds"]:
-        raise SystemExit(
+        raise InputError(
             f"error: ({task}, {variant}, {seed}) is not a point of grid {preset['name']}: tasks {preset['tasks']}, "
             f"variants {list(preset['variants'])}, seeds {preset['seeds']}"
         )
@@ -599,9 +622,25 @@ def run_point(preset: dict, out_dir: Path, inputs: list[str], task: str, variant
     if status(run) == "done":
         print(f"{run.run_dir} is already finished; nothing to do")
         return 0
+    if status(run) == "running":
+        print(f"{run.run_dir} is being written by process {lock_holder(run.run_dir)}; not started again")
+        return 0
+    if "random_init" in preset.get("model", {}):
+        tiny_checkpoint(out_dir, preset["model"]["random_init"])
     argv = [*run.argv, *(["--resume"] if status(run) == "resume" else [])]
-    os.chdir(REPO)
     os.execv(sys.executable, [sys.executable, "-m", run.module, *argv])  # signals and output go to the run
+
+
+def _check_inputs(argv: list[str]) -> None:
+    """A run's data (fetched when missing and allowed) and tokenizer, once per task before any job starts."""
+    from train.cli import check_data
+
+    parser = ArgumentParser(prog="ablate")
+    parser.add_argument("--data_dir")
+    parser.add_argument("--tokenizer")
+    parser.add_argument("--task")
+    known, _ = parser.parse_known_args(argv)
+    check_data(parser, [known.task], known.data_dir, known.tokenizer)
 
 
 def run_jobs(jobs: Jobs, todo: list[PlannedRun], parallel: int, threads: int, log_dir: Path) -> dict[str, list]:
@@ -614,6 +653,8 @@ def run_jobs(jobs: Jobs, todo: list[PlannedRun], parallel: int, threads: int, lo
                 outcome["not_started"].append(run)
                 continue
             log_file = log_dir / (run.name + ".log")
+            if code != 0 and status(run) == "done":  # e.g. killed after its metrics.json: finished all the same
+                code = 0
             if code in EXIT_STATUS.values():
                 outcome["interrupted"].append(run)
                 mark = f"interrupted (exit {code}; checkpointed, see {log_file})"
@@ -629,7 +670,7 @@ def run_jobs(jobs: Jobs, todo: list[PlannedRun], parallel: int, threads: int, lo
 
 
 def write_transfer_manifest(out_dir: Path, preset: dict, stage: list[PlannedRun], manifest: list[dict]) -> None:
-    """transfer.json (which runs belong together, for scripts/report.py) and the variant names of the
+    """transfer.json (which runs belong together, for experiments/report.py) and the variant names of the
     stage's runs in variants.json (config hash -> the preset's variant name)."""
     (out_dir / "transfer.json").write_text(
         json.dumps({"settings": preset["transfer"], "runs": manifest}, indent=2) + "\n"
@@ -643,4 +684,4 @@ def write_transfer_manifest(out_dir: Path, preset: dict, stage: list[PlannedRun]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

@@ -1,6 +1,6 @@
 """Running a grid's runs beyond this machine: SLURM job arrays through submitit, and wandb sweeps.
 
-`scripts/ablate.py PRESET --launcher slurm` submits every pending run of the grid as one SLURM job
+`experiments/ablate.py PRESET --launcher slurm` submits every pending run of the grid as one SLURM job
 array through submitit. Each array task runs `GridJob`: the same `python -m train ...` command the
 local launcher runs (its output in `<grid>/logs/<run>.log`), into the same grid folder, so the grid
 folder must be on a filesystem the nodes share. A run asking for several GPUs (`gpus_per_run` > 1)
@@ -17,7 +17,7 @@ Job ids are kept in `<grid>/slurm/jobs.json`; re-running the command submits onl
 neither done nor pending/running under a recorded job. `--launcher submitit_local` is the same code
 with submitit's LocalExecutor instead of sbatch (this machine, tests).
 
-`scripts/ablate.py PRESET --wandb_sweep OUT.yaml` writes a wandb sweep (method `grid`) whose
+`experiments/ablate.py PRESET --wandb_sweep OUT.yaml` writes a wandb sweep (method `grid`) whose
 parameters are the grid's tasks, variants and seeds; its command is `ablate.py PRESET --out_dir GRID
 --task=T --variant=V --seed=S`, which runs that one point exactly as the grid would (same flags,
 run folder, group).
@@ -38,10 +38,10 @@ from typing import Any
 
 import submitit
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from experiments.inputs import InputError
+from train.lifecycle import EXIT_STATUS, folder_state
 
-from train.lifecycle import EXIT_STATUS, folder_state  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 LAUNCHERS = ("local", "slurm", "submitit_local")
 JOBS_FILE = "jobs.json"
@@ -256,7 +256,7 @@ def make_executor(launcher: str, folder: Path, settings: SlurmSettings, job_name
         try:
             executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=settings.max_requeues)
         except RuntimeError as error:  # no srun: not on a SLURM cluster
-            raise SystemExit(
+            raise InputError(
                 f"error: --launcher slurm needs SLURM on this machine (run it on the cluster's login node): {error}"
             ) from None
         executor.update_parameters(**settings.sbatch_parameters(job_name))
@@ -314,9 +314,9 @@ def sweep_config(preset: dict, preset_path: Path, grid: Path, extra: list[str]) 
     point through ablate.py: the same flags, run folder and wandb group as the grid's own run."""
     return {
         "name": preset["name"],
-        "description": f"scripts/ablate.py {preset_path}: {len(preset['tasks'])} tasks x "
+        "description": f"experiments/ablate.py {preset_path}: {len(preset['tasks'])} tasks x "
         f"{len(preset['variants'])} variants x {len(preset['seeds'])} seeds",
-        "program": "scripts/ablate.py",
+        "program": "experiments/ablate.py",
         "method": "grid",
         "parameters": {
             "task": {"values": list(preset["tasks"])},
@@ -326,7 +326,8 @@ def sweep_config(preset: dict, preset_path: Path, grid: Path, extra: list[str]) 
         "command": [
             "${env}",
             "${interpreter}",
-            str(REPO / "scripts" / "ablate.py"),
+            "-m",
+            "experiments.ablate",
             str(preset_path.resolve()),
             "--out_dir",
             str(grid.resolve()),

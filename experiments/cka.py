@@ -8,7 +8,7 @@ It equals HSIC(K, L) / sqrt(HSIC(K, K) · HSIC(L, L)) with linear kernels K = X 
 for identical inputs, symmetric, and invariant to orthogonal transforms and isotropic scaling of
 either input, but not to a general invertible linear map (that is the point of the measure).
 
-    python scripts/cka.py RUN_A [RUN_B] --task sst --layers 0 6 11 --n 512 --out DIR
+    python -m experiments.cka RUN_A [RUN_B] --task sst --layers 0 6 11 --n 512 --out DIR
 
 RUN_A / RUN_B: a training run folder (its best checkpoint: base model, variants, trained weights), a
 local Hugging Face GPT-2 folder or a hub id (e.g. a run against its base model). The first `--n` dev
@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
+from train.commands import exit_status
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 POOLINGS = ("last_token", "mean")
 
@@ -270,4 +271,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

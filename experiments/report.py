@@ -1,14 +1,18 @@
 """Report on a grid: a markdown table (mean ± sd over seeds) and PNG plots, from runs.tsv + run folders.
 
-    python scripts/report.py ablations/smoke [--out ablations/smoke/report] [--baseline base]
+    python -m experiments.report ablations/smoke [--out ablations/smoke/report] [--baseline base]
 
-Table: one row per variant, one column per task (dev metric mean ± sample sd over seeds, n),
-then trainable parameters, mean training time and peak memory. A variant's cell is marked ▲/▼ when
-the 95% Welch t-interval of (variant - baseline) over seeds excludes 0 on that task, i.e. the gap
-is larger than run-to-run noise; with fewer than 2 seeds on either side nothing is marked.
-Plots: metric vs trainable parameters per task, training-loss curves per variant, time and memory.
+Table: one row per variant, one column per task (dev metric mean ± sample sd over seeds, n), then
+trainable parameters. A variant's cell is marked ▲/▼ when the 95% Welch t-interval of (variant -
+baseline) over seeds excludes 0 on that task, i.e. the gap is larger than run-to-run noise; with
+fewer than 2 seeds on either side nothing is marked. The report says how many of the grid's planned
+runs have finished and marks a cell whose seeds are not all done (†). Costs are per task, never
+averaged across tasks (the tasks' step counts and lengths differ, and sonnet generation dominates a
+whole run's time): the median seconds per training step, the peak memory, and the sonnet generation
+time on its own. Plots: metric vs trainable parameters per task, training-loss curves per variant,
+cost per task.
 
-A transfer grid (a preset with [transfer], see scripts/presets/transfer.toml) adds a section per
+A transfer grid (a preset with [transfer], see experiments/presets/transfer.toml) adds a section per
 direction (e.g. sst -> cfimdb): per variant, the source run's dev metric, the zero-shot transfer (the
 source head through the label map, before any target training), the few-shot transfer (after
 training on the target fraction), the same run from scratch on that fraction, the gap transfer -
@@ -32,31 +36,37 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
+
+from experiments.inputs import InputError, reported
+from train.commands import exit_status
+from train.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from train.tasks import TASKS  # noqa: E402
 
 TASK_ORDER = list(TASKS)
 
 
 def read_runs(path: Path) -> list[dict]:
     if not path.is_file():
-        raise SystemExit(f"error: {path} not found (run scripts/ablate.py first)")
+        raise InputError(f"error: {path} not found (run experiments/ablate.py first)")
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     if not rows:
-        raise SystemExit(f"error: {path} has no runs")
+        raise InputError(f"error: {path} has no runs")
     for line, row in enumerate(rows, start=2):
         try:
             row["best_value"] = float(row["best_value"])
             row["trainable_params"] = int(row["trainable_params"])
             row["train_seconds"] = float(row["train_seconds"])
             row["peak_memory_mb"] = float(row["peak_memory_mb"])
+            steps = int(row.get("steps") or 0)
+            # rows of older versions have no per-step column: it follows from their time and steps
+            row["seconds_per_step"] = float(row.get("seconds_per_step") or row["train_seconds"] / max(1, steps))
+            generation = row.get("generation_seconds")
+            row["generation_seconds"] = float(generation) if generation not in (None, "") else None
         except (TypeError, ValueError) as error:
-            raise SystemExit(f"error: {path}:{line}: unreadable row ({error})") from None
+            raise InputError(f"error: {path}:{line}: unreadable row ({error})") from None
     return rows
 
 
@@ -116,12 +126,16 @@ def cell(values: list[float], marked: str = "") -> str:
 
 def summarise(rows: list[dict], baseline: str) -> tuple[list[str], list[str], dict, dict]:
     values: dict[tuple[str, str], list[float]] = defaultdict(list)
-    info: dict[str, dict] = defaultdict(lambda: {"params": [], "time": [], "memory": []})
+    info: dict[str, dict] = defaultdict(lambda: {"params": []})
+    cost: dict[tuple[str, str], dict] = defaultdict(lambda: {"step": [], "memory": [], "generation": []})
     for row in rows:
-        values[(row["variant"], row["task"])].append(row["best_value"])
+        key = (row["variant"], row["task"])
+        values[key].append(row["best_value"])
         info[row["variant"]]["params"].append(row["trainable_params"])
-        info[row["variant"]]["time"].append(row["train_seconds"])
-        info[row["variant"]]["memory"].append(row["peak_memory_mb"])
+        cost[key]["step"].append(row["seconds_per_step"])
+        cost[key]["memory"].append(row["peak_memory_mb"])
+        if row["generation_seconds"] is not None:
+            cost[key]["generation"].append(row["generation_seconds"])
     tasks = sorted({r["task"] for r in rows}, key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else 99, t))
     variants = baseline_first(rows, baseline)
     marks = {}
@@ -131,34 +145,72 @@ def summarise(rows: list[dict], baseline: str) -> tuple[list[str], list[str], di
             if variant != baseline and (baseline, task) in values:
                 interval = welch_interval(values.get((variant, task), []), values[(baseline, task)])
             marks[(variant, task)] = mark(interval)
-    return tasks, variants, values, {"info": info, "marks": marks}
+    return tasks, variants, values, {"info": info, "marks": marks, "cost": cost}
 
 
-def markdown(tasks, variants, values, extra, metrics: dict[str, str], baseline: str) -> str:
+def completeness(rows: list[dict], grid_info: dict) -> tuple[str, set[tuple[str, str]]]:
+    """A line saying how many of the grid's planned runs have finished, and the (variant, task) cells
+    that miss seeds. A grid written before the plan was recorded: every cell with fewer seeds than the
+    fullest one is marked."""
+    planned = grid_info.get("seeds") or []
+    done: dict[tuple[str, str], int] = defaultdict(int)
+    for row in rows:
+        done[(row["variant"], row["task"])] += 1
+    cells = grid_info.get("cells")  # [[variant, task], ...]: every cell the preset planned
+    expected = {tuple(c): len(planned) for c in cells} if cells else {k: max(done.values()) for k in done}
+    if not expected:
+        return "", set()
+    incomplete = {key for key, n in expected.items() if done.get(key, 0) < n}
+    total, finished = sum(expected.values()), sum(min(done.get(k, 0), n) for k, n in expected.items())
+    line = f"> {finished} of {total} planned runs have finished"
+    if incomplete:
+        line += f"; {len(incomplete)} cell(s) miss seeds (†): their means are of the seeds that finished"
+    return line + ".\n\n", incomplete
+
+
+def markdown(tasks, variants, values, extra, metrics: dict[str, str], baseline: str, incomplete=frozenset()) -> str:
     info, marks = extra["info"], extra["marks"]
-    header = [
-        "variant",
-        *[f"{t} ({metrics[t]})" for t in tasks],
-        "trainable params",
-        "train time (s)",
-        "peak memory (MiB)",
-    ]
+    header = ["variant", *[f"{t} ({metrics[t]})" for t in tasks], "trainable params"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant in variants:
         cells = [variant]
         for task in tasks:
-            cells.append(cell(values.get((variant, task), []), marks[(variant, task)]))
+            dagger = " †" if (variant, task) in incomplete else ""
+            cells.append(cell(values.get((variant, task), []), marks[(variant, task)]) + dagger)
         params = info[variant]["params"]
         cells.append(f"{min(params):,}" if min(params) == max(params) else f"{min(params):,}–{max(params):,}")
-        cells.append(f"{statistics.mean(info[variant]['time']):.1f}")
-        cells.append(f"{max(info[variant]['memory']):.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
         f"Mean ± sample standard deviation over seeds of the best dev metric. ▲/▼: the 95% Welch "
         f"t-interval of the difference to `{baseline}` over seeds excludes 0 (a gap beyond run-to-run "
         f"noise); unmarked cells are within noise. Trainable parameters include the task head."
+        + (" †: not every planned seed of this cell has finished." if incomplete else "")
     )
+    return "\n".join(lines) + "\n" + cost_table(tasks, variants, extra["cost"])
+
+
+def cost_table(tasks, variants, cost) -> str:
+    """Per task: the median seconds per training step and the peak memory over seeds; sonnet generation
+    (the dev and test sonnets of the best evaluation) in a column of its own."""
+    generating = [t for t in tasks if any(cost[(v, t)]["generation"] for v in variants)]
+    header = ["variant"]
+    for task in tasks:
+        header += [f"{task} s/step", f"{task} peak MiB"]
+        if task in generating:
+            header.append(f"{task} generation s")
+    lines = ["", "Cost per task (median over seeds):", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for variant in variants:
+        cells = [variant]
+        for task in tasks:
+            entry = cost.get((variant, task))
+            if not entry or not entry["step"]:
+                cells += ["–", "–"] + (["–"] if task in generating else [])
+                continue
+            cells += [f"{statistics.median(entry['step']):.4f}", f"{max(entry['memory']):.0f}"]
+            if task in generating:
+                cells.append(f"{statistics.median(entry['generation']):.1f}" if entry["generation"] else "–")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -240,14 +292,17 @@ def plot_curves(rows: list[dict], tasks, variants, path: Path) -> None:
     finish(fig, axes, path, len(variants))
 
 
-def plot_cost(variants, extra, path: Path) -> None:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, max(3.8, 0.2 * len(variants))))  # a readable row each
-    times = [statistics.mean(extra["info"][v]["time"]) for v in variants]
-    memory = [max(extra["info"][v]["memory"]) for v in variants]
-    left.barh(variants, times)
-    left.set_xlabel("mean training time per run (s)")
-    right.barh(variants, memory)
-    right.set_xlabel("peak memory (MiB)")
+def plot_cost(tasks, variants, extra, path: Path) -> None:
+    """Per task (one row of panels each): seconds per training step and peak memory per variant."""
+    cost = extra["cost"]
+    height = max(2.4, 0.2 * len(variants))  # a readable bar per variant
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(10, height * len(tasks)), squeeze=False)
+    for (left, right), task in zip(axes, tasks, strict=True):
+        shown = [v for v in variants if cost.get((v, task), {}).get("step")]
+        left.barh(shown, [statistics.median(cost[(v, task)]["step"]) for v in shown])
+        left.set_xlabel(f"{task}: seconds per training step (median over seeds)")
+        right.barh(shown, [max(cost[(v, task)]["memory"]) for v in shown])
+        right.set_xlabel(f"{task}: peak memory (MiB)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -384,6 +439,7 @@ def plot_transfer(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+@reported
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("grid", type=Path, help="grid folder holding runs.tsv")
@@ -393,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = read_runs(args.grid / "runs.tsv")
     manifest = _read_json(args.grid / "transfer.json")
     if manifest is None and (args.grid / "transfer.json").exists():
-        raise SystemExit(f"error: {args.grid / 'transfer.json'} cannot be read; re-run ablate.py to rewrite it")
+        raise InputError(f"error: {args.grid / 'transfer.json'} cannot be read; re-run ablate.py to rewrite it")
     if manifest is not None:  # the main table is the source runs; the transfer stage has its own section
         stage = {item[key] for item in manifest["runs"] for key in ("transfer_run", "scratch_run")}
         rows = [row for row in rows if row["run_dir"] not in stage]
@@ -403,9 +459,10 @@ def main(argv: list[str] | None = None) -> int:
     tasks, variants, values, extra = summarise(rows, baseline)
     out = args.out or args.grid / "report"
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(tasks, variants, values, extra, metrics, baseline)
     grid_file = args.grid / "grid.json"
-    grid_info = json.loads(grid_file.read_text()) if grid_file.is_file() else {}
+    grid_info = (_read_json(grid_file) or {}) if grid_file.is_file() else {}
+    counts, incomplete = completeness(rows, grid_info)
+    table = markdown(tasks, variants, values, extra, metrics, baseline, incomplete)
     caveat = ""
     if grid_info.get("random_init"):
         caveat = (
@@ -429,17 +486,19 @@ def main(argv: list[str] | None = None) -> int:
         plot_transfer(results, out / "transfer.png")
         print(transfer_text)
     (out / "report.md").write_text(
-        f"# Report: {args.grid.name}\n\n{caveat}{table}\n"
+        f"# Report: {args.grid.name}\n\n{caveat}{counts}{table}\n"
         "![metric vs trainable parameters](metric_vs_params.png)\n\n"
-        "![training curves](training_curves.png)\n\n![time and memory](cost.png)\n" + transfer_text
+        "![training curves](training_curves.png)\n\n![cost per task](cost.png)\n" + transfer_text
     )
     plot_metric_vs_params(tasks, variants, values, extra, metrics, out / "metric_vs_params.png")
     plot_curves(rows, tasks, variants, out / "training_curves.png")
-    plot_cost(variants, extra, out / "cost.png")
+    plot_cost(tasks, variants, extra, out / "cost.png")
+    if counts:
+        print(counts.strip().lstrip("> "))
     print(table)
     print(f"report written to {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))
