@@ -306,8 +306,12 @@ class GPT2LMHeadModel(nn.Module):
 
     # ---- loading, saving, generation (implemented beside this file) ----
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, strict: bool = True, **config_overrides: Any) -> GPT2LMHeadModel:
-        return loading.load_pretrained(cls, name_or_path, strict=strict, **config_overrides)
+    def from_pretrained(
+        cls, name_or_path: str | Path, strict: bool = True, config: GPT2Config | None = None, **config_overrides: Any
+    ) -> GPT2LMHeadModel:
+        """A Hugging Face GPT-2 checkpoint (hub id or folder) with `config_overrides` (variants, dropout ...),
+        or with `config`, a config already resolved from this checkpoint (read once per run)."""
+        return loading.load_pretrained(cls, name_or_path, strict=strict, config=config, **config_overrides)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write a plain Hugging Face GPT-2 checkpoint (config.json + model.safetensors)."""

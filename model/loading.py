@@ -120,7 +120,7 @@ def resolve_weights_file(name_or_path: str | Path) -> Path:
     raise CheckpointError(f"hub repo {name_or_path!r} has no weights ({', '.join(WEIGHT_FILES)})")
 
 
-def read_checkpoint_config(name_or_path: str | Path, **overrides: Any) -> GPT2Config:
+def read_checkpoint_config(name_or_path: str | Path, name: str | None = None, **overrides: Any) -> GPT2Config:
     """The resolved config of a checkpoint with `overrides` applied, from its config.json alone (cheap:
     no weights are read), so flags can be validated at the real model size before anything loads.
     A broken checkpoint raises CheckpointError; an override that does not fit raises ValueError."""
@@ -132,7 +132,7 @@ def read_checkpoint_config(name_or_path: str | Path, **overrides: Any) -> GPT2Co
         raise CheckpointError(f"{config_file} is not valid JSON: {error}") from error
     except ValueError as error:
         raise CheckpointError(f"{config_file}: {error}") from error
-    return base.replace(**overrides, name=str(name_or_path))
+    return base.replace(**overrides, name=str(name or name_or_path))
 
 
 def read_weights(weights_file: Path) -> dict[str, torch.Tensor]:
@@ -200,8 +200,14 @@ def ours_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------- public entry points
 
 
-def load_pretrained(cls: Any, name_or_path: str | Path, strict: bool = True, **config_overrides: Any):
-    config = read_checkpoint_config(name_or_path, **config_overrides)
+def load_pretrained(
+    cls: Any, name_or_path: str | Path, strict: bool = True, config: GPT2Config | None = None, **config_overrides: Any
+):
+    """`config`: this checkpoint's config already read and resolved (a run's validated one), so it is not
+    read again; else its config.json with `config_overrides`."""
+    if config is not None and config_overrides:
+        raise ValueError("pass either a resolved config or config overrides, not both")
+    config = config if config is not None else read_checkpoint_config(name_or_path, **config_overrides)
     weights_file = resolve_weights_file(name_or_path)
     # Build the base, load it strictly, and only then attach variants (they may read base weights).
     model = cls(config, with_variants=False)

@@ -22,9 +22,21 @@ class TokenizerNotFound(RuntimeError):
 
 
 def load_tokenizer(path: str | Path | None = None) -> Any:
+    """The GPT-2 tokenizer from a folder, $GPT2_TOKENIZER or the hub, checked on known texts. Loaded once
+    per process and source (a run checks it before anything loads, then uses it: one load, not two)."""
+    source = str(path) if path is not None else os.environ.get(ENV_VAR) or "gpt2"
+    key = str(Path(source).expanduser().resolve()) if Path(source).expanduser().exists() else source
+    if key not in _LOADED:
+        _LOADED[key] = _load(source, path)
+    return _LOADED[key]
+
+
+_LOADED: dict[str, Any] = {}
+
+
+def _load(source: str, path: str | Path | None) -> Any:
     from transformers import AutoTokenizer
 
-    source = str(path) if path is not None else os.environ.get(ENV_VAR) or "gpt2"
     origin = "argument" if path is not None else (f"${ENV_VAR}" if os.environ.get(ENV_VAR) else "hub default")
     from model.hub import hub_unreachable
 

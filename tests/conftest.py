@@ -11,6 +11,7 @@ import functools
 import http.server
 import json
 import os
+import socket
 import threading
 from pathlib import Path
 
@@ -62,6 +63,13 @@ def plugin_env(**variables: str) -> dict[str, str]:
     """Environment for a subprocess that loads the test plugin (tests/plugins/sitecustomize.py)."""
     path = os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH", "")]))
     return {**os.environ, "PYTHONPATH": path, **variables}
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it), for torch.distributed's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

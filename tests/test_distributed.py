@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.conftest import DATA_DIR, REPO, TEST_DEVICE, data_limits, plugin_env, run_paths
+from tests.conftest import DATA_DIR, REPO, TEST_DEVICE, data_limits, free_port, plugin_env, run_paths
 from train import checkpoint as ckpt
 from train import distributed
 
@@ -105,13 +105,13 @@ def test_two_process_resume_restores_each_ranks_rng(tiny_ckpt, tokenizer_dir, tm
         env = plugin_env(OMP_NUM_THREADS="1", GPT2_TEST_RNG_LOG=str(folder))
         if stop:
             env["GPT2_TEST_SIGTERM_AT"] = stop
-        run = _torchrun([*common, "--out_dir", str(folder / "runs")], env, 29541)
+        run = _torchrun([*common, "--out_dir", str(folder / "runs")], env, free_port())
         if stop:
             assert run.returncode != 0 and "interrupted by SIGTERM at step 2" in run.stderr, run.stderr[-3000:]
             # one report (rank 0's, after its background write landed), naming the checkpoint just written
             assert run.stderr.count("interrupted by SIGTERM") == 1 and "checkpoint at step 2." in run.stderr
             env.pop("GPT2_TEST_SIGTERM_AT")
-            run = _torchrun([*common, "--out_dir", str(folder / "runs"), "--resume"], env, 29542)
+            run = _torchrun([*common, "--out_dir", str(folder / "runs"), "--resume"], env, free_port())
         assert run.returncode == 0, run.stderr[-3000:]
         logs[name] = [(folder / f"rank{r}.txt").read_text().split() for r in (0, 1)]
     straight, stopped = logs["straight"], logs["stopped"]
@@ -143,7 +143,8 @@ def _sonnet_chrf_worker(rank: int, world: int, port: int, ckpt_dir: str, tokeniz
 @pytest.mark.slow
 def test_sonnet_dev_chrf_is_the_same_with_one_or_two_processes(tiny_ckpt, tokenizer_dir, tmp_path):
     scores = {}
-    for world, port in ((1, 29551), (2, 29552)):
+    for world in (1, 2):
+        port = free_port()
         out = tmp_path / f"chrf{world}.json"
         mp.spawn(
             _sonnet_chrf_worker,

@@ -128,9 +128,12 @@ def test_sst_to_cfimdb_end_to_end_writes_both_blocks_from_the_source_weights(tmp
 @pytest.mark.slow
 def test_transfer_starts_from_the_source_weights_and_a_fresh_head(tmp_path, tiny_ckpt, tokenizer_dir):
     _, source = _source_run(tmp_path, tiny_ckpt, tokenizer_dir)
-    label, _, args, config, start = transfer.parse(_transfer_flags(source, tokenizer_dir))
-    assert label == "sst-to-cfimdb"
-    model = GPT2LMHeadModel.from_pretrained(args.model, **{k: getattr(config, k) for k in ("use_lora", "lora_r")})
+    spec, start = transfer.parse(_transfer_flags(source, tokenizer_dir))
+    assert spec.label == "sst-to-cfimdb" and spec.tasks == ("cfimdb",)
+    config = spec.config
+    model = GPT2LMHeadModel.from_pretrained(
+        spec.checkpoint.source, **{k: getattr(config, k) for k in ("use_lora", "lora_r")}
+    )
     assert model.config == config
     before = {k: v.clone() for k, v in model.state_dict().items()}
     start.load(model)

@@ -129,7 +129,7 @@ def resolve_config(args: argparse.Namespace, checkpoint_source: str | None = Non
     validated at that real size. Raises ValueError / CheckpointError."""
     overrides = config_overrides(args)
     model = args.model or "gpt2"
-    config = read_checkpoint_config(checkpoint_source or model, **overrides).replace(name=str(model))
+    config = read_checkpoint_config(checkpoint_source or model, name=str(model), **overrides)
     model_fields = set(ModelSettings.__dataclass_fields__)
     allowed = model_fields | set(switches()) | used_knobs(config)
     unused = sorted(k for k in overrides if k not in allowed)
@@ -169,8 +169,8 @@ def check_model_flag(model: str) -> None:
     """`--model` pointing at one of our run folders (not a checkpoint) gets a message that says so."""
     path = Path(model)
     record = path / "config.json"
-    if not record.is_file():
-        return
+    if not record.is_file() or not ((path / "checkpoints").is_dir() or (path / "log.jsonl").is_file()):
+        return  # a checkpoint folder (no run files): its config.json is read once, by resolve_config
     try:
         saved = json.loads(record.read_text())
     except (OSError, ValueError):

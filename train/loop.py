@@ -34,7 +34,6 @@ from tqdm import tqdm
 from datasets.common import data_dir
 from model import GPT2LMHeadModel, load_tokenizer
 from model.compile import compile_blocks
-from model.config import STACK_FIELDS
 from model.files import atomic_write_json
 from model.trainable import build_optimizer, set_trainable
 from train import checkpoint as ckpt
@@ -299,8 +298,7 @@ class Trainer:
         spec, config, device = self.spec, self.spec.config, self.device
         torch.manual_seed(spec.training.seed)
         random.seed(spec.training.seed)
-        overrides = {k: v for k, v in config.to_dict().items() if k not in STACK_FIELDS and k != "name"}
-        model = GPT2LMHeadModel.from_pretrained(spec.checkpoint.source, **overrides).to(device)
+        model = GPT2LMHeadModel.from_pretrained(spec.checkpoint.source, config=config).to(device)
         if model.config != config:
             raise RuntimeError(f"the loaded model's config differs from the validated one: {model.config} vs {config}")
         if self.start is not None:
