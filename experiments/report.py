@@ -81,10 +81,20 @@ def label_variants(rows: list[dict], grid: Path) -> None:
         hashes[(row["task"], row["variant"])].add(row.get("config_hash") or "")
     for row in rows:
         key = row.get("config_hash") or ""
+        if key not in names:  # a folder migrated from before RunSpec: the grid recorded its old hash
+            key = _migrated_from(Path(row.get("run_dir") or "")) or key
         if key in names:
             row["variant"] = names[key]
         elif len(hashes[(row["task"], row["variant"])]) > 1:
             row["variant"] = f"{row['variant']}#{key}"
+
+
+def _migrated_from(run_dir: Path) -> str | None:
+    try:
+        record = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (record.get("migrated_from") or {}).get("config_hash") if isinstance(record, dict) else None
 
 
 def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float] | None:

@@ -218,7 +218,7 @@ def test_cli_trains_a_peft_adapter_config_json(tiny_ckpt, tokenizer_dir, tmp_pat
 
 
 def test_readme_table_and_methods_presets_are_generated_from_the_code():
-    from scripts import peft_methods
+    from experiments import methods as peft_methods
 
     readme = (REPO / "README.md").read_text()
     assert peft_methods.readme_table() in readme, "README's peft table is stale: python scripts/peft_methods.py"
@@ -240,8 +240,8 @@ def test_methods_smoke_grid_plans_every_method_without_collisions(tmp_path, toke
 
 
 def test_sizes_peft_rejects_are_one_error_before_weights_load_and_gpt2_defaults_fit():
+    from experiments.methods import SMOKE_SIZES
     from modules.peft_methods import check_peft
-    from scripts.peft_methods import SMOKE_SIZES
 
     for method in SUPPORTED:  # every default fits gpt2 (768 wide, 12 blocks)
         check_peft(GPT2Config.from_preset("gpt2", peft_method=method))

@@ -290,3 +290,21 @@ def test_an_interrupted_legacy_run_resumes_and_finishes(tmp_path, monkeypatch, t
     assert len(rows) == 2 and "migrated" not in rows[1]
     folder = next(p for p in (grid / "runs").iterdir() if p.is_dir())
     assert (folder / "metrics.json").is_file() and folder.name != old.name
+
+
+def test_a_legacy_grid_reports_before_and_after_its_runs_are_migrated(tmp_path, monkeypatch, capsys):
+    from experiments import report
+
+    grid = legacy_folder(tmp_path, monkeypatch) / "runs"
+    old = next(p for p in grid.iterdir() if p.is_dir())
+    old_hash = old.name.rsplit("-", 1)[1]
+    (grid / "variants.json").write_text(json.dumps({old_hash: "lora_r2"}))
+    assert report.main([str(grid)]) == 0
+    before = (grid / "report" / "report.md").read_text()
+    assert "| lora_r2 |" in before
+    spec, _ = entry.parse(entry.GENERIC, LEGACY_COMMAND, inputs=False)
+    run_folder(spec)  # migrates it: new name, new hash in runs.tsv
+    assert report.main([str(grid)]) == 0
+    after = (grid / "report" / "report.md").read_text()
+    assert "| lora_r2 |" in after  # found through the record's migrated_from
+    assert after.split("Cost per task")[0] == before.split("Cost per task")[0]

@@ -58,5 +58,52 @@ def test_datasets_resolves_to_our_package():
 
 
 def test_required_top_level_layout():
-    for name in ("requirements.txt", "model", "modules", "train", "datasets", "scripts", "README.md"):
+    for name in ("requirements.txt", "model", "modules", "train", "datasets", "scripts", "experiments", "README.md"):
         assert (REPO / name).exists(), name
+
+
+def _imports(path: Path) -> set[str]:
+    """The modules a file imports (absolute names), read from its syntax tree."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_layering_the_loop_knows_neither_the_command_line_nor_the_variants_and_nothing_imports_scripts():
+    loop = _imports(REPO / "train" / "loop.py")
+    assert not any(name == "train.cli" or name.startswith(("train.cli.", "modules")) for name in loop), loop
+    product = [
+        p for folder in ("model", "modules", "train", "datasets", "experiments") for p in (REPO / folder).rglob("*.py")
+    ]
+    tests = list((REPO / "tests").rglob("*.py"))
+    for path in [*product, *tests]:
+        if "fixtures" in path.parts:
+            continue
+        assert not any(name == "scripts" or name.startswith("scripts.") for name in _imports(path)), path
+    for path in [*product, *(REPO / "scripts").glob("*.py")]:
+        assert "sys.path.insert" not in path.read_text(), path
+
+
+def test_the_project_is_installed_and_its_commands_run_from_any_directory(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import train, experiments, scripts, model; print(train.__file__)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0 and Path(done.stdout.strip()).resolve().parent == REPO / "train", done.stderr
+    for module in ("train.sonnet", "experiments.ablate", "experiments.report"):
+        help_run = subprocess.run(
+            [sys.executable, "-m", module, "--help"], cwd=tmp_path, capture_output=True, text=True
+        )
+        assert help_run.returncode == 0 and help_run.stdout.startswith("usage:"), (module, help_run.stderr)
