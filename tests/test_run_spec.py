@@ -22,7 +22,7 @@ import pytest
 from model.config import GPT2Config
 from model.fingerprint import checkpoint_identity
 from modules.variant import JSONObject, knob
-from tests.conftest import REPO, make_hf_checkpoint
+from tests.conftest import DATA_DIR, REPO, make_hf_checkpoint
 from train import entry
 from train.run import RunFolderBusy, RunLock, lock_holder, migrate_legacy, run_folder
 from train.settings import MultitaskSettings, OutputSettings, RuntimeSettings, TrainingSettings
@@ -308,3 +308,27 @@ def test_a_legacy_grid_reports_before_and_after_its_runs_are_migrated(tmp_path, 
     after = (grid / "report" / "report.md").read_text()
     assert "| lora_r2 |" in after  # found through the record's migrated_from
     assert after.split("Cost per task")[0] == before.split("Cost per task")[0]
+
+
+def test_train_takes_a_spec_in_process_and_records_it(tiny_ckpt, tokenizer_dir, tmp_path):
+    from train.loop import train
+    from train.tasks import settings_classes
+
+    argv = [
+        "--task",
+        "sst",
+        "--model",
+        str(tiny_ckpt[0]),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--data_dir",
+        str(DATA_DIR),
+    ]
+    spec, _ = entry.parse(entry.GENERIC, [*argv, "--out_dir", str(tmp_path), "--use_lora", "--wandb", "disabled"])
+    spec = dataclasses.replace(
+        spec, training=dataclasses.replace(spec.training, max_steps=2, train_limit=8, dev_limit=4)
+    )
+    metrics = train(spec)
+    assert metrics["steps"] == 2 and metrics["metric"] == "dev_acc"
+    record = json.loads((run_folder(spec) / "config.json").read_text())
+    assert RunSpec.from_json(record["spec"], settings_classes()) == spec
