@@ -49,7 +49,7 @@ from train import entry
 from train.cli import ArgumentParser
 from train.commands import exit_status
 from train.lifecycle import EXIT_STATUS, folder_state
-from train.run import lock_holder
+from train.run import legacy_folders, lock_holder, migrate_legacy
 from train.tasks import TASKS, labelled_tasks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -429,6 +429,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_point(preset, out_dir, inputs, args.task, args.variant, args.seed)
     if out_dir.exists() and not out_dir.is_dir():
         parser.error(f"--out_dir {out_dir} is a file, not a folder")
+    legacy = legacy_folders(out_dir) if out_dir.is_dir() else []
+    if legacy and not args.dry_run:
+        migrate_legacy(out_dir)  # once, before planning, so the plan finds them under their new names
+    elif legacy:
+        print(
+            f"note: {len(legacy)} run folder(s) here were written by an older version; a real run first renames "
+            "them to their new names (until then they are listed as new below)"
+        )
     runs = plan(preset, out_dir, inputs, args.dry_run)
     folders = [r.run_dir for r in runs]
     if len(set(folders)) != len(folders):

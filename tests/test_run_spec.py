@@ -256,6 +256,9 @@ def legacy_folder(tmp_path: Path, monkeypatch) -> Path:
     make_hf_checkpoint(Path("ckpt/tiny"), n_layer=1, n_head=2, n_embd=16, n_positions=64, vocab_size=50257)
     digest = hashlib.sha256(Path("ckpt/tiny/model.safetensors").read_bytes()).hexdigest()
     assert digest.startswith("c81489848a27"), "the rebuilt checkpoint differs from the one the fixture was made with"
+    made = min(p.stat().st_mtime for p in (tmp_path / "grid").rglob("config.json")) - 60
+    for path in Path("ckpt/tiny").iterdir():  # the checkpoint existed before the run, as it did
+        os.utime(path, (made, made))
     return tmp_path / "grid"
 
 
@@ -278,6 +281,32 @@ def test_a_legacy_run_folder_is_migrated_found_by_its_command_and_keeps_one_row(
     assert migrate_legacy(grid / "runs") == []  # idempotent
     assert entry.main([*LEGACY_COMMAND, "--resume"]) == 0
     assert "already finished" in capsys.readouterr().out
+
+
+def test_migration_refuses_a_checkpoint_re_saved_after_the_run(tmp_path, monkeypatch, capsys):
+    grid = legacy_folder(tmp_path, monkeypatch)
+    old = next(p for p in (grid / "runs").iterdir() if p.is_dir())
+    Path("ckpt/tiny/model.safetensors").touch()  # re-saved since: perhaps other weights under the same path
+    assert migrate_legacy(grid / "runs") == [] and old.is_dir()
+    assert "re-saved after the run" in capsys.readouterr().err
+
+
+def test_concurrent_migrations_move_each_folder_once(tmp_path, monkeypatch):
+    import concurrent.futures
+
+    grid = legacy_folder(tmp_path, monkeypatch) / "runs"
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: migrate_legacy(grid), range(4)))
+    assert sorted(len(r) for r in results) == [0, 0, 0, 1]
+    (folder,) = [p for p in grid.iterdir() if p.is_dir()]
+    assert json.loads((folder / "config.json").read_text())["run"] == folder.name
+
+
+def test_planning_renames_nothing(tmp_path, monkeypatch):
+    grid = legacy_folder(tmp_path, monkeypatch)
+    before = sorted(p.name for p in (grid / "runs").iterdir())
+    planned = entry.planned_run_dir(entry.GENERIC, LEGACY_COMMAND)
+    assert sorted(p.name for p in (grid / "runs").iterdir()) == before and not planned.exists()
 
 
 def test_an_interrupted_legacy_run_resumes_and_finishes(tmp_path, monkeypatch, tokenizer_dir):
@@ -332,3 +361,24 @@ def test_train_takes_a_spec_in_process_and_records_it(tiny_ckpt, tokenizer_dir, 
     assert metrics["steps"] == 2 and metrics["metric"] == "dev_acc"
     record = json.loads((run_folder(spec) / "config.json").read_text())
     assert RunSpec.from_json(record["spec"], settings_classes()) == spec
+
+
+def test_a_resume_keeps_the_runs_own_precision(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
+    argv = [
+        "--task",
+        "sst",
+        "--model",
+        str(tiny_ckpt[0]),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--data_dir",
+        str(DATA_DIR),
+    ]
+    argv += ["--out_dir", str(tmp_path), "--use_lora", "--wandb", "disabled", "--max_steps", "2", "--train_limit", "8"]
+    argv += ["--dev_limit", "4", "--test_limit", "2", "--batch_size", "4", "--precision", "fp32"]
+    assert entry.main(argv) == 0
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    (run_dir / "metrics.json").unlink()  # interrupted after its last checkpoint
+    capsys.readouterr()
+    assert entry.main([*argv[:-2], "--precision", "bf16", "--resume"]) == 2
+    assert "computed in fp32, this resume would compute in bf16; pass --precision fp32" in capsys.readouterr().err

@@ -142,7 +142,7 @@ def planned_run_dir(entry: EntryPoint, argv: list[str], checkpoint_source: str |
     """The folder a run of these flags writes to, without running it (reads config.json and hashes the
     checkpoint, from `checkpoint_source` instead of --model when given)."""
     spec, _ = parse(entry, argv, inputs=False, checkpoint_source=checkpoint_source)
-    return run_folder(spec)
+    return run_folder(spec, migrate=False)
 
 
 def run(entry: EntryPoint, argv: list[str] | None = None) -> int:

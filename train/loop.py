@@ -208,7 +208,9 @@ def train(spec: RunSpec, signals=None, start=None) -> dict:
     - `final_blocks(record, best_metrics) -> dict`: blocks added to metrics.json."""
     signals = signals or lifecycle.StopSignals()
     placement = distributed.setup(spec.runtime.device)
-    run_dir = run_folder(spec)
+    run_dir = run_folder(spec, migrate=placement.main)  # rank 0 migrates a legacy folder ...
+    if placement.world > 1:
+        dist.barrier()  # ... before any rank reads it
     with owned(run_dir, placement.main):  # one writer for the folder's whole life (train/run.py)
         state = lifecycle.folder_state(run_dir)
         saved_record = lifecycle.check_run_folder(run_dir, state, spec, placement.main)
@@ -239,6 +241,12 @@ class Trainer:
         self.mixture = spec.settings_of("multitask")
         # fp32 matmuls use TF32 (entry.execute: cuda_kernel_settings)
         self.precision = resolve_precision(spec.runtime.precision, self.device)
+        saved_precision = (saved_record or {}).get("precision")
+        if saved_precision not in (None, self.precision):  # precision is not in the identity: keep a run's own
+            raise lifecycle.RunFolderError(
+                f"--resume: {run_dir.name} computed in {saved_precision}, this resume would compute in "
+                f"{self.precision}; pass --precision {saved_precision}"
+            )
         extra_epochs = (saved_record or {}).get("extra_epochs", 0) + (spec.output.extend_epochs or 0)
         self.epochs = training.epochs + extra_epochs
         self._build_objectives()

@@ -60,16 +60,26 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> RunLock:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RunFolderBusy(
-                f"{self.run_dir} is being written by process {_holder_pid(self.path)} (a run of the same settings); "
-                "wait for it to end, or stop it, then start again (add --resume to continue it)"
-            ) from None
+        for _ in range(10):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RunFolderBusy(
+                    f"{self.run_dir} is being written by process {_holder_pid(self.path)} (a run of the same "
+                    "settings); wait for it to end, or stop it, then start again (add --resume to continue it)"
+                ) from None
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # the lock file we opened was removed by its last owner meanwhile: take the new one
+        else:
+            raise RunFolderBusy(f"{self.run_dir}: its lock file keeps changing; another process is starting it")
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
@@ -108,12 +118,13 @@ def lock_holder(run_dir: Path) -> str | None:
 # ---------------------------------------------------------------- where a spec's folder is
 
 
-def run_folder(spec: RunSpec) -> Path:
-    """`<out_dir>/<run name>`; legacy folders under out_dir are migrated first, so a run made before
-    RunSpec is found under its new name."""
+def run_folder(spec: RunSpec, migrate: bool = True) -> Path:
+    """`<out_dir>/<run name>`. With `migrate` (a run that is about to start), legacy folders under out_dir
+    are migrated first (once per process and folder), so a run made before RunSpec is found under its
+    new name. Planning (`migrate=False`) never renames or writes anything."""
     out_dir = Path(spec.output.out_dir)
     path = out_dir / spec.run_name()
-    if not path.exists():
+    if migrate and not path.exists():
         migrate_legacy(out_dir)
     return path
 
@@ -165,52 +176,95 @@ def legacy_spec(record: dict[str, Any], out_dir: Path) -> RunSpec:
     )
 
 
-def migrate_legacy(out_dir: Path) -> list[tuple[Path, Path]]:
-    """Rename every legacy run folder under `out_dir` to its RunSpec name (record and runs.tsv row
-    updated); returns the (old, new) pairs. Idempotent; a folder held by a live process is skipped."""
-    moved = []
+def legacy_folders(out_dir: Path) -> list[Path]:
+    """Run folders under `out_dir` written before RunSpec (a record with an identity and no spec)."""
+    found = []
     for config_file in sorted(Path(out_dir).glob("*/config.json")):
-        folder = config_file.parent
         try:
             record = json.loads(config_file.read_text())
         except (OSError, ValueError):
             continue
-        if not isinstance(record, dict) or "spec" in record or "identity" not in record or lock_holder(folder):
-            continue
-        try:
-            spec = legacy_spec(record, Path(out_dir))
-        except (CheckpointError, KeyError, ValueError, TypeError) as error:
-            print(
-                f"warning: {folder} was written by an older version and cannot be mapped to its new name "
-                f"({type(error).__name__}: {error}); it is left as it is",
-                file=sys.stderr,
-            )
-            continue
-        target = folder.parent / spec.run_name()
-        if target.exists() and target != folder:
-            print(f"warning: {folder}: its new name {target.name} is taken; left as it is", file=sys.stderr)
-            continue
-        record.update(
-            spec=spec.to_json(),
-            identity=spec.identity(),
-            config_hash=spec.identity_hash(),
-            run=target.name,
-            migrated_from={"run": folder.name, "config_hash": record.get("config_hash")},
-        )
-        atomic_write_json(config_file, record)
-        if target != folder:
-            os.replace(folder, target)
-        _migrate_row(Path(out_dir) / "runs.tsv", folder, target, spec)
-        moved.append((folder, target))
+        if isinstance(record, dict) and "identity" in record and record.get("spec", {}).get("version") != 2:
+            found.append(config_file.parent)
+    return found
+
+
+_WARNED: set[Path] = set()  # folders this process already said it cannot migrate
+
+
+def migrate_legacy(out_dir: Path) -> list[tuple[Path, Path]]:
+    """Rename every legacy run folder under `out_dir` to its RunSpec name (runs.tsv row and record
+    updated); returns the (old, new) pairs. Idempotent and safe to run from several processes at once:
+    it works under one lock per out_dir, takes each folder's run lock while moving it (a folder held
+    by a live run is skipped), and renames before it rewrites the record, so a kill in between leaves a
+    folder the next pass finishes. A checkpoint re-saved after the run is not taken for the run's."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir() or not legacy_folders(out_dir):
+        return []
+    moved = []
+    with open(out_dir / ".migrate.lock", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # one migrating process per out_dir; the others wait, then find none
+        for folder in legacy_folders(out_dir):
+            try:
+                lock = RunLock(folder).acquire()
+            except RunFolderBusy:
+                continue  # a live run of this code holds it
+            try:
+                pair = _migrate_one(folder, out_dir)
+            finally:
+                lock.release()
+            if pair is not None:
+                moved.append(pair)
     return moved
 
 
-def _migrate_row(path: Path, old: Path, new: Path, spec: RunSpec) -> None:
+def _warn_once(folder: Path, message: str) -> None:
+    if folder not in _WARNED:
+        _WARNED.add(folder)
+        print(f"warning: {folder} was written by an older version; {message}; it is left as it is", file=sys.stderr)
+
+
+def _migrate_one(folder: Path, out_dir: Path) -> tuple[Path, Path] | None:
+    config_file = folder / "config.json"
+    record = json.loads(config_file.read_text())
+    try:
+        spec = legacy_spec(record, out_dir)
+    except (CheckpointError, KeyError, ValueError, TypeError) as error:
+        _warn_once(folder, f"it cannot be mapped to its new name ({type(error).__name__}: {error})")
+        return None
+    source = Path(spec.checkpoint.source)
+    if source.exists():
+        newest = max((p.stat().st_mtime for p in source.iterdir() if p.is_file()), default=0.0)
+        if newest > config_file.stat().st_mtime:
+            _warn_once(folder, f"its checkpoint {source} was re-saved after the run, so it may not be the run's own")
+            return None
+    old_name = record.get("run") or folder.name  # the legacy name, also after a kill between rename and record
+    target = folder.parent / spec.run_name()
+    if target != folder:
+        try:
+            os.rename(folder, target)  # fails on an existing, non-empty target: never two runs in one folder
+        except OSError:
+            _warn_once(folder, f"its new name {target.name} is taken")
+            return None
+        (target / LOCK_NAME).unlink(missing_ok=True)  # the old folder's lock file moved with it
+    record.update(
+        spec=spec.to_json(),
+        identity=spec.identity(),
+        config_hash=spec.identity_hash(),
+        run=target.name,
+        migrated_from={"run": old_name, "config_hash": record.get("config_hash")},
+    )
+    atomic_write_json(target / "config.json", record)
+    _migrate_row(out_dir / "runs.tsv", old_name, target, spec)
+    return folder, target
+
+
+def _migrate_row(path: Path, old_name: str, new: Path, spec: RunSpec) -> None:
     if not path.exists():
         return
 
     def update(fields: dict[str, str]) -> dict[str, str] | None:
-        if Path(fields.get("run_dir", "")).name != old.name:
+        if Path(fields.get("run_dir", "")).name != old_name:
             return fields
         return {**fields, "run": new.name, "run_dir": str(new), "config_hash": spec.identity_hash()}
 
@@ -228,6 +282,7 @@ def owned(run_dir: Path, main_process: bool = True):
         yield lock
     finally:
         if [p.name for p in run_dir.iterdir()] == [LOCK_NAME]:  # nothing was written: leave no empty folder
-            lock.path.unlink()
-            run_dir.rmdir()
+            lock.path.unlink()  # a process that opened it meanwhile sees its inode gone (RunLock.acquire)
+            with contextlib.suppress(OSError):  # a new lock file appeared: that process owns the folder now
+                run_dir.rmdir()
         lock.release()

@@ -52,7 +52,7 @@ from train.cli import build_parser, check_inputs, config_fields
 from train.commands import exit_status
 from train.evaluate import copy_run_weights
 from train.lifecycle import StopSignals, folder_state, read_record
-from train.run import migrate_legacy, run_folder
+from train.run import legacy_spec, migrate_legacy, run_folder
 from train.settings import OutputSettings, RuntimeSettings, TrainingSettings, given
 from train.spec import Checkpoint, RunSpec
 from train.tasks import TASKS, get_task, labelled_tasks, settings_classes
@@ -113,6 +113,8 @@ class SourceRun:
 
     @property
     def spec(self) -> RunSpec:
+        if "spec" not in self.record:  # a folder of an older version, not migrated (planning renames nothing)
+            return legacy_spec(self.record, self.run_dir.parent)
         return RunSpec.from_json(self.record["spec"], settings_classes())
 
     def summary(self) -> dict[str, Any]:
@@ -129,11 +131,11 @@ class SourceRun:
         }
 
 
-def read_source(path: Path) -> SourceRun:
-    """A finished single-task run folder (one written before RunSpec is migrated first); a ValueError
-    says what is wrong with it."""
+def read_source(path: Path, migrate: bool = True) -> SourceRun:
+    """A finished single-task run folder (one written before RunSpec is migrated first, unless only
+    planning); a ValueError says what is wrong with it."""
     record = read_record(path)  # a RunFolderError (a ValueError) names a missing or corrupt config.json
-    if isinstance(record, dict) and "spec" not in record and "identity" in record:
+    if migrate and isinstance(record, dict) and "spec" not in record and "identity" in record:
         for old, new in migrate_legacy(path.parent):
             if old.resolve() == path.resolve():
                 print(f"note: {path} was written by an older version; renamed to {new.name}", file=sys.stderr)
@@ -143,7 +145,9 @@ def read_source(path: Path) -> SourceRun:
         raise ValueError(f"--source_run {path}: the run has not finished (no metrics.json); finish it with --resume")
     if record.get("task") not in TASKS:
         raise ValueError(f"--source_run {path}: transfer starts from a single-task run, not {record.get('task')!r}")
-    if "spec" not in record:
+    if "spec" not in record and "identity" not in record:
+        raise ValueError(f"--source_run {path}: not a run folder of this code (its config.json has no identity)")
+    if "spec" not in record and migrate:
         raise ValueError(
             f"--source_run {path}: written by an older version of this code, and its checkpoint "
             f"{record.get('training', {}).get('model')!r} cannot be found to migrate it"
@@ -246,8 +250,9 @@ def parse(argv: list[str] | None, inputs: bool = True) -> tuple[RunSpec, Transfe
     )
     args = parser.parse_args(argv)
     try:
-        source = read_source(args.source_run)
-    except ValueError as error:
+        source = read_source(args.source_run, migrate=inputs)
+        origin = source.spec
+    except (ValueError, CheckpointError) as error:
         parser.error(str(error))
     written = _given(parser, argv)
     refused = sorted(f"--{f.name}" for f in config_fields() if f.name in written)
@@ -260,7 +265,6 @@ def parse(argv: list[str] | None, inputs: bool = True) -> tuple[RunSpec, Transfe
         parser.error("use --target_fraction (the share of the target's training set)")
     if args.target == source.task:
         parser.error(f"--target {args.target} is the source run's own task; continue it with --resume --extend_epochs")
-    origin = source.spec
     target, from_scratch = args.target, args.from_scratch
 
     def settings(cls, own, **defaults):
@@ -316,7 +320,7 @@ def parse(argv: list[str] | None, inputs: bool = True) -> tuple[RunSpec, Transfe
 
 def planned_run_dir(argv: list[str]) -> Path:
     spec, _ = parse(argv, inputs=False)
-    return run_folder(spec)
+    return run_folder(spec, migrate=False)
 
 
 def main(argv: list[str] | None = None) -> int:
