@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import REPO, plugin_env, write_grid_preset
 
-SCRIPTS = REPO / "scripts"
+PRESETS = REPO / "experiments" / "presets"
 
 
 def tiny_grid(tmp_path, tokenizer_dir):
@@ -29,7 +29,7 @@ def tiny_grid(tmp_path, tokenizer_dir):
 def test_grid_resumes_after_kill_and_report_matches(tmp_path, tokenizer_dir):
     preset = tiny_grid(tmp_path, tokenizer_dir)
     grid = tmp_path / "grid"
-    cmd = [sys.executable, str(SCRIPTS / "ablate.py"), str(preset), "--out_dir", str(grid), "--threads", "1"]
+    cmd = [sys.executable, "-m", "experiments.ablate", str(preset), "--out_dir", str(grid), "--threads", "1"]
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
@@ -55,7 +55,7 @@ def test_grid_resumes_after_kill_and_report_matches(tmp_path, tokenizer_dir):
     assert len(rows) == 3 and len({r.split("\t")[0] for r in rows[1:]}) == 2
 
     report = subprocess.run(
-        [sys.executable, str(SCRIPTS / "report.py"), str(grid)], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "experiments.report", str(grid)], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert report.returncode == 0, report.stderr
     values = [
@@ -142,7 +142,7 @@ def test_plots_decode_with_expected_size(tmp_path, name, size):
 def test_preset_files_parse():
     from experiments.ablate import load_preset
 
-    for preset in (SCRIPTS / "presets").glob("*.toml"):
+    for preset in PRESETS.glob("*.toml"):
         loaded = load_preset(preset)
         assert loaded["variants"] and loaded["seeds"]
 

@@ -223,14 +223,14 @@ def test_readme_table_and_methods_presets_are_generated_from_the_code():
     readme = (REPO / "README.md").read_text()
     assert peft_methods.readme_table() in readme, "README's peft table is stale: python scripts/peft_methods.py"
     for name in peft_methods.HEADER:
-        text = (REPO / "scripts" / "presets" / f"{name}.toml").read_text()
+        text = (REPO / "experiments" / "presets" / f"{name}.toml").read_text()
         assert text == peft_methods.preset_text(name), f"{name}.toml is stale: python scripts/peft_methods.py --write"
 
 
 def test_methods_smoke_grid_plans_every_method_without_collisions(tmp_path, tokenizer_dir):
     from experiments import ablate, peft_methods
 
-    preset = ablate.load_preset(REPO / "scripts" / "presets" / "methods_smoke.toml")
+    preset = ablate.load_preset(REPO / "experiments" / "presets" / "methods_smoke.toml")
     inputs = ["--data_dir", str(DATA_DIR), "--tokenizer", str(tokenizer_dir)]
     runs = ablate.plan(preset, tmp_path, inputs, dry_run=True)
     assert len({run.run_dir for run in runs}) == len(runs) == len(preset["variants"]) * 3

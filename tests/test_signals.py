@@ -106,8 +106,18 @@ def test_sigterm_to_ablate_with_two_jobs_checkpoints_both_and_the_rerun_matches(
     )
 
     def command(grid):
-        script = str(REPO / "scripts" / "ablate.py")
-        return [sys.executable, script, str(preset), "--out_dir", str(grid), "--jobs", "2", "--threads", "1"]
+        return [
+            sys.executable,
+            "-m",
+            "experiments.ablate",
+            str(preset),
+            "--out_dir",
+            str(grid),
+            "--jobs",
+            "2",
+            "--threads",
+            "1",
+        ]
 
     full = subprocess.run(command(tmp_path / "full"), capture_output=True, text=True, cwd=REPO, timeout=300)
     assert full.returncode == 0, full.stdout + full.stderr
