@@ -204,6 +204,7 @@ def test_attention_mask_is_built_once_in_the_compute_dtype(monkeypatch):
     assert plain == [None, None, None]
 
 
+@pytest.mark.slow
 def test_the_training_loop_waits_for_the_device_before_reading_the_step_clock(
     tiny_ckpt, tokenizer_dir, tmp_path, monkeypatch
 ):
@@ -229,6 +230,7 @@ def test_precision_auto_is_bf16_on_a_cuda_gpu_with_bf16_and_fp32_elsewhere(monke
     assert resolve_precision("auto", "cuda") == "fp32"
 
 
+@pytest.mark.slow
 def test_cuda_kernel_settings_hold_only_while_training_runs_and_the_callers_come_back(
     tiny_ckpt, tokenizer_dir, tmp_path
 ):

@@ -153,6 +153,7 @@ def test_device_and_mode_errors(flags, message, tiny_ckpt, tmp_path, nothing_loa
 # ---- 2/3. resume semantics and dead folders --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_does_nothing_and_runs_tsv_keeps_one_row(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
     argv = sst(tiny_ckpt, tokenizer_dir, tmp_path, "--max_steps", "3")
     assert sentiment.main(argv) == 0
@@ -172,6 +173,7 @@ def test_resume_of_a_finished_run_does_nothing_and_runs_tsv_keeps_one_row(tiny_c
     assert len(tsv_rows(tmp_path)) == 1 and logged_steps(run_dir) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_resume_with_changed_settings_names_each_difference(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
     argv = sst(tiny_ckpt, tokenizer_dir, tmp_path, "--max_steps", "2", "--use_lora")
     assert sentiment.main(argv) == 0
@@ -189,6 +191,7 @@ def test_resume_with_changed_settings_names_each_difference(tiny_ckpt, tokenizer
     assert len(tsv_rows(tmp_path)) == 1
 
 
+@pytest.mark.slow
 def test_resume_of_a_missing_run_and_corrupt_pointer(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
     argv = sst(tiny_ckpt, tokenizer_dir, tmp_path, "--max_steps", "4", "--save_every", "1")
     assert sentiment.main([*argv, "--resume"]) == 2
@@ -203,6 +206,7 @@ def test_resume_of_a_missing_run_and_corrupt_pointer(tiny_ckpt, tokenizer_dir, t
     assert err.startswith("error: ") and "last.json is corrupt" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_dead_folder_is_refused_then_restarted_cleanly(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
     argv = sst(tiny_ckpt, tokenizer_dir, tmp_path, "--max_steps", "3")
     assert sentiment.main(argv) == 0
@@ -222,6 +226,7 @@ def test_dead_folder_is_refused_then_restarted_cleanly(tiny_ckpt, tokenizer_dir,
     assert logged_steps(run_dir) == [1, 2, 3] and len(tsv_rows(tmp_path)) == 1
 
 
+@pytest.mark.slow
 def test_resume_continues_without_repeating_log_steps_and_extend_epochs(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
     argv = sst(tiny_ckpt, tokenizer_dir, tmp_path, "--epochs", "1", "--save_every", "1", "--use_lora")
     assert sentiment.main(argv) == 0  # 16 examples / 4 = 4 steps
@@ -257,6 +262,7 @@ def test_resume_continues_without_repeating_log_steps_and_extend_epochs(tiny_ckp
 # ---- 4. the divergence guard -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_spike_is_not_checkpointed_and_resume_says_the_run_diverged(
     tiny_ckpt, tokenizer_dir, tmp_path, monkeypatch, capsys
 ):
@@ -294,6 +300,7 @@ def test_spike_is_not_checkpointed_and_resume_says_the_run_diverged(
 # ---- 5. wandb ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_wandb_online_without_login_falls_back_to_offline(tiny_ckpt, tokenizer_dir, tmp_path, monkeypatch, capsys):
     for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_SILENT"):
         monkeypatch.delenv(var, raising=False)
@@ -326,6 +333,7 @@ def data_server():
         yield url
 
 
+@pytest.mark.slow
 def test_missing_data_is_fetched_into_the_cache(tiny_ckpt, tokenizer_dir, tmp_path, monkeypatch, data_server, capsys):
     monkeypatch.delenv("GPT2_DATA_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -400,6 +408,7 @@ def test_quora_warning_names_no_missing_option(caplog):
     assert "empty label" in caplog.text and "bad_rows" not in caplog.text
 
 
+@pytest.mark.slow
 def test_multitask_metrics_paths_and_best_epoch(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
     argv = ["--tasks", "sst", "quora", *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path), *QUICK, "--epochs", "2"]
     assert multitask.main(argv) == 0
@@ -490,6 +499,7 @@ def test_help_shows_every_default_and_the_real_program_name():
     assert usage.startswith("usage: python -m train [-h]")
 
 
+@pytest.mark.slow
 def test_off_a_terminal_progress_is_plain_lines_with_dev_metrics(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
     argv = sst(tiny_ckpt, tokenizer_dir, tmp_path, "--max_steps", "4", "--log_every", "2", "--eval_every", "2")
     assert sentiment.main(argv) == 0
@@ -502,6 +512,7 @@ def test_off_a_terminal_progress_is_plain_lines_with_dev_metrics(tiny_ckpt, toke
 
 
 @pytest.mark.parametrize("precision", ["auto", "bf16"])
+@pytest.mark.slow
 def test_evaluate_samples_sonnets_with_the_runs_seed_and_precision(tiny_ckpt, tokenizer_dir, tmp_path, precision):
     # bf16: a run that trained (and scored dev) under bf16 autocast is evaluated under it too; found on an
     # H100, where --precision auto is bf16 and evaluate.py used to score in fp32 (another chrF)

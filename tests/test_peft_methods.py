@@ -187,6 +187,7 @@ def test_peft_method_composes_with_graph_and_kora(wide_ckpt, other, namespace):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.slow
 def test_cli_trains_a_peft_adapter_config_json(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
     """`--peft_config adapter_config.json` (what peft users keep): its peft_type sets the method, its
     bookkeeping fields do not change the run's identity, and adapters mode trains the method's weights."""
@@ -228,7 +229,8 @@ def test_readme_table_and_methods_presets_are_generated_from_the_code():
 
 
 def test_methods_smoke_grid_plans_every_method_without_collisions(tmp_path, tokenizer_dir):
-    from experiments import ablate, peft_methods
+    from experiments import ablate
+    from experiments import methods as peft_methods
 
     preset = ablate.load_preset(REPO / "experiments" / "presets" / "methods_smoke.toml")
     inputs = ["--data_dir", str(DATA_DIR), "--tokenizer", str(tokenizer_dir)]
@@ -251,6 +253,7 @@ def test_sizes_peft_rejects_are_one_error_before_weights_load_and_gpt2_defaults_
         check_peft(GPT2Config.from_preset("tiny", peft_method=method, peft_config=sizes))
 
 
+@pytest.mark.slow
 def test_random_frozen_state_travels_in_checkpoints_to_evaluate(tiny_ckpt, tokenizer_dir, tmp_path):
     """VB-LoRA's frozen tensors are random draws: train.evaluate must use the run's, not new ones."""
     from train import evaluate, sentiment

@@ -268,6 +268,7 @@ LEGACY_COMMAND = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_legacy_run_folder_is_migrated_found_by_its_command_and_keeps_one_row(tmp_path, monkeypatch, capsys):
     grid = legacy_folder(tmp_path, monkeypatch)
     old = next(p for p in (grid / "runs").iterdir() if p.is_dir())
@@ -309,6 +310,7 @@ def test_planning_renames_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in (grid / "runs").iterdir()) == before and not planned.exists()
 
 
+@pytest.mark.slow
 def test_an_interrupted_legacy_run_resumes_and_finishes(tmp_path, monkeypatch, tokenizer_dir):
     grid = legacy_folder(tmp_path, monkeypatch)
     old = next(p for p in (grid / "runs").iterdir() if p.is_dir())
@@ -339,6 +341,7 @@ def test_a_legacy_grid_reports_before_and_after_its_runs_are_migrated(tmp_path, 
     assert after.split("Cost per task")[0] == before.split("Cost per task")[0]
 
 
+@pytest.mark.slow
 def test_train_takes_a_spec_in_process_and_records_it(tiny_ckpt, tokenizer_dir, tmp_path):
     from train.loop import train
     from train.tasks import settings_classes
@@ -363,6 +366,7 @@ def test_train_takes_a_spec_in_process_and_records_it(tiny_ckpt, tokenizer_dir, 
     assert RunSpec.from_json(record["spec"], settings_classes()) == spec
 
 
+@pytest.mark.slow
 def test_a_resume_keeps_the_runs_own_precision(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
     argv = [
         "--task",
