@@ -110,8 +110,24 @@ def make_hf_checkpoint(directory: Path, seed: int = 0, **config) -> transformers
     return model
 
 
+# Model-level tests (parity, loading, variants, generation) need no tokenizer: their checkpoint has a
+# small vocabulary, so the embedding and LM head (50,257 x width in the real one) stop dominating
+# their cost. Token ids below VOCAB are valid for every test checkpoint; PAD is a valid padding id.
+VOCAB = 1024
+PAD = VOCAB - 1
+
+
+@pytest.fixture(scope="session")
+def model_ckpt(tmp_path_factory) -> tuple[Path, transformers.GPT2LMHeadModel]:
+    """The tiny stack (2 blocks, 2 heads, width 32) with a VOCAB-token vocabulary."""
+    path = tmp_path_factory.mktemp("model_gpt2")
+    hf = make_hf_checkpoint(path, n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=VOCAB)
+    return path, hf
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> tuple[Path, transformers.GPT2LMHeadModel]:
+    """The tiny stack with the real 50,257-token vocabulary, for tests that use the real tokenizer."""
     path = tmp_path_factory.mktemp("tiny_gpt2")
     hf = make_hf_checkpoint(path, n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=50257)
     return path, hf

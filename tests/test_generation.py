@@ -7,37 +7,36 @@ import torch
 from model import GPT2LMHeadModel
 from model.generation import filter_logits
 from modules.attention import KVCache
+from tests.conftest import PAD, VOCAB
 
 
 def test_greedy_32_tokens_equal_hf(small_ckpt):
     path, hf = small_ckpt
     ours = GPT2LMHeadModel.from_pretrained(path).eval()
-    ids = torch.randint(0, 50257, (2, 7), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
     ref = hf.generate(
         ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=32,
         do_sample=False,
         eos_token_id=None,
-        pad_token_id=50256,
+        pad_token_id=PAD,
     )
     mine = ours.generate(ids, max_new_tokens=32, eos_token_id=None)
     assert mine.shape == (2, 39)
     assert torch.equal(mine, ref)
 
 
-def test_greedy_left_padded_batch_equals_hf_and_single(tiny_ckpt):
-    path, hf = tiny_ckpt
+def test_greedy_left_padded_batch_equals_hf_and_single(model_ckpt):
+    path, hf = model_ckpt
     ours = GPT2LMHeadModel.from_pretrained(path).eval()
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 50257, (3, 9), generator=gen)
+    ids = torch.randint(0, VOCAB, (3, 9), generator=gen)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     mask[2, :8] = 0
-    ids = ids.masked_fill(mask == 0, 50256)
-    ref = hf.generate(
-        ids, attention_mask=mask, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=50256
-    )
+    ids = ids.masked_fill(mask == 0, PAD)
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=PAD)
     mine = ours.generate(ids, attention_mask=mask, max_new_tokens=32, eos_token_id=None)
     assert torch.equal(mine, ref)
     for row in range(3):
@@ -47,7 +46,7 @@ def test_greedy_left_padded_batch_equals_hf_and_single(tiny_ckpt):
 
 def test_kv_cache_logits_equal_full_recompute(small_ckpt):
     ours = GPT2LMHeadModel.from_pretrained(small_ckpt[0]).eval()
-    ids = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(2))
     cfg = ours.config
     with torch.no_grad():
         full = ours(ids).logits
@@ -59,9 +58,9 @@ def test_kv_cache_logits_equal_full_recompute(small_ckpt):
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= 1e-5
 
 
-def test_stops_per_sequence_at_eos(tiny_ckpt):
-    ours = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0]).eval()
-    ids = torch.randint(0, 50257, (2, 5), generator=torch.Generator().manual_seed(3))
+def test_stops_per_sequence_at_eos(model_ckpt):
+    ours = GPT2LMHeadModel.from_pretrained(model_ckpt[0]).eval()
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(3))
     free = ours.generate(ids, max_new_tokens=10, eos_token_id=None)
     eos = int(free[0, 7])  # the third token row 0 emits becomes the EOS id
     out = ours.generate(ids, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
@@ -73,9 +72,9 @@ def test_stops_per_sequence_at_eos(tiny_ckpt):
         assert torch.equal(out[1], free[1, : out.shape[1]])
 
 
-def test_sampling_is_seeded_and_respects_top_k(tiny_ckpt):
-    ours = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0]).eval()
-    ids = torch.randint(0, 50257, (2, 5), generator=torch.Generator().manual_seed(4))
+def test_sampling_is_seeded_and_respects_top_k(model_ckpt):
+    ours = GPT2LMHeadModel.from_pretrained(model_ckpt[0]).eval()
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(4))
     a = ours.generate(ids, max_new_tokens=8, do_sample=True, top_k=1, generator=torch.Generator().manual_seed(0))
     greedy = ours.generate(ids, max_new_tokens=8, eos_token_id=None)
     assert torch.equal(a[:, : a.shape[1]], greedy[:, : a.shape[1]])  # top_k=1 sampling is greedy
@@ -96,15 +95,15 @@ def test_filter_logits_top_p_keeps_smallest_nucleus():
     assert kept.tolist() == [[True, True, True, False]]
 
 
-def test_row_seeds_make_a_rows_sample_independent_of_its_batch(tiny_ckpt):
+def test_row_seeds_make_a_rows_sample_independent_of_its_batch(model_ckpt):
     """Sampling with per-row seeds: a prompt sampled alone equals the same prompt (same seed) sampled
     in a left-padded batch with another, so sharding prompts over processes cannot change a sonnet."""
-    ours = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0]).eval()
+    ours = GPT2LMHeadModel.from_pretrained(model_ckpt[0]).eval()
     gen = torch.Generator().manual_seed(3)
-    short, long = torch.randint(0, 50257, (1, 4), generator=gen), torch.randint(0, 50257, (1, 9), generator=gen)
+    short, long = torch.randint(0, VOCAB, (1, 4), generator=gen), torch.randint(0, VOCAB, (1, 9), generator=gen)
     kwargs = {"max_new_tokens": 20, "do_sample": True, "temperature": 1.5, "eos_token_id": None}
     alone = ours.generate(short, row_seeds=[11], **kwargs)[0, 4:]
-    ids = torch.cat([torch.full((1, 5), 50256), short], dim=1)
+    ids = torch.cat([torch.full((1, 5), PAD), short], dim=1)
     batch = torch.cat([ids, long])
     mask = torch.ones_like(batch)
     mask[0, :5] = 0
@@ -113,14 +112,14 @@ def test_row_seeds_make_a_rows_sample_independent_of_its_batch(tiny_ckpt):
     assert not torch.equal(ours.generate(short, row_seeds=[12], **kwargs)[0, 4:], alone)  # the seed matters
 
 
-def test_kv_cache_is_allocated_in_the_compute_dtype(tiny_ckpt, monkeypatch):
+def test_kv_cache_is_allocated_in_the_compute_dtype(model_ckpt, monkeypatch):
     import model.generation as generation
 
     dtypes = []
     original = generation.KVCache
     monkeypatch.setattr(generation, "KVCache", lambda *a: dtypes.append(a[5]) or original(*a))
-    ours = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0]).eval()
-    ids = torch.randint(0, 50257, (2, 5), generator=torch.Generator().manual_seed(0))
+    ours = GPT2LMHeadModel.from_pretrained(model_ckpt[0]).eval()
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(0))
     ours.generate(ids, max_new_tokens=3, eos_token_id=None)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours.generate(ids, max_new_tokens=3, eos_token_id=None)

@@ -11,6 +11,7 @@ import torch
 
 from model import GPT2LMHeadModel
 from model.heads import NO_ID, YES_ID, ClozeParaphraseHead, LastTokenClassifier, last_token_index
+from tests.conftest import PAD, VOCAB
 from train.metrics import accuracy, chrf, macro_f1
 
 
@@ -22,15 +23,15 @@ from train.metrics import accuracy, chrf, macro_f1
         lambda m: LastTokenClassifier(32, 2),
     ],
 )
-def test_same_prediction_however_padded(tiny_ckpt, make_head):
+def test_same_prediction_however_padded(tiny_ckpt, make_head):  # the cloze head needs the real vocabulary
     model = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0]).eval()
     torch.manual_seed(0)
     head = make_head(model).eval()
     seq = [11, 22, 33, 44, 55]
     variants = [
         ([seq], [[1] * 5]),
-        ([seq + [50256] * 3], [[1] * 5 + [0] * 3]),  # right-padded
-        ([[50256] * 4 + seq], [[0] * 4 + [1] * 5]),
+        ([seq + [PAD] * 3], [[1] * 5 + [0] * 3]),  # right-padded
+        ([[PAD] * 4 + seq], [[0] * 4 + [1] * 5]),
     ]  # left-padded
     outputs = []
     with torch.no_grad():
@@ -46,9 +47,9 @@ def test_last_token_index():
     assert last_token_index(mask, 3, 4).tolist() == [1, 3, 3]
 
 
-def test_cloze_logits_equal_full_lm_logits(tiny_ckpt):
+def test_cloze_logits_equal_full_lm_logits(tiny_ckpt):  # the real vocabulary: "yes" and "no" are in it
     model = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0]).eval()
-    ids = torch.randint(0, 50257, (3, 9))
+    ids = torch.randint(0, VOCAB, (3, 9))
     with torch.no_grad():
         out = model(ids)
         two = ClozeParaphraseHead(model.lm_head)(out.last_hidden_state, None)

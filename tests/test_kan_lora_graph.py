@@ -11,6 +11,7 @@ from model import GPT2Config, GPT2LMHeadModel
 from modules.graph import GraphBranch, causal_band, causal_edge_index
 from modules.kan_ffn import matched_hidden_width, random_kan_ffn
 from modules.kan_lora import KANLoRALinear
+from tests.conftest import VOCAB
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["kolmg-lora", "kolmg-dora"])
@@ -148,15 +149,15 @@ def test_backends_agree_with_padding(window):
         assert (branch(h2, mask)[mask] - sparse[mask]).abs().max().item() <= 1e-6
 
 
-def test_graph_model_backends_agree(tiny_ckpt):
+def test_graph_model_backends_agree(model_ckpt):
     torch.manual_seed(0)
-    a = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0], use_graph=True, graph_dropout=0.0).eval()
-    b = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0], use_graph=True, graph_dropout=0.0, graph_backend="dense").eval()
+    a = GPT2LMHeadModel.from_pretrained(model_ckpt[0], use_graph=True, graph_dropout=0.0).eval()
+    b = GPT2LMHeadModel.from_pretrained(model_ckpt[0], use_graph=True, graph_dropout=0.0, graph_backend="dense").eval()
     with torch.no_grad():
         for block in a.transformer.h:
             block.parallel_branches["graph"].gate.fill_(0.5)
         b.load_state_dict(a.state_dict())
-    ids = torch.randint(0, 50257, (2, 9))
+    ids = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
         assert (a(ids).logits - b(ids).logits).abs().max().item() <= 1e-5
 

@@ -12,6 +12,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from model import CheckpointError, GPT2Config, GPT2LMHeadModel
+from tests.conftest import VOCAB
 
 
 def _copy(src, dst):
@@ -19,18 +20,18 @@ def _copy(src, dst):
     return dst
 
 
-def test_report_accounts_for_every_key(tiny_ckpt):
-    model = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0])
+def test_report_accounts_for_every_key(model_ckpt):
+    model = GPT2LMHeadModel.from_pretrained(model_ckpt[0])
     report = model.load_report
-    stored = load_file(str(tiny_ckpt[0] / "model.safetensors"))
+    stored = load_file(str(model_ckpt[0] / "model.safetensors"))
     assert len(report.loaded) + len(report.ignored) + len(report.unexpected) == len(stored)
     assert report.missing == [] and report.unexpected == []
     # every parameter except the tied head came from the file
     assert len(report.loaded) == len([n for n in model.state_dict() if n != "lm_head.weight"])
 
 
-def test_missing_key_raises_with_its_name(tiny_ckpt, tmp_path):
-    folder = _copy(tiny_ckpt[0], tmp_path / "ckpt")
+def test_missing_key_raises_with_its_name(model_ckpt, tmp_path):
+    folder = _copy(model_ckpt[0], tmp_path / "ckpt")
     state = load_file(str(folder / "model.safetensors"))
     key = next(k for k in state if k.endswith("h.1.mlp.c_fc.weight"))
     del state[key]
@@ -41,8 +42,8 @@ def test_missing_key_raises_with_its_name(tiny_ckpt, tmp_path):
     assert model.load_report.missing == ["transformer.h.1.mlp.c_fc.weight"]
 
 
-def test_unexpected_key_is_reported(tiny_ckpt, tmp_path, caplog):
-    folder = _copy(tiny_ckpt[0], tmp_path / "ckpt")
+def test_unexpected_key_is_reported(model_ckpt, tmp_path, caplog):
+    folder = _copy(model_ckpt[0], tmp_path / "ckpt")
     state = load_file(str(folder / "model.safetensors"))
     state["score.weight"] = torch.zeros(2, 32)
     state["transformer.h.0.attn.bias"] = torch.ones(1, 1, 4, 4)  # old-style mask buffer: ignored
@@ -54,8 +55,8 @@ def test_unexpected_key_is_reported(tiny_ckpt, tmp_path, caplog):
     assert "score.weight" in caplog.text
 
 
-def test_shape_mismatch_names_the_key(tiny_ckpt, tmp_path):
-    folder = _copy(tiny_ckpt[0], tmp_path / "ckpt")
+def test_shape_mismatch_names_the_key(model_ckpt, tmp_path):
+    folder = _copy(model_ckpt[0], tmp_path / "ckpt")
     state = load_file(str(folder / "model.safetensors"))
     key = next(k for k in state if k.endswith("h.0.attn.c_proj.weight"))
     state[key] = torch.zeros(32, 31)
@@ -64,14 +65,14 @@ def test_shape_mismatch_names_the_key(tiny_ckpt, tmp_path):
         GPT2LMHeadModel.from_pretrained(folder)
 
 
-def test_pytorch_bin_is_loaded_without_unpickling_objects(tiny_ckpt, tmp_path):
-    folder = _copy(tiny_ckpt[0], tmp_path / "ckpt")
+def test_pytorch_bin_is_loaded_without_unpickling_objects(model_ckpt, tmp_path):
+    folder = _copy(model_ckpt[0], tmp_path / "ckpt")
     state = load_file(str(folder / "model.safetensors"))
     (folder / "model.safetensors").unlink()
     torch.save(state, folder / "pytorch_model.bin")
     model = GPT2LMHeadModel.from_pretrained(folder).eval()
     ids = torch.tensor([[1, 2, 3]])
-    assert (model(ids).logits - tiny_ckpt[1](ids).logits).abs().max() <= 1e-5
+    assert (model(ids).logits - model_ckpt[1](ids).logits).abs().max() <= 1e-5
 
     class Evil:
         def __reduce__(self):
@@ -92,8 +93,8 @@ def test_pytorch_bin_is_loaded_without_unpickling_objects(tiny_ckpt, tmp_path):
         ("file", "is a file"),
     ],
 )
-def test_not_a_gpt2_folder(tiny_ckpt, tmp_path, setup, message):
-    folder = _copy(tiny_ckpt[0], tmp_path / "ckpt")
+def test_not_a_gpt2_folder(model_ckpt, tmp_path, setup, message):
+    folder = _copy(model_ckpt[0], tmp_path / "ckpt")
     target = folder
     if setup == "no_config":
         (folder / "config.json").unlink()
@@ -120,18 +121,18 @@ def test_hub_id_offline_gives_clear_error(monkeypatch):
         GPT2LMHeadModel.from_pretrained("gpt2-this-repo-does-not-exist")
 
 
-def test_config_overrides_apply(tiny_ckpt):
-    model = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0], attn_pdrop=0.0, use_graph=False)
+def test_config_overrides_apply(model_ckpt):
+    model = GPT2LMHeadModel.from_pretrained(model_ckpt[0], attn_pdrop=0.0, use_graph=False)
     assert model.config.attn_pdrop == 0.0
     with pytest.raises(ValueError, match="unknown GPT2Config field"):
-        GPT2LMHeadModel.from_pretrained(tiny_ckpt[0], not_a_field=1)
+        GPT2LMHeadModel.from_pretrained(model_ckpt[0], not_a_field=1)
 
 
-def test_save_pretrained_loads_in_hf_with_equal_logits(tiny_ckpt, tmp_path):
-    ours = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0]).eval()
+def test_save_pretrained_loads_in_hf_with_equal_logits(model_ckpt, tmp_path):
+    ours = GPT2LMHeadModel.from_pretrained(model_ckpt[0]).eval()
     ours.save_pretrained(tmp_path / "out")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
-    ids = torch.randint(0, 50257, (2, 10))
+    ids = torch.randint(0, VOCAB, (2, 10))
     assert (ours(ids).logits - hf(ids).logits).abs().max() <= 1e-5
 
 
@@ -156,12 +157,12 @@ def test_random_init_follows_gpt2_scheme():
         ("one_dim", "shape"),
     ],
 )
-def test_bad_input_clear_errors(tiny_ckpt, case, message):
-    model = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0])
+def test_bad_input_clear_errors(model_ckpt, case, message):
+    model = GPT2LMHeadModel.from_pretrained(model_ckpt[0])
     ids = torch.tensor([[1, 2, 3]])
     mask = None
     if case == "vocab":
-        ids = torch.tensor([[1, 50257]])
+        ids = torch.tensor([[1, VOCAB]])
     elif case == "negative":
         ids = torch.tensor([[-1, 2]])
     elif case == "too_long":
@@ -178,8 +179,8 @@ def test_bad_input_clear_errors(tiny_ckpt, case, message):
         model(ids, attention_mask=mask)
 
 
-def test_generate_rejects_right_padding_and_overlong(tiny_ckpt):
-    model = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0])
+def test_generate_rejects_right_padding_and_overlong(model_ckpt):
+    model = GPT2LMHeadModel.from_pretrained(model_ckpt[0])
     with pytest.raises(ValueError, match="LEFT-padded"):
         model.generate(torch.tensor([[1, 2, 3]]), torch.tensor([[1, 1, 0]]), max_new_tokens=2)
     with pytest.raises(ValueError, match="n_positions"):

@@ -10,7 +10,7 @@ import transformers
 
 from model import GPT2LMHeadModel
 from modules.lora import peft_lora_config
-from tests.conftest import perturb_adapters
+from tests.conftest import VOCAB, perturb_adapters
 
 NO_DROPOUT = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, lora_dropout=0.0)
 KINDS = {"lora": {}, "rslora": dict(lora_rslora=True), "dora": dict(lora_dora=True)}
@@ -23,8 +23,8 @@ def trained_like(path, **knobs):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_logits_equal_stock_hf_plus_peft(tiny_ckpt, kind):
-    path, _ = tiny_ckpt
+def test_logits_equal_stock_hf_plus_peft(model_ckpt, kind):
+    path, _ = model_ckpt
     ours = trained_like(path, **KINDS[kind])
     hf = transformers.GPT2LMHeadModel.from_pretrained(path)
     # Built independently of export_peft: peft's own wrapping of HF's Conv1D layers.
@@ -34,15 +34,15 @@ def test_logits_equal_stock_hf_plus_peft(tiny_ckpt, kind):
         for name, param in ours.named_parameters():
             if name in ours.adapter_params:
                 ref_params["base_model.model." + name].copy_(param)
-    ids = torch.randint(0, 50257, (2, 11), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (ours(ids).logits - reference(input_ids=ids).logits).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("rslora, expected", [(False, 32 / 4), (True, 32 / 2)])
-def test_effective_scale_is_alpha_over_r(tiny_ckpt, rslora, expected):
+def test_effective_scale_is_alpha_over_r(model_ckpt, rslora, expected):
     """The c_attn output moves by exactly scale · B A x: α=32, r=4 gives 8 (rsLoRA: 16), not 0.5."""
-    model = trained_like(tiny_ckpt[0], lora_rslora=rslora)
+    model = trained_like(model_ckpt[0], lora_rslora=rslora)
     layer = model.transformer.h[0].attn.c_attn
     x = torch.randn(3, model.config.n_embd)
     with torch.no_grad():
@@ -54,27 +54,27 @@ def test_effective_scale_is_alpha_over_r(tiny_ckpt, rslora, expected):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_export_peft_loads_in_stock_hf(tiny_ckpt, kind, tmp_path):
-    path, _ = tiny_ckpt
+def test_export_peft_loads_in_stock_hf(model_ckpt, kind, tmp_path):
+    path, _ = model_ckpt
     ours = trained_like(path, **KINDS[kind])
     ours.export_peft(tmp_path / "peft")
     hf = transformers.GPT2LMHeadModel.from_pretrained(path)
     loaded = peft.PeftModel.from_pretrained(hf, str(tmp_path / "peft")).eval()
-    ids = torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (ours(ids).logits - loaded(input_ids=ids).logits).abs().max().item() <= 1e-5
 
 
-def test_export_peft_refuses_non_lora(tiny_ckpt, tmp_path):
-    model = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0], use_kora=True)
+def test_export_peft_refuses_non_lora(model_ckpt, tmp_path):
+    model = GPT2LMHeadModel.from_pretrained(model_ckpt[0], use_kora=True)
     with pytest.raises(ValueError, match=r"writes one peft adapter \(use_lora or peft_method\)"):
         model.export_peft(tmp_path / "x")
 
 
-def test_lora_plus_param_groups(tiny_ckpt):
+def test_lora_plus_param_groups(model_ckpt):
     from model.trainable import build_param_groups, set_trainable
 
-    model = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0], use_lora=True, lora_plus_ratio=16.0, lora_dora=True)
+    model = GPT2LMHeadModel.from_pretrained(model_ckpt[0], use_lora=True, lora_plus_ratio=16.0, lora_dora=True)
     set_trainable(model)
     groups = build_param_groups(model, lr=1e-3, weight_decay=0.1, lora_plus_ratio=16.0)
     by_name = {name: g for g in groups for name in g["names"]}

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from model import GPT2LMHeadModel
 from model.losses import IGNORE_INDEX, linear_cross_entropy, next_token_targets
+from tests.conftest import PAD, VOCAB
 
 
 @pytest.mark.parametrize("chunk_rows", [3, 4096])
@@ -55,19 +56,19 @@ def test_targets_ignore_padding_and_last_position():
     assert next_token_targets(ids, None, mask).tolist() == [[6, 7, -100, -100], [9, -100, -100, -100]]
 
 
-def test_model_loss_equals_hf_labels_loss(tiny_ckpt):
-    path, hf = tiny_ckpt
+def test_model_loss_equals_hf_labels_loss(model_ckpt):
+    path, hf = model_ckpt
     ours = GPT2LMHeadModel.from_pretrained(path).eval()
-    ids = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     mine = ours(ids, labels=ids)
     assert mine.logits is None
     assert abs(mine.loss.item() - hf(ids, labels=ids).loss.item()) <= 1e-5
 
 
-def test_padding_does_not_change_loss(tiny_ckpt):
-    ours = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0]).eval()
-    ids = torch.randint(0, 50257, (1, 10), generator=torch.Generator().manual_seed(1))
-    padded = torch.cat([ids, torch.full((1, 5), 50256)], dim=1)
+def test_padding_does_not_change_loss(model_ckpt):
+    ours = GPT2LMHeadModel.from_pretrained(model_ckpt[0]).eval()
+    ids = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(1))
+    padded = torch.cat([ids, torch.full((1, 5), PAD)], dim=1)
     mask = torch.cat([torch.ones(1, 10), torch.zeros(1, 5)], dim=1).long()
     alone = ours(ids, labels=ids).loss
     batched = ours(padded, attention_mask=mask, labels=padded).loss

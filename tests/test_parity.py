@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import GPT2LMHeadModel
-from tests.conftest import TEST_DEVICE
+from tests.conftest import PAD, TEST_DEVICE, VOCAB
 
 ATOL = 1e-5
 
@@ -36,7 +36,7 @@ def padded_batch(vocab: int, lengths: list[int], total: int, side: str, seed: in
             mask[row, total - length :] = 1
         else:
             mask[row, :length] = 1
-    ids = ids.masked_fill(mask == 0, 50256)
+    ids = ids.masked_fill(mask == 0, PAD)
     return ids, mask
 
 
@@ -61,18 +61,18 @@ class OnDevice:
 
 
 @pytest.fixture(params=["tiny", "small"])
-def pair(request, tiny_ckpt, small_ckpt):
-    path, hf = tiny_ckpt if request.param == "tiny" else small_ckpt
+def pair(request, model_ckpt, small_ckpt):
+    path, hf = model_ckpt if request.param == "tiny" else small_ckpt
     return OnDevice(GPT2LMHeadModel.from_pretrained(path).eval()), OnDevice(hf)
 
 
 def test_unpadded_logits_equal_hf(pair):
     ours, hf = pair
-    ids = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         mine = ours(ids)
         ref = hf(ids, output_hidden_states=True)
-    assert mine.logits.shape == (3, 40, 50257)
+    assert mine.logits.shape == (3, 40, ours.config.vocab_size)
     assert mine.last_hidden_state.shape == (3, 40, ours.config.n_embd)
     assert (mine.logits - ref.logits).abs().max().item() <= ATOL
     assert (mine.last_hidden_state - ref.hidden_states[-1]).abs().max().item() <= ATOL
@@ -81,7 +81,7 @@ def test_unpadded_logits_equal_hf(pair):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_logits_equal_hf_at_real_positions(pair, side):
     ours, hf = pair
-    ids, mask = padded_batch(50257, [30, 17, 5, 1], 30, side)
+    ids, mask = padded_batch(VOCAB, [30, 17, 5, 1], 30, side)
     with torch.no_grad():
         mine = ours(ids, attention_mask=mask).logits
         ref = hf(ids, attention_mask=mask, position_ids=hf_positions(mask)).logits
@@ -93,7 +93,7 @@ def test_padded_logits_equal_hf_at_real_positions(pair, side):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_sequence_equals_sequence_alone(pair, side):
     ours, _ = pair
-    ids, mask = padded_batch(50257, [30, 12, 3], 30, side, seed=5)
+    ids, mask = padded_batch(VOCAB, [30, 12, 3], 30, side, seed=5)
     with torch.no_grad():
         batched = ours(ids, attention_mask=mask).logits
         for row in range(ids.shape[0]):
@@ -102,9 +102,9 @@ def test_padded_sequence_equals_sequence_alone(pair, side):
             assert (batched[row][real] - alone).abs().max().item() <= ATOL
 
 
-def test_padding_content_does_not_matter(tiny_ckpt):
-    ours = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0]).eval()
-    ids, mask = padded_batch(50257, [20, 8], 20, "left", seed=2)
+def test_padding_content_does_not_matter(model_ckpt):
+    ours = GPT2LMHeadModel.from_pretrained(model_ckpt[0]).eval()
+    ids, mask = padded_batch(VOCAB, [20, 8], 20, "left", seed=2)
     other = ids.masked_fill(mask == 0, 7)  # different pad token content
     with torch.no_grad():
         a = ours(ids, attention_mask=mask).logits
@@ -112,20 +112,20 @@ def test_padding_content_does_not_matter(tiny_ckpt):
     assert (a[mask.bool()] - b[mask.bool()]).abs().max().item() <= ATOL
 
 
-def test_causality(tiny_ckpt):
-    ours = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0]).eval()
-    ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+def test_causality(model_ckpt):
+    ours = GPT2LMHeadModel.from_pretrained(model_ckpt[0]).eval()
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     changed = ids.clone()
-    changed[:, 9:] = (changed[:, 9:] + 1) % 50257
+    changed[:, 9:] = (changed[:, 9:] + 1) % VOCAB
     with torch.no_grad():
         a, b = ours(ids).logits, ours(changed).logits
     assert torch.equal(a[:, :9], b[:, :9])
     assert not torch.allclose(a[:, 9:], b[:, 9:])  # the check can fail: later positions do change
 
 
-def test_dropout_active_in_train_mode_only(tiny_ckpt):
-    ours = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0], embd_pdrop=0.5, attn_pdrop=0.5, resid_pdrop=0.5)
-    ids = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(0))
+def test_dropout_active_in_train_mode_only(model_ckpt):
+    ours = GPT2LMHeadModel.from_pretrained(model_ckpt[0], embd_pdrop=0.5, attn_pdrop=0.5, resid_pdrop=0.5)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     ours.train()
     assert not torch.allclose(ours(ids).logits, ours(ids).logits)
     ours.eval()
@@ -143,13 +143,13 @@ def test_tanh_gelu_is_used():
     assert (gelu_tanh(x) - torch.nn.functional.gelu(x)).abs().max().item() > 1e-4
 
 
-def test_tied_embeddings(tiny_ckpt):
-    ours = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0])
+def test_tied_embeddings(model_ckpt):
+    ours = GPT2LMHeadModel.from_pretrained(model_ckpt[0])
     assert ours.lm_head.weight is ours.transformer.wte.weight
 
 
-def test_hf_parameter_names(tiny_ckpt):
-    ours = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0])
+def test_hf_parameter_names(model_ckpt):
+    ours = GPT2LMHeadModel.from_pretrained(model_ckpt[0])
     names = set(dict(ours.named_parameters()))
     for expected in (
         "transformer.wte.weight",

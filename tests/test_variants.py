@@ -9,6 +9,7 @@ import torch
 from model import GPT2LMHeadModel
 from model.trainable import build_optimizer, set_trainable
 from modules.registry import VARIANTS, enabled_variants
+from tests.conftest import VOCAB
 from tests.variant_cases import MERGEABLE, NOT_IDENTITY_AT_INIT, VARIANT_CASES
 
 CASES = list(VARIANT_CASES)
@@ -30,7 +31,7 @@ def perturb_adapters(model, seed=1):
 
 
 def ids_batch(seed=0, batch=2, seq=12):
-    return torch.randint(0, 50257, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
 def test_every_registry_entry_is_in_the_matrix():
@@ -43,9 +44,9 @@ def test_every_registry_entry_is_in_the_matrix():
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_identity_at_init(tiny_ckpt, case):
-    base = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0], **NO_DROPOUT).eval()
-    model = build(tiny_ckpt[0], case)
+def test_identity_at_init(model_ckpt, case):
+    base = GPT2LMHeadModel.from_pretrained(model_ckpt[0], **NO_DROPOUT).eval()
+    model = build(model_ckpt[0], case)
     assert model.adapter_params, "the variant added no parameters"
     ids = ids_batch()
     with torch.no_grad():
@@ -57,12 +58,12 @@ def test_identity_at_init(tiny_ckpt, case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_causality_and_padding_invariance(tiny_ckpt, case):
-    model = build(tiny_ckpt[0], case)
+def test_causality_and_padding_invariance(model_ckpt, case):
+    model = build(model_ckpt[0], case)
     perturb_adapters(model)
     ids = ids_batch(seed=3, seq=14)
     changed = ids.clone()
-    changed[:, 8:] = (changed[:, 8:] + 11) % 50257
+    changed[:, 8:] = (changed[:, 8:] + 11) % VOCAB
     mask = torch.ones_like(ids)
     mask[0, :5] = 0  # left padding on row 0
     with torch.no_grad():
@@ -76,8 +77,8 @@ def test_causality_and_padding_invariance(tiny_ckpt, case):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("mode", ["adapters", "full-model", "last-linear-layer"])
-def test_trainable_sets_and_frozen_weights_unchanged(tiny_ckpt, case, mode):
-    model = build(tiny_ckpt[0], case).train()
+def test_trainable_sets_and_frozen_weights_unchanged(model_ckpt, case, mode):
+    model = build(model_ckpt[0], case).train()
     head = torch.nn.Linear(model.config.n_embd, 3)
     set_trainable(model, mode, heads=[head])
     names = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -107,10 +108,10 @@ def test_trainable_sets_and_frozen_weights_unchanged(tiny_ckpt, case, mode):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_kv_cache_equals_full_recompute(tiny_ckpt, case):
+def test_kv_cache_equals_full_recompute(model_ckpt, case):
     from modules.attention import KVCache
 
-    model = build(tiny_ckpt[0], case)
+    model = build(model_ckpt[0], case)
     perturb_adapters(model)
     ids = ids_batch(seed=8, seq=10)
     mask = torch.ones_like(ids)
@@ -126,20 +127,20 @@ def test_kv_cache_equals_full_recompute(tiny_ckpt, case):
     assert (torch.cat(steps, dim=1)[real] - full[real]).abs().max().item() <= 1e-5
 
 
-def test_adapters_mode_without_variant_raises(tiny_ckpt):
-    model = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0])
+def test_adapters_mode_without_variant_raises(model_ckpt):
+    model = GPT2LMHeadModel.from_pretrained(model_ckpt[0])
     with pytest.raises(ValueError, match="no variant is enabled"):
         set_trainable(model, "adapters")
     assert model.config.resolved_fine_tune_mode == "full-model"
-    assert build(tiny_ckpt[0], "lora").config.resolved_fine_tune_mode == "adapters"
+    assert build(model_ckpt[0], "lora").config.resolved_fine_tune_mode == "adapters"
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_save_load_round_trip(tiny_ckpt, case, tmp_path):
-    model = build(tiny_ckpt[0], case)
+def test_save_load_round_trip(model_ckpt, case, tmp_path):
+    model = build(model_ckpt[0], case)
     perturb_adapters(model)
     model.save_adapters(tmp_path / "adapters")
-    fresh = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0], **NO_DROPOUT).eval()
+    fresh = GPT2LMHeadModel.from_pretrained(model_ckpt[0], **NO_DROPOUT).eval()
     torch.manual_seed(123)  # a different random init of the adapters, overwritten by the load
     fresh.load_adapters(tmp_path / "adapters")
     ids = ids_batch(seed=5)
@@ -149,11 +150,11 @@ def test_save_load_round_trip(tiny_ckpt, case, tmp_path):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_load_adapters_follows_the_models_device_and_dtype(tiny_ckpt, case, tmp_path):
+def test_load_adapters_follows_the_models_device_and_dtype(model_ckpt, case, tmp_path):
     """Loading adapters into a model already moved (bf16 here, as a GPU stand-in; the meta device
     for placement) builds every variant module there, in that dtype."""
-    build(tiny_ckpt[0], case).save_adapters(tmp_path / "adapters")
-    fresh = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0], **NO_DROPOUT).to(torch.bfloat16).eval()
+    build(model_ckpt[0], case).save_adapters(tmp_path / "adapters")
+    fresh = GPT2LMHeadModel.from_pretrained(model_ckpt[0], **NO_DROPOUT).to(torch.bfloat16).eval()
     fresh.load_adapters(tmp_path / "adapters")
     assert {p.dtype for p in fresh.parameters()} == {torch.bfloat16}
     with torch.no_grad():
@@ -165,24 +166,24 @@ def test_load_adapters_follows_the_models_device_and_dtype(tiny_ckpt, case, tmp_
     assert {p.device.type for p in on_meta.parameters()} == {"meta"}
 
 
-def test_load_adapters_is_strict(tiny_ckpt, tmp_path):
+def test_load_adapters_is_strict(model_ckpt, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    model = build(tiny_ckpt[0], "lora")
+    model = build(model_ckpt[0], "lora")
     model.save_adapters(tmp_path / "a")
     tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     dropped = sorted(tensors)[0]
     del tensors[dropped]
     tensors["transformer.h.0.attn.c_attn.lora_Z.weight"] = torch.zeros(1)
     save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"))
-    fresh = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0])
+    fresh = GPT2LMHeadModel.from_pretrained(model_ckpt[0])
     with pytest.raises(ValueError, match=r"missing \[.*" + dropped.replace(".", r"\.") + r".*unexpected \[.*lora_Z"):
         fresh.load_adapters(tmp_path / "a")
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_merge(tiny_ckpt, case):
-    model = build(tiny_ckpt[0], case)
+def test_merge(model_ckpt, case):
+    model = build(model_ckpt[0], case)
     perturb_adapters(model)
     ids = ids_batch(seed=6)
     with torch.no_grad():
@@ -199,10 +200,10 @@ def test_merge(tiny_ckpt, case):
 
 
 @pytest.mark.parametrize("case", ["lora", "dora", "pissa"])
-def test_export_hf_round_trip(tiny_ckpt, case, tmp_path):
+def test_export_hf_round_trip(model_ckpt, case, tmp_path):
     import transformers
 
-    model = build(tiny_ckpt[0], case)
+    model = build(model_ckpt[0], case)
     perturb_adapters(model)
     model.export_hf(tmp_path / "hf")
     assert model.adapter_params  # exporting merges a copy, not this model
@@ -212,22 +213,22 @@ def test_export_hf_round_trip(tiny_ckpt, case, tmp_path):
         assert (hf(ids).logits - model(ids).logits).abs().max().item() <= 1e-5
 
 
-def test_export_hf_refuses_kora(tiny_ckpt, tmp_path):
-    model = build(tiny_ckpt[0], "kora")
+def test_export_hf_refuses_kora(model_ckpt, tmp_path):
+    model = build(model_ckpt[0], "kora")
     with pytest.raises(ValueError, match="non-linear"):
         model.export_hf(tmp_path / "hf")
     assert not (tmp_path / "hf" / "model.safetensors").exists()
 
 
-def test_kan_adapters_reload_after_a_grid_update(tiny_ckpt, tmp_path):
+def test_kan_adapters_reload_after_a_grid_update(model_ckpt, tmp_path):
     """update_grid changes the coefficient shapes; the grid travels with the saved adapters."""
-    model = build(tiny_ckpt[0], "kan_ffn")
+    model = build(model_ckpt[0], "kan_ffn")
     perturb_adapters(model)
     layer = model.transformer.h[0].mlp.kan_fc
     layer.update_grid(torch.linspace(-7, 7, 50)[:, None].expand(50, layer.in_features), refine=2)
     assert layer.spline_coeff.shape[-1] != model.config.kan_grid_size + model.config.kan_spline_order
     model.save_adapters(tmp_path / "adapters")
-    fresh = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0], **NO_DROPOUT).eval()
+    fresh = GPT2LMHeadModel.from_pretrained(model_ckpt[0], **NO_DROPOUT).eval()
     fresh.load_adapters(tmp_path / "adapters")
     ids = ids_batch(seed=9)
     with torch.no_grad():
