@@ -48,8 +48,8 @@ from experiments.inputs import InputError, reported
 from train import entry
 from train.cli import ArgumentParser
 from train.commands import exit_status
-from train.lifecycle import EXIT_STATUS, folder_state
-from train.run import legacy_folders, lock_holder, migrate_legacy
+from train.lifecycle import EXIT_STATUS
+from train.run import folder_state, legacy_folders, lock_holder, migrate_legacy
 from train.tasks import TASKS, labelled_tasks
 
 REPO = Path(__file__).resolve().parents[1]

@@ -39,7 +39,8 @@ from typing import Any
 import submitit
 
 from experiments.inputs import InputError
-from train.lifecycle import EXIT_STATUS, folder_state
+from train.lifecycle import EXIT_STATUS
+from train.run import folder_state
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -44,7 +44,7 @@ def test_an_out_dir_that_is_a_file_is_refused_before_anything_loads(tiny_ckpt, t
 
 def test_a_run_folder_given_as_model_points_to_resume_transfer_and_evaluate(tmp_path, capsys):
     run = tmp_path / "sst-lora-r8-a16-lr0.0002-s1-0123abcd"
-    run.mkdir()
+    (run / "checkpoints").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"run": run.name, "identity": {}, "training": {}}))
     line = parse_error(["--task", "sst", "--model", str(run), "--out_dir", str(tmp_path / "out")], capsys)
     assert "is a run folder" in line and "--resume" in line and "train.transfer" in line

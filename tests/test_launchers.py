@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from experiments import ablate, launchers
 from tests.conftest import DATA_DIR, PLUGINS, REPO, write_grid_preset
 from train import checkpoint as ckpt
-from train.lifecycle import folder_state
+from train.run import folder_state
 
 INPUTS = ["--data_dir", str(DATA_DIR)]
 

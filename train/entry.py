@@ -23,9 +23,9 @@ from datasets.common import DataError
 from model import CheckpointError, TokenizerNotFound
 from train.checkpoint import CheckpointCorrupt
 from train.cli import build_parser, build_spec, check_inputs
-from train.lifecycle import EXIT_DIVERGED, Interrupted, RunFolderError, StopSignals, TrainingDiverged
+from train.lifecycle import EXIT_DIVERGED, Interrupted, StopSignals, TrainingDiverged
 from train.loop import train
-from train.run import RunFolderBusy, run_folder
+from train.run import RunFolderBusy, RunFolderError, run_folder
 from train.runtime import cuda_kernel_settings
 from train.settings import MultitaskSettings, from_args, task_weights
 from train.spec import RunSpec

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
 import signal
 import sys
@@ -39,8 +38,17 @@ from model.trainable import build_optimizer, set_trainable
 from train import checkpoint as ckpt
 from train import distributed, graphs, lifecycle
 from train.distributed import device_synchronize
-from train.run import new_wandb_id, owned, run_folder
-from train.runs import RunLogger, git_commit, truncate_log, write_runs_row
+from train.run import (
+    RunFolderError,
+    check_run_folder,
+    diverged_note,
+    finish_run,
+    folder_state,
+    new_wandb_id,
+    owned,
+    run_folder,
+)
+from train.runs import RunLogger, git_commit, truncate_log
 from train.runtime import autocast_for, resolve_precision
 from train.settings import MultitaskSettings, TrainingSettings
 from train.spec import RunSpec, variant_tag
@@ -212,8 +220,8 @@ def train(spec: RunSpec, signals=None, start=None) -> dict:
     if placement.world > 1:
         dist.barrier()  # ... before any rank reads it
     with owned(run_dir, placement.main):  # one writer for the folder's whole life (train/run.py)
-        state = lifecycle.folder_state(run_dir)
-        saved_record = lifecycle.check_run_folder(run_dir, state, spec, placement.main)
+        state = folder_state(run_dir)
+        saved_record = check_run_folder(run_dir, state, spec, placement.main)
         if saved_record is not None and state == "finished" and not spec.output.extend_epochs:
             metrics = json.loads((run_dir / "metrics.json").read_text())
             if placement.main:
@@ -243,7 +251,7 @@ class Trainer:
         self.precision = resolve_precision(spec.runtime.precision, self.device)
         saved_precision = (saved_record or {}).get("precision")
         if saved_precision not in (None, self.precision):  # precision is not in the identity: keep a run's own
-            raise lifecycle.RunFolderError(
+            raise RunFolderError(
                 f"--resume: {run_dir.name} computed in {saved_precision}, this resume would compute in "
                 f"{self.precision}; pass --precision {saved_precision}"
             )
@@ -418,7 +426,7 @@ class Trainer:
                 f"so the lr goes from {old_lr:.3g} to {new_lr:.3g} at step {progress.step}",
                 file=sys.stderr,
             )
-        if note := lifecycle.diverged_note(self.run_dir):
+        if note := diverged_note(self.run_dir):
             print(note, file=sys.stderr)
         atomic_write_json(self.run_dir / "config.json", record)
 
@@ -781,68 +789,3 @@ def _interrupted_message(signum: int, progress: Progress, last: Path | None) -> 
         f"({progress.epoch} epoch(s) completed); "
         f"{where}. Continue with the same command plus --resume"
     )
-
-
-def _peak_memory_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def finish_run(run_dir: Path, spec: RunSpec, record, progress: Progress, best, device, objectives, extra) -> dict:
-    """metrics.json, then the run's runs.tsv row (where the folder is now, wherever it was made)."""
-    single = len(objectives) == 1
-    prefixed = {
-        n: {**m, "predictions": {k: f"predictions/{v}" for k, v in m["predictions"].items()}}
-        if "predictions" in m
-        else m
-        for n, m in best.items()
-    }
-    metrics: dict[str, Any] = dict(next(iter(prefixed.values()))) if single else {"tasks": prefixed}
-    metrics.update(
-        selection_score=progress.best,
-        best_step=progress.best_step,
-        steps=progress.step,
-        train_seconds=round(progress.train_seconds, 3),
-        peak_memory_mb=round(_peak_memory_mb(device), 1),
-        **extra,
-    )
-    primary = next(iter(objectives.values())).metric if single else "selection_score"
-    metrics.update(metric=primary, best_value=metrics.get(primary, progress.best))
-    atomic_write_json(run_dir / "metrics.json", metrics)
-    write_runs_row(run_dir.parent / "runs.tsv", runs_row(run_dir, spec, record, metrics, best))
-    return metrics
-
-
-def runs_row(run_dir: Path, spec: RunSpec, record: dict, metrics: dict, best: dict) -> dict[str, Any]:
-    """A finished run's runs.tsv row, from its record and metrics.json alone (so it can be rebuilt)."""
-    return {
-        "run": run_dir.name,
-        "task": record["task"],
-        "variant": variant_tag(spec.config),
-        "label": record.get("label") or variant_tag(spec.config),
-        "config_hash": record["config_hash"],
-        "seed": spec.seed,
-        "lr": spec.training.lr,
-        "fine_tune_mode": spec.config.resolved_fine_tune_mode,
-        "trainable_params": record["parameters"]["trainable"],
-        "total_params": record["parameters"]["total"],
-        "metric": metrics["metric"],
-        "best_value": metrics["best_value"],
-        "best_step": metrics["best_step"],
-        "dev_metrics": json.dumps({n: {k: v for k, v in m.items() if k != "predictions"} for n, m in best.items()}),
-        "train_seconds": metrics["train_seconds"],
-        "steps": metrics["steps"],
-        "seconds_per_step": round(metrics["train_seconds"] / max(1, metrics["steps"]), 6),
-        "generation_seconds": _generation_seconds(best),
-        "peak_memory_mb": metrics["peak_memory_mb"],
-        "git_commit": record["git_commit"],
-        "run_dir": str(run_dir),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-
-
-def _generation_seconds(best: dict) -> float | str:
-    """Seconds the best evaluation spent generating sonnets ('' when no task generates)."""
-    seconds = [m["generation_seconds"] for m in best.values() if "generation_seconds" in m]
-    return round(sum(seconds), 3) if seconds else ""

@@ -51,8 +51,8 @@ from train import entry
 from train.cli import build_parser, check_inputs, config_fields
 from train.commands import exit_status
 from train.evaluate import copy_run_weights
-from train.lifecycle import StopSignals, folder_state, read_record
-from train.run import legacy_spec, migrate_legacy, run_folder
+from train.lifecycle import StopSignals
+from train.run import folder_state, legacy_spec, migrate_legacy, read_record, run_folder
 from train.settings import OutputSettings, RuntimeSettings, TrainingSettings, given
 from train.spec import Checkpoint, RunSpec
 from train.tasks import TASKS, get_task, labelled_tasks, settings_classes
