@@ -386,3 +386,29 @@ def test_a_resume_keeps_the_runs_own_precision(tiny_ckpt, tokenizer_dir, tmp_pat
     capsys.readouterr()
     assert entry.main([*argv[:-2], "--precision", "bf16", "--resume"]) == 2
     assert "computed in fp32, this resume would compute in bf16; pass --precision fp32" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_copied_grid_keeps_its_runs_and_an_extended_run_keeps_one_row(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
+    first = tmp_path / "grid"
+    argv = [
+        "--task",
+        "sst",
+        "--model",
+        str(tiny_ckpt[0]),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--data_dir",
+        str(DATA_DIR),
+    ]
+    argv += ["--use_lora", "--wandb", "disabled", "--train_limit", "8", "--dev_limit", "4", "--test_limit", "2"]
+    argv += ["--batch_size", "4", "--epochs", "1"]
+    assert entry.main([*argv, "--out_dir", str(first)]) == 0
+    moved = tmp_path / "elsewhere" / "grid"
+    shutil.copytree(first, moved)  # a grid copied (or moved) to another disk
+    capsys.readouterr()
+    assert entry.main([*argv, "--out_dir", str(moved), "--resume"]) == 0
+    assert "already finished" in capsys.readouterr().out  # found under the same name, not planned again
+    assert entry.main([*argv, "--out_dir", str(moved), "--resume", "--extend_epochs", "1"]) == 0
+    rows = (moved / "runs.tsv").read_text().splitlines()[1:]
+    assert len(rows) == 1 and str(moved) in rows[0]  # its row replaced, not a second one
