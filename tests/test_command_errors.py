@@ -241,7 +241,7 @@ def test_wandb_files_carry_the_grouping_an_interrupted_run_is_marked_and_resume_
     argv = [
         sys.executable, "-m", "train", "--task", "sst", "--model", str(tiny_ckpt[0]), "--tokenizer",
         str(tokenizer_dir), "--data_dir", str(DATA_DIR), "--out_dir", str(tmp_path), "--wandb", "offline",
-        "--wandb_group", "gridx", "--label", "vera8", "--peft_method", "vera", "--train_limit", "400",
+        "--wandb_group", "gridx", "--label", "vera8", "--peft_method", "vera", "--train_limit", "120",
         "--dev_limit", "4", "--test_limit", "2", "--batch_size", "2", "--epochs", "1", "--save_every", "1",
     ]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -263,4 +263,4 @@ def test_wandb_files_carry_the_grouping_an_interrupted_run_is_marked_and_resume_
     assert subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=300).returncode == 0
     (resumed,) = set(run_dir.glob("wandb/offline-run-*/*.wandb")) - {first}
     # The resumed wandb run holds the history of every step: the earlier ones replayed from log.jsonl.
-    assert resumed.read_bytes().count(b"train/loss") >= 200
+    assert resumed.read_bytes().count(b"train/loss") >= 60
