@@ -264,3 +264,12 @@ def test_wandb_files_carry_the_grouping_an_interrupted_run_is_marked_and_resume_
     (resumed,) = set(run_dir.glob("wandb/offline-run-*/*.wandb")) - {first}
     # The resumed wandb run holds the history of every step: the earlier ones replayed from log.jsonl.
     assert resumed.read_bytes().count(b"train/loss") >= 60
+
+
+def test_the_readme_and_the_cli_agree_that_lora_kan_with_dora_is_kolmg_dora(tiny_ckpt, tmp_path):
+    readme = (REPO / "README.md").read_text()
+    assert "`use_kan` + `use_lora` + `lora_dora` | **KOLMG-DoRA**" in readme
+    assert "LoRA-KAN + `--lora_dora`) are refused" not in readme and "(LoRA-KAN + `--lora_dora`)" not in readme
+    argv = ["--task", "sst", "--model", str(tiny_ckpt[0]), "--out_dir", str(tmp_path)]
+    spec, _ = entry.parse(entry.GENERIC, [*argv, "--use_kan", "--use_lora", "--lora_dora"], inputs=False)
+    assert spec.config.lora_dora and spec.config.use_kan and "kandora" in spec.run_name()
