@@ -45,11 +45,12 @@ import torch
 from datasets.common import DataError, ensure_data
 from experiments import launchers
 from experiments.inputs import InputError, reported
+from model.loading import read_checkpoint_config
 from train import entry
-from train.cli import ArgumentParser
+from train.cli import ArgumentParser, render_argv
 from train.commands import exit_status
 from train.lifecycle import EXIT_STATUS
-from train.run import folder_state, legacy_folders, lock_holder, migrate_legacy
+from train.run import folder_state, legacy_folders, lock_holder, migrate_legacy, run_folder
 from train.tasks import TASKS, labelled_tasks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,7 +153,7 @@ def _plan_runs(preset: dict, out_dir: Path, inputs: list[str], model_spec: dict,
     else:
         model = model_spec.get("model", "gpt2")
     common = flag_list(preset.get("common", {}))
-    runs = []
+    runs, bases = [], {}
     for task in preset["tasks"]:
         for variant, variant_flags in preset["variants"].items():
             for seed in preset["seeds"]:
@@ -175,13 +176,16 @@ def _plan_runs(preset: dict, out_dir: Path, inputs: list[str], model_spec: dict,
                     *inputs,
                 ]
                 try:
-                    run_dir = entry.planned_run_dir(entry.GENERIC, argv, config_source)
+                    spec, _ = entry.parse(entry.GENERIC, argv, inputs=False, checkpoint_source=config_source)
                 except SystemExit:  # argparse printed what is wrong with the flags
                     raise InputError(
                         f"error: preset task {task!r}, variant {variant!r}: its flags are rejected "
                         f"by python -m {MODULE} (message above)"
                     ) from None
-                runs.append(PlannedRun(task, variant, seed, argv, MODULE, run_dir))
+                # The plan is the spec; its command line is rendered from it only to launch it.
+                base = bases.setdefault(config_source or model, read_checkpoint_config(config_source or model))
+                command = render_argv(spec, base)
+                runs.append(PlannedRun(task, variant, seed, command, MODULE, run_folder(spec, migrate=False)))
     return runs
 
 

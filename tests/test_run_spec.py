@@ -412,3 +412,22 @@ def test_a_copied_grid_keeps_its_runs_and_an_extended_run_keeps_one_row(tiny_ckp
     assert entry.main([*argv, "--out_dir", str(moved), "--resume", "--extend_epochs", "1"]) == 0
     rows = (moved / "runs.tsv").read_text().splitlines()[1:]
     assert len(rows) == 1 and str(moved) in rows[0]  # its row replaced, not a second one
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--task", "sst", "--use_lora", "--lora_r", "4", "--lora_targets", "qkv", "mlp_out", "--lr", "3e-4"],
+        ["--task", "sonnet", "--use_kan", "--kan_init", "random", "--temperature", "0.7", "--greedy", "--no_bucket"],
+        ["--task", "quora", "--paraphrase_head", "linear", "--attn_pdrop", "0", "--use_graph", "--graph_window", "8"],
+        ["--task", "cfimdb", "--peft_method", "vera", "--peft_config", '{"r": 4}', "--train_fraction", "0.5"],
+        ["--task", "sst", "--fine_tune_mode", "last-linear-layer", "--compile", "--precision", "fp32", "--label", "x"],
+    ],
+)
+def test_a_spec_renders_to_a_command_that_parses_back_to_it(tiny_ckpt, tmp_path, flags):
+    from train.cli import render_argv
+
+    argv = [*flags, "--model", str(tiny_ckpt[0]), "--out_dir", str(tmp_path), "--seed", "3", "--wandb", "disabled"]
+    spec, _ = entry.parse(entry.GENERIC, argv, inputs=False)
+    again, _ = entry.parse(entry.GENERIC, render_argv(spec), inputs=False)
+    assert dataclasses.replace(again, argv=()) == dataclasses.replace(spec, argv=())

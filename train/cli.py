@@ -251,3 +251,35 @@ def check_data(parser: argparse.ArgumentParser, tasks, data_dir: str | None, tok
     except (DataError, tokenizers.TokenizerNotFound) as error:
         parser.error(str(error))
     return folder
+
+
+def render_argv(spec: RunSpec, base: Any = None) -> list[str]:
+    """The command line of `python -m train` that parses back to `spec` (the inverse of `build_spec` for a
+    single-task run): `--task`, `--model`, every setting that differs from its default, and every config
+    field that differs from the checkpoint's own (`base`: its config as read, default read here)."""
+    if len(spec.tasks) != 1 or spec.label != spec.tasks[0] or spec.transfer_from is not None:
+        raise ValueError(f"only a plain single-task run renders as `python -m train` flags, not {spec.label!r}")
+    argv = ["--task", spec.tasks[0], "--model", spec.checkpoint.source]
+    for settings in (spec.training, *spec.task_settings.values(), spec.output, spec.runtime):
+        for f in type(settings).knobs():
+            value = getattr(settings, f.name)
+            if value != f.default:
+                argv += _flag(f.name, value, switch=f.default is False)
+    base = base if base is not None else read_checkpoint_config(spec.checkpoint.source)
+    for f in config_fields():
+        value = getattr(spec.config, f.name)
+        if value != getattr(base, f.name):
+            argv += _flag(f.name, value, switch=False)
+    return argv
+
+
+def _flag(name: str, value: Any, switch: bool) -> list[str]:
+    if isinstance(value, bool):
+        if switch:
+            return [f"--{name}"] if value else []
+        return [f"--{name}" if value else f"--no-{name}"]
+    if isinstance(value, tuple):
+        return [f"--{name}", *map(str, value)]
+    if isinstance(value, dict):
+        return [f"--{name}", json.dumps(value, sort_keys=True)]
+    return [f"--{name}", repr(value) if isinstance(value, float) else str(value)]
