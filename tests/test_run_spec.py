@@ -22,7 +22,7 @@ import pytest
 from model.config import GPT2Config
 from model.fingerprint import checkpoint_identity
 from modules.variant import JSONObject, knob
-from tests.conftest import DATA_DIR, REPO, make_hf_checkpoint
+from tests.conftest import REPO, make_hf_checkpoint, run_paths
 from train import entry
 from train.run import RunFolderBusy, RunLock, lock_holder, migrate_legacy, run_folder
 from train.settings import MultitaskSettings, OutputSettings, RuntimeSettings, TrainingSettings
@@ -346,16 +346,7 @@ def test_train_takes_a_spec_in_process_and_records_it(tiny_ckpt, tokenizer_dir, 
     from train.loop import train
     from train.tasks import settings_classes
 
-    argv = [
-        "--task",
-        "sst",
-        "--model",
-        str(tiny_ckpt[0]),
-        "--tokenizer",
-        str(tokenizer_dir),
-        "--data_dir",
-        str(DATA_DIR),
-    ]
+    argv = ["--task", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir)]
     spec, _ = entry.parse(entry.GENERIC, [*argv, "--out_dir", str(tmp_path), "--use_lora", "--wandb", "disabled"])
     spec = dataclasses.replace(
         spec, training=dataclasses.replace(spec.training, max_steps=2, train_limit=8, dev_limit=4)
@@ -368,16 +359,7 @@ def test_train_takes_a_spec_in_process_and_records_it(tiny_ckpt, tokenizer_dir, 
 
 @pytest.mark.slow
 def test_a_resume_keeps_the_runs_own_precision(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
-    argv = [
-        "--task",
-        "sst",
-        "--model",
-        str(tiny_ckpt[0]),
-        "--tokenizer",
-        str(tokenizer_dir),
-        "--data_dir",
-        str(DATA_DIR),
-    ]
+    argv = ["--task", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir)]
     argv += ["--out_dir", str(tmp_path), "--use_lora", "--wandb", "disabled", "--max_steps", "2", "--train_limit", "8"]
     argv += ["--dev_limit", "4", "--test_limit", "2", "--batch_size", "4", "--precision", "fp32"]
     assert entry.main(argv) == 0
@@ -391,16 +373,7 @@ def test_a_resume_keeps_the_runs_own_precision(tiny_ckpt, tokenizer_dir, tmp_pat
 @pytest.mark.slow
 def test_a_copied_grid_keeps_its_runs_and_an_extended_run_keeps_one_row(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
     first = tmp_path / "grid"
-    argv = [
-        "--task",
-        "sst",
-        "--model",
-        str(tiny_ckpt[0]),
-        "--tokenizer",
-        str(tokenizer_dir),
-        "--data_dir",
-        str(DATA_DIR),
-    ]
+    argv = ["--task", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir)]
     argv += ["--use_lora", "--wandb", "disabled", "--train_limit", "8", "--dev_limit", "4", "--test_limit", "2"]
     argv += ["--batch_size", "4", "--epochs", "1"]
     assert entry.main([*argv, "--out_dir", str(first)]) == 0
