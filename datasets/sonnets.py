@@ -22,6 +22,7 @@ FILES = {
     "test_prompts": "sonnets_held_out.txt",
 }
 _NUMBER_LINE = re.compile(r"[ \t]*\d+[ \t]*")
+PLAUSIBLE_LINES = 40  # a sonnet has 14 lines (a few in the corpus 12 or 15); far more means merged blocks
 
 
 def read_sonnet_file(path: Path, min_lines: int = 1) -> list[tuple[str, str]]:
@@ -45,6 +46,16 @@ def read_sonnet_file(path: Path, min_lines: int = 1) -> list[tuple[str, str]]:
         if len([ln for ln in lines if ln.strip()]) < min_lines:
             raise DataError(f"{path}:{line_no}: sonnet {number} has fewer than {min_lines} line(s)")
         sonnets.append((number, body))
+    longest = max(blocks, key=lambda block: len([ln for ln in block[2] if ln.strip()]))
+    if (count := len([ln for ln in longest[2] if ln.strip()])) > PLAUSIBLE_LINES:
+        log.warning(
+            "%s:%d: sonnet %s has %d lines (a sonnet has 14): the number lines between sonnets may be missing, "
+            "so several sonnets read as one",
+            path,
+            longest[1],
+            longest[0],
+            count,
+        )
     last_line = sonnets[-1][1].rstrip().rsplit("\n", 1)[-1]
     if min_lines == 1 and last_line and last_line[-1].isalnum():  # every sonnet ends with a punctuation mark
         log.warning(

@@ -49,6 +49,7 @@ from model.loading import read_checkpoint_config
 from train import entry
 from train.cli import ArgumentParser, render_argv
 from train.commands import exit_status
+from train.index import update_index
 from train.lifecycle import EXIT_STATUS
 from train.run import folder_state, legacy_folders, lock_holder, migrate_legacy, run_folder
 from train.tasks import TASKS, labelled_tasks
@@ -489,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as error:
         raise InputError(f"error: transfer target data: {error}") from None
     out_dir.mkdir(parents=True, exist_ok=True)
+    update_index(out_dir)  # every finished run has its runs.tsv row (a run killed after metrics.json had none)
     if "random_init" in model_spec:
         tiny_checkpoint(out_dir, model_spec["random_init"])
     # config hash (the last part of a run folder's name) -> the preset's variant name, for reports
@@ -539,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        update_index(out_dir)
     failed, interrupted, not_started = outcome["failed"], outcome["interrupted"], outcome["not_started"]
     seconds = time.perf_counter() - start
     if jobs.stop_signal is not None:

@@ -25,7 +25,6 @@ majority-class accuracy of the target's dev set is printed beside each table.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import statistics
@@ -40,6 +39,7 @@ import matplotlib.pyplot as plt
 
 from experiments.inputs import InputError, reported
 from train.commands import exit_status
+from train.index import read_index
 from train.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,13 +47,15 @@ REPO = Path(__file__).resolve().parents[1]
 TASK_ORDER = list(TASKS)
 
 
-def read_runs(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise InputError(f"error: {path} not found (run experiments/ablate.py first)")
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t"))
+def read_runs(grid: Path) -> list[dict]:
+    """The grid's rows, from runs.tsv synced with its run folders (train/index.py adds a finished run's
+    missing row and rebuilds a damaged file), their numbers parsed."""
+    path = grid / "runs.tsv"
+    if not grid.is_dir():
+        raise InputError(f"error: {grid} is not a grid folder (run experiments/ablate.py first)")
+    rows = read_index(grid)
     if not rows:
-        raise InputError(f"error: {path} has no runs")
+        raise InputError(f"error: {path} has no runs" if path.exists() else f"error: {grid} has no finished runs")
     for line, row in enumerate(rows, start=2):
         try:
             row["best_value"] = float(row["best_value"])
@@ -456,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: <grid>/report)")
     parser.add_argument("--baseline", default=None, help="variant to compare against (default: the base model)")
     args = parser.parse_args(argv)
-    rows = read_runs(args.grid / "runs.tsv")
+    rows = read_runs(args.grid)
     manifest = _read_json(args.grid / "transfer.json")
     if manifest is None and (args.grid / "transfer.json").exists():
         raise InputError(f"error: {args.grid / 'transfer.json'} cannot be read; re-run ablate.py to rewrite it")

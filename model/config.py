@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from model.size import STACK_LIMIT, stack_parameters
 from modules.registry import VARIANTS, Variant, enabled_variants
 from modules.variant import Settings, knob
 
@@ -60,6 +61,12 @@ class ModelSettings(Settings):
     def validate(self) -> None:
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"GPT2Config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        size = stack_parameters(self.vocab_size, self.n_positions, self.n_embd, self.n_layer, self.n_inner)
+        if size > STACK_LIMIT:  # checked before anything is built: n_layer 10^6 would allocate until memory runs out
+            raise ValueError(
+                f"GPT2Config describes {size:.3g} parameters (vocab_size {self.vocab_size}, n_positions "
+                f"{self.n_positions}, n_embd {self.n_embd}, n_layer {self.n_layer}), more than any machine can hold"
+            )
 
 
 # The stack a checkpoint fixes (never a CLI override).

@@ -38,6 +38,28 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
             os.unlink(tmp)
 
 
+class UnreadableFile(ValueError):
+    """A JSON file that cannot be read as the object it should be; the message names it and says why."""
+
+
+def read_json_object(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The JSON object in `path`, with the `required` keys; UnreadableFile otherwise (garbage, not UTF-8,
+    a list, a key missing). A missing file raises FileNotFoundError as usual."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise UnreadableFile(f"{path} is corrupt ({type(error).__name__}: {error})") from None
+    if not isinstance(value, dict):
+        raise UnreadableFile(f"{path} is corrupt (a JSON {type(value).__name__}, not an object)")
+    missing = [key for key in required if key not in value]
+    if missing:
+        raise UnreadableFile(f"{path} is corrupt (it lacks {', '.join(missing)})")
+    return value
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 

@@ -22,7 +22,7 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors.torch import load_file
 
 from model.config import GPT2Config
-from model.files import atomic_write_json, write_safetensors
+from model.files import UnreadableFile, atomic_write_json, read_json_object, write_safetensors
 from model.hub import hub_unreachable
 
 log = logging.getLogger(__name__)
@@ -126,10 +126,11 @@ def read_checkpoint_config(name_or_path: str | Path, name: str | None = None, **
     A broken checkpoint raises CheckpointError; an override that does not fit raises ValueError."""
     config_file = resolve_config_file(name_or_path)
     try:
-        hf_config = json.loads(config_file.read_text())
+        hf_config = read_json_object(config_file)
+    except UnreadableFile as error:
+        raise CheckpointError(str(error)) from None
+    try:
         base = GPT2Config.from_hf_dict(hf_config)
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{config_file} is not valid JSON: {error}") from error
     except ValueError as error:
         raise CheckpointError(f"{config_file}: {error}") from error
     return base.replace(**overrides, name=str(name or name_or_path))
@@ -149,8 +150,13 @@ def read_weights(weights_file: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{weights_file} cannot be read: {type(error).__name__}: {error}") from None
     try:
         return torch.load(weights_file, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"{weights_file} could not be read as plain tensors: {error}") from error
+    except Exception as error:  # noqa: BLE001 - torch's text for a refused pickle is many lines and advises
+        # weights_only=False (running the file's code): one line instead, with a safe way out
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{weights_file} cannot be read as plain tensors ({first}); a file that needs full unpickling is "
+            "refused, since unpickling runs code the file carries. Convert it to model.safetensors where you trust it"
+        ) from None
 
 
 # ---------------------------------------------------------------- name maps

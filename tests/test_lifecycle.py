@@ -271,10 +271,10 @@ def test_spike_is_not_checkpointed_and_resume_says_the_run_diverged(
     original = ClassificationTask.loss_on  # the training step's loss
     calls = {"n": 0}
 
-    def poisoned(self, *args, **kwargs):  # step 8: a finite spike; step 10: NaN
+    def poisoned(self, *args, **kwargs):  # step 8: a finite spike (below the blow-up bound); step 10: NaN
         calls["n"] += 1
         loss = original(self, *args, **kwargs)
-        return loss * {8: 1e6, 10: float("nan")}.get(calls["n"], 1.0)
+        return loss * {8: 30.0, 10: float("nan")}.get(calls["n"], 1.0)
 
     monkeypatch.setattr(ClassificationTask, "loss_on", poisoned)
     argv = sst(tiny_ckpt, tokenizer_dir, tmp_path, "--train_limit", "48", "--save_every", "1", "--epochs", "1")

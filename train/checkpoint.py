@@ -5,13 +5,15 @@ Layout inside a run folder:
     checkpoints/best-000100/   (same files)
     checkpoints/last.json      {"folder": "last-000120"}   <- replaced atomically after the folder is complete
     checkpoints/best.json
-A checkpoint folder is written completely (files fsynced) before its pointer is switched, so a
-SIGKILL at any moment leaves the previous pointer on a complete checkpoint. Nothing is pickled:
+A checkpoint folder is written completely (files fsynced) under a name no pointer uses (`last-000120.1`
+when the same step is saved again) before its pointer is switched, and the old folder is deleted only
+after: a SIGKILL at any moment leaves each pointer on a complete checkpoint. Nothing is pickled:
 tensors go to safetensors, everything else to JSON.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -23,11 +25,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.files import atomic_write_text, unshared
+from model.files import UnreadableFile, atomic_write_text, read_json_object, unshared
 
 
 class CheckpointCorrupt(ValueError):
     """A checkpoint pointer or folder that cannot be read; the message names the file."""
+
+
+class DiskFull(OSError):
+    """No space left while writing a checkpoint; the message says where and what to do."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -137,30 +143,55 @@ def _to_cpu(tensor: torch.Tensor, copy: bool) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=copy).contiguous()
 
 
-def _write_checkpoint(directory: Path, kind: str, step: int, weights: dict, tensors: dict, state: dict) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
+def _fresh_name(directory: Path, kind: str, step: int) -> str:
+    """`<kind>-<step>`, or `<kind>-<step>.<n>` when that folder exists (the same step saved again, e.g. by
+    a resumed run): a checkpoint is never written over the folder a pointer may name."""
     name = f"{kind}-{step:06d}"
+    suffix = 0
+    while (directory / (name if not suffix else f"{name}.{suffix}")).exists():
+        suffix += 1
+    return name if not suffix else f"{name}.{suffix}"
+
+
+def _write_checkpoint(directory: Path, kind: str, step: int, weights: dict, tensors: dict, state: dict) -> Path:
+    """Write the folder completely under a fresh name, switch `<kind>.json` to it, then delete the folder
+    it named before: a kill at any moment leaves the pointer on a complete folder. A full disk removes
+    the partial folder and raises DiskFull (the previous checkpoint stays)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = _fresh_name(directory, kind, step)
     final = directory / name
     staging = directory / f".{name}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    save_file(unshared(weights), str(staging / "trainable.safetensors"))
-    save_file(tensors, str(staging / "optimizer.safetensors"))
-    (staging / "state.json").write_text(json.dumps(state, indent=1))
-    for file in staging.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(staging, final)
-    _fsync_dir(directory)
-    pointer = directory / f"{kind}.json"
     try:
-        previous = json.loads(pointer.read_text())["folder"] if pointer.exists() else None
-    except (ValueError, KeyError, TypeError):
-        previous = None  # a corrupt pointer is replaced below
-    atomic_write_text(pointer, json.dumps({"folder": name, "step": step}))
-    if previous and previous != name:
-        shutil.rmtree(directory / previous, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        save_file(unshared(weights), str(staging / "trainable.safetensors"))
+        save_file(tensors, str(staging / "optimizer.safetensors"))
+        (staging / "state.json").write_text(json.dumps(state, indent=1))
+        for file in staging.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.replace(staging, final)
+        _fsync_dir(directory)
+        pointer = directory / f"{kind}.json"
+        try:
+            previous = json.loads(pointer.read_text())["folder"] if pointer.exists() else None
+        except (ValueError, KeyError, TypeError):
+            previous = None  # a corrupt pointer is replaced below
+        atomic_write_text(pointer, json.dumps({"folder": name, "step": step}))
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(
+                f"disk full while writing the checkpoint at step {step} to {directory}; free space and --resume"
+            ) from None
+        raise
+    # The folder the pointer named before, and any a kill left behind (a folder written but never pointed
+    # at, a staging folder): only the one the pointer names now stays.
+    stale = (
+        {previous} | {p.name for p in directory.glob(f"{kind}-*")} | {p.name for p in directory.glob(f".{kind}-*.tmp")}
+    )
+    for old in sorted(n for n in stale if n and n != name):
+        shutil.rmtree(directory / old, ignore_errors=True)
     return final
 
 
@@ -200,20 +231,23 @@ def checkpoint_folder(directory: Path, kind: str) -> Path | None:
     if not pointer.exists():
         return None
     try:
-        name = json.loads(pointer.read_text())["folder"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointCorrupt(f"{pointer} is corrupt ({type(error).__name__}: {error})") from None
-    folder = directory / name
-    if not folder.is_dir():
+        name = read_json_object(pointer, ("folder",))["folder"]
+    except UnreadableFile as error:
+        raise CheckpointCorrupt(str(error)) from None
+    folder = directory / str(name)
+    if "/" in str(name) or not folder.is_dir():
         raise CheckpointCorrupt(f"{pointer} points at {folder}, which does not exist")
     return folder
+
+
+STATE_KEYS = ("step", "optimizer", "scheduler", "rng", "progress")
 
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor]]:
     """(trainable weights, state.json, optimizer + RNG tensors) of a checkpoint folder."""
     try:
         trainable = load_file(str(folder / "trainable.safetensors"))
-        state = json.loads((folder / "state.json").read_text())
+        state = read_json_object(folder / "state.json", STATE_KEYS)
         return trainable, state, load_file(str(folder / "optimizer.safetensors"))
     except Exception as error:  # noqa: BLE001 - truncated safetensors, bad JSON, missing file: one message
         raise CheckpointCorrupt(f"checkpoint {folder} cannot be read ({type(error).__name__}: {error})") from None

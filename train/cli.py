@@ -27,7 +27,9 @@ from model import tokenizer as tokenizers
 from model.config import STACK_FIELDS, ModelSettings, field_hint, settings_fields
 from model.fingerprint import checkpoint_identity
 from model.loading import CheckpointError, read_checkpoint_config
+from model.size import check_fits
 from modules.registry import VARIANTS, enabled_variants, knob_owner, switches, used_knobs
+from train.distributed import rank_device
 from train.runtime import check_device
 from train.settings import (
     CommandSettings,
@@ -57,7 +59,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in config_fields():
         kwargs = _argparse_type(field_hint(f.name))
         if f.metadata.get("cli") == "json_file":
-            kwargs = {"type": read_json_object, "metavar": "PATH"}
+            kwargs = {"type": json_object_flag, "metavar": "PATH"}
         help_text = f.metadata.get("help", "").replace("%", "%%")
         if "(default" not in help_text:  # a help text that explains its default says it once
             help_text += f" (default: {shown_default(f.default)})"
@@ -65,12 +67,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{f.name}", default=None, help=help_text, **kwargs)
 
 
-def read_json_object(path: str) -> dict:
+def json_object_flag(path: str) -> dict:
     """A flag's JSON object: a file (e.g. a peft adapter_config.json), or the object itself written
     inline (`'{"r": 4}'`, handy in grid presets); an error names the file and line."""
     import json
 
-    inline = path.lstrip().startswith("{")
+    inline = path.lstrip()[:1] in ("{", "[")  # JSON written inline (a list is refused below, as JSON)
     source = "inline JSON" if inline else path
     try:
         value = json.loads(path if inline else Path(path).read_text())
@@ -218,6 +220,7 @@ def build_spec(
         model = args.model or "gpt2"
         check_model_flag(model)
         config = resolve_config(args, checkpoint_source)
+        check_fits(config, rank_device(runtime.device, 0, 1))  # before anything is built or allocated
         training = training.resolved(config.resolved_fine_tune_mode)
         checkpoint = Checkpoint(str(model), checkpoint_identity(checkpoint_source or model))
     except (ValueError, CheckpointError) as error:
@@ -247,6 +250,8 @@ def check_data(parser: argparse.ArgumentParser, tasks, data_dir: str | None, tok
     try:
         files = sorted({name for task in tasks for name in get_task(task).data_files()})
         folder = ensure_data(files, data_dir)
+        for task in tasks:
+            get_task(task).check_files(folder)
         tokenizers.load_tokenizer(tokenizer)  # looked up on the module, so tests can replace it
     except (DataError, tokenizers.TokenizerNotFound) as error:
         parser.error(str(error))

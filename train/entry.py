@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import sys
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from datasets.common import DataError
 from model import CheckpointError, TokenizerNotFound
-from train.checkpoint import CheckpointCorrupt
+from train.checkpoint import CheckpointCorrupt, DiskFull
 from train.cli import build_parser, build_spec, check_inputs
 from train.lifecycle import EXIT_DIVERGED, Interrupted, StopSignals, TrainingDiverged
 from train.loop import train
@@ -35,6 +36,7 @@ from train.tasks import TASKS
 USER_ERRORS = (
     CheckpointError,
     CheckpointCorrupt,
+    DiskFull,
     DataError,
     TokenizerNotFound,
     RunFolderError,
@@ -187,6 +189,12 @@ def execute(spec: RunSpec, signals: StopSignals, start=None) -> int:
         return error.exit_status
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = error.filename or "the run folder"
+        print(f"error: disk full while writing {where}; free space and --resume", file=sys.stderr)
         return 2
     if signals.received is not None:  # arrived during the last evaluation: the run finished anyway
         print("the run finished before the signal could stop it", file=sys.stderr)

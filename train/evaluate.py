@@ -31,7 +31,7 @@ import torch
 from datasets.common import DataError
 from model import CheckpointError, GPT2LMHeadModel, TokenizerNotFound, load_tokenizer
 from model.config import STACK_FIELDS
-from model.files import atomic_write_json
+from model.files import UnreadableFile, atomic_write_json, read_json_object
 from modules.registry import variant_state
 from train import checkpoint as ckpt
 from train.cli import ArgumentParser, check_data
@@ -54,7 +54,10 @@ def load_model(spec: str) -> tuple[GPT2LMHeadModel, dict[str, dict[str, torch.Te
         )
     if best is None or not (path / "config.json").is_file():
         return GPT2LMHeadModel.from_pretrained(spec), {}, {}
-    record = json.loads((path / "config.json").read_text())
+    try:
+        record = read_json_object(path / "config.json", ("config", "training"))
+    except UnreadableFile as error:
+        raise CheckpointError(f"{path} is a run folder whose record is damaged: {error}") from None
     saved = record["config"]
     overrides = {k: v for k, v in saved.items() if k not in (*STACK_FIELDS, "name")}
     model = GPT2LMHeadModel.from_pretrained(record["training"]["model"], **overrides)
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return _evaluate(args)
-    except (CheckpointError, DataError, TokenizerNotFound, FileNotFoundError) as error:
+    except (CheckpointError, ckpt.CheckpointCorrupt, DataError, TokenizerNotFound, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -68,23 +68,37 @@ class StopSignals:
 
 
 class DivergenceGuard:
-    """Judges each step's loss: non-finite stops the run; a spike (more than `factor` times the
-    median of the last `window` healthy losses of that task) is reported and the checkpoint whose
-    weights produced it is not kept. Losses are compared per task (their scales differ)."""
+    """Judges each step's loss, per task (their scales differ), from the first step on:
+    * non-finite, or a **blow-up** (above `blowup_factor` times the larger of the task's first loss and
+      ln(vocabulary size), the loss of a uniform guess over the vocabulary): the run stops (exit 3);
+    * a **spike** (above `spike_factor` times the median of the last `window` healthy losses, judged once
+      `warmup` of them exist): reported, and the checkpoint whose weights produced it is not kept.
+    A blow-up needs no history, so `--lr 1e3` (loss 1.6 -> 7e6 at step 2) stops at step 2."""
 
-    def __init__(self, factor: float, window: int = 100, warmup: int = 5) -> None:
-        self.factor, self.warmup = factor, warmup
+    def __init__(
+        self, spike_factor: float, blowup_factor: float = 0.0, floor: float = 0.0, window: int = 100, warmup: int = 5
+    ) -> None:
+        self.factor, self.warmup = spike_factor, warmup
+        self.blowup_factor, self.floor = blowup_factor, floor
         self.window = window
         self.healthy: dict[str, deque] = {}
+        self.first: dict[str, float] = {}
 
-    def check(self, task: str, loss: float) -> str | None:
-        """None when healthy, else a description of what is wrong."""
+    def check(self, task: str, loss: float) -> tuple[str, bool] | None:
+        """None when healthy, else (what is wrong, whether the run must stop)."""
         if not math.isfinite(loss):
-            return f"non-finite loss ({loss})"
+            return f"non-finite loss ({loss})", True
+        reference = max(self.first.setdefault(task, loss), self.floor)
+        if self.blowup_factor and loss > self.blowup_factor * reference:
+            return (
+                f"loss blow-up ({loss:.4g}, more than {self.blowup_factor:g}x max(first loss "
+                f"{self.first[task]:.4g}, ln(vocab) {self.floor:.4g}))",
+                True,
+            )
         history = self.healthy.setdefault(task, deque(maxlen=self.window))
         if self.factor and len(history) >= self.warmup:
             median = statistics.median(history)
             if loss > self.factor * median:
-                return f"loss spike ({loss:.4g}, more than {self.factor:g}x the running median {median:.4g})"
+                return f"loss spike ({loss:.4g}, more than {self.factor:g}x the running median {median:.4g})", False
         history.append(loss)
         return None

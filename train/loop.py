@@ -46,7 +46,9 @@ from train.run import (
     folder_state,
     new_wandb_id,
     owned,
+    read_metrics,
     run_folder,
+    sync_index,
 )
 from train.runs import RunLogger, git_commit, truncate_log
 from train.runtime import autocast_for, resolve_precision
@@ -223,8 +225,9 @@ def train(spec: RunSpec, signals=None, start=None) -> dict:
         state = folder_state(run_dir)
         saved_record = check_run_folder(run_dir, state, spec, placement.main)
         if saved_record is not None and state == "finished" and not spec.output.extend_epochs:
-            metrics = json.loads((run_dir / "metrics.json").read_text())
+            metrics = read_metrics(run_dir)
             if placement.main:
+                sync_index(run_dir)  # a run killed after its metrics.json gets its runs.tsv row now
                 print(
                     f"{run_dir} is already finished (selection score {metrics.get('selection_score')} at step "
                     f"{metrics.get('best_step')}); nothing to do. --resume --extend_epochs N trains it further."
@@ -292,7 +295,9 @@ class Trainer:
         self.captured = None  # CapturedSteps, made after the first (eager) step measured no host sync
         # Under torchrun rank 0 writes on a thread, so the other ranks never wait in a collective for its disk.
         self.writer = ckpt.BackgroundWriter() if self.world > 1 and self.main else None
-        self.guard = lifecycle.DivergenceGuard(spec.output.spike_factor)
+        self.guard = lifecycle.DivergenceGuard(
+            spec.output.spike_factor, spec.output.blowup_factor, floor=math.log(spec.config.vocab_size)
+        )
         self.last_save = time.monotonic()
         self.tokens_since = 0
 
@@ -558,10 +563,10 @@ class Trainer:
         """Stop on a non-finite loss or gradient norm; a spike (the guard's) is returned to the caller."""
         spike = None
         for (task, _), value in zip(group, loss_values, strict=True):
-            problem = self.guard.check(task, value)
-            if problem and not math.isfinite(value):
-                raise self.diverged(task, value, problem)
-            spike = spike or problem
+            verdict = self.guard.check(task, value)
+            if verdict is not None and verdict[1]:  # non-finite or blown up: nothing after this is kept
+                raise self.diverged(task, value, verdict[0])
+            spike = spike or (verdict[0] if verdict else None)
         if not math.isfinite(grad_norm):  # clipping would write NaN into the weights
             raise self.diverged(group[-1][0], loss_values[-1], f"non-finite gradient norm ({grad_norm})")
         return spike

@@ -32,20 +32,20 @@ import resource
 import secrets
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from model.config import GPT2Config
-from model.files import atomic_write_json
+from model.files import UnreadableFile, atomic_write_json, read_json_object
 from model.fingerprint import checkpoint_identity
 from model.loading import CheckpointError
 from train import checkpoint as ckpt
-from train.runs import drop_runs_row, log_entries, rewrite_runs_rows, write_runs_row
+from train.index import drop_runs_row, rename_row, row_from_folder, update_index, write_runs_row
+from train.runs import log_entries
 from train.settings import MultitaskSettings, OutputSettings, RuntimeSettings, TrainingSettings
-from train.spec import Checkpoint, RunSpec, flat_identity, variant_tag
+from train.spec import Checkpoint, RunSpec, flat_identity
 from train.tasks import TASKS
 
 LOCK_NAME = ".lock"
@@ -73,11 +73,21 @@ def logged_steps(run_dir: Path) -> int:
 def read_record(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "config.json"
     try:
-        return json.loads(path.read_text())
+        return read_json_object(path)
     except FileNotFoundError:
         raise RunFolderError(f"{run_dir} has no config.json; it is not a run folder of this code") from None
-    except ValueError as error:
-        raise RunFolderError(f"{path} is corrupt ({error}); pass --overwrite to start the run again") from None
+    except UnreadableFile as error:
+        raise RunFolderError(f"{error}; pass --overwrite to start the run again") from None
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    """A finished run's metrics.json; a damaged one is a RunFolderError that says how to finish it again."""
+    try:
+        return read_json_object(run_dir / "metrics.json")
+    except UnreadableFile as error:
+        raise RunFolderError(
+            f"{error}; the run's checkpoints are intact: delete that file and --resume to finish the run again"
+        ) from None
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -121,14 +131,17 @@ def clear_run_folder(run_dir: Path) -> None:
 
 def refuse_fresh_start(run_dir: Path, state: str) -> RunFolderError:
     if state == "finished":
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = read_metrics(run_dir)
         return RunFolderError(
             f"{run_dir} holds a finished run (selection score {metrics.get('selection_score')} at step "
             f"{metrics.get('best_step')}); pass --overwrite to train it again, or --resume --extend_epochs N "
             f"to train it further"
         )
     if state == "interrupted":
-        step = json.loads((run_dir / "checkpoints" / "last.json").read_text()).get("step")
+        try:
+            step = read_json_object(run_dir / "checkpoints" / "last.json").get("step")
+        except UnreadableFile:
+            step = "unknown: its pointer is corrupt"
         return RunFolderError(
             f"{run_dir} holds an interrupted run (last checkpoint at step {step}); pass --resume to continue "
             f"it or --overwrite to start it again"
@@ -174,7 +187,7 @@ def check_run_folder(run_dir: Path, state: str, spec: Any, main_process: bool) -
             raise refuse_fresh_start(run_dir, state)
         if main_process:
             clear_run_folder(run_dir)
-            drop_runs_row(run_dir.parent / "runs.tsv", run_dir)
+            drop_runs_row(run_dir.parent, run_dir)
     return None
 
 
@@ -182,7 +195,10 @@ def diverged_note(run_dir: Path) -> str | None:
     path = run_dir / "diverged.json"
     if not path.exists():
         return None
-    info = json.loads(path.read_text())
+    try:
+        info = read_json_object(path)
+    except UnreadableFile as error:
+        return f"note: this run diverged before ({error})"
     return (
         f"note: this run diverged before ({info.get('reason')} at step {info.get('step')}, task "
         f"{info.get('task')}); it resumes from its last healthy checkpoint, and with the same settings it "
@@ -408,20 +424,8 @@ def _migrate_one(folder: Path, out_dir: Path) -> tuple[Path, Path] | None:
         migrated_from={"run": old_name, "config_hash": record.get("config_hash")},
     )
     atomic_write_json(target / "config.json", record)
-    _migrate_row(out_dir / "runs.tsv", old_name, target, spec)
+    rename_row(out_dir, old_name, target, spec.identity_hash())
     return folder, target
-
-
-def _migrate_row(path: Path, old_name: str, new: Path, spec: RunSpec) -> None:
-    if not path.exists():
-        return
-
-    def update(fields: dict[str, str]) -> dict[str, str] | None:
-        if Path(fields.get("run_dir", "")).name != old_name:
-            return fields
-        return {**fields, "run": new.name, "run_dir": str(new), "config_hash": spec.identity_hash()}
-
-    rewrite_runs_rows(path, update)
 
 
 @contextlib.contextmanager
@@ -471,39 +475,12 @@ def finish_run(run_dir: Path, spec: RunSpec, record, progress, best, device, obj
     primary = next(iter(objectives.values())).metric if single else "selection_score"
     metrics.update(metric=primary, best_value=metrics.get(primary, progress.best))
     atomic_write_json(run_dir / "metrics.json", metrics)
-    write_runs_row(run_dir.parent / "runs.tsv", runs_row(run_dir, spec, record, metrics, best))
+    # A kill from here on leaves a finished folder without its row: whoever syncs the index next adds it.
+    write_runs_row(run_dir.parent, row_from_folder(run_dir))
     return metrics
 
 
-def runs_row(run_dir: Path, spec: RunSpec, record: dict, metrics: dict, best: dict) -> dict[str, Any]:
-    """A finished run's runs.tsv row, from its record and metrics.json alone (so it can be rebuilt)."""
-    return {
-        "run": run_dir.name,
-        "task": record["task"],
-        "variant": variant_tag(spec.config),
-        "label": record.get("label") or variant_tag(spec.config),
-        "config_hash": record["config_hash"],
-        "seed": spec.seed,
-        "lr": spec.training.lr,
-        "fine_tune_mode": spec.config.resolved_fine_tune_mode,
-        "trainable_params": record["parameters"]["trainable"],
-        "total_params": record["parameters"]["total"],
-        "metric": metrics["metric"],
-        "best_value": metrics["best_value"],
-        "best_step": metrics["best_step"],
-        "dev_metrics": json.dumps({n: {k: v for k, v in m.items() if k != "predictions"} for n, m in best.items()}),
-        "train_seconds": metrics["train_seconds"],
-        "steps": metrics["steps"],
-        "seconds_per_step": round(metrics["train_seconds"] / max(1, metrics["steps"]), 6),
-        "generation_seconds": _generation_seconds(best),
-        "peak_memory_mb": metrics["peak_memory_mb"],
-        "git_commit": record["git_commit"],
-        "run_dir": str(run_dir),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-
-
-def _generation_seconds(best: dict) -> float | str:
-    """Seconds the best evaluation spent generating sonnets ('' when no task generates)."""
-    seconds = [m["generation_seconds"] for m in best.values() if "generation_seconds" in m]
-    return round(sum(seconds), 3) if seconds else ""
+def sync_index(run_dir: Path) -> None:
+    """Make sure the grid folder's runs.tsv has every finished run's row (a run killed after its
+    metrics.json lacks one); used when --resume finds a finished run."""
+    update_index(run_dir.parent)

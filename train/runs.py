@@ -1,13 +1,7 @@
-"""The per-run log, wandb, and the `runs.tsv` summary (one row per run).
-
-A run's identity and folder name are train/spec.py's (`RunSpec`); a row of `runs.tsv` is keyed by that
-identity (task, `config_hash`, seed), not by the folder's path, so a moved or copied run that is
-resumed or extended still has one row.
-"""
+"""The per-run log (`log.jsonl`) and its wandb mirror. The `runs.tsv` index is train/index.py's."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import subprocess
@@ -20,30 +14,6 @@ from typing import Any
 from model.files import atomic_write_text
 
 log = logging.getLogger(__name__)
-RUNS_COLUMNS = [
-    "run",
-    "task",
-    "variant",
-    "label",
-    "config_hash",
-    "seed",
-    "lr",
-    "fine_tune_mode",
-    "trainable_params",
-    "total_params",
-    "metric",
-    "best_value",
-    "best_step",
-    "dev_metrics",
-    "train_seconds",
-    "steps",
-    "seconds_per_step",
-    "generation_seconds",
-    "peak_memory_mb",
-    "git_commit",
-    "run_dir",
-    "finished_at",
-]
 
 
 def git_commit() -> str:
@@ -62,67 +32,13 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _locked(path: Path):
-    """An exclusive lock beside `path`, so parallel runs never interleave or lose rows."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = open(path.with_suffix(".tsv.lock"), "w")
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    return lock
-
-
-def rewrite_runs_rows(path: Path, update, row: dict[str, Any] | None = None) -> None:
-    """Rewrite runs.tsv (atomically, under its lock): each row through `update(fields)` (a dict to keep,
-    possibly changed, or None to drop it), then `row` appended."""
-    with _locked(path):
-        lines = path.read_text().splitlines() if path.exists() else []
-        header, rows = "\t".join(RUNS_COLUMNS), []
-        if lines:
-            header, rows = lines[0], lines[1:]
-        names = header.split("\t")
-        if set(names) <= set(RUNS_COLUMNS):  # a file of an older version: its columns, then the new ones
-            names += [c for c in RUNS_COLUMNS if c not in names]
-            header = "\t".join(names)
-        kept = []
-        for line in rows:
-            if not line.strip():
-                continue
-            fields = update(dict(zip(names, line.split("\t"), strict=False)))
-            if fields is not None:
-                kept.append(_row_line(names, fields))
-        if row is not None:
-            kept.append(_row_line(names, row))
-        atomic_write_text(path, "\n".join([header, *kept]) + "\n")
-
-
-def _row_line(names: list[str], row: dict[str, Any]) -> str:
-    return "\t".join(str(row.get(c, "")).replace("\t", " ").replace("\n", " ") for c in names)
-
-
-def same_run(fields: dict[str, str], row: dict[str, Any]) -> bool:
-    """One run: the same folder, or the same identity (task, configuration hash and seed) wherever it lies."""
-    if fields.get("run_dir") == str(row["run_dir"]):
-        return True
-    keys = ("task", "config_hash", "seed")
-    return all(str(fields.get(k)) == str(row[k]) for k in keys)
-
-
-def write_runs_row(path: Path, row: dict[str, Any]) -> None:
-    """Add a finished run's row to runs.tsv, replacing any earlier row of the same run: a run never has
-    two rows (a resumed, extended, moved or copied run updates its own)."""
-    rewrite_runs_rows(path, lambda fields: None if same_run(fields, row) else fields, row)
-
-
-def drop_runs_row(path: Path, run_dir: Path) -> None:
-    """Remove a run folder's row (used by --overwrite)."""
-    if path.exists():
-        rewrite_runs_rows(path, lambda fields: None if fields.get("run_dir") == str(run_dir) else fields)
-
-
 def log_entries(path: Path) -> list[tuple[str, int]]:
-    """(line, step) of every readable line of a log.jsonl; a line cut by a crash is left out."""
+    """(line, step) of every readable line of a log.jsonl; a line cut by a crash, or damaged (not UTF-8,
+    not JSON), is left out."""
     entries = []
-    for line in path.read_text().splitlines() if path.exists() else []:
+    for raw in path.read_bytes().splitlines() if path.exists() else []:
         try:
+            line = raw.decode("utf-8")
             entries.append((line, int(json.loads(line)["step"])))
         except (ValueError, KeyError, TypeError):
             continue
@@ -134,7 +50,7 @@ def truncate_log(path: Path, last_step: int) -> int:
     resumed run's log never repeats a step. Returns how many lines were dropped."""
     if not path.exists():
         return 0
-    total = len(path.read_text().splitlines())
+    total = len(path.read_bytes().splitlines())
     kept = [line for line, step in log_entries(path) if step <= last_step]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
     return total - len(kept)

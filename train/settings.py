@@ -116,11 +116,19 @@ class OutputSettings(CommandSettings):
         "weights gave it is not kept (0: off)",
         low=0,
     )
+    blowup_factor: float = knob(
+        10.0,
+        "a step loss above this many times max(the task's first loss, ln(vocab size)) is divergence from step 1 on: "
+        "the run stops with exit 3, keeping no checkpoint taken after it (0: off)",
+        low=0,
+    )
     eval_train: bool = knob(False, "also report accuracy on the training examples")
 
     def validate(self) -> None:
         if self.spike_factor != 0 and self.spike_factor <= 1:
             raise ValueError("--spike_factor must be > 1 (0: off)")
+        if self.blowup_factor != 0 and self.blowup_factor <= 1:
+            raise ValueError("--blowup_factor must be > 1 (0: off)")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: pass one")
         if self.extend_epochs and not self.resume:

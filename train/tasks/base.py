@@ -106,6 +106,11 @@ class Task:
         """The release files the task reads (checked, and fetched when missing, before anything loads)."""
         raise NotImplementedError
 
+    @classmethod
+    def check_files(cls, data_dir: Path) -> None:
+        """Checks across the task's files (DataError naming the file), run before anything loads, so a
+        problem that would surface only at the first evaluation stops the run at once. None by default."""
+
     # ---- flags ----
     @classmethod
     def add_flags(cls, parser: argparse.ArgumentParser) -> None:

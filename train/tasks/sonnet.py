@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from datasets.batching import bucket_length, collate, encode, make_batches
+from datasets.common import DataError
 from datasets.sonnets import FILES, load_sonnets
 from modules.variant import knob
 from train.metrics import chrf
@@ -132,6 +133,17 @@ class Sonnet(Task):
     @classmethod
     def data_files(cls) -> list[str]:
         return list(FILES.values())
+
+    @classmethod
+    def check_files(cls, data_dir: Path) -> None:
+        """Every dev prompt needs its gold sonnet, or dev chrF fails at the first evaluation."""
+        gold = {number for number, _ in load_sonnets("dev_gold", data_dir)}
+        missing = [number for number, _ in load_sonnets("dev_prompts", data_dir) if number not in gold]
+        if missing:
+            raise DataError(
+                f"{Path(data_dir) / FILES['dev_gold']}: no gold sonnet for dev prompt(s) {', '.join(missing[:5])}"
+                f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all); dev chrF needs one per prompt"
+            )
 
     def __init__(self, tokenizer: Any, data_dir: Path, training, n_positions: int, options=None, fast_step=False):
         super().__init__(tokenizer, data_dir, training, n_positions, options, fast_step)

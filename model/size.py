@@ -1,0 +1,89 @@
+"""How big a model a config describes, known before anything is built, so a config that cannot fit is
+refused in one line instead of allocating until the machine runs out of memory.
+
+* `stack_parameters`: the plain GPT-2 stack's parameter count in closed form (token and position
+  embeddings V·d + P·d, per block 4d² + 2d·f + 9d + f with f the FFN width, the final LayerNorm 2d; the
+  LM head is tied). gpt2 gives 124,439,808. `ModelSettings` refuses a stack above `STACK_LIMIT`
+  parameters on every path (a checkpoint's own config.json included), whatever the device.
+* `estimate`: total and trainable parameters with the variants on, counted exactly by building the
+  model on the meta device (shapes only, no memory) at depth 1 and 2 and extrapolating per block, so
+  `--lora_r 1000000` or a peft `r` of 10^8 is counted in milliseconds.
+* `check_fits`: the static training memory (fp32 weights 4 B per parameter, plus 12 B per trainable
+  parameter for its gradient and AdamW's two moments; the arithmetic of scripts/gpu_fit.py) against the
+  device's memory. Activations come on top, so passing this check is necessary, not sufficient.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+STACK_LIMIT = 2**40  # ~1.1e12 parameters (4 TiB in fp32): no config of this project is near it
+
+
+def stack_parameters(vocab_size: int, n_positions: int, n_embd: int, n_layer: int, n_inner: int | None) -> int:
+    d = n_embd
+    f = n_inner or 4 * d
+    block = 4 * d * d + 2 * d * f + 9 * d + f
+    return vocab_size * d + n_positions * d + n_layer * block + 2 * d
+
+
+@dataclass(frozen=True)
+class Estimate:
+    total: int
+    trainable: int
+
+    @property
+    def static_bytes(self) -> int:
+        return 4 * self.total + 12 * self.trainable
+
+
+def _count(config: Any) -> tuple[int, int]:
+    import torch
+
+    from model.gpt2 import GPT2LMHeadModel
+    from model.trainable import set_trainable
+
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(config)
+    mode = config.resolved_fine_tune_mode
+    if mode == "last-linear-layer":  # only the task head trains (a few thousand parameters)
+        return sum(p.numel() for p in model.parameters()), 0
+    counts = set_trainable(model, mode)
+    return counts["total"], counts["trainable"]
+
+
+def estimate(config: Any) -> Estimate:
+    """Total and trainable parameters of `config` with its variants (task heads excluded)."""
+    try:
+        one, two = _count(config.replace(n_layer=1)), _count(config.replace(n_layer=min(2, config.n_layer)))
+    except (ValueError, IndexError, KeyError):  # e.g. a peft config naming layer 5 of 12: build it whole
+        return Estimate(*_count(config))
+    per_block = (two[0] - one[0], two[1] - one[1]) if config.n_layer > 1 else (0, 0)
+    extra = config.n_layer - 1
+    return Estimate(one[0] + extra * per_block[0], one[1] + extra * per_block[1])
+
+
+def device_memory(device: str) -> int:
+    """Bytes of memory of `device` (a CUDA GPU's, else this machine's RAM)."""
+    if device.startswith("cuda"):
+        import torch
+
+        index = int(device.partition(":")[2] or 0)
+        return torch.cuda.get_device_properties(index).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(config: Any, device: str) -> Estimate:
+    """ValueError naming the estimate when the static training memory exceeds the device's memory."""
+    found = estimate(config)
+    memory = device_memory(device)
+    if found.static_bytes > memory:
+        raise ValueError(
+            f"this model cannot train on {device}: {found.total:,} parameters ({found.trainable:,} trained) need "
+            f"about {found.static_bytes / 2**30:,.1f} GiB for weights, gradients and AdamW state (estimated "
+            f"from the config, before activations), and {device} has {memory / 2**30:,.1f} GiB. Use a smaller "
+            "rank or model, or a device with more memory"
+        )
+    return found

@@ -1,0 +1,526 @@
+"""Fault injection: the record survives every fault. Kills at any moment (between metrics.json and its
+runs.tsv row, during a checkpoint write), a damaged runs.tsv, a blow-up of the loss, a full disk,
+corrupt run-folder files, hostile sizes and NaN/inf values each end with exactly one row per finished
+run, a loadable checkpoint pointer, one `error:` line and the documented exit status, never a
+traceback. The random-SIGKILL trials (subprocesses) are marked slow."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments import report
+from tests.conftest import DATA_DIR, REPO, run_paths
+from train import checkpoint as ckpt
+from train import sentiment
+from train.index import RUNS_COLUMNS, row_from_folder
+
+QUICK = ["--train_limit", "16", "--dev_limit", "4", "--test_limit", "2", "--batch_size", "4", "--wandb", "disabled"]
+
+
+def sst_argv(model: Path, tokenizer_dir: Path, out: Path, *flags: str) -> list[str]:
+    return ["--dataset", "sst", *run_paths(model, tokenizer_dir, out), *QUICK, *flags]
+
+
+def rows(out: Path) -> list[dict]:
+    with open(out / "runs.tsv", newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def one_error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning")]
+    assert "Traceback" not in err, err
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_ckpt, tokenizer_dir, tmp_path_factory) -> Path:
+    """A finished 3-step run in its own grid folder (copied by each test that damages it)."""
+    out = tmp_path_factory.mktemp("finished_grid")
+    assert sentiment.main(sst_argv(tiny_ckpt[0], tokenizer_dir, out, "--max_steps", "3")) == 0
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    return run
+
+
+def copy_grid(run: Path, tmp_path: Path) -> tuple[Path, Path]:
+    grid = tmp_path / "grid"
+    shutil.copytree(run.parent, grid)
+    return grid, grid / run.name
+
+
+# ---------------------------------------------------------------- 1. a finished run without its row
+
+
+def test_the_row_is_a_function_of_the_folder(finished):
+    (live,) = rows(finished.parent)
+    rebuilt = row_from_folder(finished)
+    assert {k: str(v) for k, v in rebuilt.items()} == live
+
+
+def test_a_finished_run_that_lost_its_row_gets_it_from_resume_ablate_and_report(
+    finished, tiny_ckpt, tokenizer_dir, tmp_path, capsys
+):
+    grid, run = copy_grid(finished, tmp_path)
+    header = (grid / "runs.tsv").read_text().splitlines()[0]
+    # what a SIGKILL between metrics.json and the row leaves (the subprocess test below does it for real)
+    (grid / "runs.tsv").write_text(header + "\n")
+    argv = sst_argv(tiny_ckpt[0], tokenizer_dir, grid, "--max_steps", "3", "--resume")
+    assert sentiment.main(argv) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert [r["run_dir"] for r in rows(grid)] == [str(run)]
+    # report: the index is synced with the folders before it is read
+    (grid / "runs.tsv").unlink()
+    assert report.main([str(grid), "--out", str(tmp_path / "report")]) == 0
+    assert [r["run_dir"] for r in rows(grid)] == [str(run)]
+    assert "| 1 |" in (tmp_path / "report" / "report.md").read_text() or "n=1" in (
+        tmp_path / "report" / "report.md"
+    ).read_text().replace(" ", "")
+
+
+@pytest.mark.slow
+def test_sigkill_between_metrics_json_and_the_row(tiny_ckpt, tokenizer_dir, tmp_path):
+    """The issue's reproduction: hold runs.tsv's lock, kill -9 the run as soon as metrics.json exists."""
+    import fcntl
+
+    grid = tmp_path / "grid"
+    grid.mkdir()
+    lock = open(grid / "runs.tsv.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    argv = sst_argv(tiny_ckpt[0], tokenizer_dir, grid, "--max_steps", "2")
+    process = subprocess.Popen([sys.executable, "-m", "train.sentiment", *argv], cwd=REPO, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not list(grid.glob("*/metrics.json")):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    lock.close()
+    assert not (grid / "runs.tsv").exists() or len(rows(grid)) == 0
+    done = subprocess.run(
+        [sys.executable, "-m", "train.sentiment", *argv, "--resume"], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "already finished" in done.stdout, done.stderr
+    assert len(rows(grid)) == 1
+
+
+# ---------------------------------------------------------------- 2. a damaged runs.tsv
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["garbage header", "no header", "truncated last row", "not utf-8", "empty file", "duplicate rows"],
+)
+def test_a_damaged_index_is_rebuilt_from_the_folders_with_one_warning(finished, tmp_path, capsys, damage):
+    grid, run = copy_grid(finished, tmp_path)
+    path = grid / "runs.tsv"
+    header, row = path.read_text().splitlines()
+    damaged = {
+        "garbage header": "hello\tworld\n" + row + "\n",
+        "no header": row + "\n",
+        "truncated last row": header + "\n" + row[: len(row) // 2] + "\n",
+        "not utf-8": header + "\n" + row + "\n\xff\xfe junk\n",
+        "empty file": "",
+        "duplicate rows": header + "\n" + row + "\n" + row + "\n",
+    }[damage]
+    path.write_bytes(damaged.encode("utf-8", "surrogateescape") if damage != "not utf-8" else damaged.encode("latin-1"))
+    assert report.main([str(grid), "--out", str(tmp_path / "report")]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if damage != "duplicate rows":  # two rows of one run are merged silently: the folder says which is right
+        assert len([line for line in err.splitlines() if line.startswith("warning:")]) == 1, err
+        assert list(grid.glob("runs.tsv.damaged-*")), "the damaged file is kept aside"
+    (fixed,) = rows(grid)
+    assert fixed["run_dir"] == str(run) and fixed["best_value"] == str(
+        json.loads((run / "metrics.json").read_text())["best_value"]
+    )
+
+
+def test_finishing_a_run_into_a_damaged_index_never_writes_an_empty_row(finished, tiny_ckpt, tokenizer_dir, tmp_path):
+    grid, run = copy_grid(finished, tmp_path)
+    (grid / "runs.tsv").write_text("garbage\n")
+    argv = sst_argv(tiny_ckpt[0], tokenizer_dir, grid, "--max_steps", "2")
+    assert sentiment.main(argv) == 0
+    found = rows(grid)
+    assert len(found) == 2 and all(r["run_dir"] and r["config_hash"] and r["best_value"] for r in found)
+    assert list(RUNS_COLUMNS) == list(found[0])
+
+
+# ---------------------------------------------------------------- 3. divergence from step 1
+
+
+def test_lr_1e3_blows_up_and_exits_3_with_no_checkpoint_after_it(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
+    argv = sst_argv(tiny_ckpt[0], tokenizer_dir, tmp_path, "--lr", "1e3", "--save_every", "1", "--max_steps", "8")
+    assert sentiment.main(argv) == 3
+    err = capsys.readouterr().err
+    assert "loss blow-up" in err and "Traceback" not in err, err
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    info = json.loads((run / "diverged.json").read_text())
+    last = ckpt.checkpoint_folder(run / "checkpoints", "last")
+    # the weights of step N-1 gave the blow-up at step N: no checkpoint of step N-1 or later is kept
+    assert last is None or json.loads((last / "state.json").read_text())["step"] < info["step"] - 1
+    assert not (run / "metrics.json").exists() and not (tmp_path / "runs.tsv").exists()
+
+
+def test_the_blow_up_bound_is_judged_from_the_first_step():
+    from train.lifecycle import DivergenceGuard
+
+    guard = DivergenceGuard(spike_factor=10, blowup_factor=10, floor=10.8)
+    assert guard.check("sst", 1.6) is None
+    assert guard.check("sst", 50.0) is None  # below 10 x max(1.6, 10.8): not yet a blow-up
+    verdict = guard.check("sst", 6.75e6)
+    assert verdict is not None and verdict[1] and "blow-up" in verdict[0]
+    assert guard.check("sst", float("nan"))[1]
+
+
+# ---------------------------------------------------------------- 4. corrupt run-folder files
+
+CORRUPTIONS = {"garbage": b"\x00garbage{", "list": b"[1, 2]", "not utf-8": b"\xff\xfe\xfa", "empty": b""}
+RUN_FILES = [
+    "config.json",
+    "metrics.json",
+    "diverged.json",
+    "log.jsonl",
+    "checkpoints/last.json",
+    "checkpoints/best.json",
+    "checkpoints/last-*/state.json",
+    "checkpoints/last-*/trainable.safetensors",
+    "checkpoints/last-*/optimizer.safetensors",
+]
+
+
+def _damage(run: Path, pattern: str, corruption: str) -> Path:
+    found = list(run.glob(pattern))
+    target = found[0] if found else run / pattern
+    target.write_bytes(CORRUPTIONS[corruption])
+    return target
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+@pytest.mark.parametrize("pattern", RUN_FILES)
+def test_resume_with_a_corrupt_file_is_one_line_or_a_clean_resume(
+    finished, tiny_ckpt, tokenizer_dir, tmp_path, capsys, pattern, corruption
+):
+    grid, run = copy_grid(finished, tmp_path)
+    if pattern != "metrics.json":
+        (run / "metrics.json").unlink()  # an interrupted run: resume reads its checkpoint and log
+    _damage(run, pattern, corruption)
+    capsys.readouterr()
+    status = sentiment.main(sst_argv(tiny_ckpt[0], tokenizer_dir, grid, "--max_steps", "3", "--resume"))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if status == 0:
+        assert len(rows(grid)) == 1, "a resumed run keeps exactly one row"
+    else:
+        assert status == 2 and err.count("error:") == 1, err
+        assert str(run.name) in err or pattern.split("/")[-1].replace("*", "") in err or "run" in err, err
+
+
+@pytest.mark.parametrize("corruption", ["garbage", "list", "not utf-8"])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "config.json",
+        "checkpoints/best.json",
+        "checkpoints/best-*/state.json",
+        "checkpoints/best-*/trainable.safetensors",
+    ],
+)
+def test_evaluate_of_a_run_with_a_corrupt_file_is_one_line(finished, tmp_path, capsys, pattern, corruption):
+    from train import evaluate
+
+    grid, run = copy_grid(finished, tmp_path)
+    _damage(run, pattern, corruption)
+    status = evaluate.main(
+        [
+            "--task",
+            "sst",
+            "--model",
+            str(run),
+            "--out_dir",
+            str(tmp_path / "eval"),
+            "--dev_limit",
+            "4",
+            "--test_limit",
+            "2",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err, err
+    assert err.count("error:") == 1, err
+
+
+def test_a_state_json_missing_a_key_is_one_line(finished, tiny_ckpt, tokenizer_dir, tmp_path, capsys):
+    grid, run = copy_grid(finished, tmp_path)
+    (run / "metrics.json").unlink()
+    (state_file,) = run.glob("checkpoints/last-*/state.json")
+    state = json.loads(state_file.read_text())
+    del state["progress"]
+    state_file.write_text(json.dumps(state))
+    assert sentiment.main(sst_argv(tiny_ckpt[0], tokenizer_dir, grid, "--max_steps", "3", "--resume")) == 2
+    assert "state.json" in one_error(capsys)
+
+
+def test_a_checkpoint_config_that_is_a_json_list_is_one_line(tokenizer_dir, tmp_path, capsys):
+    model = tmp_path / "ckpt"
+    model.mkdir()
+    (model / "config.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit) as stop:
+        sentiment.main(sst_argv(model, tokenizer_dir, tmp_path / "out"))
+    assert stop.value.code == 2
+    assert "config.json" in one_error(capsys)
+
+
+# ---------------------------------------------------------------- 4. a full disk
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_leaves_no_tmp(
+    tiny_ckpt, tokenizer_dir, tmp_path, monkeypatch, capsys
+):
+    calls = {"n": 0}
+    original = ckpt.save_file
+
+    def full(tensors, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= 3:  # the second checkpoint's first file
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return original(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    argv = sst_argv(tiny_ckpt[0], tokenizer_dir, tmp_path, "--save_every", "1", "--max_steps", "6")
+    assert sentiment.main(argv) == 2
+    line = one_error(capsys)
+    assert line.startswith("error: disk full while writing the checkpoint at step") and "--resume" in line
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+    assert ckpt.checkpoint_folder(run / "checkpoints", "last") is not None  # the previous one stays
+    monkeypatch.setattr(ckpt, "save_file", original)
+    assert sentiment.main([*argv, "--resume"]) == 0
+
+
+# ---------------------------------------------------------------- 7. same-name checkpoint replacement
+
+
+@pytest.mark.parametrize("crash_at", ["replace", "pointer", "delete"])
+def test_a_kill_during_a_same_step_rewrite_leaves_a_loadable_pointer(tmp_path, monkeypatch, crash_at):
+    directory = tmp_path / "checkpoints"
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def save(marker: float) -> None:
+        weights = {"w": torch.full((2, 2), marker)}
+        ckpt.save_checkpoint(directory, "best", 100, weights, optimizer, scheduler, {"step": 100})
+
+    save(1.0)
+
+    class Killed(BaseException):
+        pass
+
+    targets = {
+        "replace": (ckpt.os, "replace"),
+        "pointer": (ckpt, "atomic_write_text"),
+        "delete": (ckpt.shutil, "rmtree"),
+    }
+    owner, name = targets[crash_at]
+    original = getattr(owner, name)
+
+    def crash(*args, **kwargs):
+        if crash_at == "delete" and ".tmp" in str(args[0]):
+            return original(*args, **kwargs)  # the staging clean-up before the write
+        raise Killed
+
+    monkeypatch.setattr(owner, name, crash)
+    with pytest.raises(Killed):
+        save(2.0)
+    monkeypatch.setattr(owner, name, original)
+    folder = ckpt.checkpoint_folder(directory, "best")
+    weights, state, _ = ckpt.load_checkpoint(folder)
+    expected = 2.0 if crash_at == "delete" else 1.0  # the pointer switched only in the last case
+    assert state["step"] == 100 and float(weights["w"][0, 0]) == expected
+    save(3.0)  # the next save cleans up and points at the newest
+    weights, _, _ = ckpt.load_checkpoint(ckpt.checkpoint_folder(directory, "best"))
+    assert float(weights["w"][0, 0]) == 3.0
+    assert len([p for p in directory.iterdir() if p.is_dir()]) <= 2
+
+
+# ---------------------------------------------------------------- 8. file modes
+
+
+def test_created_files_get_the_umask_mode(tmp_path):
+    from model.files import atomic_write_text
+
+    previous = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "runs.tsv", "x\n")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "runs.tsv").stat().st_mode & 0o777 == 0o644
+
+
+# ---------------------------------------------------------------- 5. sizes, and item 8's messages
+
+HOSTILE_SIZES = {
+    "n_layer": ({"n_layer": 1_000_000}, [], "more than any machine can hold"),
+    "vocab_size 1e12": ({"vocab_size": 10**12}, [], "more than any machine can hold"),
+    "vocab_size 1e9": ({"vocab_size": 10**9}, [], "cannot train on cpu"),
+    "lora_r": ({}, ["--use_lora", "--lora_r", "1000000"], "cannot train on cpu"),
+    "peft r": ({}, ["--peft_method", "lora", "--peft_config", '{"r": 100000000}'], "cannot train on cpu"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_SIZES))
+def test_sizes_that_cannot_fit_are_one_line_before_anything_is_built(
+    tokenizer_dir, tmp_path, monkeypatch, capsys, case
+):
+    from model import gpt2
+
+    config_changes, flags, message = HOSTILE_SIZES[case]
+    model = tmp_path / "ckpt"
+    model.mkdir()
+    config = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12}
+    (model / "config.json").write_text(json.dumps({**config, "n_head": 12, **config_changes}))
+    (model / "model.safetensors").write_bytes(b"")  # never read: the size is refused first
+
+    def no_building(*args, **kwargs):
+        raise AssertionError("a model was built on a real device")
+
+    monkeypatch.setattr(gpt2.GPT2LMHeadModel, "from_pretrained", no_building)
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as stop:
+        sentiment.main(sst_argv(model, tokenizer_dir, tmp_path / "out", *flags))
+    assert stop.value.code == 2
+    line = one_error(capsys)
+    assert message in line, line
+    if "cannot train" in message:
+        assert "GiB" in line and "parameters" in line  # it names the estimate
+    assert time.monotonic() - started < 60
+
+
+def test_the_stack_formula_matches_a_built_model():
+    from model import GPT2Config, GPT2LMHeadModel
+    from model.size import estimate, stack_parameters
+
+    assert stack_parameters(50257, 1024, 768, 12, None) == 124_439_808  # gpt2
+    config = GPT2Config.from_preset("gpt2", n_layer=3, use_lora=True, lora_r=4)
+    with torch.device("meta"):
+        built = GPT2LMHeadModel(config)
+    from model.trainable import set_trainable
+
+    counts = set_trainable(built)
+    found = estimate(config)  # built at depth 1 and 2, extrapolated to 3
+    assert (found.total, found.trainable) == (counts["total"], counts["trainable"])
+
+
+def test_a_peft_config_that_is_a_json_list_is_named_as_json(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        sentiment.main(
+            sst_argv(tiny_ckpt[0], tokenizer_dir, tmp_path, "--peft_method", "lora", "--peft_config", "[1,2]")
+        )
+    line = one_error(capsys)
+    assert "expected a JSON object, got list" in line and "No such file" not in line
+
+
+def test_a_gold_sonnet_file_shorter_than_the_prompts_stops_before_training(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
+    from datasets.sonnets import FILES
+    from train import sonnet
+
+    data = tmp_path / "data"
+    shutil.copytree(DATA_DIR, data)
+    gold = data / FILES["dev_gold"]
+    lines = gold.read_text().splitlines()
+    numbers = [i for i, line in enumerate(lines) if line.strip().isdigit()]
+    gold.write_text("\n".join(lines[: numbers[len(numbers) // 2]]) + "\n")  # the first half of the sonnets
+    argv = [*run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path / "out"), "--data_dir", str(data), *QUICK]
+    with pytest.raises(SystemExit) as stop:
+        sonnet.main(argv)
+    assert stop.value.code == 2
+    line = one_error(capsys)
+    assert "no gold sonnet for dev prompt" in line and str(gold) in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sonnet_file_whose_numbers_were_lost_warns(tmp_path, caplog):
+    from datasets.sonnets import read_sonnet_file
+
+    lines = ["THE SONNETS", "", "1"] + [f"line {i} of many," for i in range(300)]
+    path = tmp_path / "sonnets.txt"
+    path.write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING"):
+        read_sonnet_file(path)
+    assert any("has 300 lines (a sonnet has 14)" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------- 6. NaN and inf in every float flag
+
+
+def _float_flags() -> list[tuple[str, list[str], int]]:
+    """(flag, the selection it needs, how many values) for every float setting and config knob, found
+    through the settings classes, so a new knob is covered without editing this list."""
+    import typing
+
+    from model.config import field_hint
+    from train.cli import config_fields
+    from train.settings import MultitaskSettings, OutputSettings, RuntimeSettings, TrainingSettings
+    from train.tasks import TASKS
+
+    def floats(hint) -> int:  # how many float values the flag takes (0: not a float flag)
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) is tuple:  # a (low, high) pair
+            return len(args) if args and all(a is float for a in args) else 0
+        return 1 if hint is float or float in args else 0
+
+    found = []
+    for cls in (TrainingSettings, OutputSettings, RuntimeSettings):
+        found += [(f"--{f.name}", ["--task", "sst"], floats(cls.hints()[f.name])) for f in cls.knobs()]
+    for name, task in TASKS.items():
+        if task.settings is not None:
+            found += [
+                (f"--{f.name}", ["--task", name], floats(task.settings.hints()[f.name])) for f in task.settings.knobs()
+            ]
+    multitask = ["--tasks", "sst", "quora"]
+    found += [(f"--{f.name}", multitask, floats(MultitaskSettings.hints()[f.name])) for f in MultitaskSettings.knobs()]
+    # a config knob's value is checked when the config is built, whether or not its variant is on
+    found += [(f"--{f.name}", ["--task", "sst"], floats(field_hint(f.name))) for f in config_fields()]
+    return [item for item in found if item[2]]
+
+
+def test_the_float_flag_matrix_covers_the_issue_s_flags():
+    flags = {flag for flag, _, _ in _float_flags()}
+    named = ["--lr", "--warmup", "--attn_pdrop", "--graph_dropout", "--weight_decay", "--max_grad_norm"]
+    named += ["--lora_alpha", "--lora_plus_ratio", "--kan_entropy", "--spike_factor", "--save_every_minutes"]
+    named += ["--lora_dropout", "--blowup_factor", "--sampling_temperature"]
+    assert set(named) <= flags, set(named) - flags
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_nan_and_inf_are_refused_for_every_float_flag(tiny_ckpt, tmp_path, capsys, value):
+    from train import entry
+
+    failures = []
+    for flag, selection, count in _float_flags():
+        if count > 1 and value.startswith("-"):
+            continue  # argparse reads a second "-inf" as a flag; nan and inf cover the pair
+        point = entry.MULTITASK if "--tasks" in selection else entry.GENERIC
+        values = [f"{flag}={value}"] if count == 1 else [flag, *[value] * count]  # "=": -inf is not a flag
+        argv = [*selection, "--model", str(tiny_ckpt[0]), "--out_dir", str(tmp_path), *values]
+        try:
+            entry.parse(point, argv, inputs=False)
+            failures.append(f"{flag} {value}: accepted")
+        except SystemExit as stop:
+            err = capsys.readouterr().err
+            if stop.code != 2 or "Traceback" in err or "finite" not in err:
+                failures.append(f"{flag} {value}: exit {stop.code}: {err.strip()[:200]}")
+    assert not failures, "\n".join(failures)
