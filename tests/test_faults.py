@@ -7,7 +7,6 @@ traceback. The random-SIGKILL trials (subprocesses) are marked slow."""
 from __future__ import annotations
 
 import csv
-import errno
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from experiments import report
 from tests.conftest import DATA_DIR, REPO, run_paths
@@ -294,8 +294,8 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_leaves_no_tmp(
 
     def full(tensors, path, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] >= 3:  # the second checkpoint's first file
-            raise OSError(errno.ENOSPC, "No space left on device", path)
+        if calls["n"] >= 3:  # the second checkpoint's first file; safetensors' own error type and text
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return original(tensors, path, *args, **kwargs)
 
     monkeypatch.setattr(ckpt, "save_file", full)
@@ -308,6 +308,29 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_leaves_no_tmp(
     assert ckpt.checkpoint_folder(run / "checkpoints", "last") is not None  # the previous one stays
     monkeypatch.setattr(ckpt, "save_file", original)
     assert sentiment.main([*argv, "--resume"]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root; the injected-failure test above runs")
+def test_a_real_full_disk_then_freed_space_and_resume(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "small"
+    out.mkdir()
+    # one checkpoint of the tiny model is ~19 MB: 32 MB holds one, not two
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(out)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"this machine refuses a tmpfs mount: {mounted.stderr.decode().strip()}")
+    try:
+        argv = sst_argv(tiny_ckpt[0], tokenizer_dir, out, "--save_every", "1", "--train_limit", "24", "--epochs", "1")
+        assert sentiment.main(argv) == 2
+        line = one_error(capsys)
+        assert "disk full while writing the checkpoint at step" in line
+        (run,) = [p for p in out.iterdir() if p.is_dir()]
+        assert not list((run / "checkpoints").glob(".*.tmp"))
+        subprocess.run(["mount", "-o", "remount,size=256m", str(out)], check=True)  # free space
+        assert sentiment.main([*argv, "--resume"]) == 0
+        assert len(rows(out)) == 1
+    finally:
+        subprocess.run(["umount", str(out)], capture_output=True)
 
 
 # ---------------------------------------------------------------- 7. same-name checkpoint replacement

@@ -143,6 +143,13 @@ def _to_cpu(tensor: torch.Tensor, copy: bool) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=copy).contiguous()
 
 
+def disk_full(error: BaseException) -> bool:
+    """ENOSPC / EDQUOT, also as safetensors reports it (a SafetensorError whose text carries os error 28)."""
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(text in str(error) for text in ("No space left on device", "os error 28", "Disk quota exceeded"))
+
+
 def _fresh_name(directory: Path, kind: str, step: int) -> str:
     """`<kind>-<step>`, or `<kind>-<step>.<n>` when that folder exists (the same step saved again, e.g. by
     a resumed run): a checkpoint is never written over the folder a pointer may name."""
@@ -178,9 +185,9 @@ def _write_checkpoint(directory: Path, kind: str, step: int, weights: dict, tens
         except (ValueError, KeyError, TypeError):
             previous = None  # a corrupt pointer is replaced below
         atomic_write_text(pointer, json.dumps({"folder": name, "step": step}))
-    except OSError as error:
+    except Exception as error:
         shutil.rmtree(staging, ignore_errors=True)
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        if disk_full(error):
             raise DiskFull(
                 f"disk full while writing the checkpoint at step {step} to {directory}; free space and --resume"
             ) from None
