@@ -7,7 +7,8 @@ refused in one line instead of allocating until the machine runs out of memory.
   parameters on every path (a checkpoint's own config.json included), whatever the device.
 * `estimate`: total and trainable parameters with the variants on, counted exactly by building the
   model on the meta device (shapes only, no memory) at depth 1 and 2 and extrapolating per block, so
-  `--lora_r 1000000` or a peft `r` of 10^8 is counted in milliseconds.
+  `--lora_r 1000000` or a peft `r` of 10^8 is counted in milliseconds. A peft method whose set-up reads
+  weight values cannot be built on meta: it is counted as the plain stack.
 * `check_fits`: the static training memory (fp32 weights 4 B per parameter, plus 12 B per trainable
   parameter for its gradient and AdamW's two moments; the arithmetic of scripts/gpu_fit.py) against the
   device's memory. Activations come on top, so passing this check is necessary, not sufficient.
@@ -58,28 +59,39 @@ def estimate(config: Any) -> Estimate:
     """Total and trainable parameters of `config` with its variants (task heads excluded)."""
     try:
         one, two = _count(config.replace(n_layer=1)), _count(config.replace(n_layer=min(2, config.n_layer)))
-    except (ValueError, IndexError, KeyError):  # e.g. a peft config naming layer 5 of 12: build it whole
-        return Estimate(*_count(config))
+    except Exception:  # noqa: BLE001 - e.g. a peft config naming layer 5 of 12: build it whole
+        try:
+            return Estimate(*_count(config))
+        except Exception:  # noqa: BLE001 - a method whose init reads weight values cannot run on meta:
+            # count the plain stack (its adapters are small next to it), trained when the mode says so
+            stack = stack_parameters(
+                config.vocab_size, config.n_positions, config.n_embd, config.n_layer, config.n_inner
+            )
+            return Estimate(stack, stack if config.resolved_fine_tune_mode == "full-model" else 0)
     per_block = (two[0] - one[0], two[1] - one[1]) if config.n_layer > 1 else (0, 0)
     extra = config.n_layer - 1
     return Estimate(one[0] + extra * per_block[0], one[1] + extra * per_block[1])
 
 
-def device_memory(device: str) -> int:
-    """Bytes of memory of `device` (a CUDA GPU's, else this machine's RAM)."""
-    if device.startswith("cuda"):
-        import torch
+def device_memory(device: str) -> int | None:
+    """Bytes of memory of `device` (a CUDA GPU's, else this machine's RAM); None when it cannot be asked
+    (then nothing is refused: the check is a guard, not a gate)."""
+    try:
+        if device.startswith("cuda"):
+            import torch
 
-        index = int(device.partition(":")[2] or 0)
-        return torch.cuda.get_device_properties(index).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            index = int(device.partition(":")[2] or 0)
+            return torch.cuda.get_device_properties(index).total_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AssertionError, RuntimeError, ValueError, OSError):  # e.g. a CPU-only torch asked about CUDA
+        return None
 
 
 def check_fits(config: Any, device: str) -> Estimate:
     """ValueError naming the estimate when the static training memory exceeds the device's memory."""
     found = estimate(config)
     memory = device_memory(device)
-    if found.static_bytes > memory:
+    if memory is not None and found.static_bytes > memory:
         raise ValueError(
             f"this model cannot train on {device}: {found.total:,} parameters ({found.trainable:,} trained) need "
             f"about {found.static_bytes / 2**30:,.1f} GiB for weights, gradients and AdamW state (estimated "

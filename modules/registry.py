@@ -20,7 +20,7 @@ from torch import nn
 
 # One line per built-in variant; importing a module registers it (order = attach order).
 # isort: off
-from modules import kan_ffn, lora, kan_lora, kora, graph, peft_methods  # noqa: F401  (registration side effect)
+from modules import kan_ffn, lora, kan_lora, kora, graph, peft_methods, lora_xs, antipasto  # noqa: F401  (registration side effect)
 
 # isort: on
 from modules.variant import VARIANTS, Settings, Variant, register, unregister

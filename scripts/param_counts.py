@@ -24,6 +24,8 @@ VARIANTS: dict[str, dict] = {
     "LoRA r=8, qkv only": dict(use_lora=True, lora_targets=("qkv",)),
     "KoRA r=8, d_comp=64": dict(use_kora=True),
     "LoRA r=8 + KoRA": dict(use_lora=True, use_kora=True),
+    "LoRA-XS r=8 (all 4 targets)": dict(use_lora_xs=True),
+    "AntiPaSTO r=8, blocks of 4": dict(use_antipasto=True),
 }
 
 

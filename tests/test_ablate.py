@@ -53,6 +53,12 @@ def test_grid_resumes_after_kill_and_report_matches(tmp_path, tokenizer_dir):
     assert "2 runs, 1 already done, 1 to run" in again.stdout
     rows = (grid / "runs.tsv").read_text().splitlines()
     assert len(rows) == 3 and len({r.split("\t")[0] for r in rows[1:]}) == 2
+    # rows lost (a run killed between its metrics.json and its row): a re-run of ablate adds them back
+    (grid / "runs.tsv").write_text(rows[0] + "\n" + rows[1] + "\n")
+    from experiments import ablate
+
+    assert ablate.main([str(preset), "--out_dir", str(grid), "--threads", "1"]) == 0
+    assert sorted((grid / "runs.tsv").read_text().splitlines()[1:]) == sorted(rows[1:])
 
     report = subprocess.run(
         [sys.executable, "-m", "experiments.report", str(grid)], cwd=REPO, capture_output=True, text=True, timeout=120
@@ -73,7 +79,7 @@ def test_grid_resumes_after_kill_and_report_matches(tmp_path, tokenizer_dir):
 
 
 def synthetic_grid(tmp_path, variants: dict[str, list[float]]):
-    from train.runs import RUNS_COLUMNS
+    from train.index import RUNS_COLUMNS
 
     lines = ["\t".join(RUNS_COLUMNS)]
     for variant, values in variants.items():
@@ -83,6 +89,7 @@ def synthetic_grid(tmp_path, variants: dict[str, list[float]]):
                 run=f"sst-{variant}-s{seed}",
                 task="sst",
                 variant=variant,
+                config_hash=f"{variant}-hash",
                 seed=seed,
                 metric="dev_acc",
                 best_value=value,

@@ -187,7 +187,7 @@ def _preset(variant: str) -> str:
 
 
 def test_report_on_a_half_finished_grid_counts_runs_and_marks_incomplete_cells(tmp_path, capsys):
-    from train.runs import RUNS_COLUMNS
+    from train.index import RUNS_COLUMNS
 
     grid = tmp_path / "grid"
     grid.mkdir()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,6 @@ from experiments import report
 from tests.conftest import DATA_DIR, REPO, run_paths
 from train import checkpoint as ckpt
 from train import sentiment
-from train.index import RUNS_COLUMNS, row_from_folder
 
 QUICK = ["--train_limit", "16", "--dev_limit", "4", "--test_limit", "2", "--batch_size", "4", "--wandb", "disabled"]
 
@@ -65,6 +65,8 @@ def copy_grid(run: Path, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_the_row_is_a_function_of_the_folder(finished):
+    from train.index import row_from_folder
+
     (live,) = rows(finished.parent)
     rebuilt = row_from_folder(finished)
     assert {k: str(v) for k, v in rebuilt.items()} == live
@@ -116,6 +118,42 @@ def test_sigkill_between_metrics_json_and_the_row(tiny_ckpt, tokenizer_dir, tmp_
     assert len(rows(grid)) == 1
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_sigkill_at_a_random_moment_then_resume_matches_the_uninterrupted_run(
+    finished, tiny_ckpt, tokenizer_dir, tmp_path, seed
+):
+    """A seeded random moment after the run folder appears (imports excluded), with a checkpoint at
+    every step, so most kills land in or near a checkpoint write; then the user's --resume."""
+    reference_argv = sst_argv(tiny_ckpt[0], tokenizer_dir, tmp_path / "reference", "--save_every", "1")
+    assert sentiment.main(reference_argv) == 0
+    (reference,) = [p for p in (tmp_path / "reference").iterdir() if p.is_dir()]
+    out = tmp_path / "killed"
+    argv = sst_argv(tiny_ckpt[0], tokenizer_dir, out, "--save_every", "1")
+    process = subprocess.Popen([sys.executable, "-m", "train.sentiment", *argv], cwd=REPO, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("*/config.json")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(random.Random(seed).uniform(0.0, 2.0))  # the tiny run takes ~2-3 s from here
+    process.kill()
+    assert b"Traceback" not in process.communicate()[1]
+    resumed = sentiment.main([*argv, "--resume"] if any(out.iterdir()) else argv)
+    assert resumed == 0
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    assert len(rows(out)) == 1
+    ours = json.loads((run / "metrics.json").read_text())
+    theirs = json.loads((reference / "metrics.json").read_text())
+    assert (ours["best_value"], ours["best_step"], ours["steps"]) == (
+        theirs["best_value"],
+        theirs["best_step"],
+        theirs["steps"],
+    )
+    mine = ckpt.load_checkpoint(ckpt.checkpoint_folder(run / "checkpoints", "best"))[0]
+    reference_weights = ckpt.load_checkpoint(ckpt.checkpoint_folder(reference / "checkpoints", "best"))[0]
+    assert mine.keys() == reference_weights.keys()
+    assert all(torch.equal(mine[k], reference_weights[k]) for k in mine)
+
+
 # ---------------------------------------------------------------- 2. a damaged runs.tsv
 
 
@@ -155,7 +193,7 @@ def test_finishing_a_run_into_a_damaged_index_never_writes_an_empty_row(finished
     assert sentiment.main(argv) == 0
     found = rows(grid)
     assert len(found) == 2 and all(r["run_dir"] and r["config_hash"] and r["best_value"] for r in found)
-    assert list(RUNS_COLUMNS) == list(found[0])
+    assert list(found[0]) == (finished.parent / "runs.tsv").read_text().splitlines()[0].split("\t")
 
 
 # ---------------------------------------------------------------- 3. divergence from step 1
@@ -260,6 +298,18 @@ def test_evaluate_of_a_run_with_a_corrupt_file_is_one_line(finished, tmp_path, c
     err = capsys.readouterr().err
     assert status == 2 and "Traceback" not in err, err
     assert err.count("error:") == 1, err
+
+
+def test_a_cut_log_line_is_reported_on_resume(finished, tiny_ckpt, tokenizer_dir, tmp_path, capsys):
+    grid, run = copy_grid(finished, tmp_path)
+    (run / "metrics.json").unlink()
+    log = run / "log.jsonl"
+    text = log.read_bytes()
+    log.write_bytes(text[: len(text) - 10])  # the last line cut mid-way
+    assert sentiment.main(sst_argv(tiny_ckpt[0], tokenizer_dir, grid, "--max_steps", "3", "--resume")) == 0
+    err = capsys.readouterr().err
+    assert "1 line(s) of" in err and "could not be read" in err, err
+    assert all(json.loads(line) for line in log.read_text().splitlines())
 
 
 def test_a_state_json_missing_a_key_is_one_line(finished, tiny_ckpt, tokenizer_dir, tmp_path, capsys):

@@ -25,8 +25,13 @@ VARIANT_CASES: dict[str, dict] = {
     "peft_loha_r4": dict(peft_method="loha", peft_config={"r": 4, "alpha": 8}),
     "peft_vera+graph": dict(peft_method="vera", use_graph=True),
     "peft_ia3+kora": dict(peft_method="ia3", use_kora=True),
+    "lora_xs": dict(use_lora_xs=True),
+    "lora_xs_qkv_r4": dict(use_lora_xs=True, lora_xs_r=4, lora_xs_targets=("qkv",)),
+    "antipasto": dict(use_antipasto=True),
+    "antipasto+kora": dict(use_antipasto=True, antipasto_r=4, antipasto_block=2, use_kora=True),
     "kan_lora+kora+graph": dict(use_lora=True, use_kan=True, use_kora=True, use_graph=True, graph_window=3),
 }
 MERGEABLE = {"lora", "rslora", "dora", "lora_gaussian", "pissa", "lora_plus_some_layers", "peft_ia3", "peft_loha_r4"}
+MERGEABLE |= {"lora_xs", "lora_xs_qkv_r4", "antipasto"}
 # Replaces pretrained weights with a fresh KAN by design: not the base model at step 0.
 NOT_IDENTITY_AT_INIT = {"kan_ffn_random"}

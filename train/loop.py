@@ -415,12 +415,19 @@ class Trainer:
             progress.bad_evals = 0  # patience counts afresh in the added epochs
         if not self.main:
             return
-        dropped = truncate_log(self.run_dir / "log.jsonl", progress.step)
+        dropped, unreadable = truncate_log(self.run_dir / "log.jsonl", progress.step)
         print(
             f"resuming {self.run_dir.name} from step {progress.step} ({progress.epoch} epoch(s) completed)"
             + (f"; dropped {dropped} log line(s) written after that checkpoint" if dropped else ""),
             file=sys.stderr,
         )
+        if unreadable:  # their values are gone: the steps before the checkpoint are not run again
+            print(
+                f"warning: {unreadable} line(s) of {self.run_dir / 'log.jsonl'} could not be read (cut by a crash or "
+                f"damaged) and were dropped: steps after {progress.step} are logged again as they run, the values "
+                f"of earlier steps those lines held are lost",
+                file=sys.stderr,
+            )
         if spec.output.extend_epochs:
             training = spec.training
             old_lr = self.scheduler.get_last_lr()[0]

@@ -45,15 +45,17 @@ def log_entries(path: Path) -> list[tuple[str, int]]:
     return entries
 
 
-def truncate_log(path: Path, last_step: int) -> int:
+def truncate_log(path: Path, last_step: int) -> tuple[int, int]:
     """Drop log.jsonl lines after `last_step` (logged after the checkpoint a run resumes from), so a
-    resumed run's log never repeats a step. Returns how many lines were dropped."""
+    resumed run's log never repeats a step, and lines that cannot be read (cut by a crash, damaged).
+    Returns (lines after the checkpoint, unreadable lines) dropped."""
     if not path.exists():
-        return 0
+        return 0, 0
     total = len(path.read_bytes().splitlines())
-    kept = [line for line, step in log_entries(path) if step <= last_step]
+    entries = log_entries(path)
+    kept = [line for line, step in entries if step <= last_step]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
-    return total - len(kept)
+    return len(entries) - len(kept), total - len(entries)
 
 
 class RunLogger:
