@@ -31,6 +31,8 @@ OWN_VARIANTS = {
     "kolmg_dora": ["--use_lora", "--use_kan", "--lora_dora"],
     "graph": ["--use_graph"],
     "graph_lora": ["--use_graph", "--use_lora"],
+    "lora_xs": ["--use_lora_xs"],
+    "antipasto": ["--use_antipasto"],
 }
 # peft defaults sized for gpt2 (768 wide) that do not fit the smoke grid's 32-wide random model;
 # the smaller values keep each method's structure (block / group sizes dividing the widths).

@@ -265,6 +265,22 @@ class GPT2LMHeadModel(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """The variants' per-step hooks (AdaLoRA's rank allocator); call after optimizer.step(), before
+        zero_grad(): they read the gradients. `step`: optimizer steps taken before this one."""
+        registry.after_step(self, self.config, step, total_steps)
+
+    @property
+    def has_step_hooks(self) -> bool:
+        return registry.has_step_hooks(self.config)
+
+    def training_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """State outside the parameters that a training checkpoint must hold (tensors, JSON)."""
+        return registry.training_state(self, self.config)
+
+    def load_training_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        registry.load_training_state(self, self.config, tensors, meta)
+
     def auxiliary_loss(self) -> torch.Tensor | None:
         """The enabled variants' auxiliary losses summed (e.g. the KAN regulariser); None when none."""
         return registry.auxiliary_loss(self, self.config)

@@ -34,12 +34,14 @@ from torch import nn
 from modules.variant import JSONObject, Settings, Variant, knob, register
 
 ADAPTER_NAME = "peft"
+ADALORA_PLACEHOLDER_STEPS = 10**9
+ALLOCATOR = "peft_rank_allocator"  # the model's __dict__ entry holding AdaLoRA's RankAllocator
 CONV1D_TARGETS = ("c_attn", "c_proj", "c_fc")
 
 # Methods whose peft layer takes HF's Conv1D (fan_in_fan_out): parity with stock HF GPT-2 + peft,
 # and export_peft output loads with PeftModel.from_pretrained(stock GPT-2, dir).
 STOCK_GPT2 = (
-    "deft fourierft frod gralora hira ia3 ln_tuning lora pvera randlora tinylora unilora vblora vera waveft"
+    "adalora deft fourierft frod gralora hira ia3 ln_tuning lora pvera randlora tinylora unilora vblora vera waveft"
 ).split()
 # Methods whose peft layer takes nn.Linear only: parity with HF GPT-2 whose Conv1D are nn.Linear.
 LINEAR_ONLY = "beft boft c3a delora glora hra lily loha lokr miss oft peanut psoft road shira supertuning".split()
@@ -50,10 +52,6 @@ PROMPT = (
     "and run pipeline do not handle"
 )
 REFUSED = {
-    "adalora": (
-        "needs its rank allocator (update_and_allocate) called after every optimizer step, which the "
-        "training loop does not do; without it AdaLoRA is plain SVD-form LoRA"
-    ),
     "adamss": "needs scikit-learn, which is not a dependency of this project",
     "adaption_prompt": PROMPT,
     "cartridge": PROMPT,
@@ -82,6 +80,9 @@ REFUSED = {
 DEFAULT_FIELDS: dict[str, dict[str, Any]] = {
     "ia3": {"target_modules": ["c_attn", "mlp.c_proj"], "feedforward_modules": ["mlp.c_proj"]},
     "ln_tuning": {"target_modules": ["ln_1", "ln_2"]},
+    # AdaLoRA's schedule needs the run's step count, known only when training starts: a placeholder
+    # here, replaced by the run's own count at its first step (adalora_after_step)
+    "adalora": {"total_step": ADALORA_PLACEHOLDER_STEPS},
 }
 NOT_IDENTITY_AT_INIT = {
     "fourierft": "peft's default init_weights=False draws a random spectrum",
@@ -214,7 +215,9 @@ def attach_peft(model: nn.Module, config: Any) -> None:
     tuner_class = PEFT_TYPE_TO_TUNER_MAPPING[PeftType(config.peft_method.upper()).value]
     # peft's own tuner class (not inject_adapter_in_model): it also builds VeRA-like shared state,
     # which the layers keep references to; the tuner wrapper itself is not kept.
-    tuner_class(model, peft_config_for(config), adapter_name=ADAPTER_NAME)
+    tuner = tuner_class(model, peft_config_for(config), adapter_name=ADAPTER_NAME)
+    if hasattr(tuner, "rankallocator"):  # AdaLoRA: its allocator runs after every optimizer step
+        model.__dict__[ALLOCATOR] = tuner.rankallocator  # a plain attribute: not a module, not saved
     for _, layer in tuner_layers(model):
         if isinstance(layer.get_base_layer(), nn.Linear):  # projections (LN-tuning's LayerNorms stay float32)
             layer.register_forward_hook(_answer_in_run_precision)
@@ -268,6 +271,75 @@ def peft_state(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:
     }
 
 
+# ---------------------------------------------------------------- AdaLoRA's allocator and regulariser
+
+
+def adalora_after_step(model: nn.Module, config: Any, step: int, total_steps: int) -> None:
+    """peft's AdaLoraModel.update_and_allocate, with the schedule's total_step set from the run: score
+    the triplets' importance from the gradients, prune the singular values (lora_E) to the budget every
+    deltaT steps until total_step - tfinal, fix the rank pattern there, and keep it masked after."""
+    allocator = model.__dict__.get(ALLOCATOR)
+    if allocator is None:
+        return
+    settings = allocator.peft_config
+    if settings.total_step != total_steps:
+        allocator.set_total_step(total_steps)
+    final = settings.total_step - settings.tfinal
+    if step < final:
+        _, pattern = allocator.update_and_allocate(model, step)
+        if pattern:
+            settings.rank_pattern = pattern
+    elif step == final:
+        _, pattern = allocator.update_and_allocate(model, step, force_mask=True)
+        settings.rank_pattern = pattern
+        allocator.reset_ipt()
+    elif settings.rank_pattern:
+        allocator.mask_using_rank_pattern(model, settings.rank_pattern)
+
+
+def adalora_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The allocator's running importance scores and the rank pattern: what a resume needs to continue
+    the same pruning."""
+    allocator = model.__dict__.get(ALLOCATOR)
+    if allocator is None:
+        return {}, {}
+    tensors = {
+        f"{kind}/{name}": value
+        for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc")
+        for name, value in getattr(allocator, kind).items()
+    }
+    settings = allocator.peft_config
+    return tensors, {"total_step": settings.total_step, "rank_pattern": settings.rank_pattern}
+
+
+def load_adalora_state(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    allocator = model.__dict__.get(ALLOCATOR)
+    if allocator is None:
+        return
+    for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        prefix = f"{kind}/"
+        device = next(model.parameters()).device
+        setattr(
+            allocator, kind, {k.removeprefix(prefix): v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
+        )
+    allocator.set_total_step(meta["total_step"])
+    allocator.peft_config.rank_pattern = meta.get("rank_pattern")
+
+
+def adalora_orthogonality(model: nn.Module, config: Any) -> torch.Tensor | None:
+    """AdaLoRA's regulariser (peft adds it in AdaLoraModel.forward): orth_reg_weight x the mean over
+    the adapters of ‖A Aᵀ − I‖_F and ‖Bᵀ B − I‖_F, keeping P and Q near orthogonal."""
+    allocator = model.__dict__.get(ALLOCATOR)
+    if allocator is None or not allocator.peft_config.orth_reg_weight:
+        return None
+    terms = []
+    for name, p in model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and ADAPTER_NAME in name.split("."):
+            cov = p @ p.T if "lora_A" in name else p.T @ p
+            terms.append(torch.linalg.matrix_norm(cov - torch.eye(*cov.shape, device=cov.device, dtype=cov.dtype)))
+    return allocator.peft_config.orth_reg_weight * torch.stack(terms).mean() if terms else None
+
+
 def peft_tag(config: Any) -> str:
     tag = f"peft-{config.peft_method}"
     if config.peft_config:
@@ -289,5 +361,10 @@ register(
         extra_state=peft_state,
         # VB-LoRA's and UniLoRA's frozen tensors are random draws: a rebuilt model would not have them
         extra_state_in_checkpoints=True,
+        aux_loss=adalora_orthogonality,
+        after_step=adalora_after_step,
+        needs_after_step=lambda config: config.peft_method == "adalora",
+        training_state=adalora_state,
+        load_training_state=load_adalora_state,
     )
 )

@@ -39,6 +39,10 @@ __all__ = [
     "auxiliary_loss",
     "is_lora_plus_param",
     "variant_state",
+    "after_step",
+    "training_state",
+    "load_training_state",
+    "has_step_hooks",
 ]
 
 
@@ -101,3 +105,34 @@ def variant_state(model: nn.Module, config: Any, checkpoints_only: bool = False)
         if variant.extra_state is not None and (variant.extra_state_in_checkpoints or not checkpoints_only):
             state.update(variant.extra_state(model, config))
     return state
+
+
+def has_step_hooks(config: Any) -> bool:
+    return any(v.after_step is not None and v.needs_after_step(config) for v in enabled_variants(config))
+
+
+def after_step(model: nn.Module, config: Any, step: int, total_steps: int) -> None:
+    """Run the enabled variants' after-step hooks (after optimizer.step, before zero_grad)."""
+    for variant in enabled_variants(config):
+        if variant.after_step is not None:
+            variant.after_step(model, config, step, total_steps)
+
+
+def training_state(model: nn.Module, config: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The variants' training-time state for a checkpoint: tensors keyed `<variant>.<name>`, JSON by variant."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {}
+    for variant in enabled_variants(config):
+        if variant.training_state is not None:
+            own, info = variant.training_state(model)
+            tensors.update({f"{variant.name}.{k}": v for k, v in own.items()})
+            meta[variant.name] = info
+    return tensors, meta
+
+
+def load_training_state(model: nn.Module, config: Any, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    for variant in enabled_variants(config):
+        if variant.load_training_state is not None and variant.name in meta:
+            prefix = f"{variant.name}."
+            own = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+            variant.load_training_state(model, own, meta[variant.name])

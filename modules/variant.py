@@ -231,6 +231,13 @@ class Variant:
     extra_state_in_checkpoints: bool = False
     before_load: Callable[[nn.Module, dict[str, torch.Tensor]], None] | None = None  # e.g. resize KAN grids
     lora_plus: Callable[[str], bool] | None = None  # parameters that get lr x lora_plus_ratio
+    # Training-time state outside the parameters (AdaLoRA's rank allocator): a hook the trainer calls
+    # after every optimizer step, before the gradients are cleared, with (model, config, step, total
+    # steps), and the state it must carry in training checkpoints (tensors, JSON) to resume exactly.
+    after_step: Callable[[nn.Module, Any, int, int], None] | None = None
+    needs_after_step: Callable[[Any], bool] = lambda config: True  # (a peft method: AdaLoRA only)
+    training_state: Callable[[nn.Module], tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None
+    load_training_state: Callable[[nn.Module, dict[str, torch.Tensor], dict[str, Any]], None] | None = None
 
     def uses(self) -> set[str]:
         """Every knob this variant reads: its own and the ones it borrows."""

@@ -44,6 +44,8 @@ OWN: dict[str, dict] = {
     "graph, GATConv backend": dict(use_graph=True),
     "graph, dense backend": dict(use_graph=True, graph_backend="dense"),
     "graph (dense) + LoRA r=8": dict(use_graph=True, graph_backend="dense", use_lora=True),
+    "LoRA-XS r=8": dict(use_lora_xs=True),
+    "AntiPaSTO r=8 (blocks of 4)": dict(use_antipasto=True),
 }
 PEFT = {f"peft {method}": dict(peft_method=method) for method in SUPPORTED}  # each at peft's defaults
 VARIANTS = {**OWN, **PEFT}
@@ -67,6 +69,13 @@ def added_macs_per_token(c: GPT2Config, seq: int) -> int:
             per_layer += (1 + bases) * 2 * width * hidden - 2 * width * ffn
     if c.use_kora:
         per_layer += 3 * c.kora_r * width * 2 + 3 * width * c.kora_d_comp + c.kora_d_comp * width
+    if c.use_lora_xs:  # V_rᵀ x, the r×r core, U_r (·)
+        per_layer += sum(
+            c.lora_xs_r * (i + o) + c.lora_xs_r**2 for t, (i, o) in targets.items() if t in c.lora_xs_targets
+        )
+    if c.use_antipasto:  # V_rᵀ x, the block rotation, U_r (·)
+        r, b = c.antipasto_r, c.antipasto_block
+        per_layer += sum(r * (i + o) + r * b for t, (i, o) in targets.items() if t in c.antipasto_targets)
     if c.use_graph:
         keys = seq if c.graph_window is None else min(seq, c.graph_window)
         per_layer += width * width + 2 * width + (keys + 1) // 2 * width * 2  # z = hW, scores, aggregation (causal)

@@ -93,8 +93,10 @@ def _changed_value(name: str, default, hint):
         return ["--no-" + name] if default else ["--" + name]
     choices = getattr(hint, "__args__", ())
     literal = [c for c in choices if c.__class__ is not type and c != default]
-    if name == "lora_targets":
-        return ["--lora_targets", "qkv"]
+    if name.endswith("_targets"):  # lora_targets, lora_xs_targets, antipasto_targets
+        return [f"--{name}", "qkv"]
+    if name in ("antipasto_r", "antipasto_block"):  # r must stay a multiple of the block size
+        return [f"--{name}", "4" if name == "antipasto_r" else "2"]
     if name == "lora_layers":
         return ["--lora_layers", "0"]
     if name == "kan_grid_range":
@@ -144,6 +146,8 @@ def _enablers(name: str) -> list[str]:
     if name.startswith(("lora_kan",)):
         return ["--use_lora", "--use_kan"]
     for prefix, flags in (
+        ("lora_xs_", ["--use_lora_xs"]),
+        ("antipasto_", ["--use_antipasto"]),
         ("lora_", ["--use_lora"]),
         ("kan_", ["--use_kan", "--kan_init", "random"]),
         ("kora_", ["--use_kora"]),

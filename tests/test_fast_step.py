@@ -132,6 +132,8 @@ FULLGRAPH_CASES = [
     "graph_dense_window",
     "peft_ia3",
     "peft_loha_r4",
+    "lora_xs",
+    "antipasto",
     "kan_lora+kora+graph",
 ]
 

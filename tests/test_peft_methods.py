@@ -275,3 +275,106 @@ def test_random_frozen_state_travels_in_checkpoints_to_evaluate(tiny_ckpt, token
     assert evaluate.main(["--task", "sst", *run_paths(run, tokenizer_dir, out), *limits]) == 0
     trained = json.loads((run / "metrics.json").read_text())
     assert json.loads((out / "metrics.json").read_text())["dev_acc"] == trained["dev_acc"]
+
+
+# ---------------------------------------------------------------- AdaLoRA's allocator
+
+ADALORA = {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1, "lora_dropout": 0.0}
+
+
+def test_adalora_prunes_to_the_same_rank_pattern_as_peft_after_the_same_steps(wide_ckpt):
+    """Our step hook against peft's own AdaLoraModel.update_and_allocate on stock HF GPT-2, with the same
+    adapter weights, the same gradients (the same loss) and the same plain SGD update."""
+    total, lr = 6, 0.1
+    torch.manual_seed(0)
+    ours = GPT2LMHeadModel.from_pretrained(
+        wide_ckpt, peft_method="adalora", peft_config={**ADALORA, "total_step": total}, embd_pdrop=0.0,
+        attn_pdrop=0.0, resid_pdrop=0.0,
+    )  # fmt: skip
+    perturb_adapters(ours, scale=0.2)
+    theirs = reference_for(wide_ckpt, ours)
+    set_trainable(ours)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(3))
+
+    def step(model, logits_of) -> None:
+        logits = logits_of(model)
+        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad and p.grad is not None:
+                    p -= lr * p.grad
+
+    def adapters(model, prefix="") -> dict[str, torch.Tensor]:
+        return {n.removeprefix(prefix).replace(".default", f".{ADAPTER_NAME}"): p.detach().clone()
+                for n, p in model.named_parameters() if "lora_" in n}  # fmt: skip
+
+    for index in range(total + 2):  # through the final phase, where the pattern is only kept
+        step(ours, lambda m: m(ids).logits)
+        ours.after_optimizer_step(index, total)
+        ours.zero_grad(set_to_none=True)
+        step(theirs, lambda m: m(input_ids=ids).logits)
+        theirs.base_model.update_and_allocate(index)
+        theirs.zero_grad(set_to_none=True)
+    mine, reference = adapters(ours), adapters(theirs, "base_model.model.")
+    assert mine.keys() == reference.keys()
+    pattern = theirs.peft_config["default"].rank_pattern
+    ours_pattern = ours.__dict__["peft_rank_allocator"].peft_config.rank_pattern
+    assert pattern and {k.replace(".default", f".{ADAPTER_NAME}"): v for k, v in pattern.items()} == ours_pattern
+    kept = sum(sum(v) for v in ours_pattern.values())
+    assert kept == ADALORA["target_r"] * len(ours_pattern)  # pruned to the budget: target_r per matrix
+    for name in mine:
+        torch.testing.assert_close(mine[name], reference[name], rtol=0, atol=1e-5)
+    pruned = [p for n, p in mine.items() if "lora_E" in n]
+    assert sum(int((p == 0).sum()) for p in pruned) == sum(len(v) - sum(v) for v in ours_pattern.values())
+
+
+def test_adalora_orthogonality_is_peft_s_regulariser(wide_ckpt):
+    ours = GPT2LMHeadModel.from_pretrained(wide_ckpt, peft_method="adalora", peft_config=ADALORA)
+    perturb_adapters(ours, scale=0.3)
+    theirs = reference_for(wide_ckpt, ours)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(4))
+    with_reg = theirs.base_model(input_ids=ids, labels=ids).loss  # AdaLoraModel.forward adds the regulariser
+    plain = theirs.base_model.model(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(ours.auxiliary_loss(), with_reg - plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_adalora_run_prunes_on_schedule_and_resumes_bit_exactly(tiny_ckpt, tokenizer_dir, tmp_path, monkeypatch):
+    """Through the CLI: SIGTERM after step 3 (mid-budgeting), --resume, and the end state equals an
+    uninterrupted run's: weights, pruned singular values and the allocator's rank pattern."""
+    import os
+    import signal
+
+    from train import sentiment
+    from train.checkpoint import checkpoint_folder, load_checkpoint
+
+    adalora = json.dumps({**ADALORA, "target_r": 1})
+    flags = ["--train_limit", "32", "--dev_limit", "4", "--test_limit", "2", "--batch_size", "4", "--epochs", "1"]
+    flags += ["--wandb", "disabled", "--peft_method", "adalora", "--peft_config", adalora, "--lr", "1e-2"]
+
+    def final_state(out):
+        (run,) = [p for p in out.iterdir() if p.is_dir()]
+        weights, state, _ = load_checkpoint(checkpoint_folder(run / "checkpoints", "last"))
+        return weights, state["variant_state"]["peft"]["rank_pattern"]
+
+    assert sentiment.main(["--dataset", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path / "a"), *flags]) == 0
+    original = GPT2LMHeadModel.after_optimizer_step
+
+    def interrupt_after_step_3(self, step, total):
+        original(self, step, total)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(GPT2LMHeadModel, "after_optimizer_step", interrupt_after_step_3)
+    argv = ["--dataset", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path / "b"), *flags]
+    assert sentiment.main(argv) == 143
+    monkeypatch.setattr(GPT2LMHeadModel, "after_optimizer_step", original)
+    assert sentiment.main([*argv, "--resume"]) == 0
+    (weights_a, pattern_a), (weights_b, pattern_b) = final_state(tmp_path / "a"), final_state(tmp_path / "b")
+    # the budget is global: target_r x the number of adapted matrices, shared out by importance
+    assert pattern_a == pattern_b and sum(map(sum, pattern_a.values())) == len(pattern_a)
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    singular = [v for k, v in weights_a.items() if "lora_E" in k]  # pruned ones are exactly 0
+    assert len(singular) == len(pattern_a) and sum(int((v != 0).sum()) for v in singular) <= len(pattern_a)

@@ -120,18 +120,25 @@ def save_checkpoint(
     progress: dict[str, Any],
     rng: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
     writer: BackgroundWriter | None = None,
+    variant_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> None:
     """Write `<kind>-<step>/` completely, then point `<kind>.json` at it, then drop the old folder.
     `rng`: the RNG state to record (default: this process's, now); the loop passes every rank's state
     at the end of `step` when it writes the checkpoint one step later, after that step's weights
     proved healthy. With a `writer` the tensors are copied to CPU now and the files are written on its
-    thread, so training (and the other ranks' collectives) need not wait for the disk."""
+    thread, so training (and the other ranks' collectives) need not wait for the disk. `variant_state`:
+    the variants' training-time state (model.training_state(): AdaLoRA's rank allocator), kept as
+    `variant_state.*` tensors and a `variant_state` JSON block."""
     opt_tensors, opt_meta = _optimizer_to_files(optimizer, copy=writer is not None)
     rng_tensors, rng_meta = rng if rng is not None else rank_rng_states([rng_state()])
     weights = {k: _to_cpu(v, copy=writer is not None) for k, v in trainable.items()}
     scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler_state, "rng": rng_meta, "progress": progress}
-    files = (weights, {**opt_tensors, **rng_tensors}, json.loads(json.dumps(state)))  # JSON copy: a snapshot
+    variant_tensors, variant_meta = variant_state or ({}, {})
+    if variant_meta:
+        state["variant_state"] = variant_meta
+    extra = {f"{VARIANT_PREFIX}{k}": _to_cpu(v, copy=True) for k, v in variant_tensors.items()}
+    files = (weights, {**opt_tensors, **rng_tensors, **extra}, json.loads(json.dumps(state)))  # JSON copy: a snapshot
     if writer is None:
         _write_checkpoint(directory, kind, step, *files)
     else:
@@ -247,6 +254,7 @@ def checkpoint_folder(directory: Path, kind: str) -> Path | None:
     return folder
 
 
+VARIANT_PREFIX = "variant_state."
 STATE_KEYS = ("step", "optimizer", "scheduler", "rng", "progress")
 
 
@@ -275,5 +283,11 @@ def copy_into(params: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any], tensors: dict[str, torch.Tensor]):
-    opt_tensors = {k: v for k, v in tensors.items() if not k.startswith("rng.")}
+    opt_tensors = {k: v for k, v in tensors.items() if not k.startswith(("rng.", VARIANT_PREFIX))}
     optimizer.load_state_dict(_optimizer_from_files(opt_tensors, state["optimizer"]))
+
+
+def saved_variant_state(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """The variants' training-time state a checkpoint holds (see save_checkpoint)."""
+    own = {k.removeprefix(VARIANT_PREFIX): v for k, v in tensors.items() if k.startswith(VARIANT_PREFIX)}
+    return own, state.get("variant_state", {})

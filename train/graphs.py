@@ -116,11 +116,19 @@ def uses_dropout(model: nn.Module, heads=()) -> bool:
 
 
 def why_not_captured(
-    device: str, world: int, grad_accum: int, grad_checkpointing: bool, tasks: int = 1, dropout: bool = False
+    device: str,
+    world: int,
+    grad_accum: int,
+    grad_checkpointing: bool,
+    tasks: int = 1,
+    dropout: bool = False,
+    step_hooks: bool = False,
 ) -> str | None:
     """The reason the whole-step CUDA graph cannot apply to a run, or None when it can."""
     if not device.startswith("cuda"):
         return f"CUDA graphs need a CUDA device (this run: {device})"
+    if step_hooks:
+        return "a variant runs host code after every optimizer step (AdaLoRA's rank allocator)"
     if dropout:
         # Measured on an H200: captured steps with dropout ran in the benchmark and in the component
         # tests, but `python -m train.sentiment` with dropout on died with a CUDA error, while the

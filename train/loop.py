@@ -339,6 +339,7 @@ class Trainer:
             torch.manual_seed(distributed.rank_seed(spec.training.seed, self.rank))
         # The fast step (train/graphs.py): static shapes always; the whole step as CUDA graphs where it can.
         self.static_rows = spec.training.batch_size if self.fast else None
+        self.step_hooks = model.has_step_hooks
         self.not_captured = (
             graphs.why_not_captured(
                 device,
@@ -347,6 +348,7 @@ class Trainer:
                 spec.runtime.grad_checkpointing,
                 len(self.objectives),
                 dropout=graphs.uses_dropout(model, heads.values()),
+                step_hooks=model.has_step_hooks,
             )
             if self.fast
             else None
@@ -398,6 +400,7 @@ class Trainer:
             raise ckpt.CheckpointCorrupt(f"--resume: checkpoint {folder} lacks trainable weights {missing[:5]}")
         ckpt.copy_into(self.checkpointed, weights, folder)
         ckpt.restore_optimizer(self.optimizer, state_json, tensors)
+        self.model.load_training_state(*ckpt.saved_variant_state(state_json, tensors))
         for group in self.optimizer.param_groups:  # how this run steps, not how the saving run did
             group.update({key: value for key, value in self.fused.items() if key in ("fused", "capturable")})
         lambdas = [None] * len(self.optimizer.param_groups)
@@ -497,6 +500,7 @@ class Trainer:
                 saved_progress,
                 rng,
                 self.writer,
+                self.model.training_state(),
             )
         self.last_save = time.monotonic()
 
@@ -626,6 +630,8 @@ class Trainer:
         elif spike:
             self.console.message(f"step {self.progress.step + 1}: {spike}")
         self.optimizer.step()
+        if self.step_hooks:  # e.g. AdaLoRA's rank allocator: it reads the gradients, so before zero_grad
+            self.model.after_optimizer_step(self.progress.step, self.total_steps)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=not self.capture)  # captured graphs keep the .grad tensors
         if syncs is not None:
