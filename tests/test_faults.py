@@ -118,40 +118,44 @@ def test_sigkill_between_metrics_json_and_the_row(tiny_ckpt, tokenizer_dir, tmp_
     assert len(rows(grid)) == 1
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
-def test_a_sigkill_at_a_random_moment_then_resume_matches_the_uninterrupted_run(
-    finished, tiny_ckpt, tokenizer_dir, tmp_path, seed
-):
-    """A seeded random moment after the run folder appears (imports excluded), with a checkpoint at
-    every step, so most kills land in or near a checkpoint write; then the user's --resume."""
-    reference_argv = sst_argv(tiny_ckpt[0], tokenizer_dir, tmp_path / "reference", "--save_every", "1")
-    assert sentiment.main(reference_argv) == 0
-    (reference,) = [p for p in (tmp_path / "reference").iterdir() if p.is_dir()]
-    out = tmp_path / "killed"
-    argv = sst_argv(tiny_ckpt[0], tokenizer_dir, out, "--save_every", "1")
-    process = subprocess.Popen([sys.executable, "-m", "train.sentiment", *argv], cwd=REPO, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while not list(out.glob("*/config.json")) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(random.Random(seed).uniform(0.0, 2.0))  # the tiny run takes ~2-3 s from here
-    process.kill()
-    assert b"Traceback" not in process.communicate()[1]
-    resumed = sentiment.main([*argv, "--resume"] if any(out.iterdir()) else argv)
-    assert resumed == 0
-    (run,) = [p for p in out.iterdir() if p.is_dir()]
-    assert len(rows(out)) == 1
-    ours = json.loads((run / "metrics.json").read_text())
-    theirs = json.loads((reference / "metrics.json").read_text())
-    assert (ours["best_value"], ours["best_step"], ours["steps"]) == (
-        theirs["best_value"],
-        theirs["best_step"],
-        theirs["steps"],
+def _train(argv: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "train.sentiment", *argv], cwd=REPO, stderr=subprocess.PIPE, **kwargs
     )
-    mine = ckpt.load_checkpoint(ckpt.checkpoint_folder(run / "checkpoints", "best"))[0]
-    reference_weights = ckpt.load_checkpoint(ckpt.checkpoint_folder(reference / "checkpoints", "best"))[0]
-    assert mine.keys() == reference_weights.keys()
-    assert all(torch.equal(mine[k], reference_weights[k]) for k in mine)
+
+
+@pytest.mark.slow
+def test_sigkills_at_random_moments_then_resume_match_the_uninterrupted_run(tiny_ckpt, tokenizer_dir, tmp_path):
+    """Seeded random moments after the run folder appears (imports excluded), with a checkpoint at
+    every step, so most kills land in or near a checkpoint write; then the user's --resume. Every run
+    is its own process, as a user's are (the test process's global torch state is not theirs)."""
+    reference_out = tmp_path / "reference"
+    reference = _train(sst_argv(tiny_ckpt[0], tokenizer_dir, reference_out, "--save_every", "1"))
+    assert reference.wait(timeout=300) == 0
+    (reference_run,) = [p for p in reference_out.iterdir() if p.is_dir()]
+    expected = ckpt.load_checkpoint(ckpt.checkpoint_folder(reference_run / "checkpoints", "best"))[0]
+    theirs = json.loads((reference_run / "metrics.json").read_text())
+    for seed in (0, 1):
+        out = tmp_path / f"killed-{seed}"
+        argv = sst_argv(tiny_ckpt[0], tokenizer_dir, out, "--save_every", "1")
+        process = _train(argv)
+        deadline = time.monotonic() + 240
+        while not list(out.glob("*/config.json")) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(random.Random(seed).uniform(0.0, 2.0))  # the tiny run takes ~2-3 s from here
+        process.kill()
+        assert b"Traceback" not in process.communicate()[1]
+        resumed = _train([*argv, "--resume"] if any(out.iterdir()) else argv)
+        assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
+        (run,) = [p for p in out.iterdir() if p.is_dir()]
+        assert len(rows(out)) == 1
+        ours = json.loads((run / "metrics.json").read_text())
+        assert [ours[k] for k in ("best_value", "best_step", "steps")] == [
+            theirs[k] for k in ("best_value", "best_step", "steps")
+        ]
+        mine = ckpt.load_checkpoint(ckpt.checkpoint_folder(run / "checkpoints", "best"))[0]
+        assert mine.keys() == expected.keys()
+        assert all(torch.equal(mine[k], expected[k]) for k in mine), f"seed {seed}: resume is not bit-exact"
 
 
 # ---------------------------------------------------------------- 2. a damaged runs.tsv
@@ -184,6 +188,19 @@ def test_a_damaged_index_is_rebuilt_from_the_folders_with_one_warning(finished, 
     assert fixed["run_dir"] == str(run) and fixed["best_value"] == str(
         json.loads((run / "metrics.json").read_text())["best_value"]
     )
+
+
+def test_a_row_that_disagrees_with_its_folder_is_refreshed_from_the_folder(finished, tmp_path):
+    grid, run = copy_grid(finished, tmp_path)
+    path = grid / "runs.tsv"
+    header, row = path.read_text().splitlines()
+    names = header.split("\t")
+    fields = row.split("\t")
+    fields[names.index("best_value")] = "0.999"  # a stale row (e.g. written before the run was extended)
+    path.write_text(header + "\n" + "\t".join(fields) + "\n")
+    assert report.main([str(grid), "--out", str(tmp_path / "report")]) == 0
+    (fixed,) = rows(grid)
+    assert fixed["best_value"] == str(json.loads((run / "metrics.json").read_text())["best_value"])
 
 
 def test_finishing_a_run_into_a_damaged_index_never_writes_an_empty_row(finished, tiny_ckpt, tokenizer_dir, tmp_path):

@@ -22,7 +22,7 @@ import pytest
 from model.config import GPT2Config
 from model.fingerprint import checkpoint_identity
 from modules.variant import JSONObject, knob
-from tests.conftest import REPO, make_hf_checkpoint, run_paths
+from tests.conftest import REPO, make_hf_checkpoint, plugin_env, run_paths
 from train import entry
 from train.run import RunFolderBusy, RunLock, lock_holder, migrate_legacy, run_folder
 from train.settings import MultitaskSettings, OutputSettings, RuntimeSettings, TrainingSettings
@@ -223,7 +223,15 @@ def test_two_processes_on_one_run_folder_the_second_exits_2_and_the_first_log_is
         str(tokenizer_dir), "--out_dir", str(tmp_path), "--wandb", "disabled", "--train_limit", "240",
         "--dev_limit", "8", "--test_limit", "2", "--batch_size", "2", "--epochs", "1", "--use_lora",
     ]  # fmt: skip
-    first = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # 0.1 s a step: the first run is still going while the second starts (its checks take seconds)
+    first = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=plugin_env(GPT2_TEST_STEP_SLEEP="0.1"),
+    )
     deadline = time.monotonic() + 60
     run_dir = None
     while time.monotonic() < deadline and first.poll() is None:
