@@ -44,7 +44,9 @@ STOCK_GPT2 = (
     "adalora deft fourierft frod gralora hira ia3 ln_tuning lora pvera randlora tinylora unilora vblora vera waveft"
 ).split()
 # Methods whose peft layer takes nn.Linear only: parity with HF GPT-2 whose Conv1D are nn.Linear.
-LINEAR_ONLY = "beft boft c3a delora glora hra lily loha lokr miss oft peanut psoft road shira supertuning".split()
+LINEAR_ONLY = (
+    "adamss beft boft c3a delora glora hra lily loha lokr miss oft peanut psoft road shira supertuning"
+).split()
 SUPPORTED = tuple(sorted(STOCK_GPT2 + LINEAR_ONLY))
 
 PROMPT = (
@@ -52,7 +54,6 @@ PROMPT = (
     "and run pipeline do not handle"
 )
 REFUSED = {
-    "adamss": "needs scikit-learn, which is not a dependency of this project",
     "adaption_prompt": PROMPT,
     "cartridge": PROMPT,
     "cpt": PROMPT,
@@ -125,6 +126,11 @@ class PeftSettings(Settings):
         status = method_status(self.peft_method)
         if status not in ("stock", "linear"):
             raise ValueError(f"peft method {self.peft_method!r} is not supported on this model: {status}")
+        if self.peft_method == "adamss" and (self.peft_config or {}).get("use_asa"):
+            raise ValueError(
+                "peft adamss with use_asa: its adaptive subspace allocation needs AdamssModel.update_and_allocate "
+                "after every step, which is not wired to the step hook yet (AdaLoRA's is); train with use_asa off"
+            )
         saved_type = (self.peft_config or {}).get("peft_type")
         if saved_type is not None and str(saved_type).lower() != self.peft_method:
             raise ValueError(f"peft_config is a {saved_type} config but peft_method is {self.peft_method!r}")

@@ -378,3 +378,12 @@ def test_adalora_run_prunes_on_schedule_and_resumes_bit_exactly(tiny_ckpt, token
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     singular = [v for k, v in weights_a.items() if "lora_E" in k]  # pruned ones are exactly 0
     assert len(singular) == len(pattern_a) and sum(int((v != 0).sum()) for v in singular) <= len(pattern_a)
+
+
+def test_adamss_with_asa_is_refused_with_its_reason(tiny_ckpt, tmp_path, capsys):
+    from train import entry
+
+    argv = ["--task", "sst", "--model", str(tiny_ckpt[0]), "--out_dir", str(tmp_path), "--peft_method", "adamss"]
+    with pytest.raises(SystemExit) as stop:
+        entry.parse(entry.GENERIC, [*argv, "--peft_config", '{"use_asa": true}'], inputs=False)
+    assert stop.value.code == 2 and "use_asa" in capsys.readouterr().err
