@@ -14,22 +14,21 @@ base with no rounding. Merges exactly (a linear delta). Parameter namespace: `an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
+from modules.lora import LoraTarget
 from modules.svd_adapters import (
     SubspaceAdaptedLinear,
+    attach_to_targets,
+    check_rank,
     check_targets_free,
     frozen_factors,
     merge_into_base,
-    target_names,
-    wrap_targets,
 )
 from modules.variant import Settings, Variant, knob, register
-
-Target = Literal["qkv", "attn_out", "mlp_in", "mlp_out"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,9 @@ class AntiPaSTOSettings(Settings):
     )
     antipasto_r: int = knob(8, "AntiPaSTO rank r (the adapted singular subspace)", low=1)
     antipasto_block: int = knob(4, "AntiPaSTO rotation block size b (r must be a multiple of b)", low=1)
-    antipasto_targets: tuple[Target, ...] = knob(("qkv", "attn_out", "mlp_in", "mlp_out"), "linears that get AntiPaSTO")
+    antipasto_targets: tuple[LoraTarget, ...] = knob(
+        ("qkv", "attn_out", "mlp_in", "mlp_out"), "linears that get AntiPaSTO"
+    )
 
     def validate(self) -> None:
         if self.antipasto_r % self.antipasto_block:
@@ -83,17 +84,11 @@ class AntiPaSTOLinear(SubspaceAdaptedLinear):
         return torch.diag(self.svd_s + self.antipasto_delta_s) @ self.rotation() - torch.diag(self.svd_s)
 
 
-def attach_antipasto(model: nn.Module, config: Any) -> None:
-    names = target_names(config, config.antipasto_targets)
-    wrap_targets(model, names, lambda linear: AntiPaSTOLinear(linear, config.antipasto_r, config.antipasto_block))
-
-
 def check_antipasto(config: Any) -> None:
     check_targets_free(config, "use_antipasto", config.antipasto_targets)
     if config.use_lora_xs and set(config.antipasto_targets) & set(config.lora_xs_targets):
         raise ValueError("use_antipasto with use_lora_xs: both would adapt the same linears; use one")
-    if config.antipasto_r > config.n_embd:
-        raise ValueError(f"GPT2Config.antipasto_r ({config.antipasto_r}) exceeds the width n_embd ({config.n_embd})")
+    check_rank(config, "antipasto_r")
 
 
 register(
@@ -101,7 +96,9 @@ register(
         name="antipasto",
         settings=AntiPaSTOSettings,
         enabled=lambda c: c.use_antipasto,
-        attach=attach_antipasto,
+        attach=attach_to_targets(
+            lambda c: c.antipasto_targets, lambda linear, c: AntiPaSTOLinear(linear, c.antipasto_r, c.antipasto_block)
+        ),
         tag=lambda c: f"antipasto-r{c.antipasto_r}-b{c.antipasto_block}",
         namespace="antipasto_",
         reads=("use_lora_xs", "lora_xs_targets"),

@@ -14,22 +14,21 @@ saved with the adapters and in checkpoints. Parameter namespace: `lora_xs_core`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
+from modules.lora import LoraTarget
 from modules.svd_adapters import (
     SubspaceAdaptedLinear,
+    attach_to_targets,
+    check_rank,
     check_targets_free,
     frozen_factors,
     merge_into_base,
-    target_names,
-    wrap_targets,
 )
 from modules.variant import Settings, Variant, knob, register
-
-Target = Literal["qkv", "attn_out", "mlp_in", "mlp_out"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class LoRAXSSettings(Settings):
     use_lora_xs: bool = knob(False, "LoRA-XS: a trained r x r core between frozen SVD factors", switch=True)
     lora_xs_r: int = knob(8, "LoRA-XS rank r (r^2 trained parameters per linear)", low=1)
     lora_xs_alpha: float = knob(16.0, "LoRA-XS alpha: the core's scale alpha/r", low=0, low_open=True)
-    lora_xs_targets: tuple[Target, ...] = knob(("qkv", "attn_out", "mlp_in", "mlp_out"), "linears that get LoRA-XS")
+    lora_xs_targets: tuple[LoraTarget, ...] = knob(("qkv", "attn_out", "mlp_in", "mlp_out"), "linears that get LoRA-XS")
 
 
 class LoRAXSLinear(SubspaceAdaptedLinear):
@@ -54,15 +53,9 @@ class LoRAXSLinear(SubspaceAdaptedLinear):
         return self.scale * self.lora_xs_core @ torch.diag(self.svd_s)
 
 
-def attach_lora_xs(model: nn.Module, config: Any) -> None:
-    names = target_names(config, config.lora_xs_targets)
-    wrap_targets(model, names, lambda linear: LoRAXSLinear(linear, config.lora_xs_r, config.lora_xs_alpha))
-
-
 def check_lora_xs(config: Any) -> None:
     check_targets_free(config, "use_lora_xs", config.lora_xs_targets)
-    if config.lora_xs_r > config.n_embd:
-        raise ValueError(f"GPT2Config.lora_xs_r ({config.lora_xs_r}) exceeds the width n_embd ({config.n_embd})")
+    check_rank(config, "lora_xs_r")
 
 
 register(
@@ -70,7 +63,9 @@ register(
         name="lora_xs",
         settings=LoRAXSSettings,
         enabled=lambda c: c.use_lora_xs,
-        attach=attach_lora_xs,
+        attach=attach_to_targets(
+            lambda c: c.lora_xs_targets, lambda linear, c: LoRAXSLinear(linear, c.lora_xs_r, c.lora_xs_alpha)
+        ),
         tag=lambda c: f"loraxs-r{c.lora_xs_r}-a{c.lora_xs_alpha:g}",
         namespace="lora_xs",
         check=check_lora_xs,

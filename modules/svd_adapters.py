@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-SVD_TARGETS = {"qkv": "attn.c_attn", "attn_out": "attn.c_proj", "mlp_in": "mlp.c_fc", "mlp_out": "mlp.c_proj"}
+from modules.lora import LORA_TARGETS  # the same four linears, by the same short names (peft imported lazily)
 
 
 def top_singular(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,7 +66,7 @@ class SubspaceAdaptedLinear(nn.Module):
 
 
 def target_names(config: Any, targets: tuple[str, ...]) -> list[str]:
-    return [f"transformer.h.{i}.{SVD_TARGETS[t]}" for i in range(config.n_layer) for t in targets]
+    return [f"transformer.h.{i}.{LORA_TARGETS[t]}" for i in range(config.n_layer) for t in targets]
 
 
 def wrap_targets(model: nn.Module, names: list[str], make) -> None:
@@ -100,12 +100,27 @@ def frozen_factors(model: nn.Module, kind: type[SubspaceAdaptedLinear]) -> dict[
     }
 
 
+def attach_to_targets(targets, make) -> Any:
+    """The variant's attach: every linear `targets(config)` names, in every block, replaced by
+    `make(linear, config)`."""
+
+    def attach(model: nn.Module, config: Any) -> None:
+        wrap_targets(model, target_names(config, targets(config)), lambda linear: make(linear, config))
+
+    return attach
+
+
+def check_rank(config: Any, knob: str) -> None:
+    if getattr(config, knob) > config.n_embd:
+        raise ValueError(f"GPT2Config.{knob} ({getattr(config, knob)}) exceeds the width n_embd ({config.n_embd})")
+
+
 def check_targets_free(config: Any, variant: str, targets: tuple[str, ...]) -> None:
     """Two variants cannot both adapt one linear: LoRA, LoRA-KAN and peft methods wrap the same ones."""
     others = [flag for flag, on in (("use_lora", config.use_lora), ("use_kan", config.use_kan)) if on]
     if config.peft_method is not None:
         others.append(f"peft_method={config.peft_method}")
-    taken = [t for t in targets if t in SVD_TARGETS] if others else []
+    taken = list(targets) if others else []
     if taken:
         raise ValueError(
             f"{variant} with {', '.join(others)}: both would adapt the same linears ({', '.join(taken)}); use one"
