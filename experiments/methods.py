@@ -14,7 +14,15 @@ import argparse
 import json
 from pathlib import Path
 
-from modules.peft_methods import LINEAR_ONLY, NOT_IDENTITY_AT_INIT, REFUSED, STOCK_GPT2, SUPPORTED
+from modules.peft_methods import (
+    LINEAR_ONLY,
+    NOT_IDENTITY_AT_INIT,
+    NOT_MERGEABLE,
+    PROMPT_LEARNING,
+    REFUSED,
+    STOCK_GPT2,
+    SUPPORTED,
+)
 
 PRESETS = Path(__file__).resolve().parent / "presets"  # experiments/presets
 # Our own methods, in the order the issue lists them (the peft methods follow, at peft's defaults).
@@ -109,14 +117,23 @@ def preset_text(name: str) -> str:
 
 
 def readme_table() -> str:
-    rows = ["| peft method | on this model | identity at init | exported for stock HF GPT-2 |", "|---|---|---|---|"]
+    rows = [
+        "| peft method | on this model | identity at init | merges into the weights | exported for stock HF GPT-2 |",
+        "|---|---|---|---|---|",
+    ]
     for method in SUPPORTED:
-        where = "yes (Conv1D via fan_in_fan_out)" if method in STOCK_GPT2 else "no: peft's layer takes nn.Linear only"
+        if method in STOCK_GPT2:
+            where = "yes (Conv1D via fan_in_fan_out)"
+        elif method in PROMPT_LEARNING:
+            where = "yes (peft's `prompt_embeddings`)"
+        else:
+            where = "no: peft's layer takes nn.Linear only"
         identity = "no: " + NOT_IDENTITY_AT_INIT[method] if method in NOT_IDENTITY_AT_INIT else "yes"
-        rows.append(f"| `{method}` | supported | {identity} | {where} |")
+        merges = "no: " + NOT_MERGEABLE[method] if method in NOT_MERGEABLE else "yes"
+        rows.append(f"| `{method}` | supported | {identity} | {merges} | {where} |")
     for method, reason in sorted(REFUSED.items()):
-        rows.append(f"| `{method}` | refused: {reason} | | |")
-    assert len(LINEAR_ONLY) + len(STOCK_GPT2) == len(SUPPORTED)
+        rows.append(f"| `{method}` | refused: {reason} | | | |")
+    assert len(LINEAR_ONLY) + len(STOCK_GPT2) + len(PROMPT_LEARNING) == len(SUPPORTED)
     return "\n".join(rows)
 
 

@@ -31,6 +31,7 @@ from model.loading import ours_to_hf
 from modules.lora import peft_lora_config
 from modules.peft_methods import ADAPTER_NAME as PEFT_ADAPTER
 from modules.peft_methods import method_status, peft_config_for
+from modules.prompt_learning import export_state as export_virtual_tokens
 from modules.registry import enabled_variants, variant_state
 
 FORMAT = "gpt2-variants-adapters/1"
@@ -134,7 +135,8 @@ def base_state_dict(model: Any) -> dict[str, torch.Tensor]:
 
 def export_peft(model: Any, directory: str | Path) -> None:
     """Write the adapter in peft's own format for stock `transformers.GPT2LMHeadModel`: the LoRA family
-    (`use_lora`) or a `peft_method` whose peft layer accepts HF's Conv1D."""
+    (`use_lora`), a `peft_method` whose peft layer accepts HF's Conv1D, or prompt learning's virtual
+    tokens (peft stores the encoder's output, `prompt_embeddings`, which PeftModel loads for inference)."""
     names = [v.name for v in enabled_variants(model.config)]
     if names == ["lora"]:
         if model.config.lora_init == "pissa":
@@ -145,7 +147,7 @@ def export_peft(model: Any, directory: str | Path) -> None:
         peft_config, ours_adapter = peft_lora_config(model.config, fan_in_fan_out=True), "default"
     elif names == ["peft"]:
         method = model.config.peft_method
-        if method_status(method) != "stock":
+        if method_status(method) not in ("stock", "prompt"):
             raise ValueError(
                 f"peft's {method} layers accept nn.Linear only, not stock HF GPT-2's Conv1D, so an exported "
                 "adapter could not load there; use save_adapters(dir), or export_hf(dir) for the merged model"
@@ -161,6 +163,10 @@ def export_peft(model: Any, directory: str | Path) -> None:
     peft_config.base_model_name_or_path = model.config.name
     wrapped = peft.get_peft_model(hf, peft_config)
     wrapped.peft_config["default"].base_model_name_or_path = model.config.name  # peft resets it from hf
+    if method_status(model.config.peft_method or "lora") == "prompt":
+        export_virtual_tokens(model, wrapped)  # peft saves the encoder's output as `prompt_embeddings`
+        wrapped.save_pretrained(str(directory))
+        return
     theirs = wrapped.state_dict(keep_vars=True)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from model.size import STACK_LIMIT, stack_parameters
+from modules.prompt_learning import num_virtual_tokens
 from modules.registry import VARIANTS, Variant, enabled_variants
 from modules.variant import Settings, knob
 
@@ -158,6 +159,11 @@ class GPT2Config:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def input_positions(self) -> int:
+        """Positions left for an input's real tokens: n_positions less prompt learning's virtual tokens."""
+        return self.n_positions - num_virtual_tokens(self)
 
     # ---- construction ----
     @classmethod

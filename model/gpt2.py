@@ -164,6 +164,8 @@ class GPT2Model(nn.Module):
         self.gradient_checkpointing = False
         self.pad_to_multiple = 1  # >1: right-pad inputs so compiled blocks see few distinct lengths
         self.pad_to_bucket = False  # True: right-pad inputs to a bucket length (model/shapes.py)
+        # Prompt learning's virtual tokens (modules/prompt_learning.py), attached by that variant.
+        self.virtual_tokens: nn.Module | None = None
 
     def forward(
         self,
@@ -179,7 +181,7 @@ class GPT2Model(nn.Module):
         padded key and real tokens sit at positions 0..n-1, so the stack runs the plain causal path
         (the fused kernel, no mask built, no branch filtering padding): exact at every real position,
         with no host sync. The mask stays the caller's to use (heads, the loss)."""
-        past = kv_cache.length if kv_cache is not None else 0
+        past = kv_cache.length - kv_cache.virtual if kv_cache is not None else 0  # real tokens cached
         right_padded = right_padded and kv_cache is None and position_ids is None
         # Under torch.compile nothing here may read a tensor's value: no validation, and a given mask
         # is always applied. Eagerly, validation answers "is anything padded?" in the same sync;
@@ -187,6 +189,10 @@ class GPT2Model(nn.Module):
         padded = attention_mask is not None
         if validate and not torch.compiler.is_compiling():
             padded = validate_inputs(self.config, input_ids, attention_mask, past, right_padded)
+        if self.virtual_tokens is not None:
+            if position_ids is not None:
+                raise ValueError("position_ids with virtual tokens: positions follow the virtual tokens' rule")
+            return self._forward_with_virtual_tokens(input_ids, attention_mask if padded else None, kv_cache)
         if right_padded:  # the stack needs no mask (the docstring says why)
             attention_mask, padded = None, False
         q_len = input_ids.shape[1]
@@ -211,6 +217,14 @@ class GPT2Model(nn.Module):
         padding = attention_mask.bool() if padded else None
         mask = build_attention_mask(padding, q_len + extra, past, input_ids.device, compute_dtype(self.wte.weight))
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
+        x = self._layers(x, mask, kv_cache, padding)
+        if kv_cache is not None:
+            kv_cache.length += q_len
+        return GPT2Output(last_hidden_state=self.ln_f(x[:, :q_len] if extra else x))
+
+    def _layers(
+        self, x: torch.Tensor, mask: torch.Tensor | None, kv_cache: Any, padding: torch.Tensor | None
+    ) -> torch.Tensor:
         for index, layer in enumerate(self.h):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, mask, kv_cache, index, padding, use_reentrant=False)
@@ -218,9 +232,39 @@ class GPT2Model(nn.Module):
                 x = layer.forward(x, mask, kv_cache, index, padding)  # decoding runs eagerly (its shapes vary)
             else:
                 x = layer(x, mask, kv_cache, index, padding)
+        return x
+
+    def _forward_with_virtual_tokens(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, kv_cache: KVCache | None
+    ) -> GPT2Output:
+        """Prompt learning (modules/prompt_learning.py): the virtual tokens go in front of the input, as
+        embeddings or as the cache's first n keys/values, and only the input's own positions come out.
+        The mask then covers past virtual, past real and new tokens; positions follow it."""
+        virtual = self.virtual_tokens
+        n, (batch, q_len) = virtual.num_virtual_tokens, input_ids.shape
+        first = kv_cache is None or kv_cache.length == 0
+        cached_real = kv_cache.length - kv_cache.virtual if kv_cache is not None else 0
+        if n + cached_real + q_len > self.config.n_positions:
+            raise ValueError(
+                f"{n} virtual + {cached_real + q_len} real tokens exceed the model's "
+                f"n_positions={self.config.n_positions}; truncate the input or use fewer virtual tokens"
+            )
+        if attention_mask is not None:  # virtual tokens are always attended
+            attention_mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
+        x = self.wte(input_ids)
+        if first and virtual.kind == "prefix":
+            kv_cache = virtual.fill(kv_cache, batch)
+        elif first:
+            x = torch.cat([virtual.embeddings(batch).to(x.dtype), x], dim=1)
+        past, seq = (kv_cache.length if kv_cache is not None else 0), x.shape[1]
+        position_ids = position_ids_from_mask(attention_mask, seq, past, input_ids.device)
+        padding = attention_mask.bool() if attention_mask is not None else None
+        mask = build_attention_mask(padding, seq, past, input_ids.device, compute_dtype(self.wte.weight))
+        x = self._layers(self.drop(x + self.wpe(position_ids)), mask, kv_cache, padding)
         if kv_cache is not None:
-            kv_cache.length += q_len
-        return GPT2Output(last_hidden_state=self.ln_f(x[:, :q_len] if extra else x))
+            kv_cache.length += seq
+            kv_cache.virtual = n
+        return GPT2Output(last_hidden_state=self.ln_f(x[:, -q_len:]))
 
 
 class GPT2LMHeadModel(nn.Module):

@@ -45,6 +45,7 @@ class KVCache:
         self.max_len = max_len
         self.extras: dict = {}  # per-layer state of other branches (e.g. the graph branch's nodes)
         self.length = 0  # tokens already stored (same for every layer once a forward completes)
+        self.virtual = 0  # of those, the virtual tokens of prompt learning (ahead of the real ones)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.length, self.length + k.shape[2]

@@ -31,6 +31,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from modules.prompt_learning import (
+    DEFAULT_VIRTUAL_TOKENS,
+    NOT_IDENTITY,
+    PROMPT_METHODS,
+    attach_virtual_tokens,
+    check_virtual_tokens,
+    derived_fields,
+)
 from modules.variant import JSONObject, Settings, Variant, knob, register
 
 ADAPTER_NAME = "peft"
@@ -47,25 +55,31 @@ STOCK_GPT2 = (
 LINEAR_ONLY = (
     "adamss beft boft c3a delora glora hra lily loha lokr miss oft peanut psoft road shira supertuning"
 ).split()
-SUPPORTED = tuple(sorted(STOCK_GPT2 + LINEAR_ONLY))
+# Prompt learning (modules/prompt_learning.py): virtual tokens through peft's encoders; exported for stock GPT-2.
+PROMPT_LEARNING = PROMPT_METHODS
+SUPPORTED = tuple(sorted(STOCK_GPT2 + LINEAR_ONLY + list(PROMPT_LEARNING)))
 
-PROMPT = (
-    "a prompt-learning method: it adds virtual tokens to every input, which this model's task heads "
-    "and run pipeline do not handle"
-)
 REFUSED = {
-    "adaption_prompt": PROMPT,
-    "cartridge": PROMPT,
-    "cpt": PROMPT,
-    "multitask_prompt_tuning": PROMPT,
+    "adaption_prompt": (
+        "LLaMA-Adapter wraps HF's own GPT2Attention module (its forward and weight layout) with gated "
+        "prompts; this model's attention is its own module, so peft cannot wrap it"
+    ),
+    "cartridge": (
+        "a prefix whose keys/values are initialised from a corpus' KV cache by a separate distillation "
+        "step, which the runs do not have; plain prefix_tuning is supported"
+    ),
+    "cpt": (
+        "context-aware prompt tuning needs per-token input type masks (input_type_mask) and its own loss, "
+        "which the tasks' batches do not carry"
+    ),
+    "multitask_prompt_tuning": (
+        "routes each batch by task_ids through a shared prompt decomposition, which the training loop does not pass"
+    ),
     "osf": (
         "its SVD tensors are named differently on this model and on stock HF GPT-2 + peft (24 of them "
         "unmatched on a 2-block model), so its parity cannot be checked"
     ),
-    "p_tuning": PROMPT,
     "poly": "routes each batch by task_ids (multi-task LoRA mixtures), which the training loop does not pass",
-    "prefix_tuning": PROMPT,
-    "prompt_tuning": PROMPT,
     "shadow": "rewrites the model config to add layers, which GPT2Config (immutable, validated) does not allow",
     "trainable_tokens": (
         "trains rows of the token embedding for given token_indices, not the linears; not wired to "
@@ -84,12 +98,18 @@ DEFAULT_FIELDS: dict[str, dict[str, Any]] = {
     # AdaLoRA's schedule needs the run's step count, known only when training starts: a placeholder
     # here, replaced by the run's own count at its first step (adalora_after_step)
     "adalora": {"total_step": ADALORA_PLACEHOLDER_STEPS},
+    **{method: {"num_virtual_tokens": DEFAULT_VIRTUAL_TOKENS} for method in PROMPT_METHODS},
 }
 NOT_IDENTITY_AT_INIT = {
     "fourierft": "peft's default init_weights=False draws a random spectrum",
     "c3a": "peft's default init draws the circulant kernels at random (init_weights='xavier_uniform')",
     "vblora": "the logits that pick vectors from the bank are random, so the update is not zero",
     "unilora": "its shared vector is drawn at random",
+    **dict.fromkeys(PROMPT_METHODS, NOT_IDENTITY),
+}
+NOT_MERGEABLE = {
+    "lily": "peft 0.21.2 has no merge for Lily's shared routers",
+    **dict.fromkeys(PROMPT_METHODS, "virtual tokens are extra inputs, not a change to any weight"),
 }
 # peft config fields that describe a saved adapter, not the method; they are not ours to set.
 BOOKKEEPING = {
@@ -99,7 +119,9 @@ BOOKKEEPING = {
 
 
 def method_status(name: str) -> str:
-    """'stock', 'linear', or the reason it is refused (ValueError for a name peft does not have)."""
+    """'stock', 'linear', 'prompt', or the reason it is refused (ValueError for a name peft does not have)."""
+    if name in PROMPT_LEARNING:
+        return "prompt"
     if name in STOCK_GPT2:
         return "stock"
     if name in LINEAR_ONLY:
@@ -124,7 +146,7 @@ class PeftSettings(Settings):
         if self.peft_method is None:
             return
         status = method_status(self.peft_method)
-        if status not in ("stock", "linear"):
+        if status not in ("stock", "linear", "prompt"):
             raise ValueError(f"peft method {self.peft_method!r} is not supported on this model: {status}")
         if self.peft_method == "adamss" and (self.peft_config or {}).get("use_asa"):
             raise ValueError(
@@ -150,12 +172,16 @@ def peft_config_for(config: Any, fan_in_fan_out: bool = False):
     values: dict[str, Any] = {}
     if "target_modules" in fields:
         values["target_modules"] = list(CONV1D_TARGETS)
+    if config.peft_method in PROMPT_LEARNING:
+        values.update(derived_fields(config), task_type="CAUSAL_LM")
     values.update(DEFAULT_FIELDS.get(config.peft_method, {}))
     user = {k: v for k, v in (config.peft_config or {}).items() if k not in BOOKKEEPING}
     unknown = sorted(set(user) - set(fields))
     if unknown:
         raise ValueError(f"peft_config: {config.peft_method} has no field(s) {unknown}")
     values.update(user)
+    if "encoder_hidden_size" in fields and values.get("encoder_hidden_size") is None:
+        values["encoder_hidden_size"] = config.n_embd  # peft's default (_prepare_prompt_learning_config)
     if "fan_in_fan_out" in fields:
         values["fan_in_fan_out"] = fan_in_fan_out
     if "layers_to_transform" in fields and getattr(config, "n_layer", None) is not None:
@@ -179,6 +205,9 @@ def check_peft(config: Any) -> None:
             "(peft_method='lora' is peft's LoRA, as use_lora)"
         )
     peft_config = peft_config_for(config)  # unknown fields and bad layer indices, before any weight loads
+    if config.peft_method in PROMPT_LEARNING:
+        check_virtual_tokens(config, peft_config)
+        return
     # peft checks sizes (block sizes, ranks, group sizes) when it builds a layer: build them on a
     # weightless skeleton of this model's linears, so a bad size is one error line, not a traceback.
     from peft import PeftType
@@ -215,6 +244,9 @@ def _skeleton(config: Any) -> nn.Module:
 
 
 def attach_peft(model: nn.Module, config: Any) -> None:
+    if config.peft_method in PROMPT_LEARNING:
+        attach_virtual_tokens(model, config, peft_config_for(config))
+        return
     from peft import PeftType
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
@@ -255,6 +287,9 @@ def tuner_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def merge_peft(model: nn.Module) -> None:
     """Fold every tuner layer into its base layer (peft's merge) and put the base layer back."""
+    if model.config.peft_method in PROMPT_LEARNING:
+        method = model.config.peft_method
+        raise ValueError(f"cannot merge exactly: peft {method}: {NOT_MERGEABLE[method]}")
     for name, module in tuner_layers(model):
         try:
             module.merge(safe_merge=True)

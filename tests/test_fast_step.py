@@ -134,6 +134,8 @@ FULLGRAPH_CASES = [
     "peft_loha_r4",
     "lora_xs",
     "antipasto",
+    "peft_prompt_tuning",
+    "peft_prefix_tuning+kora",
     "kan_lora+kora+graph",
 ]
 

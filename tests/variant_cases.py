@@ -28,6 +28,11 @@ VARIANT_CASES: dict[str, dict] = {
     "lora_xs": dict(use_lora_xs=True),
     "lora_xs_qkv_r4": dict(use_lora_xs=True, lora_xs_r=4, lora_xs_targets=("qkv",)),
     "antipasto": dict(use_antipasto=True),
+    "peft_prompt_tuning": dict(peft_method="prompt_tuning", peft_config={"num_virtual_tokens": 3}),
+    "peft_p_tuning_lstm": dict(
+        peft_method="p_tuning", peft_config={"num_virtual_tokens": 2, "encoder_reparameterization_type": "LSTM"}
+    ),
+    "peft_prefix_tuning+kora": dict(peft_method="prefix_tuning", peft_config={"num_virtual_tokens": 3}, use_kora=True),
     "antipasto+kora": dict(use_antipasto=True, antipasto_r=4, antipasto_block=2, use_kora=True),
     "kan_lora+kora+graph": dict(use_lora=True, use_kan=True, use_kora=True, use_graph=True, graph_window=3),
 }
@@ -35,3 +40,5 @@ MERGEABLE = {"lora", "rslora", "dora", "lora_gaussian", "pissa", "lora_plus_some
 MERGEABLE |= {"lora_xs", "lora_xs_qkv_r4", "antipasto"}
 # Replaces pretrained weights with a fresh KAN by design: not the base model at step 0.
 NOT_IDENTITY_AT_INIT = {"kan_ffn_random"}
+# Virtual tokens are attended from the first step (modules/prompt_learning.py).
+NOT_IDENTITY_AT_INIT |= {"peft_prompt_tuning", "peft_p_tuning_lstm", "peft_prefix_tuning+kora"}

@@ -187,7 +187,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         folder = out_dir / name if args.task == "all" else out_dir
         folder.mkdir(parents=True, exist_ok=True)
         task = get_task(name)(
-            tokenizer, args.data_dir, settings, model.config.n_positions, args.task_settings.get(name)
+            tokenizer, args.data_dir, settings, model.config.input_positions, args.task_settings.get(name)
         )
         torch.manual_seed(args.seed)
         head = task.make_head(model)

@@ -308,7 +308,10 @@ class Trainer:
         folder = data_dir(spec.output.data_dir)
         self.fast = spec.runtime.fast_step == "on"
         self.objectives = {
-            name: TASKS[name](tokenizer, folder, spec.training, config.n_positions, spec.settings_of(name), self.fast)
+            # input_positions: n_positions less prompt learning's virtual tokens
+            name: TASKS[name](
+                tokenizer, folder, spec.training, config.input_positions, spec.settings_of(name), self.fast
+            )
             for name in spec.tasks
         }
         for objective in self.objectives.values():
@@ -349,6 +352,7 @@ class Trainer:
                 len(self.objectives),
                 dropout=graphs.uses_dropout(model, heads.values()),
                 step_hooks=model.has_step_hooks,
+                virtual_tokens=model.transformer.virtual_tokens is not None,
             )
             if self.fast
             else None

@@ -93,8 +93,9 @@ class Task:
         options: CommandSettings | None = None,
         fast_step: bool = False,
     ) -> None:
-        """`n_positions`: the model's context length, which caps every encoded example. `options`: the
-        task's own settings (its defaults when None). `fast_step`: evaluation may use CUDA graphs."""
+        """`n_positions`: the positions an input may fill (the context length less any virtual tokens),
+        which caps every encoded example. `options`: the task's own settings (its defaults when None).
+        `fast_step`: evaluation may use CUDA graphs."""
         self.tokenizer, self.data_dir, self.n_positions = tokenizer, Path(data_dir), n_positions
         self.training = training
         if options is None and self.settings is not None:

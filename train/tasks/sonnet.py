@@ -66,7 +66,7 @@ def generate_sonnets(
     def complete(batch: list[int]) -> list[str]:
         ids, mask = collate([encoded[i] for i in batch], side="left", pad_id=tokenizer.eos_token_id)
         ids, mask = ids.to(device), mask.to(device)
-        budget = min(settings.max_new_tokens, model.config.n_positions - ids.shape[1])
+        budget = min(settings.max_new_tokens, model.config.input_positions - ids.shape[1])
         out = model.generate(
             ids,
             attention_mask=mask,
