@@ -23,6 +23,7 @@ config duck-typed (`config.n_embd`, `config.lora_r`, ...) and never import `mode
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -183,6 +184,12 @@ def _check_bounds(owner: str, f: dataclasses.Field, value: Any) -> None:
             raise ValueError(f"{setting_label(owner, f.name)} must be in {span}, got {value!r}")
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """A settings class's resolved annotations (cached: resolving them costs more than the checks)."""
+    return typing.get_type_hints(cls)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Base of every typed settings dataclass: fields declared with `knob`, checked on construction.
@@ -192,7 +199,7 @@ class Settings:
     owner: typing.ClassVar[str] = "GPT2Config"
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
+        hints = type(self).hints()
         for f in dataclasses.fields(self):
             value = coerce(self.owner, f.name, getattr(self, f.name), hints[f.name])
             _check_bounds(self.owner, f, value)
@@ -208,7 +215,7 @@ class Settings:
 
     @classmethod
     def hints(cls) -> dict[str, Any]:
-        return typing.get_type_hints(cls)
+        return _type_hints(cls)
 
 
 @dataclass(frozen=True)

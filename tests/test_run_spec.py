@@ -412,3 +412,70 @@ def test_a_spec_renders_to_a_command_that_parses_back_to_it(tiny_ckpt, tmp_path,
     spec, _ = entry.parse(entry.GENERIC, argv, inputs=False)
     again, _ = entry.parse(entry.GENERIC, render_argv(spec), inputs=False)
     assert dataclasses.replace(again, argv=()) == dataclasses.replace(spec, argv=())
+
+
+# ---------------------------------------------------------------- folders named under an older schema
+
+SPEC2_FIXTURE = REPO / "tests" / "fixtures" / "spec2_216f2d7"  # LEGACY_COMMAND run by commit 216f2d7
+
+
+@pytest.mark.slow
+def test_a_run_named_under_an_older_settings_schema_is_renamed_and_resumes(tmp_path, monkeypatch, capsys):
+    """Commit 216f2d7 counted every variant's knobs in every identity (a LoRA run's hash held LoRA-XS's
+    rank), so each added knob renamed all runs. Its folders are found by their command today: renamed
+    once to today's name, with one runs.tsv row, and resumed as finished."""
+    from train.spec import identity_schema
+
+    monkeypatch.setenv("GPT2_VARIANTS_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(SPEC2_FIXTURE, tmp_path / "grid")
+    monkeypatch.chdir(tmp_path / "grid")
+    make_hf_checkpoint(Path("ckpt/tiny"), n_layer=1, n_head=2, n_embd=16, n_positions=64, vocab_size=50257)
+    (old,) = [p for p in Path("runs").iterdir() if p.is_dir()]
+    spec, _ = entry.parse(entry.GENERIC, LEGACY_COMMAND, inputs=False)
+    assert "lora_xs_r" not in spec.identity()["config"]  # a disabled variant's knob: not part of it
+    assert spec.run_name() != old.name
+    assert entry.main([*LEGACY_COMMAND, "--resume"]) == 0
+    assert "already finished" in capsys.readouterr().out
+    folder = Path("runs") / spec.run_name()
+    assert folder.is_dir() and not old.exists()
+    record = json.loads((folder / "config.json").read_text())
+    assert record["identity_schema"] == identity_schema() and record["migrated_from"]["run"] == old.name
+    assert record["config_hash"] == spec.identity_hash()
+    rows = Path("runs/runs.tsv").read_text().splitlines()
+    assert len(rows) == 2 and spec.identity_hash() in rows[1]
+    assert migrate_legacy(Path("runs")) == []  # stamped with today's schema: never scanned again
+
+
+def test_adding_a_variant_knob_leaves_other_identities_unchanged(monkeypatch):
+    """The identity of a configuration counts only the enabled variants' knobs: registering a new
+    variant with knobs of its own leaves a LoRA spec's hash as it was (and changes the schema stamp)."""
+    from modules import registry
+    from modules.variant import Settings, Variant
+    from train import spec as spec_module
+
+    before, schema_before = base_spec(config=GPT2Config.from_preset("tiny", use_lora=True)), None
+    hash_before = before.identity_hash()
+    spec_module.identity_schema.cache_clear()
+    schema_before = spec_module.identity_schema()
+
+    @dataclass(frozen=True)
+    class ProbeSettings(Settings):
+        use_probe: bool = knob(False, "a test-only variant", switch=True)
+        probe_width: int = knob(3, "its knob", low=1)
+
+    probe = Variant(
+        name="probe", settings=ProbeSettings, enabled=lambda c: c.use_probe, attach=lambda m, c: None,
+        tag=lambda c: "probe", namespace=".probe",
+    )  # fmt: skip
+    monkeypatch.setitem(registry.VARIANTS, "probe", probe)
+    spec_module.identity_schema.cache_clear()
+    try:
+        after = base_spec(config=GPT2Config.from_preset("tiny", use_lora=True))
+        assert "probe_width" in after.config.to_dict() and "probe_width" not in after.identity()["config"]
+        assert after.identity_hash() == hash_before
+        assert spec_module.identity_schema() != schema_before  # old folders get checked once
+        with_probe = base_spec(config=GPT2Config.from_preset("tiny", use_lora=True, use_probe=True))
+        assert with_probe.identity()["config"]["probe_width"] == 3
+        assert with_probe.identity_hash() != hash_before
+    finally:
+        spec_module.identity_schema.cache_clear()

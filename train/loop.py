@@ -53,7 +53,7 @@ from train.run import (
 from train.runs import RunLogger, git_commit, truncate_log
 from train.runtime import autocast_for, resolve_precision
 from train.settings import MultitaskSettings, TrainingSettings
-from train.spec import RunSpec, variant_tag
+from train.spec import RunSpec, identity_schema, variant_tag
 from train.tasks import TASKS, selection_score
 
 TrainingDiverged = lifecycle.TrainingDiverged
@@ -381,6 +381,7 @@ class Trainer:
             "spec": spec.to_json(),
             "command": list(spec.argv),
             "config_hash": spec.identity_hash(),
+            "identity_schema": identity_schema(),  # what the name was made under (train/spec.py)
             "wandb_id": new_wandb_id(spec),
             "git_commit": git_commit(),
             "parameters": self.counts,

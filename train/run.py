@@ -45,8 +45,9 @@ from train import checkpoint as ckpt
 from train.index import drop_runs_row, rename_row, row_from_folder, update_index, write_runs_row
 from train.runs import log_entries
 from train.settings import MultitaskSettings, OutputSettings, RuntimeSettings, TrainingSettings
-from train.spec import Checkpoint, RunSpec, flat_identity
+from train.spec import SPEC_VERSION, Checkpoint, RunSpec, flat_identity, identity_schema
 from train.tasks import TASKS
+from train.tasks.base import settings_classes
 
 LOCK_NAME = ".lock"
 
@@ -346,16 +347,24 @@ def legacy_spec(record: dict[str, Any], out_dir: Path) -> RunSpec:
 
 
 def legacy_folders(out_dir: Path) -> list[Path]:
-    """Run folders under `out_dir` written before RunSpec (a record with an identity and no spec)."""
+    """Run folders under `out_dir` that may not carry today's name: written before RunSpec (a record
+    with an identity and no spec), or named under another settings schema (a field added since)."""
     found = []
     for config_file in sorted(Path(out_dir).glob("*/config.json")):
         try:
             record = json.loads(config_file.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(record, dict) and "identity" in record and record.get("spec", {}).get("version") != 2:
+        if not isinstance(record, dict) or "identity" not in record:
+            continue
+        if _is_legacy(record) or record.get("identity_schema") != identity_schema():
             found.append(config_file.parent)
     return found
+
+
+def _is_legacy(record: dict[str, Any]) -> bool:
+    spec = record.get("spec")
+    return not isinstance(spec, dict) or spec.get("version") != SPEC_VERSION
 
 
 _WARNED: set[Path] = set()  # folders this process already said it cannot migrate
@@ -373,7 +382,9 @@ def migrate_legacy(out_dir: Path) -> list[tuple[Path, Path]]:
     moved = []
     with open(out_dir / ".migrate.lock", "a") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)  # one migrating process per out_dir; the others wait, then find none
-        for folder in legacy_folders(out_dir):
+        # sources first: a transfer run's identity names its source's configuration hash, which the
+        # source's migration may change (_renamed_source_hash)
+        for folder in sorted(legacy_folders(out_dir), key=_is_transfer_run):
             try:
                 lock = RunLock(folder).acquire()
             except RunFolderBusy:
@@ -387,6 +398,27 @@ def migrate_legacy(out_dir: Path) -> list[tuple[Path, Path]]:
     return moved
 
 
+def _is_transfer_run(folder: Path) -> bool:
+    try:
+        return bool(json.loads((folder / "config.json").read_text()).get("spec", {}).get("transfer_from"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _renamed_source_hash(out_dir: Path, source: dict[str, Any]) -> dict[str, Any]:
+    """A transfer run's `transfer_from` with its source's configuration hash as renamed (when that
+    source was migrated in this out_dir); unchanged otherwise."""
+    for config_file in out_dir.glob("*/config.json"):
+        try:
+            record = json.loads(config_file.read_text())
+        except (OSError, ValueError):
+            continue
+        was = record.get("migrated_from", {}) if isinstance(record, dict) else {}
+        if record.get("task") == source.get("task") and was.get("config_hash") == source.get("config_hash"):
+            return {**source, "config_hash": record["config_hash"]}
+    return source
+
+
 def _warn_once(folder: Path, message: str) -> None:
     if folder not in _WARNED:
         _WARNED.add(folder)
@@ -396,19 +428,25 @@ def _warn_once(folder: Path, message: str) -> None:
 def _migrate_one(folder: Path, out_dir: Path) -> tuple[Path, Path] | None:
     config_file = folder / "config.json"
     record = json.loads(config_file.read_text())
-    try:
-        spec = legacy_spec(record, out_dir)
+    legacy = _is_legacy(record)
+    try:  # a RunSpec record keeps its checkpoint's identity: only its name may be stale
+        spec = legacy_spec(record, out_dir) if legacy else RunSpec.from_json(record["spec"], settings_classes())
     except (CheckpointError, KeyError, ValueError, TypeError) as error:
         _warn_once(folder, f"it cannot be mapped to its new name ({type(error).__name__}: {error})")
         return None
+    if spec.transfer_from is not None:
+        spec = spec.replace(transfer_from=_renamed_source_hash(out_dir, spec.transfer_from))
     source = Path(spec.checkpoint.source)
-    if source.exists():
+    if legacy and source.exists():
         newest = max((p.stat().st_mtime for p in source.iterdir() if p.is_file()), default=0.0)
         if newest > config_file.stat().st_mtime:
             _warn_once(folder, f"its checkpoint {source} was re-saved after the run, so it may not be the run's own")
             return None
     old_name = record.get("run") or folder.name  # the legacy name, also after a kill between rename and record
     target = folder.parent / spec.run_name()
+    if not legacy and target == folder:  # named as today's rule names it: stamp the schema, nothing moves
+        atomic_write_json(config_file, {**record, "identity": spec.identity(), "identity_schema": identity_schema()})
+        return None
     if target != folder:
         try:
             os.rename(folder, target)  # fails on an existing, non-empty target: never two runs in one folder
@@ -420,6 +458,7 @@ def _migrate_one(folder: Path, out_dir: Path) -> tuple[Path, Path] | None:
         spec=spec.to_json(),
         identity=spec.identity(),
         config_hash=spec.identity_hash(),
+        identity_schema=identity_schema(),
         run=target.name,
         migrated_from={"run": old_name, "config_hash": record.get("config_hash")},
     )

@@ -6,8 +6,14 @@ what it is), the training settings, each task's settings, and the output and run
 **Identity is a rule by type, not a deny-list**: every field of the spec counts, except values whose
 type says they do not: `OutputSettings` and `RuntimeSettings` (where results go, how the maths is
 executed) and the command line as typed. The checkpoint counts by its *content* (model/fingerprint.py),
-never by how its path is spelled, and the config's `name` (provenance) does not count. So a new field
-declared in a settings class changes identities at once, and a copied or moved checkpoint keeps them.
+never by how its path is spelled, and the config's `name` (provenance) does not count. Of the model
+config, the knobs of disabled variants do not count (they cannot change a result), so a new variant
+leaves the other configurations' identities as they were; a copied or moved checkpoint keeps them.
+
+A field added to a settings class does change identities (it is part of every run now). Records carry
+the fingerprint of the settings schema they were named under (`identity_schema()`); a run folder
+named under another schema is renamed to its name under today's rule when a run starts in its
+out_dir (train/run.py: `migrate_legacy`), so `--resume`, grids and reports still find it.
 
 The run folder is `<label>-<variant tags>-lr<lr>-s<seed>-<hash>`: `hash` is 8 hex digits of the
 SHA-256 of the identity without the seed (the seeds of one configuration share it; the report groups
@@ -17,6 +23,7 @@ them by it).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -27,6 +34,7 @@ from modules.registry import enabled_variants
 from train.settings import CommandSettings, OutputSettings, RuntimeSettings, TrainingSettings
 
 SPEC_VERSION = 2  # 1: the identity of commits before RunSpec (vars(args) minus a deny-list)
+IDENTITY_RULE = 2  # 1: every config knob counted; 2: only the enabled variants' knobs (GPT2Config.result_dict)
 MODE_TAGS = {"full-model": "full", "last-linear-layer": "lastlinear", "adapters": "adapters"}
 NOT_IDENTITY = (OutputSettings, RuntimeSettings)  # the rule: values of these types never count
 
@@ -132,9 +140,7 @@ class RunSpec:
 
 def _identity_value(value: Any) -> Any:
     if isinstance(value, GPT2Config):
-        values = value.to_dict()
-        values.pop("name")  # provenance: the checkpoint's identity says what was loaded
-        return values
+        return value.result_dict()  # without `name`: the checkpoint's identity says what was loaded
     if isinstance(value, Checkpoint):
         return value.identity_value()
     if isinstance(value, CommandSettings):
@@ -144,6 +150,23 @@ def _identity_value(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
     return value
+
+
+@functools.cache
+def identity_schema() -> str:
+    """A fingerprint of what identities are made of: every settings class's fields and defaults and
+    the identity rule's version. It changes when a field is added, removed or re-defaulted."""
+    from model.config import ModelSettings
+    from modules.registry import VARIANTS
+    from train.tasks.base import settings_classes
+
+    classes = [ModelSettings, *(v.settings for v in VARIANTS.values()), TrainingSettings]
+    classes += list(settings_classes().values())
+    schema = {
+        "rule": IDENTITY_RULE,
+        **{cls.__qualname__: [(f.name, repr(f.default)) for f in dataclasses.fields(cls)] for cls in classes},
+    }
+    return hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def variant_tag(config: Any) -> str:
