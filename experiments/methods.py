@@ -20,6 +20,7 @@ from modules.peft_methods import (
     NOT_MERGEABLE,
     PROMPT_LEARNING,
     REFUSED,
+    REQUIRED_FIELDS,
     STOCK_GPT2,
     SUPPORTED,
 )
@@ -104,8 +105,9 @@ def variants(smoke: bool) -> dict[str, list[str]]:
     rows = dict(OWN_VARIANTS)
     for method in SUPPORTED:
         flags = ["--peft_method", method]
-        if smoke and method in SMOKE_SIZES:
-            flags += ["--peft_config", json.dumps(SMOKE_SIZES[method])]
+        fields = {**REQUIRED_FIELDS.get(method, {}), **(SMOKE_SIZES.get(method, {}) if smoke else {})}
+        if fields:
+            flags += ["--peft_config", json.dumps(fields)]
         rows[f"peft_{method}"] = flags
     return rows
 

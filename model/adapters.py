@@ -28,6 +28,8 @@ from safetensors.torch import load_file
 from model.config import STACK_FIELDS, GPT2Config
 from model.files import atomic_write_json, write_safetensors
 from model.loading import ours_to_hf
+from model.quantize import dequantized_weight, is_quantized
+from modules.imports import peft_sees_bitsandbytes
 from modules.lora import peft_lora_config
 from modules.peft_methods import ADAPTER_NAME as PEFT_ADAPTER
 from modules.peft_methods import method_status, peft_config_for
@@ -100,6 +102,11 @@ def load_adapters(model: Any, directory: str | Path) -> None:
 
 
 def merge_adapters(model: Any) -> None:
+    if model.config.quantize is not None:
+        raise ValueError(
+            f"cannot merge exactly: the base is quantised ({model.config.quantize}); a merged weight would be "
+            "quantised again. Keep the adapters (save_adapters / export_peft) and apply them to the quantised base"
+        )
     variants = enabled_variants(model.config)
     blocked = [v for v in variants if v.merge is None]
     if blocked:
@@ -122,15 +129,24 @@ def export_hf(model: Any, directory: str | Path) -> None:
 
 def base_state_dict(model: Any) -> dict[str, torch.Tensor]:
     """Base weights under their plain names (peft's `.base_layer.` removed), adapters and the
-    variants' own buffers (a peft method's fixed projections) excluded."""
+    variants' own buffers (a peft method's fixed projections) excluded; a quantised base's weights
+    dequantised (what it computes with)."""
     extra = variant_state(model, model.config)
     # by identity: a parameter shared by several layers (VB-LoRA's bank) has more names in state_dict()
     adapters = {id(p) for name, p in model.named_parameters() if name in model.adapter_params}
-    return {
-        name.replace(".base_layer.", "."): tensor.detach()
-        for name, tensor in model.state_dict(keep_vars=True).items()
-        if id(tensor) not in adapters and name not in extra
-    }
+    quantized = {f"{name}.": module for name, module in model.named_modules() if is_quantized(module)}
+    state = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in adapters or name in extra:
+            continue
+        owner = next((prefix for prefix in quantized if name.startswith(prefix)), None)
+        field = name.removeprefix(owner) if owner is not None else None
+        if field == "weight":  # a quantised weight: the float values it computes with
+            tensor = dequantized_weight(quantized[owner])
+        elif field not in (None, "bias"):  # its quantisation constants (absmax, SCB, ...)
+            continue
+        state[name.replace(".base_layer.", ".")] = tensor.detach()
+    return state
 
 
 def export_peft(model: Any, directory: str | Path) -> None:
@@ -157,11 +173,12 @@ def export_peft(model: Any, directory: str | Path) -> None:
         raise ValueError(
             f"export_peft writes one peft adapter (use_lora or peft_method); this model has {names or 'none'}"
         )
-    import peft  # heavy (pulls in transformers): imported only for this export
-
-    hf = stock_hf_copy(model)
+    hf = stock_hf_copy(model)  # float weights, also from a quantised base
     peft_config.base_model_name_or_path = model.config.name
-    wrapped = peft.get_peft_model(hf, peft_config)
+    with peft_sees_bitsandbytes(False):
+        import peft  # heavy (pulls in transformers): imported only for this export
+
+        wrapped = peft.get_peft_model(hf, peft_config)
     wrapped.peft_config["default"].base_model_name_or_path = model.config.name  # peft resets it from hf
     if method_status(model.config.peft_method or "lora") == "prompt":
         export_virtual_tokens(model, wrapped)  # peft saves the encoder's output as `prompt_embeddings`

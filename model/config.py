@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from model.quantize import check_quantize
 from model.size import STACK_LIMIT, stack_parameters
+from modules.imports import peft_sees_bitsandbytes
 from modules.prompt_learning import num_virtual_tokens
 from modules.registry import VARIANTS, Variant, enabled_variants
 from modules.variant import Settings, knob
@@ -56,6 +58,9 @@ class ModelSettings(Settings):
     resid_pdrop: float = knob(0.1, "residual dropout", low=0, high=1, high_open=True)
     fine_tune_mode: Literal["full-model", "last-linear-layer", "adapters"] | None = knob(
         None, "what trains: full-model | last-linear-layer | adapters (default: adapters if a variant is on)"
+    )
+    quantize: Literal["nf4", "int8"] | None = knob(
+        None, "store the blocks' linears quantised with bitsandbytes (QLoRA): nf4 | int8 (model/quantize.py)"
     )
     name: str = knob("gpt2", "provenance (the checkpoint this config was read from); never affects maths")
 
@@ -100,9 +105,11 @@ class GPT2Config:
             part = cls(**{f.name: values[f.name] for f in cls.knobs() if f.name in values})
             flat.update({f.name: getattr(part, f.name) for f in cls.knobs()})
         object.__setattr__(self, "_values", flat)
-        for variant in enabled_variants(self):  # checks against the resolved model size
-            if variant.check is not None:
-                variant.check(self)
+        with peft_sees_bitsandbytes(self.quantize is not None):  # (modules/imports.py says why)
+            for variant in enabled_variants(self):  # checks against the resolved model size
+                if variant.check is not None:
+                    variant.check(self)
+        check_quantize(self)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):

@@ -24,7 +24,9 @@ from torch.utils.checkpoint import checkpoint
 from model import adapters, loading
 from model.config import GPT2Config
 from model.generation import generate
+from model.heads import lm_head_weight
 from model.losses import linear_cross_entropy, next_token_targets
+from model.quantize import is_quantized, quantize_block_linears
 from model.shapes import bucket_length
 from modules import registry
 from modules.attention import CausalSelfAttention, KVCache, compute_dtype
@@ -292,6 +294,8 @@ class GPT2LMHeadModel(nn.Module):
         if self.adapter_params:
             raise RuntimeError("variants are already attached to this model")
         reference = self.transformer.wte.weight
+        if self.config.quantize is not None and not any(is_quantized(m) for m in self.modules()):
+            quantize_block_linears(self, self.config.quantize)  # the base first: adapters wrap its layers
         self.adapter_params = attach_variants(self, self.config)
         # Variants build their modules on the CPU in float32; a model already on a GPU (or in float64
         # or bf16) would then mix devices or dtypes at the first forward.
@@ -317,6 +321,15 @@ class GPT2LMHeadModel(nn.Module):
     @property
     def has_step_hooks(self) -> bool:
         return registry.has_step_hooks(self.config)
+
+    @property
+    def needs_data_init(self) -> bool:
+        """Whether a variant initialises itself from training data (EVA) before the first step."""
+        return registry.needs_data_init(self.config)
+
+    def initialize_from_data(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        """The variants' data-driven initialisation; `batches`: dicts of input_ids and attention_mask."""
+        registry.data_init(self, self.config, batches)
 
     def training_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """State outside the parameters that a training checkpoint must hold (tensors, JSON)."""
@@ -358,7 +371,10 @@ class GPT2LMHeadModel(nn.Module):
             targets = next_token_targets(input_ids, labels, attention_mask)
             hidden = out.last_hidden_state
             out.loss = linear_cross_entropy(
-                hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1), check=validate
+                hidden.reshape(-1, hidden.shape[-1]),
+                lm_head_weight(self.lm_head),
+                targets.reshape(-1),
+                check=validate,
             )
         if return_logits or (return_logits is None and labels is None):
             out.logits = self.lm_head(out.last_hidden_state)

@@ -15,6 +15,13 @@ from torch import nn
 YES_ID, NO_ID = 8505, 3919  # "yes", "no" in GPT-2's BPE
 
 
+def lm_head_weight(lm_head: nn.Module) -> torch.Tensor:
+    """The (V, C) matrix the LM head computes with: its weight, or, when an adapter replaces rows of it
+    (peft's trainable tokens, tied to the embedding), the merged matrix."""
+    merged = getattr(lm_head, "get_merged_weights", None)
+    return merged(lm_head.active_adapters) if merged is not None else lm_head.weight
+
+
 def last_token_index(attention_mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor:
     """Index of the last real token of each row (left or right padding)."""
     if attention_mask is None:
@@ -47,5 +54,5 @@ class ClozeParaphraseHead(nn.Module):
         self.register_buffer("answer_ids", torch.tensor([no_id, yes_id]), persistent=False)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        rows = self.lm_head[0].weight[self.answer_ids]  # (2, C)
+        rows = lm_head_weight(self.lm_head[0])[self.answer_ids]  # (2, C)
         return last_token_state(hidden, attention_mask) @ rows.t()  # (B, 2): [no, yes]

@@ -16,10 +16,11 @@ refused in one line instead of allocating until the machine runs out of memory.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
+
+from modules.variant import no_weight_init
 
 STACK_LIMIT = 2**40  # ~1.1e12 parameters (4 TiB in fp32): no config of this project is near it
 
@@ -41,34 +42,13 @@ class Estimate:
         return 4 * self.total + 12 * self.trainable
 
 
-@contextlib.contextmanager
-def _no_weight_init():
-    """Every `torch.nn.init` initialiser a no-op: a meta tensor has no values to fill, and filling one
-    still goes through torch's reference kernels (most of a meta build's time)."""
-    import torch
-
-    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
-    saved = {name: getattr(torch.nn.init, name) for name in names}
-    for name in names:
-        setattr(torch.nn.init, name, _unchanged)
-    try:
-        yield
-    finally:
-        for name, function in saved.items():
-            setattr(torch.nn.init, name, function)
-
-
-def _unchanged(tensor: Any, *args: Any, **kwargs: Any) -> Any:
-    return tensor
-
-
 def _count(config: Any) -> tuple[int, int]:
     import torch
 
     from model.gpt2 import GPT2LMHeadModel
     from model.trainable import set_trainable
 
-    with torch.device("meta"), _no_weight_init():
+    with torch.device("meta"), no_weight_init():
         model = GPT2LMHeadModel(config)
     mode = config.resolved_fine_tune_mode
     if mode == "last-linear-layer":  # only the task head trains (a few thousand parameters)

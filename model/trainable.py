@@ -32,6 +32,11 @@ def set_trainable(model: Any, mode: str | None = None, heads: Iterable[nn.Module
         )
     if mode == "last-linear-layer" and not heads:
         raise ValueError("fine_tune_mode='last-linear-layer' needs a task head to train")
+    if mode == "full-model" and getattr(model.config, "quantize", None) is not None:
+        raise ValueError(
+            f"fine_tune_mode='full-model' on a quantised base ({model.config.quantize}): its weights cannot train; "
+            "train adapters or the last linear layer"
+        )
     for name, param in model.named_parameters():
         param.requires_grad_(mode == "full-model" or (mode == "adapters" and name in model.adapter_params))
     for head in heads:

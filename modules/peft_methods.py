@@ -39,7 +39,7 @@ from modules.prompt_learning import (
     check_virtual_tokens,
     derived_fields,
 )
-from modules.variant import JSONObject, Settings, Variant, knob, register
+from modules.variant import JSONObject, Settings, Variant, knob, no_weight_init, register
 
 ADAPTER_NAME = "peft"
 ADALORA_PLACEHOLDER_STEPS = 10**9
@@ -49,7 +49,8 @@ CONV1D_TARGETS = ("c_attn", "c_proj", "c_fc")
 # Methods whose peft layer takes HF's Conv1D (fan_in_fan_out): parity with stock HF GPT-2 + peft,
 # and export_peft output loads with PeftModel.from_pretrained(stock GPT-2, dir).
 STOCK_GPT2 = (
-    "adalora deft fourierft frod gralora hira ia3 ln_tuning lora pvera randlora tinylora unilora vblora vera waveft"
+    "adalora deft fourierft frod gralora hira ia3 ln_tuning lora pvera randlora tinylora trainable_tokens unilora "
+    "vblora vera waveft"
 ).split()
 # Methods whose peft layer takes nn.Linear only: parity with HF GPT-2 whose Conv1D are nn.Linear.
 LINEAR_ONLY = (
@@ -81,10 +82,6 @@ REFUSED = {
     ),
     "poly": "routes each batch by task_ids (multi-task LoRA mixtures), which the training loop does not pass",
     "shadow": "rewrites the model config to add layers, which GPT2Config (immutable, validated) does not allow",
-    "trainable_tokens": (
-        "trains rows of the token embedding for given token_indices, not the linears; not wired to "
-        "this model's embedding"
-    ),
     "xlora": (
         "a mixture of pretrained LoRA experts with use_cache=False; needs LoRA adapters to mix, which a "
         "run does not have"
@@ -95,11 +92,16 @@ REFUSED = {
 DEFAULT_FIELDS: dict[str, dict[str, Any]] = {
     "ia3": {"target_modules": ["c_attn", "mlp.c_proj"], "feedforward_modules": ["mlp.c_proj"]},
     "ln_tuning": {"target_modules": ["ln_1", "ln_2"]},
+    # rows of the token embedding; the tied LM head follows them (attach_trainable_tokens)
+    "trainable_tokens": {"target_modules": ["wte"]},
     # AdaLoRA's schedule needs the run's step count, known only when training starts: a placeholder
     # here, replaced by the run's own count at its first step (adalora_after_step)
     "adalora": {"total_step": ADALORA_PLACEHOLDER_STEPS},
     **{method: {"num_virtual_tokens": DEFAULT_VIRTUAL_TOKENS} for method in PROMPT_METHODS},
 }
+# Fields a method has no default for, and the value the `methods` presets give it: for trainable_tokens,
+# the paraphrase cloze head's answer tokens " no" and " yes" (check_trainable_tokens names the field).
+REQUIRED_FIELDS: dict[str, dict[str, Any]] = {"trainable_tokens": {"token_indices": [3919, 8505]}}
 NOT_IDENTITY_AT_INIT = {
     "fourierft": "peft's default init_weights=False draws a random spectrum",
     "c3a": "peft's default init draws the circulant kernels at random (init_weights='xavier_uniform')",
@@ -141,6 +143,11 @@ class PeftSettings(Settings):
         "that method's peft config fields (CLI: a peft adapter_config.json; its peft_type sets the method)",
         cli="json_file",
     )
+    peft_init_batches: int = knob(
+        8,
+        "training batches a data-driven init reads (EVA: init_lora_weights='eva'), drawn with the run's seed",
+        low=1,
+    )
 
     def validate(self) -> None:
         if self.peft_method is None:
@@ -148,6 +155,12 @@ class PeftSettings(Settings):
         status = method_status(self.peft_method)
         if status not in ("stock", "linear", "prompt"):
             raise ValueError(f"peft method {self.peft_method!r} is not supported on this model: {status}")
+        if uses_eva(self) and float(((self.peft_config or {}).get("eva_config") or {}).get("rho", 1.0)) != 1.0:
+            raise ValueError(
+                "peft lora with EVA and eva_config.rho != 1: rank redistribution gives each layer a rank that "
+                "depends on the data, while resume and evaluate rebuild the adapters at rank r; use rho 1 (the "
+                "default here: every layer keeps rank r, its A the top-r directions of its inputs)"
+            )
         if self.peft_method == "adamss" and (self.peft_config or {}).get("use_asa"):
             raise ValueError(
                 "peft adamss with use_asa: its adaptive subspace allocation needs AdamssModel.update_and_allocate "
@@ -180,6 +193,10 @@ def peft_config_for(config: Any, fan_in_fan_out: bool = False):
     if unknown:
         raise ValueError(f"peft_config: {config.peft_method} has no field(s) {unknown}")
     values.update(user)
+    if config.peft_method == "lora" and values.get("init_lora_weights") == "eva":
+        from peft import EvaConfig
+
+        values["eva_config"] = EvaConfig(**{"rho": 1.0, **(values.get("eva_config") or {})})
     if "encoder_hidden_size" in fields and values.get("encoder_hidden_size") is None:
         values["encoder_hidden_size"] = config.n_embd  # peft's default (_prepare_prompt_learning_config)
     if "fan_in_fan_out" in fields:
@@ -208,28 +225,36 @@ def check_peft(config: Any) -> None:
     if config.peft_method in PROMPT_LEARNING:
         check_virtual_tokens(config, peft_config)
         return
+    if config.peft_method == "trainable_tokens":
+        check_trainable_tokens(config, peft_config)
+        return
     # peft checks sizes (block sizes, ranks, group sizes) when it builds a layer: build them on a
     # weightless skeleton of this model's linears, so a bad size is one error line, not a traceback.
     from peft import PeftType
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
     tuner_class = PEFT_TYPE_TO_TUNER_MAPPING[PeftType(config.peft_method.upper()).value]
+    # One block suffices for the sizes (they are per layer; block indices were checked above), unless
+    # the method picks blocks by index, and it costs 1/n_layer of the whole (FourierFT draws its
+    # spectrum indices per layer: seconds at gpt2 size).
+    picks_blocks = any(getattr(peft_config, key, None) is not None for key in ("layers_to_transform", "layers_pattern"))
+    depth = config.n_layer if picks_blocks else 1
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), no_weight_init():  # meta tensors: nothing to fill
             warnings.simplefilter("ignore")
-            tuner_class(_skeleton(config), peft_config, adapter_name=ADAPTER_NAME)
+            tuner_class(_skeleton(config, depth), peft_config, adapter_name=ADAPTER_NAME)
     except ValueError as error:  # peft's own message for a size that does not fit
         raise ValueError(f"peft {config.peft_method} on this {config.n_embd}-wide model: {error}") from None
     except Exception:  # noqa: BLE001 - a method that reads weight values cannot run on meta; the real attach will
         pass
 
 
-def _skeleton(config: Any) -> nn.Module:
-    """GPT-2's adaptable modules, named as ours and HF's, on the meta device (no memory)."""
+def _skeleton(config: Any, depth: int) -> nn.Module:
+    """`depth` blocks of GPT-2's adaptable modules, named as ours and HF's, on the meta device."""
     width, ffn = config.n_embd, config.n_inner or 4 * config.n_embd
     with torch.device("meta"):
         blocks = nn.ModuleList()
-        for _ in range(config.n_layer):
+        for _ in range(depth):
             block = nn.Module()
             block.ln_1, block.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
             block.attn, block.mlp = nn.Module(), nn.Module()
@@ -246,6 +271,9 @@ def _skeleton(config: Any) -> nn.Module:
 def attach_peft(model: nn.Module, config: Any) -> None:
     if config.peft_method in PROMPT_LEARNING:
         attach_virtual_tokens(model, config, peft_config_for(config))
+        return
+    if config.peft_method == "trainable_tokens":
+        attach_trainable_tokens(model, config)
         return
     from peft import PeftType
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
@@ -266,6 +294,36 @@ def attach_peft(model: nn.Module, config: Any) -> None:
         tensor = getattr(owner, leaf).detach()
         delattr(owner, leaf)
         owner.register_buffer(leaf, tensor)
+
+
+def attach_trainable_tokens(model: nn.Module, config: Any) -> None:
+    """peft's TrainableTokensLayer on the token embedding (`wte`): the rows of `token_indices` become
+    trained copies, the rest stay frozen. GPT-2 ties its LM head to `wte`, so the LM head gets a layer
+    tied to the embedding's (peft does the same on HF GPT-2): both read the same trained rows, and the
+    loss and the cloze head use the merged matrix (`lm_head_weight`)."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    peft_config = peft_config_for(config)
+    embedding = TrainableTokensLayer(model.transformer.wte, ADAPTER_NAME, config=peft_config)
+    embedding.update_layer(ADAPTER_NAME, config=peft_config)
+    model.transformer.wte = embedding
+    model.lm_head = TrainableTokensLayer(model.lm_head, ADAPTER_NAME, config=peft_config, tied_adapter=embedding)
+
+
+def check_trainable_tokens(config: Any, peft_config: Any) -> None:
+    indices = list(peft_config.token_indices or [])
+    if not indices:
+        raise ValueError(
+            "peft trainable_tokens needs peft_config.token_indices: the token ids whose embedding rows train "
+            '(e.g. {"token_indices": [8505, 3919]} for " yes" and " no")'
+        )
+    bad = [i for i in indices if not (isinstance(i, int) and 0 <= i < config.vocab_size)]
+    if bad:
+        raise ValueError(
+            f"peft_config.token_indices {bad[:5]} are not ids of this {config.vocab_size}-token vocabulary"
+        )
+    if len(set(indices)) != len(indices):
+        raise ValueError("peft_config.token_indices repeats an id")
 
 
 def _answer_in_run_precision(module: nn.Module, args: tuple, output: Any) -> Any:
@@ -381,6 +439,64 @@ def adalora_orthogonality(model: nn.Module, config: Any) -> torch.Tensor | None:
     return allocator.peft_config.orth_reg_weight * torch.stack(terms).mean() if terms else None
 
 
+# ---------------------------------------------------------------- EVA: data-driven LoRA initialisation
+
+
+def uses_eva(config: Any) -> bool:
+    return config.peft_method == "lora" and (config.peft_config or {}).get("init_lora_weights") == "eva"
+
+
+@torch.no_grad()
+def eva_init(model: nn.Module, config: Any, batches: list[dict[str, torch.Tensor]]) -> None:
+    """EVA (peft's get_eva_state_dict): each LoRA layer's A becomes the top-r right-singular vectors of
+    that layer's inputs over `batches` (incremental PCA until the components converge, cycling the
+    batches), B stays zero, so the model still equals the base at step 0. peft's own routine runs on
+    this model: it sees peft's LoRA layers and, with B zero, the base model's forward."""
+    import contextlib
+
+    from peft.tuners.lora.eva import get_eva_state_dict
+
+    lora_config = peft_config_for(config)
+    layers = dict(tuner_layers(model))
+
+    @contextlib.contextmanager
+    def without_adapters():  # what PeftModel.disable_adapter does: the statistics are the base model's
+        for layer in layers.values():
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers.values():
+                layer.enable_adapters(True)
+
+    def forward(target: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
+        target.transformer(inputs["input_ids"], inputs["attention_mask"])  # hidden states suffice
+
+    # get_eva_state_dict treats a model with `peft_config` and `disable_adapter` as a PeftModel
+    model.__dict__.update(peft_config={ADAPTER_NAME: lora_config}, disable_adapter=without_adapters)
+    try:
+        components = get_eva_state_dict(
+            model,
+            batches,
+            forward_fn=forward,
+            adapter_name=ADAPTER_NAME,
+            gather_distributed_inputs=False,  # every process reads the same batches
+            show_progress_bar=False,
+        )
+    finally:
+        for key in ("peft_config", "disable_adapter"):
+            model.__dict__.pop(key, None)
+    for name, layer in layers.items():
+        vectors = components.get(name)
+        weight = layer.lora_A[ADAPTER_NAME].weight
+        if vectors is None or vectors.shape != weight.shape:
+            raise RuntimeError(
+                f"EVA gave {name} components of shape {getattr(vectors, 'shape', None)}, not {weight.shape}"
+            )
+        weight.copy_(vectors.to(weight.dtype))
+        layer.lora_B[ADAPTER_NAME].weight.zero_()
+
+
 def peft_tag(config: Any) -> str:
     tag = f"peft-{config.peft_method}"
     if config.peft_config:
@@ -407,5 +523,7 @@ register(
         needs_after_step=lambda config: config.peft_method == "adalora",
         training_state=adalora_state,
         load_training_state=load_adalora_state,
+        data_init=eva_init,
+        needs_data_init=uses_eva,
     )
 )

@@ -23,6 +23,7 @@ from torch import nn
 from modules import kan_ffn, lora, kan_lora, kora, graph, peft_methods, lora_xs, antipasto  # noqa: F401  (registration side effect)
 
 # isort: on
+from modules.imports import peft_sees_bitsandbytes
 from modules.variant import VARIANTS, Settings, Variant, register, unregister
 
 __all__ = [
@@ -68,14 +69,16 @@ def used_knobs(config: Any) -> set[str]:
 def attach_variants(model: nn.Module, config: Any) -> dict[str, str]:
     """Attach every enabled variant; returns {parameter name: variant name} for the added ones."""
     added: dict[int, str] = {}
-    for variant in enabled_variants(config):
-        old_params = list(model.parameters())  # kept alive so a replaced module's ids are not reused
-        before = {id(p) for p in old_params}
-        variant.attach(model, config)
-        for param in model.parameters():
-            if id(param) not in before:
-                added[id(param)] = variant.name
-        del old_params
+    # peft would import bitsandbytes (seconds) for every attach; only a quantised base needs it
+    with peft_sees_bitsandbytes(getattr(config, "quantize", None) is not None):
+        for variant in enabled_variants(config):
+            old_params = list(model.parameters())  # kept alive so a replaced module's ids are not reused
+            before = {id(p) for p in old_params}
+            variant.attach(model, config)
+            for param in model.parameters():
+                if id(param) not in before:
+                    added[id(param)] = variant.name
+            del old_params
     names = {name: added[id(p)] for name, p in model.named_parameters() if id(p) in added}
     outside = [n for n, v in names.items() if VARIANTS[v].namespace not in n]
     if outside:
@@ -109,6 +112,17 @@ def variant_state(model: nn.Module, config: Any, checkpoints_only: bool = False)
 
 def has_step_hooks(config: Any) -> bool:
     return any(v.after_step is not None and v.needs_after_step(config) for v in enabled_variants(config))
+
+
+def needs_data_init(config: Any) -> bool:
+    return any(v.data_init is not None and v.needs_data_init(config) for v in enabled_variants(config))
+
+
+def data_init(model: nn.Module, config: Any, batches: list[dict[str, torch.Tensor]]) -> None:
+    """Run the enabled variants' data-driven initialisations (once, before a fresh run's first step)."""
+    for variant in enabled_variants(config):
+        if variant.data_init is not None and variant.needs_data_init(config):
+            variant.data_init(model, config, batches)
 
 
 def after_step(model: nn.Module, config: Any, step: int, total_steps: int) -> None:

@@ -22,6 +22,7 @@ config duck-typed (`config.n_embd`, `config.lora_r`, ...) and never import `mode
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -184,6 +185,25 @@ def _check_bounds(owner: str, f: dataclasses.Field, value: Any) -> None:
             raise ValueError(f"{setting_label(owner, f.name)} must be in {span}, got {value!r}")
 
 
+@contextlib.contextmanager
+def no_weight_init():
+    """Every `torch.nn.init` initialiser a no-op: a meta tensor has no values to fill, and filling one
+    still goes through torch's reference kernels (most of a meta build's time)."""
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, _unchanged)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def _unchanged(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+    return tensor
+
+
 @functools.cache
 def _type_hints(cls: type) -> dict[str, Any]:
     """A settings class's resolved annotations (cached: resolving them costs more than the checks)."""
@@ -245,6 +265,10 @@ class Variant:
     needs_after_step: Callable[[Any], bool] = lambda config: True  # (a peft method: AdaLoRA only)
     training_state: Callable[[nn.Module], tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None
     load_training_state: Callable[[nn.Module, dict[str, torch.Tensor], dict[str, Any]], None] | None = None
+    # A data-driven initialisation (EVA): called once before a fresh run's first step with (model, config,
+    # batches), each batch a dict of input_ids and attention_mask from the run's training data.
+    data_init: Callable[[nn.Module, Any, list[dict[str, torch.Tensor]]], None] | None = None
+    needs_data_init: Callable[[Any], bool] = lambda config: True
 
     def uses(self) -> set[str]:
         """Every knob this variant reads: its own and the ones it borrows."""

@@ -411,7 +411,7 @@ def real_loop(args, base) -> None:
         )
         wall = time.perf_counter() - start
         if proc.returncode != 0:
-            print(f"| {label} | failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1][:150]} |")
+            print(f"| {label} | failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]} |")
             continue
         metrics = json.loads(next(out.glob("*/metrics.json")).read_text())
         seconds, steps = metrics["train_seconds"], metrics["steps"]

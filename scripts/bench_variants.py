@@ -5,10 +5,11 @@ multiply-accumulates per token, counted with `torch.utils.flop_counter.FlopCount
 ops only: elementwise scaling such as IA3's is not counted) for one forward of B=1 x T=`--seq`
 tokens over the base model's, and for our own variants also the analytic count (a cross-check);
 one-time init seconds (attaching the variant to a built model: PiSSA's SVD, FRoD's decomposition,
-KAN's least-squares fit from the MLP). At gpt2-small width with `--layers` blocks, B x T tokens:
-forward and forward+backward ms in `fine_tune_mode=adapters` (full-model for the base), dropout 0,
-median of `--repeats`, and the bytes autograd saves for backward (saved-tensor hooks). Ratios:
-forward+backward time and trainable parameters over plain LoRA r=8's, measured in the same run.
+KAN's least-squares fit from the MLP; EVA's incremental SVD over 8 batches of 4 x 128 random ids).
+At gpt2-small width with `--layers` blocks, B x T tokens: forward and forward+backward ms in
+`fine_tune_mode=adapters` (full-model for the base), dropout 0, median of `--repeats`, and the bytes
+autograd saves for backward (saved-tensor hooks). Ratios: forward+backward time and trainable
+parameters over plain LoRA r=8's, measured in the same run.
 Usage: python scripts/bench_variants.py [--layers 2] [--batch 4] [--seq 128] [--threads 2] [--only TEXT]"""
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ OWN: dict[str, dict] = {
     "AntiPaSTO r=8 (blocks of 4)": dict(use_antipasto=True),
 }
 PEFT = {f"peft {method}": dict(peft_method=method) for method in SUPPORTED}  # each at peft's defaults
+# EVA: peft's LoRA (r=8) with A from the SVD of each layer's inputs; its init reads EVA_BATCHES batches
+PEFT["peft lora + EVA init"] = dict(peft_method="lora", peft_config={"init_lora_weights": "eva"})
+EVA_BATCHES = (8, 4, 128)  # batches x rows x tokens of random ids (the runs read the task's training data)
 VARIANTS = {**OWN, **PEFT}
 
 
@@ -90,6 +94,10 @@ def full_size_costs(knobs: dict, seq: int) -> dict:
     model = GPT2LMHeadModel(GPT2Config.from_preset("gpt2", **knobs), with_variants=False).eval()
     start = time.perf_counter()
     model.apply_variants()
+    if model.needs_data_init:  # EVA: its SVD over the batches is part of its one-time cost
+        count, rows, tokens = EVA_BATCHES
+        ids = torch.randint(0, 50257, (count, rows, tokens), generator=torch.Generator().manual_seed(0))
+        model.initialize_from_data([{"input_ids": i, "attention_mask": torch.ones_like(i)} for i in ids])
     init_seconds = time.perf_counter() - start
     counts = set_trainable(model)
     ids = torch.zeros(1, seq, dtype=torch.long)

@@ -25,6 +25,7 @@ from modules.peft_methods import (
     NOT_MERGEABLE,
     PROMPT_LEARNING,
     REFUSED,
+    REQUIRED_FIELDS,
     STOCK_GPT2,
     SUPPORTED,
     peft_config_for,
@@ -32,6 +33,8 @@ from modules.peft_methods import (
 from tests.conftest import DATA_DIR, REPO, make_hf_checkpoint, perturb_adapters, run_paths
 
 ATOL = 1e-5
+# Fields a method cannot do without (the token ids trainable_tokens trains), for the 100-token test vocabulary.
+TEST_FIELDS = {"trainable_tokens": {"token_indices": [3, 17, 42]}}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,12 @@ def perturbed(path, method: str) -> GPT2LMHeadModel:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = GPT2LMHeadModel.from_pretrained(
-            path, peft_method=method, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0
+            path,
+            peft_method=method,
+            peft_config=TEST_FIELDS.get(method),
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            resid_pdrop=0.0,
         )
     return perturb_adapters(model)
 
@@ -98,7 +106,7 @@ def test_logits_equal_hf_plus_peft_and_identity_merge(wide_ckpt, method):
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(2))
     base = GPT2LMHeadModel.from_pretrained(wide_ckpt).eval()
     torch.manual_seed(0)
-    fresh = GPT2LMHeadModel.from_pretrained(wide_ckpt, peft_method=method).eval()
+    fresh = GPT2LMHeadModel.from_pretrained(wide_ckpt, peft_method=method, peft_config=TEST_FIELDS.get(method)).eval()
     with torch.no_grad():
         gap_at_init = (fresh(ids).logits - base(ids).logits).abs().max().item()
     if method in NOT_IDENTITY_AT_INIT:
@@ -247,7 +255,7 @@ def test_sizes_peft_rejects_are_one_error_before_weights_load_and_gpt2_defaults_
     from modules.peft_methods import check_peft
 
     for method in SUPPORTED:  # every default fits gpt2 (768 wide, 12 blocks)
-        check_peft(GPT2Config.from_preset("gpt2", peft_method=method))
+        check_peft(GPT2Config.from_preset("gpt2", peft_method=method, peft_config=REQUIRED_FIELDS.get(method)))
     for method, sizes in SMOKE_SIZES.items():  # ... but not the 32-wide test model, unless resized
         with pytest.raises(ValueError, match=f"peft {method} on this 32-wide model"):
             check_peft(GPT2Config.from_preset("tiny", peft_method=method))
@@ -388,3 +396,29 @@ def test_adamss_with_asa_is_refused_with_its_reason(tiny_ckpt, tmp_path, capsys)
     with pytest.raises(SystemExit) as stop:
         entry.parse(entry.GENERIC, [*argv, "--peft_config", '{"use_asa": true}'], inputs=False)
     assert stop.value.code == 2 and "use_asa" in capsys.readouterr().err
+
+
+def test_trainable_tokens_reach_the_loss_and_the_cloze_head_through_the_tied_lm_head(wide_ckpt):
+    """The trained rows replace the embedding's and the tied LM head's rows alike: the fused loss and
+    the paraphrase cloze head read the merged matrix, as HF GPT-2 + peft's tied layer does."""
+    from model.heads import ClozeParaphraseHead
+
+    ours = perturbed(wide_ckpt, "trainable_tokens")
+    reference = reference_for(wide_ckpt, ours)
+    ids = torch.tensor([[3, 17, 42, 5, 3, 9], [42, 42, 17, 8, 3, 17]])
+    with torch.no_grad():
+        out = ours(ids, labels=ids, return_logits=True)
+        theirs = reference(input_ids=ids, labels=ids)
+        assert abs(out.loss.item() - theirs.loss.item()) <= ATOL
+        head = ClozeParaphraseHead(ours.lm_head, no_id=3, yes_id=17)
+        cloze = head(ours.transformer(ids).last_hidden_state, None)
+        assert (cloze - out.logits[:, -1, [3, 17]]).abs().max().item() <= ATOL
+        base = GPT2LMHeadModel.from_pretrained(wide_ckpt).eval()
+        assert (out.logits[:, -1, [3, 17]] - base(ids).logits[:, -1, [3, 17]]).abs().max().item() > 1e-3
+
+
+def test_trainable_tokens_without_token_indices_is_one_error_naming_the_field():
+    with pytest.raises(ValueError, match="token_indices"):
+        GPT2Config.from_preset("tiny", peft_method="trainable_tokens")
+    with pytest.raises(ValueError, match="not ids of this"):
+        GPT2Config.from_preset("tiny", peft_method="trainable_tokens", peft_config={"token_indices": [60000]})

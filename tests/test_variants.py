@@ -10,7 +10,7 @@ from model import GPT2LMHeadModel
 from model.trainable import build_optimizer, set_trainable
 from modules.registry import VARIANTS, enabled_variants
 from tests.conftest import VOCAB
-from tests.variant_cases import MERGEABLE, NOT_IDENTITY_AT_INIT, VARIANT_CASES
+from tests.variant_cases import MERGEABLE, NOT_IDENTITY_AT_INIT, QUANTIZED, VARIANT_CASES
 
 CASES = list(VARIANT_CASES)
 NO_DROPOUT = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, lora_dropout=0.0)
@@ -45,7 +45,9 @@ def test_every_registry_entry_is_in_the_matrix():
 
 @pytest.mark.parametrize("case", CASES)
 def test_identity_at_init(model_ckpt, case):
-    base = GPT2LMHeadModel.from_pretrained(model_ckpt[0], **NO_DROPOUT).eval()
+    quantize = VARIANT_CASES[case].get("quantize")  # then the base is the same quantised base, adapters off
+    base_knobs = dict(quantize=quantize, fine_tune_mode="last-linear-layer") if quantize else {}
+    base = GPT2LMHeadModel.from_pretrained(model_ckpt[0], **NO_DROPOUT, **base_knobs).eval()
     model = build(model_ckpt[0], case)
     assert model.adapter_params, "the variant added no parameters"
     ids = ids_batch()
@@ -80,6 +82,10 @@ def test_causality_and_padding_invariance(model_ckpt, case):
 def test_trainable_sets_and_frozen_weights_unchanged(model_ckpt, case, mode):
     model = build(model_ckpt[0], case).train()
     head = torch.nn.Linear(model.config.n_embd, 3)
+    if mode == "full-model" and case in QUANTIZED:
+        with pytest.raises(ValueError, match="quantised base"):
+            set_trainable(model, mode, heads=[head])
+        return
     set_trainable(model, mode, heads=[head])
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     if mode == "adapters":
@@ -158,7 +164,8 @@ def test_load_adapters_follows_the_models_device_and_dtype(model_ckpt, case, tmp
     build(model_ckpt[0], case).save_adapters(tmp_path / "adapters")
     fresh = GPT2LMHeadModel.from_pretrained(model_ckpt[0], **NO_DROPOUT).to(torch.bfloat16).eval()
     fresh.load_adapters(tmp_path / "adapters")
-    assert {p.dtype for p in fresh.parameters()} == {torch.bfloat16}
+    # (a quantised base's packed weights are integers: the float ones follow the model)
+    assert {p.dtype for p in fresh.parameters() if p.is_floating_point()} == {torch.bfloat16}
     with torch.no_grad():
         assert fresh(ids_batch(seed=5)).logits.dtype == torch.bfloat16
     if case in ("kan_ffn", "pissa"):

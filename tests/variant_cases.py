@@ -34,11 +34,16 @@ VARIANT_CASES: dict[str, dict] = {
     ),
     "peft_prefix_tuning+kora": dict(peft_method="prefix_tuning", peft_config={"num_virtual_tokens": 3}, use_kora=True),
     "antipasto+kora": dict(use_antipasto=True, antipasto_r=4, antipasto_block=2, use_kora=True),
+    "peft_trainable_tokens": dict(peft_method="trainable_tokens", peft_config={"token_indices": [5, 11, 50]}),
+    "lora_on_nf4": dict(use_lora=True, quantize="nf4"),
+    "kora_on_int8": dict(use_kora=True, quantize="int8"),
     "kan_lora+kora+graph": dict(use_lora=True, use_kan=True, use_kora=True, use_graph=True, graph_window=3),
 }
 MERGEABLE = {"lora", "rslora", "dora", "lora_gaussian", "pissa", "lora_plus_some_layers", "peft_ia3", "peft_loha_r4"}
-MERGEABLE |= {"lora_xs", "lora_xs_qkv_r4", "antipasto"}
+MERGEABLE |= {"lora_xs", "lora_xs_qkv_r4", "antipasto", "peft_trainable_tokens"}
 # Replaces pretrained weights with a fresh KAN by design: not the base model at step 0.
 NOT_IDENTITY_AT_INIT = {"kan_ffn_random"}
+# On a quantised base, identity holds against that base, not the float checkpoint (test_quantize.py).
+QUANTIZED = {"lora_on_nf4", "kora_on_int8"}
 # Virtual tokens are attended from the first step (modules/prompt_learning.py).
 NOT_IDENTITY_AT_INIT |= {"peft_prompt_tuning", "peft_p_tuning_lstm", "peft_prefix_tuning+kora"}

@@ -261,6 +261,7 @@ class Trainer:
         extra_epochs = (saved_record or {}).get("extra_epochs", 0) + (spec.output.extend_epochs or 0)
         self.epochs = training.epochs + extra_epochs
         self._build_objectives()
+        self.resuming = saved_record is not None
         self._build_model()
         self.steps_per_epoch = math.ceil(len(self.schedule(0)) / training.grad_accum)
         self.total_steps = training.max_steps or self.steps_per_epoch * self.epochs
@@ -327,6 +328,9 @@ class Trainer:
             raise RuntimeError(f"the loaded model's config differs from the validated one: {model.config} vs {config}")
         if self.start is not None:
             self.start.load(model)
+        self.data_init_seconds = None
+        if model.needs_data_init and not self.resuming:  # on resume the weights come from the checkpoint
+            self.data_init_seconds = self._initialize_from_data(model)
         heads = {n: h.to(device) for n, obj in self.objectives.items() if (h := obj.make_head(model)) is not None}
         self.counts = set_trainable(model, config.fine_tune_mode, heads.values())
         if spec.runtime.grad_checkpointing:
@@ -353,6 +357,7 @@ class Trainer:
                 dropout=graphs.uses_dropout(model, heads.values()),
                 step_hooks=model.has_step_hooks,
                 virtual_tokens=model.transformer.virtual_tokens is not None,
+                quantized=model.config.quantize is not None,
             )
             if self.fast
             else None
@@ -366,6 +371,23 @@ class Trainer:
         self.optimizer = build_optimizer(
             model, spec.training.lr, spec.training.weight_decay, heads=heads.values(), **self.fused
         )
+
+    def _initialize_from_data(self, model: nn.Module) -> float:
+        """A variant's data-driven init (EVA) on the first `peft_init_batches` training batches of the
+        first task, drawn with the run's seed (the same on every process, so every rank agrees)."""
+        spec = self.spec
+        task, objective = next(iter(self.objectives.items()))
+        order = objective.batches(0, spec.training.batch_size, spec.training.seed)[: spec.config.peft_init_batches]
+        batches = []
+        for batch in order:
+            inputs = objective.inputs(batch)
+            batches.append({k: inputs[k].to(self.device) for k in ("input_ids", "attention_mask")})
+        started = time.perf_counter()
+        model.initialize_from_data(batches)
+        seconds = time.perf_counter() - started
+        if self.main:
+            print(f"data-driven init from {len(batches)} {task} training batches: {seconds:.1f} s", file=sys.stderr)
+        return seconds
 
     def _new_record(self, extra_epochs: int) -> dict[str, Any]:
         spec, config = self.spec, self.spec.config
@@ -389,6 +411,7 @@ class Trainer:
             "device": self.device,
             "precision": self.precision,  # what --precision auto resolved to on this device
             "extra_epochs": extra_epochs,
+            "data_init_seconds": self.data_init_seconds,  # a variant's init from training data (EVA)
         }
 
     def _resume(self, saved_record: dict) -> None:
