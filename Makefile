@@ -1,5 +1,11 @@
 # `make check` is what CI runs (.ci/run) and what the README tells you to run.
 PYTHON ?= python
+# Two pytest workers (pytest-xdist), one torch thread each: most of the suite's time is end-to-end runs in
+# subprocesses (each paying torch's and peft's imports, several seconds) and waits on them, which a
+# second worker overlaps. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+PYTEST = OMP_NUM_THREADS=$(if $(filter 0,$(TEST_WORKERS)),$${OMP_NUM_THREADS:-2},1) $(PYTHON) -m pytest -q \
+	$(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist worksteal)
 
 .PHONY: check lint format test test-fast bench
 
@@ -14,11 +20,11 @@ format:
 	$(PYTHON) -m ruff check --fix .
 
 test:
-	$(PYTHON) -m pytest -q
+	$(PYTEST)
 
 # The inner loop: everything but the end-to-end runs marked @pytest.mark.slow.
 test-fast:
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench:
 	$(PYTHON) scripts/bench_base.py

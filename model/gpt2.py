@@ -12,7 +12,9 @@ the sequence alone.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -286,6 +288,7 @@ class GPT2LMHeadModel(nn.Module):
                 nn.init.normal_(param, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
         # {parameter name: variant} for every parameter a variant added (what "adapters" mode trains).
         self.adapter_params: dict[str, str] = {}
+        self.task_index: int | None = None  # the task being run (for_task), for variants that route by it
         if with_variants:
             self.apply_variants()
 
@@ -312,6 +315,16 @@ class GPT2LMHeadModel(nn.Module):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+    @contextlib.contextmanager
+    def for_task(self, index: int | None) -> Iterator[None]:
+        """Run the block for task `index` (train/tasks' order): variants that route by task (peft's
+        poly) read it; the others ignore it."""
+        previous, self.task_index = self.task_index, index
+        try:
+            yield
+        finally:
+            self.task_index = previous
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """The variants' per-step hooks (AdaLoRA's rank allocator); call after optimizer.step(), before

@@ -42,6 +42,7 @@ from modules.prompt_learning import (
 from modules.variant import JSONObject, Settings, Variant, knob, no_weight_init, register
 
 ADAPTER_NAME = "peft"
+TASK_COUNT = 4  # the tasks train/tasks registers; a test checks it (this layer does not import train/)
 ADALORA_PLACEHOLDER_STEPS = 10**9
 ALLOCATOR = "peft_rank_allocator"  # the model's __dict__ entry holding AdaLoRA's RankAllocator
 CONV1D_TARGETS = ("c_attn", "c_proj", "c_fc")
@@ -54,7 +55,7 @@ STOCK_GPT2 = (
 ).split()
 # Methods whose peft layer takes nn.Linear only: parity with HF GPT-2 whose Conv1D are nn.Linear.
 LINEAR_ONLY = (
-    "adamss beft boft c3a delora glora hra lily loha lokr miss oft peanut psoft road shira supertuning"
+    "adamss beft boft c3a delora glora hra lily loha lokr miss oft peanut poly psoft road shira supertuning"
 ).split()
 # Prompt learning (modules/prompt_learning.py): virtual tokens through peft's encoders; exported for stock GPT-2.
 PROMPT_LEARNING = PROMPT_METHODS
@@ -80,7 +81,6 @@ REFUSED = {
         "its SVD tensors are named differently on this model and on stock HF GPT-2 + peft (24 of them "
         "unmatched on a 2-block model), so its parity cannot be checked"
     ),
-    "poly": "routes each batch by task_ids (multi-task LoRA mixtures), which the training loop does not pass",
     "shadow": "rewrites the model config to add layers, which GPT2Config (immutable, validated) does not allow",
     "xlora": (
         "a mixture of pretrained LoRA experts with use_cache=False; needs LoRA adapters to mix, which a "
@@ -92,6 +92,9 @@ REFUSED = {
 DEFAULT_FIELDS: dict[str, dict[str, Any]] = {
     "ia3": {"target_modules": ["c_attn", "mlp.c_proj"], "feedforward_modules": ["mlp.c_proj"]},
     "ln_tuning": {"target_modules": ["ln_1", "ln_2"]},
+    # one routing row per task this code knows (sst, cfimdb, quora, sonnet: TASK_COUNT), so a task's id
+    # is the same in every run (model.for_task); a single-task run trains its own row
+    "poly": {"n_tasks": TASK_COUNT},
     # rows of the token embedding; the tied LM head follows them (attach_trainable_tokens)
     "trainable_tokens": {"target_modules": ["wte"]},
     # AdaLoRA's schedule needs the run's step count, known only when training starts: a placeholder
@@ -111,6 +114,7 @@ NOT_IDENTITY_AT_INIT = {
 }
 NOT_MERGEABLE = {
     "lily": "peft 0.21.2 has no merge for Lily's shared routers",
+    "poly": "its update depends on the task (a router mixes the LoRA skills per task): no one weight holds it",
     **dict.fromkeys(PROMPT_METHODS, "virtual tokens are extra inputs, not a change to any weight"),
 }
 # peft config fields that describe a saved adapter, not the method; they are not ours to set.
@@ -228,6 +232,11 @@ def check_peft(config: Any) -> None:
     if config.peft_method == "trainable_tokens":
         check_trainable_tokens(config, peft_config)
         return
+    if config.peft_method == "poly" and 1 < peft_config.n_tasks < TASK_COUNT:
+        raise ValueError(
+            f"peft poly with n_tasks={peft_config.n_tasks}: a task's route is its index among the {TASK_COUNT} "
+            f"tasks (sst, cfimdb, quora, sonnet), so n_tasks is 1 (one route for all) or at least {TASK_COUNT}"
+        )
     # peft checks sizes (block sizes, ranks, group sizes) when it builds a layer: build them on a
     # weightless skeleton of this model's linears, so a bad size is one error line, not a traceback.
     from peft import PeftType
@@ -282,6 +291,8 @@ def attach_peft(model: nn.Module, config: Any) -> None:
     # peft's own tuner class (not inject_adapter_in_model): it also builds VeRA-like shared state,
     # which the layers keep references to; the tuner wrapper itself is not kept.
     tuner = tuner_class(model, peft_config_for(config), adapter_name=ADAPTER_NAME)
+    if config.peft_method == "poly":
+        route_poly_by_task(model)
     if hasattr(tuner, "rankallocator"):  # AdaLoRA: its allocator runs after every optimizer step
         model.__dict__[ALLOCATOR] = tuner.rankallocator  # a plain attribute: not a module, not saved
     for _, layer in tuner_layers(model):
@@ -294,6 +305,29 @@ def attach_peft(model: nn.Module, config: Any) -> None:
         tensor = getattr(owner, leaf).detach()
         delattr(owner, leaf)
         owner.register_buffer(leaf, tensor)
+
+
+def route_poly_by_task(model: nn.Module) -> None:
+    """peft's Poly layers mix their LoRA skills with a router row per task: they need `task_ids` in
+    every forward (PolyModel passes them through pre-hooks). Here the hooks read the task the model
+    is running for (`model.task_index`, set by `model.for_task` around every training step and every
+    evaluation); without one, the forward stops with an error rather than route every task to row 0."""
+    from peft.tuners.poly.layer import PolyLayer
+
+    def add_task_ids(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        # n_tasks 1: one route shared by every task (nothing to choose)
+        index = 0 if module.poly_router[ADAPTER_NAME].n_tasks == 1 else model.task_index
+        if index is None:
+            raise ValueError(
+                "peft poly routes each batch by its task: run the model inside `with model.for_task(i):` "
+                "(training and evaluation do; i is the task's index in train/tasks)"
+            )
+        batch = args[0].shape[0]
+        return args, {**kwargs, "task_ids": torch.full((batch,), index, dtype=torch.long, device=args[0].device)}
+
+    for layer in model.modules():
+        if isinstance(layer, PolyLayer):
+            layer.register_forward_pre_hook(add_task_ids, with_kwargs=True)
 
 
 def attach_trainable_tokens(model: nn.Module, config: Any) -> None:
@@ -345,8 +379,8 @@ def tuner_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def merge_peft(model: nn.Module) -> None:
     """Fold every tuner layer into its base layer (peft's merge) and put the base layer back."""
-    if model.config.peft_method in PROMPT_LEARNING:
-        method = model.config.peft_method
+    method = model.config.peft_method
+    if method in NOT_MERGEABLE:
         raise ValueError(f"cannot merge exactly: peft {method}: {NOT_MERGEABLE[method]}")
     for name, module in tuner_layers(model):
         try:

@@ -30,7 +30,7 @@ NO_DROPOUT = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, lora_dropout=
 CASES = {"base": {}, **VARIANT_CASES}
 # peft methods whose own layers wait for the host inside forward/backward: the loop measures this on
 # its first step and runs them eagerly (README, "The fast step"); LoHa is the one in this matrix.
-SYNCING_CASES = {"peft_loha_r4"}
+SYNCING_CASES = {"peft_loha_r4", "peft_poly_one_task"}
 
 
 def static_batch(seed: int = 0, rows: int = 4, cap: int = 128) -> dict[str, torch.Tensor]:

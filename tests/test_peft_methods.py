@@ -101,7 +101,8 @@ def test_every_installed_peft_method_is_supported_or_refused():
     assert installed == set(SUPPORTED) | set(REFUSED), "a peft method is neither supported nor refused"
 
 
-@pytest.mark.parametrize("method", [m for m in SUPPORTED if m not in PROMPT_LEARNING])  # those: test_prompt_learning
+# prompt learning: test_prompt_learning.py; poly needs the task: test_poly_routes_each_task_as_peft_does
+@pytest.mark.parametrize("method", [m for m in SUPPORTED if m not in (*PROMPT_LEARNING, "poly")])
 def test_logits_equal_hf_plus_peft_and_identity_merge(wide_ckpt, method):
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(2))
     base = GPT2LMHeadModel.from_pretrained(wide_ckpt).eval()
@@ -422,3 +423,60 @@ def test_trainable_tokens_without_token_indices_is_one_error_naming_the_field():
         GPT2Config.from_preset("tiny", peft_method="trainable_tokens")
     with pytest.raises(ValueError, match="not ids of this"):
         GPT2Config.from_preset("tiny", peft_method="trainable_tokens", peft_config={"token_indices": [60000]})
+
+
+def test_poly_routes_each_task_as_peft_does(wide_ckpt):
+    """peft's poly mixes LoRA skills with a router row per task: under `model.for_task(i)` our logits
+    equal HF GPT-2 + peft given task_ids = i, for each of the four tasks; the tasks differ; a forward
+    without a task stops with one error (a 4-task router has no default row); identity at init."""
+    from train.tasks import TASKS
+
+    assert peft_config_for(GPT2Config.from_preset("tiny", peft_method="poly")).n_tasks == len(TASKS)
+    base = GPT2LMHeadModel.from_pretrained(wide_ckpt).eval()
+    fresh = GPT2LMHeadModel.from_pretrained(wide_ckpt, peft_method="poly").eval()
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), fresh.for_task(2):
+        assert (fresh(ids).logits - base(ids).logits).abs().max().item() <= ATOL
+    ours = perturbed(wide_ckpt, "poly")
+    reference = reference_for(wide_ckpt, ours)
+    outputs = []
+    with torch.no_grad():
+        for task in range(len(TASKS)):
+            with ours.for_task(task):
+                mine = ours(ids).logits
+            # PolyModel.forward takes task_ids (PeftModel's forward drops them in peft 0.21.2)
+            theirs = reference.base_model(input_ids=ids, task_ids=torch.full((2,), task)).logits
+            assert (mine - theirs).abs().max().item() <= ATOL
+            outputs.append(mine)
+        assert (outputs[0] - outputs[1]).abs().max().item() > 1e-4
+        with pytest.raises(ValueError, match="routes each batch by its task"):
+            ours(ids)
+    with pytest.raises(ValueError, match="cannot merge"):
+        merge_adapters(ours)
+
+
+@pytest.mark.slow
+def test_poly_runs_train_each_task_s_own_route(tiny_ckpt, tokenizer_dir, tmp_path):
+    """Through the CLI: a multitask poly run moves every task's router row, an SST run only SST's
+    (rows start within ±1e-3; lr 0.05 moves a trained row far beyond)."""
+    from safetensors.torch import load_file
+
+    from train import multitask, sentiment
+
+    def router_rows(out) -> torch.Tensor:
+        (run,) = [p for p in out.iterdir() if p.is_dir()]
+        (weights,) = (run / "checkpoints").glob("last-*/trainable.safetensors")
+        tensors = load_file(str(weights))
+        return tensors["model.transformer.h.0.attn.c_attn.poly_router.peft.module_logits"]
+
+    def flags(out: str) -> list[str]:
+        found = [*run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path / out), "--train_limit", "8", "--dev_limit", "2"]
+        found += ["--test_limit", "1", "--batch_size", "4", "--epochs", "1"]
+        return [*found, "--peft_method", "poly", "--lr", "0.05", "--wandb", "disabled"]
+
+    assert multitask.main([*flags("multi"), "--max_new_tokens", "4"]) == 0
+    moved = router_rows(tmp_path / "multi").abs().amax(dim=1) > 1e-2
+    assert moved.tolist() == [True, True, True, True]  # sst, cfimdb, quora, sonnet
+    assert sentiment.main(["--dataset", "sst", *flags("sst")]) == 0
+    moved = router_rows(tmp_path / "sst").abs().amax(dim=1) > 1e-2
+    assert moved.tolist() == [True, False, False, False]

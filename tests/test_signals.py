@@ -53,7 +53,8 @@ def test_signal_mid_epoch_saves_and_resume_matches_uninterrupted(tiny_ckpt, toke
         "sst",
         *run_paths(tiny_ckpt[0], tokenizer_dir),
         *["--train_limit", "48", "--dev_limit", "8", "--test_limit", "4", "--batch_size", "4", "--epochs", "2"],
-        *["--wandb", "disabled", "--use_lora"],  # default saving: no --save_every, 30-minute timer
+        # default saving: no --save_every, 30-minute timer; KoRA trains adapters without peft's import (seconds)
+        *["--wandb", "disabled", "--use_kora"],
     ]
     env = plugin_env(OMP_NUM_THREADS="1")
     full = subprocess.run(

@@ -34,6 +34,7 @@ VARIANT_CASES: dict[str, dict] = {
     ),
     "peft_prefix_tuning+kora": dict(peft_method="prefix_tuning", peft_config={"num_virtual_tokens": 3}, use_kora=True),
     "antipasto+kora": dict(use_antipasto=True, antipasto_r=4, antipasto_block=2, use_kora=True),
+    "peft_poly_one_task": dict(peft_method="poly", peft_config={"n_tasks": 1, "r": 4}),
     "peft_trainable_tokens": dict(peft_method="trainable_tokens", peft_config={"token_indices": [5, 11, 50]}),
     "lora_on_nf4": dict(use_lora=True, quantize="nf4"),
     "kora_on_int8": dict(use_kora=True, quantize="int8"),

@@ -38,7 +38,7 @@ from train.cli import ArgumentParser, check_data
 from train.commands import exit_status
 from train.runtime import autocast_for, check_device, cuda_kernel_settings, resolve_precision
 from train.settings import TrainingSettings, from_args
-from train.tasks import TASKS, get_task
+from train.tasks import TASKS, get_task, task_index
 
 log = logging.getLogger("evaluate")
 
@@ -204,7 +204,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                 )
         start = time.perf_counter()
         with cuda_kernel_settings(), autocast_for(args.device, precision):  # as training evaluated
-            metrics = task.evaluate(model, head, folder, args.device)  # the path training evaluates with
+            with model.for_task(task_index(name)):  # variants that route by task (peft's poly)
+                metrics = task.evaluate(model, head, folder, args.device)  # the path training evaluates with
         metrics["precision"] = precision
         metrics.update(task=name, model=str(args.model), seconds=round(time.perf_counter() - start, 3))
         atomic_write_json(folder / "metrics.json", metrics)

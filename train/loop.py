@@ -54,7 +54,7 @@ from train.runs import RunLogger, git_commit, truncate_log
 from train.runtime import autocast_for, resolve_precision
 from train.settings import MultitaskSettings, TrainingSettings
 from train.spec import RunSpec, identity_schema, variant_tag
-from train.tasks import TASKS, selection_score
+from train.tasks import TASKS, selection_score, task_index
 
 TrainingDiverged = lifecycle.TrainingDiverged
 
@@ -71,7 +71,8 @@ class TaskModel(nn.Module):
 
     def forward(self, task: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         head = self.heads[task] if task in self.heads else None
-        return self.objectives[task].loss_on(self.model, head, inputs)
+        with self.model.for_task(task_index(task)):  # variants that route by task (peft's poly) read it
+            return self.objectives[task].loss_on(self.model, head, inputs)
 
 
 def lr_lambda(schedule: str, warmup: float, total: int):
@@ -548,9 +549,10 @@ class Trainer:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
         self.task_model.eval()
-        with self.autocast:  # evaluation computes in the run's precision too
-            metrics = {
-                n: obj.evaluate(
+        metrics = {}
+        for n, obj in self.objectives.items():
+            with self.autocast, self.model.for_task(task_index(n)):  # the run's precision; the task's route
+                metrics[n] = obj.evaluate(
                     self.model,
                     self.heads.get(n),
                     staging if self.main else None,
@@ -558,8 +560,6 @@ class Trainer:
                     self.spec.output.eval_train,
                     (self.rank, self.world),
                 )
-                for n, obj in self.objectives.items()
-            }
         self.task_model.train()
         stop = False
         if self.main:

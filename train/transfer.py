@@ -55,7 +55,7 @@ from train.lifecycle import StopSignals
 from train.run import folder_state, legacy_spec, migrate_legacy, read_record, run_folder
 from train.settings import OutputSettings, RuntimeSettings, TrainingSettings, given
 from train.spec import Checkpoint, RunSpec
-from train.tasks import TASKS, get_task, labelled_tasks, settings_classes
+from train.tasks import TASKS, get_task, labelled_tasks, settings_classes, task_index
 from train.tasks.classification import classification_metrics
 
 # (source task, target task) -> (source labels x target labels) matrix M: p_target = softmax(logits) @ M.
@@ -195,7 +195,7 @@ class TransferStart:
         head = head.to(device)
         was_training = model.training
         model.eval()
-        with autocast:
+        with autocast, model.for_task(task_index(self.source.task)):  # the source's route (peft's poly)
             logits = objective.dev_logits(model, head, device, shard)
         model.train(was_training)
         predictions = map_to_target(logits, LABEL_MAPS[pair]).argmax(-1).tolist()

@@ -18,6 +18,16 @@ from train.tasks.base import (
     register_task,
     selection_score,
     settings_classes,
+    task_index,
 )
 
-__all__ = ["TASKS", "Task", "get_task", "labelled_tasks", "register_task", "selection_score", "settings_classes"]
+__all__ = [
+    "TASKS",
+    "Task",
+    "get_task",
+    "labelled_tasks",
+    "register_task",
+    "selection_score",
+    "settings_classes",
+    "task_index",
+]

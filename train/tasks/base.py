@@ -53,6 +53,12 @@ def settings_classes() -> dict[str, type]:
     return {**classes, "multitask": MultitaskSettings}
 
 
+def task_index(name: str) -> int:
+    """The task's fixed position in the registry: its id for variants that route by task (peft's poly),
+    the same in every run and every command."""
+    return list(TASKS).index(name)
+
+
 def get_task(name: str) -> type[Task]:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
