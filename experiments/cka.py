@@ -234,10 +234,16 @@ def main(argv: list[str] | None = None) -> int:
         models = [load_model(spec)[0] for spec in args.models]
     except (CheckpointError, FileNotFoundError, ValueError) as error:
         parser.error(str(error))
+    for model, spec in zip(models, args.models, strict=True):
+        if model.transformer.virtual_tokens is not None:  # the blocks' states would hold n more positions
+            parser.error(
+                f"{spec}: a prompt-learning model ({model.config.peft_method}); CKA compares the blocks' states "
+                "at the input's own tokens, which its virtual tokens shift: not supported"
+            )
     pairs = zip(models, args.models, strict=True)
     layers = [parse_layers(parser, args.layers, model.config.n_layer, spec) for model, spec in pairs]
     tokenizer = load_tokenizer(args.tokenizer)
-    task = task_class(tokenizer, args.data_dir, settings, min(m.config.n_positions for m in models))
+    task = task_class(tokenizer, args.data_dir, settings, min(m.config.input_positions for m in models))
     if len(task.dev) < args.n:
         print(f"warning: {args.task} dev has {len(task.dev)} examples; using all of them", file=sys.stderr)
     states = []

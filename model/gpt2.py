@@ -232,7 +232,7 @@ class GPT2Model(nn.Module):
         for index, layer in enumerate(self.h):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, mask, kv_cache, index, padding, use_reentrant=False)
-            elif kv_cache is not None and getattr(layer, "_compiled_call_impl", None) is not None:
+            elif isinstance(kv_cache, KVCache) and getattr(layer, "_compiled_call_impl", None) is not None:
                 x = layer.forward(x, mask, kv_cache, index, padding)  # decoding runs eagerly (its shapes vary)
             else:
                 x = layer(x, mask, kv_cache, index, padding)

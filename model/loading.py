@@ -235,6 +235,11 @@ def load_pretrained(
 def save_hf_checkpoint(model: Any, directory: str | Path) -> None:
     if model.adapter_params:
         raise ValueError("this model carries adapters; use export_hf(dir), which merges them first or says why not")
+    if model.config.quantize is not None:
+        raise ValueError(
+            f"this model's base is quantised ({model.config.quantize}), not a GPT-2 checkpoint; its float weights "
+            "are the checkpoint it was loaded from (save the task head or adapters instead)"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors(directory / "model.safetensors", ours_to_hf(model.state_dict()))

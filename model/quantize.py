@@ -73,7 +73,7 @@ def quantize_block_linears(model: nn.Module, mode: str) -> None:
             linear = getattr(parent, child)
             weight, device = linear.weight.data, linear.weight.device
             if mode == "nf4":
-                # compute_dtype None: it computes in its input's dtype, which _input_in_run_precision sets
+                # its compute dtype follows its input at every call (_input_in_run_precision)
                 quantized = bnb.nn.Linear4bit(
                     linear.in_features, linear.out_features, bias=True, quant_type="nf4", compute_dtype=None
                 )
@@ -93,12 +93,15 @@ def quantize_block_linears(model: nn.Module, mode: str) -> None:
 
 def _input_in_run_precision(module: nn.Module, args: tuple) -> tuple:
     """Under autocast, the run's precision (QLoRA computes in bf16): bitsandbytes' 4-bit matmul is not
-    an autocast op, so a float32 input (a LayerNorm's output) would make it compute in float32."""
+    an autocast op, so a float32 input (a LayerNorm's output) would make it compute in float32. And the
+    layer computes in its input's dtype at every call (bitsandbytes would keep the first call's)."""
     x = args[0]
     kind = x.device.type
     if torch.is_autocast_enabled(kind) and x.is_floating_point() and x.dtype != torch.get_autocast_dtype(kind):
-        return (x.to(torch.get_autocast_dtype(kind)), *args[1:])
-    return args
+        x = x.to(torch.get_autocast_dtype(kind))
+    if hasattr(module, "compute_type_is_set"):  # Linear4bit fixes its compute dtype at its first call otherwise
+        module.compute_dtype, module.compute_type_is_set = x.dtype, True
+    return (x, *args[1:])
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -120,8 +123,16 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     import bitsandbytes as bnb
 
     if isinstance(module, bnb.nn.Linear4bit):
-        return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
-    return module.weight.data.float() * module.weight.SCB.float()[:, None] / 127.0
+        state = module.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            raise ValueError(
+                "this NF4 weight was repacked by bitsandbytes for CPU inference (a CPU with AVX512-BF16): its "
+                "float values cannot be read back here; export before evaluating on this CPU"
+            )
+        return bnb.functional.dequantize_4bit(module.weight.data, state).float()
+    # after its first forward, bitsandbytes keeps the row scales on the layer's state, not the weight
+    scales = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
+    return module.weight.data.float() * scales.float()[:, None] / 127.0
 
 
 def storage_bytes(model: nn.Module) -> int:

@@ -32,14 +32,26 @@ def stack_parameters(vocab_size: int, n_positions: int, n_embd: int, n_layer: in
     return vocab_size * d + n_positions * d + n_layer * block + 2 * d
 
 
+QUANTIZED_BYTES = {"nf4": 0.5, "int8": 1.0}  # bytes a quantised base weight takes (constants aside)
+
+
 @dataclass(frozen=True)
 class Estimate:
     total: int
     trainable: int
+    quantized: int = 0  # of `total`, the frozen block weights a quantised base stores in fewer bytes
+    quantized_bytes: float = 4.0
 
     @property
     def static_bytes(self) -> int:
-        return 4 * self.total + 12 * self.trainable
+        floats = self.total - self.quantized
+        return int(4 * floats + self.quantized_bytes * self.quantized + 12 * self.trainable)
+
+
+def block_linear_weights(config: Any) -> int:
+    """The weights of every block's four linears: what `--quantize` stores quantised."""
+    d, f = config.n_embd, config.n_inner or 4 * config.n_embd
+    return config.n_layer * (4 * d * d + 2 * d * f)
 
 
 def _count(config: Any) -> tuple[int, int]:
@@ -58,7 +70,15 @@ def _count(config: Any) -> tuple[int, int]:
 
 
 def estimate(config: Any) -> Estimate:
-    """Total and trainable parameters of `config` with its variants (task heads excluded)."""
+    """Total and trainable parameters of `config` with its variants (task heads excluded); with a
+    quantised base, its block weights at their quantised size."""
+    found = _estimate(config.replace(quantize=None) if config.quantize is not None else config)
+    if config.quantize is None:
+        return found
+    return Estimate(found.total, found.trainable, block_linear_weights(config), QUANTIZED_BYTES[config.quantize])
+
+
+def _estimate(config: Any) -> Estimate:
     try:
         one, two = _count(config.replace(n_layer=1)), _count(config.replace(n_layer=min(2, config.n_layer)))
     except Exception:  # noqa: BLE001 - e.g. a peft config naming layer 5 of 12: build it whole

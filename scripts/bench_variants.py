@@ -25,7 +25,7 @@ from tqdm import tqdm
 from model import GPT2Config, GPT2LMHeadModel
 from model.trainable import set_trainable
 from modules.kan_ffn import matched_hidden_width
-from modules.peft_methods import SUPPORTED
+from modules.peft_methods import REQUIRED_FIELDS, SUPPORTED
 from scripts.bench_utils import median_time, saved_activation_bytes
 from train.commands import exit_status
 
@@ -47,10 +47,14 @@ OWN: dict[str, dict] = {
     "graph (dense) + LoRA r=8": dict(use_graph=True, graph_backend="dense", use_lora=True),
     "LoRA-XS r=8": dict(use_lora_xs=True),
     "AntiPaSTO r=8 (blocks of 4)": dict(use_antipasto=True),
+    # QLoRA: LoRA r=8 on a base whose block linears are NF4 (model/quantize.py; its "total" counts the
+    # packed 4-bit weights as stored, two per byte)
+    "QLoRA r=8 (NF4 base)": dict(use_lora=True, quantize="nf4"),
 }
 PEFT = {f"peft {method}": dict(peft_method=method) for method in SUPPORTED}  # each at peft's defaults
 # EVA: peft's LoRA (r=8) with A from the SVD of each layer's inputs; its init reads EVA_BATCHES batches
 PEFT["peft lora + EVA init"] = dict(peft_method="lora", peft_config={"init_lora_weights": "eva"})
+PEFT["peft trainable_tokens"] = dict(peft_method="trainable_tokens", peft_config=REQUIRED_FIELDS["trainable_tokens"])
 EVA_BATCHES = (8, 4, 128)  # batches x rows x tokens of random ids (the runs read the task's training data)
 VARIANTS = {**OWN, **PEFT}
 
@@ -117,11 +121,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="timing device: cpu, cuda, cuda:N (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", default=None, help="rows whose name contains TEXT (plain LoRA always runs)")
+    parser.add_argument(
+        "--only", default=None, help="rows whose name contains TEXT (comma-separated: any of them; LoRA always runs)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # peft's per-method notices would interleave with the table
-    rows = {n: k for n, k in VARIANTS.items() if args.only is None or args.only in n or n == LORA_ROW}
+    wanted = None if args.only is None else args.only.split(",")
+    rows = {n: k for n, k in VARIANTS.items() if wanted is None or any(w in n for w in wanted) or n == LORA_ROW}
     for knobs in (dict(use_lora=True), dict(peft_method="ia3")):  # import peft once, outside the init timings
         GPT2LMHeadModel(GPT2Config.from_preset("tiny", **knobs))
     base_flops = full_size_costs({}, args.seq)["flops"]
@@ -149,9 +156,10 @@ def main() -> None:
             print(f"| {name} | error: {type(error).__name__}: {str(error)[:100]} |", flush=True)
             continue
         analytic = "—" if r["analytic"] is None else f"{r['analytic']:,}"
+        counted = "—" if r["counted"] is None else f"{r['counted']:,}"
         print(
             f"| {name} | {r['trainable']:,} | {r['trainable'] / lora['trainable']:.2f} | {r['total']:,} | "
-            f"{r['counted']:,} | {analytic} | {r['init']:.2f} | {r['fwd'] * 1e3:.0f} | {r['step'] * 1e3:.0f} | "
+            f"{counted} | {analytic} | {r['init']:.2f} | {r['fwd'] * 1e3:.0f} | {r['step'] * 1e3:.0f} | "
             f"{r['step'] / lora['step']:.2f} | {r['saved'] / 2**20:.0f} MiB |",
             flush=True,
         )
@@ -176,7 +184,8 @@ def measure(knobs: dict, args: argparse.Namespace, ids: torch.Tensor, base_flops
     return dict(
         trainable=full["trainable"],
         total=full["total"],
-        counted=(full["flops"] - base_flops) // 2 // args.seq,
+        # bitsandbytes' 4-bit matmuls are not matmul ops the counter knows: no count for a quantised base
+        counted=None if knobs.get("quantize") else (full["flops"] - base_flops) // 2 // args.seq,
         analytic=added_macs_per_token(GPT2Config.from_preset("gpt2", **knobs), args.seq) if own else None,
         init=full["init"],
         fwd=median_time(forward, args.repeats, device=args.device),

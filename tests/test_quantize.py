@@ -122,10 +122,17 @@ def test_what_cannot_run_on_a_quantised_base_is_refused_with_the_reason(knobs, r
         GPT2Config.from_preset("tiny", quantize="nf4", **knobs)
 
 
-def test_merge_is_refused_and_export_peft_loads_on_the_float_base(ckpt, tmp_path):
-    model = perturb_adapters(GPT2LMHeadModel.from_pretrained(ckpt, quantize="nf4", use_lora=True, lora_r=4))
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_merge_is_refused_and_export_peft_loads_on_the_float_base(ckpt, tmp_path, mode):
+    model = perturb_adapters(GPT2LMHeadModel.from_pretrained(ckpt, quantize=mode, use_lora=True, lora_r=4))
+    ids = torch.randint(0, VOCAB, (2, 5))
+    model(ids, labels=ids).loss.backward()  # after a step (int8 moves its scales to the layer's state)
     with pytest.raises(ValueError, match="quantised"):
         merge_adapters(model)
+    with pytest.raises(ValueError, match="quantised"):
+        GPT2LMHeadModel.from_pretrained(ckpt, quantize=mode, fine_tune_mode="last-linear-layer").save_pretrained(
+            tmp_path / "hf"
+        )
     model.export_peft(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -479,3 +479,23 @@ def test_adding_a_variant_knob_leaves_other_identities_unchanged(monkeypatch):
         assert with_probe.identity_hash() != hash_before
     finally:
         spec_module.identity_schema.cache_clear()
+
+
+def test_a_migration_killed_between_rename_and_record_is_finished_by_the_next(tmp_path, monkeypatch):
+    """The folder already has today's name but its record and runs.tsv row still the old ones (a kill
+    between os.rename and the record's rewrite): the next pass rewrites both, not just the stamp."""
+    from train.spec import identity_schema
+
+    monkeypatch.setenv("GPT2_VARIANTS_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(SPEC2_FIXTURE, tmp_path / "grid")
+    monkeypatch.chdir(tmp_path / "grid")
+    make_hf_checkpoint(Path("ckpt/tiny"), n_layer=1, n_head=2, n_embd=16, n_positions=64, vocab_size=50257)
+    (old,) = [p for p in Path("runs").iterdir() if p.is_dir()]
+    spec, _ = entry.parse(entry.GENERIC, LEGACY_COMMAND, inputs=False)
+    os.rename(old, Path("runs") / spec.run_name())  # ... and the process died here
+    migrate_legacy(Path("runs"))
+    record = json.loads((Path("runs") / spec.run_name() / "config.json").read_text())
+    assert record["config_hash"] == spec.identity_hash() and record["run"] == spec.run_name()
+    assert record["identity_schema"] == identity_schema()
+    rows = Path("runs/runs.tsv").read_text().splitlines()
+    assert len(rows) == 2 and spec.identity_hash() in rows[1] and spec.run_name() in rows[1]

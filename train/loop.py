@@ -330,7 +330,8 @@ class Trainer:
         if self.start is not None:
             self.start.load(model)
         self.data_init_seconds = None
-        if model.needs_data_init and not self.resuming:  # on resume the weights come from the checkpoint
+        # not on resume (the weights come from the checkpoint), nor on a transfer start (from the source run)
+        if model.needs_data_init and not self.resuming and self.start is None:
             self.data_init_seconds = self._initialize_from_data(model)
         heads = {n: h.to(device) for n, obj in self.objectives.items() if (h := obj.make_head(model)) is not None}
         self.counts = set_trainable(model, config.fine_tune_mode, heads.values())
@@ -383,6 +384,13 @@ class Trainer:
         for batch in order:
             inputs = objective.inputs(batch)
             batches.append({k: inputs[k].to(self.device) for k in ("input_ids", "attention_mask")})
+        rank = max(1, int((spec.config.peft_config or {}).get("r", 8)))
+        tokens = min(int(b["attention_mask"].sum()) for b in batches)
+        if tokens < rank:  # peft's incremental SVD skips such batches and would cycle them forever
+            raise ValueError(
+                f"EVA needs at least r={rank} real tokens per batch to find r directions; a batch of {task} has "
+                f"{tokens}: raise --batch_size"
+            )
         started = time.perf_counter()
         model.initialize_from_data(batches)
         seconds = time.perf_counter() - started
@@ -419,6 +427,8 @@ class Trainer:
         spec, record = self.spec, self.record
         folder = ckpt.checkpoint_folder(self.checkpoints, "last")
         record["wandb_id"] = saved_record.get("wandb_id", record["wandb_id"])  # the same wandb run continues
+        if self.data_init_seconds is None:  # the run's own data-driven init (not redone on resume)
+            record["data_init_seconds"] = saved_record.get("data_init_seconds")
         record["command"] = saved_record.get("command", record["command"])
         record["resumed_with"] = list(spec.argv)
         if "migrated_from" in saved_record:

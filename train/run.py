@@ -444,7 +444,8 @@ def _migrate_one(folder: Path, out_dir: Path) -> tuple[Path, Path] | None:
             return None
     old_name = record.get("run") or folder.name  # the legacy name, also after a kill between rename and record
     target = folder.parent / spec.run_name()
-    if not legacy and target == folder:  # named as today's rule names it: stamp the schema, nothing moves
+    settled = record.get("run") in (None, folder.name) and record.get("config_hash") == spec.identity_hash()
+    if not legacy and target == folder and settled:  # named as today's rule names it: stamp the schema only
         atomic_write_json(config_file, {**record, "identity": spec.identity(), "identity_schema": identity_schema()})
         return None
     if target != folder:
