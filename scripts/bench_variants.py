@@ -104,6 +104,7 @@ def full_size_costs(knobs: dict, seq: int) -> dict:
         model.initialize_from_data([{"input_ids": i, "attention_mask": torch.ones_like(i)} for i in ids])
     init_seconds = time.perf_counter() - start
     counts = set_trainable(model)
+    model.task_index = 0  # as an SST run (variants that route by task: peft's poly)
     ids = torch.zeros(1, seq, dtype=torch.long)
     # frozen rather than no_grad: the counter's module tracker trips over outputs that require grad
     # without a grad_fn under no_grad (GLoRA)
@@ -170,6 +171,7 @@ def measure(knobs: dict, args: argparse.Namespace, ids: torch.Tensor, base_flops
     torch.manual_seed(0)
     config = GPT2Config.from_preset("gpt2", n_layer=args.layers, **no_dropout, **knobs)
     model = GPT2LMHeadModel(config).to(args.device).train()
+    model.task_index = 0  # as an SST run (variants that route by task: peft's poly)
     set_trainable(model)
 
     def forward():
