@@ -107,6 +107,8 @@ def _changed_value(name: str, default, hint):
         return ["--graph_heads", "8"]  # must divide the tiny checkpoint's width 32
     if name == "peft_method":
         return ["--peft_method", "ia3"]
+    if name == "quantize":
+        return ["--quantize", "nf4"]
     if name == "peft_config":  # a peft adapter_config.json
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
             json.dump({"peft_type": "VERA", "r": 8}, file)
@@ -145,6 +147,8 @@ def _enablers(name: str) -> list[str]:
     """Switches needed for a knob to be used (the CLI refuses a knob no enabled variant reads)."""
     if name.startswith(("lora_kan",)):
         return ["--use_lora", "--use_kan"]
+    if name == "quantize":  # a quantised base trains adapters only
+        return ["--use_lora"]
     for prefix, flags in (
         ("lora_xs_", ["--use_lora_xs"]),
         ("antipasto_", ["--use_antipasto"]),
