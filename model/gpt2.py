@@ -336,6 +336,20 @@ class GPT2LMHeadModel(nn.Module):
         return registry.has_step_hooks(self.config)
 
     @property
+    def capture_blocker(self) -> str | None:
+        """Why CUDA graphs must not capture this model's forward (training or evaluation), or None."""
+        if self.transformer.virtual_tokens is not None:
+            return "prompt learning's virtual tokens (that path has not yet been run under CUDA graphs on a GPU)"
+        if self.config.quantize is not None:
+            return "a quantised base (bitsandbytes' kernels have not yet been run under CUDA graphs here)"
+        if self.config.peft_method in ("poly", "trainable_tokens"):
+            return (
+                f"peft's {self.config.peft_method} reads or copies host values in every forward "
+                "(its task ids / token indices)"
+            )
+        return None
+
+    @property
     def needs_data_init(self) -> bool:
         """Whether a variant initialises itself from training data (EVA) before the first step."""
         return registry.needs_data_init(self.config)

@@ -290,6 +290,28 @@ def test_why_not_captured_names_each_reason():
     assert "grad_accum" in why_not_captured("cuda", 1, 2, False)
     assert "grad_checkpointing" in why_not_captured("cuda:0", 1, 1, True)
     assert "dropout" in why_not_captured("cuda", 1, 1, False, dropout=True)
+    assert "virtual" in why_not_captured("cuda", 1, 1, False, model_reason="virtual tokens")
+
+
+@pytest.mark.parametrize(
+    "knobs, reason",
+    [
+        (dict(use_lora=True), None),
+        (dict(peft_method="prefix_tuning", peft_config={"num_virtual_tokens": 2}), "virtual tokens"),
+        (dict(use_lora=True, quantize="nf4"), "quantised base"),
+        (dict(peft_method="poly"), "host values"),
+        (dict(peft_method="trainable_tokens", peft_config={"token_indices": [1, 2]}), "host values"),
+    ],
+)
+def test_models_that_cannot_be_captured_say_why_and_evaluate_eagerly(knobs, reason, tokenizer_dir):
+    """The whole-step graph and the evaluation graphs both ask the model; a blocked model evaluates
+    eagerly (here `_captured_forward` answers None before any CUDA call)."""
+    model = GPT2LMHeadModel(GPT2Config(**{**TINY, "vocab_size": 50257}, **knobs))
+    blocker = model.capture_blocker
+    assert (blocker is None) if reason is None else (reason in blocker)
+    if reason is not None:
+        task = _task("sst", tokenizer_dir, fast_step=True)
+        assert task._captured_forward(model, None, "cuda", [[1, 2, 3]]) is None
 
 
 def test_dropout_is_detected_in_every_place_a_step_draws_random_numbers():

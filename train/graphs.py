@@ -123,18 +123,15 @@ def why_not_captured(
     tasks: int = 1,
     dropout: bool = False,
     step_hooks: bool = False,
-    virtual_tokens: bool = False,
-    quantized: bool = False,
+    model_reason: str | None = None,
 ) -> str | None:
     """The reason the whole-step CUDA graph cannot apply to a run, or None when it can."""
     if not device.startswith("cuda"):
         return f"CUDA graphs need a CUDA device (this run: {device})"
     if step_hooks:
         return "a variant runs host code after every optimizer step (AdaLoRA's rank allocator)"
-    if quantized:
-        return "a quantised base (bitsandbytes' kernels have not yet been run under CUDA graphs here)"
-    if virtual_tokens:
-        return "prompt learning's virtual tokens (that path has not yet been run under CUDA graphs on a GPU)"
+    if model_reason is not None:  # the model's own (GPT2LMHeadModel.capture_blocker)
+        return model_reason
     if dropout:
         # Measured on an H200: captured steps with dropout ran in the benchmark and in the component
         # tests, but `python -m train.sentiment` with dropout on died with a CUDA error, while the

@@ -358,8 +358,7 @@ class Trainer:
                 len(self.objectives),
                 dropout=graphs.uses_dropout(model, heads.values()),
                 step_hooks=model.has_step_hooks,
-                virtual_tokens=model.transformer.virtual_tokens is not None,
-                quantized=model.config.quantize is not None,
+                model_reason=model.capture_blocker,
             )
             if self.fast
             else None

@@ -177,7 +177,7 @@ class ClassificationTask(Task):
     def _captured_forward(self, model: nn.Module, head: nn.Module, device: str, ids: list[list[int]]):
         """Evaluation through CUDA graphs (train/graphs.py) on CUDA with `--fast_step on`, by a
         CapturedForward for the current (model, head, precision). None: predict eagerly."""
-        if not str(device).startswith("cuda") or not self.fast_step:
+        if not str(device).startswith("cuda") or not self.fast_step or model.capture_blocker is not None:
             return None
         if max((max(row) for row in ids), default=0) >= model.config.vocab_size:
             return None  # the eager path reports the bad id clearly
