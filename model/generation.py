@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from modules.attention import KVCache, compute_dtype
+from modules.prompt_learning import num_virtual_tokens
 
 FINISHED_CHECK_EVERY = 8
 
@@ -62,7 +63,7 @@ def _check_args(
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    virtual = num_virtual_tokens(model)
+    virtual = num_virtual_tokens(model.config)  # the KV cache holds them ahead of the prompt
     total = virtual + input_ids.shape[-1] + max_new_tokens
     if total > model.config.n_positions:
         counted = f"{virtual} virtual tokens + " if virtual else ""
@@ -70,12 +71,6 @@ def _check_args(
             f"{counted}prompt ({input_ids.shape[-1]}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
             f"n_positions={model.config.n_positions}"
         )
-
-
-def num_virtual_tokens(model: Any) -> int:
-    """Prompt learning's virtual tokens, which the KV cache holds ahead of the prompt (0 without)."""
-    virtual = getattr(model.transformer, "virtual_tokens", None)
-    return virtual.num_virtual_tokens if virtual is not None else 0
 
 
 @torch.no_grad()
@@ -114,7 +109,7 @@ def generate(
         config.n_layer,
         batch,
         config.n_head,
-        num_virtual_tokens(model) + prompt_len + max_new_tokens,
+        num_virtual_tokens(config) + prompt_len + max_new_tokens,
         config.head_dim,
         compute_dtype(model.transformer.wte.weight),
         input_ids.device,

@@ -21,11 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from modules.prompt_learning import PROMPT_METHODS  # they leave the linears alone
+
 QUANTIZE_MODES = ("nf4", "int8")
 BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 # peft tuners with a bitsandbytes layer (peft/tuners/<method>/bnb.py in peft 0.21.2)
 BNB_PEFT_METHODS = ("adalora", "hira", "ia3", "lora", "pvera", "randlora", "road")
-PROMPT_METHODS = ("prefix_tuning", "p_tuning", "prompt_tuning")  # they leave the linears alone
 
 
 def refusal(config: Any) -> str | None:

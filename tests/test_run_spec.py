@@ -419,6 +419,16 @@ def test_a_spec_renders_to_a_command_that_parses_back_to_it(tiny_ckpt, tmp_path,
 SPEC2_FIXTURE = REPO / "tests" / "fixtures" / "spec2_216f2d7"  # LEGACY_COMMAND run by commit 216f2d7
 
 
+def spec2_folder(tmp_path: Path, monkeypatch) -> Path:
+    """The fixture's run folder (the current directory is the grid), with its checkpoint rebuilt."""
+    monkeypatch.setenv("GPT2_VARIANTS_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(SPEC2_FIXTURE, tmp_path / "grid")
+    monkeypatch.chdir(tmp_path / "grid")
+    make_hf_checkpoint(Path("ckpt/tiny"), n_layer=1, n_head=2, n_embd=16, n_positions=64, vocab_size=50257)
+    (old,) = [p for p in Path("runs").iterdir() if p.is_dir()]
+    return old
+
+
 @pytest.mark.slow
 def test_a_run_named_under_an_older_settings_schema_is_renamed_and_resumes(tmp_path, monkeypatch, capsys):
     """Commit 216f2d7 counted every variant's knobs in every identity (a LoRA run's hash held LoRA-XS's
@@ -426,11 +436,7 @@ def test_a_run_named_under_an_older_settings_schema_is_renamed_and_resumes(tmp_p
     once to today's name, with one runs.tsv row, and resumed as finished."""
     from train.spec import identity_schema
 
-    monkeypatch.setenv("GPT2_VARIANTS_CACHE", str(tmp_path / "cache"))
-    shutil.copytree(SPEC2_FIXTURE, tmp_path / "grid")
-    monkeypatch.chdir(tmp_path / "grid")
-    make_hf_checkpoint(Path("ckpt/tiny"), n_layer=1, n_head=2, n_embd=16, n_positions=64, vocab_size=50257)
-    (old,) = [p for p in Path("runs").iterdir() if p.is_dir()]
+    old = spec2_folder(tmp_path, monkeypatch)
     spec, _ = entry.parse(entry.GENERIC, LEGACY_COMMAND, inputs=False)
     assert "lora_xs_r" not in spec.identity()["config"]  # a disabled variant's knob: not part of it
     assert spec.run_name() != old.name
@@ -486,11 +492,7 @@ def test_a_migration_killed_between_rename_and_record_is_finished_by_the_next(tm
     between os.rename and the record's rewrite): the next pass rewrites both, not just the stamp."""
     from train.spec import identity_schema
 
-    monkeypatch.setenv("GPT2_VARIANTS_CACHE", str(tmp_path / "cache"))
-    shutil.copytree(SPEC2_FIXTURE, tmp_path / "grid")
-    monkeypatch.chdir(tmp_path / "grid")
-    make_hf_checkpoint(Path("ckpt/tiny"), n_layer=1, n_head=2, n_embd=16, n_positions=64, vocab_size=50257)
-    (old,) = [p for p in Path("runs").iterdir() if p.is_dir()]
+    old = spec2_folder(tmp_path, monkeypatch)
     spec, _ = entry.parse(entry.GENERIC, LEGACY_COMMAND, inputs=False)
     os.rename(old, Path("runs") / spec.run_name())  # ... and the process died here
     migrate_legacy(Path("runs"))

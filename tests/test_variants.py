@@ -115,8 +115,8 @@ def test_trainable_sets_and_frozen_weights_unchanged(model_ckpt, case, mode):
 
 @pytest.mark.parametrize("case", CASES)
 def test_kv_cache_equals_full_recompute(model_ckpt, case):
-    from model.generation import num_virtual_tokens
     from modules.attention import KVCache
+    from modules.prompt_learning import num_virtual_tokens
 
     model = build(model_ckpt[0], case)
     perturb_adapters(model)
@@ -126,7 +126,7 @@ def test_kv_cache_equals_full_recompute(model_ckpt, case):
     cfg = model.config
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
-        capacity = 10 + num_virtual_tokens(model)  # prompt learning keeps its virtual tokens in the cache
+        capacity = 10 + num_virtual_tokens(cfg)  # prompt learning keeps its virtual tokens in the cache
         cache = KVCache(cfg.n_layer, 2, cfg.n_head, capacity, cfg.head_dim, torch.float32, ids.device)
         steps = [model(ids[:, :6], attention_mask=mask[:, :6], kv_cache=cache).logits]
         for t in range(6, 10):
