@@ -105,3 +105,15 @@ def test_a_run_initialises_from_its_seeded_training_batches(tiny_ckpt, tokenizer
     a, b, c = run("a", 1), run("b", 1), run("c", 2)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.allclose(a[k], c[k], atol=1e-4) for k in a)
+
+
+@pytest.mark.slow
+def test_batches_too_short_for_r_are_one_error_line(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
+    """peft's incremental SVD skips a batch with fewer real tokens than r and cycles the rest forever."""
+    from train import entry
+
+    argv = ["--task", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path), *data_limits(4, batch=1)]
+    argv += ["--peft_method", "lora", "--peft_config", json.dumps({**EVA, "r": 64}), "--wandb", "disabled"]
+    assert entry.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "EVA needs at least r=64 real tokens per batch" in err and "Traceback" not in err

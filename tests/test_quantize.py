@@ -153,6 +153,7 @@ def test_cli_trains_resumes_and_evaluates_on_a_quantised_base(tiny_ckpt, tokeniz
     argv += ["--use_lora", "--quantize", "nf4", "--epochs", "1"]
     assert entry.main(argv) == 0
     (run,) = [p for p in runs.iterdir() if p.is_dir()]
+    assert run.name.startswith("sst-lora-r8-a16+nf4-")  # the folder says which base it trained on
     record = json.loads((run / "config.json").read_text())
     assert record["config"]["quantize"] == "nf4" and record["parameters"]["trainable"] > 0
     assert entry.main([*argv, "--resume", "--extend_epochs", "1"]) == 0

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from datasets.common import data_dir
+from datasets.common import DataError, data_dir
 from model import GPT2LMHeadModel, load_tokenizer
 from model.compile import compile_blocks
 from model.files import atomic_write_json
@@ -386,7 +386,7 @@ class Trainer:
         rank = max(1, int((spec.config.peft_config or {}).get("r", 8)))
         tokens = min(int(b["attention_mask"].sum()) for b in batches)
         if tokens < rank:  # peft's incremental SVD skips such batches and would cycle them forever
-            raise ValueError(
+            raise DataError(
                 f"EVA needs at least r={rank} real tokens per batch to find r directions; a batch of {task} has "
                 f"{tokens}: raise --batch_size"
             )

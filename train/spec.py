@@ -171,6 +171,8 @@ def identity_schema() -> str:
 
 def variant_tag(config: Any) -> str:
     parts = [variant.tag(config) for variant in enabled_variants(config)] or ["base"]
+    if config.quantize is not None:  # QLoRA is not LoRA: the folder name says which base it trained on
+        parts.append(config.quantize)
     mode = config.resolved_fine_tune_mode
     if mode != ("adapters" if config.any_variant else "full-model"):
         parts.append(MODE_TAGS[mode])
