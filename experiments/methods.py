@@ -15,12 +15,14 @@ import json
 from pathlib import Path
 
 from modules.peft_methods import (
+    EXPERT_MIXTURES,
     LINEAR_ONLY,
     NOT_IDENTITY_AT_INIT,
     NOT_MERGEABLE,
     PROMPT_LEARNING,
     REFUSED,
     REQUIRED_FIELDS,
+    STANDALONE,
     STOCK_GPT2,
     SUPPORTED,
 )
@@ -103,7 +105,7 @@ wandb = "offline"
 
 def variants(smoke: bool) -> dict[str, list[str]]:
     rows = dict(OWN_VARIANTS)
-    for method in SUPPORTED:
+    for method in STANDALONE:  # (xlora mixes finished LoRA runs: the README shows how to run it after a grid)
         flags = ["--peft_method", method]
         fields = {**REQUIRED_FIELDS.get(method, {}), **(SMOKE_SIZES.get(method, {}) if smoke else {})}
         if fields:
@@ -128,6 +130,8 @@ def readme_table() -> str:
             where = "yes (Conv1D via fan_in_fan_out)"
         elif method in PROMPT_LEARNING:
             where = "yes (peft's `prompt_embeddings`)"
+        elif method in EXPERT_MIXTURES:
+            where = "no: its experts are LoRA runs (export those); the classifier has no stock form here"
         else:
             where = "no: peft's layer takes nn.Linear only"
         identity = "no: " + NOT_IDENTITY_AT_INIT[method] if method in NOT_IDENTITY_AT_INIT else "yes"
@@ -135,7 +139,7 @@ def readme_table() -> str:
         rows.append(f"| `{method}` | supported | {identity} | {merges} | {where} |")
     for method, reason in sorted(REFUSED.items()):
         rows.append(f"| `{method}` | refused: {reason} | | | |")
-    assert len(LINEAR_ONLY) + len(STOCK_GPT2) + len(PROMPT_LEARNING) == len(SUPPORTED)
+    assert len(LINEAR_ONLY) + len(STOCK_GPT2) + len(PROMPT_LEARNING) + len(EXPERT_MIXTURES) == len(SUPPORTED)
     return "\n".join(rows)
 
 

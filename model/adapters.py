@@ -163,6 +163,11 @@ def export_peft(model: Any, directory: str | Path) -> None:
         peft_config, ours_adapter = peft_lora_config(model.config, fan_in_fan_out=True), "default"
     elif names == ["peft"]:
         method = model.config.peft_method
+        if method_status(method) == "experts":
+            raise ValueError(
+                "X-LoRA's experts are LoRA adapters that already exist (export those runs); its classifier "
+                "has no stock HF form here: use save_adapters(dir)"
+            )
         if method_status(method) not in ("stock", "prompt"):
             raise ValueError(
                 f"peft's {method} layers accept nn.Linear only, not stock HF GPT-2's Conv1D, so an exported "

@@ -225,10 +225,11 @@ class GPT2Config:
         """The fields that can change a result: the stack, dropout and training mode, and the knobs of
         the enabled variants (plus the knobs they read from others). A disabled variant's knobs cannot,
         so adding a variant leaves every other configuration's identity as it was."""
-        names = [f.name for f in ModelSettings.knobs() if f.name != "name"]  # name: provenance only
+        values = {f.name: getattr(self, f.name) for f in ModelSettings.knobs() if f.name != "name"}  # name: provenance
         for variant in enabled_variants(self):
-            names += [f.name for f in variant.settings.knobs()] + list(variant.reads)
-        return {name: getattr(self, name) for name in dict.fromkeys(names)}
+            for name in [f.name for f in variant.settings.knobs()] + list(variant.reads):
+                values.setdefault(name, variant.settings.identity_value(name, getattr(self, name)))
+        return values
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -170,6 +170,8 @@ class GPT2Model(nn.Module):
         self.pad_to_bucket = False  # True: right-pad inputs to a bucket length (model/shapes.py)
         # Prompt learning's virtual tokens (modules/prompt_learning.py), attached by that variant.
         self.virtual_tokens: nn.Module | None = None
+        # X-LoRA's classifier and two-pass forward (modules/xlora.py), attached by that variant.
+        self.expert_mixer: nn.Module | None = None
 
     def forward(
         self,
@@ -227,6 +229,13 @@ class GPT2Model(nn.Module):
         return GPT2Output(last_hidden_state=self.ln_f(x[:, :q_len] if extra else x))
 
     def _layers(
+        self, x: torch.Tensor, mask: torch.Tensor | None, kv_cache: Any, padding: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.expert_mixer is not None:  # X-LoRA: a scaling pass, then the pass with its scalings
+            return self.expert_mixer.run(lambda h, cache: self._blocks(h, mask, cache, padding), x, kv_cache, self.ln_f)
+        return self._blocks(x, mask, kv_cache, padding)
+
+    def _blocks(
         self, x: torch.Tensor, mask: torch.Tensor | None, kv_cache: Any, padding: torch.Tensor | None
     ) -> torch.Tensor:
         for index, layer in enumerate(self.h):
@@ -342,6 +351,8 @@ class GPT2LMHeadModel(nn.Module):
             return "prompt learning's virtual tokens (that path has not yet been run under CUDA graphs on a GPU)"
         if self.config.quantize is not None:
             return "a quantised base (bitsandbytes' kernels have not yet been run under CUDA graphs here)"
+        if self.transformer.expert_mixer is not None:
+            return "X-LoRA's two passes (that path has not yet been run under CUDA graphs on a GPU)"
         if self.config.peft_method in ("poly", "trainable_tokens"):
             return (
                 f"peft's {self.config.peft_method} reads or copies host values in every forward "

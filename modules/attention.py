@@ -47,6 +47,12 @@ class KVCache:
         self.length = 0  # tokens already stored (same for every layer once a forward completes)
         self.virtual = 0  # of those, the virtual tokens of prompt learning (ahead of the real ones)
 
+    @classmethod
+    def like(cls, other: KVCache) -> KVCache:
+        """An empty cache of the same shape, dtype and device."""
+        batch, n_head, max_len, head_dim = other.keys[0].shape
+        return cls(len(other.keys), batch, n_head, max_len, head_dim, other.keys[0].dtype, other.keys[0].device)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:

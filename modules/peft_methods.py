@@ -40,6 +40,9 @@ from modules.prompt_learning import (
     derived_fields,
 )
 from modules.variant import JSONObject, Settings, Variant, knob, no_weight_init, register
+from modules.xlora import NOT_IDENTITY as XLORA_NOT_IDENTITY
+from modules.xlora import NOT_MERGEABLE as XLORA_NOT_MERGEABLE
+from modules.xlora import attach_xlora, resolve_experts
 
 ADAPTER_NAME = "peft"
 TASK_COUNT = 4  # the tasks train/tasks registers; a test checks it (this layer does not import train/)
@@ -59,7 +62,13 @@ LINEAR_ONLY = (
 ).split()
 # Prompt learning (modules/prompt_learning.py): virtual tokens through peft's encoders; exported for stock GPT-2.
 PROMPT_LEARNING = PROMPT_METHODS
-SUPPORTED = tuple(sorted(STOCK_GPT2 + LINEAR_ONLY + list(PROMPT_LEARNING)))
+# A mixture of LoRA experts read from earlier runs (modules/xlora.py): its classifier and layers are our own,
+# following peft's XLoraModel, which wraps HF models only.
+EXPERT_MIXTURES = ("xlora",)
+SUPPORTED = tuple(sorted(STOCK_GPT2 + LINEAR_ONLY + list(PROMPT_LEARNING) + list(EXPERT_MIXTURES)))
+# The methods a config alone defines (X-LoRA also needs finished LoRA runs as its experts): what a grid
+# row or a cost-table row at peft's defaults can run.
+STANDALONE = tuple(m for m in SUPPORTED if m not in EXPERT_MIXTURES)
 
 REFUSED = {
     "adaption_prompt": (
@@ -82,10 +91,6 @@ REFUSED = {
         "unmatched on a 2-block model), so its parity cannot be checked"
     ),
     "shadow": "rewrites the model config to add layers, which GPT2Config (immutable, validated) does not allow",
-    "xlora": (
-        "a mixture of pretrained LoRA experts with use_cache=False; needs LoRA adapters to mix, which a "
-        "run does not have"
-    ),
 }
 
 # Method defaults for GPT-2 (what a peft user would write for gpt2); user fields override them.
@@ -111,11 +116,13 @@ NOT_IDENTITY_AT_INIT = {
     "vblora": "the logits that pick vectors from the bank are random, so the update is not zero",
     "unilora": "its shared vector is drawn at random",
     **dict.fromkeys(PROMPT_METHODS, NOT_IDENTITY),
+    "xlora": XLORA_NOT_IDENTITY,
 }
 NOT_MERGEABLE = {
     "lily": "peft 0.21.2 has no merge for Lily's shared routers",
     "poly": "its update depends on the task (a router mixes the LoRA skills per task): no one weight holds it",
     **dict.fromkeys(PROMPT_METHODS, "virtual tokens are extra inputs, not a change to any weight"),
+    "xlora": XLORA_NOT_MERGEABLE,
 }
 # peft config fields that describe a saved adapter, not the method; they are not ours to set.
 BOOKKEEPING = {
@@ -125,9 +132,12 @@ BOOKKEEPING = {
 
 
 def method_status(name: str) -> str:
-    """'stock', 'linear', 'prompt', or the reason it is refused (ValueError for a name peft does not have)."""
+    """'stock', 'linear', 'prompt', 'experts', or the reason it is refused (ValueError for a name peft
+    does not have)."""
     if name in PROMPT_LEARNING:
         return "prompt"
+    if name in EXPERT_MIXTURES:
+        return "experts"
     if name in STOCK_GPT2:
         return "stock"
     if name in LINEAR_ONLY:
@@ -157,7 +167,7 @@ class PeftSettings(Settings):
         if self.peft_method is None:
             return
         status = method_status(self.peft_method)
-        if status not in ("stock", "linear", "prompt"):
+        if status not in ("stock", "linear", "prompt", "experts"):
             raise ValueError(f"peft method {self.peft_method!r} is not supported on this model: {status}")
         if uses_eva(self) and float(((self.peft_config or {}).get("eva_config") or {}).get("rho", 1.0)) != 1.0:
             raise ValueError(
@@ -176,6 +186,18 @@ class PeftSettings(Settings):
         if self.peft_config is not None:  # keep the method's fields only: they alone set the run's identity
             fields = {k: v for k, v in self.peft_config.items() if k not in BOOKKEEPING}
             object.__setattr__(self, "peft_config", JSONObject(fields) if fields else None)
+        if self.peft_method == "xlora":  # each expert: its folder and the digest of what it computes
+            fields = dict(self.peft_config or {})
+            fields["adapters"] = resolve_experts(fields.get("adapters"))
+            object.__setattr__(self, "peft_config", JSONObject(fields))
+
+    @classmethod
+    def identity_value(cls, name: str, value: Any) -> Any:
+        """X-LoRA's experts count by their digest, not by the folder they were read from."""
+        if name == "peft_config" and value and isinstance(value.get("adapters"), dict):
+            adapters = {k: v["sha256"] if isinstance(v, dict) else v for k, v in value["adapters"].items()}
+            return {**value, "adapters": adapters}
+        return value
 
 
 def peft_config_for(config: Any, fan_in_fan_out: bool = False):
@@ -191,6 +213,8 @@ def peft_config_for(config: Any, fan_in_fan_out: bool = False):
         values["target_modules"] = list(CONV1D_TARGETS)
     if config.peft_method in PROMPT_LEARNING:
         values.update(derived_fields(config), task_type="CAUSAL_LM")
+    if config.peft_method == "xlora":
+        values["hidden_size"] = config.n_embd
     values.update(DEFAULT_FIELDS.get(config.peft_method, {}))
     user = {k: v for k, v in (config.peft_config or {}).items() if k not in BOOKKEEPING}
     unknown = sorted(set(user) - set(fields))
@@ -226,6 +250,9 @@ def check_peft(config: Any) -> None:
             "(peft_method='lora' is peft's LoRA, as use_lora)"
         )
     peft_config = peft_config_for(config)  # unknown fields and bad layer indices, before any weight loads
+    if config.peft_method == "xlora":
+        check_xlora(config, peft_config)
+        return
     if config.peft_method in PROMPT_LEARNING:
         check_virtual_tokens(config, peft_config)
         return
@@ -258,6 +285,22 @@ def check_peft(config: Any) -> None:
         pass
 
 
+def check_xlora(config: Any, peft_config: Any) -> None:
+    """The experts fit this model (modules, shapes, digests) and the options are peft's valid ones."""
+    if peft_config.hidden_size != config.n_embd:
+        raise ValueError(f"peft_config.hidden_size={peft_config.hidden_size}, but this model is {config.n_embd} wide")
+    experts = len(peft_config.adapters)
+    if peft_config.top_k_lora is not None and not 1 <= peft_config.top_k_lora <= experts:
+        raise ValueError(f"peft_config.top_k_lora={peft_config.top_k_lora}: pick between 1 and the {experts} experts")
+    if peft_config.enable_softmax_topk and peft_config.top_k_lora is None:
+        raise ValueError("peft_config.enable_softmax_topk needs top_k_lora")
+    if peft_config.softmax_temperature <= 0:
+        raise ValueError(f"peft_config.softmax_temperature must be > 0, got {peft_config.softmax_temperature}")
+    skeleton = _skeleton(config, config.n_layer)
+    with torch.device("meta"):
+        attach_xlora(skeleton, config, peft_config)
+
+
 def _skeleton(config: Any, depth: int) -> nn.Module:
     """`depth` blocks of GPT-2's adaptable modules, named as ours and HF's, on the meta device."""
     width, ffn = config.n_embd, config.n_inner or 4 * config.n_embd
@@ -284,6 +327,20 @@ def attach_peft(model: nn.Module, config: Any) -> None:
     if config.peft_method == "trainable_tokens":
         attach_trainable_tokens(model, config)
         return
+    if config.peft_method == "xlora":
+        attach_xlora(model, config, peft_config_for(config))
+    else:
+        attach_tuner(model, config)
+    frozen_new = [n for n, p in model.named_parameters() if ADAPTER_NAME in n.split(".") and not p.requires_grad]
+    for name in frozen_new:  # peft keeps these fixed (e.g. random projections): buffers, never trained
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        tensor = getattr(owner, leaf).detach()
+        delattr(owner, leaf)
+        owner.register_buffer(leaf, tensor)
+
+
+def attach_tuner(model: nn.Module, config: Any) -> None:
     from peft import PeftType
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
@@ -298,13 +355,6 @@ def attach_peft(model: nn.Module, config: Any) -> None:
     for _, layer in tuner_layers(model):
         if isinstance(layer.get_base_layer(), nn.Linear):  # projections (LN-tuning's LayerNorms stay float32)
             layer.register_forward_hook(_answer_in_run_precision)
-    frozen_new = [n for n, p in model.named_parameters() if ADAPTER_NAME in n.split(".") and not p.requires_grad]
-    for name in frozen_new:  # peft keeps these fixed (e.g. random projections): buffers, never trained
-        owner_name, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        tensor = getattr(owner, leaf).detach()
-        delattr(owner, leaf)
-        owner.register_buffer(leaf, tensor)
 
 
 def route_poly_by_task(model: nn.Module) -> None:
@@ -533,8 +583,8 @@ def eva_init(model: nn.Module, config: Any, batches: list[dict[str, torch.Tensor
 
 def peft_tag(config: Any) -> str:
     tag = f"peft-{config.peft_method}"
-    if config.peft_config:
-        text = json.dumps(config.peft_config, sort_keys=True)
+    if config.peft_config:  # what the fields count as (X-LoRA's experts: digests, not folders)
+        text = json.dumps(PeftSettings.identity_value("peft_config", config.peft_config), sort_keys=True)
         tag += "-" + hashlib.sha256(text.encode()).hexdigest()[:6]
     return tag
 

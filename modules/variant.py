@@ -230,6 +230,12 @@ class Settings:
         """Cross-field checks that need no model size (override where needed)."""
 
     @classmethod
+    def identity_value(cls, name: str, value: Any) -> Any:
+        """What a knob's value counts as in a run's identity: the value itself, unless part of it is
+        provenance (where a file was read from) and another part says what the file is (override)."""
+        return value
+
+    @classmethod
     def knobs(cls) -> list[dataclasses.Field]:
         return list(dataclasses.fields(cls))
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from model import GPT2Config, GPT2LMHeadModel
 from model.trainable import set_trainable
 from modules.kan_ffn import matched_hidden_width
-from modules.peft_methods import REQUIRED_FIELDS, SUPPORTED
+from modules.peft_methods import REQUIRED_FIELDS, STANDALONE
 from scripts.bench_utils import median_time, saved_activation_bytes
 from train.commands import exit_status
 
@@ -51,10 +51,13 @@ OWN: dict[str, dict] = {
     # packed 4-bit weights as stored, two per byte)
     "QLoRA r=8 (NF4 base)": dict(use_lora=True, quantize="nf4"),
 }
-PEFT = {f"peft {method}": dict(peft_method=method) for method in SUPPORTED}  # each at peft's defaults
+PEFT = {f"peft {method}": dict(peft_method=method) for method in STANDALONE}  # each at peft's defaults
 # EVA: peft's LoRA (r=8) with A from the SVD of each layer's inputs; its init reads EVA_BATCHES batches
 PEFT["peft lora + EVA init"] = dict(peft_method="lora", peft_config={"init_lora_weights": "eva"})
 PEFT["peft trainable_tokens"] = dict(peft_method="trainable_tokens", peft_config=REQUIRED_FIELDS["trainable_tokens"])
+# X-LoRA: three random LoRA r=8 experts (c_attn, c_proj, c_fc), written as peft adapter folders for the
+# row's depth (random_experts); init counts reading and hashing them, and the classifier's build
+PEFT["peft xlora (3 LoRA r=8 experts)"] = dict(peft_method="xlora", peft_config={"adapters": "random:3"})
 EVA_BATCHES = (8, 4, 128)  # batches x rows x tokens of random ids (the runs read the task's training data)
 VARIANTS = {**OWN, **PEFT}
 
@@ -90,11 +93,44 @@ def added_macs_per_token(c: GPT2Config, seq: int) -> int:
     return per_layer * c.n_layer
 
 
+def random_experts(knobs: dict, n_layer: int) -> dict:
+    """`knobs` with X-LoRA's "random:K" replaced by K random LoRA r=8 adapter folders for gpt2 width and
+    `n_layer` blocks (peft's format; written once per depth to a temporary folder)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    adapters = (knobs.get("peft_config") or {}).get("adapters")
+    if not (isinstance(adapters, str) and adapters.startswith("random:")):
+        return knobs
+    shapes = {"attn.c_attn": (768, 2304), "attn.c_proj": (768, 768), "mlp.c_fc": (768, 3072), "mlp.c_proj": (3072, 768)}
+    root = Path(tempfile.gettempdir()) / f"bench-xlora-experts-{n_layer}"
+    folders = {}
+    for k in range(int(adapters.removeprefix("random:"))):
+        folder = root / f"expert{k}"
+        if not (folder / "adapter_model.safetensors").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            generator = torch.Generator().manual_seed(k)
+            tensors = {}
+            for block in range(n_layer):
+                for name, (fan_in, fan_out) in shapes.items():
+                    key = f"base_model.model.transformer.h.{block}.{name}"
+                    tensors[f"{key}.lora_A.weight"] = torch.randn(8, fan_in, generator=generator) / fan_in**0.5
+                    tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, 8, generator=generator) * 0.01
+            save_file(tensors, folder / "adapter_model.safetensors")
+            (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16}))
+        folders[f"expert{k}"] = str(folder)
+    return {**knobs, "peft_config": {**knobs["peft_config"], "adapters": folders}}
+
+
 def full_size_costs(knobs: dict, seq: int) -> dict:
     """Parameters, init seconds and counted forward FLOPs (B=1, T=seq) of the variant at gpt2 size."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
+    knobs = random_experts(knobs, 12)
     model = GPT2LMHeadModel(GPT2Config.from_preset("gpt2", **knobs), with_variants=False).eval()
     start = time.perf_counter()
     model.apply_variants()
@@ -169,7 +205,7 @@ def main() -> None:
 def measure(knobs: dict, args: argparse.Namespace, ids: torch.Tensor, base_flops: int, no_dropout: dict) -> dict:
     full = full_size_costs(knobs, args.seq)
     torch.manual_seed(0)
-    config = GPT2Config.from_preset("gpt2", n_layer=args.layers, **no_dropout, **knobs)
+    config = GPT2Config.from_preset("gpt2", n_layer=args.layers, **no_dropout, **random_experts(knobs, args.layers))
     model = GPT2LMHeadModel(config).to(args.device).train()
     model.task_index = 0  # as an SST run (variants that route by task: peft's poly)
     set_trainable(model)

@@ -26,6 +26,7 @@ from modules.peft_methods import (
     PROMPT_LEARNING,
     REFUSED,
     REQUIRED_FIELDS,
+    STANDALONE,
     STOCK_GPT2,
     SUPPORTED,
     peft_config_for,
@@ -101,8 +102,9 @@ def test_every_installed_peft_method_is_supported_or_refused():
     assert installed == set(SUPPORTED) | set(REFUSED), "a peft method is neither supported nor refused"
 
 
-# prompt learning: test_prompt_learning.py; poly needs the task: test_poly_routes_each_task_as_peft_does
-@pytest.mark.parametrize("method", [m for m in SUPPORTED if m not in (*PROMPT_LEARNING, "poly")])
+# prompt learning: test_prompt_learning.py; poly needs the task: test_poly_routes_each_task_as_peft_does;
+# xlora needs LoRA experts: test_xlora.py
+@pytest.mark.parametrize("method", [m for m in STANDALONE if m not in (*PROMPT_LEARNING, "poly")])
 def test_logits_equal_hf_plus_peft_and_identity_merge(wide_ckpt, method):
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(2))
     base = GPT2LMHeadModel.from_pretrained(wide_ckpt).eval()
@@ -246,7 +248,7 @@ def test_methods_smoke_grid_plans_every_method_without_collisions(tmp_path, toke
     inputs = ["--data_dir", str(DATA_DIR), "--tokenizer", str(tokenizer_dir)]
     runs = ablate.plan(preset, tmp_path, inputs, dry_run=True)
     assert len({run.run_dir for run in runs}) == len(runs) == len(preset["variants"]) * 3
-    expected = {*peft_methods.OWN_VARIANTS, *(f"peft_{m}" for m in SUPPORTED)}
+    expected = {*peft_methods.OWN_VARIANTS, *(f"peft_{m}" for m in STANDALONE)}
     assert {run.variant for run in runs} == expected
     assert {"kolmg_dora", "pissa", "lora_plus", "graph_lora", "kora"} <= expected
 
@@ -255,7 +257,7 @@ def test_sizes_peft_rejects_are_one_error_before_weights_load_and_gpt2_defaults_
     from experiments.methods import SMOKE_SIZES
     from modules.peft_methods import check_peft
 
-    for method in SUPPORTED:  # every default fits gpt2 (768 wide, 12 blocks)
+    for method in STANDALONE:  # every default fits gpt2 (768 wide, 12 blocks)
         check_peft(GPT2Config.from_preset("gpt2", peft_method=method, peft_config=REQUIRED_FIELDS.get(method)))
     for method, sizes in SMOKE_SIZES.items():  # ... but not the 32-wide test model, unless resized
         with pytest.raises(ValueError, match=f"peft {method} on this 32-wide model"):

@@ -30,6 +30,7 @@ from model.loading import CheckpointError, read_checkpoint_config
 from model.size import check_fits
 from modules.registry import VARIANTS, enabled_variants, knob_owner, switches, used_knobs
 from train.distributed import rank_device
+from train.experts import experts_from_runs
 from train.runtime import check_device
 from train.settings import (
     CommandSettings,
@@ -126,11 +127,14 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
-def resolve_config(args: argparse.Namespace, checkpoint_source: str | None = None):
+def resolve_config(args: argparse.Namespace, checkpoint_source: str | None = None, base_identity: Any = None):
     """The run's GPT2Config: the checkpoint's config.json (only that file is read) + the variant flags,
-    validated at that real size. Raises ValueError / CheckpointError."""
+    validated at that real size. `base_identity`: the checkpoint's content identity, which X-LoRA's
+    expert runs must share (train/experts.py). Raises ValueError / CheckpointError."""
     overrides = config_overrides(args)
     model = args.model or "gpt2"
+    if base_identity is not None:
+        overrides = experts_from_runs(overrides, base_identity)
     config = read_checkpoint_config(checkpoint_source or model, name=str(model), **overrides)
     model_fields = set(ModelSettings.__dataclass_fields__)
     allowed = model_fields | set(switches()) | used_knobs(config)
@@ -219,10 +223,10 @@ def build_spec(
             raise ValueError(f"--train_fraction draws a share stratified by label; {unlabelled[0]} has no labels")
         model = args.model or "gpt2"
         check_model_flag(model)
-        config = resolve_config(args, checkpoint_source)
+        checkpoint = Checkpoint(str(model), checkpoint_identity(checkpoint_source or model))
+        config = resolve_config(args, checkpoint_source, checkpoint.identity)
         check_fits(config, rank_device(runtime.device, 0, 1))  # before anything is built or allocated
         training = training.resolved(config.resolved_fine_tune_mode)
-        checkpoint = Checkpoint(str(model), checkpoint_identity(checkpoint_source or model))
     except (ValueError, CheckpointError) as error:
         parser.error(str(error))
     return RunSpec(
