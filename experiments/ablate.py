@@ -20,6 +20,9 @@ Beyond this machine (experiments/launchers.py): `--launcher slurm` submits the p
 job array through submitit (preemption-safe: checkpoint, requeue, --resume); `--wandb_sweep OUT.yaml`
 writes a wandb grid sweep whose agents run one point each through `--task T --variant V --seed S`.
 A preset with a [transfer] table adds a second stage once its runs are done (train/transfer.py).
+A preset with an [xlora] table adds X-LoRA runs once their experts are done: per task and seed, a
+`--peft_method xlora` run mixing that seed's runs of the `experts` variants on the `expert_tasks`
+(modules/xlora.py); they are rows of the grid like any variant (label `xlora`).
 """
 
 from __future__ import annotations
@@ -104,7 +107,39 @@ def load_preset(path: Path) -> dict:
                 f"error: {path}: [transfer] pairs name {unlabelled}; transfer runs between the classification "
                 f"tasks {labelled_tasks()}"
             )
+    if "xlora" in preset:
+        check_xlora_table(path, preset)
     return preset
+
+
+XLORA_KEYS = {"experts", "expert_tasks", "tasks", "options", "label"}
+
+
+def check_xlora_table(path: Path, preset: dict) -> None:
+    table = preset["xlora"]
+    unknown = sorted(set(table) - XLORA_KEYS)
+    if unknown:
+        raise InputError(f"error: {path}: [xlora] has no key(s) {unknown} (known: {sorted(XLORA_KEYS)})")
+    experts = table.get("experts")
+    if not isinstance(experts, list) or not experts or any(v not in preset["variants"] for v in experts):
+        raise InputError(
+            f"error: {path}: [xlora] experts must list variants of the grid (LoRA ones), got {experts!r}; "
+            f"variants: {list(preset['variants'])}"
+        )
+    for key in ("tasks", "expert_tasks"):
+        strays = sorted(set(table.get(key, preset["tasks"])) - set(preset["tasks"]))
+        if strays:
+            raise InputError(f"error: {path}: [xlora] {key} {strays} are not tasks of the grid {preset['tasks']}")
+    if not isinstance(table.get("options", {}), dict):
+        raise InputError(f"error: {path}: [xlora] options must be a table of peft XLoraConfig fields")
+    if table.get("label", "xlora") in preset["variants"]:
+        raise InputError(f"error: {path}: [xlora] label {table.get('label', 'xlora')!r} is also a variant's name")
+
+
+def xlora_cells(preset: dict) -> list[tuple[str, str]]:
+    """The (label, task) cells an [xlora] table adds to the grid."""
+    table = preset.get("xlora")
+    return [(table.get("label", "xlora"), task) for task in table.get("tasks", preset["tasks"])] if table else []
 
 
 def flag_list(values: dict) -> list[str]:
@@ -153,29 +188,11 @@ def _plan_runs(preset: dict, out_dir: Path, inputs: list[str], model_spec: dict,
             config_source = str(tiny_checkpoint(scratch, model_spec["random_init"]))
     else:
         model = model_spec.get("model", "gpt2")
-    common = flag_list(preset.get("common", {}))
     runs, bases = [], {}
     for task in preset["tasks"]:
         for variant, variant_flags in preset["variants"].items():
             for seed in preset["seeds"]:
-                argv = [
-                    "--task",
-                    task,
-                    "--model",
-                    model,
-                    *common,
-                    *preset.get("task_flags", {}).get(task, []),
-                    *variant_flags,
-                    "--seed",
-                    str(seed),
-                    "--out_dir",
-                    str(out_dir),
-                    "--wandb_group",
-                    preset["name"],
-                    "--label",
-                    variant,
-                    *inputs,
-                ]
+                argv = run_argv(preset, task, model, variant, variant_flags, seed, out_dir, inputs)
                 try:
                     spec, _ = entry.parse(entry.GENERIC, argv, inputs=False, checkpoint_source=config_source)
                 except SystemExit:  # argparse printed what is wrong with the flags
@@ -188,6 +205,59 @@ def _plan_runs(preset: dict, out_dir: Path, inputs: list[str], model_spec: dict,
                 command = render_argv(spec, base)
                 runs.append(PlannedRun(task, variant, seed, command, MODULE, run_folder(spec, migrate=False)))
     return runs
+
+
+def run_argv(
+    preset: dict, task: str, model: str, label: str, flags: list[str], seed: int, out_dir: Path, inputs: list[str]
+) -> list[str]:
+    """The command line (after `python -m train`) of one run of the grid."""
+    return [
+        *("--task", task, "--model", model),
+        *flag_list(preset.get("common", {})),
+        *preset.get("task_flags", {}).get(task, []),
+        *flags,
+        *("--seed", str(seed), "--out_dir", str(out_dir), "--wandb_group", preset["name"], "--label", label),
+        *inputs,
+    ]
+
+
+def plan_xlora(preset: dict, runs: list[PlannedRun], inputs: list[str], out_dir: Path) -> list[PlannedRun]:
+    """The X-LoRA runs of a preset with an [xlora] table, planned once their expert runs have finished
+    (their identity holds the experts' digests): per task and seed, the experts are that seed's runs of
+    the `experts` variants on the `expert_tasks`, named `<variant>-<task>`."""
+    table = preset["xlora"]
+    label = table.get("label", "xlora")
+    model_spec = preset.get("model", {})
+    model = str(tiny_checkpoint_path(out_dir, model_spec["random_init"])) if "random_init" in model_spec else None
+    model = model or model_spec.get("model", "gpt2")
+    by_point = {(r.variant, r.task, r.seed): r.run_dir for r in runs}
+    jobs = []
+    for _, task in xlora_cells(preset):
+        for seed in preset["seeds"]:
+            experts = {
+                f"{variant}-{expert_task}": str(by_point[(variant, expert_task, seed)])
+                for variant in table["experts"]
+                for expert_task in table.get("expert_tasks", preset["tasks"])
+            }
+            fields = json.dumps({**table.get("options", {}), "adapters": experts})
+            flags = ["--peft_method", "xlora", "--peft_config", fields]
+            argv = run_argv(preset, task, model, label, flags, seed, out_dir, inputs)
+            try:
+                spec, _ = entry.parse(entry.GENERIC, argv, inputs=False)
+            except SystemExit:
+                raise InputError(
+                    f"error: [xlora] {task} seed {seed}: its flags are rejected by python -m {MODULE} (message above)"
+                ) from None
+            command = render_argv(spec, read_checkpoint_config(model))
+            jobs.append(PlannedRun(task, label, seed, command, MODULE, run_folder(spec, migrate=False)))
+    return jobs
+
+
+def xlora_stage(preset: dict, runs: list[PlannedRun], inputs: list[str], out_dir: Path) -> tuple[list, list]:
+    """The [xlora] runs (every one, those not done yet), their variant name recorded for the report."""
+    stage = plan_xlora(preset, runs, inputs, out_dir)
+    record_variant_names(out_dir, stage)
+    return stage, [r for r in stage if status(r) != "done"]
 
 
 def plan_transfer(preset: dict, sources: list[PlannedRun], inputs: list[str]) -> tuple[list[PlannedRun], list[dict]]:
@@ -475,6 +545,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"transfer stage: {len(stage)} jobs")
                 for run in stage:
                     print(f"  {status(run):6s} {run.task:16s} {(run.done_file or run.run_dir).relative_to(out_dir)}")
+        if "xlora" in preset:
+            if todo:
+                count = len(xlora_cells(preset)) * len(preset["seeds"])
+                print(f"then, once the expert runs ({preset['xlora']['experts']}) are done: {count} X-LoRA runs")
+            else:
+                for run in plan_xlora(preset, runs, inputs, out_dir):
+                    print(f"  {status(run):6s} {run.run_dir.name}")
         if args.launcher != "local" and todo:
             print(f"sbatch file of the array (--launcher {args.launcher} submits it through submitit):")
             print(launchers.sbatch_script(settings, out_dir / "slurm", preset["name"], len(todo)))
@@ -503,8 +580,9 @@ def main(argv: list[str] | None = None) -> int:
                 "preset": str(args.preset),
                 "model": model_spec,
                 "seeds": preset["seeds"],
-                "planned_runs": len(runs),
-                "cells": [[variant, task] for variant in preset["variants"] for task in preset["tasks"]],
+                "planned_runs": len(runs) + len(xlora_cells(preset)) * len(preset["seeds"]),
+                "cells": [[variant, task] for variant in preset["variants"] for task in preset["tasks"]]
+                + [list(cell) for cell in xlora_cells(preset)],
                 "random_init": "random_init" in model_spec,
                 "transfer": "transfer" in preset,
             },
@@ -538,6 +616,20 @@ def main(argv: list[str] | None = None) -> int:
             todo = todo + stage_todo
         elif "transfer" in preset and outcome["failed"]:
             print("the transfer stage needs every source run: fix the failed runs and re-run", flush=True)
+        if "xlora" in preset and jobs.stop_signal is None and not outcome["failed"]:
+            stage, stage_todo = xlora_stage(preset, runs, inputs, out_dir)
+            print(
+                f"grid {preset['name']}, X-LoRA stage: {len(stage)} runs, {len(stage) - len(stage_todo)} already "
+                f"done, {len(stage_todo)} to run",
+                flush=True,
+            )
+            more = run_jobs(jobs, stage_todo, args.jobs, threads, log_dir)
+            outcome = {key: outcome[key] + more[key] for key in outcome}
+            done_before += len(stage) - len(stage_todo)
+            total += len(stage)
+            todo = todo + stage_todo
+        elif "xlora" in preset and outcome["failed"]:
+            print("the X-LoRA stage needs its expert runs: fix the failed runs and re-run", flush=True)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -594,11 +686,14 @@ def launch_cluster(args, preset, runs, todo, out_dir: Path, inputs, settings) ->
             except Exception as error:  # noqa: BLE001 - submitit re-raises the job's error: report, go on
                 failed += 1
                 print(f"  FAILED  {run.name}: {str(error).strip().splitlines()[-1]}", flush=True)
-        if label == "runs" and "transfer" in preset:
+        if label == "runs" and ("transfer" in preset or "xlora" in preset):
             if all(status(r) == "done" for r in runs):
-                stages.append(("transfer-stage jobs", transfer_stage(preset, runs, inputs, out_dir)[1]))
+                if "transfer" in preset:
+                    stages.append(("transfer-stage jobs", transfer_stage(preset, runs, inputs, out_dir)[1]))
+                if "xlora" in preset:
+                    stages.append(("X-LoRA runs", xlora_stage(preset, runs, inputs, out_dir)[1]))
             else:
-                print("the transfer stage is submitted by a re-run of this command once every source run is done")
+                print("the second stage is submitted by a re-run of this command once every first-stage run is done")
     return 1 if failed else 0
 
 
@@ -618,8 +713,8 @@ def write_sweep(preset: dict, args, out_dir: Path, inputs: list[str]) -> int:
         f"  wandb sweep {args.wandb_sweep}\n  wandb agent <entity/project/sweep id>   (on any number of machines "
         f"that share {out_dir})"
     )
-    if "transfer" in preset:
-        print("the transfer stage is not in the sweep: run `ablate.py PRESET` once every source run is done")
+    if "transfer" in preset or "xlora" in preset:
+        print("the second stage is not in the sweep: run `ablate.py PRESET` once every first-stage run is done")
     return 0
 
 
@@ -690,6 +785,11 @@ def write_transfer_manifest(out_dir: Path, preset: dict, stage: list[PlannedRun]
     (out_dir / "transfer.json").write_text(
         json.dumps({"settings": preset["transfer"], "runs": manifest}, indent=2) + "\n"
     )
+    record_variant_names(out_dir, stage)
+
+
+def record_variant_names(out_dir: Path, stage: list[PlannedRun]) -> None:
+    """Add a stage's runs to variants.json (config hash -> the preset's variant name, for the report)."""
     names_file = out_dir / "variants.json"
     names = json.loads(names_file.read_text()) if names_file.is_file() else {}
     for run in stage:

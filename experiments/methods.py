@@ -114,9 +114,20 @@ def variants(smoke: bool) -> dict[str, list[str]]:
     return rows
 
 
+# X-LoRA (peft_method xlora) needs finished LoRA runs as its experts: a second stage of the grid mixes, per
+# task and seed, that seed's runs of these variants (experiments/ablate.py, [xlora]).
+XLORA_STAGE = {
+    # one LoRA expert per task of the grid: the mixture of task experts X-LoRA was made for
+    "methods": '[xlora]\nexperts = ["lora"]',
+    # one task here: three LoRA flavours trained on it are the experts
+    "methods_smoke": '[xlora]\nexperts = ["lora", "rslora", "lora_plus"]',
+}
+
+
 def preset_text(name: str) -> str:
     lines = [HEADER[name], "[variants]"]
     lines += [f"{key} = {json.dumps(flags)}" for key, flags in variants(name == "methods_smoke").items()]
+    lines += ["", XLORA_STAGE[name]]
     return "\n".join(lines) + "\n"
 
 

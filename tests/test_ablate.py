@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -261,3 +262,60 @@ def test_transfer_grid_runs_its_second_stage_and_reports_it(tmp_path, tokenizer_
     assert cells[1:] == [f"{value:.4f} ± 0.0000 (n=1)" for value in expected]
     assert f"{moved['dev_majority_acc']:.4f}" in table.split("### sst → cfimdb")[1]
     assert (grid / "report" / "transfer.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_xlora_stage_mixes_the_grids_lora_runs_and_is_a_row_of_the_report(tmp_path, tokenizer_dir, capsys):
+    """An [xlora] preset: the two LoRA-flavour runs, then an X-LoRA run whose experts are those runs
+    (same seed); it is a row of the report, counted in the planned runs; re-running does nothing."""
+    from experiments import ablate, report
+    from tests.conftest import DATA_DIR
+
+    preset = write_grid_preset(
+        tmp_path / "xlora.toml", tokenizer_dir, "xlora-test", train_limit=16, dev_limit=8, test_limit=2, epochs=1
+    )
+    text = preset.read_text().replace("seeds = [1, 2]", "seeds = [1]").replace('baseline = "base"', 'baseline = "lora"')
+    text = text.replace("base = []", 'lora = ["--use_lora"]\nrslora = ["--use_lora", "--lora_rslora"]')
+    preset.write_text(text + '[xlora]\nexperts = ["lora", "rslora"]\noptions = {xlora_depth = 2, xlora_size = 8}\n')
+    grid = tmp_path / "grid"
+    inputs = ["--data_dir", str(DATA_DIR), "--tokenizer", str(tokenizer_dir), "--threads", "1"]
+    assert ablate.main([str(preset), "--out_dir", str(grid), *inputs, "--dry_run"]) == 0
+    assert "then, once the expert runs (['lora', 'rslora']) are done: 1 X-LoRA runs" in capsys.readouterr().out
+    assert ablate.main([str(preset), "--out_dir", str(grid), *inputs]) == 0
+    (mixed,) = grid.glob("sst-peft-xlora-*")
+    record = json.loads((mixed / "config.json").read_text())
+    adapters = record["config"]["peft_config"]["adapters"]
+    assert sorted(adapters) == ["lora-sst", "rslora-sst"]
+    (lora_run,) = grid.glob("sst-lora-r8-a16-lr*")
+    assert Path(adapters["lora-sst"]["path"]).parent.parent == lora_run  # <run>/exports/peft-<checkpoint>
+    assert record["config"]["peft_config"]["xlora_depth"] == 2
+
+    capsys.readouterr()
+    assert ablate.main([str(preset), "--out_dir", str(grid), *inputs]) == 0
+    printed = capsys.readouterr().out
+    assert "X-LoRA stage: 1 runs, 1 already done, 0 to run" in printed
+    assert report.main([str(grid)]) == 0
+    table = (grid / "report" / "report.md").read_text()
+    assert "3 of 3 planned runs have finished" in table
+    assert [line for line in table.split("Cost per task")[0].splitlines() if line.startswith("| xlora")]
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ('experts = ["dora"]', "experts must list variants of the grid"),
+        ("experts = []", "experts must list variants"),
+        ('experts = ["base"]\ntasks = ["quora"]', "tasks ['quora'] are not tasks of the grid"),
+        ('experts = ["base"]\nexpert_tasks = ["sonnet"]', "expert_tasks ['sonnet']"),
+        ('experts = ["base"]\nlabel = "base"', "also a variant's name"),
+        ('experts = ["base"]\nrounds = 2', "has no key(s) ['rounds']"),
+    ],
+)
+def test_a_bad_xlora_table_is_one_error_line(tmp_path, tokenizer_dir, table, message):
+    from experiments import ablate
+    from experiments.inputs import InputError
+
+    preset = write_grid_preset(tmp_path / "bad.toml", tokenizer_dir, "bad")
+    preset.write_text(preset.read_text() + f"[xlora]\n{table}\n")
+    with pytest.raises(InputError, match=re.escape(message)):
+        ablate.load_preset(preset)
