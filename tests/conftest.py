@@ -36,6 +36,44 @@ if TEST_DEVICE.startswith("cuda") and not torch.cuda.is_available():
 transformers.logging.set_verbosity_error()
 
 
+def _start_fork_server() -> None:
+    """The test fork server (tests/plugins/zygote.py) for the processes this pytest process starts:
+    every subprocess loads tests/plugins/sitecustomize.py (PYTHONPATH), which hands `python -m train...`
+    / `python -m experiments...` commands to a worker forked from the server once it has finished its
+    imports. GPT2_TEST_ZYGOTE=off runs every process on its own."""
+    import atexit
+    import subprocess
+    import sys
+    import tempfile
+
+    given = os.environ.get("GPT2_TEST_ZYGOTE")
+    if given == "off" or (given and os.path.isdir(os.path.dirname(given))):
+        return  # off, or already started (by pytest-xdist's controller, or an earlier import of this file)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(PLUGINS)]
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(PLUGINS), *paths])
+    folder = tempfile.mkdtemp(prefix="gpt2-zygote-")
+    os.environ["GPT2_TEST_ZYGOTE"] = os.path.join(folder, "socket")
+    server = subprocess.Popen(
+        [sys.executable, str(PLUGINS / "zygote.py"), os.environ["GPT2_TEST_ZYGOTE"]],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,  # a test's signal to its own process group does not reach it
+    )
+
+    def stop() -> None:
+        server.kill()
+        server.wait()
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+
+    atexit.register(stop)
+
+
+_start_fork_server()
+
+
 def run_paths(model, tokenizer_dir, out_dir=None) -> list[str]:
     """The path flags of a training or evaluation command: model, tokenizer, the shared data, output."""
     flags = ["--model", str(model), "--tokenizer", str(tokenizer_dir), "--data_dir", str(DATA_DIR)]
@@ -61,8 +99,8 @@ def data_limits(train: int, dev: int = 4, test: int = 2, batch: int = 4) -> list
 
 def plugin_env(**variables: str) -> dict[str, str]:
     """Environment for a subprocess that loads the test plugin (tests/plugins/sitecustomize.py)."""
-    path = os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH", "")]))
-    return {**os.environ, "PYTHONPATH": path, **variables}
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(PLUGINS)]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(PLUGINS), *paths]), **variables}
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from experiments import ablate, launchers
-from tests.conftest import DATA_DIR, PLUGINS, REPO, write_grid_preset
+from tests.conftest import DATA_DIR, REPO, plugin_env, write_grid_preset
 from train import checkpoint as ckpt
 from train.run import folder_state
 
@@ -56,7 +56,7 @@ def test_slurm_path_through_submitit_survives_a_preemption(tmp_path, tokenizer_d
     preset = tiny_preset(tmp_path, tokenizer_dir)
     grid = tmp_path / "grid"
     # the jobs' training processes sleep 0.4 s per step (test plugin), so the signal lands mid-run
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("PYTHONPATH", plugin_env()["PYTHONPATH"])
     monkeypatch.setenv("GPT2_TEST_STEP_SLEEP", "0.4")
     command = [str(preset), "--out_dir", str(grid), "--launcher", "submitit_local", "--threads", "1", *INPUTS]
     assert ablate.main(command) == 0

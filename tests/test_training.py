@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import DATA_DIR, REPO, plugin_env, run_paths
+from tests.conftest import DATA_DIR, REPO, free_port, plugin_env, run_paths
 from train import multitask, paraphrase, sentiment, sonnet
 from train.predictions import read_classification, read_sonnets
 
@@ -378,7 +378,7 @@ def test_torchrun_two_processes_match_single_process(tiny_ckpt, tokenizer_dir, t
             "--nproc_per_node",
             "2",
             "--master_port",
-            "29533",
+            str(free_port()),  # the two parametrisations may run at once (pytest-xdist)
             *common_args,
             "--batch_size",
             str(4 // grad_accum),

@@ -8,12 +8,26 @@ without test hooks in the production code, by wrapping the optimizer step:
 * GPT2_TEST_RNG_LOG=D      after every optimizer step, append a fingerprint of this process's torch RNG
                            state to D/rank<RANK>.txt (so tests can see each rank's stream);
 * GPT2_TEST_SIGTERM_AT=N   after optimizer step N (counted in this process), rank 0 sends itself SIGTERM.
+
+It is also the client of the test fork server (tests/plugins/zygote.py): with GPT2_TEST_ZYGOTE set to
+the server's socket, a `python -m train...` / `python -m experiments...` process hands its command to a
+worker forked from the server (imports done) and mirrors it: signals forwarded, the same exit.
 """
 
 import os
+import sys
 
 _KEYS = ("GPT2_TEST_STEP_SLEEP", "GPT2_TEST_DUMP_GRADS", "GPT2_TEST_RNG_LOG", "GPT2_TEST_SIGTERM_AT")
-if any(os.environ.get(key) for key in _KEYS):
+# the packages whose `python -m` commands the fork server runs, and the folder whose scripts it runs
+# (`python scripts/X.py`); submitit's job processes run on their own (its local executor watches them)
+_ROUTED = ("train", "experiments")
+_PROBE = "plugins.probe"  # tests/test_fork_server.py's own command (run from tests/)
+_SCRIPTS = os.path.realpath(os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
+
+
+def install_test_hooks() -> None:
+    if not any(os.environ.get(key) for key in _KEYS):
+        return
     import hashlib
     import signal
     import time
@@ -48,3 +62,95 @@ if any(os.environ.get(key) for key in _KEYS):
         return result
 
     torch.optim.AdamW.step = _step
+
+
+def _run_through_zygote() -> None:
+    """Hand this `python -m <train|experiments>...` process's command to the fork server and exit as its
+    worker exits; returns (the process then runs normally) when there is no server or it declines."""
+    import json
+    import signal
+    import socket
+    import struct
+
+    path = os.environ.get("GPT2_TEST_ZYGOTE")
+    if not path or not os.path.isdir(os.path.dirname(path)):
+        return
+    argv = sys.orig_argv
+    options = []
+    rest = argv[1:]
+    while rest and rest[0] in ("-u", "-B"):  # interpreter options the worker can honour
+        options.append(rest.pop(0))
+    if len(rest) >= 2 and rest[0] == "-m" and (rest[1].split(".")[0] in _ROUTED or rest[1] == _PROBE):
+        target, args = {"module": rest[1]}, rest[2:]
+    elif rest and rest[0].endswith(".py") and os.path.dirname(os.path.realpath(rest[0])) == _SCRIPTS:
+        target, args = {"script": os.path.realpath(rest[0])}, rest[1:]
+    else:
+        return
+    request = {
+        "executable": sys.executable,
+        **target,
+        "unbuffered": "-u" in options,
+        "args": args,
+        "orig_argv": argv,
+        "cwd": os.getcwd(),
+        "env": dict(os.environ),
+        "umask": os.umask(0o022),
+    }
+    os.umask(request["umask"])
+    import time
+
+    # the server is still importing (the session's first seconds): wait for it while it is alive
+    deadline = time.monotonic() + 120
+    while not os.path.exists(path):
+        try:
+            with open(os.path.join(os.path.dirname(path), "pid")) as handle:
+                os.kill(int(handle.read()), 0)
+        except (OSError, ValueError):
+            return  # no server (it failed to start, or ended): run on our own
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
+    payload = json.dumps(request).encode()
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(path)
+        socket.send_fds(conn, [struct.pack("!I", len(payload))], [0, 1, 2])
+        conn.sendall(payload)
+        kind, value = _message(conn)
+    except OSError:
+        conn.close()
+        return
+    if kind != b"P":
+        conn.close()
+        return
+    worker = value
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, lambda received, _frame: os.kill(worker, received))
+    try:
+        kind, status = _message(conn)
+    except OSError:
+        kind, status = b"", 0
+    if kind != b"E":
+        os.write(2, b"test fork server: the worker's exit status was lost\n")
+        os._exit(1)
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:  # killed by a signal: die of the same one
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    os._exit(code)
+
+
+def _message(conn) -> tuple[bytes, int]:
+    import struct
+
+    data = b""
+    while len(data) < 5:
+        chunk = conn.recv(5 - len(data))
+        if not chunk:
+            raise OSError("the fork server closed the connection")
+        data += chunk
+    return data[:1], struct.unpack("!i", data[1:])[0]
+
+
+_run_through_zygote()
+install_test_hooks()
