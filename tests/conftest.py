@@ -103,6 +103,12 @@ def plugin_env(**variables: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(PLUGINS), *paths]), **variables}
 
 
+def on_its_own(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a process a test SIGKILLs and then relies on being gone: it runs on its own, not
+    through the test fork server, whose worker would outlive the killed process by a moment."""
+    return {**(env if env is not None else os.environ), "GPT2_TEST_ZYGOTE": "off"}
+
+
 def free_port() -> int:
     """A TCP port nothing listens on now (the OS picks it), for torch.distributed's rendezvous."""
     with socket.socket() as sock:

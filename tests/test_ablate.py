@@ -15,7 +15,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from tests.conftest import REPO, plugin_env, write_grid_preset
+from tests.conftest import REPO, on_its_own, plugin_env, write_grid_preset
 
 PRESETS = REPO / "experiments" / "presets"
 
@@ -37,7 +37,7 @@ def test_grid_resumes_after_kill_and_report_matches(tmp_path, tokenizer_dir):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
-        env=plugin_env(GPT2_TEST_STEP_SLEEP="0.5"),
+        env=on_its_own(plugin_env(GPT2_TEST_STEP_SLEEP="0.5")),
     )
     deadline = time.time() + 180
     while time.time() < deadline:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import DATA_DIR, REPO, free_port, plugin_env, run_paths
+from tests.conftest import DATA_DIR, REPO, free_port, on_its_own, plugin_env, run_paths
 from train import multitask, paraphrase, sentiment, sonnet
 from train.predictions import read_classification, read_sonnets
 
@@ -197,7 +197,7 @@ def test_kill_and_resume_matches_uninterrupted(tiny_ckpt, tokenizer_dir, tmp_pat
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=plugin_env(OMP_NUM_THREADS="1", GPT2_TEST_STEP_SLEEP="0.2"),
+        env=on_its_own(plugin_env(OMP_NUM_THREADS="1", GPT2_TEST_STEP_SLEEP="0.2")),
     )
     deadline = time.time() + 120
     killed_at = 0

@@ -11,7 +11,9 @@ line, working directory, environment and its stdin/stdout/stderr file descriptor
 a worker that takes those descriptors, that directory and that environment and runs the module as
 `python -m` would; the client forwards the signals it receives to the worker and exits as the worker
 exits (with its code, or killed by its signal). A client that dies (SIGKILL) takes its worker with
-it: the server kills the worker as soon as the client's end of the socket closes.
+it: the server kills the worker as soon as the client's end of the socket closes, which is a moment
+after the client is gone, not at once (tests that need that start the process on its own:
+tests.conftest.on_its_own).
 
 A command whose import-time environment (HF_*, TRANSFORMERS_*, PYTHON*, OMP_*, ...) differs from the
 server's runs as a normal process (the server answers "fallback"), and so does everything when
