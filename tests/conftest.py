@@ -71,7 +71,9 @@ def _start_fork_server() -> None:
     atexit.register(stop)
 
 
-_start_fork_server()
+def pytest_configure(config: pytest.Config) -> None:
+    if "not slow" not in (config.option.markexpr or ""):  # the fast tier starts no training processes
+        _start_fork_server()
 
 
 def run_paths(model, tokenizer_dir, out_dir=None) -> list[str]:
