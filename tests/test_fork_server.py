@@ -15,11 +15,13 @@ import pytest
 from tests.conftest import REPO, plugin_env
 
 PROBE = [sys.executable, "-m", "plugins.probe"]  # run from tests/
+pytestmark = pytest.mark.slow  # the server serves the end-to-end tests; the fast tier does not start it
 
 
 @pytest.fixture(scope="module")
 def server_ready():
     path = os.environ.get("GPT2_TEST_ZYGOTE")
+    assert path is not None, "tests/conftest.py did not start the fork server (pytest_configure)"
     if path == "off":
         pytest.skip("GPT2_TEST_ZYGOTE=off: every process runs on its own")
     deadline = time.monotonic() + 180
