@@ -616,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
             todo = todo + stage_todo
         elif "transfer" in preset and outcome["failed"]:
             print("the transfer stage needs every source run: fix the failed runs and re-run", flush=True)
-        if "xlora" in preset and jobs.stop_signal is None and not outcome["failed"]:
+        experts_done = all(status(r) == "done" for r in runs if r.variant in preset.get("xlora", {}).get("experts", []))
+        if "xlora" in preset and jobs.stop_signal is None and experts_done:
             stage, stage_todo = xlora_stage(preset, runs, inputs, out_dir)
             print(
                 f"grid {preset['name']}, X-LoRA stage: {len(stage)} runs, {len(stage) - len(stage_todo)} already "
@@ -628,8 +629,8 @@ def main(argv: list[str] | None = None) -> int:
             done_before += len(stage) - len(stage_todo)
             total += len(stage)
             todo = todo + stage_todo
-        elif "xlora" in preset and outcome["failed"]:
-            print("the X-LoRA stage needs its expert runs: fix the failed runs and re-run", flush=True)
+        elif "xlora" in preset and jobs.stop_signal is None:
+            print("the X-LoRA stage needs every expert run finished: fix or finish them and re-run", flush=True)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

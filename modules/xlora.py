@@ -284,11 +284,13 @@ class ExpertMixer(nn.Module):
         self.scalings.value = x.new_full((batch, length, self.n_layers, self.n_experts), self.pass_value)
         with torch.no_grad():
             hidden = final_norm(layers(x, scaling_cache))
-        if scaling_cache is not None:
-            scaling_cache.length += length
-        # Kept until the next forward: gradient checkpointing re-runs the layers during backward.
+        # Kept until the next forward: gradient checkpointing re-runs the layers during backward (the
+        # training loop runs each micro-batch's backward before the next forward).
         self.scalings.value = self.classify(hidden)
-        return layers(x, kv_cache)
+        out = layers(x, kv_cache)
+        if scaling_cache is not None:  # in step with the model's cache, which GPT2Model advances next
+            scaling_cache.length += length
+        return out
 
     @staticmethod
     def _scaling_cache(kv_cache: Any) -> Any:

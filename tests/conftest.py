@@ -62,8 +62,12 @@ def _start_fork_server() -> None:
     )
 
     def stop() -> None:
-        server.kill()
-        server.wait()
+        server.terminate()  # it kills its running workers first
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
         import shutil
 
         shutil.rmtree(folder, ignore_errors=True)

@@ -57,8 +57,14 @@ def export_expert(name: str, run_dir: Path, base_identity: dict[str, Any]) -> Pa
     from train.evaluate import load_model  # (evaluate imports the CLI, which imports this module)
 
     model, _, _ = load_model(str(run_dir))
-    target.parent.mkdir(exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".peft-", dir=target.parent))
+    try:
+        target.parent.mkdir(exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".peft-", dir=target.parent))
+    except OSError as error:
+        raise ValueError(
+            f"X-LoRA expert {name!r}: cannot write its peft export into {target.parent} ({error.strerror}); "
+            "export it elsewhere with GPT2LMHeadModel.export_peft and give that folder instead"
+        ) from None
     try:
         try:
             model.export_peft(staging)

@@ -124,8 +124,15 @@ def _run_through_zygote() -> None:
         conn.close()
         return
     worker = value
+
+    def forward(received: int, _frame) -> None:
+        try:
+            os.kill(worker, received)
+        except ProcessLookupError:  # it has just ended: its status is on the way
+            pass
+
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(signum, lambda received, _frame: os.kill(worker, received))
+        signal.signal(signum, forward)
     try:
         kind, status = _message(conn)
     except OSError:

@@ -32,7 +32,8 @@ import sys
 
 # Environment read while modules are imported (the server's imports stand for the client's): a client
 # whose values differ runs as a normal process.
-IMPORT_TIME = ("HF_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "CUDA", "OMP_", "MKL_", "PYTHON", "TOKENIZERS_")
+IMPORT_TIME = ("HF_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "CUDA", "OMP_", "MKL_", "PYTHON", "TOKENIZERS_", "XDG_")
+IMPORT_TIME += ("HOME",)  # huggingface_hub's cache paths come from HOME / XDG_CACHE_HOME at import
 # read when CUDA or torch.distributed start (which the server never does): torchrun sets them for its ranks
 READ_LATER = ("CUDA_VISIBLE_DEVICES", "TORCHELASTIC_", "TORCH_NCCL_")
 
@@ -69,14 +70,22 @@ def send(conn: socket.socket, kind: bytes, value: int = 0) -> None:
 
 def receive_request(conn: socket.socket) -> tuple[dict, list[int]]:
     header, fds, _, _ = socket.recv_fds(conn, 4, 3)
-    (length,) = struct.unpack("!I", header)
-    payload = b""
-    while len(payload) < length:
-        chunk = conn.recv(length - len(payload))
-        if not chunk:
-            raise OSError("client closed during its request")
-        payload += chunk
-    return json.loads(payload), fds
+    try:
+        (length,) = struct.unpack("!I", header)
+        payload = b""
+        while len(payload) < length:
+            chunk = conn.recv(length - len(payload))
+            if not chunk:
+                raise OSError("client closed during its request")
+            payload += chunk
+        request = json.loads(payload)
+        for key in ("executable", "args", "cwd", "env", "umask", "orig_argv", "unbuffered"):
+            request[key]  # noqa: B018 - a malformed request fails here, before a worker starts
+        return request, fds
+    except BaseException:
+        for fd in fds:  # never keep a test's stdout/stderr pipe open: its reader would wait forever
+            os.close(fd)
+        raise
 
 
 def run_worker(request: dict, fds: list[int]) -> None:
@@ -93,7 +102,9 @@ def run_worker(request: dict, fds: list[int]) -> None:
     sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own stdin, as at start-up
     buffering = {"write_through": True} if request["unbuffered"] else {}  # python -u
     sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), line_buffering=False, **buffering)
-    sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), line_buffering=True, **buffering)
+    sys.stderr = io.TextIOWrapper(
+        open(2, "wb", closefd=False), line_buffering=True, errors="backslashreplace", **buffering
+    )
     sys.__stdout__, sys.__stderr__, sys.__stdin__ = sys.stdout, sys.stderr, sys.stdin
     os.chdir(request["cwd"])
     os.environ.clear()
@@ -112,7 +123,7 @@ def run_worker(request: dict, fds: list[int]) -> None:
     sys.orig_argv = request["orig_argv"]
     sys.argv = [request.get("script", request.get("module")), *request["args"]]
     sys.modules["sitecustomize"].install_test_hooks()  # they read the client's environment (GPT2_TEST_*)
-    code = 0
+    code, killed_by = 0, None
     try:
         if "script" in request:
             runpy.run_path(request["script"], run_name="__main__")
@@ -130,7 +141,7 @@ def run_worker(request: dict, fds: list[int]) -> None:
         import traceback
 
         traceback.print_exc()  # as the interpreter: the traceback, then killed by SIGINT's default action
-        code = -signal.SIGINT
+        killed_by = signal.SIGINT
     except BaseException:  # noqa: BLE001 - an uncaught error: traceback and exit 1, as python does
         import traceback
 
@@ -142,10 +153,10 @@ def run_worker(request: dict, fds: list[int]) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
     finally:
-        if code < 0:
-            signal.signal(-code, signal.SIG_DFL)
-            os.kill(os.getpid(), -code)
-        os._exit(code & 0xFF)
+        if killed_by is not None:
+            signal.signal(killed_by, signal.SIG_DFL)
+            os.kill(os.getpid(), killed_by)
+        os._exit(code & 0xFF)  # sys.exit(-1) is 255, as for python
 
 
 def serve(path: str) -> None:
@@ -180,7 +191,19 @@ def serve(path: str) -> None:
     workers: dict[socket.socket, int] = {}  # client connection -> its worker's pid
     by_pid: dict[int, socket.socket] = {}
     parent = os.getppid()
-    while os.getppid() == parent:  # the pytest worker that started us is alive
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # pytest's end: take the workers down (finally)
+    try:
+        loop(listener, workers, by_pid, parent, expected, added)
+    finally:
+        for pid in by_pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def loop(listener, workers: dict, by_pid: dict, parent: int, expected: dict, added: dict) -> None:
+    while os.getppid() == parent:  # the pytest process that started us is alive
         readable, _, _ = select.select([listener, *workers], [], [], 0.05)
         for conn in [c for c in readable if c is not listener]:  # a client closed: it died
             try:
@@ -208,7 +231,7 @@ def serve(path: str) -> None:
             conn, _ = listener.accept()
             try:
                 request, fds = receive_request(conn)
-            except (OSError, ValueError):
+            except (OSError, ValueError, KeyError, struct.error):
                 conn.close()
                 continue
             theirs = import_time_env(request["env"])
@@ -240,8 +263,6 @@ def serve(path: str) -> None:
             workers[conn] = pid
             by_pid[pid] = conn
             send(conn, b"P", pid)
-    for pid in by_pid:
-        os.kill(pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":
