@@ -602,11 +602,12 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run_jobs(jobs, todo, args.jobs, threads, log_dir)
         done_before = len(runs) - len(todo)
         total = len(runs)
-        if "transfer" in preset and jobs.stop_signal is None and not outcome["failed"]:
-            stage, stage_todo = transfer_stage(preset, runs, inputs, out_dir)
+
+        def run_stage(stage: list, stage_todo: list, what: str) -> None:
+            """A second stage: say what it holds, run what is left, count it with the grid's runs."""
+            nonlocal outcome, done_before, total, todo
             print(
-                f"grid {preset['name']}, transfer stage: {len(stage)} jobs (transfer runs, from-scratch controls, "
-                f"CKA of each source model), {len(stage) - len(stage_todo)} already done, {len(stage_todo)} to run",
+                f"grid {preset['name']}, {what}, {len(stage) - len(stage_todo)} already done, {len(stage_todo)} to run",
                 flush=True,
             )
             more = run_jobs(jobs, stage_todo, args.jobs, threads, log_dir)
@@ -614,21 +615,20 @@ def main(argv: list[str] | None = None) -> int:
             done_before += len(stage) - len(stage_todo)
             total += len(stage)
             todo = todo + stage_todo
+
+        if "transfer" in preset and jobs.stop_signal is None and not outcome["failed"]:
+            stage, stage_todo = transfer_stage(preset, runs, inputs, out_dir)
+            run_stage(
+                stage,
+                stage_todo,
+                f"transfer stage: {len(stage)} jobs (transfer runs, from-scratch controls, CKA of each source model)",
+            )
         elif "transfer" in preset and outcome["failed"]:
             print("the transfer stage needs every source run: fix the failed runs and re-run", flush=True)
         experts_done = all(status(r) == "done" for r in runs if r.variant in preset.get("xlora", {}).get("experts", []))
         if "xlora" in preset and jobs.stop_signal is None and experts_done:
             stage, stage_todo = xlora_stage(preset, runs, inputs, out_dir)
-            print(
-                f"grid {preset['name']}, X-LoRA stage: {len(stage)} runs, {len(stage) - len(stage_todo)} already "
-                f"done, {len(stage_todo)} to run",
-                flush=True,
-            )
-            more = run_jobs(jobs, stage_todo, args.jobs, threads, log_dir)
-            outcome = {key: outcome[key] + more[key] for key in outcome}
-            done_before += len(stage) - len(stage_todo)
-            total += len(stage)
-            todo = todo + stage_todo
+            run_stage(stage, stage_todo, f"X-LoRA stage: {len(stage)} runs")
         elif "xlora" in preset and jobs.stop_signal is None:
             print("the X-LoRA stage needs every expert run finished: fix or finish them and re-run", flush=True)
     finally:
