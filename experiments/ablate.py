@@ -54,7 +54,8 @@ from train.cli import ArgumentParser, render_argv
 from train.commands import exit_status
 from train.index import update_index
 from train.lifecycle import EXIT_STATUS
-from train.run import folder_state, legacy_folders, lock_holder, migrate_legacy, run_folder
+from train.run import legacy_folders, lock_holder, migrate_legacy, run_folder
+from train.runs import folder_state
 from train.tasks import TASKS, labelled_tasks
 
 REPO = Path(__file__).resolve().parents[1]

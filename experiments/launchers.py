@@ -40,7 +40,7 @@ import submitit
 
 from experiments.inputs import InputError
 from train.lifecycle import EXIT_STATUS
-from train.run import folder_state
+from train.runs import folder_state
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,10 +11,10 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:  # torch loads only where tensors are written: reading run folders stays light
+    import torch
 
 
 def _umask() -> int:
@@ -81,5 +81,7 @@ def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
     tensors = unshared({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata or {"format": "pt"}))

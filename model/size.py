@@ -16,6 +16,7 @@ refused in one line instead of allocating until the machine runs out of memory.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -69,10 +70,19 @@ def _count(config: Any) -> tuple[int, int]:
     return counts["total"], counts["trainable"]
 
 
+_ESTIMATES: dict[str, Estimate] = {}  # by the config's JSON: a grid plans each model once per task and seed
+
+
 def estimate(config: Any) -> Estimate:
     """Total and trainable parameters of `config` with its variants (task heads excluded); with a
     quantised base, its block weights at their quantised size."""
-    found = _estimate(config.replace(quantize=None) if config.quantize is not None else config)
+    unquantized = config.replace(quantize=None) if config.quantize is not None else config
+    key = json.dumps(unquantized.to_dict(), sort_keys=True, default=repr)
+    if key not in _ESTIMATES:
+        if len(_ESTIMATES) >= 1024:
+            _ESTIMATES.clear()
+        _ESTIMATES[key] = _estimate(unquantized)
+    found = _ESTIMATES[key]
     if config.quantize is None:
         return found
     return Estimate(found.total, found.trainable, block_linear_weights(config), QUANTIZED_BYTES[config.quantize])

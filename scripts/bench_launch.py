@@ -20,7 +20,7 @@ from pathlib import Path
 
 from experiments import ablate, launchers
 from train.commands import exit_status
-from train.run import folder_state
+from train.runs import folder_state
 
 REPO = Path(__file__).resolve().parents[1]
 

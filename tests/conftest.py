@@ -11,13 +11,18 @@ import functools
 import http.server
 import json
 import os
+import signal
 import socket
+import subprocess
 import threading
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
-import transformers
+
+if TYPE_CHECKING:
+    import transformers
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SHARED_DIR", REPO.parent / "shared"))
@@ -28,12 +33,8 @@ PLUGINS = REPO / "tests" / "plugins"
 # GPT2_TEST_DEVICE=cuda runs the parity tests and every CLI training/evaluation test on that device
 # (default cpu, so a GPU box does not silently switch the suite to CUDA and bf16).
 TEST_DEVICE = os.environ.get("GPT2_TEST_DEVICE", "cpu")
-if TEST_DEVICE.startswith("cuda") and not torch.cuda.is_available():
-    raise pytest.UsageError(
-        f"GPT2_TEST_DEVICE={TEST_DEVICE}, but CUDA is not available on this machine"
-    )  # sitecustomize.py: test-only steering of training subprocesses
-
-transformers.logging.set_verbosity_error()
+# torch and transformers are imported where used, not here: pytest-xdist's controller loads this file and
+# runs no test, and the seconds of imports would delay the fork server's start and the workers'
 
 
 def _start_fork_server() -> None:
@@ -76,8 +77,23 @@ def _start_fork_server() -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if TEST_DEVICE.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise pytest.UsageError(f"GPT2_TEST_DEVICE={TEST_DEVICE}, but CUDA is not available on this machine")
     if "not slow" not in (config.option.markexpr or ""):  # the fast tier starts no training processes
         _start_fork_server()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Runs where tests run (pytest-xdist's workers collect; its controller does not). The end-to-end
+    tests go first, so the two workers share them and the quick tests fill the end of the run instead
+    of a long test starting last while the other worker idles. The order within each kind is kept."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def run_paths(model, tokenizer_dir, out_dir=None) -> list[str]:
@@ -89,6 +105,8 @@ def run_paths(model, tokenizer_dir, out_dir=None) -> list[str]:
 
 def perturb_adapters(model, scale: float = 0.05, seed: int = 1):
     """Move every adapter parameter away from its init (seeded), so parity checks are not at identity."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -109,10 +127,20 @@ def plugin_env(**variables: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(PLUGINS), *paths]), **variables}
 
 
-def on_its_own(env: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a process a test SIGKILLs and then relies on being gone: it runs on its own, not
-    through the test fork server, whose worker would outlive the killed process by a moment."""
-    return {**(env if env is not None else os.environ), "GPT2_TEST_ZYGOTE": "off"}
+def kill_and_wait(process: subprocess.Popen, *, group: bool = False) -> int:
+    """SIGKILL a process the test started (its whole process group with `group`) and wait until it is
+    gone, together with the test fork server's worker that ran its command: the server kills a worker
+    whose client died a moment later, not at once (tests/plugins/zygote.py). Returns its exit status."""
+    (os.killpg if group else os.kill)(process.pid, signal.SIGKILL)
+    code = process.wait(timeout=60)
+    server = os.environ.get("GPT2_TEST_ZYGOTE")
+    if server and server != "off":
+        marker = Path(server).parent / "running" / str(process.pid)
+        deadline = time.monotonic() + 60
+        while marker.exists():
+            assert time.monotonic() < deadline, f"the fork server's worker for pid {process.pid} outlived it"
+            time.sleep(0.01)
+    return code
 
 
 def free_port() -> int:
@@ -148,6 +176,9 @@ def write_grid_preset(path: Path, tokenizer_dir: Path, name: str, **common) -> P
 
 
 def make_hf_checkpoint(directory: Path, seed: int = 0, **config) -> transformers.GPT2LMHeadModel:
+    import torch
+    import transformers
+
     torch.manual_seed(seed)
     hf_config = transformers.GPT2Config(**config)
     model = transformers.GPT2LMHeadModel(hf_config).eval()

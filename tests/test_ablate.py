@@ -4,7 +4,6 @@ missing run, the report's numbers equal the run folders', noise is not marked, a
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from tests.conftest import REPO, on_its_own, plugin_env, write_grid_preset
+from tests.conftest import REPO, kill_and_wait, plugin_env, write_grid_preset
 
 PRESETS = REPO / "experiments" / "presets"
 
@@ -37,16 +36,15 @@ def test_grid_resumes_after_kill_and_report_matches(tmp_path, tokenizer_dir):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
-        env=on_its_own(plugin_env(GPT2_TEST_STEP_SLEEP="0.5")),
+        env=plugin_env(GPT2_TEST_STEP_SLEEP="0.5"),
     )
     deadline = time.time() + 180
     while time.time() < deadline:
         runs_tsv = grid / "runs.tsv"
         if runs_tsv.is_file() and len(runs_tsv.read_text().splitlines()) >= 2:  # first run finished
-            os.killpg(proc.pid, signal.SIGKILL)
+            assert kill_and_wait(proc, group=True) == -signal.SIGKILL
             break
         time.sleep(0.05)
-    proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert len((grid / "runs.tsv").read_text().splitlines()) == 2
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

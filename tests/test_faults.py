@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 
 from experiments import report
-from tests.conftest import DATA_DIR, REPO, on_its_own, run_paths
+from tests.conftest import DATA_DIR, REPO, kill_and_wait, run_paths
 from train import checkpoint as ckpt
 from train import sentiment
 
@@ -102,15 +102,12 @@ def test_sigkill_between_metrics_json_and_the_row(tiny_ckpt, tokenizer_dir, tmp_
     lock = open(grid / "runs.tsv.lock", "w")
     fcntl.flock(lock, fcntl.LOCK_EX)
     argv = sst_argv(tiny_ckpt[0], tokenizer_dir, grid, "--max_steps", "2")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "train.sentiment", *argv], cwd=REPO, stderr=subprocess.PIPE, env=on_its_own()
-    )
+    process = subprocess.Popen([sys.executable, "-m", "train.sentiment", *argv], cwd=REPO, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while not list(grid.glob("*/metrics.json")):
         assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()
         time.sleep(0.05)
-    process.kill()
-    process.wait()
+    kill_and_wait(process)
     lock.close()
     assert not (grid / "runs.tsv").exists() or len(rows(grid)) == 0
     done = subprocess.run(
@@ -140,13 +137,13 @@ def test_sigkills_at_random_moments_then_resume_match_the_uninterrupted_run(tiny
     for seed in (0, 1):
         out = tmp_path / f"killed-{seed}"
         argv = sst_argv(tiny_ckpt[0], tokenizer_dir, out, "--save_every", "1")
-        process = _train(argv, env=on_its_own())
+        process = _train(argv)
         deadline = time.monotonic() + 240
         while not list(out.glob("*/config.json")) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(random.Random(seed).uniform(0.0, 2.0))  # the tiny run takes ~2-3 s from here
-        process.kill()
-        assert b"Traceback" not in process.communicate()[1]
+        kill_and_wait(process)
+        assert b"Traceback" not in process.stderr.read()
         resumed = _train([*argv, "--resume"] if any(out.iterdir()) else argv)
         assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
         (run,) = [p for p in out.iterdir() if p.is_dir()]

@@ -9,10 +9,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, plugin_env
+from tests.conftest import REPO, kill_and_wait, plugin_env
 
 PROBE = [sys.executable, "-m", "plugins.probe"]  # run from tests/
 pytestmark = pytest.mark.slow  # the server serves the end-to-end tests; the fast tier does not start it
@@ -55,6 +56,11 @@ def test_signals_reach_the_worker_and_sigkill_takes_it_down(server_ready):
         assert "torch_preloaded=True" in line, line
         worker = int(line.split("pid=")[1].split()[0])
         assert worker != client.pid
+        assert (Path(server_ready).parent / "running" / str(client.pid)).exists()  # what kill_and_wait waits on
+        if signum == signal.SIGKILL:
+            assert kill_and_wait(client) == expected
+            assert not _alive(worker), "kill_and_wait returned while the worker still ran"
+            continue
         client.send_signal(signum)
         assert client.wait(timeout=30) == expected
         deadline = time.monotonic() + 10

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import DATA_DIR, REPO, free_port, on_its_own, plugin_env, run_paths
+from tests.conftest import DATA_DIR, REPO, free_port, kill_and_wait, plugin_env, run_paths
 from train import multitask, paraphrase, sentiment, sonnet
 from train.predictions import read_classification, read_sonnets
 
@@ -197,21 +197,20 @@ def test_kill_and_resume_matches_uninterrupted(tiny_ckpt, tokenizer_dir, tmp_pat
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=on_its_own(plugin_env(OMP_NUM_THREADS="1", GPT2_TEST_STEP_SLEEP="0.2")),
+        env=plugin_env(OMP_NUM_THREADS="1", GPT2_TEST_STEP_SLEEP="0.2"),
     )
     deadline = time.time() + 120
-    killed_at = 0
+    killed_at, code = 0, None
     while time.time() < deadline:
         logs = list(killed_dir.glob("*/log.jsonl"))
         if logs:
             steps = [json.loads(line)["step"] for line in logs[0].read_text().splitlines() if line.strip()]
             if steps and max(steps) >= 5:  # mid-epoch 1 (12 steps per epoch)
-                proc.send_signal(signal.SIGKILL)
+                code = kill_and_wait(proc)
                 killed_at = max(steps)
                 break
         time.sleep(0.02)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL and killed_at >= 5
+    assert code == -signal.SIGKILL and killed_at >= 5
     run_dir = only_run(killed_dir)
     pointer = json.loads((run_dir / "checkpoints" / "last.json").read_text())
     assert pointer["step"] < 12 and killed_at - pointer["step"] <= 2  # at most save_every steps are redone

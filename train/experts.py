@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from train import checkpoint as ckpt
-from train.run import folder_state, read_record
+from train.run import read_record
+from train.runs import folder_state
 
 
 def is_run_folder(path: Path) -> bool:

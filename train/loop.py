@@ -43,14 +43,13 @@ from train.run import (
     check_run_folder,
     diverged_note,
     finish_run,
-    folder_state,
     new_wandb_id,
     owned,
     read_metrics,
     run_folder,
     sync_index,
 )
-from train.runs import RunLogger, git_commit, truncate_log
+from train.runs import RunLogger, folder_state, git_commit, truncate_log
 from train.runtime import autocast_for, resolve_precision
 from train.settings import MultitaskSettings, TrainingSettings
 from train.spec import RunSpec, identity_schema, variant_tag

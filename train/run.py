@@ -56,16 +56,6 @@ class RunFolderError(ValueError):
     """A run folder that cannot be started or resumed as asked; the message says what to pass."""
 
 
-def folder_state(run_dir: Path) -> str:
-    if (run_dir / "metrics.json").is_file():
-        return "finished"
-    if (run_dir / "checkpoints" / "last.json").is_file():
-        return "interrupted"
-    if run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):  # the lock alone is no run
-        return "dead"
-    return "new"
-
-
 def logged_steps(run_dir: Path) -> int:
     """The last step log.jsonl reached (0 when none)."""
     return max((step for _, step in log_entries(run_dir / "log.jsonl")), default=0)

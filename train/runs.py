@@ -1,4 +1,6 @@
-"""The per-run log (`log.jsonl`) and its wandb mirror. The `runs.tsv` index is train/index.py's."""
+"""The per-run log (`log.jsonl`) and its wandb mirror, and a run folder's state as its files show it. The
+`runs.tsv` index is train/index.py's; the folder's lock and record are train/run.py's. Nothing here imports
+torch, so a launcher's job process that only watches folders stays light."""
 
 from __future__ import annotations
 
@@ -14,6 +16,17 @@ from typing import Any
 from model.files import atomic_write_text
 
 log = logging.getLogger(__name__)
+
+
+def folder_state(run_dir: Path) -> str:
+    """new, dead (files but no checkpoint), interrupted (a checkpoint to resume) or finished (metrics.json)."""
+    if (run_dir / "metrics.json").is_file():
+        return "finished"
+    if (run_dir / "checkpoints" / "last.json").is_file():
+        return "interrupted"
+    if run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):  # the lock alone is no run
+        return "dead"
+    return "new"
 
 
 def git_commit() -> str:

@@ -52,7 +52,8 @@ from train.cli import build_parser, check_inputs, config_fields
 from train.commands import exit_status
 from train.evaluate import copy_run_weights
 from train.lifecycle import StopSignals
-from train.run import folder_state, legacy_spec, migrate_legacy, read_record, run_folder
+from train.run import legacy_spec, migrate_legacy, read_record, run_folder
+from train.runs import folder_state
 from train.settings import OutputSettings, RuntimeSettings, TrainingSettings, given
 from train.spec import Checkpoint, RunSpec
 from train.tasks import TASKS, get_task, labelled_tasks, settings_classes, task_index

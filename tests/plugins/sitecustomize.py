@@ -1,7 +1,8 @@
 """Test-only plugin, loaded by Python at start-up when tests put this folder on PYTHONPATH.
 
 It lets tests steer training processes they start as subprocesses (torchrun ranks, ablation jobs)
-without test hooks in the production code, by wrapping the optimizer step:
+without test hooks in the production code, by wrapping the optimizer step in the project's commands
+(`python -m train...` / `python -m experiments...`; other Python processes are left as they are):
 * GPT2_TEST_STEP_SLEEP=S   sleep S seconds after every optimizer step (so a test can kill mid-epoch);
 * GPT2_TEST_DUMP_GRADS=F   before the first optimizer step, write every parameter's gradient to the
                            safetensors file F (rank 0 only), keyed by param-group and position;
@@ -20,7 +21,9 @@ import sys
 _KEYS = ("GPT2_TEST_STEP_SLEEP", "GPT2_TEST_DUMP_GRADS", "GPT2_TEST_RNG_LOG", "GPT2_TEST_SIGTERM_AT")
 # the packages whose `python -m` commands the fork server runs, and the folder whose scripts it runs
 # (`python scripts/X.py`); submitit's job processes run on their own (its local executor watches them)
+# and without the hooks (they only wait for the run's process, which has them)
 _ROUTED = ("train", "experiments")
+_ROUTED_MODULES = ("torch.distributed.run",)  # torchrun's launcher (its ranks are `python -m train...`)
 _PROBE = "plugins.probe"  # tests/test_fork_server.py's own command (run from tests/)
 _SCRIPTS = os.path.realpath(os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
 
@@ -64,9 +67,26 @@ def install_test_hooks() -> None:
     torch.optim.AdamW.step = _step
 
 
-def _run_through_zygote() -> None:
-    """Hand this `python -m <train|experiments>...` process's command to the fork server and exit as its
-    worker exits; returns (the process then runs normally) when there is no server or it declines."""
+def _project_command() -> tuple[dict, list[str], list[str]] | None:
+    """(target, arguments, interpreter options) when this process runs one of the project's commands
+    (`python [-u] [-B] -m train...|experiments...`, torchrun's launcher, the fork server's probe, or
+    `python scripts/X.py`); None for any other Python process (submitit's job and controller processes,
+    multiprocessing's children, ...), which neither goes to the fork server nor gets the hooks."""
+    options = []
+    rest = sys.orig_argv[1:]
+    while rest and rest[0] in ("-u", "-B"):  # interpreter options the worker can honour
+        options.append(rest.pop(0))
+    routed = len(rest) >= 2 and (rest[1].split(".")[0] in _ROUTED or rest[1] in (_PROBE, *_ROUTED_MODULES))
+    if rest[:1] == ["-m"] and routed:
+        return {"module": rest[1]}, rest[2:], options
+    if rest and rest[0].endswith(".py") and os.path.dirname(os.path.realpath(rest[0])) == _SCRIPTS:
+        return {"script": os.path.realpath(rest[0])}, rest[1:], options
+    return None
+
+
+def _run_through_zygote(target: dict, args: list[str], options: list[str]) -> None:
+    """Hand this process's command to the fork server and exit as its worker exits; returns (the
+    process then runs normally) when there is no server or it declines."""
     import json
     import signal
     import socket
@@ -76,16 +96,6 @@ def _run_through_zygote() -> None:
     if not path or not os.path.isdir(os.path.dirname(path)):
         return
     argv = sys.orig_argv
-    options = []
-    rest = argv[1:]
-    while rest and rest[0] in ("-u", "-B"):  # interpreter options the worker can honour
-        options.append(rest.pop(0))
-    if len(rest) >= 2 and rest[0] == "-m" and (rest[1].split(".")[0] in _ROUTED or rest[1] == _PROBE):
-        target, args = {"module": rest[1]}, rest[2:]
-    elif rest and rest[0].endswith(".py") and os.path.dirname(os.path.realpath(rest[0])) == _SCRIPTS:
-        target, args = {"script": os.path.realpath(rest[0])}, rest[1:]
-    else:
-        return
     request = {
         "executable": sys.executable,
         **target,
@@ -159,5 +169,7 @@ def _message(conn) -> tuple[bytes, int]:
     return data[:1], struct.unpack("!i", data[1:])[0]
 
 
-_run_through_zygote()
-install_test_hooks()
+_COMMAND = _project_command()
+if _COMMAND is not None:
+    _run_through_zygote(*_COMMAND)
+    install_test_hooks()  # only commands train; a hook imports torch, which other processes would pay for

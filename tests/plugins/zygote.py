@@ -12,8 +12,10 @@ a worker that takes those descriptors, that directory and that environment and r
 `python -m` would; the client forwards the signals it receives to the worker and exits as the worker
 exits (with its code, or killed by its signal). A client that dies (SIGKILL) takes its worker with
 it: the server kills the worker as soon as the client's end of the socket closes, which is a moment
-after the client is gone, not at once (tests that need that start the process on its own:
-tests.conftest.on_its_own).
+after the client is gone, not at once. While a client's worker runs, the file `running/<client pid>`
+exists beside the socket (written before the fork, removed once the worker is reaped): a test that
+SIGKILLs a process waits for it to go (tests.conftest.kill_and_wait) before relying on the run being
+over.
 
 A command whose import-time environment (HF_*, TRANSFORMERS_*, PYTHON*, OMP_*, ...) differs from the
 server's runs as a normal process (the server answers "fallback"), and so does everything when
@@ -22,6 +24,7 @@ GPT2_TEST_ZYGOTE is unset. Nothing here is used outside the tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -191,9 +194,11 @@ def serve(path: str) -> None:
     workers: dict[socket.socket, int] = {}  # client connection -> its worker's pid
     by_pid: dict[int, socket.socket] = {}
     parent = os.getppid()
+    running = os.path.join(os.path.dirname(path), "running")
+    os.makedirs(running, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # pytest's end: take the workers down (finally)
     try:
-        loop(listener, workers, by_pid, parent, expected, added)
+        loop(listener, workers, by_pid, parent, expected, added, running)
     finally:
         for pid in by_pid:
             try:
@@ -202,7 +207,8 @@ def serve(path: str) -> None:
                 pass
 
 
-def loop(listener, workers: dict, by_pid: dict, parent: int, expected: dict, added: dict) -> None:
+def loop(listener, workers: dict, by_pid: dict, parent: int, expected: dict, added: dict, running: str) -> None:
+    markers: dict[int, str] = {}  # worker pid -> its client's file in `running`
     while os.getppid() == parent:  # the pytest process that started us is alive
         readable, _, _ = select.select([listener, *workers], [], [], 0.05)
         for conn in [c for c in readable if c is not listener]:  # a client closed: it died
@@ -222,6 +228,8 @@ def loop(listener, workers: dict, by_pid: dict, parent: int, expected: dict, add
                 break
             if pid == 0:
                 break
+            with contextlib.suppress(KeyError, FileNotFoundError):
+                os.unlink(markers.pop(pid))
             conn = by_pid.pop(pid, None)
             if conn is not None and conn in workers:
                 send(conn, b"E", status)
@@ -249,6 +257,9 @@ def loop(listener, workers: dict, by_pid: dict, parent: int, expected: dict, add
                 for fd in fds:
                     os.close(fd)
                 continue
+            client_pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+            marker = os.path.join(running, str(client_pid))
+            open(marker, "w").close()  # before the fork: a test that sees its client gone waits for this
             sys.stdout.flush()
             sys.stderr.flush()
             pid = os.fork()
@@ -262,6 +273,7 @@ def loop(listener, workers: dict, by_pid: dict, parent: int, expected: dict, add
                 os.close(fd)
             workers[conn] = pid
             by_pid[pid] = conn
+            markers[pid] = marker
             send(conn, b"P", pid)
 
 
