@@ -511,6 +511,10 @@ def test_the_stack_formula_matches_a_built_model():
     counts = set_trainable(built)
     found = estimate(config)  # built at depth 1 and 2, extrapolated to 3
     assert (found.total, found.trainable) == (counts["total"], counts["trainable"])
+    # estimates are cached by the whole config: one knob apart is another entry, the same config the same
+    wider = estimate(config.replace(lora_r=8))
+    assert wider.total > found.total and wider.trainable > found.trainable
+    assert estimate(GPT2Config.from_preset("gpt2", n_layer=3, use_lora=True, lora_r=4)) == found
 
 
 def test_a_peft_config_that_is_a_json_list_is_named_as_json(tiny_ckpt, tokenizer_dir, tmp_path, capsys):

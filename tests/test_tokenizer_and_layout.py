@@ -91,6 +91,20 @@ def test_layering_the_loop_knows_neither_the_command_line_nor_the_variants_and_n
         assert "sys.path.insert" not in path.read_text(), path
 
 
+def test_a_launchers_job_process_and_the_run_folder_readers_do_not_import_torch():
+    """A submitit job (experiments.launchers.GridJob, unpickled in its own process) only starts the run's
+    command and watches its folder: it must not pay torch's import (seconds, and memory on the node)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, experiments.launchers, train.runs, train.lifecycle, model.files, model\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'model.gpt2') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+
+
 def test_the_project_is_installed_and_its_commands_run_from_any_directory(tmp_path):
     import subprocess
     import sys
