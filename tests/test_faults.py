@@ -202,6 +202,26 @@ def test_a_row_that_disagrees_with_its_folder_is_refreshed_from_the_folder(finis
     assert fixed["best_value"] == str(json.loads((run / "metrics.json").read_text())["best_value"])
 
 
+def test_syncing_a_grid_whose_rows_are_current_builds_no_row(finished, tmp_path, monkeypatch):
+    """Every run's finish syncs its whole grid folder: a folder whose row is current is recognised from
+    its files, without building its row (and its model config) again; a stale one is rebuilt."""
+    from train import index
+
+    grid, run = copy_grid(finished, tmp_path)
+    built = []
+    real = index.runs_row
+    monkeypatch.setattr(index, "runs_row", lambda *args: built.append(args[0]) or real(*args))
+    index.update_index(grid)
+    assert built == [run]  # copied: its row named the folder it was made in
+    built.clear()
+    index.update_index(grid)
+    assert built == []
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "steps": metrics["steps"] + 1}))  # extended since
+    index.update_index(grid)
+    assert built == [run] and rows(grid)[0]["steps"] == str(metrics["steps"] + 1)
+
+
 def test_finishing_a_run_into_a_damaged_index_never_writes_an_empty_row(finished, tiny_ckpt, tokenizer_dir, tmp_path):
     grid, run = copy_grid(finished, tmp_path)
     (grid / "runs.tsv").write_text("garbage\n")

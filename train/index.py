@@ -122,8 +122,8 @@ def runs_row(run_dir: Path, record: dict[str, Any], metrics: dict[str, Any]) -> 
     }
 
 
-def row_from_folder(run_dir: Path) -> dict[str, Any]:
-    """The row of a finished run folder; ValueError (naming the file) when its record cannot give one."""
+def _read_finished(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A finished folder's config.json and metrics.json; ValueError naming the file that cannot be read."""
     values = []
     for name in ("config.json", "metrics.json"):
         path = run_dir / name
@@ -134,10 +134,35 @@ def row_from_folder(run_dir: Path) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise ValueError(f"{path} is not a JSON object")
         values.append(value)
+    return values[0], values[1]
+
+
+def _lacks(run_dir: Path, error: Exception) -> ValueError:
+    return ValueError(f"{run_dir}: its config.json or metrics.json lacks {error}")
+
+
+def row_from_folder(run_dir: Path) -> dict[str, Any]:
+    """The row of a finished run folder; ValueError (naming the file) when its record cannot give one."""
+    record, metrics = _read_finished(run_dir)
     try:
-        return runs_row(run_dir, *values)
+        return runs_row(run_dir, record, metrics)
     except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{run_dir}: its config.json or metrics.json lacks {error}") from None
+        raise _lacks(run_dir, error) from None
+
+
+def _row_key(run_dir: Path, record: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """The fields that find a folder's row and say whether it is current (`same_run`, `_agrees`): read
+    from the record without building its config, as a sync over a whole grid does for every folder."""
+    try:
+        return {
+            "task": record["task"],
+            "config_hash": record["config_hash"],
+            "seed": record["training"]["seed"],
+            "run_dir": str(run_dir),
+            **{k: metrics[k] for k in ("best_value", "steps", "best_step")},
+        }
+    except (KeyError, TypeError) as error:
+        raise _lacks(run_dir, error) from None
 
 
 def finished_folders(out_dir: Path) -> list[Path]:
@@ -221,12 +246,17 @@ def _add_missing(out_dir: Path, rows: list[dict[str, Any]]) -> int:
     changed = 0
     for folder in finished_folders(out_dir):
         try:
-            row = row_from_folder(folder)
+            record, metrics = _read_finished(folder)
+            key = _row_key(folder, record, metrics)
+            mine = [i for i, fields in enumerate(rows) if same_run(fields, key)]
+            if len(mine) == 1 and _agrees(rows[mine[0]], key):
+                continue  # current: the common case, decided without building the row
+            try:
+                row = runs_row(folder, record, metrics)
+            except (KeyError, TypeError, ValueError) as error:
+                raise _lacks(folder, error) from None
         except ValueError as error:
             print(f"warning: {error}; {folder.name} is left out of {INDEX_NAME}", file=sys.stderr)
-            continue
-        mine = [i for i, fields in enumerate(rows) if same_run(fields, row)]
-        if len(mine) == 1 and _agrees(rows[mine[0]], row):
             continue
         for i in reversed(mine):
             del rows[i]
