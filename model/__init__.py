@@ -39,6 +39,10 @@ if TYPE_CHECKING:
     from model.tokenizer import TokenizerNotFound, load_tokenizer
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})
+
+
 def __getattr__(name: str) -> Any:
     if name not in _WHERE:
         raise AttributeError(f"module 'model' has no attribute {name!r}")

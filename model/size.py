@@ -78,11 +78,11 @@ def estimate(config: Any) -> Estimate:
     quantised base, its block weights at their quantised size."""
     unquantized = config.replace(quantize=None) if config.quantize is not None else config
     key = json.dumps(unquantized.to_dict(), sort_keys=True, default=repr)
-    if key not in _ESTIMATES:
+    found = _ESTIMATES.get(key)
+    if found is None:
         if len(_ESTIMATES) >= 1024:
             _ESTIMATES.clear()
-        _ESTIMATES[key] = _estimate(unquantized)
-    found = _ESTIMATES[key]
+        found = _ESTIMATES[key] = _estimate(unquantized)
     if config.quantize is None:
         return found
     return Estimate(found.total, found.trainable, block_linear_weights(config), QUANTIZED_BYTES[config.quantize])

@@ -131,7 +131,11 @@ def kill_and_wait(process: subprocess.Popen, *, group: bool = False) -> int:
     """SIGKILL a process the test started (its whole process group with `group`) and wait until it is
     gone, together with the test fork server's worker that ran its command: the server kills a worker
     whose client died a moment later, not at once (tests/plugins/zygote.py). Returns its exit status."""
-    (os.killpg if group else os.kill)(process.pid, signal.SIGKILL)
+    if process.poll() is None:  # never signal a pid that was reaped already (it may be another process's)
+        if group:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.kill()
     code = process.wait(timeout=60)
     server = os.environ.get("GPT2_TEST_ZYGOTE")
     if server and server != "off":

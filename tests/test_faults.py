@@ -534,7 +534,18 @@ def test_the_stack_formula_matches_a_built_model():
     # estimates are cached by the whole config: one knob apart is another entry, the same config the same
     wider = estimate(config.replace(lora_r=8))
     assert wider.total > found.total and wider.trainable > found.trainable
-    assert estimate(GPT2Config.from_preset("gpt2", n_layer=3, use_lora=True, lora_r=4)) == found
+    from model import size
+
+    builds = []
+    real_count = size._count
+    size._count = lambda c: builds.append(c.n_layer) or real_count(c)
+    try:
+        assert estimate(GPT2Config.from_preset("gpt2", n_layer=3, use_lora=True, lora_r=4)) == found
+        assert builds == []  # the same config again: nothing built
+        estimate(config.replace(lora_r=5))
+        assert builds == [1, 2]  # a new one: built at depth 1 and 2
+    finally:
+        size._count = real_count
 
 
 def test_a_peft_config_that_is_a_json_list_is_named_as_json(tiny_ckpt, tokenizer_dir, tmp_path, capsys):

@@ -220,18 +220,20 @@ def test_two_processes_on_one_run_folder_the_second_exits_2_and_the_first_log_is
 ):
     argv = [
         sys.executable, "-m", "train", "--task", "sst", "--model", str(tiny_ckpt[0]), "--tokenizer",
-        str(tokenizer_dir), "--out_dir", str(tmp_path), "--wandb", "disabled", "--train_limit", "240",
+        str(tokenizer_dir), "--out_dir", str(tmp_path), "--wandb", "disabled", "--train_limit", "24",
         "--dev_limit", "8", "--test_limit", "2", "--batch_size", "2", "--epochs", "1", "--use_lora",
     ]  # fmt: skip
-    # 0.1 s a step (120 steps): the first run is still going while the second starts and is refused (a second
-    # process on its own, GPT2_TEST_ZYGOTE=off, takes seconds to get there)
+    # the first run waits after each of its 12 steps while `gate` exists: it is still going while the second
+    # starts and is refused, however long that takes (seconds for a process on its own, GPT2_TEST_ZYGOTE=off)
+    gate = tmp_path / "gate"
+    gate.touch()
     first = subprocess.Popen(
         argv,
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=plugin_env(GPT2_TEST_STEP_SLEEP="0.1"),
+        env=plugin_env(GPT2_TEST_STEP_GATE=str(gate)),
     )
     deadline = time.monotonic() + 60
     run_dir = None
@@ -248,11 +250,13 @@ def test_two_processes_on_one_run_folder_the_second_exits_2_and_the_first_log_is
     second = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert second.returncode == 2
     assert f"being written by process {holder}" in second.stderr and "Traceback" not in second.stderr
+    assert first.poll() is None and not (run_dir / "metrics.json").exists()  # refused while the first ran
+    gate.unlink()
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     entries = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     steps = [e["step"] for e in entries if "train/loss" in e]
-    assert steps == list(range(1, 121))  # one writer: every step once, in order
+    assert steps == list(range(1, 13))  # one writer: every step once, in order
     rows = (tmp_path / "runs.tsv").read_text().splitlines()
     assert len(rows) == 2
 

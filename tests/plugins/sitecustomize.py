@@ -2,8 +2,11 @@
 
 It lets tests steer training processes they start as subprocesses (torchrun ranks, ablation jobs)
 without test hooks in the production code, by wrapping the optimizer step in the project's commands
-(`python -m train...` / `python -m experiments...`; other Python processes are left as they are):
+(`python -m train...` / `python -m experiments...`, torchrun's launcher, `python scripts/X.py`; other
+Python processes, such as submitit's, are left as they are):
 * GPT2_TEST_STEP_SLEEP=S   sleep S seconds after every optimizer step (so a test can kill mid-epoch);
+* GPT2_TEST_STEP_GATE=F    after every optimizer step, wait while the file F exists (a test holds the run
+                           mid-epoch for as long as it needs, then deletes F);
 * GPT2_TEST_DUMP_GRADS=F   before the first optimizer step, write every parameter's gradient to the
                            safetensors file F (rank 0 only), keyed by param-group and position;
 * GPT2_TEST_RNG_LOG=D      after every optimizer step, append a fingerprint of this process's torch RNG
@@ -18,7 +21,8 @@ worker forked from the server (imports done) and mirrors it: signals forwarded, 
 import os
 import sys
 
-_KEYS = ("GPT2_TEST_STEP_SLEEP", "GPT2_TEST_DUMP_GRADS", "GPT2_TEST_RNG_LOG", "GPT2_TEST_SIGTERM_AT")
+_KEYS = ("GPT2_TEST_STEP_SLEEP", "GPT2_TEST_STEP_GATE", "GPT2_TEST_DUMP_GRADS", "GPT2_TEST_RNG_LOG")
+_KEYS += ("GPT2_TEST_SIGTERM_AT",)
 # the packages whose `python -m` commands the fork server runs, and the folder whose scripts it runs
 # (`python scripts/X.py`); submitit's job processes run on their own (its local executor watches them)
 # and without the hooks (they only wait for the run's process, which has them)
@@ -62,6 +66,9 @@ def install_test_hooks() -> None:
         if os.environ.get("GPT2_TEST_SIGTERM_AT") == str(_state["steps"]) and rank == "0":
             os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(float(os.environ.get("GPT2_TEST_STEP_SLEEP", "0") or 0))
+        gate = os.environ.get("GPT2_TEST_STEP_GATE")
+        while gate and os.path.exists(gate):
+            time.sleep(0.02)
         return result
 
     torch.optim.AdamW.step = _step

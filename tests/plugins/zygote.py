@@ -2,7 +2,7 @@
 ~10 s of imports each (torch, torch._dynamo, transformers, peft, wandb, the tokenizer) that dominate a
 tiny run.
 
-    python tests/plugins/zygote.py SOCKET        (started once per pytest worker by tests/conftest.py)
+    python tests/plugins/zygote.py SOCKET        (started once per pytest session by tests/conftest.py)
 
 It imports everything a run imports, then listens on the Unix socket SOCKET. A client is an ordinary
 `python -m train ...` / `python -m experiments.<...> ...` process started by a test, by ablate or by
@@ -208,8 +208,19 @@ def serve(path: str) -> None:
                 pass
 
 
+def _closed(conn: socket.socket) -> bool:
+    """Whether the client's end of the connection is closed (it died), without consuming anything."""
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 def loop(listener, workers: dict, by_pid: dict, parent: int, expected: dict, added: dict, running: str) -> None:
     markers: dict[int, str] = {}  # worker pid -> its client's file in `running`
+    owners: dict[str, int] = {}  # that file -> the worker it stands for now
     while os.getppid() == parent:  # the pytest process that started us is alive
         readable, _, _ = select.select([listener, *workers], [], [], 0.05)
         for conn in [c for c in readable if c is not listener]:  # a client closed: it died
@@ -229,8 +240,11 @@ def loop(listener, workers: dict, by_pid: dict, parent: int, expected: dict, add
                 break
             if pid == 0:
                 break
-            with contextlib.suppress(KeyError, FileNotFoundError):
-                os.unlink(markers.pop(pid))
+            marker = markers.pop(pid, None)
+            if marker is not None and owners.get(marker) == pid:  # a reused client pid's marker is not ours
+                del owners[marker]
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(marker)
             conn = by_pid.pop(pid, None)
             if conn is not None and conn in workers:
                 send(conn, b"E", status)
@@ -261,9 +275,19 @@ def loop(listener, workers: dict, by_pid: dict, parent: int, expected: dict, add
             client_pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
             marker = os.path.join(running, str(client_pid))
             open(marker, "w").close()  # before the fork: a test that sees its client gone waits for this
+            if _closed(conn):  # the client died before its marker existed: nobody waits for a worker
+                os.unlink(marker)
+                conn.close()
+                for fd in fds:
+                    os.close(fd)
+                continue
             sys.stdout.flush()
             sys.stderr.flush()
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError:
+                os.unlink(marker)
+                raise
             if pid == 0:
                 listener.close()
                 for other in workers:
@@ -275,6 +299,7 @@ def loop(listener, workers: dict, by_pid: dict, parent: int, expected: dict, add
             workers[conn] = pid
             by_pid[pid] = conn
             markers[pid] = marker
+            owners[marker] = pid
             send(conn, b"P", pid)
 
 
