@@ -275,14 +275,28 @@ def check_peft(config: Any) -> None:
     # spectrum indices per layer: seconds at gpt2 size).
     picks_blocks = any(getattr(peft_config, key, None) is not None for key in ("layers_to_transform", "layers_pattern"))
     depth = config.n_layer if picks_blocks else 1
+    # Every GPT2Config built runs this check (a run builds several, a grid's plan several per run): the
+    # verdict depends only on the method's config and the skeleton's shape, so it is computed once.
+    key = json.dumps([peft_config.to_dict(), config.n_embd, config.n_inner, depth], sort_keys=True, default=repr)
+    if key not in _SIZE_VERDICTS:
+        _SIZE_VERDICTS[key] = _size_verdict(config, tuner_class, peft_config, depth)
+    if _SIZE_VERDICTS[key] is not None:
+        raise ValueError(f"peft {config.peft_method} on this {config.n_embd}-wide model: {_SIZE_VERDICTS[key]}")
+
+
+_SIZE_VERDICTS: dict[str, str | None] = {}  # check_peft's skeleton builds: None, or peft's message
+
+
+def _size_verdict(config: Any, tuner_class: type, peft_config: Any, depth: int) -> str | None:
     try:
         with warnings.catch_warnings(), no_weight_init():  # meta tensors: nothing to fill
             warnings.simplefilter("ignore")
             tuner_class(_skeleton(config, depth), peft_config, adapter_name=ADAPTER_NAME)
     except ValueError as error:  # peft's own message for a size that does not fit
-        raise ValueError(f"peft {config.peft_method} on this {config.n_embd}-wide model: {error}") from None
+        return str(error)
     except Exception:  # noqa: BLE001 - a method that reads weight values cannot run on meta; the real attach will
         pass
+    return None
 
 
 def check_xlora(config: Any, peft_config: Any) -> None:

@@ -43,15 +43,13 @@ def _start_fork_server() -> None:
     / `python -m experiments...` commands to a worker forked from the server once it has finished its
     imports. GPT2_TEST_ZYGOTE=off runs every process on its own."""
     import atexit
-    import subprocess
     import sys
     import tempfile
 
     given = os.environ.get("GPT2_TEST_ZYGOTE")
     if given == "off" or (given and os.path.isdir(os.path.dirname(given))):
         return  # off, or already started (by pytest-xdist's controller, or an earlier import of this file)
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(PLUGINS)]
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(PLUGINS), *paths])
+    os.environ["PYTHONPATH"] = plugin_env()["PYTHONPATH"]  # every process the tests start loads the client
     folder = tempfile.mkdtemp(prefix="gpt2-zygote-")
     os.environ["GPT2_TEST_ZYGOTE"] = os.path.join(folder, "socket")
     server = subprocess.Popen(

@@ -265,6 +265,28 @@ def test_sizes_peft_rejects_are_one_error_before_weights_load_and_gpt2_defaults_
         check_peft(GPT2Config.from_preset("tiny", peft_method=method, peft_config=sizes))
 
 
+def test_the_size_check_builds_each_method_once_and_refuses_every_time(monkeypatch):
+    """Every GPT2Config built runs check_peft; its skeleton build is done once per method config and
+    shape, and a size that does not fit is refused on every build, with peft's message."""
+    from experiments.methods import SMOKE_SIZES
+    from modules import peft_methods
+
+    method = sorted(SMOKE_SIZES)[0]
+    monkeypatch.setattr(peft_methods, "_SIZE_VERDICTS", {})
+    built = []
+    real = peft_methods._size_verdict
+    monkeypatch.setattr(peft_methods, "_size_verdict", lambda *args: built.append(args[3]) or real(*args))
+    messages = []
+    for _ in range(2):
+        with pytest.raises(ValueError, match=f"peft {method} on this 32-wide model") as refused:
+            GPT2Config.from_preset("tiny", peft_method=method)
+        messages.append(str(refused.value))
+    assert len(built) == 1 and messages[0] == messages[1]
+    GPT2Config.from_preset("tiny", peft_method=method, peft_config=SMOKE_SIZES[method])
+    GPT2Config.from_preset("tiny", peft_method=method, peft_config=SMOKE_SIZES[method])
+    assert len(built) == 2  # the resized config: one more build, then none
+
+
 @pytest.mark.slow
 def test_random_frozen_state_travels_in_checkpoints_to_evaluate(tiny_ckpt, tokenizer_dir, tmp_path):
     """VB-LoRA's frozen tensors are random draws: train.evaluate must use the run's, not new ones."""

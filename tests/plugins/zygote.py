@@ -208,6 +208,13 @@ def serve(path: str) -> None:
                 pass
 
 
+def _release(conn: socket.socket, fds: list[int]) -> None:
+    """Let go of a request that gets no worker: its connection and the client's stdin/stdout/stderr."""
+    conn.close()
+    for fd in fds:
+        os.close(fd)
+
+
 def _closed(conn: socket.socket) -> bool:
     """Whether the client's end of the connection is closed (it died), without consuming anything."""
     try:
@@ -266,20 +273,17 @@ def loop(listener, workers: dict, by_pid: dict, parent: int, expected: dict, add
             )
             if differ or request["executable"] != sys.executable or len(fds) != 3:
                 if os.environ.get("GPT2_TEST_ZYGOTE_DEBUG"):
-                    print(f"zygote: {request['module']} runs on its own (differs: {differ})", file=sys.stderr)
+                    command = request.get("module") or request.get("script")
+                    print(f"zygote: {command} runs on its own (differs: {differ})", file=sys.stderr)
                 send(conn, b"F")
-                conn.close()
-                for fd in fds:
-                    os.close(fd)
+                _release(conn, fds)
                 continue
             client_pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
             marker = os.path.join(running, str(client_pid))
             open(marker, "w").close()  # before the fork: a test that sees its client gone waits for this
             if _closed(conn):  # the client died before its marker existed: nobody waits for a worker
                 os.unlink(marker)
-                conn.close()
-                for fd in fds:
-                    os.close(fd)
+                _release(conn, fds)
                 continue
             sys.stdout.flush()
             sys.stderr.flush()
