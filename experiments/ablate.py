@@ -40,20 +40,21 @@ import threading
 import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from datasets.common import DataError, ensure_data
-from experiments import launchers
+from experiments import launchers, tuning
 from experiments.inputs import InputError, reported
 from model.loading import read_checkpoint_config
 from train import entry
 from train.cli import ArgumentParser, render_argv
 from train.commands import exit_status
 from train.index import update_index
-from train.lifecycle import EXIT_STATUS
+from train.lifecycle import EXIT_DIVERGED, EXIT_STATUS
 from train.run import legacy_folders, lock_holder, migrate_legacy, run_folder
 from train.runs import folder_state
 from train.tasks import TASKS, labelled_tasks
@@ -73,6 +74,7 @@ class PlannedRun:
     module: str
     run_dir: Path
     done_file: Path | None = None  # for jobs that are not training runs (CKA): done when this file exists
+    stage: str | None = None  # a [tune] preset's runs: "tune" (a learning-rate trial) or "final"
 
     @property
     def name(self) -> str:
@@ -110,6 +112,8 @@ def load_preset(path: Path) -> dict:
             )
     if "xlora" in preset:
         check_xlora_table(path, preset)
+    if "tune" in preset:
+        preset["tune"] = tuning.tune_settings(path, preset["tune"])
     return preset
 
 
@@ -172,16 +176,39 @@ def tiny_checkpoint(folder: Path, preset_name: str) -> Path:
     return path
 
 
+@dataclass
+class GridPlan:
+    """What a preset plans today: its tuning runs (a [tune] preset), the final runs whose rate is known,
+    the final runs still waiting for their cell's tuning, and each tuned cell's record (tuning.json)."""
+
+    tuning: list[PlannedRun]
+    runs: list[PlannedRun]
+    waiting: int = 0
+    cells: list[dict] = field(default_factory=list)
+
+
 def plan(preset: dict, out_dir: Path, inputs: list[str], dry_run: bool = False) -> list[PlannedRun]:
+    """Every final run of the grid that can be named now (see `plan_grid`)."""
+    return plan_grid(preset, out_dir, inputs).runs
+
+
+def plan_grid(preset: dict, out_dir: Path, inputs: list[str]) -> GridPlan:
     """Every run of the grid; `inputs`: the --data_dir / --tokenizer flags passed to each run. Planning
     writes nothing: a random-init checkpoint is made in a temporary folder (seeded, so its bytes, and
-    so the runs' identities, are those of the grid's own copy, written once the plan is valid)."""
+    so the runs' identities, are those of the grid's own copy, written once the plan is valid). With a
+    [tune] table, a tuned cell's final runs are planned once its tuning runs have all finished (their
+    identity holds the chosen rate): the choice is read from the tuning runs' folders."""
     model_spec = preset.get("model", {})
     with tempfile.TemporaryDirectory(prefix="ablate-plan-") as scratch:
         return _plan_runs(preset, out_dir, inputs, model_spec, Path(scratch))
 
 
-def _plan_runs(preset: dict, out_dir: Path, inputs: list[str], model_spec: dict, scratch: Path) -> list[PlannedRun]:
+def fixes_lr(argv: list[str]) -> bool:
+    """A run whose flags set --lr: an explicit rate, which the [tune] stage leaves as it is."""
+    return any(word == "--lr" or word.startswith("--lr=") for word in argv)
+
+
+def _plan_runs(preset: dict, out_dir: Path, inputs: list[str], model_spec: dict, scratch: Path) -> GridPlan:
     config_source = None
     if "random_init" in model_spec:
         model = str(tiny_checkpoint_path(out_dir, model_spec["random_init"]))
@@ -189,23 +216,63 @@ def _plan_runs(preset: dict, out_dir: Path, inputs: list[str], model_spec: dict,
             config_source = str(tiny_checkpoint(scratch, model_spec["random_init"]))
     else:
         model = model_spec.get("model", "gpt2")
-    runs, bases = [], {}
+    bases = {}
+
+    def planned(task: str, variant: str, flags: list[str], seed: int, stage: str | None) -> tuple[PlannedRun, Any]:
+        argv = run_argv(preset, task, model, variant, flags, seed, out_dir, inputs)
+        try:
+            spec, _ = entry.parse(entry.GENERIC, argv, inputs=False, checkpoint_source=config_source)
+        except SystemExit:  # argparse printed what is wrong with the flags
+            raise InputError(
+                f"error: preset task {task!r}, variant {variant!r}: its flags are rejected "
+                f"by python -m {MODULE} (message above)"
+            ) from None
+        # The plan is the spec; its command line is rendered from it only to launch it.
+        base = bases.setdefault(config_source or model, read_checkpoint_config(config_source or model))
+        command = render_argv(spec, base)
+        return PlannedRun(task, variant, seed, command, MODULE, run_folder(spec, migrate=False), stage=stage), spec
+
+    tune: tuning.TuneSettings | None = preset.get("tune")
+    result = GridPlan([], [])
     for task in preset["tasks"]:
         for variant, variant_flags in preset["variants"].items():
+            final_flags = [*variant_flags, *(["--stage", "final"] if tune else [])]
+            tuned = tune is not None and not fixes_lr(
+                run_argv(preset, task, model, variant, variant_flags, 0, out_dir, [])
+            )
+            if tuned:
+                choice = _plan_tuning(preset, task, variant, tune, planned, result)
+                if choice is None:
+                    result.waiting += len(preset["seeds"])
+                    continue
+                final_flags += ["--lr", repr(choice.lr), "--lr_chosen_by", *choice.chosen_by]
             for seed in preset["seeds"]:
-                argv = run_argv(preset, task, model, variant, variant_flags, seed, out_dir, inputs)
-                try:
-                    spec, _ = entry.parse(entry.GENERIC, argv, inputs=False, checkpoint_source=config_source)
-                except SystemExit:  # argparse printed what is wrong with the flags
-                    raise InputError(
-                        f"error: preset task {task!r}, variant {variant!r}: its flags are rejected "
-                        f"by python -m {MODULE} (message above)"
-                    ) from None
-                # The plan is the spec; its command line is rendered from it only to launch it.
-                base = bases.setdefault(config_source or model, read_checkpoint_config(config_source or model))
-                command = render_argv(spec, base)
-                runs.append(PlannedRun(task, variant, seed, command, MODULE, run_folder(spec, migrate=False)))
-    return runs
+                result.runs.append(planned(task, variant, final_flags, seed, "final" if tune else None)[0])
+    return result
+
+
+def _plan_tuning(preset: dict, task: str, variant: str, tune, planned, result: GridPlan):
+    """A tuned cell's tuning runs (added to `result`, with the cell's record) and its choice, None while
+    a tuning run is not finished (or every one diverged)."""
+    flags = [*preset["variants"][variant], *tune.budget_flags(), "--stage", "tune", "--no-predict_test"]
+    _, probe = planned(task, variant, flags, tune.seed, "tune")  # its config (the rate does not change it)
+    prior = tuning.config_prior(probe.config)
+    trials = []
+    for lr in tuning.candidates(tune, prior):
+        run, _ = planned(task, variant, [*flags, "--lr", repr(lr)], tune.seed, "tune")
+        if tune.seed in preset["seeds"]:  # the same seed and budget at this rate would be a final run itself
+            final, _ = planned(task, variant, [*preset["variants"][variant], "--lr", repr(lr)], tune.seed, "final")
+            if final.run_dir == run.run_dir:
+                raise InputError(
+                    f"error: [tune] {task} {variant}: the tuning run at lr {lr:g} would be the final run of seed "
+                    f"{tune.seed} (same seed, budget and rate); give [tune] a seed outside seeds {preset['seeds']} "
+                    "or a smaller budget (epochs / max_steps)"
+                )
+        result.tuning.append(run)
+        trials.append(tuning.read_trial(lr, run.run_dir))
+    choice = tuning.choose(trials)
+    result.cells.append(tuning.cell_record(variant, task, prior, trials, choice))
+    return choice
 
 
 def run_argv(
@@ -341,16 +408,24 @@ def plan_transfer(preset: dict, sources: list[PlannedRun], inputs: list[str]) ->
 
 
 def status(run: PlannedRun) -> str:
-    """done (finished), running (another process holds its folder: a job of an earlier, killed ablate),
-    resume (interrupted, or died before its first checkpoint), or new."""
+    """done (finished; a tuning run: or diverged), running (another process holds its folder: a job of an
+    earlier, killed ablate), resume (interrupted, or died before its first checkpoint), or new."""
     if run.done_file is not None:
         return "done" if run.done_file.is_file() else "new"
     state = folder_state(run.run_dir)
     if state == "finished":
         return "done"
+    if run.stage == "tune" and (run.run_dir / "diverged.json").is_file() and not lock_holder(run.run_dir):
+        return "done"  # a candidate rate that diverged is a finished trial (it scores below every other)
     if lock_holder(run.run_dir):
         return "running"
     return {"interrupted": "resume", "dead": "resume"}.get(state, "new")
+
+
+def run_lr(run: PlannedRun) -> str:
+    """The --lr of a planned run's command line (its rate as the run name shows it)."""
+    argv = run.argv
+    return next((f"{float(argv[i + 1]):g}" for i, word in enumerate(argv[:-1]) if word == "--lr"), "default")
 
 
 def parse_gpus(parser: argparse.ArgumentParser, text: str) -> list[int]:
@@ -513,55 +588,40 @@ def main(argv: list[str] | None = None) -> int:
             f"note: {len(legacy)} run folder(s) here were written by an older version; a real run first renames "
             "them to their new names (until then they are listed as new below)"
         )
-    runs = plan(preset, out_dir, inputs, args.dry_run)
-    folders = [r.run_dir for r in runs]
+    grid = plan_grid(preset, out_dir, inputs)
+    runs, tune = grid.runs, preset.get("tune")
+    folders = [r.run_dir for r in grid.tuning + runs]
     if len(set(folders)) != len(folders):
         dupes = sorted({f.name for f in folders if folders.count(f) > 1})
         raise InputError(f"error: preset variants that produce the same run: {dupes}")
-    held = [r for r in runs if status(r) == "running"]
+    held = [r for r in grid.tuning + runs if status(r) == "running"]
+    tune_todo = [r for r in grid.tuning if status(r) not in ("done", "running")]
     todo = [r for r in runs if status(r) not in ("done", "running")]
-    print(
-        f"grid {preset['name']}: {len(runs)} runs, {len(runs) - len(todo) - len(held)} already done, {len(todo)} "
-        f"to run -> {out_dir}"
-    )
+    if tune is not None:
+        tune_done = len(grid.tuning) - len(tune_todo) - sum(r.stage == "tune" for r in held)
+        final_done = len(runs) - len(todo) - sum(r.stage != "tune" for r in held)
+        print(
+            f"grid {preset['name']}: {len(grid.tuning)} tuning runs ({tune_done} already done, {len(tune_todo)} to "
+            f"run), then {len(runs) + grid.waiting} final runs ({final_done} already done, {len(todo)} to run, "
+            f"{grid.waiting} waiting for their cell's tuning) -> {out_dir}"
+        )
+    else:
+        print(
+            f"grid {preset['name']}: {len(runs)} runs, {len(runs) - len(todo) - len(held)} already done, {len(todo)} "
+            f"to run -> {out_dir}"
+        )
     for run in held:
         print(
             f"  skipped {run.run_dir.name}: process {lock_holder(run.run_dir)} is writing it (a job of an earlier "
             "ablate); re-run this command once it has ended"
         )
     if args.dry_run:
-        for run in runs:
-            print(f"  {status(run):6s} {run.run_dir.name}")
-        if "transfer" in preset:
-            pairs = preset["transfer"]["pairs"]
-            if todo:
-                per_source = {source: sum(1 for s, _ in pairs if s == source) for source, _ in pairs}
-                count = sum(per_source.get(r.task, 0) for r in runs)
-                print(
-                    f"then, once every source run is done: {count} transfer runs, {count} from-scratch controls and "
-                    f"a CKA analysis of each source model (pairs {pairs})"
-                )
-            else:
-                stage, _ = plan_transfer(preset, runs, inputs)
-                print(f"transfer stage: {len(stage)} jobs")
-                for run in stage:
-                    print(f"  {status(run):6s} {run.task:16s} {(run.done_file or run.run_dir).relative_to(out_dir)}")
-        if "xlora" in preset:
-            if todo:
-                count = len(xlora_cells(preset)) * len(preset["seeds"])
-                print(f"then, once the expert runs ({preset['xlora']['experts']}) are done: {count} X-LoRA runs")
-            else:
-                for run in plan_xlora(preset, runs, inputs, out_dir):
-                    print(f"  {status(run):6s} {run.run_dir.name}")
-        if args.launcher != "local" and todo:
-            print(f"sbatch file of the array (--launcher {args.launcher} submits it through submitit):")
-            print(launchers.sbatch_script(settings, out_dir / "slurm", preset["name"], len(todo)))
-        return 0
+        return dry_run(args, preset, grid, todo, inputs, out_dir, settings)
     # Every run's data and tokenizer, once, before any run starts (fetching missing data when allowed).
     # (The flags were validated while planning; a random-init checkpoint is written only once all is well.)
     model_spec = preset.get("model", {})
-    for task in dict.fromkeys(r.task for r in runs):
-        _check_inputs(next(r.argv for r in runs if r.task == task))
+    for task in dict.fromkeys(r.task for r in grid.tuning + runs):
+        _check_inputs(next(r.argv for r in grid.tuning + runs if r.task == task))
     targets = {target for _, target in preset.get("transfer", {}).get("pairs", [])} - set(preset["tasks"])
     try:
         ensure_data(sorted({name for t in targets for name in TASKS[t].data_files()}), args.data_dir)
@@ -581,42 +641,63 @@ def main(argv: list[str] | None = None) -> int:
                 "preset": str(args.preset),
                 "model": model_spec,
                 "seeds": preset["seeds"],
-                "planned_runs": len(runs) + len(xlora_cells(preset)) * len(preset["seeds"]),
+                "planned_runs": planned_count(preset, grid),
                 "cells": [[variant, task] for variant in preset["variants"] for task in preset["tasks"]]
                 + [list(cell) for cell in xlora_cells(preset)],
                 "random_init": "random_init" in model_spec,
                 "transfer": "transfer" in preset,
+                "tune": tune.to_dict() if tune is not None else None,
+                "tuning_runs": len(grid.tuning),
             },
             indent=2,
         )
         + "\n"
     )
+    if tune is not None:
+        tuning.write_record(out_dir, tune, grid.cells)
     if args.launcher != "local":
-        return launch_cluster(args, preset, runs, todo, out_dir, inputs, settings)
+        return launch_cluster(args, preset, grid, todo, out_dir, inputs, settings)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     log_dir = out_dir / "logs"
     log_dir.mkdir(exist_ok=True)
     start = time.perf_counter()
     jobs = Jobs(gpus)
     previous = {s: signal.signal(s, jobs.forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    outcome: dict[str, list] = {"failed": [], "interrupted": [], "not_started": []}
+    done_before, total, attempted, unchosen = 0, 0, [], []
     try:
-        outcome = run_jobs(jobs, todo, args.jobs, threads, log_dir)
-        done_before = len(runs) - len(todo)
-        total = len(runs)
 
-        def run_stage(stage: list, stage_todo: list, what: str) -> None:
-            """A second stage: say what it holds, run what is left, count it with the grid's runs."""
-            nonlocal outcome, done_before, total, todo
-            print(
-                f"grid {preset['name']}, {what}, {len(stage) - len(stage_todo)} already done, {len(stage_todo)} to run",
-                flush=True,
-            )
+        def run_stage(stage: list, stage_todo: list, what: str | None) -> None:
+            """Run a stage's jobs that are left (saying what it holds first, unless `what` is None), counted
+            with the grid's runs."""
+            nonlocal outcome, done_before, total, attempted
+            if what is not None:
+                print(
+                    f"grid {preset['name']}, {what}, {len(stage) - len(stage_todo)} already done, {len(stage_todo)} "
+                    f"to run",
+                    flush=True,
+                )
             more = run_jobs(jobs, stage_todo, args.jobs, threads, log_dir)
             outcome = {key: outcome[key] + more[key] for key in outcome}
             done_before += len(stage) - len(stage_todo)
             total += len(stage)
-            todo = todo + stage_todo
+            attempted = attempted + stage_todo
 
+        if tune is not None:
+            cells = len(grid.cells)
+            run_stage(grid.tuning, tune_todo, f"tuning stage: {len(grid.tuning)} runs over {cells} cells")
+            if jobs.stop_signal is None:  # the choices, now that the tuning runs have finished
+                grid = plan_grid(preset, out_dir, inputs)
+                tuning.write_record(out_dir, tune, grid.cells)
+                runs = grid.runs
+                record_variant_names(out_dir, runs)
+                todo = [r for r in runs if status(r) not in ("done", "running")]
+                unchosen = [c for c in grid.cells if c["status"] != "chosen"]
+                for cell in unchosen:
+                    print(f"  {cell['variant']} on {cell['task']}: no rate chosen ({cell['status']}); no final runs")
+                print(f"grid {preset['name']}, tuning stage done: {tuning_summary(grid.cells)}", flush=True)
+        if jobs.stop_signal is None:
+            run_stage(runs, todo, "final runs at the chosen rates" if tune is not None else None)
         if "transfer" in preset and jobs.stop_signal is None and not outcome["failed"]:
             stage, stage_todo = transfer_stage(preset, runs, inputs, out_dir)
             run_stage(
@@ -626,7 +707,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif "transfer" in preset and outcome["failed"]:
             print("the transfer stage needs every source run: fix the failed runs and re-run", flush=True)
-        experts_done = all(status(r) == "done" for r in runs if r.variant in preset.get("xlora", {}).get("experts", []))
+        expert_runs = [r for r in runs if r.variant in preset.get("xlora", {}).get("experts", [])]
+        experts_done = not grid.waiting and all(status(r) == "done" for r in expert_runs)
         if "xlora" in preset and jobs.stop_signal is None and experts_done:
             stage, stage_todo = xlora_stage(preset, runs, inputs, out_dir)
             run_stage(stage, stage_todo, f"X-LoRA stage: {len(stage)} runs")
@@ -639,17 +721,87 @@ def main(argv: list[str] | None = None) -> int:
     failed, interrupted, not_started = outcome["failed"], outcome["interrupted"], outcome["not_started"]
     seconds = time.perf_counter() - start
     if jobs.stop_signal is not None:
-        finished = len(todo) - len(failed) - len(interrupted) - len(not_started)
+        finished = len(attempted) - len(failed) - len(interrupted) - len(not_started)
+        waiting = f", {grid.waiting} final runs wait for their tuning" if grid.waiting else ""
         print(
             f"grid {preset['name']} interrupted by {signal.Signals(jobs.stop_signal).name} after {seconds:.1f} s: "
             f"{done_before + finished} of {total} runs done, {len(interrupted)} interrupted "
-            f"(checkpointed), {len(not_started)} not started, {len(failed)} failed. Re-run the same command to "
-            f"continue.",
+            f"(checkpointed), {len(not_started)} not started, {len(failed)} failed{waiting}. Re-run the same command "
+            f"to continue.",
             flush=True,
         )
         return EXIT_STATUS.get(jobs.stop_signal, 128 + jobs.stop_signal)
-    print(f"grid {preset['name']} finished in {seconds:.1f} s; {len(failed)} failed")
-    return 1 if failed else 0
+    extra = f", {len(unchosen)} tuned cell(s) without a rate" if unchosen else ""
+    print(f"grid {preset['name']} finished in {seconds:.1f} s; {len(failed)} failed{extra}")
+    return 1 if failed or unchosen else 0
+
+
+def planned_count(preset: dict, grid: GridPlan) -> int:
+    """Every run the grid will train: tuning runs, final runs (named or waiting for their tuning), X-LoRA runs."""
+    return len(grid.tuning) + len(grid.runs) + grid.waiting + len(xlora_cells(preset)) * len(preset["seeds"])
+
+
+def tuning_summary(cells: list[dict]) -> str:
+    """One line: how many tuned cells chose a rate, and how many at an end of their range."""
+    chosen = [c for c in cells if c["status"] == "chosen"]
+    edges = [f"{c['variant']}/{c['task']} ({c['edge']})" for c in chosen if c["edge"]]
+    line = f"{len(chosen)} of {len(cells)} cells chose a rate"
+    if edges:
+        line += f"; best at an end of the range tried (widen it): {', '.join(edges[:8])}"
+        line += f" and {len(edges) - 8} more" if len(edges) > 8 else ""
+    return line
+
+
+def dry_run(args, preset: dict, grid: GridPlan, todo: list[PlannedRun], inputs, out_dir: Path, settings) -> int:
+    """--dry_run: list every run and its status, the runs later stages will add, and the planned count."""
+    runs = grid.runs
+    for run in grid.tuning:
+        print(f"  {status(run):6s} tune   {run.run_dir.name}")
+    for run in runs:
+        print(f"  {status(run):6s} {'final  ' if run.stage else ''}{run.run_dir.name}")
+    if grid.waiting:
+        cells = sum(c["status"] != "chosen" for c in grid.cells)
+        print(
+            f"then, once each cell's tuning runs are done: {grid.waiting} final runs at the chosen rates ({cells} "
+            f"cells x {len(preset['seeds'])} seeds)"
+        )
+    pending = bool(todo or grid.waiting)
+    if "transfer" in preset:
+        pairs = preset["transfer"]["pairs"]
+        if pending:
+            per_source = {source: sum(1 for s, _ in pairs if s == source) for source, _ in pairs}
+            count = sum(per_source.get(task, 0) * len(preset["seeds"]) for task in preset["tasks"]) * len(
+                preset["variants"]
+            )
+            print(
+                f"then, once every source run is done: {count} transfer runs, {count} from-scratch controls and "
+                f"a CKA analysis of each source model (pairs {pairs})"
+            )
+        else:
+            stage, _ = plan_transfer(preset, runs, inputs)
+            print(f"transfer stage: {len(stage)} jobs")
+            for run in stage:
+                print(f"  {status(run):6s} {run.task:16s} {(run.done_file or run.run_dir).relative_to(out_dir)}")
+    if "xlora" in preset:
+        if pending:
+            count = len(xlora_cells(preset)) * len(preset["seeds"])
+            print(f"then, once the expert runs ({preset['xlora']['experts']}) are done: {count} X-LoRA runs")
+        else:
+            for run in plan_xlora(preset, runs, inputs, out_dir):
+                print(f"  {status(run):6s} {run.run_dir.name}")
+    if preset.get("tune") is not None:
+        final = len(runs) + grid.waiting
+        xlora = len(xlora_cells(preset)) * len(preset["seeds"])
+        print(
+            f"planned: {len(grid.tuning)} tuning runs + {final} final runs"
+            + (f" + {xlora} X-LoRA runs" if xlora else "")
+            + f" = {planned_count(preset, grid)} runs"
+        )
+    if args.launcher != "local" and (grid.tuning or todo):
+        first = [r for r in grid.tuning if status(r) != "done"] or todo
+        print(f"sbatch file of the array (--launcher {args.launcher} submits it through submitit):")
+        print(launchers.sbatch_script(settings, out_dir / "slurm", preset["name"], len(first)))
+    return 0
 
 
 def transfer_stage(preset: dict, runs: list[PlannedRun], inputs: list[str], out_dir: Path) -> tuple[list, list]:
@@ -660,12 +812,14 @@ def transfer_stage(preset: dict, runs: list[PlannedRun], inputs: list[str], out_
     return stage, [r for r in stage if status(r) != "done"]
 
 
-def launch_cluster(args, preset, runs, todo, out_dir: Path, inputs, settings) -> int:
+def launch_cluster(args, preset, grid: GridPlan, todo, out_dir: Path, inputs, settings) -> int:
     """--launcher slurm / submitit_local: submit the pending runs as one array (with --wait, wait for
-    them); a transfer preset's second stage follows the same way once every source run is done."""
+    them); a [tune] preset's final runs, and a transfer or X-LoRA preset's second stage, follow the same
+    way once the runs they depend on are done (with --wait in this call, else by a re-run of it)."""
     threads = args.threads or settings.cpus_per_run
-    stages = [("runs", todo)]
-    failed = 0
+    tuning_left = [r for r in grid.tuning if status(r) != "done"]
+    stages = [("tuning runs", tuning_left)] if tuning_left else [("runs", todo)]
+    runs, failed = grid.runs, 0
     while stages:
         label, pending = stages.pop(0)
         start = time.perf_counter()
@@ -686,10 +840,22 @@ def launch_cluster(args, preset, runs, todo, out_dir: Path, inputs, settings) ->
                 job.result()
                 print(f"  ok      {run.name}", flush=True)
             except Exception as error:  # noqa: BLE001 - submitit re-raises the job's error: report, go on
+                if run.stage == "tune" and status(run) == "done":  # a diverged candidate: a trial's result
+                    print(f"  diverged {run.name} (a candidate rate that scores below every other)", flush=True)
+                    continue
                 failed += 1
                 print(f"  FAILED  {run.name}: {str(error).strip().splitlines()[-1]}", flush=True)
+        if label == "tuning runs":
+            if all(status(r) == "done" for r in grid.tuning):
+                grid = plan_grid(preset, out_dir, inputs)
+                tuning.write_record(out_dir, preset["tune"], grid.cells)
+                runs = grid.runs
+                record_variant_names(out_dir, runs)
+                stages.append(("runs", [r for r in runs if status(r) not in ("done", "running")]))
+            else:
+                print("the final runs are submitted by a re-run of this command once every tuning run is done")
         if label == "runs" and ("transfer" in preset or "xlora" in preset):
-            if all(status(r) == "done" for r in runs):
+            if not grid.waiting and all(status(r) == "done" for r in runs):
                 if "transfer" in preset:
                     stages.append(("transfer-stage jobs", transfer_stage(preset, runs, inputs, out_dir)[1]))
                 if "xlora" in preset:
@@ -702,6 +868,12 @@ def launch_cluster(args, preset, runs, todo, out_dir: Path, inputs, settings) ->
 def write_sweep(preset: dict, args, out_dir: Path, inputs: list[str]) -> int:
     """--wandb_sweep OUT.yaml: a grid sweep whose points are the grid's runs (validated first)."""
     import yaml
+
+    if preset.get("tune") is not None:
+        raise InputError(
+            f"error: {args.preset}: a [tune] preset's final runs depend on its tuning runs' results, which a wandb "
+            "grid sweep cannot express; run it with ablate.py (locally or --launcher slurm)"
+        )
 
     plan(preset, out_dir, inputs, dry_run=True)  # every point's flags are valid before agents start
     config = launchers.sweep_config(preset, args.preset, out_dir, inputs)
@@ -730,7 +902,13 @@ def run_point(preset: dict, out_dir: Path, inputs: list[str], task: str, variant
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     selected = {**preset, "tasks": [task], "variants": {variant: preset["variants"][variant]}, "seeds": [seed]}
-    (run,) = plan(selected, out_dir, inputs)
+    planned = plan(selected, out_dir, inputs)
+    if not planned:
+        raise InputError(
+            f"error: {variant} on {task}: its learning rate is not chosen yet (its [tune] runs have not all finished); "
+            "run the grid first: python -m experiments.ablate PRESET"
+        )
+    (run,) = planned
     if status(run) == "done":
         print(f"{run.run_dir} is already finished; nothing to do")
         return 0
@@ -767,15 +945,15 @@ def run_jobs(jobs: Jobs, todo: list[PlannedRun], parallel: int, threads: int, lo
             log_file = log_dir / (run.name + ".log")
             if code != 0 and status(run) == "done":  # e.g. killed after its metrics.json: finished all the same
                 code = 0
-            if code in EXIT_STATUS.values():
+            if code == EXIT_DIVERGED and run.stage == "tune":  # a trial's result: the rate is too high
+                code, mark = 0, f"diverged (a candidate rate that scores below every other; see {log_file})"
+            elif code in EXIT_STATUS.values():
                 outcome["interrupted"].append(run)
                 mark = f"interrupted (exit {code}; checkpointed, see {log_file})"
             else:
                 mark = "ok" if code == 0 else f"FAILED (exit {code}, see {log_file})"
-            print(
-                f"[{done}/{len(todo)}] {run.task:7s} {run.variant:12s} seed {run.seed}: {mark} ({seconds:.1f} s)",
-                flush=True,
-            )
+            what = f"lr {run_lr(run)}" if run.stage == "tune" else f"seed {run.seed}"
+            print(f"[{done}/{len(todo)}] {run.task:7s} {run.variant:12s} {what}: {mark} ({seconds:.1f} s)", flush=True)
             if code not in (0, *EXIT_STATUS.values()):
                 outcome["failed"].append(run)
     return outcome

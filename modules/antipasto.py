@@ -28,7 +28,7 @@ from modules.svd_adapters import (
     frozen_factors,
     merge_into_base,
 )
-from modules.variant import Settings, Variant, knob, register
+from modules.variant import LrPrior, Settings, Variant, knob, register
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,12 @@ def check_antipasto(config: Any) -> None:
 register(
     Variant(
         name="antipasto",
+        lr_prior=LrPrior(
+            1e-4,
+            1e-2,
+            "no published rate for AntiPaSTO: the range of LoRA-XS (modules/lora_xs.py), the other adapter "
+            "that trains a few numbers inside the top-r singular subspace",
+        ),
         settings=AntiPaSTOSettings,
         enabled=lambda c: c.use_antipasto,
         attach=attach_to_targets(

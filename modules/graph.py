@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.attention import KVCache
-from modules.variant import Settings, Variant, knob, register
+from modules.variant import LrPrior, Settings, Variant, knob, register
 
 
 @dataclass(frozen=True)
@@ -193,6 +193,12 @@ def graph_tag(config: Any) -> str:
 register(
     Variant(
         name="graph",
+        lr_prior=LrPrior(
+            1e-4,
+            5e-3,
+            "GAT (Velickovic et al., 2018) trains from scratch at 5e-3 (Cora); a gated branch beside pretrained "
+            "layers is searched down to LoRA's 1e-4",
+        ),
         settings=GraphSettings,
         enabled=lambda c: c.use_graph,
         attach=attach_graph,

@@ -27,7 +27,7 @@ from torch import nn
 
 from modules.kan import KANLinear, adopt_kan_grids, kan_aux_loss, kan_grids
 from modules.mlp import MLP
-from modules.variant import Settings, Variant, knob, register
+from modules.variant import LrPrior, Settings, Variant, knob, register
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,13 @@ def kan_ffn_tag(config: Any) -> str:
 register(
     Variant(
         name="kan_ffn",
+        lr_prior=LrPrior(
+            3e-5,
+            1e-3,
+            "no published rate for a KAN FFN inside a pretrained transformer: from near full fine-tuning's "
+            "rates (with kan_init=mlp its base weights are the MLP's, and they train) up to the 1e-3 of the KAN "
+            "paper's Adam examples (Liu et al., 2024, pykan)",
+        ),
         settings=KANSettings,
         enabled=lambda c: c.use_kan and not c.use_lora,
         attach=attach_kan_ffn,

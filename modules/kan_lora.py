@@ -37,7 +37,7 @@ from torch import nn
 
 from modules.kan import KANLinear, adopt_kan_grids, kan_aux_loss, kan_grids
 from modules.lora import check_lora_layers, lora_scale, lora_target_names
-from modules.variant import Settings, Variant, knob, register
+from modules.variant import LrPrior, Settings, Variant, knob, register
 
 LORA_KNOBS = (
     "use_lora",
@@ -125,6 +125,12 @@ def kan_lora_tag(config: Any) -> str:
 register(
     Variant(
         name="kan_lora",
+        lr_prior=LrPrior(
+            1e-4,
+            3e-3,
+            "no published rate for LoRA-KAN: LoRA's range (Hu et al., 2021) widened up to 3e-3, since its "
+            "spline coefficients start at zero like B and KAN examples train at 1e-3 (pykan)",
+        ),
         settings=KANLoRASettings,
         enabled=lambda c: c.use_lora and c.use_kan,
         attach=attach_kan_lora,

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from modules.variant import Settings, Variant, knob, register
+from modules.variant import LrPrior, Settings, Variant, knob, register
 
 KORA_TARGETS = ("query", "key", "value")
 
@@ -72,6 +72,12 @@ def attach_kora(model: nn.Module, config: Any) -> None:
 register(
     Variant(
         name="kora",
+        lr_prior=LrPrior(
+            1e-4,
+            1e-3,
+            "no published rate for KoRA: LoRA's range (Hu et al., 2021; 2e-4 on GPT-2), since its q/k/v "
+            "adapters are LoRA-shaped and only a gated composition MLP is added",
+        ),
         settings=KoRASettings,
         enabled=lambda c: c.use_kora,
         attach=attach_kora,

@@ -28,7 +28,7 @@ from modules.svd_adapters import (
     frozen_factors,
     merge_into_base,
 )
-from modules.variant import Settings, Variant, knob, register
+from modules.variant import LrPrior, Settings, Variant, knob, register
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,12 @@ def check_lora_xs(config: Any) -> None:
 register(
     Variant(
         name="lora_xs",
+        lr_prior=LrPrior(
+            1e-4,
+            1e-2,
+            "LoRA-XS (Balazy et al., 2024) tunes its r x r core over a wide grid, rates well above LoRA's; "
+            "the range covers LoRA's 1e-4 up to 1e-2",
+        ),
         settings=LoRAXSSettings,
         enabled=lambda c: c.use_lora_xs,
         attach=attach_to_targets(

@@ -39,7 +39,7 @@ from modules.prompt_learning import (
     check_virtual_tokens,
     derived_fields,
 )
-from modules.variant import JSONObject, Settings, Variant, knob, no_weight_init, register
+from modules.variant import JSONObject, LrPrior, Settings, Variant, knob, no_weight_init, register
 from modules.xlora import NOT_IDENTITY as XLORA_NOT_IDENTITY
 from modules.xlora import NOT_MERGEABLE as XLORA_NOT_MERGEABLE
 from modules.xlora import attach_xlora, resolve_experts
@@ -124,6 +124,80 @@ NOT_MERGEABLE = {
     **dict.fromkeys(PROMPT_METHODS, "virtual tokens are extra inputs, not a change to any weight"),
     "xlora": XLORA_NOT_MERGEABLE,
 }
+# The learning-rate range a grid's [tune] stage searches per method (experiments/tuning.py), from peft's own
+# method comparison (huggingface/peft method_comparison/MetaMathQA, Llama-3.2-3B: every method runs at its
+# default_training_params.json's 1e-4 unless its experiment's training_params.json overrides it) and papers.
+_MC = "peft's method comparison (method_comparison/MetaMathQA)"
+_DEFAULT_ONLY = f"{_MC} runs it at the suite's default 1e-4 and sets no rate of its own; LoRA's decade above"
+LR_PRIORS: dict[str, LrPrior] = {
+    "adalora": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
+    "adamss": LrPrior(1e-4, 1e-3, f"{_MC}: experiments/adamss/llama-3.2-3B-rank32 sets 1e-4"),
+    "beft": LrPrior(1e-4, 3e-3, f"{_MC}: 1e-4 (v_proj only, below LoRA-like methods); searched up to 3e-3"),
+    "boft": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
+    "c3a": LrPrior(3e-2, 3e-1, f"{_MC}: experiments/c3a/llama-3.2-3B-default trains at 3e-1"),
+    "deft": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
+    "delora": LrPrior(3e-4, 3e-3, f"{_MC}: results/delora--llama-3.2-3B-rank32 trained at 1e-3"),
+    "fourierft": LrPrior(
+        1e-2,
+        3e-1,
+        "FourierFT (Gao et al., 2024) trains its spectral coefficients at 2e-1..3e-1 (the authors' ViT scripts); "
+        f"{_MC} at 1e-4 fails (GSM8K 0.001)",
+    ),
+    "frod": LrPrior(1e-4, 1e-3, f"{_MC}: 1e-4 by default, a 1e-3 experiment (sparse0.02-lr_0.001)"),
+    "glora": LrPrior(1e-4, 1e-3, f"{_MC}: 1e-4 by default, 5e-4 in experiments/glora/llama-3.2-3B-vector-paths"),
+    "gralora": LrPrior(1e-4, 1e-3, f"{_MC}: experiments/gralora/llama-3.2-3B-rank32 sets 2e-4"),
+    "hira": LrPrior(1e-3, 1e-2, f"{_MC}: experiments/hira/llama-3.2-3B-rank32-lr4.5e-3 sets 4.5e-3"),
+    "hra": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
+    "ia3": LrPrior(
+        1e-3,
+        1e-2,
+        f"{_MC}: experiments/ia3/llama-3.2-3B-all-attn-5k-lr0.005 sets 5e-3 (the default 1e-4 trails LoRA); "
+        "T-Few (Liu et al., 2022) trains IA3 at 3e-3",
+    ),
+    "lily": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
+    "ln_tuning": LrPrior(3e-4, 1e-2, f"{_MC} at 1e-4 fails (GSM8K 0.0): layer-norm gains need more, like biases"),
+    "loha": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
+    "lokr": LrPrior(
+        1e-4, 3e-3, f"{_MC}: 1e-4 (rank32) and 3e-3 (experiments/lokr/llama-3.2-3B-rank32-factor4-lr0.003)"
+    ),
+    "lora": LrPrior(1e-4, 1e-3, f"{_MC}: experiments/lora/llama-3.2-3B-rank32 sets 1e-4; LoRA on GPT-2 used 2e-4"),
+    "miss": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
+    "oft": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
+    "p_tuning": LrPrior(1e-4, 5e-3, f"{_MC}: experiments/ptuning sweeps 5e-5, 5e-4, 1e-3 and 5e-3"),
+    "peanut": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
+    "poly": LrPrior(1e-4, 1e-3, "not in peft's method comparison: its skills are LoRAs, so LoRA's range"),
+    "prefix_tuning": LrPrior(1e-3, 1e-2, f"{_MC}: three experiments/prefixtuning runs set 5e-3"),
+    "prompt_tuning": LrPrior(
+        1e-3,
+        3e-1,
+        "prompt tuning (Lester et al., 2021) trains at 0.3 (T5, Adafactor); "
+        f"{_MC} sets 1e-3 (sample_vocab) and fails at 1e-4 (GSM8K 0.05)",
+    ),
+    "psoft": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
+    "pvera": LrPrior(1e-3, 1e-2, f"{_MC}: experiments/pvera/llama-3.2-3B-default sets 3e-3"),
+    "randlora": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
+    "road": LrPrior(3e-4, 3e-3, f"{_MC}: experiments/road/llama-3.2-3B-lr_0.001 sets 1e-3"),
+    "shira": LrPrior(1e-4, 1e-3, f"{_MC}: experiments/shira/llama-3.2-3B-lr_0.0003-random_seed_42 sets 3e-4"),
+    "supertuning": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
+    "tinylora": LrPrior(1e-3, 3e-2, f"{_MC}: results/tinylora--llama-3.2-3B-default trained at 1e-3 and failed"),
+    "trainable_tokens": LrPrior(
+        1e-2, 2e-1, f"{_MC}: experiments/trainable_tokens/llama-3.2-3B-sos+eos sets 0.2 (embedding rows only)"
+    ),
+    "unilora": LrPrior(
+        1e-3, 1e-2, f"{_MC}: 2e-3 in experiments/unilora/llama-3.2-3B-r4-td131072-lr0.002 (1e-4 fails, GSM8K 0.002)"
+    ),
+    "vblora": LrPrior(1e-4, 1e-3, f"{_MC}: 1e-4 by default, 5e-4 in experiments/vblora/llama-3.2-3B-bank1024-lr5e4"),
+    "vera": LrPrior(
+        1e-3,
+        1e-2,
+        f"{_MC}: results/vera--llama-3.2-3B-default trained at 1e-3; VeRA (Kopiczko et al., 2024) trains higher",
+    ),
+    "waveft": LrPrior(1e-4, 3e-3, f"{_MC}: 1e-4 (n_frequency 5000, below LoRA-like methods); searched up to 3e-3"),
+    "xlora": LrPrior(
+        1e-4, 1e-3, "not in peft's method comparison: its classifier is a small new head over frozen LoRA experts"
+    ),
+}
+
 # peft config fields that describe a saved adapter, not the method; they are not ours to set.
 BOOKKEEPING = {
     *("peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "task_type"),
@@ -607,6 +681,7 @@ register(
     Variant(
         name="peft",
         settings=PeftSettings,
+        lr_prior=lambda config: LR_PRIORS[config.peft_method],
         enabled=lambda c: c.peft_method is not None,
         attach=attach_peft,
         tag=peft_tag,

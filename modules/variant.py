@@ -9,7 +9,8 @@ A variant module (`modules/lora.py`, `modules/kora.py`, ...) defines, in one pla
   *resolved* model config (the checkpoint's width, depth, heads), e.g. LoRA's block indices;
 * a `Variant` record: when it is enabled, how it attaches to a loaded base model, its run-name tag,
   the substring every parameter it adds carries (its namespace), how it merges or why it cannot,
-  its auxiliary loss, the extra state to save beside its parameters, and its LoRA+ parameters;
+  its auxiliary loss, the extra state to save beside its parameters, its LoRA+ parameters, and its
+  prior learning-rate range (`LrPrior`: where a grid's [tune] stage searches, with its source);
 * one call `register(Variant(...))` at import time.
 
 Everything else (GPT2Config's fields, CLI flags, run names, adapters mode, save/load/merge, the
@@ -34,6 +35,22 @@ from typing import Any, Literal, get_args, get_origin
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class LrPrior:
+    """Where a method's learning rate is searched (a log grid over [low, high] in a grid's [tune] stage),
+    and where that range comes from (a paper, peft's method comparison, or why there is none)."""
+
+    low: float
+    high: float
+    source: str
+
+    def __post_init__(self) -> None:
+        if not 0 < self.low <= self.high or not math.isfinite(self.high):
+            raise ValueError(f"a learning-rate prior needs 0 < low <= high < inf, got [{self.low}, {self.high}]")
+        if not self.source:
+            raise ValueError("a learning-rate prior needs its source (paper, example, or why there is none)")
 
 
 class JSONObject(dict):
@@ -275,6 +292,12 @@ class Variant:
     # batches), each batch a dict of input_ids and attention_mask from the run's training data.
     data_init: Callable[[nn.Module, Any, list[dict[str, torch.Tensor]]], None] | None = None
     needs_data_init: Callable[[Any], bool] = lambda config: True
+    # The learning-rate range a grid's [tune] stage searches for this variant: one prior, or a function of
+    # the config when the variant holds several methods (peft's, by peft_method; LoRA's PiSSA init).
+    lr_prior: LrPrior | Callable[[Any], LrPrior] | None = None
+
+    def prior(self, config: Any) -> LrPrior:
+        return self.lr_prior(config) if callable(self.lr_prior) else self.lr_prior
 
     def uses(self) -> set[str]:
         """Every knob this variant reads: its own and the ones it borrows."""
@@ -298,6 +321,8 @@ def register(variant: Variant) -> Variant:
         raise ValueError(f"variant {variant.name!r} needs a parameter namespace")
     if variant.merge is None and not variant.not_mergeable:
         raise ValueError(f"variant {variant.name!r}: give merge or the reason it cannot merge (not_mergeable)")
+    if variant.lr_prior is None:
+        raise ValueError(f"variant {variant.name!r}: declare its learning-rate range (lr_prior=LrPrior(...))")
     VARIANTS[variant.name] = variant
     return variant
 

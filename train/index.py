@@ -33,6 +33,7 @@ RUNS_COLUMNS = [
     "task",
     "variant",
     "label",
+    "stage",
     "config_hash",
     "seed",
     "lr",
@@ -101,6 +102,7 @@ def runs_row(run_dir: Path, record: dict[str, Any], metrics: dict[str, Any]) -> 
         "task": record["task"],
         "variant": variant_tag(config),
         "label": record.get("label") or variant_tag(config),
+        "stage": training.get("stage") or "",  # a grid's [tune] stage: tune (an lr trial) or final
         "config_hash": record["config_hash"],
         "seed": training["seed"],
         "lr": training["lr"],

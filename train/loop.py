@@ -311,7 +311,13 @@ class Trainer:
         self.objectives = {
             # input_positions: n_positions less prompt learning's virtual tokens
             name: TASKS[name](
-                tokenizer, folder, spec.training, config.input_positions, spec.settings_of(name), self.fast
+                tokenizer,
+                folder,
+                spec.training,
+                config.input_positions,
+                spec.settings_of(name),
+                self.fast,
+                predict_test=spec.output.predict_test,
             )
             for name in spec.tasks
         }
@@ -484,7 +490,8 @@ class Trainer:
 
     def _logger(self, replay: bool) -> RunLogger:
         """log.jsonl and wandb. wandb groups what the report groups: the grid and task (or the task), the
-        configuration hash and its label in the config, the method in the tags (`peft-vera`)."""
+        configuration hash and its label in the config, the method in the tags (`peft-vera`), a grid's
+        stage (tune / final) as the job type, the chosen rate and its tuning runs in the config."""
         spec, record = self.spec, self.record
         grid = spec.output.wandb_group
         logger = RunLogger(
@@ -505,6 +512,7 @@ class Trainer:
             spec.output.wandb,
             spec.output.wandb_project,
             enabled=self.main,
+            job_type=spec.output.stage,
         )
         if replay:  # steps a killed process logged to log.jsonl but wandb may have lost
             logger.replay(self.progress.step)

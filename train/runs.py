@@ -85,6 +85,7 @@ class RunLogger:
         mode: str,
         project: str,
         enabled: bool = True,
+        job_type: str | None = None,
     ) -> None:
         self.enabled = enabled
         self.path = run_dir / "log.jsonl"
@@ -102,6 +103,7 @@ class RunLogger:
                 project=project,
                 name=name,
                 group=group,
+                job_type=job_type,  # a grid's stage (tune / final), so wandb can split its runs as the report does
                 tags=tags,
                 config=config,
                 mode=run_mode,

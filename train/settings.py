@@ -24,6 +24,21 @@ from typing import Any, ClassVar, Literal, get_args, get_origin
 from modules.variant import JSONObject, Settings, knob
 
 DEFAULT_LR = {"full-model": 1e-5, "last-linear-layer": 1e-3, "adapters": 2e-4}
+# Where a grid's [tune] stage searches the learning rate of a run that trains more than adapters (an adapter
+# run searches its variants' own ranges: modules/variant.py `LrPrior`). (low, high, source)
+MODE_LR_PRIORS = {
+    "full-model": (
+        1e-5,
+        1e-4,
+        "full fine-tuning of GPT-2/BERT-size models is tuned over 1e-5..5e-5 (Devlin et al., 2019; the course's "
+        "1e-5); peft's method comparison runs it at 1e-5; widened to 1e-4 for small data",
+    ),
+    "last-linear-layer": (
+        1e-4,
+        1e-2,
+        "a linear probe on frozen features trains a freshly initialised head: the course's 1e-3, a decade either side",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -123,6 +138,19 @@ class OutputSettings(CommandSettings):
         low=0,
     )
     eval_train: bool = knob(False, "also report accuracy on the training examples")
+    predict_test: bool = knob(
+        True,
+        "predict the test split at each better dev evaluation (--no-predict_test: the test split is never read, "
+        "as in a grid's learning-rate tuning runs)",
+    )
+    stage: Literal["tune", "final"] | None = knob(
+        None,
+        "the grid stage this run belongs to (experiments/ablate.py's [tune] table sets it): tune = a learning-rate "
+        "trial, final = a run at the chosen rate; runs.tsv and wandb (job type, config) carry it",
+    )
+    lr_chosen_by: tuple[str, ...] | None = knob(
+        None, "the tuning runs whose dev scores chose this run's --lr (set by experiments/ablate.py's [tune] stage)"
+    )
 
     def validate(self) -> None:
         if self.spike_factor != 0 and self.spike_factor <= 1:

@@ -10,8 +10,9 @@ A `Task` subclass says, in one place:
 * construction from (tokenizer, data folder, training settings, the model's context length, its own
   settings): it reads its files (the training split lazily);
 * `make_head(model)`, `batches(...)`, `loss(...)`, `batch_tokens(...)` for training;
-* `evaluate(...)`: dev metrics plus its course-format prediction files for dev and test. The
-  training loop and `python -m train.evaluate` both call this: one evaluation path.
+* `evaluate(...)`: dev metrics plus its course-format prediction files for dev and test (test only
+  when `predict_test`: otherwise its file is never opened). The training loop and
+  `python -m train.evaluate` both call this: one evaluation path.
 
 Training settings every task reads: `train_limit`, `dev_limit`, `test_limit` (None = all),
 `max_length`, `seed`, and `eval_batch_size`.
@@ -98,12 +99,14 @@ class Task:
         n_positions: int,
         options: CommandSettings | None = None,
         fast_step: bool = False,
+        predict_test: bool = True,
     ) -> None:
         """`n_positions`: the positions an input may fill (the context length less any virtual tokens),
         which caps every encoded example. `options`: the task's own settings (its defaults when None).
-        `fast_step`: evaluation may use CUDA graphs."""
+        `fast_step`: evaluation may use CUDA graphs. `predict_test=False`: the test split is never read
+        (a learning-rate tuning run scores dev only)."""
         self.tokenizer, self.data_dir, self.n_positions = tokenizer, Path(data_dir), n_positions
-        self.training = training
+        self.training, self.predict_test = training, predict_test
         if options is None and self.settings is not None:
             options = self.settings()
         self.options, self.fast_step = options, fast_step

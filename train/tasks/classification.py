@@ -65,12 +65,21 @@ class ClassificationTask(Task):
     def to_text(self, example: Example) -> str:
         return example.text
 
-    def __init__(self, tokenizer: Any, data_dir: Path, training, n_positions: int, options=None, fast_step=False):
-        super().__init__(tokenizer, data_dir, training, n_positions, options, fast_step)
+    def __init__(
+        self,
+        tokenizer: Any,
+        data_dir: Path,
+        training,
+        n_positions: int,
+        options=None,
+        fast_step=False,
+        predict_test=True,
+    ):
+        super().__init__(tokenizer, data_dir, training, n_positions, options, fast_step, predict_test)
         cap = training.max_length if training.max_length is not None else self.default_max_length
         self.max_length = min(self.default_max_length, cap, n_positions)
         self.dev = limit(self.load("dev"), training.dev_limit)
-        self.test = limit(self.load("test"), training.test_limit)
+        self.test = limit(self.load("test"), training.test_limit) if predict_test else []
         if len({e.label for e in self.dev}) == 1:
             log.warning(
                 "%s: every dev example used has label %s, so accuracy cannot tell a model from one that always "
@@ -239,10 +248,12 @@ class ClassificationTask(Task):
         if with_train:  # sanity check for overfitting runs: accuracy on the training examples
             train = self._predict(model, head, self.train, device, shard)
             metrics["train_acc"] = sum(p == e.label for p, e in zip(train, self.train, strict=True)) / len(self.train)
-        test = self._predict(model, head, self.test, device, shard)
+        test = self._predict(model, head, self.test, device, shard) if self.predict_test else None
         if out_dir is not None:
-            files = {"dev": f"{self.name}-dev-output.csv", "test": f"{self.name}-test-output.csv"}
+            files = {"dev": f"{self.name}-dev-output.csv"}
             write_classification(out_dir / files["dev"], self.prediction_header, [e.id for e in self.dev], dev)
-            write_classification(out_dir / files["test"], self.prediction_header, [e.id for e in self.test], test)
+            if test is not None:
+                files["test"] = f"{self.name}-test-output.csv"
+                write_classification(out_dir / files["test"], self.prediction_header, [e.id for e in self.test], test)
             metrics["predictions"] = files
         return metrics

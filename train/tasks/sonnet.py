@@ -145,11 +145,22 @@ class Sonnet(Task):
                 f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all); dev chrF needs one per prompt"
             )
 
-    def __init__(self, tokenizer: Any, data_dir: Path, training, n_positions: int, options=None, fast_step=False):
-        super().__init__(tokenizer, data_dir, training, n_positions, options, fast_step)
+    def __init__(
+        self,
+        tokenizer: Any,
+        data_dir: Path,
+        training,
+        n_positions: int,
+        options=None,
+        fast_step=False,
+        predict_test=True,
+    ):
+        super().__init__(tokenizer, data_dir, training, n_positions, options, fast_step, predict_test)
         self.max_length = min(training.max_length or n_positions, n_positions)
         self.dev_prompts = limit(load_sonnets("dev_prompts", self.data_dir), training.dev_limit)
-        self.test_prompts = limit(load_sonnets("test_prompts", self.data_dir), training.test_limit)
+        self.test_prompts = (
+            limit(load_sonnets("test_prompts", self.data_dir), training.test_limit) if predict_test else []
+        )
         self.gold = load_sonnets("dev_gold", self.data_dir)
         options = self.options
         self.generation = GenerationSettings(
@@ -208,11 +219,13 @@ class Sonnet(Task):
         started = time.perf_counter()
         dev = generate(self.dev_prompts, "dev")
         metrics: dict[str, Any] = {"dev_chrf": sonnet_chrf(dev, self.gold)}
-        test = generate(self.test_prompts, "test")
+        test = generate(self.test_prompts, "test") if self.predict_test else None
         metrics["generation_seconds"] = round(time.perf_counter() - started, 3)
         if out_dir is not None:
-            files = {"dev": "sonnet-dev-output.txt", "test": "sonnet-test-output.txt"}
+            files = {"dev": "sonnet-dev-output.txt"}
             write_sonnets(out_dir / files["dev"], dev)
-            write_sonnets(out_dir / files["test"], test)
+            if test is not None:
+                files["test"] = "sonnet-test-output.txt"
+                write_sonnets(out_dir / files["test"], test)
             metrics["predictions"] = files
         return metrics
