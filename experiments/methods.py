@@ -124,10 +124,19 @@ XLORA_STAGE = {
 }
 
 
+# Each method at its own learning rate (experiments/tuning.py): per method and task, log-spaced candidates over
+# the method's declared prior range, one epoch each with seed 0 (outside the grid's seeds), best dev score wins.
+TUNE_STAGE = {
+    "methods": '[tune]\nlr = "prior"\npoints = 5\nseed = 0\nepochs = 1',
+    # two points (each range's ends): enough to run the whole pipeline, not to find a rate
+    "methods_smoke": '[tune]\nlr = "prior"\npoints = 2\nseed = 0\nepochs = 1',
+}
+
+
 def preset_text(name: str) -> str:
     lines = [HEADER[name], "[variants]"]
     lines += [f"{key} = {json.dumps(flags)}" for key, flags in variants(name == "methods_smoke").items()]
-    lines += ["", XLORA_STAGE[name]]
+    lines += ["", XLORA_STAGE[name], "", TUNE_STAGE[name]]
     return "\n".join(lines) + "\n"
 
 

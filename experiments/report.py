@@ -12,6 +12,12 @@ whole run's time): the median seconds per training step, the peak memory, and th
 time on its own. Plots: metric vs trainable parameters per task, training-loss curves per variant,
 cost per task.
 
+A grid with a learning-rate tuning stage (a preset's [tune] table, experiments/tuning.py) adds a
+section: the protocol, per method and task the candidates' dev scores and the chosen rate (◀/▶ when
+it is at an end of the range tried: widen it), the tuning's steps and seconds beside the final
+runs', and `lr_sensitivity.png` (dev score against learning rate). Tuning runs are not in the main
+table.
+
 A transfer grid (a preset with [transfer], see experiments/presets/transfer.toml) adds a section per
 direction (e.g. sst -> cfimdb): per variant, the source run's dev metric, the zero-shot transfer (the
 source head through the label map, before any target training), the few-shot transfer (after
@@ -38,6 +44,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from experiments.inputs import InputError, reported
+from experiments.tuning import TUNING_FILE
 from train.commands import exit_status
 from train.index import read_index
 from train.tasks import TASKS
@@ -320,6 +327,109 @@ def plot_cost(tasks, variants, extra, path: Path) -> None:
     plt.close(fig)
 
 
+def tuning_section(record: dict, rows: list[dict], plot_path: Path) -> str:
+    """The [tune] stage's evidence: the protocol, per cell the candidates' dev scores, the chosen rate (marked
+    when it is at an end of the range tried), and the tuning's cost beside the final runs' cost; and the
+    sensitivity plot (dev score against learning rate, one line per variant and task)."""
+    settings, cells = record["settings"], record["cells"]
+    budget = f"{settings['epochs']} epoch(s)" if settings.get("epochs") else ""
+    if settings.get("max_steps"):
+        budget += (" or " if budget else "") + f"{settings['max_steps']} steps"
+    grid = "each method's own prior range" if settings["lr"] == "prior" else f"the rates {settings['lr']}"
+    points = f"{settings['points']} log-spaced rates over {grid}" if settings["lr"] == "prior" else grid
+    final: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: {"steps": 0, "seconds": 0.0, "runs": 0})
+    for row in rows:
+        entry = final[(row["variant"], row["task"])]
+        entry["steps"] += int(row.get("steps") or 0)
+        entry["seconds"] += row["train_seconds"]
+        entry["runs"] += 1
+    lines = [
+        "",
+        "## Learning-rate tuning",
+        "",
+        f"Every method's learning rate was tuned on its own: per method and task, one run per candidate ({points}) "
+        f"at a budget of {budget}, seed {settings['seed']}; the rate with the best **dev** score was then trained "
+        "with every seed of the grid at the full budget. Tuning runs never read the test split. The reported dev "
+        "scores are of those separate final runs, but their rate was chosen on the same dev split.",
+        "",
+        "| variant | task | candidates: dev score (chosen in bold) | chosen lr | range tried | tuning steps | tuning s "
+        "| final steps | final s | tuning share of cost |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    marks = {"low": " ◀ widen: best at the lowest rate", "high": " ▶ widen: best at the highest rate"}
+    edges = 0
+    for cell in cells:
+        trials = cell["trials"]
+        scores = []
+        for trial in trials:
+            text = {"diverged": "diverged", "pending": "pending"}.get(trial["outcome"], f"{trial['dev']:.4f}")
+            text = f"{trial['lr']:g}: {text}"
+            scores.append(f"**{text}**" if cell["chosen_lr"] == trial["lr"] else text)
+        chosen = f"{cell['chosen_lr']:g}" if cell["chosen_lr"] is not None else cell["status"]
+        chosen += marks.get(cell["edge"], "") + (" (flat: every candidate scored the same)" if cell["flat"] else "")
+        edges += cell["edge"] is not None
+        prior = cell.get("prior") or {}
+        tried = [t["lr"] for t in trials]
+        span = f"{min(tried):g}–{max(tried):g}" + (" (prior)" if settings["lr"] == "prior" and prior else "")
+        tune_steps, tune_seconds = sum(t["steps"] for t in trials), sum(t["seconds"] for t in trials)
+        done = final.get((cell["variant"], cell["task"]), {"steps": 0, "seconds": 0.0, "runs": 0})
+        whole = tune_seconds + done["seconds"]
+        share = f"{tune_seconds / whole:.0%}" if whole > 0 and done["runs"] else "–"
+        lines.append(
+            f"| {cell['variant']} | {cell['task']} | {', '.join(scores)} | {chosen} | {span} | {tune_steps:,} | "
+            f"{tune_seconds:.1f} | {done['steps']:,} | {done['seconds']:.1f} | {share} |"
+        )
+    total_tune = sum(t["seconds"] for c in cells for t in c["trials"])
+    total_final = sum(e["seconds"] for e in final.values())
+    lines += [
+        "",
+        f"Tuning took {sum(len(c['trials']) for c in cells)} runs and {total_tune:.1f} s of training against "
+        f"{sum(int(e['runs']) for e in final.values())} final runs and {total_final:.1f} s"
+        + (f" (tuning: {total_tune / (total_tune + total_final):.0%} of all training time)" if total_final else "")
+        + ". Steps and seconds are training only (evaluation and start-up not counted); a method's cost is its "
+        "tuning plus its final runs. ◀/▶: the best dev score was reached at an end of the rates tried, so the best "
+        "rate may lie outside them: widen the range." + (f" {edges} cell(s) are so marked." if edges else ""),
+        "",
+        "![dev score against learning rate](lr_sensitivity.png)",
+        "",
+    ]
+    plot_sensitivity(cells, plot_path)
+    return "\n".join(lines)
+
+
+def plot_sensitivity(cells: list[dict], path: Path) -> None:
+    """Dev score against learning rate (log), one line per variant, a panel per task; the chosen rate is a
+    star, a diverged candidate an x on the panel's floor."""
+    tasks = list(dict.fromkeys(c["task"] for c in cells))
+    variants = list(dict.fromkeys(c["variant"] for c in cells))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.0), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        scores = [t["dev"] for c in cells if c["task"] == task for t in c["trials"] if t["outcome"] == "finished"]
+        floor = min(scores, default=0.0)
+        for cell in (c for c in cells if c["task"] == task):
+            style = variant_style(variants.index(cell["variant"]))
+            done = [t for t in cell["trials"] if t["outcome"] == "finished"]
+            ax.plot(
+                [t["lr"] for t in done],
+                [t["dev"] for t in done],
+                color=style["color"],
+                marker=style["marker"],
+                markersize=4,
+                label=cell["variant"],
+            )
+            for trial in done:
+                if trial["lr"] == cell["chosen_lr"]:
+                    ax.plot([trial["lr"]], [trial["dev"]], marker="*", markersize=12, color=style["color"])
+            diverged = [t["lr"] for t in cell["trials"] if t["outcome"] == "diverged"]
+            if diverged:
+                ax.plot(diverged, [floor] * len(diverged), linestyle="none", marker="x", color=style["color"])
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel(f"{task}: best dev score")
+        ax.set_title(f"{task}: dev score vs learning rate (★ chosen, x diverged)")
+    finish(fig, axes, path, len(variants))
+
+
 TRANSFER_COLUMNS = {
     "source": "source",
     "zero_shot": "zero-shot",
@@ -465,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
     if manifest is not None:  # the main table is the source runs; the transfer stage has its own section
         stage = {item[key] for item in manifest["runs"] for key in ("transfer_run", "scratch_run")}
         rows = [row for row in rows if row["run_dir"] not in stage]
+    rows = [row for row in rows if row.get("stage") != "tune"]  # learning-rate trials: their own section
+    if not rows:
+        raise InputError(f"error: {args.grid} has no finished final runs yet (only learning-rate tuning runs)")
     label_variants(rows, args.grid)
     baseline = args.baseline or ("base" if any(r["variant"] == "base" for r in rows) else rows[0]["variant"])
     metrics = {r["task"]: r["metric"] for r in rows}
@@ -483,6 +596,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     elif grid_info:
         caveat = f"> Model: `{grid_info['model'].get('model', 'gpt2')}` (preset `{grid_info['preset']}`).\n\n"
+    tuning_text = ""
+    record = _read_json(args.grid / TUNING_FILE)
+    if record is not None:
+        tuning_text = tuning_section(record, rows, out / "lr_sensitivity.png")
+        print(tuning_text)
     transfer_text = ""
     if manifest is not None:
         results, incomplete = transfer_results(manifest)
@@ -500,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "report.md").write_text(
         f"# Report: {args.grid.name}\n\n{caveat}{counts}{table}\n"
         "![metric vs trainable parameters](metric_vs_params.png)\n\n"
-        "![training curves](training_curves.png)\n\n![cost per task](cost.png)\n" + transfer_text
+        "![training curves](training_curves.png)\n\n![cost per task](cost.png)\n" + tuning_text + transfer_text
     )
     plot_metric_vs_params(tasks, variants, values, extra, metrics, out / "metric_vs_params.png")
     plot_curves(rows, tasks, variants, out / "training_curves.png")
