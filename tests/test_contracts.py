@@ -244,7 +244,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from modules.variant import Settings, Variant, knob, register
+from modules.variant import LrPrior, Settings, Variant, knob, register
 
 
 @dataclass(frozen=True)
@@ -270,7 +270,7 @@ def attach(model, config):
 
 register(Variant(name="scale", settings=ScaleSettings, enabled=lambda c: c.use_scale, attach=attach,
                  tag=lambda c: f"scale{c.scale_init:g}", namespace="scale",
-                 not_mergeable="toy variant"))
+                 not_mergeable="toy variant", lr_prior=LrPrior(1e-4, 1e-3, "toy variant")))
 '''
 
 
