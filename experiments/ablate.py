@@ -309,6 +309,7 @@ def plan_xlora(preset: dict, runs: list[PlannedRun], inputs: list[str], out_dir:
             }
             fields = json.dumps({**table.get("options", {}), "adapters": experts})
             flags = ["--peft_method", "xlora", "--peft_config", fields]
+            flags += ["--stage", "final"] if preset.get("tune") is not None else []  # (its rate is not tuned)
             argv = run_argv(preset, task, model, label, flags, seed, out_dir, inputs)
             try:
                 spec, _ = entry.parse(entry.GENERIC, argv, inputs=False)
@@ -698,7 +699,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"grid {preset['name']}, tuning stage done: {tuning_summary(grid.cells)}", flush=True)
         if jobs.stop_signal is None:
             run_stage(runs, todo, "final runs at the chosen rates" if tune is not None else None)
-        if "transfer" in preset and jobs.stop_signal is None and not outcome["failed"]:
+        sources_unplanned = without_rate(grid, preset["tasks"], list(preset["variants"]))
+        if "transfer" in preset and jobs.stop_signal is None and sources_unplanned:
+            print(f"the transfer stage needs every source run; no rate was chosen for {sources_unplanned}", flush=True)
+        elif "transfer" in preset and jobs.stop_signal is None and not outcome["failed"]:
             stage, stage_todo = transfer_stage(preset, runs, inputs, out_dir)
             run_stage(
                 stage,
@@ -707,13 +711,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif "transfer" in preset and outcome["failed"]:
             print("the transfer stage needs every source run: fix the failed runs and re-run", flush=True)
-        expert_runs = [r for r in runs if r.variant in preset.get("xlora", {}).get("experts", [])]
-        experts_done = not grid.waiting and all(status(r) == "done" for r in expert_runs)
-        if "xlora" in preset and jobs.stop_signal is None and experts_done:
+        xlora_ready, why = experts_ready(preset, grid)
+        if "xlora" in preset and jobs.stop_signal is None and xlora_ready:
             stage, stage_todo = xlora_stage(preset, runs, inputs, out_dir)
             run_stage(stage, stage_todo, f"X-LoRA stage: {len(stage)} runs")
         elif "xlora" in preset and jobs.stop_signal is None:
-            print("the X-LoRA stage needs every expert run finished: fix or finish them and re-run", flush=True)
+            print(
+                f"the X-LoRA stage needs every expert run finished ({why}): fix or finish them and re-run", flush=True
+            )
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -734,6 +739,28 @@ def main(argv: list[str] | None = None) -> int:
     extra = f", {len(unchosen)} tuned cell(s) without a rate" if unchosen else ""
     print(f"grid {preset['name']} finished in {seconds:.1f} s; {len(failed)} failed{extra}")
     return 1 if failed or unchosen else 0
+
+
+def without_rate(grid: GridPlan, tasks: list[str], variants: list[str]) -> list[str]:
+    """The `variant/task` cells among these whose tuning has chosen no rate yet (their final runs are not planned)."""
+    return [
+        f"{c['variant']}/{c['task']} ({c['status']})"
+        for c in grid.cells
+        if c["status"] != "chosen" and c["task"] in tasks and c["variant"] in variants
+    ]
+
+
+def experts_ready(preset: dict, grid: GridPlan) -> tuple[bool, str]:
+    """Whether the X-LoRA stage can be planned (every expert cell has its rate and its runs finished), and why not."""
+    table = preset.get("xlora", {})
+    experts, expert_tasks = table.get("experts", []), table.get("expert_tasks", preset["tasks"])
+    missing = without_rate(grid, expert_tasks, experts)
+    if missing:
+        return False, f"no rate chosen yet for {', '.join(missing)}"
+    left = [
+        r.run_dir.name for r in grid.runs if r.variant in experts and r.task in expert_tasks and status(r) != "done"
+    ]
+    return not left, f"{len(left)} expert run(s) not finished"
 
 
 def planned_count(preset: dict, grid: GridPlan) -> int:
@@ -765,6 +792,9 @@ def dry_run(args, preset: dict, grid: GridPlan, todo: list[PlannedRun], inputs, 
             f"then, once each cell's tuning runs are done: {grid.waiting} final runs at the chosen rates ({cells} "
             f"cells x {len(preset['seeds'])} seeds)"
         )
+        dead = [f"{c['variant']}/{c['task']}" for c in grid.cells if c["status"] == "all diverged"]
+        if dead:
+            print(f"  every candidate diverged for {', '.join(dead)}: lower their range (a [tune] lr list) and re-run")
     pending = bool(todo or grid.waiting)
     if "transfer" in preset:
         pairs = preset["transfer"]["pairs"]
@@ -817,8 +847,9 @@ def launch_cluster(args, preset, grid: GridPlan, todo, out_dir: Path, inputs, se
     them); a [tune] preset's final runs, and a transfer or X-LoRA preset's second stage, follow the same
     way once the runs they depend on are done (with --wait in this call, else by a re-run of it)."""
     threads = args.threads or settings.cpus_per_run
-    tuning_left = [r for r in grid.tuning if status(r) != "done"]
-    stages = [("tuning runs", tuning_left)] if tuning_left else [("runs", todo)]
+    tuning_left = [r for r in grid.tuning if status(r) not in ("done", "running")]
+    tuning_busy = any(status(r) == "running" for r in grid.tuning)
+    stages = [("tuning runs", tuning_left)] if tuning_left or tuning_busy else [("runs", todo)]
     runs, failed = grid.runs, 0
     while stages:
         label, pending = stages.pop(0)
@@ -851,6 +882,11 @@ def launch_cluster(args, preset, grid: GridPlan, todo, out_dir: Path, inputs, se
                 tuning.write_record(out_dir, preset["tune"], grid.cells)
                 runs = grid.runs
                 record_variant_names(out_dir, runs)
+                missing = without_rate(grid, preset["tasks"], list(preset["variants"]))
+                if missing:
+                    failed += len(missing)
+                    print(f"no rate chosen for {', '.join(missing)}: their final runs are not submitted")
+                print(f"tuning stage done: {tuning_summary(grid.cells)}", flush=True)
                 stages.append(("runs", [r for r in runs if status(r) not in ("done", "running")]))
             else:
                 print("the final runs are submitted by a re-run of this command once every tuning run is done")
@@ -860,6 +896,8 @@ def launch_cluster(args, preset, grid: GridPlan, todo, out_dir: Path, inputs, se
                     stages.append(("transfer-stage jobs", transfer_stage(preset, runs, inputs, out_dir)[1]))
                 if "xlora" in preset:
                     stages.append(("X-LoRA runs", xlora_stage(preset, runs, inputs, out_dir)[1]))
+            elif "xlora" in preset and experts_ready(preset, grid)[0] and "transfer" not in preset:
+                stages.append(("X-LoRA runs", xlora_stage(preset, runs, inputs, out_dir)[1]))
             else:
                 print("the second stage is submitted by a re-run of this command once every first-stage run is done")
     return 1 if failed else 0
@@ -902,12 +940,14 @@ def run_point(preset: dict, out_dir: Path, inputs: list[str], task: str, variant
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     selected = {**preset, "tasks": [task], "variants": {variant: preset["variants"][variant]}, "seeds": [seed]}
-    planned = plan(selected, out_dir, inputs)
-    if not planned:
+    grid = plan_grid(selected, out_dir, inputs)
+    if not grid.runs:
+        why = grid.cells[0]["status"] if grid.cells else "pending"
         raise InputError(
-            f"error: {variant} on {task}: its learning rate is not chosen yet (its [tune] runs have not all finished); "
-            "run the grid first: python -m experiments.ablate PRESET"
+            f"error: {variant} on {task}: its learning rate is not chosen ({why} among its [tune] runs); "
+            "run the grid's tuning stage first: python -m experiments.ablate PRESET"
         )
+    planned = grid.runs
     (run,) = planned
     if status(run) == "done":
         print(f"{run.run_dir} is already finished; nothing to do")

@@ -182,6 +182,8 @@ def completeness(rows: list[dict], grid_info: dict) -> tuple[str, set[tuple[str,
     incomplete = {key for key, n in expected.items() if done.get(key, 0) < n}
     total, finished = sum(expected.values()), sum(min(done.get(k, 0), n) for k, n in expected.items())
     line = f"> {finished} of {total} planned runs have finished"
+    if grid_info.get("tuning_runs"):
+        line += f" (and {grid_info['tuning_runs']} learning-rate tuning runs before them: see *Learning-rate tuning*)"
     if incomplete:
         line += f"; {len(incomplete)} cell(s) miss seeds (†): their means are of the seeds that finished"
     return line + ".\n\n", incomplete
@@ -327,6 +329,21 @@ def plot_cost(tasks, variants, extra, path: Path) -> None:
     plt.close(fig)
 
 
+def current_finals(rows: list[dict], record: dict | None) -> list[dict]:
+    """Leave out final runs of a tuned cell at another rate than its current choice (a [tune] table changed
+    since they ran): a cell's seeds are the runs at the rate its tuning chose."""
+    if not record:
+        return rows
+    chosen = {(c["variant"], c["task"]): c["chosen_lr"] for c in record.get("cells", [])}
+    kept = []
+    for row in rows:
+        rate = chosen.get((row["variant"], row["task"]))
+        if row.get("stage") == "final" and rate is not None and not math.isclose(float(row["lr"]), rate):
+            continue
+        kept.append(row)
+    return kept
+
+
 def tuning_section(record: dict, rows: list[dict], plot_path: Path) -> str:
     """The [tune] stage's evidence: the protocol, per cell the candidates' dev scores, the chosen rate (marked
     when it is at an end of the range tried), and the tuning's cost beside the final runs' cost; and the
@@ -362,7 +379,8 @@ def tuning_section(record: dict, rows: list[dict], plot_path: Path) -> str:
         trials = cell["trials"]
         scores = []
         for trial in trials:
-            text = {"diverged": "diverged", "pending": "pending"}.get(trial["outcome"], f"{trial['dev']:.4f}")
+            outcome = trial["outcome"]
+            text = outcome if outcome in ("diverged", "pending", "unreadable") else f"{trial['dev']:.4f}"
             text = f"{trial['lr']:g}: {text}"
             scores.append(f"**{text}**" if cell["chosen_lr"] == trial["lr"] else text)
         chosen = f"{cell['chosen_lr']:g}" if cell["chosen_lr"] is not None else cell["status"]
@@ -579,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         raise InputError(f"error: {args.grid} has no finished final runs yet (only learning-rate tuning runs)")
     label_variants(rows, args.grid)
+    rows = current_finals(rows, _read_json(args.grid / TUNING_FILE))
     baseline = args.baseline or ("base" if any(r["variant"] == "base" for r in rows) else rows[0]["variant"])
     metrics = {r["task"]: r["metric"] for r in rows}
     tasks, variants, values, extra = summarise(rows, baseline)
@@ -598,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         caveat = f"> Model: `{grid_info['model'].get('model', 'gpt2')}` (preset `{grid_info['preset']}`).\n\n"
     tuning_text = ""
     record = _read_json(args.grid / TUNING_FILE)
-    if record is not None:
+    if record is not None and record.get("cells"):
         tuning_text = tuning_section(record, rows, out / "lr_sensitivity.png")
         print(tuning_text)
     transfer_text = ""

@@ -14,8 +14,10 @@ rate is trained at the tuning budget with the tuning seed. Tuning runs score dev
 dev score (the best checkpoint's `best_value`). Then the preset's seeds train at the full budget with
 that rate, each recording the tuning runs that chose it (`--lr_chosen_by`).
 
-A candidate that diverged (exit 3, diverged.json) is a finished trial that scores below every other.
-Ties go to the middle of the tied candidates, so a flat curve picks no extreme. The choice is marked
+A candidate that diverged (exit 3, diverged.json) is a finished trial that scores below every other; so is
+a finished run whose metrics.json cannot be read (named in tuning.json and the report). Ties go to the
+(lower) middle of the tied candidates, so a flat curve picks no extreme. A cell where every candidate
+diverged gets no rate and no final runs (ablate exits 1, and stages that need it wait). The choice is marked
 `edge` when the best score is reached at the first or last candidate (the range should be widened),
 and `flat` when every candidate scored the same.
 
@@ -49,7 +51,7 @@ class TuneSettings:
 
     lr: str | tuple[float, ...] = "prior"
     points: int = 5
-    seed: int = 11711
+    seed: int = 0  # outside the presets' seeds: tuning and final runs never share a data order
     epochs: int | None = 1
     max_steps: int | None = None
 
@@ -75,7 +77,7 @@ def tune_settings(path: Path, table: Any) -> TuneSettings:
         return InputError(f"error: {path}: [tune] {message}")
 
     if not isinstance(table, dict):
-        raise bad("must be a table")
+        raise bad("must be a table (lines `key = value` under [tune])")
     unknown = sorted(set(table) - TUNE_KEYS)
     if unknown:
         raise bad(f"has no key(s) {unknown} (known: {sorted(TUNE_KEYS)})")
@@ -99,7 +101,7 @@ def tune_settings(path: Path, table: Any) -> TuneSettings:
         raise bad(f'lr must be "prior" (each method\'s own range) or a list of rates, got {lr!r}')
     if "points" in table and not isinstance(lr, str):
         raise bad('points applies to lr = "prior" only (a list of rates is the grid itself)')
-    seed = table.get("seed", 11711)
+    seed = table.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise bad(f"seed must be a whole number, got {seed!r}")
     max_steps = whole("max_steps", None, 1)
@@ -151,7 +153,7 @@ class Trial:
 
     lr: float
     run_dir: Path
-    outcome: str = "pending"  # finished, diverged or pending
+    outcome: str = "pending"  # finished, diverged, unreadable (finished, but its metrics.json is not ours) or pending
     dev: float | None = None  # the best dev metric (finished runs)
     steps: int = 0
     seconds: float = 0.0
@@ -173,14 +175,16 @@ def read_trial(lr: float, run_dir: Path) -> Trial:
     training time) or diverged.json (diverged: its steps, the time its log spans); else pending. Only
     dev numbers are read: a tuning run has no test predictions."""
     trial = Trial(lr, run_dir)
-    metrics = _json(run_dir / "metrics.json")
-    if metrics is not None:
+    if (run_dir / "metrics.json").is_file():
+        metrics = _json(run_dir / "metrics.json") or {}
         try:
-            trial.dev = float(metrics["best_value"])
+            dev = float(metrics["best_value"])
             trial.steps, trial.seconds = int(metrics["steps"]), float(metrics["train_seconds"])
         except (KeyError, TypeError, ValueError):
-            return trial  # unreadable: pending (the grid's index warns about the folder)
-        trial.outcome = "finished" if math.isfinite(trial.dev) else "pending"
+            dev = math.nan
+        # A finished run whose record is damaged scores nothing; it is not re-run (the folder is the record:
+        # delete it to run the candidate again). The report names it.
+        trial.outcome, trial.dev = ("finished", dev) if math.isfinite(dev) else ("unreadable", None)
         return trial
     diverged = _json(run_dir / "diverged.json")
     if diverged is not None:
@@ -237,7 +241,7 @@ def choose(trials: list[Trial]) -> Choice | None:
     pick = tied[(len(tied) - 1) // 2]
     flat = len(tied) == len(trials) and len(trials) > 1
     edge = None
-    if not flat:
+    if not flat and len(trials) > 1:
         edge = "low" if 0 in tied else "high" if len(trials) - 1 in tied else None
     return Choice(trials[pick].lr, best, edge, flat, [t.run_dir.name for t in trials])
 
@@ -270,4 +274,6 @@ def cell_record(variant: str, task: str, prior: Any, trials: list[Trial], choice
 def _unchosen(trials: list[Trial]) -> str:
     if any(t.outcome == "pending" for t in trials):
         return "pending"
+    if any(t.outcome == "unreadable" for t in trials):
+        return "no readable trial: delete the unreadable tuning run folders and re-run"
     return "all diverged"

@@ -249,6 +249,7 @@ def test_wandb_files_carry_the_grouping_an_interrupted_run_is_marked_and_resume_
         str(tokenizer_dir), "--data_dir", str(DATA_DIR), "--out_dir", str(tmp_path), "--wandb", "offline",
         "--wandb_group", "gridx", "--label", "vera8", "--peft_method", "vera", "--train_limit", "120",
         "--dev_limit", "4", "--test_limit", "2", "--batch_size", "2", "--epochs", "1", "--save_every", "1",
+        "--stage", "final", "--lr_chosen_by", "tune-run-a", "tune-run-b",  # what a [tune] grid's final run carries
     ]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -264,8 +265,9 @@ def test_wandb_files_carry_the_grouping_an_interrupted_run_is_marked_and_resume_
     record = json.loads((run_dir / "config.json").read_text())
     (first,) = run_dir.glob("wandb/offline-run-*/*.wandb")
     data = first.read_bytes()
-    for text in (record["config_hash"], "vera8", "gridx-sst", "peft-vera", "interrupted"):
+    for text in (record["config_hash"], "vera8", "gridx-sst", "peft-vera", "interrupted", "tune-run-b"):
         assert text.encode() in data, text
+    assert b"lr_chosen_by" in data and record["training"]["stage"] == "final"
     assert subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=300).returncode == 0
     (resumed,) = set(run_dir.glob("wandb/offline-run-*/*.wandb")) - {first}
     # The resumed wandb run holds the history of every step: the earlier ones replayed from log.jsonl.

@@ -121,6 +121,21 @@ def test_the_choice_is_the_best_dev_score_with_ends_and_ties_marked():
     assert tuning.choose(trials(0.1, 0.4, 0.4)).edge == "high"  # a plateau reaching the end
     assert tuning.choose(trials(0.1, "p", 0.4)) is None  # not until every trial has finished
     assert tuning.choose(trials("d", "d")) is None  # nothing finished: no rate
+    assert tuning.choose(trials(0.4, 0.1, 0.4)).lr == 1e-5  # non-adjacent ties: the lower middle
+    assert tuning.choose(trials(0.3)).edge is None  # one candidate has no range to widen
+    unreadable = trials(0.2, 0.5, 0.3)
+    unreadable[1].outcome, unreadable[1].dev = "unreadable", None
+    assert tuning.choose(unreadable).lr == 1e-3  # scored like a diverged candidate, never pending
+
+
+def test_a_damaged_tuning_record_is_unreadable_not_pending(tmp_path):
+    (tmp_path / "metrics.json").write_text('{"best_value": "x"}')
+    assert tuning.read_trial(1e-4, tmp_path).outcome == "unreadable"
+    (tmp_path / "metrics.json").write_text(json.dumps({"best_value": 0.5, "steps": 3, "train_seconds": 1.5}))
+    trial = tuning.read_trial(1e-4, tmp_path)
+    assert (trial.outcome, trial.dev, trial.steps, trial.seconds) == ("finished", 0.5, 3, 1.5)
+    (tmp_path / "metrics.json").unlink()
+    assert tuning.read_trial(1e-4, tmp_path).outcome == "pending"
 
 
 @pytest.mark.parametrize(
@@ -135,6 +150,8 @@ def test_the_choice_is_the_best_dev_score_with_ends_and_ties_marked():
         ("epochs = 0", "epochs must be"),
         ('seed = "x"', "seed must be"),
         ("budget = 3", "has no key(s) ['budget']"),
+        ("max_steps = 0", "max_steps must be a whole number >= 1"),
+        ("lr = [true, false]", "at least two learning rates > 0"),
     ],
 )
 def test_a_bad_tune_table_is_one_error_line(tmp_path, tokenizer_dir, table, message):
@@ -142,6 +159,13 @@ def test_a_bad_tune_table_is_one_error_line(tmp_path, tokenizer_dir, table, mess
     with pytest.raises(InputError) as error:
         ablate.load_preset(preset)
     assert str(error.value).startswith(f"error: {preset}: [tune]") and message in str(error.value)
+
+
+def test_a_tune_key_that_is_not_a_table_is_one_error_line(tmp_path, tokenizer_dir):
+    preset = write_preset(tmp_path / "p.toml", tokenizer_dir, {"lora": ["--use_lora"]}, "seed = 0")
+    preset.write_text("tune = 3\n" + preset.read_text().replace("[tune]\nseed = 0\n", ""))
+    with pytest.raises(InputError, match=r"\[tune\] must be a table"):
+        ablate.load_preset(preset)
 
 
 def test_a_tuning_run_that_would_be_a_final_run_is_refused(tmp_path, tokenizer_dir):
@@ -180,9 +204,10 @@ def test_two_variants_whose_best_rates_differ_tenfold_each_get_their_own(tmp_pat
     rates = {run.variant: ablate.run_lr(run) for run in grid.runs}
     assert rates == {"lora": "0.0001", "ia3": "0.001"}
     for run in grid.runs:
-        chosen_by = run.argv[run.argv.index("--lr_chosen_by") + 1 :]
-        names = {r.run_dir.name for r in grid.tuning if r.variant == run.variant}
-        assert set(chosen_by[: len(names)]) == names and "final" in run.argv
+        start = run.argv.index("--lr_chosen_by") + 1
+        names = [r.run_dir.name for r in grid.tuning if r.variant == run.variant]
+        assert run.argv[start : start + len(names)] == names and not run.argv[start + len(names)].startswith("sst-")
+        assert run.argv[run.argv.index("--stage") + 1] == "final"
     cells = {c["variant"]: c for c in grid.cells}
     assert cells["lora"]["edge"] == "low" and cells["ia3"]["edge"] is None
     assert [t["outcome"] for t in cells["ia3"]["trials"]] == ["finished", "finished", "diverged"]
@@ -321,7 +346,9 @@ def test_the_methods_and_gpt2_presets_tune_every_method():
     for name in ("methods", "gpt2"):
         preset = ablate.load_preset(REPO / "experiments" / "presets" / f"{name}.toml")
         assert preset["tune"].points == 5 and preset["tune"].seed not in preset["seeds"]
-        assert not any(ablate.fixes_lr(flags) for flags in preset["variants"].values())
+        for task in preset["tasks"]:  # no variant, task or common flag fixes the rate: every cell is tuned
+            for variant, flags in preset["variants"].items():
+                assert not ablate.fixes_lr(ablate.run_argv(preset, task, "gpt2", variant, flags, 1, Path("g"), []))
 
 
 def test_grid_cost_counts_the_plan_and_its_steps(tmp_path, tokenizer_dir, capsys):
@@ -337,3 +364,50 @@ def test_grid_cost_counts_the_plan_and_its_steps(tmp_path, tokenizer_dir, capsys
     assert "tuning         4 steps  final          2 steps" in lines["LoRA"]
     assert "KAN-FFN (mlp init)            326.9 ms/step" in lines["KAN-FFN"]
     assert grid_cost.run_steps(["--task", "sst", "--epochs", "3", "--batch_size", "8"], DATA_DIR)[0] == 3 * 1068
+
+
+def test_a_sonnet_run_without_test_predictions_never_opens_the_test_prompts(tmp_path, tokenizer_dir):
+    from model.tokenizer import load_tokenizer
+    from train.settings import TrainingSettings
+    from train.tasks import TASKS
+
+    data = broken_test_split(tmp_path)
+    (data / "sonnets_held_out.txt").unlink()  # the test prompts: gone
+    training = TrainingSettings(dev_limit=2)
+    task = TASKS["sonnet"](load_tokenizer(tokenizer_dir), data, training, 128, predict_test=False)
+    assert task.test_prompts == [] and len(task.dev_prompts) == 2
+    with pytest.raises(Exception, match="sonnets_held_out"):
+        TASKS["sonnet"](load_tokenizer(tokenizer_dir), data, training, 128)
+
+
+def test_a_cell_without_a_rate_blocks_only_the_stages_that_need_it(tmp_path, tokenizer_dir):
+    """X-LoRA waits for its expert cells' rates, not for an unrelated cell whose every candidate diverged."""
+    variants = {"lora": ["--use_lora"], "ia3": ["--peft_method", "ia3"]}
+    preset = write_preset(tmp_path / "p.toml", tokenizer_dir, variants, "lr = [1e-4, 1e-3]")
+    preset.write_text(preset.read_text() + '[xlora]\nexperts = ["lora"]\n')
+    loaded = ablate.load_preset(preset)
+    grid = ablate.plan_grid(loaded, tmp_path / "grid", [])
+    ready, why = ablate.experts_ready(loaded, grid)
+    assert not ready and "lora/sst (pending)" in why and "ia3" not in why
+    for run in grid.tuning:
+        finish_trial(run, 0.5 if run.variant == "lora" else None)  # every IA3 candidate diverges
+    grid = ablate.plan_grid(loaded, tmp_path / "grid", [])
+    assert ablate.without_rate(grid, ["sst"], list(variants)) == ["ia3/sst (all diverged)"]
+    ready, why = ablate.experts_ready(loaded, grid)
+    assert not ready and why == "1 expert run(s) not finished"  # lora's final run, not ia3's missing rate
+    (final,) = grid.runs
+    finish_trial(final, 0.5)
+    assert ablate.experts_ready(loaded, ablate.plan_grid(loaded, tmp_path / "grid", []))[0]
+
+
+def test_the_report_leaves_out_final_runs_at_an_old_rate_and_a_grid_with_nothing_tuned(tmp_path):
+    from experiments import report
+
+    rows = [
+        {"variant": "lora", "task": "sst", "stage": "final", "lr": "0.001"},
+        {"variant": "lora", "task": "sst", "stage": "final", "lr": "0.0001"},
+        {"variant": "fixed", "task": "sst", "stage": "final", "lr": "0.0005"},
+    ]
+    record = {"cells": [{"variant": "lora", "task": "sst", "chosen_lr": 1e-4}]}
+    assert [r["lr"] for r in report.current_finals(rows, record)] == ["0.0001", "0.0005"]
+    assert report.current_finals(rows, None) == rows
