@@ -600,11 +600,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = current_finals(rows, _read_json(args.grid / TUNING_FILE))
     baseline = args.baseline or ("base" if any(r["variant"] == "base" for r in rows) else rows[0]["variant"])
     metrics = {r["task"]: r["metric"] for r in rows}
+    grid_file = args.grid / "grid.json"
+    grid_info = (_read_json(grid_file) or {}) if grid_file.is_file() else {}
+    order = list(dict.fromkeys(variant for variant, _ in grid_info.get("cells", [])))
+    rows.sort(key=lambda row: order.index(row["variant"]) if row["variant"] in order else len(order))  # the preset's
     tasks, variants, values, extra = summarise(rows, baseline)
     out = args.out or args.grid / "report"
     out.mkdir(parents=True, exist_ok=True)
-    grid_file = args.grid / "grid.json"
-    grid_info = (_read_json(grid_file) or {}) if grid_file.is_file() else {}
     counts, incomplete = completeness(rows, grid_info)
     table = markdown(tasks, variants, values, extra, metrics, baseline, incomplete)
     caveat = ""
