@@ -79,6 +79,10 @@ def quantize_block_linears(model: nn.Module, mode: str) -> None:
                     linear.in_features, linear.out_features, bias=True, quant_type="nf4", compute_dtype=None
                 )
                 quantized.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+                # On a CPU with AVX512-BF16, bitsandbytes re-lays the weight out in place at its first eval
+                # call (a packed CPU format), which fails for widths below its block size (64: the test
+                # models) and changes what dequantising, merging and exporting read. Keep the one layout.
+                quantized.support_avx512bf16_for_cpu = False
             else:
                 quantized = bnb.nn.Linear8bitLt(
                     linear.in_features, linear.out_features, bias=True, has_fp16_weights=False

@@ -53,6 +53,9 @@ def quantized_hf(path, mode: str) -> transformers.GPT2LMHeadModel:
             if mode == "nf4":
                 layer = bnb.nn.Linear4bit(*weight.shape[::-1], quant_type="nf4", compute_dtype=torch.float32)
                 layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+                # the same plain nf4 maths as ours: not the packed bf16 kernel an AVX512-BF16 CPU switches to in
+                # eval (model/quantize.py turns it off: it fails below width 64 and re-lays out the weight)
+                layer.support_avx512bf16_for_cpu = False
             else:
                 layer = bnb.nn.Linear8bitLt(*weight.shape[::-1], has_fp16_weights=False)
                 layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)

@@ -72,6 +72,8 @@ def changed_value(f: dataclasses.Field, hint) -> object:
         return (default or 0.5) * 0.5 + 0.125 if f.name != "spike_factor" else 20.0
     if hint is str:
         return "elsewhere" if f.name != "device" else "cpu"
+    if origin is tuple and get_args(hint) == (str, Ellipsis):
+        return ("elsewhere",)
     raise AssertionError(f"no changed value for {f.name}: {hint}")
 
 

@@ -351,19 +351,22 @@ def test_the_methods_and_gpt2_presets_tune_every_method():
                 assert not ablate.fixes_lr(ablate.run_argv(preset, task, "gpt2", variant, flags, 1, Path("g"), []))
 
 
-def test_grid_cost_counts_the_plan_and_its_steps(tmp_path, tokenizer_dir, capsys):
-    from scripts import grid_cost
-
+def test_grid_cost_counts_the_plan_and_its_steps(tmp_path, tokenizer_dir):
     variants = {"lora": ["--use_lora"], "kan": ["--use_kan"]}
     preset = write_preset(tmp_path / "p.toml", tokenizer_dir, variants, "lr = [1e-4, 1e-3]\nseed = 0")
-    assert grid_cost.main([str(preset), "--data_dir", str(DATA_DIR)]) == 0
-    out = capsys.readouterr().out
-    assert "4 tuning runs + 2 final runs + 0 X-LoRA runs" in out
-    lines = {line.split()[0]: line for line in out.splitlines() if "ms/step" in line}
+    command = [sys.executable, "scripts/grid_cost.py", str(preset), "--data_dir", str(DATA_DIR)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "4 tuning runs + 2 final runs + 0 X-LoRA runs" in done.stdout
+    lines = {line.split()[0]: line for line in done.stdout.splitlines() if "ms/step" in line}
     # every run stops at max_steps = 2: two candidates and one seed per variant
     assert "tuning         4 steps  final          2 steps" in lines["LoRA"]
     assert "KAN-FFN (mlp init)            326.9 ms/step" in lines["KAN-FFN"]
-    assert grid_cost.run_steps(["--task", "sst", "--epochs", "3", "--batch_size", "8"], DATA_DIR)[0] == 3 * 1068
+    # without max_steps: epochs x ceil(16 examples (train_limit) / batch 4); tuning 1 epoch, final 3
+    preset.write_text(preset.read_text().replace("max_steps = 2", "epochs = 3"))
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = {line.split()[0]: line for line in done.stdout.splitlines() if "ms/step" in line}
+    assert f"tuning {2 * 4:>9,} steps  final {3 * 4:>10,} steps" in lines["LoRA"], done.stdout
 
 
 def test_a_sonnet_run_without_test_predictions_never_opens_the_test_prompts(tmp_path, tokenizer_dir):
