@@ -298,6 +298,9 @@ class GPT2LMHeadModel(nn.Module):
         # {parameter name: variant} for every parameter a variant added (what "adapters" mode trains).
         self.adapter_params: dict[str, str] = {}
         self.task_index: int | None = None  # the task being run (for_task), for variants that route by it
+        # The LM-head loss's matmuls: False = at the run's precision (bf16 under bf16 autocast, as HF's LM
+        # head), True = fp32 always (the trainer sets it from --loss_precision)
+        self.lm_loss_fp32 = False
         if with_variants:
             self.apply_variants()
 
@@ -413,6 +416,7 @@ class GPT2LMHeadModel(nn.Module):
                 lm_head_weight(self.lm_head),
                 targets.reshape(-1),
                 check=validate,
+                fp32=self.lm_loss_fp32,
             )
         if return_logits or (return_logits is None and labels is None):
             out.logits = self.lm_head(out.last_hidden_state)

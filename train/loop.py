@@ -342,6 +342,7 @@ class Trainer:
         self.counts = set_trainable(model, config.fine_tune_mode, heads.values())
         if spec.runtime.grad_checkpointing:
             model.transformer.gradient_checkpointing = True
+        model.lm_loss_fp32 = spec.runtime.loss_precision == "fp32"
         self.model, self.heads = model, heads
         self.task_model = TaskModel(model, heads, self.objectives, device)
         self.wrapped: nn.Module = self.task_model

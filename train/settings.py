@@ -173,6 +173,11 @@ class RuntimeSettings(CommandSettings):
         "compute precision: bf16 autocast (weights and optimizer stay fp32) or fp32 (with TF32 matmuls on CUDA); "
         "auto = bf16 on a CUDA GPU that supports it, else fp32",
     )
+    loss_precision: Literal["run", "fp32"] = knob(
+        "run",
+        "the LM-head loss's matmuls: run = at the run's precision (bf16 with fp32 accumulation in a bf16 run, as HF's "
+        "LM head under autocast; softmax and loss in fp32), fp32 = always fp32",
+    )
     compile: bool = knob(
         False,
         "torch.compile each transformer block (lengths are padded to a multiple of 64 so length buckets reuse a "
