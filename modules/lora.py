@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from modules.lora_linear import use_fused_lora
 from modules.variant import LrPrior, Settings, Variant, knob, register
 
 if TYPE_CHECKING:
@@ -98,6 +99,7 @@ def attach_lora(model: nn.Module, config: Any) -> None:
     from peft.tuners.lora import LoraLayer
 
     inject_adapter_in_model(peft_lora_config(config), model, adapter_name=ADAPTER_NAME)
+    use_fused_lora(model)  # peft's maths as one autograd function per linear (modules/lora_linear.py)
     scale = lora_scale(config)
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and abs(module.scaling[ADAPTER_NAME] - scale) > 1e-12:

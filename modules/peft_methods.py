@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from modules.lora_linear import use_fused_lora
 from modules.prompt_learning import (
     DEFAULT_VIRTUAL_TOKENS,
     NOT_IDENTITY,
@@ -438,6 +439,8 @@ def attach_tuner(model: nn.Module, config: Any) -> None:
     tuner = tuner_class(model, peft_config_for(config), adapter_name=ADAPTER_NAME)
     if config.peft_method == "poly":
         route_poly_by_task(model)
+    if config.peft_method == "lora":
+        use_fused_lora(model)  # modules/lora_linear.py: peft's LoRA sum in one autograd function per linear
     if hasattr(tuner, "rankallocator"):  # AdaLoRA: its allocator runs after every optimizer step
         model.__dict__[ALLOCATOR] = tuner.rankallocator  # a plain attribute: not a module, not saved
     for _, layer in tuner_layers(model):
