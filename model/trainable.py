@@ -87,3 +87,45 @@ def build_optimizer(
 ) -> torch.optim.AdamW:
     groups = build_param_groups(model, lr, weight_decay, model.config.lora_plus_ratio, heads)
     return torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=lr, **adamw_kwargs)
+
+
+def hold_frozen_at(model: Any, dtype: torch.dtype) -> list[str]:
+    """Store the frozen weights (and biases) of the blocks' plain linears at `dtype` (the run's compute
+    precision: bf16 in a bf16 run), so autocast does not cast them again at every step; autocast caches
+    casts only of leaf tensors that require grad. Returns the names of the parameters it converted.
+
+    The numbers are unchanged: autocast would round the same fp32 values to the same bf16 values at
+    each call (`F.linear` under autocast, the fused LoRA linear's explicit cast). Trained parameters,
+    and so the optimizer state and training checkpoints, stay fp32. Only linears whose weight is read by
+    a plain matmul are converted: a block's own `nn.Linear`, or the base of a vanilla peft LoRA layer.
+    Left as they are: embeddings and the tied LM head (the residual stream stays fp32), LayerNorms,
+    quantised layers, the bases of other peft tuners (some read W directly: OFT's rotations, DoRA's
+    norms), and weights a variant saves as its state (PiSSA's residual W - BA)."""
+    from peft.tuners.lora import LoraLayer
+
+    saved = set(model.variant_state())
+    converted = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear or not name.startswith("transformer.h."):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if child == "base_layer":  # inside a peft layer: only vanilla LoRA's base is a plain matmul
+            if (
+                not isinstance(parent, LoraLayer)
+                or parent.lora_variant
+                or type(parent).__name__
+                not in (
+                    "Linear",
+                    "FusedLoraLinear",
+                )
+            ):
+                continue
+        for leaf in ("weight", "bias"):
+            param = getattr(module, leaf)
+            full = f"{name}.{leaf}"
+            if param is None or param.requires_grad or full in saved or not param.is_floating_point():
+                continue
+            param.data = param.data.to(dtype)
+            converted.append(full)
+    return converted

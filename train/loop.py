@@ -34,7 +34,7 @@ from datasets.common import DataError, data_dir
 from model import GPT2LMHeadModel, load_tokenizer
 from model.compile import compile_blocks
 from model.files import atomic_write_json
-from model.trainable import build_optimizer, set_trainable
+from model.trainable import build_optimizer, hold_frozen_at, set_trainable
 from train import checkpoint as ckpt
 from train import distributed, graphs, lifecycle
 from train.distributed import device_synchronize
@@ -340,6 +340,8 @@ class Trainer:
             self.data_init_seconds = self._initialize_from_data(model)
         heads = {n: h.to(device) for n, obj in self.objectives.items() if (h := obj.make_head(model)) is not None}
         self.counts = set_trainable(model, config.fine_tune_mode, heads.values())
+        if self.precision == "bf16":  # frozen block linears held in bf16: autocast stops re-casting them each step
+            hold_frozen_at(model, torch.bfloat16)
         if spec.runtime.grad_checkpointing:
             model.transformer.gradient_checkpointing = True
         model.lm_loss_fp32 = spec.runtime.loss_precision == "fp32"
