@@ -125,6 +125,19 @@ def plugin_env(**variables: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(PLUGINS), *paths]), **variables}
 
 
+def start_grid(cmd: list[str], **env: str) -> subprocess.Popen:
+    """An ablate command in its own session, output discarded (a test kills it mid-grid); `env`: extra
+    variables (e.g. GPT2_TEST_STEP_SLEEP to slow its steps)."""
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=plugin_env(**env),
+    )
+
+
 def kill_and_wait(process: subprocess.Popen, *, group: bool = False) -> int:
     """SIGKILL a process the test started (its whole process group with `group`) and wait until it is
     gone, together with the test fork server's worker that ran its command: the server kills a worker

@@ -14,7 +14,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from tests.conftest import REPO, kill_and_wait, plugin_env, write_grid_preset
+from tests.conftest import REPO, kill_and_wait, start_grid, write_grid_preset
 
 PRESETS = REPO / "experiments" / "presets"
 
@@ -30,14 +30,7 @@ def test_grid_resumes_after_kill_and_report_matches(tmp_path, tokenizer_dir):
     preset = tiny_grid(tmp_path, tokenizer_dir)
     grid = tmp_path / "grid"
     cmd = [sys.executable, "-m", "experiments.ablate", str(preset), "--out_dir", str(grid), "--threads", "1"]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env=plugin_env(GPT2_TEST_STEP_SLEEP="0.5"),
-    )
+    proc = start_grid(cmd, GPT2_TEST_STEP_SLEEP="0.5")
     deadline = time.time() + 180
     while time.time() < deadline:
         runs_tsv = grid / "runs.tsv"

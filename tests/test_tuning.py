@@ -20,7 +20,7 @@ from experiments.inputs import InputError
 from model.config import GPT2Config
 from modules.peft_methods import LR_PRIORS, SUPPORTED
 from modules.registry import VARIANTS
-from tests.conftest import DATA_DIR, REPO, kill_and_wait, plugin_env
+from tests.conftest import DATA_DIR, REPO, kill_and_wait, start_grid
 
 
 def write_preset(path: Path, tokenizer_dir: Path, variants: dict, tune: str, data_dir: Path = DATA_DIR, **common):
@@ -312,14 +312,7 @@ def test_a_grid_killed_in_its_tuning_stage_finishes_without_duplicates(tmp_path,
     preset = write_preset(tmp_path / "p.toml", tokenizer_dir, variants, "lr = [1e-4, 1e-3]\nseed = 0")
     grid = tmp_path / "grid"
     cmd = [sys.executable, "-m", "experiments.ablate", str(preset), "--out_dir", str(grid), "--threads", "1"]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env=plugin_env(GPT2_TEST_STEP_SLEEP="0.5"),
-    )
+    proc = start_grid(cmd, GPT2_TEST_STEP_SLEEP="0.5")
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
         if list(grid.glob("*-s0-*/metrics.json")):  # the first tuning run finished

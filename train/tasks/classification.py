@@ -65,17 +65,9 @@ class ClassificationTask(Task):
     def to_text(self, example: Example) -> str:
         return example.text
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        data_dir: Path,
-        training,
-        n_positions: int,
-        options=None,
-        fast_step=False,
-        predict_test=True,
-    ):
-        super().__init__(tokenizer, data_dir, training, n_positions, options, fast_step, predict_test)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # Task's arguments
+        super().__init__(*args, **kwargs)
+        training, n_positions, predict_test = self.training, self.n_positions, self.predict_test
         cap = training.max_length if training.max_length is not None else self.default_max_length
         self.max_length = min(self.default_max_length, cap, n_positions)
         self.dev = limit(self.load("dev"), training.dev_limit)

@@ -145,17 +145,9 @@ class Sonnet(Task):
                 f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all); dev chrF needs one per prompt"
             )
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        data_dir: Path,
-        training,
-        n_positions: int,
-        options=None,
-        fast_step=False,
-        predict_test=True,
-    ):
-        super().__init__(tokenizer, data_dir, training, n_positions, options, fast_step, predict_test)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # Task's arguments
+        super().__init__(*args, **kwargs)
+        training, n_positions, predict_test = self.training, self.n_positions, self.predict_test
         self.max_length = min(training.max_length or n_positions, n_positions)
         self.dev_prompts = limit(load_sonnets("dev_prompts", self.data_dir), training.dev_limit)
         self.test_prompts = (
