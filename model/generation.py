@@ -87,9 +87,16 @@ def generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     row_seeds: Sequence[int] | None = None,
-) -> torch.Tensor:
+    static_cache: bool = False,
+    output_scores: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`generator` drives `torch.multinomial` for the whole batch; `row_seeds` (one per row) instead
-    gives each row its own stream, independent of the batch it is in."""
+    gives each row its own stream, independent of the batch it is in. `static_cache=True`: after the
+    prompt, every step has the same shapes (`GPT2Model.decode_static`: the whole cache buffer read
+    under a mask, the token's slot and positions as device tensors), what a captured decode step
+    needs; the same tokens as the default path in fp32, the same logits to bf16 rounding under bf16
+    (tested). Models whose variants keep their own cache state (`static_decode_blocker`) decode the
+    default way. `output_scores=True` also returns each step's logits, (B, steps, V) in fp32."""
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p)
@@ -117,13 +124,25 @@ def generate(
     uniforms = row_uniforms(row_seeds, max_new_tokens, input_ids.device) if do_sample and row_seeds else None
     mask = attention_mask
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    new_tokens = []
+    new_tokens, scores = [], []
     step_input = input_ids
+    static = static_cache and model.transformer.static_decode_blocker() is None
     try:
         for step in range(max_new_tokens):
-            # The prompt is validated; later inputs are argmax/sampled ids within the checked length.
-            hidden = model.transformer(step_input, mask, kv_cache=cache, validate=step == 0).last_hidden_state[:, -1]
+            if step == 0 or not static:
+                # The prompt is validated; later inputs are argmax/sampled ids within the checked length.
+                out = model.transformer(step_input, mask, kv_cache=cache, validate=step == 0)
+                hidden = out.last_hidden_state[:, -1]
+                if static:
+                    slot, positions, keys = static_state(cache, attention_mask, batch, prompt_len)
+            else:
+                keys.index_fill_(1, slot, True)  # this step's own key
+                hidden = model.transformer.decode_static(step_input, positions, keys[:, None, None, :], cache)[:, -1]
+                slot.add_(1)
+                positions.add_(1)
             logits = model.lm_head(hidden).float()  # (B, V): only the last position's logits
+            if output_scores:
+                scores.append(logits)
             if do_sample:
                 probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
                 if uniforms is not None:
@@ -139,8 +158,29 @@ def generate(
             if eos_token_id is not None and (step + 1) % FINISHED_CHECK_EVERY == 0 and bool(finished.all()):
                 break
             step_input = next_token[:, None]
-            if mask is not None:
+            if mask is not None and not static:
                 mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
     finally:
         model.train(was_training)
-    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+    tokens = torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+    return (tokens, torch.stack(scores, dim=1)) if output_scores else tokens
+
+
+def static_state(
+    cache: KVCache, prompt_mask: torch.Tensor | None, batch: int, prompt_len: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """After the prompt's forward: (the slot of the next token, (1,); each row's next position, (B, 1);
+    the keys each row may read, (B, max_len)). The unwritten part of the cache is zeroed: masked keys
+    still enter attention's matmuls, where uninitialised memory could hold NaN."""
+    device = cache.keys[0].device
+    for buffer in (*cache.keys, *cache.values):
+        buffer[:, :, prompt_len:].zero_()
+    keys = torch.zeros(batch, cache.max_len, dtype=torch.bool, device=device)
+    if prompt_mask is None:
+        keys[:, :prompt_len] = True
+        positions = torch.full((batch, 1), prompt_len, dtype=torch.long, device=device)
+    else:  # left padding: a row's real tokens sit at positions 0..n-1
+        keys[:, :prompt_len] = prompt_mask.bool()
+        positions = prompt_mask.long().sum(1, keepdim=True)
+    cache.slot = torch.tensor([prompt_len], dtype=torch.long, device=device)
+    return cache.slot, positions, keys

@@ -228,6 +228,26 @@ class GPT2Model(nn.Module):
             kv_cache.length += q_len
         return GPT2Output(last_hidden_state=self.ln_f(x[:, :q_len] if extra else x))
 
+    def static_decode_blocker(self) -> str | None:
+        """Why this model cannot decode with a static cache (None: it can). Variants that keep their own
+        per-token state in the cache, or change what a step reads, decode eagerly."""
+        if self.virtual_tokens is not None:
+            return "prompt learning's virtual tokens"
+        if self.expert_mixer is not None:
+            return "X-LoRA's two passes"
+        if any(len(layer.parallel_branches) for layer in self.h):
+            return "a parallel branch with its own cache (graph attention)"
+        return None
+
+    def decode_static(
+        self, token: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, kv_cache: KVCache
+    ) -> torch.Tensor:
+        """One decoding step of fixed shapes: `token` and `positions` (B, 1), `mask` (B, 1, 1, max_len)
+        the keys each row may read (its prompt's real tokens and every token written since, this one
+        included), `kv_cache.slot` where this token's keys and values go. Returns ln_f's (B, 1, C)."""
+        x = self.drop(self.wte(token) + self.wpe(positions))
+        return self.ln_f(self._blocks(x, mask, kv_cache, None))
+
     def _layers(
         self, x: torch.Tensor, mask: torch.Tensor | None, kv_cache: Any, padding: torch.Tensor | None
     ) -> torch.Tensor:

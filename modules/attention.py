@@ -46,6 +46,10 @@ class KVCache:
         self.extras: dict = {}  # per-layer state of other branches (e.g. the graph branch's nodes)
         self.length = 0  # tokens already stored (same for every layer once a forward completes)
         self.virtual = 0  # of those, the virtual tokens of prompt learning (ahead of the real ones)
+        # Static decoding (model/generation.py): the slot the next token is written to, as a device
+        # tensor; a step then reads the whole buffer (its keys past the slot masked), so every step has
+        # the same shapes and reads no Python int that changes.
+        self.slot: torch.Tensor | None = None
 
     @classmethod
     def like(cls, other: KVCache) -> KVCache:
@@ -54,6 +58,10 @@ class KVCache:
         return cls(len(other.keys), batch, n_head, max_len, head_dim, other.keys[0].dtype, other.keys[0].device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.slot is not None:  # static decoding: one token into its slot, the whole buffer back
+            self.keys[layer].index_copy_(2, self.slot, k)
+            self.values[layer].index_copy_(2, self.slot, v)
+            return self.keys[layer], self.values[layer]
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} tokens > capacity {self.max_len}")

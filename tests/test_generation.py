@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model import GPT2LMHeadModel
@@ -124,3 +125,68 @@ def test_kv_cache_is_allocated_in_the_compute_dtype(model_ckpt, monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours.generate(ids, max_new_tokens=3, eos_token_id=None)
     assert dtypes == [torch.float32, torch.bfloat16]
+
+
+STATIC_CASES = {
+    "base": {},
+    "lora_kora": {"use_lora": True, "use_kora": True},
+    "kan_ffn": {"use_kan": True},
+    "peft_ia3": {"peft_method": "ia3"},
+}
+
+
+@pytest.mark.parametrize("case", list(STATIC_CASES))
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_static_cache_decoding_gives_the_default_paths_tokens(model_ckpt, case, autocast):
+    """Fixed-shape decode steps (whole cache buffer under a mask, slot and positions on the device) give
+    the default path's tokens: greedy and seeded sampling, a left-padded batch, an early EOS stop."""
+    from tests.conftest import perturb_adapters
+
+    model = GPT2LMHeadModel.from_pretrained(str(model_ckpt[0]), **STATIC_CASES[case]).eval()
+    if model.adapter_params:
+        perturb_adapters(model, scale=0.2)
+    assert model.transformer.static_decode_blocker() is None
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, VOCAB, (3, 9), generator=gen)
+    mask = torch.ones_like(prompts)
+    mask[0, :4] = 0  # left padding
+    mask[1, :2] = 0
+    prompts = prompts.masked_fill(mask == 0, PAD)
+    for kwargs in (
+        {"do_sample": False},
+        {"do_sample": True, "temperature": 1.2, "top_p": 0.9, "row_seeds": [5, 6, 7]},
+        {"do_sample": False, "eos_token_id": 7},
+    ):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            default, scores = model.generate(
+                prompts, attention_mask=mask, max_new_tokens=24, output_scores=True, **kwargs
+            )
+            static, static_scores = model.generate(
+                prompts, attention_mask=mask, max_new_tokens=24, static_cache=True, output_scores=True, **kwargs
+            )
+        if not autocast:
+            assert torch.equal(static, default), kwargs
+            assert (static_scores - scores).abs().max() <= 1e-4 * scores.abs().max()
+            continue
+        # bf16: attention over the whole masked buffer rounds differently from the prefix, so compare the
+        # logits of every step both paths reached with the same tokens; a token may differ only where the
+        # default path's choice was a near tie within that rounding
+        for row in range(prompts.shape[0]):
+            differs = (static[row, 9:] != default[row, 9:]).nonzero()
+            upto = int(differs[0]) if len(differs) else static_scores.shape[1] - 1
+            gap = (static_scores[row, : upto + 1] - scores[row, : upto + 1]).abs().max()
+            assert gap <= 0.05 * scores[row].abs().max(), (kwargs, row, gap)
+            if len(differs) and not kwargs["do_sample"]:
+                top2 = scores[row, upto].topk(2).values
+                assert top2[0] - top2[1] <= 2 * gap, (kwargs, row, "a greedy token changed without a near tie")
+    unpadded = model.generate(prompts[2:], max_new_tokens=16, static_cache=True)
+    assert torch.equal(unpadded, model.generate(prompts[2:], max_new_tokens=16))
+
+
+def test_models_with_their_own_cache_state_decode_the_default_way(model_ckpt):
+    graph = GPT2LMHeadModel.from_pretrained(str(model_ckpt[0]), use_graph=True).eval()
+    assert "graph" in graph.transformer.static_decode_blocker()
+    prompt = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(
+        graph.generate(prompt, max_new_tokens=8, static_cache=True), graph.generate(prompt, max_new_tokens=8)
+    )
