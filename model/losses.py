@@ -39,6 +39,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        # The incoming scale (1, or a loss weight / grad_accum share) multiplies the gradients kept in
+        # forward, after their bf16 products were rounded; HF scales dL/dlogits before its bf16 matmuls.
+        # The two differ at bf16 rounding only when the loss is scaled.
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
         return (

@@ -36,8 +36,10 @@ class _LoRALinear(torch.autograd.Function):
         h = ds @ a.t()  # (N, r)
         y = torch.addmm(bias.to(dtype), xs, w.t()) if bias is not None else xs @ w.t()
         y.addmm_(h, b.t(), alpha=scale)  # the low-rank path folded into the base GEMM's output
-        ctx.save_for_backward(ds, w, a, b, h)
-        ctx.scale, ctx.same = scale, dropped is None
+        # only what backward reads: W for dL/dx, d for dL/dA (the first adapted layer of a frozen model
+        # needs no dL/dx, so its W is not kept)
+        ctx.save_for_backward(ds if ctx.needs_input_grad[4] else None, w if ctx.needs_input_grad[0] else None, a, b, h)
+        ctx.scale, ctx.same, ctx.compute_dtype = scale, dropped is None, dtype
         ctx.dtypes = x.dtype, None if dropped is None else dropped.dtype, lora_a.dtype, lora_b.dtype
         return y
 
@@ -46,7 +48,7 @@ class _LoRALinear(torch.autograd.Function):
         ds, w, a, b, h = ctx.saved_tensors
         x_dtype, d_dtype, a_dtype, b_dtype = ctx.dtypes
         need_x, need_d, _, _, need_a, need_b = ctx.needs_input_grad[:6]
-        g = grad_y.to(w.dtype)
+        g = grad_y.to(ctx.compute_dtype)
         gb = g @ b  # (N, r): shared by dL/dA and the low-rank share of dL/dx
         grad_x = grad_d = grad_a = grad_b = None
         if need_a:
@@ -82,8 +84,9 @@ def fused_forward(layer: Any, x: torch.Tensor, adapter: str) -> torch.Tensor:
     """peft's LoRA sum for one adapter through `_LoRALinear` (see the module docstring)."""
     dropout = layer.lora_dropout[adapter]
     active = layer.training and isinstance(dropout, nn.Dropout) and dropout.p > 0
+    # dropout on x as peft applies it (before any reshape: a non-contiguous x keeps peft's mask order)
+    dropped = dropout(x).reshape(-1, x.shape[-1]) if active else None
     flat = x.reshape(-1, x.shape[-1])
-    dropped = dropout(flat) if active else None
     kind = x.device.type
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
     base = layer.base_layer
@@ -114,7 +117,9 @@ def _fused_class(peft_linear: type) -> type:
                 return peft_linear.forward(self, x, *args, **kwargs)
             return fused_forward(self, x, adapter)
 
-        _FUSED_CLASSES[peft_linear] = type("FusedLoraLinear", (peft_linear,), {"forward": forward})
+        fused = type("FusedLoraLinear", (peft_linear,), {"forward": forward, "__module__": __name__})
+        globals()["FusedLoraLinear"] = fused  # found by name: a model holding these layers pickles
+        _FUSED_CLASSES[peft_linear] = fused
     return _FUSED_CLASSES[peft_linear]
 
 

@@ -59,17 +59,21 @@ def test_frozen_linears_in_bf16_train_exactly_as_recast_ones(case):
     converted = hold_frozen_at(model, torch.bfloat16)
     blocks = [f"transformer.h.{i}" for i in range(2)]
     linears = [f"{b}.{p}" for b in blocks for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
-    weights = {n.removesuffix(".weight").removesuffix(".base_layer") for n in converted if n.endswith("weight")}
-    expected = {
-        "lora": set(linears),
-        "kora_qkv_lora": set(linears),
-        "last_linear": set(linears),
-        "dora": set(),  # every linear has a DoRA adapter (its norms read W)
-        "ia3": {f"{b}.{p}" for b in blocks for p in ("attn.c_proj", "mlp.c_fc")},  # IA3's targets stay
-        "pissa": set(),
-        "full_model": set(),
+
+    def owners(leaf: str) -> set[str]:
+        return {n.removesuffix(f".{leaf}").removesuffix(".base_layer") for n in converted if n.endswith(leaf)}
+
+    untouched = {f"{b}.{p}" for b in blocks for p in ("attn.c_proj", "mlp.c_fc")}  # IA3's targets stay
+    expected = {  # (linears whose weight is converted, linears whose bias is)
+        "lora": (set(linears), set(linears)),
+        "kora_qkv_lora": (set(linears), set(linears)),
+        "last_linear": (set(linears), set(linears)),
+        "dora": (set(), set()),  # every linear has a DoRA adapter (its norms read W)
+        "ia3": (untouched, untouched),
+        "pissa": (set(), set(linears)),  # its residual W - BA is saved state; the biases are the base's
+        "full_model": (set(), set()),
     }[case]
-    assert weights == expected
+    assert (owners("weight"), owners("bias")) == expected
     for name, param in model.named_parameters():
         is_converted = name in converted
         assert param.dtype == (torch.bfloat16 if is_converted else torch.float32), name
@@ -98,3 +102,17 @@ def test_a_bf16_runs_checkpoint_holds_fp32_trained_weights(tiny_ckpt, tokenizer_
         tensors = load_file(path)
         floats = {k: v.dtype for k, v in tensors.items() if v.is_floating_point()}
         assert floats and all(dtype == torch.float32 for dtype in floats.values()), (path, floats)
+
+
+def test_a_resumed_bf16_run_keeps_its_loss_precision():
+    from train.loop import check_loss_precision
+    from train.run import RunFolderError
+
+    old_run = {"training": {"precision": "bf16"}}  # recorded before --loss_precision: its loss was fp32
+    check_loss_precision(old_run, "bf16", "fp32", "r")
+    with pytest.raises(RunFolderError, match="pass --loss_precision fp32"):
+        check_loss_precision(old_run, "bf16", "run", "r")
+    with pytest.raises(RunFolderError, match="pass --loss_precision run"):
+        check_loss_precision({"training": {"loss_precision": "run"}}, "bf16", "fp32", "r")
+    check_loss_precision(old_run, "fp32", "run", "r")  # fp32: the same maths either way
+    check_loss_precision(None, "bf16", "run", "r")  # a fresh start

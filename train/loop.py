@@ -258,6 +258,7 @@ class Trainer:
                 f"--resume: {run_dir.name} computed in {saved_precision}, this resume would compute in "
                 f"{self.precision}; pass --precision {saved_precision}"
             )
+        check_loss_precision(saved_record, self.precision, spec.runtime.loss_precision, run_dir.name)
         extra_epochs = (saved_record or {}).get("extra_epochs", 0) + (spec.output.extend_epochs or 0)
         self.epochs = training.epochs + extra_epochs
         self._build_objectives()
@@ -816,6 +817,19 @@ class Trainer:
             }
         )
         return result
+
+
+def check_loss_precision(saved_record: dict | None, precision: str, loss_precision: str, name: str) -> None:
+    """A resumed bf16 run keeps the LM-head loss maths it started with (not part of the identity, like
+    --precision). Runs recorded before --loss_precision existed computed that loss in fp32."""
+    if saved_record is None or precision != "bf16":
+        return  # in fp32 both settings are the same maths
+    saved = saved_record.get("training", {}).get("loss_precision", "fp32")
+    if saved != loss_precision:
+        raise RunFolderError(
+            f"--resume: {name} computed its LM-head loss with --loss_precision {saved}, this resume would use "
+            f"{loss_precision}; pass --loss_precision {saved}"
+        )
 
 
 def wandb_tags(config) -> list[str]:
