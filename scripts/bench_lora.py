@@ -2,12 +2,14 @@
 
 gpt2-small width (768, 12 heads), few layers, B=8, T=128, LoRA r=8 on all four projections,
 only adapters train (the base is frozen in both), AdamW, median of alternating steps.
-Usage: python scripts/bench_lora.py [--layers 4] [--steps 5] [--threads 2]
+Also ours with peft's own LoRA forward instead of the fused LoRA linear (modules/lora_linear.py), so
+its share shows. Usage: python scripts/bench_lora.py [--layers 4] [--steps 5] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -18,6 +20,7 @@ import torch
 from model import GPT2LMHeadModel
 from model.trainable import build_optimizer, set_trainable
 from modules.lora import peft_lora_config
+from modules.lora_linear import unfuse_lora
 from train.commands import exit_status
 
 
@@ -53,10 +56,14 @@ def main() -> None:
             folder, use_lora=True, lora_r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0
         )
     set_trainable(ours)
+    unfused = copy.deepcopy(ours)
+    unfuse_lora(unfused)
     hf = peft.get_peft_model(hf_base, peft_lora_config(ours.config, fan_in_fan_out=True))
     ours.train()
+    unfused.train()
     hf.train()
     ours_opt = build_optimizer(ours, lr=1e-4)
+    unfused_opt = build_optimizer(unfused, lr=1e-4)
     hf_opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4)
     ours_trainable = sum(p.numel() for p in ours.parameters() if p.requires_grad)
     hf_trainable = sum(p.numel() for p in hf.parameters() if p.requires_grad)
@@ -64,13 +71,16 @@ def main() -> None:
     ids = torch.randint(0, 50257, (8, 128))
     ours_loss = lambda x: ours(x, labels=x).loss
     hf_loss = lambda x: hf(input_ids=x, labels=x).loss
+    unfused_loss = lambda x: unfused(x, labels=x).loss
     timed_step(ours_loss, ours_opt, ids)
+    timed_step(unfused_loss, unfused_opt, ids)
     timed_step(hf_loss, hf_opt, ids)
-    ours_t, hf_t = [], []
+    ours_t, unfused_t, hf_t = [], [], []
     for _ in range(args.steps):
         ours_t.append(timed_step(ours_loss, ours_opt, ids))
+        unfused_t.append(timed_step(unfused_loss, unfused_opt, ids))
         hf_t.append(timed_step(hf_loss, hf_opt, ids))
-    a, b = statistics.median(ours_t), statistics.median(hf_t)
+    a, b, c = statistics.median(ours_t), statistics.median(hf_t), statistics.median(unfused_t)
     print(
         f"torch={torch.__version__} transformers={transformers.__version__} peft={peft.__version__} "
         f"threads={torch.get_num_threads()}; {args.layers} layers x 768, B=8, T=128, r={args.rank}, "
@@ -80,6 +90,7 @@ def main() -> None:
         f"LoRA train step   ours {a * 1e3:8.1f} ms   HF+peft {b * 1e3:8.1f} ms   ratio ours/HF = {a / b:.3f}"
         f"  (target <= 1.0)"
     )
+    print(f"ours with peft's own LoRA forward {c * 1e3:8.1f} ms   fused / peft's forward = {a / c:.3f}")
 
 
 if __name__ == "__main__":
