@@ -208,14 +208,9 @@ def fixes_lr(argv: list[str]) -> bool:
     return any(word == "--lr" or word.startswith("--lr=") for word in argv)
 
 
-def _plan_runs(preset: dict, out_dir: Path, inputs: list[str], model_spec: dict, scratch: Path) -> GridPlan:
-    config_source = None
-    if "random_init" in model_spec:
-        model = str(tiny_checkpoint_path(out_dir, model_spec["random_init"]))
-        if not (Path(model) / "model.safetensors").is_file():
-            config_source = str(tiny_checkpoint(scratch, model_spec["random_init"]))
-    else:
-        model = model_spec.get("model", "gpt2")
+def make_planner(preset: dict, out_dir: Path, inputs: list[str], model: str, config_source: str | None):
+    """`planned(task, label, flags, seed, stage) -> (PlannedRun, RunSpec)`: one run of the grid, its flags
+    validated by the run's own parser (`config_source`: a stand-in checkpoint to read the config from)."""
     bases = {}
 
     def planned(task: str, variant: str, flags: list[str], seed: int, stage: str | None) -> tuple[PlannedRun, Any]:
@@ -232,6 +227,19 @@ def _plan_runs(preset: dict, out_dir: Path, inputs: list[str], model_spec: dict,
         command = render_argv(spec, base)
         return PlannedRun(task, variant, seed, command, MODULE, run_folder(spec, migrate=False), stage=stage), spec
 
+    return planned
+
+
+def _plan_runs(preset: dict, out_dir: Path, inputs: list[str], model_spec: dict, scratch: Path) -> GridPlan:
+    config_source = None
+    if "random_init" in model_spec:
+        model = str(tiny_checkpoint_path(out_dir, model_spec["random_init"]))
+        if not (Path(model) / "model.safetensors").is_file():
+            config_source = str(tiny_checkpoint(scratch, model_spec["random_init"]))
+    else:
+        model = model_spec.get("model", "gpt2")
+    planned = make_planner(preset, out_dir, inputs, model, config_source)
+
     tune: tuning.TuneSettings | None = preset.get("tune")
     result = GridPlan([], [])
     for task in preset["tasks"]:
@@ -241,7 +249,7 @@ def _plan_runs(preset: dict, out_dir: Path, inputs: list[str], model_spec: dict,
                 run_argv(preset, task, model, variant, variant_flags, 0, out_dir, [])
             )
             if tuned:
-                choice = _plan_tuning(preset, task, variant, tune, planned, result)
+                choice = _plan_tuning(preset, task, variant, variant_flags, tune, planned, result)
                 if choice is None:
                     result.waiting += len(preset["seeds"])
                     continue
@@ -251,17 +259,17 @@ def _plan_runs(preset: dict, out_dir: Path, inputs: list[str], model_spec: dict,
     return result
 
 
-def _plan_tuning(preset: dict, task: str, variant: str, tune, planned, result: GridPlan):
+def _plan_tuning(preset: dict, task: str, variant: str, base_flags: list[str], tune, planned, result: GridPlan):
     """A tuned cell's tuning runs (added to `result`, with the cell's record) and its choice, None while
-    a tuning run is not finished (or every one diverged)."""
-    flags = [*preset["variants"][variant], *tune.budget_flags(), "--stage", "tune", "--no-predict_test"]
+    a tuning run is not finished (or every one diverged). `base_flags`: the cell's own flags."""
+    flags = [*base_flags, *tune.budget_flags(), "--stage", "tune", "--no-predict_test"]
     _, probe = planned(task, variant, flags, tune.seed, "tune")  # its config (the rate does not change it)
     prior = tuning.config_prior(probe.config)
     trials = []
     for lr in tuning.candidates(tune, prior):
         run, _ = planned(task, variant, [*flags, "--lr", repr(lr)], tune.seed, "tune")
         if tune.seed in preset["seeds"]:  # the same seed and budget at this rate would be a final run itself
-            final, _ = planned(task, variant, [*preset["variants"][variant], "--lr", repr(lr)], tune.seed, "final")
+            final, _ = planned(task, variant, [*base_flags, "--lr", repr(lr)], tune.seed, "final")
             if final.run_dir == run.run_dir:
                 raise InputError(
                     f"error: [tune] {task} {variant}: the tuning run at lr {lr:g} would be the final run of seed "
@@ -289,44 +297,71 @@ def run_argv(
     ]
 
 
-def plan_xlora(preset: dict, runs: list[PlannedRun], inputs: list[str], out_dir: Path) -> list[PlannedRun]:
+def plan_xlora(preset: dict, runs: list[PlannedRun], inputs: list[str], out_dir: Path) -> GridPlan:
     """The X-LoRA runs of a preset with an [xlora] table, planned once their expert runs have finished
     (their identity holds the experts' digests): per task and seed, the experts are that seed's runs of
-    the `experts` variants on the `expert_tasks`, named `<variant>-<task>`."""
+    the `experts` variants on the `expert_tasks`, named `<variant>-<task>`. With a [tune] table its rate
+    is tuned like every method's: the tuning runs mix the first seed's experts (the tuning seed has none
+    of its own), and the final runs wait for the choice."""
     table = preset["xlora"]
     label = table.get("label", "xlora")
     model_spec = preset.get("model", {})
     model = str(tiny_checkpoint_path(out_dir, model_spec["random_init"])) if "random_init" in model_spec else None
-    model = model or model_spec.get("model", "gpt2")
+    planned = make_planner(preset, out_dir, inputs, model or model_spec.get("model", "gpt2"), None)
     by_point = {(r.variant, r.task, r.seed): r.run_dir for r in runs}
-    jobs = []
+
+    def mixture(seed: int) -> list[str]:
+        experts = {
+            f"{variant}-{expert_task}": str(by_point[(variant, expert_task, seed)])
+            for variant in table["experts"]
+            for expert_task in table.get("expert_tasks", preset["tasks"])
+        }
+        return [
+            "--peft_method",
+            "xlora",
+            "--peft_config",
+            json.dumps({**table.get("options", {}), "adapters": experts}),
+        ]
+
+    tune: tuning.TuneSettings | None = preset.get("tune")
+    result = GridPlan([], [])
     for _, task in xlora_cells(preset):
+        final_flags = ["--stage", "final"] if tune is not None else []
+        if tune is not None:
+            choice = _plan_tuning(preset, task, label, mixture(preset["seeds"][0]), tune, planned, result)
+            if choice is None:
+                result.waiting += len(preset["seeds"])
+                continue
+            final_flags += ["--lr", repr(choice.lr), "--lr_chosen_by", *choice.chosen_by]
         for seed in preset["seeds"]:
-            experts = {
-                f"{variant}-{expert_task}": str(by_point[(variant, expert_task, seed)])
-                for variant in table["experts"]
-                for expert_task in table.get("expert_tasks", preset["tasks"])
-            }
-            fields = json.dumps({**table.get("options", {}), "adapters": experts})
-            flags = ["--peft_method", "xlora", "--peft_config", fields]
-            flags += ["--stage", "final"] if preset.get("tune") is not None else []  # (its rate is not tuned)
-            argv = run_argv(preset, task, model, label, flags, seed, out_dir, inputs)
-            try:
-                spec, _ = entry.parse(entry.GENERIC, argv, inputs=False)
-            except SystemExit:
-                raise InputError(
-                    f"error: [xlora] {task} seed {seed}: its flags are rejected by python -m {MODULE} (message above)"
-                ) from None
-            command = render_argv(spec, read_checkpoint_config(model))
-            jobs.append(PlannedRun(task, label, seed, command, MODULE, run_folder(spec, migrate=False)))
-    return jobs
+            run, _ = planned(task, label, [*mixture(seed), *final_flags], seed, "final" if tune is not None else None)
+            result.runs.append(run)
+    return result
 
 
-def xlora_stage(preset: dict, runs: list[PlannedRun], inputs: list[str], out_dir: Path) -> tuple[list, list]:
-    """The [xlora] runs (every one, those not done yet), their variant name recorded for the report."""
-    stage = plan_xlora(preset, runs, inputs, out_dir)
-    record_variant_names(out_dir, stage)
-    return stage, [r for r in stage if status(r) != "done"]
+def left(stage: list[PlannedRun]) -> list[PlannedRun]:
+    """The runs of a stage still to run (not finished, not held by another process)."""
+    return [r for r in stage if status(r) not in ("done", "running")]
+
+
+def xlora_stage(preset: dict, runs: list[PlannedRun], inputs: list[str], out_dir: Path) -> tuple[str, list]:
+    """What of the X-LoRA stage to submit next (a cluster launcher): its tuning runs while any is left,
+    then its runs at the chosen rate (their variant name recorded for the report)."""
+    xplan = plan_xlora(preset, runs, inputs, out_dir)
+    pending = left(xplan.tuning)
+    if pending or any(status(r) == "running" for r in xplan.tuning):
+        return "X-LoRA tuning runs", pending
+    if xplan.cells:
+        tuning.write_record(out_dir, preset["tune"], plan_grid(preset, out_dir, inputs).cells + xplan.cells)
+    record_variant_names(out_dir, xplan.runs)
+    return "X-LoRA runs", left(xplan.runs)
+
+
+def xlora_count(preset: dict) -> int:
+    """Every X-LoRA run the grid will train: its tuning runs (a [tune] preset) and one per task and seed."""
+    tune = preset.get("tune")
+    candidates = 0 if tune is None else tune.points if isinstance(tune.lr, str) else len(tune.lr)
+    return len(xlora_cells(preset)) * (candidates + len(preset["seeds"]))
 
 
 def plan_transfer(preset: dict, sources: list[PlannedRun], inputs: list[str]) -> tuple[list[PlannedRun], list[dict]]:
@@ -713,8 +748,16 @@ def main(argv: list[str] | None = None) -> int:
             print("the transfer stage needs every source run: fix the failed runs and re-run", flush=True)
         xlora_ready, why = experts_ready(preset, grid)
         if "xlora" in preset and jobs.stop_signal is None and xlora_ready:
-            stage, stage_todo = xlora_stage(preset, runs, inputs, out_dir)
-            run_stage(stage, stage_todo, f"X-LoRA stage: {len(stage)} runs")
+            xplan = plan_xlora(preset, runs, inputs, out_dir)
+            if xplan.tuning:  # X-LoRA's own rate, tuned like every method's
+                run_stage(xplan.tuning, left(xplan.tuning), f"X-LoRA tuning stage: {len(xplan.tuning)} runs")
+                if jobs.stop_signal is None:
+                    xplan = plan_xlora(preset, runs, inputs, out_dir)
+                    tuning.write_record(out_dir, tune, grid.cells + xplan.cells)
+                    unchosen += [c for c in xplan.cells if c["status"] != "chosen"]
+            if jobs.stop_signal is None:
+                record_variant_names(out_dir, xplan.runs)
+                run_stage(xplan.runs, left(xplan.runs), f"X-LoRA stage: {len(xplan.runs)} runs")
         elif "xlora" in preset and jobs.stop_signal is None:
             print(
                 f"the X-LoRA stage needs every expert run finished ({why}): fix or finish them and re-run", flush=True
@@ -765,7 +808,7 @@ def experts_ready(preset: dict, grid: GridPlan) -> tuple[bool, str]:
 
 def planned_count(preset: dict, grid: GridPlan) -> int:
     """Every run the grid will train: tuning runs, final runs (named or waiting for their tuning), X-LoRA runs."""
-    return len(grid.tuning) + len(grid.runs) + grid.waiting + len(xlora_cells(preset)) * len(preset["seeds"])
+    return len(grid.tuning) + len(grid.runs) + grid.waiting + xlora_count(preset)
 
 
 def tuning_summary(cells: list[dict]) -> str:
@@ -814,14 +857,17 @@ def dry_run(args, preset: dict, grid: GridPlan, todo: list[PlannedRun], inputs, 
                 print(f"  {status(run):6s} {run.task:16s} {(run.done_file or run.run_dir).relative_to(out_dir)}")
     if "xlora" in preset:
         if pending:
-            count = len(xlora_cells(preset)) * len(preset["seeds"])
+            count = xlora_count(preset)
             print(f"then, once the expert runs ({preset['xlora']['experts']}) are done: {count} X-LoRA runs")
         else:
-            for run in plan_xlora(preset, runs, inputs, out_dir):
-                print(f"  {status(run):6s} {run.run_dir.name}")
+            xplan = plan_xlora(preset, runs, inputs, out_dir)
+            for run in xplan.tuning + xplan.runs:
+                print(f"  {status(run):6s} {'tune   ' if run.stage == 'tune' else ''}{run.run_dir.name}")
+            if xplan.waiting:
+                print(f"then, once X-LoRA's tuning runs are done: {xplan.waiting} X-LoRA runs at the chosen rate")
     if preset.get("tune") is not None:
         final = len(runs) + grid.waiting
-        xlora = len(xlora_cells(preset)) * len(preset["seeds"])
+        xlora = xlora_count(preset)
         print(
             f"planned: {len(grid.tuning)} tuning runs + {final} final runs"
             + (f" + {xlora} X-LoRA runs" if xlora else "")
@@ -890,14 +936,19 @@ def launch_cluster(args, preset, grid: GridPlan, todo, out_dir: Path, inputs, se
                 stages.append(("runs", [r for r in runs if status(r) not in ("done", "running")]))
             else:
                 print("the final runs are submitted by a re-run of this command once every tuning run is done")
+        if label == "X-LoRA tuning runs":
+            if all(status(r) == "done" for r in plan_xlora(preset, runs, inputs, out_dir).tuning):
+                stages.append(xlora_stage(preset, runs, inputs, out_dir))
+            else:
+                print("X-LoRA's final runs are submitted by a re-run of this command once its tuning runs are done")
         if label == "runs" and ("transfer" in preset or "xlora" in preset):
             if not grid.waiting and all(status(r) == "done" for r in runs):
                 if "transfer" in preset:
                     stages.append(("transfer-stage jobs", transfer_stage(preset, runs, inputs, out_dir)[1]))
                 if "xlora" in preset:
-                    stages.append(("X-LoRA runs", xlora_stage(preset, runs, inputs, out_dir)[1]))
+                    stages.append(xlora_stage(preset, runs, inputs, out_dir))
             elif "xlora" in preset and experts_ready(preset, grid)[0] and "transfer" not in preset:
-                stages.append(("X-LoRA runs", xlora_stage(preset, runs, inputs, out_dir)[1]))
+                stages.append(xlora_stage(preset, runs, inputs, out_dir))
             else:
                 print("the second stage is submitted by a re-run of this command once every first-stage run is done")
     return 1 if failed else 0

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         finals = grid.runs
         if grid.waiting:  # their rate is not chosen yet: the prior's middle candidate stands in (same cost)
             finals = finals + stand_in_finals(preset, grid)
-    xlora = len(ablate.xlora_cells(preset)) * len(preset["seeds"])
+    xlora = ablate.xlora_count(preset)  # its tuning runs included
     tune_hours, tune_steps = estimate(grid.tuning, data)
     final_hours, final_steps = estimate(finals, data)
     print(f"{args.preset}: {len(grid.tuning)} tuning runs + {len(finals)} final runs + {xlora} X-LoRA runs")

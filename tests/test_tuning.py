@@ -407,3 +407,29 @@ def test_the_report_leaves_out_final_runs_at_an_old_rate_and_a_grid_with_nothing
     record = {"cells": [{"variant": "lora", "task": "sst", "chosen_lr": 1e-4}]}
     assert [r["lr"] for r in report.current_finals(rows, record)] == ["0.0001", "0.0005"]
     assert report.current_finals(rows, None) == rows
+
+
+@pytest.mark.slow
+def test_xlora_rate_is_tuned_on_the_first_seeds_experts(tmp_path, tokenizer_dir, capsys):
+    preset = write_preset(tmp_path / "p.toml", tokenizer_dir, {"lora": ["--use_lora"]}, "lr = [1e-4, 1e-3]")
+    preset.write_text(preset.read_text() + '[xlora]\nexperts = ["lora"]\n')
+    grid = tmp_path / "grid"
+    command = [str(preset), "--out_dir", str(grid), "--threads", "1"]
+    assert ablate.main([*command, "--dry_run"]) == 0
+    assert "planned: 2 tuning runs + 1 final runs + 3 X-LoRA runs = 6 runs" in capsys.readouterr().out
+    assert ablate.main(command) == 0
+    out = capsys.readouterr().out
+    assert "X-LoRA tuning stage: 2 runs" in out and "X-LoRA stage: 1 runs" in out
+    assert len(list(grid.glob("*/metrics.json"))) == 6  # what the dry run counted
+    cells = {c["variant"]: c for c in json.loads((grid / "tuning.json").read_text())["cells"]}
+    assert set(cells) == {"lora", "xlora"} and cells["xlora"]["status"] == "chosen"
+    (lora_final,) = [p.parent for p in grid.glob("*-s1-*/metrics.json") if _label(p.parent) == "lora"]
+    (xlora_final,) = [p.parent for p in grid.glob("*-s1-*/metrics.json") if _label(p.parent) == "xlora"]
+    training = json.loads((xlora_final / "config.json").read_text())["training"]
+    assert training["lr"] == cells["xlora"]["chosen_lr"] and training["stage"] == "final"
+    assert sorted(training["lr_chosen_by"]) == sorted(t["run"] for t in cells["xlora"]["trials"])
+    for trial in cells["xlora"]["trials"]:  # the tuning runs mix seed 1's LoRA run (seed 0 has none)
+        record = json.loads((Path(trial["run_dir"]) / "config.json").read_text())
+        assert str(lora_final) in json.dumps(record["config"]["peft_config"]) and record["training"]["stage"] == "tune"
+    again = ablate.main(command)
+    assert again == 0 and "X-LoRA stage: 1 runs, 1 already done, 0 to run" in capsys.readouterr().out
