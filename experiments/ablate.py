@@ -683,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
                 "random_init": "random_init" in model_spec,
                 "transfer": "transfer" in preset,
                 "tune": tune.to_dict() if tune is not None else None,
-                "tuning_runs": len(grid.tuning),
+                # X-LoRA's tuning runs too (its final runs are cells of the grid)
+                "tuning_runs": len(grid.tuning) + xlora_count(preset) - len(xlora_cells(preset)) * len(preset["seeds"]),
             },
             indent=2,
         )

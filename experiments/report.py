@@ -81,8 +81,9 @@ def read_runs(grid: Path) -> list[dict]:
 
 def label_variants(rows: list[dict], grid: Path) -> None:
     """Give each row the name its seeds are grouped under: the preset's variant name when the grid
-    recorded it (keyed by config hash), else the variant tag, with the hash added when one tag
-    covers several configurations (e.g. two LoRA runs that differ only in their targets)."""
+    recorded it (keyed by config hash), else the `--label` the run recorded, else the variant tag, with
+    the hash added when one tag covers several configurations (e.g. two LoRA runs that differ only in
+    their targets)."""
     manifest = grid / "variants.json"
     names = json.loads(manifest.read_text()) if manifest.is_file() else {}
     hashes: dict[tuple[str, str], set[str]] = defaultdict(set)
@@ -94,6 +95,8 @@ def label_variants(rows: list[dict], grid: Path) -> None:
             key = _migrated_from(Path(row.get("run_dir") or "")) or key
         if key in names:
             row["variant"] = names[key]
+        elif row.get("label") and row["label"] != row["variant"]:  # the grid's name, kept in the run's record
+            row["variant"] = row["label"]
         elif len(hashes[(row["task"], row["variant"])]) > 1:
             row["variant"] = f"{row['variant']}#{key}"
 
@@ -330,15 +333,16 @@ def plot_cost(tasks, variants, extra, path: Path) -> None:
 
 
 def current_finals(rows: list[dict], record: dict | None) -> list[dict]:
-    """Leave out final runs of a tuned cell at another rate than its current choice (a [tune] table changed
-    since they ran): a cell's seeds are the runs at the rate its tuning chose."""
+    """Leave out runs of a tuned cell at another rate than its current choice (a [tune] table changed since
+    they ran, or they ran before the cell was tuned): a cell's seeds are the runs at the rate its tuning
+    chose."""
     if not record:
         return rows
     chosen = {(c["variant"], c["task"]): c["chosen_lr"] for c in record.get("cells", [])}
     kept = []
     for row in rows:
         rate = chosen.get((row["variant"], row["task"]))
-        if row.get("stage") == "final" and rate is not None and not math.isclose(float(row["lr"]), rate):
+        if rate is not None and not math.isclose(float(row["lr"]), rate):
             continue
         kept.append(row)
     return kept

@@ -402,6 +402,7 @@ def test_the_report_leaves_out_final_runs_at_an_old_rate_and_a_grid_with_nothing
     rows = [
         {"variant": "lora", "task": "sst", "stage": "final", "lr": "0.001"},
         {"variant": "lora", "task": "sst", "stage": "final", "lr": "0.0001"},
+        {"variant": "lora", "task": "sst", "stage": "", "lr": "0.0002"},  # ran before the grid tuned it
         {"variant": "fixed", "task": "sst", "stage": "final", "lr": "0.0005"},
     ]
     record = {"cells": [{"variant": "lora", "task": "sst", "chosen_lr": 1e-4}]}
