@@ -255,15 +255,21 @@ def broken_test_split(tmp_path: Path) -> Path:
     return folder
 
 
+def dry_run(preset: Path, tmp_path: Path, capsys, planned: str) -> tuple[Path, list[str]]:
+    """The grid's folder and ablate command line, after its dry run printed the `planned` count."""
+    grid = tmp_path / "grid"
+    command = [str(preset), "--out_dir", str(grid), "--threads", "1"]
+    assert ablate.main([*command, "--dry_run"]) == 0
+    assert planned in capsys.readouterr().out
+    return grid, command
+
+
 @pytest.mark.slow
 def test_tuning_runs_never_read_the_test_split_and_the_dry_run_counts_every_run(tmp_path, tokenizer_dir, capsys):
     data = broken_test_split(tmp_path)
     variants = {"base": [], "lora": ["--use_lora"]}
     preset = write_preset(tmp_path / "p.toml", tokenizer_dir, variants, "lr = [1e-4, 1e-3]\nseed = 0", data)
-    grid = tmp_path / "grid"
-    command = [str(preset), "--out_dir", str(grid), "--threads", "1"]
-    assert ablate.main([*command, "--dry_run"]) == 0
-    assert "planned: 4 tuning runs + 2 final runs = 6 runs" in capsys.readouterr().out
+    grid, command = dry_run(preset, tmp_path, capsys, "planned: 4 tuning runs + 2 final runs = 6 runs")
     # the tuning runs finish on data whose test split cannot be read; the final runs, which read it, fail
     assert ablate.main(command) == 1
     out = capsys.readouterr().out
@@ -414,10 +420,7 @@ def test_the_report_leaves_out_final_runs_at_an_old_rate_and_a_grid_with_nothing
 def test_xlora_rate_is_tuned_on_the_first_seeds_experts(tmp_path, tokenizer_dir, capsys):
     preset = write_preset(tmp_path / "p.toml", tokenizer_dir, {"lora": ["--use_lora"]}, "lr = [1e-4, 1e-3]")
     preset.write_text(preset.read_text() + '[xlora]\nexperts = ["lora"]\n')
-    grid = tmp_path / "grid"
-    command = [str(preset), "--out_dir", str(grid), "--threads", "1"]
-    assert ablate.main([*command, "--dry_run"]) == 0
-    assert "planned: 2 tuning runs + 1 final runs + 3 X-LoRA runs = 6 runs" in capsys.readouterr().out
+    grid, command = dry_run(preset, tmp_path, capsys, "planned: 2 tuning runs + 1 final runs + 3 X-LoRA runs = 6 runs")
     assert ablate.main(command) == 0
     out = capsys.readouterr().out
     assert "X-LoRA tuning stage: 2 runs" in out and "X-LoRA stage: 1 runs" in out
