@@ -20,6 +20,8 @@ Beyond this machine (experiments/launchers.py): `--launcher slurm` submits the p
 job array through submitit (preemption-safe: checkpoint, requeue, --resume); `--wandb_sweep OUT.yaml`
 writes a wandb grid sweep whose agents run one point each through `--task T --variant V --seed S`.
 A preset with a [transfer] table adds a second stage once its runs are done (train/transfer.py).
+A preset with a [tune] table trains each method at its own learning rate: one dev-only run per candidate
+rate and (method, task) first, then the seeds at the best dev rate (experiments/tuning.py; README).
 A preset with an [xlora] table adds X-LoRA runs once their experts are done: per task and seed, a
 `--peft_method xlora` run mixing that seed's runs of the `experts` variants on the `expert_tasks`
 (modules/xlora.py); they are rows of the grid like any variant (label `xlora`).
@@ -83,6 +85,12 @@ class PlannedRun:
         return self.run_dir.name if self.done_file is None else f"{self.run_dir.parent.name}-{self.run_dir.name}"
 
 
+PRESET_KEYS = {
+    *("name", "tasks", "seeds", "baseline", "model", "common", "task_flags", "variants"),
+    *("transfer", "cka", "xlora", "tune", "slurm"),
+}
+
+
 def load_preset(path: Path) -> dict:
     try:
         preset = tomllib.loads(path.read_text())
@@ -94,6 +102,9 @@ def load_preset(path: Path) -> dict:
     for key in ("name", "tasks", "seeds", "variants"):
         if key not in preset:
             raise InputError(f"error: {path}: missing key {key!r}")
+    unknown_keys = sorted(set(preset) - PRESET_KEYS)
+    if unknown_keys:  # a misspelt table ([commn], [tunes]) would otherwise be dropped without a word
+        raise InputError(f"error: {path}: unknown key(s) or table(s) {unknown_keys} (known: {sorted(PRESET_KEYS)})")
     unknown = [t for t in preset["tasks"] if t not in TASKS]
     if unknown:
         raise InputError(f"error: {path}: unknown task(s) {unknown}; known: {list(TASKS)}")
@@ -114,6 +125,12 @@ def load_preset(path: Path) -> dict:
         check_xlora_table(path, preset)
     if "tune" in preset:
         preset["tune"] = tuning.tune_settings(path, preset["tune"])
+        if preset["tune"].seed in preset["seeds"]:
+            raise InputError(
+                f"error: {path}: [tune] seed {preset['tune'].seed} is one of the grid's seeds {preset['seeds']}: a "
+                "tuning run would share its initialisation and data order with a final run (or be the same run); "
+                "give [tune] a seed outside them (default 0)"
+            )
     return preset
 
 
@@ -266,16 +283,8 @@ def _plan_tuning(preset: dict, task: str, variant: str, base_flags: list[str], t
     _, probe = planned(task, variant, flags, tune.seed, "tune")  # its config (the rate does not change it)
     prior = tuning.config_prior(probe.config)
     trials = []
-    for lr in tuning.candidates(tune, prior):
+    for lr in tuning.candidates(tune, prior):  # (the seed is outside the grid's: never a final run, load_preset)
         run, _ = planned(task, variant, [*flags, "--lr", repr(lr)], tune.seed, "tune")
-        if tune.seed in preset["seeds"]:  # the same seed and budget at this rate would be a final run itself
-            final, _ = planned(task, variant, [*base_flags, "--lr", repr(lr)], tune.seed, "final")
-            if final.run_dir == run.run_dir:
-                raise InputError(
-                    f"error: [tune] {task} {variant}: the tuning run at lr {lr:g} would be the final run of seed "
-                    f"{tune.seed} (same seed, budget and rate); give [tune] a seed outside seeds {preset['seeds']} "
-                    "or a smaller budget (epochs / max_steps)"
-                )
         result.tuning.append(run)
         trials.append(tuning.read_trial(lr, run.run_dir))
     choice = tuning.choose(trials)
@@ -771,12 +780,16 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     if jobs.stop_signal is not None:
         finished = len(attempted) - len(failed) - len(interrupted) - len(not_started)
-        waiting = f", {grid.waiting} final runs wait for their tuning" if grid.waiting else ""
+        counts = f"{done_before + finished} of {total} runs done"
+        if tune is not None:  # count against the whole plan: later stages are planned as their inputs finish
+            fresh = plan_grid(preset, out_dir, inputs)
+            done = sum(status(r) == "done" for r in fresh.tuning + fresh.runs)
+            counts = f"{done} of {planned_count(preset, fresh)} planned runs done (tuning runs included)"
+            counts += f", {fresh.waiting} final runs wait for their tuning" if fresh.waiting else ""
         print(
             f"grid {preset['name']} interrupted by {signal.Signals(jobs.stop_signal).name} after {seconds:.1f} s: "
-            f"{done_before + finished} of {total} runs done, {len(interrupted)} interrupted "
-            f"(checkpointed), {len(not_started)} not started, {len(failed)} failed{waiting}. Re-run the same command "
-            f"to continue.",
+            f"{counts}, {len(interrupted)} interrupted (checkpointed), {len(not_started)} not started, "
+            f"{len(failed)} failed. Re-run the same command to continue.",
             flush=True,
         )
         return EXIT_STATUS.get(jobs.stop_signal, 128 + jobs.stop_signal)

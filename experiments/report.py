@@ -356,6 +356,9 @@ def tuning_section(record: dict, rows: list[dict], plot_path: Path) -> str:
     budget = f"{settings['epochs']} epoch(s)" if settings.get("epochs") else ""
     if settings.get("max_steps"):
         budget += (" or " if budget else "") + f"{settings['max_steps']} steps"
+    steps = sorted({t["steps"] for c in cells for t in c["trials"] if t["outcome"] == "finished"})
+    if steps:  # what the budget came to (a preset's own max_steps may cap it)
+        budget += f" ({steps[0]}{'–' + str(steps[-1]) if steps[-1] != steps[0] else ''} optimizer steps a candidate)"
     grid = "each method's own prior range" if settings["lr"] == "prior" else f"the rates {settings['lr']}"
     points = f"{settings['points']} log-spaced rates over {grid}" if settings["lr"] == "prior" else grid
     final: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: {"steps": 0, "seconds": 0.0, "runs": 0})
@@ -625,7 +628,6 @@ def main(argv: list[str] | None = None) -> int:
     record = _read_json(args.grid / TUNING_FILE)
     if record is not None and record.get("cells"):
         tuning_text = tuning_section(record, rows, out / "lr_sensitivity.png")
-        print(tuning_text)
     transfer_text = ""
     if manifest is not None:
         results, incomplete = transfer_results(manifest)
@@ -651,6 +653,8 @@ def main(argv: list[str] | None = None) -> int:
     if counts:
         print(counts.strip().lstrip("> "))
     print(table)
+    if tuning_text:
+        print(tuning_text)
     print(f"report written to {out}")
     return 0
 

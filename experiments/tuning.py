@@ -63,7 +63,7 @@ class TuneSettings:
     def to_dict(self) -> dict[str, Any]:
         return {
             "lr": self.lr if isinstance(self.lr, str) else list(self.lr),
-            "points": self.points,
+            "points": self.points if isinstance(self.lr, str) else None,
             "seed": self.seed,
             "epochs": self.epochs,
             "max_steps": self.max_steps,

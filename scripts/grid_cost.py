@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  = {len(grid.tuning) + len(finals) + xlora} runs (X-LoRA's not in the hours below)")
     print(f"  estimated GPU-hours (one H200, see the docstring): tuning {tune_hours:.1f} + final {final_hours:.1f}")
     print(f"  = {tune_hours + final_hours:.1f} h; tuning is {tune_hours / (tune_hours + final_hours):.0%} of it")
+    unmeasured = sorted({r.variant for r in grid.tuning + finals if kind(r.argv) not in STEP_MS})
+    if unmeasured:
+        print(f"  without a measured step (LoRA's time is used): {', '.join(unmeasured)}")
     for name in sorted(set(tune_steps) | set(final_steps)):
         ms = STEP_MS.get(name, STEP_MS["LoRA"])
         print(f"  {name:28s} {ms:6.1f} ms/step  tuning {tune_steps.get(name, 0):>9,} steps  final "

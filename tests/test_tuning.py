@@ -20,7 +20,7 @@ from experiments.inputs import InputError
 from model.config import GPT2Config
 from modules.peft_methods import LR_PRIORS, SUPPORTED
 from modules.registry import VARIANTS
-from tests.conftest import DATA_DIR, REPO, kill_and_wait, start_grid
+from tests.conftest import DATA_DIR, REPO, kill_and_wait, plugin_env, start_grid
 
 
 def write_preset(path: Path, tokenizer_dir: Path, variants: dict, tune: str, data_dir: Path = DATA_DIR, **common):
@@ -168,10 +168,13 @@ def test_a_tune_key_that_is_not_a_table_is_one_error_line(tmp_path, tokenizer_di
         ablate.load_preset(preset)
 
 
-def test_a_tuning_run_that_would_be_a_final_run_is_refused(tmp_path, tokenizer_dir):
+def test_a_tune_seed_among_the_grids_seeds_and_a_misspelt_table_are_refused(tmp_path, tokenizer_dir):
     preset = write_preset(tmp_path / "p.toml", tokenizer_dir, {"lora": ["--use_lora"]}, "seed = 1\nmax_steps = 2")
-    with pytest.raises(InputError, match="would be the final run of seed 1"):
-        ablate.plan_grid(ablate.load_preset(preset), tmp_path / "grid", [])
+    with pytest.raises(InputError, match=r"\[tune\] seed 1 is one of the grid's seeds \[1\]"):
+        ablate.load_preset(preset)
+    preset.write_text(preset.read_text().replace("[tune]\nseed = 1", "[tunes]\nseed = 0"))
+    with pytest.raises(InputError, match=r"unknown key\(s\) or table\(s\) \['tunes'\]"):
+        ablate.load_preset(preset)
 
 
 # ---------------------------------------------------------------- the planted case
@@ -305,6 +308,7 @@ def test_tuning_runs_never_read_the_test_split_and_the_dry_run_counts_every_run(
     assert report.main([str(grid)]) == 0
     text = (grid / "report" / "report.md").read_text()
     assert "## Learning-rate tuning" in text and "2 of 2 planned runs have finished" in text
+    assert "at a budget of 1 epoch(s) (2 optimizer steps a candidate)" in text  # the preset's max_steps capped it
     assert (grid / "report" / "lr_sensitivity.png").is_file()
 
 
@@ -437,3 +441,27 @@ def test_xlora_rate_is_tuned_on_the_first_seeds_experts(tmp_path, tokenizer_dir,
         assert str(lora_final) in json.dumps(record["config"]["peft_config"]) and record["training"]["stage"] == "tune"
     again = ablate.main(command)
     assert again == 0 and "X-LoRA stage: 1 runs, 1 already done, 0 to run" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_an_interrupted_tuning_stage_counts_against_the_whole_plan(tmp_path, tokenizer_dir):
+    variants = {"lora": ["--use_lora"], "fixed": ["--use_lora", "--lr", "5e-4"]}
+    preset = write_preset(tmp_path / "p.toml", tokenizer_dir, variants, "lr = [1e-4, 1e-3]")
+    grid = tmp_path / "grid"
+    cmd = [sys.executable, "-m", "experiments.ablate", str(preset), "--out_dir", str(grid), "--threads", "1"]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=plugin_env(GPT2_TEST_STEP_SLEEP="0.5"),
+    )
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(grid.glob("*-s0-*/metrics.json")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # forwarded to the running tuning run, which checkpoints and stops
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, out
+    # 2 tuning runs + lora's final run (waiting for its rate) + the fixed variant's final run
+    assert "1 of 4 planned runs done (tuning runs included), 1 final runs wait for their tuning" in out, out
