@@ -353,24 +353,29 @@ def left(stage: list[PlannedRun]) -> list[PlannedRun]:
     return [r for r in stage if status(r) not in ("done", "running")]
 
 
-def xlora_stage(preset: dict, runs: list[PlannedRun], inputs: list[str], out_dir: Path) -> tuple[str, list]:
+def xlora_stage(preset: dict, grid: GridPlan, inputs: list[str], out_dir: Path) -> tuple[str, list]:
     """What of the X-LoRA stage to submit next (a cluster launcher): its tuning runs while any is left,
     then its runs at the chosen rate (their variant name recorded for the report)."""
-    xplan = plan_xlora(preset, runs, inputs, out_dir)
+    xplan = plan_xlora(preset, grid.runs, inputs, out_dir)
     pending = left(xplan.tuning)
     if pending or any(status(r) == "running" for r in xplan.tuning):
         return "X-LoRA tuning runs", pending
     if xplan.cells:
-        tuning.write_record(out_dir, preset["tune"], plan_grid(preset, out_dir, inputs).cells + xplan.cells)
+        tuning.write_record(out_dir, preset["tune"], grid.cells + xplan.cells)
     record_variant_names(out_dir, xplan.runs)
     return "X-LoRA runs", left(xplan.runs)
 
 
-def xlora_count(preset: dict) -> int:
-    """Every X-LoRA run the grid will train: its tuning runs (a [tune] preset) and one per task and seed."""
+def xlora_tuning_count(preset: dict) -> int:
+    """X-LoRA's tuning runs (a [tune] preset): one per candidate rate and task."""
     tune = preset.get("tune")
     candidates = 0 if tune is None else tune.points if isinstance(tune.lr, str) else len(tune.lr)
-    return len(xlora_cells(preset)) * (candidates + len(preset["seeds"]))
+    return len(xlora_cells(preset)) * candidates
+
+
+def xlora_count(preset: dict) -> int:
+    """Every X-LoRA run the grid will train: its tuning runs and one per task and seed."""
+    return xlora_tuning_count(preset) + len(xlora_cells(preset)) * len(preset["seeds"])
 
 
 def plan_transfer(preset: dict, sources: list[PlannedRun], inputs: list[str]) -> tuple[list[PlannedRun], list[dict]]:
@@ -640,8 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         dupes = sorted({f.name for f in folders if folders.count(f) > 1})
         raise InputError(f"error: preset variants that produce the same run: {dupes}")
     held = [r for r in grid.tuning + runs if status(r) == "running"]
-    tune_todo = [r for r in grid.tuning if status(r) not in ("done", "running")]
-    todo = [r for r in runs if status(r) not in ("done", "running")]
+    tune_todo, todo = left(grid.tuning), left(runs)
     if tune is not None:
         tune_done = len(grid.tuning) - len(tune_todo) - sum(r.stage == "tune" for r in held)
         final_done = len(runs) - len(todo) - sum(r.stage != "tune" for r in held)
@@ -692,8 +696,7 @@ def main(argv: list[str] | None = None) -> int:
                 "random_init": "random_init" in model_spec,
                 "transfer": "transfer" in preset,
                 "tune": tune.to_dict() if tune is not None else None,
-                # X-LoRA's tuning runs too (its final runs are cells of the grid)
-                "tuning_runs": len(grid.tuning) + xlora_count(preset) - len(xlora_cells(preset)) * len(preset["seeds"]),
+                "tuning_runs": len(grid.tuning) + xlora_tuning_count(preset),  # (X-LoRA's final runs are cells)
             },
             indent=2,
         )
@@ -737,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
                 tuning.write_record(out_dir, tune, grid.cells)
                 runs = grid.runs
                 record_variant_names(out_dir, runs)
-                todo = [r for r in runs if status(r) not in ("done", "running")]
+                todo = left(runs)
                 unchosen = [c for c in grid.cells if c["status"] != "chosen"]
                 for cell in unchosen:
                     print(f"  {cell['variant']} on {cell['task']}: no rate chosen ({cell['status']}); no final runs")
@@ -907,7 +910,7 @@ def launch_cluster(args, preset, grid: GridPlan, todo, out_dir: Path, inputs, se
     them); a [tune] preset's final runs, and a transfer or X-LoRA preset's second stage, follow the same
     way once the runs they depend on are done (with --wait in this call, else by a re-run of it)."""
     threads = args.threads or settings.cpus_per_run
-    tuning_left = [r for r in grid.tuning if status(r) not in ("done", "running")]
+    tuning_left = left(grid.tuning)
     tuning_busy = any(status(r) == "running" for r in grid.tuning)
     stages = [("tuning runs", tuning_left)] if tuning_left or tuning_busy else [("runs", todo)]
     runs, failed = grid.runs, 0
@@ -947,12 +950,13 @@ def launch_cluster(args, preset, grid: GridPlan, todo, out_dir: Path, inputs, se
                     failed += len(missing)
                     print(f"no rate chosen for {', '.join(missing)}: their final runs are not submitted")
                 print(f"tuning stage done: {tuning_summary(grid.cells)}", flush=True)
-                stages.append(("runs", [r for r in runs if status(r) not in ("done", "running")]))
+                stages.append(("runs", left(runs)))
             else:
                 print("the final runs are submitted by a re-run of this command once every tuning run is done")
         if label == "X-LoRA tuning runs":
-            if all(status(r) == "done" for r in plan_xlora(preset, runs, inputs, out_dir).tuning):
-                stages.append(xlora_stage(preset, runs, inputs, out_dir))
+            following = xlora_stage(preset, grid, inputs, out_dir)
+            if following[0] == "X-LoRA runs":  # every tuning run done: the choice is made
+                stages.append(following)
             else:
                 print("X-LoRA's final runs are submitted by a re-run of this command once its tuning runs are done")
         if label == "runs" and ("transfer" in preset or "xlora" in preset):
@@ -960,9 +964,9 @@ def launch_cluster(args, preset, grid: GridPlan, todo, out_dir: Path, inputs, se
                 if "transfer" in preset:
                     stages.append(("transfer-stage jobs", transfer_stage(preset, runs, inputs, out_dir)[1]))
                 if "xlora" in preset:
-                    stages.append(xlora_stage(preset, runs, inputs, out_dir))
+                    stages.append(xlora_stage(preset, grid, inputs, out_dir))
             elif "xlora" in preset and experts_ready(preset, grid)[0] and "transfer" not in preset:
-                stages.append(xlora_stage(preset, runs, inputs, out_dir))
+                stages.append(xlora_stage(preset, grid, inputs, out_dir))
             else:
                 print("the second stage is submitted by a re-run of this command once every first-stage run is done")
     return 1 if failed else 0
@@ -1012,8 +1016,7 @@ def run_point(preset: dict, out_dir: Path, inputs: list[str], task: str, variant
             f"error: {variant} on {task}: its learning rate is not chosen ({why} among its [tune] runs); "
             "run the grid's tuning stage first: python -m experiments.ablate PRESET"
         )
-    planned = grid.runs
-    (run,) = planned
+    (run,) = grid.runs
     if status(run) == "done":
         print(f"{run.run_dir} is already finished; nothing to do")
         return 0

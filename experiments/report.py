@@ -604,7 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         raise InputError(f"error: {args.grid} has no finished final runs yet (only learning-rate tuning runs)")
     label_variants(rows, args.grid)
-    rows = current_finals(rows, _read_json(args.grid / TUNING_FILE))
+    record = _read_json(args.grid / TUNING_FILE)
+    rows = current_finals(rows, record)
     baseline = args.baseline or ("base" if any(r["variant"] == "base" for r in rows) else rows[0]["variant"])
     metrics = {r["task"]: r["metric"] for r in rows}
     grid_file = args.grid / "grid.json"
@@ -625,7 +626,6 @@ def main(argv: list[str] | None = None) -> int:
     elif grid_info:
         caveat = f"> Model: `{grid_info['model'].get('model', 'gpt2')}` (preset `{grid_info['preset']}`).\n\n"
     tuning_text = ""
-    record = _read_json(args.grid / TUNING_FILE)
     if record is not None and record.get("cells"):
         tuning_text = tuning_section(record, rows, out / "lr_sensitivity.png")
     transfer_text = ""
