@@ -465,3 +465,21 @@ def test_an_interrupted_tuning_stage_counts_against_the_whole_plan(tmp_path, tok
     assert proc.returncode == 130, out
     # 2 tuning runs + lora's final run (waiting for its rate) + the fixed variant's final run
     assert "1 of 4 planned runs done (tuning runs included), 1 final runs wait for their tuning" in out, out
+
+
+@pytest.mark.slow
+def test_the_cluster_path_runs_every_stage_in_order(tmp_path, tokenizer_dir, capsys):
+    """--launcher submitit_local --wait (the slurm path, run here): the tuning runs, then the final runs at
+    the chosen rate, then X-LoRA's tuning runs and its runs, each submitted once what it needs is done."""
+    preset = write_preset(tmp_path / "p.toml", tokenizer_dir, {"lora": ["--use_lora"]}, "lr = [1e-4, 1e-3]")
+    preset.write_text(preset.read_text() + '[xlora]\nexperts = ["lora"]\n')
+    grid = tmp_path / "grid"
+    command = [str(preset), "--out_dir", str(grid), "--launcher", "submitit_local", "--wait", "--threads", "1"]
+    assert ablate.main(command) == 0
+    out = capsys.readouterr().out
+    order = ["submitted 2 tuning runs", "submitted 1 runs", "submitted 2 X-LoRA tuning runs", "submitted 1 X-LoRA runs"]
+    assert all(line in out for line in order) and "FAILED" not in out, out
+    assert [out.index(line) for line in order] == sorted(out.index(line) for line in order)
+    assert len(list(grid.glob("*/metrics.json"))) == 6
+    cells = {c["variant"]: c for c in json.loads((grid / "tuning.json").read_text())["cells"]}
+    assert cells["lora"]["status"] == cells["xlora"]["status"] == "chosen"
