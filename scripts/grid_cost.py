@@ -20,15 +20,20 @@ LoRA's time and are counted as such in the output.
 from __future__ import annotations
 
 import argparse
-import csv
+import functools
 import math
 import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+from datasets.paraphrase import load_paraphrase
+from datasets.sentiment import load_sentiment
+from datasets.sonnets import load_sonnets
 from experiments import ablate
 from train.commands import exit_status
+from train.settings import TrainingSettings
+from train.tasks.sonnet import SonnetSettings
 
 # ms per training step, eager, one H200, bench_gpu.py (BENCHMARKS.md, "On one H200", the "after" column)
 STEP_MS = {
@@ -41,9 +46,6 @@ STEP_MS = {
     "graph (GATConv) + LoRA": 105.4,
 }
 GENERATION_MS = 5.0  # per generated token of a batch of 12 prompts (launch-bound; not measured per method)
-TRAIN_EXAMPLES = {"sst": "ids-sst-train.csv", "cfimdb": "ids-cfimdb-train.csv", "quora": "quora-train.csv"}
-DEV_EXAMPLES = {"sst": "ids-sst-dev.csv", "cfimdb": "ids-cfimdb-dev.csv", "quora": "quora-dev.csv"}
-SONNETS = (131, 12)  # training sonnets, dev (and test) prompts
 
 
 def kind(argv: list[str]) -> str:
@@ -64,25 +66,27 @@ def kind(argv: list[str]) -> str:
     return "full fine-tuning"
 
 
-def rows(path: Path) -> int:
-    with open(path, newline="") as handle:
-        return sum(1 for _ in csv.reader(handle, delimiter="\t")) - 1
+@functools.cache
+def examples(task: str, data: Path) -> tuple[int, int]:
+    """(training examples, dev examples) of a task, read by the task's own loaders (what a run trains on)."""
+    if task == "sonnet":
+        return len(load_sonnets("train", data)), len(load_sonnets("dev_prompts", data))
+    if task == "quora":
+        return len(load_paraphrase("train", data)), len(load_paraphrase("dev", data))
+    return len(load_sentiment(task, "train", data)), len(load_sentiment(task, "dev", data))
 
 
 def run_steps(argv: list[str], data: Path) -> tuple[int, int, int]:
-    """(optimizer steps, dev batches of 32, generated tokens) of one run, from its command line."""
+    """(optimizer steps, dev batches, generated tokens) of one run, from its command line (the flags it
+    leaves out take their defaults from the settings classes)."""
+    defaults = TrainingSettings()
     parser = argparse.ArgumentParser(add_help=False)
-    for name, default in (("epochs", 10), ("batch_size", 8), ("eval_batch_size", 32)):
-        parser.add_argument(f"--{name}", type=int, default=default)
-    for name in ("max_steps", "train_limit", "dev_limit"):
-        parser.add_argument(f"--{name}", type=int, default=None)
+    for name in ("epochs", "batch_size", "eval_batch_size", "max_steps", "train_limit", "dev_limit"):
+        parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
     parser.add_argument("--task")
-    parser.add_argument("--max_new_tokens", type=int, default=160)
+    parser.add_argument("--max_new_tokens", type=int, default=SonnetSettings().max_new_tokens)
     args, _ = parser.parse_known_args(argv)
-    if args.task == "sonnet":
-        train, dev = SONNETS
-    else:
-        train, dev = rows(data / TRAIN_EXAMPLES[args.task]), rows(data / DEV_EXAMPLES[args.task])
+    train, dev = examples(args.task, data)
     train, dev = min(train, args.train_limit or train), min(dev, args.dev_limit or dev)
     per_epoch = math.ceil(train / args.batch_size)
     steps = per_epoch * args.epochs
