@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from experiments.inputs import InputError
+from model.files import atomic_write_text, read_json_object
+from train.runs import log_entries
 
 TUNE_KEYS = {"lr", "points", "seed", "epochs", "max_steps"}
 TUNING_FILE = "tuning.json"
@@ -176,45 +178,28 @@ def read_trial(lr: float, run_dir: Path) -> Trial:
     dev numbers are read: a tuning run has no test predictions."""
     trial = Trial(lr, run_dir)
     if (run_dir / "metrics.json").is_file():
-        metrics = _json(run_dir / "metrics.json") or {}
         try:
+            metrics = read_json_object(run_dir / "metrics.json", ("best_value", "steps", "train_seconds"))
             dev = float(metrics["best_value"])
             trial.steps, trial.seconds = int(metrics["steps"]), float(metrics["train_seconds"])
-        except (KeyError, TypeError, ValueError):
+        except (OSError, TypeError, ValueError):  # (UnreadableFile is a ValueError)
             dev = math.nan
         # A finished run whose record is damaged scores nothing; it is not re-run (the folder is the record:
         # delete it to run the candidate again). The report names it.
         trial.outcome, trial.dev = ("finished", dev) if math.isfinite(dev) else ("unreadable", None)
         return trial
-    diverged = _json(run_dir / "diverged.json")
-    if diverged is not None:
-        trial.outcome = "diverged"
-        step = diverged.get("step")
-        trial.steps = step if isinstance(step, int) and step >= 0 else 0
-        trial.seconds = _log_span(run_dir / "log.jsonl")
-    return trial
-
-
-def _json(path: Path) -> dict | None:
     try:
-        value = json.loads(path.read_text())
+        diverged = read_json_object(run_dir / "diverged.json")
     except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _log_span(path: Path) -> float:
-    """Seconds between a log's first and last line (a diverged run records no training time of its own)."""
-    times = []
-    try:
-        for line in path.read_text().splitlines():
-            try:
-                times.append(float(json.loads(line)["time"]))
-            except (ValueError, KeyError, TypeError):
-                continue
-    except OSError:
-        return 0.0
-    return max(times) - min(times) if len(times) > 1 else 0.0
+        return trial  # no verdict yet
+    trial.outcome = "diverged"
+    step = diverged.get("step")
+    trial.steps = step if isinstance(step, int) and step >= 0 else 0
+    # a diverged run records no training time of its own: the time its log spans
+    times = [json.loads(line).get("time") for line, _ in log_entries(run_dir / "log.jsonl")]
+    times = [t for t in times if isinstance(t, int | float)]
+    trial.seconds = max(times) - min(times) if len(times) > 1 else 0.0
+    return trial
 
 
 @dataclass
@@ -251,8 +236,6 @@ def choose(trials: list[Trial]) -> Choice | None:
 
 def write_record(out_dir: Path, settings: TuneSettings, cells: list[dict[str, Any]]) -> None:
     """tuning.json: the settings and, per cell, its prior, trials and choice (what the report shows)."""
-    from model.files import atomic_write_text
-
     record = {"settings": settings.to_dict(), "cells": cells}
     atomic_write_text(out_dir / TUNING_FILE, json.dumps(record, indent=2) + "\n")
 
