@@ -32,6 +32,7 @@ from model.quantize import is_quantized, quantize_block_linears
 from model.shapes import bucket_length
 from modules import registry
 from modules.attention import CausalSelfAttention, KVCache, compute_dtype
+from modules.kan import use_spline_kernel
 from modules.mlp import MLP
 from modules.registry import attach_variants
 
@@ -362,6 +363,10 @@ class GPT2LMHeadModel(nn.Module):
         """The variants' per-step hooks (AdaLoRA's rank allocator); call after optimizer.step(), before
         zero_grad(): they read the gradients. `step`: optimizer steps taken before this one."""
         registry.after_step(self, self.config, step, total_steps)
+
+    def use_kan_kernel(self, kernel: str, device: str) -> int:
+        """Run every KAN layer's spline GEMM with `kernel` (--kan_kernel: torch or triton); the layer count."""
+        return use_spline_kernel(self, kernel, device)
 
     @property
     def has_step_hooks(self) -> bool:

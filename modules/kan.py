@@ -23,6 +23,9 @@ temporaries do not grow with B·T. The spline matmul is a dense GEMM over all G+
 only the k+1 non-zero ones, `embedding_bag` with per-sample weights, does fewer FLOPs but measured
 7x slower on CPU).
 
+On CUDA the spline GEMM can instead run as Triton kernels that build the bases in registers inside
+the matmul (`modules/kan_triton.py`, `--kan_kernel triton`; equal to this path within float rounding).
+
 Precision: the bases and the spline GEMM run in the coefficients' dtype (float32) with autocast off,
 so the bases keep their partition of unity; the layer's output is cast back to the run's precision.
 
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +52,7 @@ from torch import nn
 
 from modules.mlp import gelu_tanh
 
+SPLINE_KERNELS = ("torch", "triton")
 BASE_FUNCTIONS = {"silu": F.silu, "identity": lambda x: x, "gelu": gelu_tanh}
 SUPPORTED_ORDERS = (1, 2, 3)
 
@@ -250,6 +255,7 @@ class KANLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.spline_order, self.base = spline_order, base
         self.grid_size = grid_size
+        self.kernel = "torch"  # the spline GEMM's implementation (`use_spline_kernel`), not part of the weights
         self.lo = float(grid_range[0])
         self.h = (float(grid_range[1]) - self.lo) / grid_size
         self.base_weight = nn.Parameter(torch.empty(out_features, in_features))
@@ -274,8 +280,13 @@ class KANLinear(nn.Module):
     def spline(self, x: torch.Tensor) -> torch.Tensor:
         # The bases and their matmul run in the coefficients' precision, outside autocast (bf16 bases
         # would mix dtypes inside the custom function and lose the partition of unity).
+        function = _SplineLinear
+        if self.kernel == "triton":
+            from modules.kan_triton import TritonSplineLinear  # imports triton: only where it is asked for
+
+            function = TritonSplineLinear
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return _SplineLinear.apply(
+            return function.apply(
                 x.to(self.spline_coeff.dtype), self.spline_coeff, self.lo, self.h, self.grid_size, self.spline_order
             )
 
@@ -351,6 +362,19 @@ class KANLinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, grid={self.grid_size} on "
             f"[{self.lo:g}, {self.hi:g}], order={self.spline_order}, base={self.base}"
         )
+
+
+def use_spline_kernel(model: nn.Module, kernel: str, device: str) -> int:
+    """Run every KAN layer's spline GEMM with `kernel` ("torch" or "triton"); returns how many layers.
+    Triton kernels need a CUDA device (or the CPU interpreter, `TRITON_INTERPRET=1`, for tests)."""
+    if kernel not in SPLINE_KERNELS:
+        raise ValueError(f"unknown KAN spline kernel {kernel!r}; choose from {list(SPLINE_KERNELS)}")
+    if kernel == "triton" and not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"--kan_kernel triton needs a CUDA device (this run: {device}); use --kan_kernel torch")
+    layers = [module for module in model.modules() if isinstance(module, KANLinear)]
+    for layer in layers:
+        layer.kernel = kernel
+    return len(layers)
 
 
 def kan_regularization(model: nn.Module, l1_weight: float = 1.0, entropy_weight: float = 1.0) -> torch.Tensor:

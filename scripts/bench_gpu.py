@@ -48,6 +48,8 @@ try:  # the fast step (absent from trees older than it: their graphs column stay
 except ImportError:  # pragma: no cover - only when pointed at an old tree
     CapturedSteps = count_host_syncs = None
 
+KERNEL = "--kan_kernel"  # a runtime choice in a variant row, not a config knob
+
 VARIANTS = {
     "full fine-tuning": {},
     "LoRA r=8": {"use_lora": True},
@@ -56,6 +58,10 @@ VARIANTS = {
     "KAN-FFN, mlp init": {"use_kan": True},
     "KAN-FFN, random init (param-matched)": {"use_kan": True, "kan_init": "random"},
     "LoRA-KAN r=8": {"use_lora": True, "use_kan": True},
+    # the same three with the spline GEMM as Triton kernels (--kan_kernel triton, modules/kan_triton.py)
+    "KAN-FFN, mlp init, triton kernel": {"use_kan": True, KERNEL: "triton"},
+    "KAN-FFN, random init (param-matched), triton kernel": {"use_kan": True, "kan_init": "random", KERNEL: "triton"},
+    "LoRA-KAN r=8, triton kernel": {"use_lora": True, "use_kan": True, KERNEL: "triton"},
     "graph (dense) + LoRA": {"use_graph": True, "graph_backend": "dense", "use_lora": True},
     "graph (GATConv) + LoRA": {"use_graph": True, "use_lora": True},
 }
@@ -134,9 +140,15 @@ class Stepper:
 
 def ours(knobs: dict, base: dict, device: str, precision: str, mode: str) -> Stepper:
     torch.manual_seed(0)
+    knobs = dict(knobs)
+    kernel = knobs.pop(KERNEL, None)
     config = GPT2Config.from_dict({**base, **knobs})
     model = GPT2LMHeadModel(config).to(device)
     set_trainable(model, config.fine_tune_mode)
+    if kernel is not None:
+        from modules.kan import use_spline_kernel  # absent from older trees: the row then reports the error
+
+        use_spline_kernel(model, kernel, device)
     try:  # trees with the sync-free training path
         model(torch.zeros(1, 2, dtype=torch.long, device=device), validate=False, right_padded=True)
         fast_kwargs = {"validate": False, "right_padded": True}
@@ -265,6 +277,8 @@ def variant_table(args, base, peak) -> None:
             continue
         if name in ("LoRA r=8", "full fine-tuning"):
             continue
+        if knobs.get(KERNEL) == "triton" and not args.device.startswith("cuda"):
+            continue  # Triton kernels need a GPU (tests/test_kan_triton.py checks them on the CPU interpreter)
         for mode in modes:
             lora, full = references[mode]
             lora.times, full.times = [], []
@@ -382,6 +396,14 @@ def real_loop(args, base) -> None:
         ("today's tree, --fast_step off, dropouts 0", REPO, ["--fast_step", "off", *no_dropout]),
         ("today's tree, --fast_step on, dropouts 0 (CUDA graphs)", REPO, ["--fast_step", "on", *no_dropout]),
     ]
+    if args.dropout_capture:  # reproduces the crash that keeps dropout off the captured step (README)
+        runs.append(
+            (
+                "today's tree, --fast_step on, dropout on, captured anyway (GPT2_CAPTURE_DROPOUT=1)",
+                REPO,
+                ["--fast_step", "on"],
+            )
+        )
     if args.compile_loop:
         runs.append(
             (
@@ -401,6 +423,8 @@ def real_loop(args, base) -> None:
     for label, tree, extra in runs:
         out = work / f"out{len(extra)}{abs(hash(label)) % 1000}"
         env = dict(os.environ)  # this tree is the installed one; another is put first on the path
+        if "GPT2_CAPTURE_DROPOUT" in label:
+            env.update(GPT2_CAPTURE_DROPOUT="1", CUDA_LAUNCH_BLOCKING="1")
         if tree != REPO:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))
         start = time.perf_counter()
@@ -441,6 +465,11 @@ def main() -> None:
     parser.add_argument("--sections", default="reference,variants,long,loop")
     parser.add_argument("--baseline_tree", default=None, help="another checkout whose real-loop epoch is timed too")
     parser.add_argument("--compile_loop", action="store_true", help="also time the real loop with --compile")
+    parser.add_argument(
+        "--dropout_capture",
+        action="store_true",
+        help="also run the real loop captured with dropout on (the known crash; CUDA_LAUNCH_BLOCKING=1)",
+    )
     parser.add_argument("--loop_timeout", type=int, default=300)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")

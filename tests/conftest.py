@@ -33,6 +33,11 @@ PLUGINS = REPO / "tests" / "plugins"
 # GPT2_TEST_DEVICE=cuda runs the parity tests and every CLI training/evaluation test on that device
 # (default cpu, so a GPU box does not silently switch the suite to CUDA and bf16).
 TEST_DEVICE = os.environ.get("GPT2_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu":
+    # Triton kernels (modules/kan_triton.py) run on the CPU through Triton's interpreter. It must be on
+    # before anything imports triton (torch.compile's tests do): triton.language's own helpers
+    # (tl.zeros, ...) are decorated once, at that import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # torch and transformers are imported where used, not here: pytest-xdist's controller loads this file and
 # runs no test, and the seconds of imports would delay the fork server's start and the workers'
 

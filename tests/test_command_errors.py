@@ -52,6 +52,13 @@ def test_a_run_folder_given_as_model_points_to_resume_transfer_and_evaluate(tmp_
     assert "train.evaluate" in line
 
 
+def test_triton_kan_kernel_without_a_gpu_is_one_line(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the suite's interpreter would make the CPU acceptable
+    argv = ["--task", "sst", "--model", str(tiny_ckpt[0]), "--out_dir", str(tmp_path), "--device", "cpu"]
+    line = parse_error([*argv, "--use_kan", "--kan_kernel", "triton"], capsys)
+    assert "--kan_kernel triton needs a CUDA device (this run: cpu)" in line
+
+
 def test_last_linear_layer_with_a_variant_is_refused(tiny_ckpt, tmp_path, capsys):
     argv = ["--task", "sst", "--model", str(tiny_ckpt[0]), "--out_dir", str(tmp_path)]
     line = parse_error([*argv, "--fine_tune_mode", "last-linear-layer", "--use_lora"], capsys)

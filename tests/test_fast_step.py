@@ -6,6 +6,7 @@ CUDA graph capture itself needs a GPU: `GPT2_TEST_DEVICE=cuda` runs test_capture
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -21,6 +22,7 @@ from modules import attention as attention_module
 from modules.registry import VARIANTS
 from tests.conftest import DATA_DIR, REPO, TEST_DEVICE
 from tests.variant_cases import VARIANT_CASES
+from train import graphs
 from train.graphs import CapturedSteps, count_host_syncs, why_not_captured
 from train.settings import TrainingSettings
 from train.tasks import get_task
@@ -441,3 +443,55 @@ def test_captured_step_skips_a_non_finite_update_and_follows_the_lr_schedule():
         group["lr"] = 0.0  # what a scheduler at lr 0 writes: the next replay must not move anything
     steps.step("t", batch)
     assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+
+
+def test_capture_registers_generators_first_and_refuses_reseeding(monkeypatch):
+    """The path every capture takes (`graphs.recording`), with CUDA's graph faked so it runs on the CPU:
+    the step's own generators are registered before capture begins, the capture reports errors
+    thread-locally, and seeding or setting an RNG state inside it is a Python error naming the call."""
+    events = []
+
+    class FakeGraph:
+        def register_generator_state(self, generator):
+            events.append(("register", generator))
+
+    @contextlib.contextmanager
+    def fake_capture(graph, pool=None, capture_error_mode="global"):
+        events.append(("capture", capture_error_mode))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "graph", fake_capture)
+    own = [torch.Generator(), torch.Generator()]
+    with graphs.recording(FakeGraph(), None, own):
+        for call, args in [(torch.manual_seed, (0,)), (torch.cuda.manual_seed_all, (0,)), (torch.set_rng_state, ())]:
+            with pytest.raises(RuntimeError, match="inside a captured step"):
+                call(*args)
+    assert events == [("register", own[0]), ("register", own[1]), ("capture", "thread_local")]
+    assert torch.manual_seed(0) is not None  # restored after the capture
+
+
+def test_step_generators_finds_the_cuda_generators_modules_hold():
+    """A module that keeps a CUDA generator of its own (faked here: a CPU build has none) gets it
+    registered with every graph; CPU generators and the default one are not the graph's concern."""
+
+    class CudaGenerator(torch.Generator):
+        @property
+        def device(self):
+            return torch.device("cuda")
+
+    model = GPT2LMHeadModel(GPT2Config(**TINY))
+    assert graphs.step_generators(model) == []  # every dropout here draws from the default generator
+    own = CudaGenerator()
+    model.transformer.h[1].mlp.noise = own
+    model.transformer.h[0].attn.noise = torch.Generator()  # CPU
+    head = torch.nn.Linear(2, 2)
+    head.noise = own  # shared: registered once
+    assert graphs.step_generators(model, head) == [own]
+
+
+def test_dropout_capture_diagnostic_switch(monkeypatch):
+    """Dropout keeps a run off the CUDA graphs, except for the diagnostic GPT2_CAPTURE_DROPOUT=1."""
+    monkeypatch.delenv("GPT2_CAPTURE_DROPOUT", raising=False)
+    assert "dropout" in why_not_captured("cuda", 1, 1, False, dropout=True)
+    monkeypatch.setenv("GPT2_CAPTURE_DROPOUT", "1")
+    assert why_not_captured("cuda", 1, 1, False, dropout=True) is None

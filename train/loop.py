@@ -346,6 +346,7 @@ class Trainer:
         if spec.runtime.grad_checkpointing:
             model.transformer.gradient_checkpointing = True
         model.lm_loss_fp32 = spec.runtime.loss_precision == "fp32"
+        model.use_kan_kernel(spec.runtime.kan_kernel, device)
         self.model, self.heads = model, heads
         self.task_model = TaskModel(model, heads, self.objectives, device)
         self.wrapped: nn.Module = self.task_model
@@ -701,6 +702,7 @@ class Trainer:
             self.optimizer,
             self.training.max_grad_norm,
             self.device,
+            graphs.step_generators(self.model, *self.heads.values()),
         )
 
     # ---- the run ----

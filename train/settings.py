@@ -188,6 +188,11 @@ class RuntimeSettings(CommandSettings):
         "on: static batch shapes (length buckets, a fixed batch size), no host sync in the step, and on CUDA the "
         "whole training step and evaluation as CUDA graphs (train/graphs.py; not with dropout yet: README)",
     )
+    kan_kernel: Literal["torch", "triton"] = knob(
+        "torch",
+        "KAN layers' spline GEMM: torch (bases written to memory, then a GEMM) or triton (CUDA only: bases built in "
+        "registers inside the matmul, modules/kan_triton.py; equal within float rounding)",
+    )
     grad_checkpointing: bool = knob(
         False,
         "recompute each block's activations in backward instead of storing them (less memory, ~30% more compute, "
