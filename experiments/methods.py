@@ -25,6 +25,7 @@ from modules.peft_methods import (
     STANDALONE,
     STOCK_GPT2,
     SUPPORTED,
+    resolve_peft_defaults,
 )
 
 PRESETS = Path(__file__).resolve().parent / "presets"  # experiments/presets
@@ -53,7 +54,6 @@ SMOKE_SIZES = {
     "road": {"group_size": 16},
     "shira": {"r": 4},
     "vblora": {"vector_length": 16},
-    "waveft": {"n_frequency": 512},
 }
 
 HEADER = {
@@ -140,10 +140,29 @@ def preset_text(name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def default_targets(method: str) -> str:
+    """What the method adapts when peft_config leaves its targets out, as peft resolves them for GPT-2."""
+    if method == "trainable_tokens":
+        return "`wte` rows (`token_indices`; the tied LM head follows)"
+    if method in PROMPT_LEARNING:
+        return "none: virtual tokens"
+    if method in EXPERT_MIXTURES:
+        return "its experts' targets"
+    try:
+        fields = resolve_peft_defaults(method, {})
+    except ValueError:
+        return "none: peft has none for GPT-2, so `target_modules` is required"
+    text = ", ".join(f"`{name}`" for name in fields["target_modules"])
+    if "feedforward_modules" in fields:
+        text += " (feed-forward: " + ", ".join(f"`{name}`" for name in fields["feedforward_modules"]) + ")"
+    return text
+
+
 def readme_table() -> str:
     rows = [
-        "| peft method | on this model | identity at init | merges into the weights | exported for stock HF GPT-2 |",
-        "|---|---|---|---|---|",
+        "| peft method | on this model | default targets on GPT-2 (peft's) | identity at init "
+        "| merges into the weights | exported for stock HF GPT-2 |",
+        "|---|---|---|---|---|---|",
     ]
     for method in SUPPORTED:
         if method in STOCK_GPT2:
@@ -156,9 +175,9 @@ def readme_table() -> str:
             where = "no: peft's layer takes nn.Linear only"
         identity = "no: " + NOT_IDENTITY_AT_INIT[method] if method in NOT_IDENTITY_AT_INIT else "yes"
         merges = "no: " + NOT_MERGEABLE[method] if method in NOT_MERGEABLE else "yes"
-        rows.append(f"| `{method}` | supported | {identity} | {merges} | {where} |")
+        rows.append(f"| `{method}` | supported | {default_targets(method)} | {identity} | {merges} | {where} |")
     for method, reason in sorted(REFUSED.items()):
-        rows.append(f"| `{method}` | refused: {reason} | | | |")
+        rows.append(f"| `{method}` | refused: {reason} | | | | |")
     assert len(LINEAR_ONLY) + len(STOCK_GPT2) + len(PROMPT_LEARNING) + len(EXPERT_MIXTURES) == len(SUPPORTED)
     return "\n".join(rows)
 

@@ -128,7 +128,7 @@ def export_hf(model: Any, directory: str | Path) -> None:
 
 
 def base_state_dict(model: Any) -> dict[str, torch.Tensor]:
-    """Base weights under their plain names (peft's `.base_layer.` removed), adapters and the
+    """Base weights under their plain names (peft's `.base_layer.` / `.original_module.` removed), adapters and the
     variants' own buffers (a peft method's fixed projections) excluded; a quantised base's weights
     dequantised (what it computes with)."""
     extra = variant_state(model, model.config)
@@ -145,7 +145,9 @@ def base_state_dict(model: Any) -> dict[str, torch.Tensor]:
             tensor = dequantized_weight(quantized[owner])
         elif field not in (None, "bias"):  # its quantisation constants (absmax, SCB, ...)
             continue
-        state[name.replace(".base_layer.", ".")] = tensor.detach()
+        # peft's wrappers keep the base module under a name of their own: a tuner layer's `base_layer`,
+        # a modules_to_save wrapper's `original_module` (its trained copy is an adapter, left out above)
+        state[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = tensor.detach()
     return state
 
 
@@ -185,6 +187,10 @@ def export_peft(model: Any, directory: str | Path) -> None:
 
         wrapped = peft.get_peft_model(hf, peft_config)
     wrapped.peft_config["default"].base_model_name_or_path = model.config.name  # peft resets it from hf
+    if str((model.config.peft_config or {}).get("target_modules", "")).lower() == "all-linear":
+        # peft writes its expansion (every module's full name), which IA3's config then refuses on load, as
+        # the feed-forward names are not among them: save the shorthand, which loads as the same modules
+        wrapped.peft_config["default"].target_modules = "all-linear"
     if method_status(model.config.peft_method or "lora") == "prompt":
         export_virtual_tokens(model, wrapped)  # peft saves the encoder's output as `prompt_embeddings`
         wrapped.save_pretrained(str(directory))

@@ -23,7 +23,9 @@ with the reason (`REFUSED`); `python scripts/peft_methods.py` prints both lists.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +52,11 @@ TASK_COUNT = 4  # the tasks train/tasks registers; a test checks it (this layer 
 ADALORA_PLACEHOLDER_STEPS = 10**9
 ALLOCATOR = "peft_rank_allocator"  # the model's __dict__ entry holding AdaLoRA's RankAllocator
 CONV1D_TARGETS = ("c_attn", "c_proj", "c_fc")
+# What peft's `target_modules="all-linear"` resolves to on stock HF GPT-2, block by block: every
+# Linear/Conv1D module except the output layer (peft drops `get_output_embeddings()`, the tied lm_head).
+ALL_LINEAR = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# peft fills these from its per-architecture mappings when they are left out (`_prepare_adapter_config`).
+MAPPED_FIELDS = ("target_modules", "feedforward_modules")
 
 # Methods whose peft layer takes HF's Conv1D (fan_in_fan_out): parity with stock HF GPT-2 + peft,
 # and export_peft output loads with PeftModel.from_pretrained(stock GPT-2, dir).
@@ -94,10 +101,9 @@ REFUSED = {
     "shadow": "rewrites the model config to add layers, which GPT2Config (immutable, validated) does not allow",
 }
 
-# Method defaults for GPT-2 (what a peft user would write for gpt2); user fields override them.
+# Fields we give a default peft has none for (user fields override them). Targets are not among them:
+# `resolve_peft_defaults` takes those from peft's own per-architecture mappings for GPT-2.
 DEFAULT_FIELDS: dict[str, dict[str, Any]] = {
-    "ia3": {"target_modules": ["c_attn", "mlp.c_proj"], "feedforward_modules": ["mlp.c_proj"]},
-    "ln_tuning": {"target_modules": ["ln_1", "ln_2"]},
     # one routing row per task this code knows (sst, cfimdb, quora, sonnet: TASK_COUNT), so a task's id
     # is the same in every run (model.for_task); a single-task run trains its own row
     "poly": {"n_tasks": TASK_COUNT},
@@ -110,7 +116,12 @@ DEFAULT_FIELDS: dict[str, dict[str, Any]] = {
 }
 # Fields a method has no default for, and the value the `methods` presets give it: for trainable_tokens,
 # the paraphrase cloze head's answer tokens " no" and " yes" (check_trainable_tokens names the field).
-REQUIRED_FIELDS: dict[str, dict[str, Any]] = {"trainable_tokens": {"token_indices": [3919, 8505]}}
+# BEFT: peft has no GPT-2 targets for it (resolve_peft_defaults refuses it without them); the presets give it
+# c_attn, peft's GPT-2 default for most methods.
+REQUIRED_FIELDS: dict[str, dict[str, Any]] = {
+    "trainable_tokens": {"token_indices": [3919, 8505]},
+    "beft": {"target_modules": ["c_attn"]},
+}
 NOT_IDENTITY_AT_INIT = {
     "fourierft": "peft's default init_weights=False draws a random spectrum",
     "c3a": "peft's default init draws the circulant kernels at random (init_weights='xavier_uniform')",
@@ -258,8 +269,11 @@ class PeftSettings(Settings):
         saved_type = (self.peft_config or {}).get("peft_type")
         if saved_type is not None and str(saved_type).lower() != self.peft_method:
             raise ValueError(f"peft_config is a {saved_type} config but peft_method is {self.peft_method!r}")
-        if self.peft_config is not None:  # keep the method's fields only: they alone set the run's identity
-            fields = {k: v for k, v in self.peft_config.items() if k not in BOOKKEEPING}
+        if self.peft_config is not None or self.peft_method in STOCK_GPT2 + LINEAR_ONLY:
+            # the method's fields only (they alone set the run's identity), with the targets peft would
+            # fill in written out, so config.json and the identity say what is built
+            fields = {k: v for k, v in (self.peft_config or {}).items() if k not in BOOKKEEPING}
+            fields = resolve_peft_defaults(self.peft_method, fields)
             object.__setattr__(self, "peft_config", JSONObject(fields) if fields else None)
         if self.peft_method == "xlora":  # each expert: its folder and the digest of what it computes
             fields = dict(self.peft_config or {})
@@ -275,6 +289,40 @@ class PeftSettings(Settings):
         return value
 
 
+def resolve_peft_defaults(method: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` with what peft itself fills in on stock HF GPT-2 written out: left-out or null targets
+    (and IA3's feed-forward modules) from the method's own mapping for model_type "gpt2", and
+    `"all-linear"` as every linear but the output layer. A method peft has no GPT-2 defaults for is
+    refused as peft refuses it. Trainable tokens, prompt learning and X-LoRA have their own paths."""
+    if method not in STOCK_GPT2 + LINEAR_ONLY or method == "trainable_tokens":
+        return fields
+    from peft import PeftType
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+    known = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(method.upper())].__dataclass_fields__
+    fields = dict(fields)
+    left_out = [name for name in MAPPED_FIELDS if name in known and fields.get(name) is None]
+    if not left_out or fields.get("target_parameters"):
+        return fields
+    tuner_class = PEFT_TYPE_TO_TUNER_MAPPING[PeftType(method.upper()).value]
+    # peft's own filling-in, run on a stand-in config holding only the fields it reads
+    probe = types.SimpleNamespace(**{name: fields.get(name) for name in (*MAPPED_FIELDS, "target_parameters")})
+    prepare = inspect.getattr_static(tuner_class, "_prepare_adapter_config")
+    try:
+        if isinstance(prepare, staticmethod):
+            prepare.__func__(probe, {"model_type": "gpt2"})
+        else:  # an instance method that reads only class attributes (its target mapping)
+            prepare(tuner_class, probe, {"model_type": "gpt2"})
+    except ValueError as error:
+        raise ValueError(
+            f"peft {method} has no default targets for GPT-2 (peft says: {error}); set peft_config.target_modules"
+        ) from None
+    for name in left_out:
+        value = getattr(probe, name)
+        fields[name] = value if isinstance(value, str) else sorted(value)
+    return fields
+
+
 def peft_config_for(config: Any, fan_in_fan_out: bool = False):
     """The peft config object for this model's method and fields. `fan_in_fan_out=True` is for stock
     HF GPT-2 (Conv1D); it is set only for methods that have the field."""
@@ -284,8 +332,6 @@ def peft_config_for(config: Any, fan_in_fan_out: bool = False):
     config_class = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(config.peft_method.upper())]
     fields = config_class.__dataclass_fields__
     values: dict[str, Any] = {}
-    if "target_modules" in fields:
-        values["target_modules"] = list(CONV1D_TARGETS)
     if config.peft_method in PROMPT_LEARNING:
         values.update(derived_fields(config), task_type="CAUSAL_LM")
     if config.peft_method == "xlora":
@@ -310,7 +356,13 @@ def peft_config_for(config: Any, fan_in_fan_out: bool = False):
             raise ValueError(
                 f"peft_config.layers_to_transform {bad} are not blocks of this {config.n_layer}-block model"
             )
-    return config_class(**values)
+    peft_config = config_class(**values)
+    targets = getattr(peft_config, "target_modules", None)
+    if isinstance(targets, str) and targets.lower() == "all-linear" and getattr(config, "n_layer", None) is not None:
+        # as peft's own expansion does it, after the config is built: the full names of every linear but
+        # the output layer (the form matters: methods like Lily group their shared weights by it)
+        peft_config.target_modules = {f"transformer.h.{i}.{name}" for i in range(config.n_layer) for name in ALL_LINEAR}
+    return peft_config
 
 
 def _as_list(value: Any) -> list:
@@ -334,6 +386,29 @@ def check_peft(config: Any) -> None:
     if config.peft_method == "trainable_tokens":
         check_trainable_tokens(config, peft_config)
         return
+    if getattr(peft_config, "trainable_token_indices", None):
+        raise ValueError(
+            f"peft {config.peft_method} with trainable_token_indices: on HF GPT-2 peft also gives the tied LM head "
+            "the trained rows (through HF's tied-weight metadata, which this model does not expose), so here the "
+            "LM head would keep the old rows; train token rows with peft_method='trainable_tokens' (tied, supported)"
+        )
+    if config.peft_method == "ln_tuning":
+        targets = peft_config.target_modules
+        names = [targets] if isinstance(targets, str) else sorted(targets or ())
+        if any(not (name.startswith("ln_") or ".ln_" in name) for name in names):
+            asked = (config.peft_config or {}).get("target_modules")
+            raise ValueError(
+                f"peft ln_tuning with target_modules={asked!r}: LN tuning trains a full copy of each module it "
+                "targets; for a projection that copy is an nn.Linear here and a transposed Conv1D on stock GPT-2, so "
+                "it could not be exported or compared; target LayerNorms only (ln_1, ln_2, ln_f)"
+            )
+    bias = getattr(peft_config, "bias", "none")
+    if bias not in ("none", False, None):
+        raise ValueError(
+            f"peft {config.peft_method} with bias={bias!r}: peft then also trains base biases, while this model "
+            "trains, saves and exports only the tensors a method adds (its adapter files hold no base weights), "
+            "so those biases would silently stay frozen; use bias='none'"
+        )
     if config.peft_method == "poly" and 1 < peft_config.n_tasks < TASK_COUNT:
         raise ValueError(
             f"peft poly with n_tasks={peft_config.n_tasks}: a task's route is its index among the {TASK_COUNT} "
@@ -349,6 +424,9 @@ def check_peft(config: Any) -> None:
     # the method picks blocks by index, and it costs 1/n_layer of the whole (FourierFT draws its
     # spectrum indices per layer: seconds at gpt2 size).
     picks_blocks = any(getattr(peft_config, key, None) is not None for key in ("layers_to_transform", "layers_pattern"))
+    # so do targets named by pattern or by their block ("transformer.h.3.attn.c_attn", all-linear's expansion)
+    targets = getattr(peft_config, "target_modules", None)
+    picks_blocks = picks_blocks or isinstance(targets, str) or any(any(c.isdigit() for c in t) for t in targets or ())
     depth = config.n_layer if picks_blocks else 1
     # Every GPT2Config built runs this check (a run builds several, a grid's plan several per run): the
     # verdict depends only on the method's config and the skeleton's shape, so it is computed once.
@@ -391,7 +469,9 @@ def check_xlora(config: Any, peft_config: Any) -> None:
 
 
 def _skeleton(config: Any, depth: int) -> nn.Module:
-    """`depth` blocks of GPT-2's adaptable modules, named as ours and HF's, on the meta device."""
+    """`depth` blocks of GPT-2 and its embeddings, LayerNorms and tied LM head, on the meta device,
+    named as ours and HF's: every module a peft config can target on GPT-2, so a size check finds
+    what the real attach finds (weightless: a gpt2-sized vocabulary costs nothing here)."""
     width, ffn = config.n_embd, config.n_inner or 4 * config.n_embd
     with torch.device("meta"):
         blocks = nn.ModuleList()
@@ -404,8 +484,12 @@ def _skeleton(config: Any, depth: int) -> nn.Module:
             blocks.append(block)
         skeleton = nn.Module()
         skeleton.transformer = nn.Module()
+        skeleton.transformer.wte = nn.Embedding(config.vocab_size, width)
+        skeleton.transformer.wpe = nn.Embedding(config.n_positions, width)
         skeleton.transformer.h = blocks
         skeleton.transformer.ln_f = nn.LayerNorm(width)
+        skeleton.lm_head = nn.Linear(width, config.vocab_size, bias=False)
+        skeleton.lm_head.weight = skeleton.transformer.wte.weight
     return skeleton
 
 
@@ -519,17 +603,44 @@ def tuner_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def merge_peft(model: nn.Module) -> None:
-    """Fold every tuner layer into its base layer (peft's merge) and put the base layer back."""
+    """Fold every tuner layer into its base layer (peft's merge) and put the base layer back; a
+    `modules_to_save` copy replaces the module it trained (as peft's merge_and_unload does)."""
+    from peft.utils.other import ModulesToSaveWrapper
+
     method = model.config.peft_method
     if method in NOT_MERGEABLE:
         raise ValueError(f"cannot merge exactly: peft {method}: {NOT_MERGEABLE[method]}")
-    for name, module in tuner_layers(model):
+    layers = tuner_layers(model)
+    # trainable tokens give the LM head a layer tied to the embedding's (the same rows at both ends), so
+    # its merge writes one update that both ends already computed with
+    tied = [] if method == "trainable_tokens" else _tied_targets(model, layers)
+    if tied:
+        raise ValueError(
+            f"cannot merge exactly: peft {method} adapts {tied[0]}, whose weight is shared with the other end of "
+            "GPT-2's tied embedding / LM head; a merge would write the update into both. Keep the adapter unmerged "
+            "(save_adapters / export_peft)"
+        )
+    for name, module in layers:
         try:
             module.merge(safe_merge=True)
         except (NotImplementedError, TypeError, ValueError) as error:
             raise ValueError(f"{model.config.peft_method} cannot merge exactly ({name}): {error}") from error
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.modules_to_save[ADAPTER_NAME])
+
+
+def _tied_targets(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[str]:
+    """Adapted modules whose base weight is also another module's (GPT-2's wte and lm_head)."""
+    owners: dict[int, int] = {}
+    for module in model.modules():  # a weight registered on two modules (not a wrapper's view of one)
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            owners[id(weight)] = owners.get(id(weight), 0) + 1
+    return [name for name, layer in layers if owners.get(id(getattr(layer.get_base_layer(), "weight", None)), 0) > 1]
 
 
 def peft_state(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:

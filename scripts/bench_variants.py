@@ -51,10 +51,10 @@ OWN: dict[str, dict] = {
     # packed 4-bit weights as stored, two per byte)
     "QLoRA r=8 (NF4 base)": dict(use_lora=True, quantize="nf4"),
 }
-PEFT = {f"peft {method}": dict(peft_method=method) for method in STANDALONE}  # each at peft's defaults
+# each at peft's defaults (plus the fields peft has no default for: REQUIRED_FIELDS)
+PEFT = {f"peft {m}": dict(peft_method=m, peft_config=REQUIRED_FIELDS.get(m)) for m in STANDALONE}
 # EVA: peft's LoRA (r=8) with A from the SVD of each layer's inputs; its init reads EVA_BATCHES batches
 PEFT["peft lora + EVA init"] = dict(peft_method="lora", peft_config={"init_lora_weights": "eva"})
-PEFT["peft trainable_tokens"] = dict(peft_method="trainable_tokens", peft_config=REQUIRED_FIELDS["trainable_tokens"])
 # X-LoRA: three random LoRA r=8 experts (c_attn, c_proj, c_fc), written as peft adapter folders for the
 # row's depth (random_experts); init counts reading and hashing them, and the classifier's build
 PEFT["peft xlora (3 LoRA r=8 experts)"] = dict(peft_method="xlora", peft_config={"adapters": "random:3"})

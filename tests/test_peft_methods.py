@@ -35,7 +35,7 @@ from tests.conftest import DATA_DIR, REPO, make_hf_checkpoint, perturb_adapters,
 
 ATOL = 1e-5
 # Fields a method cannot do without (the token ids trainable_tokens trains), for the 100-token test vocabulary.
-TEST_FIELDS = {"trainable_tokens": {"token_indices": [3, 17, 42]}}
+TEST_FIELDS = {"trainable_tokens": {"token_indices": [3, 17, 42]}, "beft": {"target_modules": ["c_attn"]}}
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +140,15 @@ def test_logits_equal_hf_plus_peft_and_identity_merge(wide_ckpt, method):
     else:
         merge_adapters(ours)
         assert not any(ADAPTER_NAME in n.split(".") for n in ours.state_dict())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            merged_reference = reference.merge_and_unload()
         with torch.no_grad():
-            assert (ours(ids).logits - logits).abs().max().item() <= 1e-4
+            merged = ours(ids).logits
+            # peft's own merge, to float rounding; both move the logits by float32 merge error, which is
+            # larger for RandLoRA's big update (2e-4 at width 256, peft's merge alike)
+            assert (merged - merged_reference(input_ids=ids).logits).abs().max().item() <= ATOL
+            assert (merged - logits).abs().max().item() <= 5e-4
 
 
 @pytest.mark.parametrize("method", STOCK_GPT2)
