@@ -30,7 +30,7 @@ from torch import nn
 from model import GPT2LMHeadModel
 from model.adapters import merge_adapters
 from model.trainable import set_trainable
-from modules.peft_methods import ADAPTER_NAME, NOT_MERGEABLE, STOCK_GPT2
+from modules.peft_methods import ADAPTER_NAME, LINEAR_ONLY, NOT_MERGEABLE, STOCK_GPT2
 
 ATOL = 1e-5
 VOCAB = 100
@@ -236,3 +236,26 @@ def compare(path: Path, method: str, fields: dict[str, Any]) -> Outcome:
             except Exception as error:  # noqa: BLE001
                 problems.append(f"merge: {type(error).__name__}: {str(error)[:120]}")
     return Outcome("diverges", "; ".join(problems)) if problems else Outcome("match")
+
+
+def main() -> None:
+    """`python -m tests.peft_matrix`: every case's outcome and the tally (what the closing notes quote)."""
+    import collections
+
+    from tests.conftest import make_hf_checkpoint
+
+    methods = sorted(m for m in STOCK_GPT2 + LINEAR_ONLY if m != "poly")
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        make_hf_checkpoint(root / "small", n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=VOCAB)
+        make_hf_checkpoint(root / "wide", n_layer=2, n_head=4, n_embd=256, n_positions=64, vocab_size=VOCAB)
+        tally: collections.Counter[str] = collections.Counter()
+        for method, label, fields in cases(methods):
+            outcome = compare(root / ("wide" if method in WIDE else "small"), method, fields)
+            tally[outcome.status] += 1
+            print(f"{method:16} {label:30} {outcome}"[:300], flush=True)
+    print(f"{sum(tally.values())} cases: " + ", ".join(f"{n} {status}" for status, n in tally.most_common()))
+
+
+if __name__ == "__main__":
+    main()

@@ -332,6 +332,9 @@ def test_evaluate_of_a_run_with_a_corrupt_file_is_one_line(finished, tmp_path, c
         ]
     )
     err = capsys.readouterr().err
+    if pattern == "checkpoints/best.json":  # a pointer is a convenience: the best-* folder it lost is used
+        assert status == 0 and "using the newest complete best checkpoint" in err, err
+        return
     assert status == 2 and "Traceback" not in err, err
     assert err.count("error:") == 1, err
 
@@ -648,3 +651,139 @@ def test_nan_and_inf_are_refused_for_every_float_flag(tiny_ckpt, tmp_path, capsy
             if stop.code != 2 or "Traceback" in err or "finite" not in err:
                 failures.append(f"{flag} {value}: exit {stop.code}: {err.strip()[:200]}")
     assert not failures, "\n".join(failures)
+
+
+# ---------------------------------------------------------------- a lost checkpoint pointer
+
+
+def test_a_lost_last_pointer_resumes_from_the_newest_complete_checkpoint(
+    finished, tiny_ckpt, tokenizer_dir, tmp_path, capsys
+):
+    """last.json is a convenience: without it (or with it damaged) --resume takes the newest complete
+    last-* folder, says so, and deletes no checkpoint it did not just supersede; a newer folder that
+    is incomplete (no optimizer file) is not taken for a checkpoint."""
+    for damage in ("missing", "garbage"):
+        grid, run = copy_grid(finished, tmp_path / damage)
+        (run / "metrics.json").unlink()  # interrupted at its last checkpoint
+        pointer = run / "checkpoints" / "last.json"
+        if damage == "missing":
+            pointer.unlink()
+        else:
+            pointer.write_text("{not json")
+        (saved,) = run.glob("checkpoints/last-*")
+        partial = run / "checkpoints" / "last-000009"
+        partial.mkdir()
+        shutil.copy(saved / "state.json", partial / "state.json")
+        logged = (run / "log.jsonl").read_text()
+        capsys.readouterr()
+        assert sentiment.main(sst_argv(tiny_ckpt[0], tokenizer_dir, grid, "--max_steps", "3", "--resume")) == 0
+        err = capsys.readouterr().err
+        assert f"using the newest complete last checkpoint, {saved}" in err, err
+        assert "starting it again from step 0" not in err
+        assert (run / "log.jsonl").read_text().startswith(logged)  # continued, not restarted
+        assert json.loads((run / "metrics.json").read_text())["steps"] == 3
+
+
+def test_a_run_folder_with_only_checkpoint_folders_is_interrupted_not_dead(finished, tmp_path):
+    from train.runs import folder_state, saved_checkpoints
+
+    grid, run = copy_grid(finished, tmp_path)
+    (run / "metrics.json").unlink()
+    (run / "checkpoints" / "last.json").unlink()
+    assert folder_state(run) == "interrupted"
+    (saved,) = saved_checkpoints(run / "checkpoints", "last")
+    (saved / "optimizer.safetensors").unlink()  # incomplete: no longer a checkpoint
+    assert saved_checkpoints(run / "checkpoints", "last") == [] and folder_state(run) == "dead"
+
+
+# ---------------------------------------------------------------- parseable but wrong run-folder files
+
+STATE_DAMAGE = {
+    "rng={}": lambda s: s.update(rng={}),
+    "rng.ranks=[{}]": lambda s: s.update(rng={"ranks": [{}]}),
+    "progress='x'": lambda s: s.update(progress="x"),
+    "progress.step='x'": lambda s: s["progress"].update(step="x"),
+    "progress.step=1e9": lambda s: s["progress"].update(step=10**9),
+    "negative progress.epoch": lambda s: s["progress"].update(epoch=-1),
+    "negative step": lambda s: s.update(step=-3),
+    "optimizer={}": lambda s: s.update(optimizer={}),
+    "param_groups=[]": lambda s: s["optimizer"].update(param_groups=[]),
+    "scheduler=[]": lambda s: s.update(scheduler=[]),
+    "lr='x'": lambda s: s["optimizer"]["param_groups"][0].update(lr="x"),
+}
+
+
+@pytest.mark.parametrize("damage", list(STATE_DAMAGE))
+def test_a_parseable_but_wrong_state_json_is_one_line_naming_the_field(
+    finished, tiny_ckpt, tokenizer_dir, tmp_path, capsys, damage
+):
+    grid, run = copy_grid(finished, tmp_path)
+    (run / "metrics.json").unlink()
+    (state_file,) = run.glob("checkpoints/last-*/state.json")
+    state = json.loads(state_file.read_text())
+    STATE_DAMAGE[damage](state)
+    state_file.write_text(json.dumps(state))
+    rows_before = rows(grid)
+    capsys.readouterr()
+    assert sentiment.main(sst_argv(tiny_ckpt[0], tokenizer_dir, grid, "--max_steps", "3", "--resume")) == 2
+    line = one_error(capsys)
+    assert "state.json" in line and "must be" in line, line
+    assert not (run / "metrics.json").exists() and rows(grid) == rows_before  # nothing recorded as finished
+
+
+def _replace_tensors(path: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path))
+
+
+TENSOR_DAMAGE = {
+    "an optimizer tensor of the wrong shape": lambda t: t.update(
+        {k: v[..., :1].contiguous() for k, v in t.items() if k.endswith("exp_avg")}
+    ),
+    "no RNG tensors": lambda t: [t.pop(k) for k in [k for k in t if k.startswith("rng.")]],
+    "an RNG tensor of the wrong size": lambda t: t.update(
+        {k: v[:10].contiguous() for k, v in t.items() if k.startswith("rng.")}
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(TENSOR_DAMAGE))
+def test_checkpoint_tensors_that_do_not_fit_are_one_line(finished, tiny_ckpt, tokenizer_dir, tmp_path, capsys, damage):
+    grid, run = copy_grid(finished, tmp_path)
+    (run / "metrics.json").unlink()
+    (tensors,) = run.glob("checkpoints/last-*/optimizer.safetensors")
+    _replace_tensors(tensors, TENSOR_DAMAGE[damage])
+    capsys.readouterr()
+    assert sentiment.main(sst_argv(tiny_ckpt[0], tokenizer_dir, grid, "--max_steps", "3", "--resume")) == 2
+    assert "does not fit this run" in one_error(capsys)
+
+
+def test_an_optimizer_file_from_another_run_is_one_line(finished, tiny_ckpt, tokenizer_dir, tmp_path, capsys):
+    other = tmp_path / "other"
+    assert sentiment.main(sst_argv(tiny_ckpt[0], tokenizer_dir, other, "--max_steps", "3", "--use_lora")) == 0
+    grid, run = copy_grid(finished, tmp_path)
+    (run / "metrics.json").unlink()
+    (mine,) = run.glob("checkpoints/last-*/optimizer.safetensors")
+    (theirs,) = other.glob("*/checkpoints/last-*/optimizer.safetensors")
+    shutil.copy(theirs, mine)
+    capsys.readouterr()
+    assert sentiment.main(sst_argv(tiny_ckpt[0], tokenizer_dir, grid, "--max_steps", "3", "--resume")) == 2
+    assert "does not fit this run" in one_error(capsys)
+
+
+@pytest.mark.parametrize("field,value", [("identity", []), ("training", "x"), ("extra_epochs", "2"), ("run", 7)])
+def test_a_config_json_field_of_the_wrong_type_is_one_line(
+    finished, tiny_ckpt, tokenizer_dir, tmp_path, capsys, field, value
+):
+    grid, run = copy_grid(finished, tmp_path)
+    (run / "metrics.json").unlink()
+    record = json.loads((run / "config.json").read_text())
+    record[field] = value
+    (run / "config.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert sentiment.main(sst_argv(tiny_ckpt[0], tokenizer_dir, grid, "--max_steps", "3", "--resume")) == 2
+    line = one_error(capsys)
+    assert "config.json" in line and f"{field} must be" in line, line

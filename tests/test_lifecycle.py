@@ -201,9 +201,17 @@ def test_resume_of_a_missing_run_and_corrupt_pointer(tiny_ckpt, tokenizer_dir, t
     (run_dir / "metrics.json").unlink()  # as if killed after its last checkpoint
     (run_dir / "checkpoints" / "last.json").write_text("{not json")
     capsys.readouterr()
+    assert sentiment.main([*argv, "--resume"]) == 0  # the folders are the record: the newest complete one
+    err = capsys.readouterr().err
+    assert "last.json is corrupt" in err and "using the newest complete last checkpoint" in err, err
+    # with no complete folder left, a corrupt pointer is one error line
+    (run_dir / "metrics.json").unlink()
+    for folder in (run_dir / "checkpoints").glob("last-*"):
+        (folder / "optimizer.safetensors").unlink()
+    (run_dir / "checkpoints" / "last.json").write_text("{not json")
     assert sentiment.main([*argv, "--resume"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "last.json is corrupt" in err and err.count("\n") == 1
+    assert err.startswith("error: ") and "last.json is corrupt" in err and err.count("\n") == 1, err
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.files import UnreadableFile, atomic_write_text, read_json_object, unshared
+from train.runs import saved_checkpoints
 
 
 class CheckpointCorrupt(ValueError):
@@ -239,19 +241,35 @@ class BackgroundWriter:
 
 
 def checkpoint_folder(directory: Path, kind: str) -> Path | None:
-    """The folder `<kind>.json` points at, None when there is no pointer; a pointer that cannot be
-    read or points at nothing raises CheckpointCorrupt naming it."""
+    """The folder `<kind>.json` points at. A pointer that is missing, unreadable or points at nothing is
+    a convenience lost, not the checkpoints: the newest complete `<kind>-*` folder is used instead (one
+    line says so). None when there is no checkpoint; CheckpointCorrupt (naming the pointer) when a
+    pointer is damaged and no complete folder is left."""
     pointer = directory / f"{kind}.json"
-    if not pointer.exists():
+    if pointer.exists():
+        try:
+            name = str(read_json_object(pointer, ("folder",))["folder"])
+            folder = directory / name
+            if "/" in name or not folder.is_dir():
+                raise UnreadableFile(f"{pointer} points at {folder}, which does not exist")
+            return folder
+        except UnreadableFile as error:
+            problem = str(error)
+    else:
+        problem = f"{pointer} is missing"
+    saved = saved_checkpoints(directory, kind)
+    if not saved:
+        if pointer.exists():
+            raise CheckpointCorrupt(problem)
         return None
-    try:
-        name = read_json_object(pointer, ("folder",))["folder"]
-    except UnreadableFile as error:
-        raise CheckpointCorrupt(str(error)) from None
-    folder = directory / str(name)
-    if "/" in str(name) or not folder.is_dir():
-        raise CheckpointCorrupt(f"{pointer} points at {folder}, which does not exist")
-    return folder
+    note = f"{problem}; using the newest complete {kind} checkpoint, {saved[-1]}"
+    if note not in _NOTED:
+        _NOTED.add(note)
+        print(note, file=sys.stderr)
+    return saved[-1]
+
+
+_NOTED: set[str] = set()  # recovery notes already printed by this process
 
 
 VARIANT_PREFIX = "variant_state."
@@ -259,13 +277,77 @@ STATE_KEYS = ("step", "optimizer", "scheduler", "rng", "progress")
 
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor]]:
-    """(trainable weights, state.json, optimizer + RNG tensors) of a checkpoint folder."""
+    """(trainable weights, state.json, optimizer + RNG tensors) of a checkpoint folder; state.json is
+    checked against its schema (`check_state`)."""
     try:
         trainable = load_file(str(folder / "trainable.safetensors"))
         state = read_json_object(folder / "state.json", STATE_KEYS)
-        return trainable, state, load_file(str(folder / "optimizer.safetensors"))
+        tensors = load_file(str(folder / "optimizer.safetensors"))
     except Exception as error:  # noqa: BLE001 - truncated safetensors, bad JSON, missing file: one message
         raise CheckpointCorrupt(f"checkpoint {folder} cannot be read ({type(error).__name__}: {error})") from None
+    check_state(state, folder)
+    return trainable, state, tensors
+
+
+def _is_int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+
+
+def check_state(state: dict[str, Any], folder: Path) -> None:
+    """A state.json that parses is not yet believed: every field a resume reads must have its type and
+    range, and the step must be the folder's own (`last-000300` holds step 300). CheckpointCorrupt
+    names the file and the field."""
+    where = folder / "state.json"
+
+    def bad(field: str, expected: str, value: Any) -> CheckpointCorrupt:
+        return CheckpointCorrupt(f"{where}: {field} must be {expected}, not {json.dumps(value)[:80]}")
+
+    step = state["step"]
+    stem = folder.name.split("-", 1)[-1].split(".")[0]
+    if not _is_int(step) or (stem.isdigit() and step != int(stem)):
+        raise bad("step", f"the folder's step ({int(stem) if stem.isdigit() else 'a count'})", step)
+    progress = state["progress"]
+    if not isinstance(progress, dict):
+        raise bad("progress", "an object", progress)
+    if progress.get("step") != step or not _is_int(progress.get("step")):
+        raise bad("progress.step", f"the checkpoint's step ({step})", progress.get("step"))
+    for field in ("epoch", "position", "bad_evals"):
+        if field in progress and not _is_int(progress[field]):
+            raise bad(f"progress.{field}", "a count (an integer >= 0)", progress[field])
+    if progress.get("best_step") is not None and not (_is_int(progress["best_step"]) and progress["best_step"] <= step):
+        raise bad("progress.best_step", f"a step <= {step}", progress["best_step"])
+    if progress.get("best") is not None and not _is_number(progress["best"]):
+        raise bad("progress.best", "a number", progress["best"])
+    if "train_seconds" in progress and not (_is_number(progress["train_seconds"]) and progress["train_seconds"] >= 0):
+        raise bad("progress.train_seconds", "seconds (a number >= 0)", progress["train_seconds"])
+    if progress.get("best_metrics") is not None and not isinstance(progress["best_metrics"], dict):
+        raise bad("progress.best_metrics", "an object", progress["best_metrics"])
+    optimizer = state["optimizer"]
+    groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
+    if not isinstance(groups, list) or not groups or not all(isinstance(g, dict) for g in groups):
+        raise bad("optimizer.param_groups", "a non-empty list of parameter groups", groups)
+    for index, group in enumerate(groups):
+        if not (_is_number(group.get("lr")) and group["lr"] >= 0):
+            raise bad(f"optimizer.param_groups[{index}].lr", "a learning rate (a number >= 0)", group.get("lr"))
+        if not (isinstance(group.get("params"), list) and all(_is_int(i) for i in group["params"])):
+            raise bad(f"optimizer.param_groups[{index}].params", "a list of parameter indices", group.get("params"))
+    if not isinstance(optimizer.get("plain", {}), dict):
+        raise bad("optimizer.plain", "an object", optimizer.get("plain"))
+    scheduler = state["scheduler"]
+    if not isinstance(scheduler, dict) or not _is_int(scheduler.get("last_epoch"), low=-1):
+        raise bad("scheduler", "a scheduler state with last_epoch", scheduler)
+    rng = state["rng"]
+    ranks = rng.get("ranks", [rng]) if isinstance(rng, dict) else None  # [rng]: the older one-process layout
+    if not isinstance(ranks, list) or not ranks:
+        raise bad("rng.ranks", "a non-empty list (one entry per process)", ranks)
+    for index, rank in enumerate(ranks):
+        python = rank.get("python") if isinstance(rank, dict) else None
+        if not (isinstance(python, list) and len(python) == 3 and isinstance(python[1], list)):
+            raise bad(f"rng.ranks[{index}].python", "Python's random state [version, [ints], gauss]", python)
 
 
 def copy_into(params: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], source: Path) -> None:
@@ -283,8 +365,17 @@ def copy_into(params: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any], tensors: dict[str, torch.Tensor]):
+    """Load the saved optimizer state; every state tensor must have its parameter's shape (torch's
+    loader does not check, and AdamW would fail at the next step)."""
     opt_tensors = {k: v for k, v in tensors.items() if not k.startswith(("rng.", VARIANT_PREFIX))}
     optimizer.load_state_dict(_optimizer_from_files(opt_tensors, state["optimizer"]))
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(
+                        f"optimizer state {key} has shape {tuple(value.shape)}, its parameter {tuple(param.shape)}"
+                    )
 
 
 def saved_variant_state(state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:

@@ -446,14 +446,20 @@ class Trainer:
         missing = sorted(set(self.trainable) - set(weights))
         if missing:
             raise ckpt.CheckpointCorrupt(f"--resume: checkpoint {folder} lacks trainable weights {missing[:5]}")
-        ckpt.copy_into(self.checkpointed, weights, folder)
-        ckpt.restore_optimizer(self.optimizer, state_json, tensors)
-        self.model.load_training_state(*ckpt.saved_variant_state(state_json, tensors))
-        for group in self.optimizer.param_groups:  # how this run steps, not how the saving run did
-            group.update({key: value for key, value in self.fused.items() if key in ("fused", "capturable")})
-        lambdas = [None] * len(self.optimizer.param_groups)
-        self.scheduler.load_state_dict({**state_json["scheduler"], "lr_lambdas": lambdas})
-        if not ckpt.restore_rng(tensors, state_json["rng"], self.rank, self.device):
+        try:  # the files parse and their schema holds (load_checkpoint); here they must fit this model
+            ckpt.copy_into(self.checkpointed, weights, folder)
+            ckpt.restore_optimizer(self.optimizer, state_json, tensors)
+            self.model.load_training_state(*ckpt.saved_variant_state(state_json, tensors))
+            for group in self.optimizer.param_groups:  # how this run steps, not how the saving run did
+                group.update({key: value for key, value in self.fused.items() if key in ("fused", "capturable")})
+            lambdas = [None] * len(self.optimizer.param_groups)
+            self.scheduler.load_state_dict({**state_json["scheduler"], "lr_lambdas": lambdas})
+            restored = ckpt.restore_rng(tensors, state_json["rng"], self.rank, self.device)
+        except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as error:
+            raise ckpt.CheckpointCorrupt(
+                f"--resume: checkpoint {folder} does not fit this run ({type(error).__name__}: {error})"
+            ) from None
+        if not restored:
             print(
                 f"rank {self.rank}: the checkpoint has no RNG state for this rank (fewer processes wrote it); "
                 "its streams start from the rank's seed",

@@ -43,7 +43,7 @@ from model.fingerprint import checkpoint_identity
 from model.loading import CheckpointError
 from train import checkpoint as ckpt
 from train.index import drop_runs_row, rename_row, row_from_folder, update_index, write_runs_row
-from train.runs import log_entries
+from train.runs import log_entries, saved_checkpoints
 from train.settings import MultitaskSettings, OutputSettings, RuntimeSettings, TrainingSettings
 from train.spec import SPEC_VERSION, Checkpoint, RunSpec, flat_identity, identity_schema
 from train.tasks import TASKS
@@ -61,14 +61,35 @@ def logged_steps(run_dir: Path) -> int:
     return max((step for _, step in log_entries(run_dir / "log.jsonl")), default=0)
 
 
+# config.json's fields that readers use, with the type each must have (RECORD_TYPES)
+RECORD_TYPES: dict[str, tuple[type, ...]] = {
+    "identity": (dict,),
+    "training": (dict,),
+    "config": (dict,),
+    "parameters": (dict,),
+    "run": (str,),
+    "wandb_id": (str,),
+    "extra_epochs": (int, type(None)),
+}
+
+
 def read_record(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "config.json"
     try:
-        return read_json_object(path)
+        record = read_json_object(path)
     except FileNotFoundError:
         raise RunFolderError(f"{run_dir} has no config.json; it is not a run folder of this code") from None
     except UnreadableFile as error:
         raise RunFolderError(f"{error}; pass --overwrite to start the run again") from None
+    for field, types in RECORD_TYPES.items():  # parseable is not yet right: each field a reader uses
+        value = record.get(field)
+        if field in record and (not isinstance(value, types) or isinstance(value, bool)):
+            expected = " or ".join("null" if t is type(None) else {dict: "an object"}.get(t, t.__name__) for t in types)
+            raise RunFolderError(
+                f"{path}: {field} must be {expected}, not {json.dumps(value)[:80]}; pass --overwrite to start the run "
+                "again"
+            )
+    return record
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:
@@ -131,8 +152,9 @@ def refuse_fresh_start(run_dir: Path, state: str) -> RunFolderError:
     if state == "interrupted":
         try:
             step = read_json_object(run_dir / "checkpoints" / "last.json").get("step")
-        except UnreadableFile:
-            step = "unknown: its pointer is corrupt"
+        except UnreadableFile:  # a lost or damaged pointer: the newest complete folder says it
+            saved = saved_checkpoints(run_dir / "checkpoints", "last")
+            step = int(saved[-1].name.split("-")[1].split(".")[0]) if saved else "unknown: its pointer is corrupt"
         return RunFolderError(
             f"{run_dir} holds an interrupted run (last checkpoint at step {step}); pass --resume to continue "
             f"it or --overwrite to start it again"
