@@ -162,8 +162,12 @@ def coerce(owner: str, name: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise bad
         try:  # a JSON round trip: what is saved in config.json is what the model was built with
-            return JSONObject(json.loads(json.dumps(value)))
-        except (TypeError, ValueError) as error:
+            return JSONObject(json.loads(json.dumps(value, allow_nan=False)))
+        except ValueError as error:
+            if "Out of range float" in str(error):  # NaN or infinity, at any depth (Python's json reads them)
+                raise ValueError(f"{label} holds NaN or infinity, which no field accepts: {value}") from None
+            raise ValueError(f"{label} must be JSON-serialisable: {error}") from error
+        except TypeError as error:
             raise ValueError(f"{label} must be JSON-serialisable: {error}") from error
     if hint is bool:
         if not isinstance(value, bool):

@@ -88,7 +88,7 @@ def synthetic_grid(tmp_path, variants: dict[str, list[float]]):
                 trainable_params=1000 if variant == "base" else 10,
                 train_seconds=1.5,
                 peak_memory_mb=100,
-                run_dir=str(tmp_path / "none"),
+                run_dir=str(tmp_path / "gone" / f"sst-{variant}-s{seed}"),  # folders gone: rows only
             )
             lines.append("\t".join(str(row[c]) for c in RUNS_COLUMNS))
     grid = tmp_path / "synthetic"

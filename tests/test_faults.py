@@ -787,3 +787,134 @@ def test_a_config_json_field_of_the_wrong_type_is_one_line(
     assert sentiment.main(sst_argv(tiny_ckpt[0], tokenizer_dir, grid, "--max_steps", "3", "--resume")) == 2
     line = one_error(capsys)
     assert "config.json" in line and f"{field} must be" in line, line
+
+
+@pytest.mark.slow
+def test_an_interrupted_extension_is_finished_by_a_plain_resume_at_the_extended_length(
+    tiny_ckpt, tokenizer_dir, tmp_path, capsys
+):
+    """`--resume --extend_epochs 1` killed mid-way: plain --resume finishes exactly that extension (the
+    same steps and weights as an uninterrupted extension); extending it again before it finished is
+    refused, since it would add the epochs twice."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import plugin_env
+    from tests.test_signals import wait_for_step
+
+    flags = ["--train_limit", "16", "--dev_limit", "4", "--test_limit", "2", "--batch_size", "4", "--epochs", "1"]
+    flags += ["--wandb", "disabled", "--use_kora"]  # 4 steps an epoch; KoRA trains without peft's import
+    first = tmp_path / "first"
+    assert sentiment.main(["--dataset", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir, first), *flags]) == 0
+    shutil.copytree(first, tmp_path / "whole")
+    shutil.copytree(first, tmp_path / "cut")
+
+    def argv(out: Path, *more: str) -> list[str]:
+        return ["--dataset", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir, out), *flags, "--resume", *more]
+
+    assert sentiment.main(argv(tmp_path / "whole", "--extend_epochs", "1")) == 0
+    command = [sys.executable, "-m", "train.sentiment", *argv(tmp_path / "cut", "--extend_epochs", "1")]
+    env = plugin_env(OMP_NUM_THREADS="1", GPT2_TEST_STEP_SLEEP="0.3")
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for_step(tmp_path / "cut", 5, proc)
+    proc.send_signal(2)
+    proc.communicate(timeout=60)
+    (run,) = [p for p in (tmp_path / "cut").iterdir() if p.is_dir()]
+    assert not (run / "metrics.json").exists() and (run / "metrics.before-extension.json").exists()
+    capsys.readouterr()
+    assert sentiment.main(argv(tmp_path / "cut", "--extend_epochs", "1")) == 2
+    assert "plain --resume finishes it" in one_error(capsys)
+    assert sentiment.main(argv(tmp_path / "cut")) == 0
+    (whole,) = [p for p in (tmp_path / "whole").iterdir() if p.is_dir()]
+    for folder in (run, whole):
+        assert json.loads((folder / "metrics.json").read_text())["steps"] == 8
+    weights = [load_file(str(next(f.glob("checkpoints/last-*")) / "trainable.safetensors")) for f in (run, whole)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_duplicate_rows_of_a_run_whose_folder_is_gone_count_once(finished, tmp_path):
+    from train.index import read_index
+
+    grid, run = copy_grid(finished, tmp_path)
+    lines = (grid / "runs.tsv").read_text().splitlines()
+    header, row = lines[0].split("\t"), dict(zip(lines[0].split("\t"), lines[1].split("\t"), strict=True))
+    gone = {**row, "run_dir": str(grid / "gone-run"), "config_hash": "deadbeef", "run": "gone-run"}
+    extra = "\t".join(gone[c] for c in header)
+    (grid / "runs.tsv").write_text("\n".join([*lines, extra, extra, extra]) + "\n")
+    rows = read_index(grid)
+    assert len(rows) == 2 and sorted(r["config_hash"] for r in rows) == sorted([row["config_hash"], "deadbeef"])
+    assert len((grid / "runs.tsv").read_text().splitlines()) == 3  # the file says it once too
+
+
+def test_a_resume_with_another_cpu_thread_count_warns(finished, tiny_ckpt, tokenizer_dir, tmp_path, capsys):
+    grid, run = copy_grid(finished, tmp_path)
+    (run / "metrics.json").unlink()
+    record = json.loads((run / "config.json").read_text())
+    assert record["cpu_threads"] == torch.get_num_threads()  # what the result depends on is recorded
+    record["cpu_threads"] = torch.get_num_threads() + 6
+    (run / "config.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert sentiment.main(sst_argv(tiny_ckpt[0], tokenizer_dir, grid, "--max_steps", "3", "--resume")) == 0
+    err = capsys.readouterr().err
+    assert f"trained with {torch.get_num_threads() + 6} CPU thread(s)" in err and "not be bit-identical" in err
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["cpu_threads"] == torch.get_num_threads() + 6
+    assert saved["cpu_threads_on_resume"] == torch.get_num_threads()
+
+
+@pytest.mark.parametrize("text", ['{"lora_dropout": NaN}', '{"r": Infinity}', '{"eva_config": {"tau": -Infinity}}'])
+def test_nan_and_inf_inside_peft_config_are_refused(tiny_ckpt, tokenizer_dir, tmp_path, capsys, text):
+    argv = sst_argv(tiny_ckpt[0], tokenizer_dir, tmp_path, "--peft_method", "lora", "--peft_config", text)
+    with pytest.raises(SystemExit) as stop:
+        sentiment.main(argv)
+    assert stop.value.code == 2
+    assert "NaN or infinity" in one_error(capsys)
+
+
+@pytest.mark.parametrize("name", ["log.jsonl", ".lock"])
+def test_a_folder_where_a_run_file_belongs_is_one_line(finished, tiny_ckpt, tokenizer_dir, tmp_path, capsys, name):
+    grid, run = copy_grid(finished, tmp_path)
+    (run / "metrics.json").unlink()
+    target = run / name
+    if target.exists():
+        target.unlink()
+    target.mkdir()
+    capsys.readouterr()
+    assert sentiment.main(sst_argv(tiny_ckpt[0], tokenizer_dir, grid, "--max_steps", "3", "--resume")) == 2
+    line = one_error(capsys)
+    assert f"{target} is a folder" in line and "move it aside" in line
+    assert target.is_dir()  # left as it was
+
+
+def test_a_relative_model_path_is_recorded_so_evaluate_works_from_anywhere(
+    tiny_ckpt, tokenizer_dir, tmp_path, monkeypatch, capsys
+):
+    from train import evaluate
+
+    shutil.copytree(tiny_ckpt[0], tmp_path / "ckpt" / "tiny")
+    monkeypatch.chdir(tmp_path)
+    argv = sst_argv(Path("ckpt/tiny"), tokenizer_dir, tmp_path / "runs", "--max_steps", "2")
+    assert sentiment.main(argv) == 0
+    (run,) = (tmp_path / "runs").glob("sst-*")
+    record = json.loads((run / "config.json").read_text())
+    assert record["spec"]["checkpoint"]["source"] == str(tmp_path / "ckpt" / "tiny")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    flags = ["--dev_limit", "4", "--test_limit", "2", "--tokenizer", str(tokenizer_dir), "--data_dir", str(DATA_DIR)]
+    assert evaluate.main(["--task", "sst", "--model", str(run), "--out_dir", str(tmp_path / "eval"), *flags]) == 0
+
+
+def test_resume_of_a_run_folder_that_holds_nothing_yet_starts_it(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
+    """A full disk while a run folder is created leaves it (or just its lock) and says "free space and
+    --resume": that advice must work."""
+    argv = sst_argv(tiny_ckpt[0], tokenizer_dir, tmp_path, "--max_steps", "2")
+    assert sentiment.main(argv) == 0
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    shutil.rmtree(run)
+    run.mkdir()
+    (run / ".lock").touch()
+    capsys.readouterr()
+    assert sentiment.main([*argv, "--resume"]) == 0
+    assert "holds nothing to resume yet; starting it from step 0" in capsys.readouterr().err
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 2

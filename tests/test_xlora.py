@@ -264,8 +264,23 @@ def test_cli_mixes_finished_lora_runs(tiny_ckpt, tokenizer_dir, tmp_path, capsys
     record = json.loads((run / "config.json").read_text())
     assert record["parameters"]["trainable"] == 32 * 2 + 2  # the classifier: width x experts + bias
     recorded = record["config"]["peft_config"]["adapters"]
-    assert recorded["sst"]["path"] == str(sst_run / "exports" / "peft-best-000002")
-    assert (quora_run / "exports" / "peft-best-000002" / "adapter_model.safetensors").is_file()
+    (sst_export,) = (sst_run / "exports").glob("peft-best-000002-*")
+    assert recorded["sst"]["path"] == str(sst_export)
+    (quora_export,) = (quora_run / "exports").glob("peft-best-000002-*")
+    assert (quora_export / "adapter_model.safetensors").is_file()
+    # a best checkpoint changed after its export (same folder name) is exported anew, not read stale
+    from safetensors.torch import load_file, save_file
+
+    from train.experts import export_expert
+
+    weights_file = quora_run / "checkpoints" / "best-000002" / "trainable.safetensors"
+    weights = load_file(str(weights_file))
+    save_file({k: v + 0.01 for k, v in weights.items()}, str(weights_file))
+    fresh = export_expert("quora", quora_run, record["spec"]["checkpoint"]["identity"])
+    assert fresh != quora_export and (fresh / "adapter_model.safetensors").is_file()
+    old, new = (load_file(str(f / "adapter_model.safetensors")) for f in (quora_export, fresh))
+    assert old.keys() == new.keys() and all(not torch.equal(old[k], new[k]) for k in old)
+    save_file(weights, str(weights_file))  # as trained: the runs below use the first export again
     assert entry.main([*sonnet, "--epochs", "1", "--resume", "--extend_epochs", "1"]) == 0
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log if "train/loss" in e] == [1, 2, 3, 4]

@@ -224,7 +224,11 @@ def build_spec(
             raise ValueError(f"--train_fraction draws a share stratified by label; {unlabelled[0]} has no labels")
         model = args.model or "gpt2"
         check_model_flag(model)
-        checkpoint = Checkpoint(str(model), checkpoint_identity(checkpoint_source or model))
+        local = Path(str(model)).expanduser()
+        # a local folder is recorded as an absolute path, so the run's record resolves from any directory
+        # (train.evaluate, transfer); the identity is by content either way
+        source = str(local.resolve()) if local.exists() else str(model)
+        checkpoint = Checkpoint(source, checkpoint_identity(checkpoint_source or model))
         config = resolve_config(args, checkpoint_source, checkpoint.identity)
         check_fits(config, rank_device(runtime.device, 0, 1))  # before anything is built or allocated
         training = training.resolved(config.resolved_fine_tune_mode)

@@ -191,10 +191,16 @@ def execute(spec: RunSpec, signals: StopSignals, start=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
         where = error.filename or "the run folder"
-        print(f"error: disk full while writing {where}; free space and --resume", file=sys.stderr)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"error: disk full while writing {where}; free space and --resume", file=sys.stderr)
+        elif error.errno in (errno.EISDIR, errno.ENOTDIR):  # a folder where a run file belongs, or the reverse
+            kind = "a folder" if error.errno == errno.EISDIR else "not a folder"
+            print(f"error: {where} is {kind}, which this run cannot use; move it aside and --resume", file=sys.stderr)
+        elif error.errno == errno.EROFS:
+            print(f"error: {where} is on a read-only file system; pass a writable --out_dir", file=sys.stderr)
+        else:
+            raise
         return 2
     if signals.received is not None:  # arrived during the last evaluation: the run finished anyway
         print("the run finished before the signal could stop it", file=sys.stderr)

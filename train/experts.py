@@ -2,13 +2,15 @@
 
 `--peft_method xlora --peft_config '{"adapters": {"sst": "runs/sst-lora-...", "quora": "..."}}'`: each
 adapter may be a finished run folder of `--peft_method lora` or `--use_lora`. Its best checkpoint is
-exported once in peft's LoRA format (`export_peft`) to `<run>/exports/peft-<checkpoint>/`, and that
+exported once in peft's LoRA format (`export_peft`) to `<run>/exports/peft-<checkpoint>-<digest>/` (the
+digest of the checkpoint's weights, so a checkpoint rewritten in place is exported anew), and that
 folder is the expert the X-LoRA run records (with the digest of its tensors). An expert run must
 have been trained from the same base checkpoint (by content) as the X-LoRA run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -52,7 +54,10 @@ def export_expert(name: str, run_dir: Path, base_identity: dict[str, Any]) -> Pa
     best = ckpt.checkpoint_folder(run_dir / "checkpoints", "best")
     if best is None:
         raise ValueError(f"X-LoRA expert {name!r}: run {run_dir} has no best checkpoint")
-    target = run_dir / "exports" / f"peft-{best.name}"
+    # named by the checkpoint's content too: a best checkpoint rewritten in place (same folder name) gets
+    # a new export instead of the stale one (an export is never overwritten or deleted)
+    digest = hashlib.sha256((best / "trainable.safetensors").read_bytes()).hexdigest()[:12]
+    target = run_dir / "exports" / f"peft-{best.name}-{digest}"
     if (target / "adapter_model.safetensors").is_file():
         return target
     from train.evaluate import load_model  # (evaluate imports the CLI, which imports this module)

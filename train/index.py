@@ -267,6 +267,22 @@ def _add_missing(out_dir: Path, rows: list[dict[str, Any]]) -> int:
     return changed
 
 
+def _one_row_per_run(rows: list[dict[str, Any]]) -> None:
+    """Keep the last row of each run (`same_run`): duplicates of a run whose folder is gone (a copied or
+    merged runs.tsv) would otherwise be counted once per copy."""
+    dirs: set[str] = set()
+    keys: set[tuple[str, ...]] = set()
+    kept = []
+    for row in reversed(rows):
+        key = tuple(str(row.get(k)) for k in KEY)
+        if str(row.get("run_dir")) in dirs or key in keys:
+            continue
+        dirs.add(str(row.get("run_dir")))
+        keys.add(key)
+        kept.append(row)
+    rows[:] = kept[::-1]
+
+
 def _agrees(fields: dict[str, Any], row: dict[str, Any]) -> bool:
     return all(str(fields.get(k)) == str(row[k]) for k in ("run_dir", "best_value", "steps", "best_step"))
 
@@ -283,6 +299,7 @@ def update_index(out_dir: Path, change=None) -> list[dict[str, Any]]:
         if change is not None:
             change(rows)
         _add_missing(Path(out_dir), rows)
+        _one_row_per_run(rows)
         if rows != before or not path.exists() and (existed or rows):
             _write(path, names, rows)
         return rows

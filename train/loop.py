@@ -221,9 +221,10 @@ def train(spec: RunSpec, signals=None, start=None) -> dict:
     run_dir = run_folder(spec, migrate=placement.main)  # rank 0 migrates a legacy folder ...
     if placement.world > 1:
         dist.barrier()  # ... before any rank reads it
+    existed = run_dir.is_dir()  # (taking the lock creates it)
     with owned(run_dir, placement.main):  # one writer for the folder's whole life (train/run.py)
         state = folder_state(run_dir)
-        saved_record = check_run_folder(run_dir, state, spec, placement.main)
+        saved_record = check_run_folder(run_dir, state, spec, placement.main, existed)
         if saved_record is not None and state == "finished" and not spec.output.extend_epochs:
             metrics = read_metrics(run_dir)
             if placement.main:
@@ -427,6 +428,8 @@ class Trainer:
             "parameters": self.counts,
             "world_size": self.world,
             "device": self.device,
+            # CPU float sums are split across threads: a result depends on their count (checked on resume)
+            "cpu_threads": torch.get_num_threads() if self.device == "cpu" else None,
             "precision": self.precision,  # what --precision auto resolved to on this device
             "extra_epochs": extra_epochs,
             "data_init_seconds": self.data_init_seconds,  # a variant's init from training data (EVA)
@@ -442,6 +445,16 @@ class Trainer:
         record["resumed_with"] = list(spec.argv)
         if "migrated_from" in saved_record:
             record["migrated_from"] = saved_record["migrated_from"]
+        saved_threads = saved_record.get("cpu_threads")
+        if self.main and saved_threads not in (None, record["cpu_threads"]) and record["cpu_threads"] is not None:
+            print(
+                f"warning: {self.run_dir.name} trained with {saved_threads} CPU thread(s), this resume uses "
+                f"{record['cpu_threads']}: sums split differently, so its weights will not be bit-identical to an "
+                f"uninterrupted run (OMP_NUM_THREADS={saved_threads} matches it)",
+                file=sys.stderr,
+            )
+            record["cpu_threads_on_resume"] = record["cpu_threads"]
+            record["cpu_threads"] = saved_threads
         weights, state_json, tensors = ckpt.load_checkpoint(folder)
         missing = sorted(set(self.trainable) - set(weights))
         if missing:
@@ -497,6 +510,11 @@ class Trainer:
             )
         if note := diverged_note(self.run_dir):
             print(note, file=sys.stderr)
+        if spec.output.extend_epochs and (self.run_dir / "metrics.json").exists():
+            # The run is unfinished again until the extension ends: its old metrics move aside first,
+            # then config.json records the extension, so an interrupted extension is an interrupted run
+            # whose plain --resume finishes exactly it (a kill between the two leaves the old length)
+            os.replace(self.run_dir / "metrics.json", self.run_dir / "metrics.before-extension.json")
         atomic_write_json(self.run_dir / "config.json", record)
 
     def _logger(self, replay: bool) -> RunLogger:

@@ -165,13 +165,19 @@ def refuse_fresh_start(run_dir: Path, state: str) -> RunFolderError:
     )
 
 
-def check_run_folder(run_dir: Path, state: str, spec: Any, main_process: bool) -> dict | None:
+def check_run_folder(run_dir: Path, state: str, spec: Any, main_process: bool, existed: bool = True) -> dict | None:
     """Enforce the start/resume rules (module docstring); returns the saved record of a run that is
     resumed, None for a fresh start (after --overwrite cleared the folder)."""
     out, identity = spec.output, spec.identity()
     if out.extend_epochs and spec.training.max_steps:
         raise RunFolderError("--extend_epochs cannot extend a run limited by --max_steps")
     if out.resume:
+        if state == "new" and existed:  # (`existed`: before this process took the folder's lock)
+            # the folder was made but nothing was saved in it (a full disk while it was created): the
+            # "free space and --resume" advice starts it from step 0
+            if main_process:
+                print(f"{run_dir} holds nothing to resume yet; starting it from step 0", file=sys.stderr)
+            return None
         if state == "new":
             closest = closest_run(Path(out.out_dir), identity, spec.seed)
             if closest is not None and closest[1]:
@@ -184,6 +190,14 @@ def check_run_folder(run_dir: Path, state: str, spec: Any, main_process: bool) -
         saved = read_record(run_dir)
         if "identity" in saved and (diffs := differences(saved["identity"], identity)):
             raise RunFolderError(f"--resume: {run_dir} was run with other settings: " + "; ".join(diffs))
+        if out.extend_epochs and state == "interrupted":
+            # an extension is recorded when it starts (config.json's extra_epochs); extending an unfinished
+            # run again would add to it twice
+            raise RunFolderError(
+                f"--extend_epochs: {run_dir} has not finished (it stopped at a checkpoint, after "
+                f"{saved.get('extra_epochs') or 0} extra epoch(s) were asked for); plain --resume finishes it, "
+                "then --resume --extend_epochs N trains it further"
+            )
         if state == "dead":  # nothing to continue: start again from step 0 with a clean folder
             if main_process:
                 print(
