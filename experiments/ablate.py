@@ -543,7 +543,11 @@ class Jobs:
         with self.lock:
             if self.stop_signal is not None or status(run) in ("done", "running"):
                 return run, None, 0.0  # stopped, or finished / taken by another process since it was planned
-            with open(log_dir / f"{run.name}.log", "w") as log:
+            # appended, never truncated: an earlier attempt's log (the one an interruption message pointed
+            # to) and another grid's job on the same folder keep their lines
+            with open(log_dir / f"{run.name}.log", "a") as log:
+                log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} ablate (pid {os.getpid()}): {run.name}\n")
+                log.flush()
                 # its own session: a Ctrl-C in the terminal reaches it once, forwarded from here
                 proc = subprocess.Popen(
                     [sys.executable, "-m", run.module, *argv],
@@ -712,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     jobs = Jobs(gpus)
     previous = {s: signal.signal(s, jobs.forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    outcome: dict[str, list] = {"failed": [], "interrupted": [], "not_started": []}
+    outcome: dict[str, list] = {"failed": [], "interrupted": [], "not_started": [], "elsewhere": []}
     done_before, total, attempted, unchosen = 0, 0, [], []
     try:
 
@@ -797,6 +801,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_STATUS.get(jobs.stop_signal, 128 + jobs.stop_signal)
     extra = f", {len(unchosen)} tuned cell(s) without a rate" if unchosen else ""
+    if outcome.get("elsewhere"):
+        extra += f", {len(outcome['elsewhere'])} held by another process (left to it; re-run to collect them)"
     print(f"grid {preset['name']} finished in {seconds:.1f} s; {len(failed)} failed{extra}")
     return 1 if failed or unchosen else 0
 
@@ -1043,7 +1049,7 @@ def _check_inputs(argv: list[str]) -> None:
 
 def run_jobs(jobs: Jobs, todo: list[PlannedRun], parallel: int, threads: int, log_dir: Path) -> dict[str, list]:
     """Run `todo` with `parallel` at a time; lists of the failed, interrupted and never started."""
-    outcome: dict[str, list] = {"failed": [], "interrupted": [], "not_started": []}
+    outcome: dict[str, list] = {"failed": [], "interrupted": [], "not_started": [], "elsewhere": []}
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         results = pool.map(lambda r: jobs.execute(r, threads, log_dir), todo)
         for done, (run, code, seconds) in enumerate(results, 1):
@@ -1053,6 +1059,14 @@ def run_jobs(jobs: Jobs, todo: list[PlannedRun], parallel: int, threads: int, lo
             log_file = log_dir / (run.name + ".log")
             if code != 0 and status(run) == "done":  # e.g. killed after its metrics.json: finished all the same
                 code = 0
+            if code != 0 and status(run) == "running":  # another grid (or job) took the folder first: its run
+                outcome["elsewhere"].append(run)
+                print(
+                    f"[{done}/{len(todo)}] {run.task:7s} {run.variant:12s}: held by another process (another grid on "
+                    f"this out_dir?): left to it, not re-run ({run.run_dir.name})",
+                    flush=True,
+                )
+                continue
             if code == EXIT_DIVERGED and run.stage == "tune":  # a trial's result: the rate is too high
                 code, mark = 0, f"diverged (a candidate rate that scores below every other; see {log_file})"
             elif code in EXIT_STATUS.values():

@@ -31,6 +31,7 @@ majority-class accuracy of the target's dev set is printed beside each table.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import statistics
@@ -60,7 +61,12 @@ def read_runs(grid: Path) -> list[dict]:
     path = grid / "runs.tsv"
     if not grid.is_dir():
         raise InputError(f"error: {grid} is not a grid folder (run experiments/ablate.py first)")
-    rows = read_index(grid)
+    if path.exists() and not path.is_file():
+        raise InputError(f"error: {path} is a folder, not the grid's index; move it aside (it is rebuilt from runs)")
+    try:
+        rows = read_index(grid)
+    except OSError as error:  # a read-only grid is read without writing; a full disk, a folder in the way
+        raise InputError(f"error: cannot update {path} ({error.strerror}); free space or fix the file") from None
     if not rows:
         raise InputError(f"error: {path} has no runs" if path.exists() else f"error: {grid} has no finished runs")
     for line, row in enumerate(rows, start=2):
@@ -588,6 +594,15 @@ def plot_transfer(results: list[dict], path: Path) -> None:
 
 @reported
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except OSError as error:  # a read-only or full disk while writing the report: one line, not a traceback
+        if error.errno not in (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR, errno.ENOTDIR, errno.EACCES):
+            raise
+        raise InputError(f"error: cannot write {error.filename or 'the report'} ({error.strerror})") from None
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("grid", type=Path, help="grid folder holding runs.tsv")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: <grid>/report)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from tests.conftest import REPO, kill_and_wait, start_grid, write_grid_preset
+from tests.conftest import DATA_DIR, REPO, kill_and_wait, start_grid, write_grid_preset
 
 PRESETS = REPO / "experiments" / "presets"
 
@@ -158,6 +159,10 @@ def test_bad_preset_flags_and_broken_runs_tsv_are_named(tmp_path, tokenizer_dir)
     lines[2] = lines[2].replace("\t0.6\t", "\tnot-a-number\t")
     (grid / "runs.tsv").write_text("\n".join(lines) + "\n")
     with pytest.raises(SystemExit, match=r"runs\.tsv:3: unreadable row"):
+        report.main([str(grid)])
+    (grid / "runs.tsv").unlink()
+    (grid / "runs.tsv").mkdir()  # a folder where the index belongs: one line, not a hang or a traceback
+    with pytest.raises(SystemExit, match=r"runs\.tsv is a folder, not the grid's index"):
         report.main([str(grid)])
 
 
@@ -310,3 +315,39 @@ def test_a_bad_xlora_table_is_one_error_line(tmp_path, tokenizer_dir, table, mes
     preset.write_text(preset.read_text() + f"[xlora]\n{table}\n")
     with pytest.raises(InputError, match=re.escape(message)):
         ablate.load_preset(preset)
+
+
+def test_a_run_another_grid_took_first_is_left_to_it_not_failed(tmp_path, tokenizer_dir, capsys):
+    """Two grids on one out_dir: the second's job for a run the first holds exits 2 (the folder is busy);
+    that run is counted as the other grid's, not as failed, and its log keeps the other job's lines."""
+    from experiments import ablate
+    from train.run import owned
+
+    preset = tiny_grid(tmp_path, tokenizer_dir)
+    grid = tmp_path / "grid"
+    inputs = ["--tokenizer", str(tokenizer_dir), "--data_dir", str(DATA_DIR)]
+    run = ablate.plan(ablate.load_preset(preset), grid, inputs)[0]
+    log_dir = grid / "logs"
+    log_dir.mkdir(parents=True)
+    (log_dir / f"{run.name}.log").write_text("the other grid's job\n")
+
+    class BusyJobs:  # the second grid's job: started, found the folder held, exited 2
+        def execute(self, planned, threads, logs):
+            with open(logs / f"{planned.name}.log", "a") as log:
+                log.write("error: busy\n")
+            return planned, 2, 0.1
+
+    run.run_dir.mkdir(parents=True)
+    with owned(run.run_dir):  # the first grid's run holds the folder
+        (run.run_dir / "config.json").write_text("{}")
+        outcome = ablate.run_jobs(BusyJobs(), [run], 1, 1, log_dir)
+    assert outcome["failed"] == [] and outcome["elsewhere"] == [run]
+    assert "held by another process" in capsys.readouterr().out
+    # a real job appends to the run's log (here one that stops at a bad flag): earlier lines are kept
+    import dataclasses
+
+    bad = dataclasses.replace(run, argv=["--no_such_flag"])
+    shutil.rmtree(run.run_dir)
+    _, code, _ = ablate.Jobs().execute(bad, 1, log_dir)
+    text = (log_dir / f"{run.name}.log").read_text()
+    assert code == 2 and text.startswith("the other grid's job\nerror: busy\n=== ") and "error:" in text[40:]

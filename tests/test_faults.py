@@ -918,3 +918,23 @@ def test_resume_of_a_run_folder_that_holds_nothing_yet_starts_it(tiny_ckpt, toke
     assert sentiment.main([*argv, "--resume"]) == 0
     assert "holds nothing to resume yet; starting it from step 0" in capsys.readouterr().err
     assert json.loads((run / "metrics.json").read_text())["steps"] == 2
+
+
+def test_a_read_only_out_dir_is_one_line_for_evaluate_and_report(finished, tmp_path, capsys, monkeypatch):
+    """(Faked: the tests run as a user a read-only mode does not stop.)"""
+    import errno
+
+    from experiments import report
+    from train import evaluate
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    grid, run = copy_grid(finished, tmp_path)
+    monkeypatch.setattr(evaluate, "atomic_write_json", read_only)
+    flags = ["--dev_limit", "4", "--test_limit", "2", "--out_dir", str(tmp_path / "eval")]
+    assert evaluate.main(["--task", "sst", "--model", str(run), *flags]) == 2
+    assert "Read-only file system" in one_error(capsys)
+    monkeypatch.setattr(report, "plot_metric_vs_params", read_only)
+    with pytest.raises(SystemExit, match="cannot write .*Read-only file system"):
+        report.main([str(grid)])

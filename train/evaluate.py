@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import sys
@@ -162,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         return _evaluate(args)
     except (CheckpointError, ckpt.CheckpointCorrupt, DataError, TokenizerNotFound, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # --out_dir read-only, a full disk, a folder where a file belongs: one line
+        if error.errno not in (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR, errno.ENOTDIR, errno.EACCES):
+            raise
+        print(f"error: cannot write {error.filename or args.out_dir} ({error.strerror})", file=sys.stderr)
         return 2
 
 
