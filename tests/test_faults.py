@@ -938,3 +938,20 @@ def test_a_read_only_out_dir_is_one_line_for_evaluate_and_report(finished, tmp_p
     monkeypatch.setattr(report, "plot_metric_vs_params", read_only)
     with pytest.raises(SystemExit, match="cannot write .*Read-only file system"):
         report.main([str(grid)])
+
+
+def test_a_second_ctrl_c_says_whether_a_checkpoint_is_kept(finished, tmp_path, capsys):
+    from train import entry
+    from train.run import HELD
+
+    grid, run = copy_grid(finished, tmp_path)
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    for held, expected in ((empty, "none had been saved yet"), (run, "the last one saved (last-000003) is kept")):
+        HELD.append(held)
+        try:
+            with pytest.raises(SystemExit) as stop, entry.stopped_at_once():
+                raise KeyboardInterrupt
+        finally:
+            HELD.remove(held)
+        assert stop.value.code == 130 and expected in capsys.readouterr().err

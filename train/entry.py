@@ -26,7 +26,8 @@ from train.checkpoint import CheckpointCorrupt, DiskFull
 from train.cli import build_parser, build_spec, check_inputs
 from train.lifecycle import EXIT_DIVERGED, Interrupted, StopSignals, TrainingDiverged
 from train.loop import train
-from train.run import RunFolderBusy, RunFolderError, run_folder
+from train.run import HELD, RunFolderBusy, RunFolderError, run_folder
+from train.runs import saved_checkpoints
 from train.runtime import cuda_kernel_settings
 from train.settings import MultitaskSettings, from_args, task_weights
 from train.spec import RunSpec
@@ -166,11 +167,13 @@ def stopped_at_once():
     try:
         yield
     except KeyboardInterrupt:
-        print(
-            "\nstopped at once by a second Ctrl-C, without a new checkpoint; the last one saved is kept "
-            "(add --resume to continue from it)",
-            file=sys.stderr,
+        saved = [s for run_dir in HELD for s in saved_checkpoints(run_dir / "checkpoints", "last")]
+        kept = (
+            f"the last one saved ({saved[-1].name}) is kept (add --resume to continue from it)"
+            if saved
+            else "none had been saved yet, so --resume starts the run again from step 0"
         )
+        print(f"\nstopped at once by a second Ctrl-C, without a new checkpoint; {kept}", file=sys.stderr)
         raise SecondInterrupt(130) from None
 
 

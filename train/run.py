@@ -494,6 +494,9 @@ def _migrate_one(folder: Path, out_dir: Path) -> tuple[Path, Path] | None:
     return folder, target
 
 
+HELD: list[Path] = []  # the run folders this process holds now (what a second Ctrl-C stops)
+
+
 @contextlib.contextmanager
 def owned(run_dir: Path, main_process: bool = True):
     """The run folder's lock for the block (torchrun ranks other than 0 never write, so never lock)."""
@@ -501,9 +504,11 @@ def owned(run_dir: Path, main_process: bool = True):
         yield None
         return
     lock = RunLock(run_dir).acquire()
+    HELD.append(run_dir)
     try:
         yield lock
     finally:
+        HELD.remove(run_dir)
         if [p.name for p in run_dir.iterdir()] == [LOCK_NAME]:  # nothing was written: leave no empty folder
             lock.path.unlink()  # a process that opened it meanwhile sees its inode gone (RunLock.acquire)
             with contextlib.suppress(OSError):  # a new lock file appeared: that process owns the folder now
