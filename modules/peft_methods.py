@@ -301,6 +301,12 @@ def resolve_peft_defaults(method: str, fields: dict[str, Any]) -> dict[str, Any]
 
     known = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(method.upper())].__dataclass_fields__
     fields = dict(fields)
+    for name in ("target_modules", "feedforward_modules", "modules_to_save"):
+        value = fields.get(name)
+        if not (value is None or isinstance(value, str) or _names(value)):
+            raise ValueError(
+                f"peft_config.{name} must be a module name pattern or a list of module names, not {json.dumps(value)}"
+            )
     left_out = [name for name in MAPPED_FIELDS if name in known and fields.get(name) is None]
     if not left_out or fields.get("target_parameters"):
         return fields
@@ -321,6 +327,10 @@ def resolve_peft_defaults(method: str, fields: dict[str, Any]) -> dict[str, Any]
         value = getattr(probe, name)
         fields[name] = value if isinstance(value, str) else sorted(value)
     return fields
+
+
+def _names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def peft_config_for(config: Any, fan_in_fan_out: bool = False):
@@ -376,7 +386,10 @@ def check_peft(config: Any) -> None:
             f"peft_method with {', '.join(others)}: both would adapt the same linears; use one of them "
             "(peft_method='lora' is peft's LoRA, as use_lora)"
         )
-    peft_config = peft_config_for(config)  # unknown fields and bad layer indices, before any weight loads
+    try:  # unknown fields and bad layer indices, before any weight loads; peft's own type checks
+        peft_config = peft_config_for(config)
+    except (TypeError, KeyError, AttributeError, IndexError) as error:  # a field of the wrong type
+        raise ValueError(f"peft {config.peft_method}: peft_config is not a valid config ({error})") from None
     if config.peft_method == "xlora":
         check_xlora(config, peft_config)
         return

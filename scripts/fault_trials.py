@@ -8,8 +8,11 @@ near a checkpoint write), then the run is continued the way a user would (the sa
 * `sigkill`     SIGKILL at a seeded random moment of the run;
 * `row`         SIGKILL between metrics.json and the runs.tsv row (the index's lock is held meanwhile);
 * `disk-full`   the run folder on a tmpfs too small for a second checkpoint (root only; skipped
-                otherwise); the tmpfs is then enlarged ("free space") before continuing.
-Per fault it prints: trials, rows lost (a finished run without its row), duplicate rows, commands that
+                otherwise); the tmpfs is then enlarged ("free space") before continuing;
+* `pointer`     SIGKILL once the run has a checkpoint, then `checkpoints/last.json` deleted (a pointer
+                lost: the checkpoint folders themselves are intact).
+Per fault it prints: trials, rows lost (a finished run without its row), duplicate rows, checkpoints
+lost (a resume that started again from step 0 although a complete checkpoint was there), commands that
 ended in a traceback, and bit-exact resumes (the final metrics and trained weights equal the
 uninterrupted run's). `--code DIR` runs another checkout (e.g. a worktree of an older commit) with this
 interpreter, to measure before and after on the same machine.
@@ -76,6 +79,7 @@ def outcome(out: Path, reference: dict, log: list[str]) -> dict:
     if len(finished) == 1:
         exact = fingerprint(finished[0]) == reference
     return {
+        "checkpoints": sum("starting it again from step 0" in text for text in log),
         "lost": sum(1 for p in finished if not any(r["run_dir"] == str(p) for r in rows)),
         "duplicates": max(0, len(rows) - len({(r.get("task"), r.get("config_hash"), r.get("seed")) for r in rows})),
         "tracebacks": sum("Traceback" in text for text in log),
@@ -117,6 +121,21 @@ def kill_at(argv: list[str], code: Path, out: Path, delay: float, log: list[str]
     return landed
 
 
+def kill_after_checkpoint(argv: list[str], code: Path, out: Path, log: list[str]) -> bool:
+    """SIGKILL once a complete checkpoint exists, then delete the last-checkpoint pointer; whether a
+    checkpoint was there to lose."""
+    process = subprocess.Popen(argv, cwd=code, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not list(out.glob("*/checkpoints/last.json")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.kill()
+    log.append(process.communicate()[1])
+    pointers = list(out.glob("*/checkpoints/last.json"))
+    for pointer in pointers:
+        pointer.unlink()
+    return bool(pointers) and not list(out.glob("*/metrics.json"))
+
+
 def kill_before_row(argv: list[str], code: Path, out: Path, log: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "runs.tsv.lock", "w") as lock:
@@ -146,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--steps", type=int, default=6, help="training steps per run (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--faults", nargs="+", default=["sigkill", "row", "disk-full"])
+    parser.add_argument("--faults", nargs="+", default=["sigkill", "row", "disk-full", "pointer"])
     parser.add_argument("--code", type=Path, default=REPO, help="the checkout to run (default: this one)")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
@@ -162,10 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         size = checkpoint_megabytes(reference_run)
         print(f"reference run: {seconds:.1f} s from its folder's creation to its exit, checkpoint {size:.1f} MB")
         print(f"code: {args.code}")
-        print("| fault | trials (hit a live run) | rows lost | duplicate rows | tracebacks | bit-exact resumes |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print(
+            "| fault | trials (hit a live run) | rows lost | duplicate rows | checkpoints lost | tracebacks "
+            "| bit-exact resumes |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for fault in args.faults:
-            totals = {"lost": 0, "duplicates": 0, "tracebacks": 0, "exact": 0, "landed": 0}
+            totals = {"lost": 0, "duplicates": 0, "checkpoints": 0, "tracebacks": 0, "exact": 0, "landed": 0}
             trials = 0
             for trial in range(args.trials):
                 out = work / f"{fault}-{trial}"
@@ -175,18 +197,22 @@ def main(argv: list[str] | None = None) -> int:
                     totals["landed"] += kill_at(argv_trial, args.code, out, rng.uniform(0, seconds), log)
                 elif fault == "row":
                     kill_before_row(argv_trial, args.code, out, log)
+                elif fault == "pointer":
+                    totals["landed"] += kill_after_checkpoint(argv_trial, args.code, out, log)
                 elif fault == "disk-full":
                     if not mount_tmpfs(out, int(size * 1.6) + 2):  # room for one checkpoint, not two
-                        print(f"| {fault} | skipped: mounting a tmpfs needs root | | | | |")
+                        print(f"| {fault} | skipped: mounting a tmpfs needs root | | | | | |")
                         break
                     run(argv_trial, args.code, log)
                     mount_tmpfs(out, int(size * 20) + 64, remount=True)  # "free space"
                 status = finish(argv_trial, out, args.code, log)
-                result = outcome(out, reference, log) if status == 0 else {"lost": 0, "duplicates": 0, "exact": False}
+                failed = {"lost": 0, "duplicates": 0, "exact": False}
+                result = outcome(out, reference, log) if status == 0 else failed
                 result.setdefault("tracebacks", sum("Traceback" in text for text in log))
-                for key in ("lost", "duplicates", "tracebacks", "exact"):
+                result.setdefault("checkpoints", sum("starting it again from step 0" in text for text in log))
+                for key in ("lost", "duplicates", "checkpoints", "tracebacks", "exact"):
                     totals[key] += int(result[key])
-                if fault != "sigkill":
+                if fault not in ("sigkill", "pointer"):
                     totals["landed"] += 1
                 trials += 1
                 if fault == "disk-full":
@@ -194,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(
                     f"| {fault} | {trials} ({totals['landed']}) | {totals['lost']} | {totals['duplicates']} | "
-                    f"{totals['tracebacks']} | {totals['exact']} of {trials} |",
+                    f"{totals['checkpoints']} | {totals['tracebacks']} | {totals['exact']} of {trials} |",
                     flush=True,
                 )
     finally:

@@ -132,3 +132,45 @@ def test_a_damaged_run_file_resumes_cleanly_or_is_one_error_line(finished_run, c
             assert {k: v for k, v in after.items() if k != "log.jsonl"} == {
                 k: v for k, v in before.items() if k != "log.jsonl"
             }, "a refused resume changed the run folder"
+
+
+# ---------------------------------------------------------------- hostile flag values
+
+NUMBER_TEXT = st.one_of(
+    st.integers(-(10**12), 10**12).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["nan", "NaN", "inf", "-inf", "1e309", "0", "-0", "0x10", "1_000", "", " ", "four", "1e-400"]),
+)
+FLAGS = ["--lr", "--lora_r", "--lora_alpha", "--lora_dropout", "--batch_size", "--epochs", "--max_length"]
+FLAGS += ["--weight_decay", "--warmup", "--kan_grid_size", "--graph_heads", "--resid_pdrop", "--seed"]
+
+
+@pytest.mark.slow
+@settings(max_examples=EXAMPLES * 20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    flag=st.sampled_from(FLAGS),
+    value=NUMBER_TEXT,
+    peft=st.none()
+    | st.dictionaries(st.sampled_from(["r", "lora_alpha", "lora_dropout", "target_modules"]), JSON_VALUES),  # noqa: E501
+)
+def test_hostile_flag_values_are_accepted_or_one_error_line(finished_run, capsys, flag, value, peft):
+    """Any value of a numeric flag, and a peft_config of any shape: the command line is either a valid
+    run (parsed and sized, not trained) or exit 2 with one `error:` line, never a traceback."""
+    from train import entry
+
+    _, argv = finished_run
+    extra = [flag, value]
+    if flag in ("--lora_r", "--lora_alpha", "--lora_dropout"):
+        extra.append("--use_lora")
+    if flag == "--kan_grid_size":
+        extra.append("--use_kan")
+    if flag == "--graph_heads":
+        extra.append("--use_graph")
+    if peft is not None:
+        extra = ["--peft_method", "lora", "--peft_config", json.dumps(peft)]
+    capsys.readouterr()
+    try:
+        entry.parse(entry.GENERIC, ["--task", *argv[1:], *extra], inputs=False)
+    except SystemExit as stop:
+        err = capsys.readouterr().err
+        assert stop.code == 2 and sum(line.startswith("error:") for line in err.splitlines()) == 1, err

@@ -955,3 +955,21 @@ def test_a_second_ctrl_c_says_whether_a_checkpoint_is_kept(finished, tmp_path, c
         finally:
             HELD.remove(held)
         assert stop.value.code == 130 and expected in capsys.readouterr().err
+
+
+def test_the_memory_check_counts_a_steps_activations(monkeypatch):
+    """--lora_r 1000000 on the tiny preset: 15 GiB of weights and AdamW state fit in 24 GiB, the rank-wide
+    intermediates a step keeps for backward (one per token and adapted linear) do not."""
+    from model import size
+    from model.config import GPT2Config
+
+    monkeypatch.setattr(size, "device_memory", lambda device: 24 * 2**30)
+    huge = GPT2Config.from_preset("tiny", use_lora=True, lora_r=10**6)
+    found = size.estimate(huge)
+    assert found.static_bytes < 24 * 2**30  # the weights alone would pass
+    adapted = len(huge.lora_targets) * huge.n_layer
+    assert found.activation_per_token >= adapted * 10**6 * 4  # at least its rank-wide fp32 intermediates
+    with pytest.raises(ValueError, match="keeps about .* GiB of activations"):
+        size.check_fits(huge, "cpu", 8 * 128)
+    size.check_fits(huge, "cpu", 8)  # a short enough step fits
+    size.check_fits(GPT2Config.from_preset("gpt2", use_lora=True), "cpu", 8 * 512)  # a real run is not refused

@@ -31,7 +31,7 @@ from model.size import check_fits
 from modules.registry import VARIANTS, enabled_variants, knob_owner, switches, used_knobs
 from train.distributed import rank_device
 from train.experts import experts_from_runs
-from train.runtime import check_device, check_kan_kernel
+from train.runtime import check_device, check_kan_kernel, resolve_precision
 from train.settings import (
     CommandSettings,
     OutputSettings,
@@ -230,7 +230,14 @@ def build_spec(
         source = str(local.resolve()) if local.exists() else str(model)
         checkpoint = Checkpoint(source, checkpoint_identity(checkpoint_source or model))
         config = resolve_config(args, checkpoint_source, checkpoint.identity)
-        check_fits(config, rank_device(runtime.device, 0, 1))  # before anything is built or allocated
+        # before anything is built or allocated; a step holds at most batch_size x the length cap tokens
+        tokens = training.batch_size * min(training.max_length or config.n_positions, config.n_positions)
+        device = rank_device(runtime.device, 0, 1)
+        try:
+            precision = resolve_precision(runtime.precision, device)
+        except (AssertionError, RuntimeError):  # a device this torch cannot ask: count fp32, the larger
+            precision = "fp32"
+        check_fits(config, device, tokens, precision)
         training = training.resolved(config.resolved_fine_tune_mode)
     except (ValueError, CheckpointError) as error:
         parser.error(str(error))
