@@ -973,3 +973,23 @@ def test_the_memory_check_counts_a_steps_activations(monkeypatch):
         size.check_fits(huge, "cpu", 8 * 128)
     size.check_fits(huge, "cpu", 8)  # a short enough step fits
     size.check_fits(GPT2Config.from_preset("gpt2", use_lora=True), "cpu", 8 * 512)  # a real run is not refused
+
+
+def test_a_read_only_run_folder_is_one_line_for_training(
+    finished, tiny_ckpt, tokenizer_dir, tmp_path, capsys, monkeypatch
+):
+    """(Faked as above.) A fresh run and a resume that cannot write their folder end in one line, exit 2."""
+    import errno
+
+    from train import loop
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(loop, "atomic_write_json", read_only)
+    assert sentiment.main(sst_argv(tiny_ckpt[0], tokenizer_dir, tmp_path / "fresh", "--max_steps", "2")) == 2
+    assert "read-only file system" in one_error(capsys)
+    grid, run = copy_grid(finished, tmp_path)
+    (run / "metrics.json").unlink()
+    assert sentiment.main(sst_argv(tiny_ckpt[0], tokenizer_dir, grid, "--max_steps", "3", "--resume")) == 2
+    assert "read-only file system" in one_error(capsys)
