@@ -754,6 +754,12 @@ def main(argv: list[str] | None = None) -> int:
         sources_unplanned = without_rate(grid, preset["tasks"], list(preset["variants"]))
         if "transfer" in preset and jobs.stop_signal is None and sources_unplanned:
             print(f"the transfer stage needs every source run; no rate was chosen for {sources_unplanned}", flush=True)
+        elif "transfer" in preset and jobs.stop_signal is None and outcome["elsewhere"]:
+            print(
+                f"the transfer stage waits: {len(outcome['elsewhere'])} source run(s) are held by another process; "
+                "re-run when they have finished",
+                flush=True,
+            )
         elif "transfer" in preset and jobs.stop_signal is None and not outcome["failed"]:
             stage, stage_todo = transfer_stage(preset, runs, inputs, out_dir)
             run_stage(

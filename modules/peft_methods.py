@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import re
 import types
 import warnings
 from dataclasses import dataclass
@@ -329,6 +330,25 @@ def resolve_peft_defaults(method: str, fields: dict[str, Any]) -> dict[str, Any]
     return fields
 
 
+# What a left-out `target_modules` meant before it followed peft's mapping (records written then carry
+# no resolved targets): they are read with the targets those runs were built with.
+LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ia3": {"target_modules": ["c_attn", "mlp.c_proj"], "feedforward_modules": ["mlp.c_proj"]},
+    "ln_tuning": {"target_modules": ["ln_1", "ln_2"]},
+}
+
+
+def legacy_peft_fields(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run record's config with the targets its peft method was built with, for records written before
+    left-out targets were resolved (and written out) as peft resolves them: then they meant c_attn,
+    c_proj and c_fc (IA3 and LN tuning: their own lists)."""
+    method = saved.get("peft_method")
+    fields = dict(saved.get("peft_config") or {})
+    if method not in STOCK_GPT2 + LINEAR_ONLY or method == "trainable_tokens" or "target_modules" in fields:
+        return saved
+    return {**saved, "peft_config": {**LEGACY_DEFAULTS.get(method, {"target_modules": list(CONV1D_TARGETS)}), **fields}}
+
+
 def _names(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
@@ -407,8 +427,12 @@ def check_peft(config: Any) -> None:
         )
     if config.peft_method == "ln_tuning":
         targets = peft_config.target_modules
-        names = [targets] if isinstance(targets, str) else sorted(targets or ())
-        if any(not (name.startswith("ln_") or ".ln_" in name) for name in names):
+        if isinstance(targets, str):  # a pattern: the GPT-2 modules it names
+            modules = [n for n, _ in _skeleton(config, config.n_layer).named_modules() if n]
+            names = [n for n in modules if re.fullmatch(targets, n)]
+        else:
+            names = sorted(targets or ())
+        if any(not (name.rpartition(".")[2].startswith("ln_")) for name in names):
             asked = (config.peft_config or {}).get("target_modules")
             raise ValueError(
                 f"peft ln_tuning with target_modules={asked!r}: LN tuning trains a full copy of each module it "
@@ -647,13 +671,18 @@ def merge_peft(model: nn.Module) -> None:
 
 
 def _tied_targets(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[str]:
-    """Adapted modules whose base weight is also another module's (GPT-2's wte and lm_head)."""
+    """Adapted modules (tuner layers, and modules_to_save copies) whose base weight is also another
+    module's (GPT-2's wte and lm_head)."""
+    from peft.utils.other import ModulesToSaveWrapper
+
     owners: dict[int, int] = {}
     for module in model.modules():  # a weight registered on two modules (not a wrapper's view of one)
         weight = module._parameters.get("weight")
         if weight is not None:
             owners[id(weight)] = owners.get(id(weight), 0) + 1
-    return [name for name, layer in layers if owners.get(id(getattr(layer.get_base_layer(), "weight", None)), 0) > 1]
+    bases = [(name, layer.get_base_layer()) for name, layer in layers]
+    bases += [(n, m.original_module) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    return [name for name, base in bases if owners.get(id(getattr(base, "weight", None)), 0) > 1]
 
 
 def peft_state(model: nn.Module, config: Any) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -819,7 +820,7 @@ def test_an_interrupted_extension_is_finished_by_a_plain_resume_at_the_extended_
     proc.send_signal(2)
     proc.communicate(timeout=60)
     (run,) = [p for p in (tmp_path / "cut").iterdir() if p.is_dir()]
-    assert not (run / "metrics.json").exists() and (run / "metrics.before-extension.json").exists()
+    assert not (run / "metrics.json").exists() and (run / "metrics.before-extension-4-steps.json").exists()
     capsys.readouterr()
     assert sentiment.main(argv(tmp_path / "cut", "--extend_epochs", "1")) == 2
     assert "plain --resume finishes it" in one_error(capsys)
@@ -882,7 +883,7 @@ def test_a_folder_where_a_run_file_belongs_is_one_line(finished, tiny_ckpt, toke
     capsys.readouterr()
     assert sentiment.main(sst_argv(tiny_ckpt[0], tokenizer_dir, grid, "--max_steps", "3", "--resume")) == 2
     line = one_error(capsys)
-    assert f"{target} is a folder" in line and "move it aside" in line
+    assert f"{target} is a folder" in line and "move it aside and run again" in line
     assert target.is_dir()  # left as it was
 
 
@@ -993,3 +994,31 @@ def test_a_read_only_run_folder_is_one_line_for_training(
     (run / "metrics.json").unlink()
     assert sentiment.main(sst_argv(tiny_ckpt[0], tokenizer_dir, grid, "--max_steps", "3", "--resume")) == 2
     assert "read-only file system" in one_error(capsys)
+
+
+def test_a_fresh_start_on_a_run_that_lost_its_pointer_says_it_is_interrupted(
+    finished, tiny_ckpt, tokenizer_dir, tmp_path, capsys
+):
+    grid, run = copy_grid(finished, tmp_path)
+    (run / "metrics.json").unlink()
+    (run / "checkpoints" / "last.json").unlink()
+    capsys.readouterr()
+    assert sentiment.main(sst_argv(tiny_ckpt[0], tokenizer_dir, grid, "--max_steps", "3")) == 2
+    assert "holds an interrupted run (last checkpoint at step 3); pass --resume" in one_error(capsys)
+
+
+def test_a_second_ctrl_c_caught_in_a_finaliser_still_stops_the_run():
+    """Python prints a KeyboardInterrupt raised inside a `__del__` as "Exception ignored ... Traceback" and
+    goes on; while a run's signals are handled it is raised again in the main thread instead."""
+    import types
+
+    from train.lifecycle import StopSignals
+
+    with StopSignals() as signals:
+        signals.received = signal.SIGINT  # the first Ctrl-C; the second one's interrupt is re-raised
+        info = types.SimpleNamespace(exc_value=KeyboardInterrupt(), exc_type=KeyboardInterrupt)
+        with pytest.raises(KeyboardInterrupt):
+            sys.unraisablehook(info)
+            for _ in range(10**6):  # the interrupt arrives at the next check of the main thread
+                time.sleep(0)
+    assert "StopSignals" not in repr(sys.unraisablehook)  # the previous hook is back

@@ -61,3 +61,37 @@ def test_the_matrix_covers_every_option_class():
     assert expected <= labels, expected - labels
     assert {m for m, _, _ in CASES} == set(METHODS)
     assert len(CASES) >= 250
+
+
+def test_records_written_before_targets_were_resolved_keep_their_targets():
+    """A run recorded with left-out targets was built on c_attn, c_proj and c_fc (IA3, LN tuning: their own
+    lists); evaluate and transfer rebuild it so. A record with resolved targets is read as it is."""
+    from modules.peft_methods import legacy_peft_fields
+
+    assert legacy_peft_fields({"peft_method": "lora", "peft_config": None})["peft_config"] == {
+        "target_modules": ["c_attn", "c_proj", "c_fc"]
+    }
+    assert legacy_peft_fields({"peft_method": "ln_tuning"})["peft_config"] == {"target_modules": ["ln_1", "ln_2"]}
+    new = {"peft_method": "lora", "peft_config": {"target_modules": ["c_attn"], "r": 4}}
+    assert legacy_peft_fields(new) == new
+    assert legacy_peft_fields({"peft_method": None}) == {"peft_method": None}
+
+
+def test_merging_a_modules_to_save_copy_of_a_tied_matrix_is_refused(checkpoints):
+    from model import GPT2LMHeadModel
+    from model.adapters import merge_adapters
+
+    for module in ("wte", "lm_head"):
+        model = GPT2LMHeadModel.from_pretrained(
+            checkpoints / "small", peft_method="lora", peft_config={"modules_to_save": [module]}
+        )
+        with pytest.raises(ValueError, match="cannot merge exactly: .* shared with the other end"):
+            merge_adapters(model)
+
+
+def test_ln_tuning_patterns_are_judged_by_the_modules_they_name():
+    from model.config import GPT2Config
+
+    GPT2Config.from_preset("tiny", peft_method="ln_tuning", peft_config={"target_modules": r".*ln_.*"})
+    with pytest.raises(ValueError, match="LN tuning trains a full copy"):
+        GPT2Config.from_preset("tiny", peft_method="ln_tuning", peft_config={"target_modules": r".*(ln_1|c_attn)"})

@@ -231,7 +231,10 @@ def build_spec(
         checkpoint = Checkpoint(source, checkpoint_identity(checkpoint_source or model))
         config = resolve_config(args, checkpoint_source, checkpoint.identity)
         # before anything is built or allocated; a step holds at most batch_size x the length cap tokens
-        tokens = training.batch_size * min(training.max_length or config.n_positions, config.n_positions)
+        caps = [getattr(get_task(n), "default_max_length", None) or config.n_positions for n in task_names]
+        length = min(training.max_length or config.n_positions, max(caps), config.n_positions)
+        # recomputed in backward under --grad_checkpointing: not counted (the per-block peak is small)
+        tokens = 0 if runtime.grad_checkpointing else training.batch_size * length
         device = rank_device(runtime.device, 0, 1)
         try:
             precision = resolve_precision(runtime.precision, device)

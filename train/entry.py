@@ -199,7 +199,7 @@ def execute(spec: RunSpec, signals: StopSignals, start=None) -> int:
             print(f"error: disk full while writing {where}; free space and --resume", file=sys.stderr)
         elif error.errno in (errno.EISDIR, errno.ENOTDIR):  # a folder where a run file belongs, or the reverse
             kind = "a folder" if error.errno == errno.EISDIR else "not a folder"
-            print(f"error: {where} is {kind}, which this run cannot use; move it aside and --resume", file=sys.stderr)
+            print(f"error: {where} is {kind}, which this run cannot use; move it aside and run again", file=sys.stderr)
         elif error.errno == errno.EROFS:
             print(f"error: {where} is on a read-only file system; pass a writable --out_dir", file=sys.stderr)
         else:

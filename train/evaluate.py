@@ -33,6 +33,7 @@ from datasets.common import DataError
 from model import CheckpointError, GPT2LMHeadModel, TokenizerNotFound, load_tokenizer
 from model.config import STACK_FIELDS
 from model.files import UnreadableFile, atomic_write_json, read_json_object
+from modules.peft_methods import legacy_peft_fields
 from modules.registry import variant_state
 from train import checkpoint as ckpt
 from train.cli import ArgumentParser, check_data
@@ -59,7 +60,7 @@ def load_model(spec: str) -> tuple[GPT2LMHeadModel, dict[str, dict[str, torch.Te
         record = read_json_object(path / "config.json", ("config", "training"))
     except UnreadableFile as error:
         raise CheckpointError(f"{path} is a run folder whose record is damaged: {error}") from None
-    saved = record["config"]
+    saved = legacy_peft_fields(record["config"])  # older records: the targets they were built with
     overrides = {k: v for k, v in saved.items() if k not in (*STACK_FIELDS, "name")}
     model = GPT2LMHeadModel.from_pretrained(record["training"]["model"], **overrides)
     heads = copy_run_weights(model, best)

@@ -57,11 +57,26 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
+            self._previous_hook = sys.unraisablehook
+            sys.unraisablehook = self._unraisable
         return self
+
+    def _unraisable(self, info: Any) -> None:
+        """The second Ctrl-C's KeyboardInterrupt can land inside a finaliser (a progress bar's `__del__`
+        during garbage collection), where Python prints it as "Exception ignored ... Traceback" and goes
+        on: raise it again in the main thread, where it stops the run as it should, with no traceback."""
+        if isinstance(info.exc_value, KeyboardInterrupt):
+            import _thread
+
+            _thread.interrupt_main()
+            return
+        self._previous_hook(info)
 
     def __exit__(self, *exc: Any) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        if self._previous:
+            sys.unraisablehook = self._previous_hook
 
 
 # ---------------------------------------------------------------- divergence

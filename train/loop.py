@@ -222,6 +222,8 @@ def train(spec: RunSpec, signals=None, start=None) -> dict:
     if placement.world > 1:
         dist.barrier()  # ... before any rank reads it
     existed = run_dir.is_dir()  # (taking the lock creates it)
+    if placement.world > 1:
+        dist.barrier()  # every rank looked before rank 0 takes the lock
     with owned(run_dir, placement.main):  # one writer for the folder's whole life (train/run.py)
         state = folder_state(run_dir)
         saved_record = check_run_folder(run_dir, state, spec, placement.main, existed)
@@ -260,7 +262,7 @@ class Trainer:
                 f"{self.precision}; pass --precision {saved_precision}"
             )
         check_loss_precision(saved_record, self.precision, spec.runtime.loss_precision, run_dir.name)
-        extra_epochs = (saved_record or {}).get("extra_epochs", 0) + (spec.output.extend_epochs or 0)
+        extra_epochs = ((saved_record or {}).get("extra_epochs") or 0) + (spec.output.extend_epochs or 0)
         self.epochs = training.epochs + extra_epochs
         self._build_objectives()
         self.resuming = saved_record is not None
@@ -469,6 +471,8 @@ class Trainer:
             self.scheduler.load_state_dict({**state_json["scheduler"], "lr_lambdas": lambdas})
             restored = ckpt.restore_rng(tensors, state_json["rng"], self.rank, self.device)
         except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as error:
+            if isinstance(error, torch.OutOfMemoryError) or "CUDA" in str(error):
+                raise  # the device, not the checkpoint
             raise ckpt.CheckpointCorrupt(
                 f"--resume: checkpoint {folder} does not fit this run ({type(error).__name__}: {error})"
             ) from None
@@ -514,7 +518,8 @@ class Trainer:
             # The run is unfinished again until the extension ends: its old metrics move aside first,
             # then config.json records the extension, so an interrupted extension is an interrupted run
             # whose plain --resume finishes exactly it (a kill between the two leaves the old length)
-            os.replace(self.run_dir / "metrics.json", self.run_dir / "metrics.before-extension.json")
+            steps = read_metrics(self.run_dir).get("steps", "unknown")  # one file per extension, none overwritten
+            os.replace(self.run_dir / "metrics.json", self.run_dir / f"metrics.before-extension-{steps}-steps.json")
         atomic_write_json(self.run_dir / "config.json", record)
 
     def _logger(self, replay: bool) -> RunLogger:

@@ -152,7 +152,7 @@ def refuse_fresh_start(run_dir: Path, state: str) -> RunFolderError:
     if state == "interrupted":
         try:
             step = read_json_object(run_dir / "checkpoints" / "last.json").get("step")
-        except UnreadableFile:  # a lost or damaged pointer: the newest complete folder says it
+        except (UnreadableFile, FileNotFoundError):  # a lost or damaged pointer: the newest complete folder says it
             saved = saved_checkpoints(run_dir / "checkpoints", "last")
             step = int(saved[-1].name.split("-")[1].split(".")[0]) if saved else "unknown: its pointer is corrupt"
         return RunFolderError(
