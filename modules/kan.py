@@ -364,13 +364,18 @@ class KANLinear(nn.Module):
         )
 
 
-def use_spline_kernel(model: nn.Module, kernel: str, device: str) -> int:
-    """Run every KAN layer's spline GEMM with `kernel` ("torch" or "triton"); returns how many layers.
-    Triton kernels need a CUDA device (or the CPU interpreter, `TRITON_INTERPRET=1`, for tests)."""
+def check_spline_kernel(kernel: str, device: str) -> None:
+    """ValueError when `kernel` is unknown or cannot run on `device`: Triton kernels need a CUDA device
+    (or the CPU interpreter, `TRITON_INTERPRET=1`, for tests)."""
     if kernel not in SPLINE_KERNELS:
         raise ValueError(f"unknown KAN spline kernel {kernel!r}; choose from {list(SPLINE_KERNELS)}")
     if kernel == "triton" and not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"--kan_kernel triton needs a CUDA device (this run: {device}); use --kan_kernel torch")
+
+
+def use_spline_kernel(model: nn.Module, kernel: str, device: str) -> int:
+    """Run every KAN layer's spline GEMM with `kernel` ("torch" or "triton"); returns how many layers."""
+    check_spline_kernel(kernel, device)
     layers = [module for module in model.modules() if isinstance(module, KANLinear)]
     for layer in layers:
         layer.kernel = kernel

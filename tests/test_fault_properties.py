@@ -20,20 +20,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_faults import QUICK, run_paths
+from tests.test_faults import QUICK, RUN_FILES, run_paths
 from train import sentiment
 
 EXAMPLES = int(os.environ.get("GPT2_FAULT_EXAMPLES", "3"))  # per file and damage: 64 in make check
-FILES = [
-    "config.json",
-    "log.jsonl",
-    "checkpoints/last.json",
-    "checkpoints/best.json",
-    "checkpoints/last-*/state.json",
-    "checkpoints/last-*/trainable.safetensors",
-    "checkpoints/last-*/optimizer.safetensors",
-    "checkpoints/best-*/state.json",
-]
+# the run files a resume reads (test_faults.RUN_FILES, less the finished run's own) and the best state.json
+FILES = [f for f in RUN_FILES if f not in ("metrics.json", "diverged.json")] + ["checkpoints/best-*/state.json"]
 DAMAGES = ["delete", "truncate", "folder", "wrong value"]
 # JSON values of every kind, small enough to read in a failure report
 JSON_VALUES = st.recursive(

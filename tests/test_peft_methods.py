@@ -32,6 +32,7 @@ from modules.peft_methods import (
     peft_config_for,
 )
 from tests.conftest import DATA_DIR, REPO, make_hf_checkpoint, perturb_adapters, run_paths
+from tests.peft_matrix import linear_hf_gpt2
 
 ATOL = 1e-5
 # Fields a method cannot do without (the token ids trainable_tokens trains), for the 100-token test vocabulary.
@@ -44,20 +45,6 @@ def wide_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("wide_gpt2")
     make_hf_checkpoint(path, n_layer=2, n_head=4, n_embd=256, n_positions=64, vocab_size=100)
     return path
-
-
-def linear_hf_gpt2(path) -> transformers.GPT2LMHeadModel:
-    """HF GPT-2 with each Conv1D replaced by the equal nn.Linear (for peft layers that take Linear only)."""
-    from transformers.pytorch_utils import Conv1D
-
-    hf = transformers.GPT2LMHeadModel.from_pretrained(path)
-    for name, module in list(hf.named_modules()):
-        if isinstance(module, Conv1D):
-            linear = nn.Linear(*module.weight.shape)
-            linear.weight.data, linear.bias.data = module.weight.data.t().contiguous(), module.bias.data
-            parent, _, child = name.rpartition(".")
-            setattr(hf.get_submodule(parent), child, linear)
-    return hf
 
 
 def perturbed(path, method: str) -> GPT2LMHeadModel:

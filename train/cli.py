@@ -28,10 +28,11 @@ from model.config import STACK_FIELDS, ModelSettings, field_hint, settings_field
 from model.fingerprint import checkpoint_identity
 from model.loading import CheckpointError, read_checkpoint_config
 from model.size import check_fits
+from modules.kan import check_spline_kernel
 from modules.registry import VARIANTS, enabled_variants, knob_owner, switches, used_knobs
 from train.distributed import rank_device
 from train.experts import experts_from_runs
-from train.runtime import check_device, check_kan_kernel, resolve_precision
+from train.runtime import check_device, resolve_precision
 from train.settings import (
     CommandSettings,
     OutputSettings,
@@ -215,7 +216,7 @@ def build_spec(
         output = from_args(OutputSettings, args)
         runtime = from_args(RuntimeSettings, args)
         check_device(runtime.device)
-        check_kan_kernel(runtime.kan_kernel, rank_device(runtime.device, 0, 1))
+        check_spline_kernel(runtime.kan_kernel, rank_device(runtime.device, 0, 1))
         check_out_dir(output.out_dir)
         settings = {n: from_args(get_task(n).settings, args) for n in task_names if get_task(n).settings}
         settings.update(extra_settings or {})

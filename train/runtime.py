@@ -5,7 +5,6 @@ kernel settings every entry point trains and evaluates under. None of it is part
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
@@ -24,13 +23,6 @@ def check_device(name: str) -> None:
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ValueError(f"--device {name}: MPS is not available on this machine")
-
-
-def check_kan_kernel(kernel: str, device: str) -> None:
-    """ValueError naming `--kan_kernel` when its kernels cannot run on `device` (Triton needs CUDA; the
-    tests run it on Triton's CPU interpreter, TRITON_INTERPRET=1)."""
-    if kernel == "triton" and not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"--kan_kernel triton needs a CUDA device (this run: {device}); use --kan_kernel torch")
 
 
 def resolve_precision(precision: str, device: str) -> str:
