@@ -21,7 +21,7 @@ job array through submitit (preemption-safe: checkpoint, requeue, --resume); `--
 writes a wandb grid sweep whose agents run one point each through `--task T --variant V --seed S`.
 A preset with a [transfer] table adds a second stage once its runs are done (train/transfer.py).
 A preset with a [tune] table trains each method at its own learning rate: one dev-only run per candidate
-rate and (method, task) first, then the seeds at the best dev rate (experiments/tuning.py; README).
+rate and (method, task) first, then the seeds at the best dev rate (experiments/tuning.py; docs/experiments.md).
 A preset with an [xlora] table adds X-LoRA runs once their experts are done: per task and seed, a
 `--peft_method xlora` run mixing that seed's runs of the `experts` variants on the `expert_tasks`
 (modules/xlora.py); they are rows of the grid like any variant (label `xlora`).
@@ -52,7 +52,7 @@ from datasets.common import DataError, ensure_data
 from experiments import launchers, tuning
 from experiments.inputs import InputError, reported
 from model.loading import read_checkpoint_config
-from train import entry
+from train import console, entry
 from train.cli import ArgumentParser, render_argv
 from train.commands import exit_status
 from train.index import update_index
@@ -91,6 +91,15 @@ PRESET_KEYS = {
 }
 
 
+# the keys each table may hold (None: the grid's tasks)
+TABLE_KEYS: dict[str, set[str] | None] = {
+    "model": {"model", "random_init"},
+    "transfer": {"pairs", "target_fraction", "epochs", "flags", "target_flags"},
+    "cka": {"layers", "n"},
+    "task_flags": None,
+}
+
+
 def load_preset(path: Path) -> dict:
     try:
         preset = tomllib.loads(path.read_text())
@@ -108,6 +117,16 @@ def load_preset(path: Path) -> dict:
     unknown = [t for t in preset["tasks"] if t not in TASKS]
     if unknown:
         raise InputError(f"error: {path}: unknown task(s) {unknown}; known: {list(TASKS)}")
+    for table, known in TABLE_KEYS.items():  # a misspelt key would be ignored: its setting silently lost
+        entries = preset.get(table, {})
+        if not isinstance(entries, dict):
+            raise InputError(f"error: {path}: {table} must be a table ([{table}]), not {type(entries).__name__}")
+        strays = sorted(set(entries) - set(known or preset["tasks"]))
+        if strays:
+            what = "tasks of this grid" if known is None else "keys"
+            raise InputError(
+                f"error: {path}: [{table}] has unknown key(s) {strays}; {what}: {sorted(known or preset['tasks'])}"
+            )
     if "transfer" in preset:
         pairs = preset["transfer"].get("pairs")
         if not pairs or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
@@ -499,6 +518,7 @@ class Jobs:
     def __init__(self, gpus: list[int] | None = None) -> None:
         self.lock = threading.Lock()
         self.running: set[subprocess.Popen] = set()
+        self.names: dict[subprocess.Popen, str] = {}  # each running job's run name (progress lines)
         self.stop_signal: int | None = None
         # --gpus: a pool of free GPUs; a job takes one (as its only visible device) and gives it back
         self.free_gpus: queue.Queue[int] | None = None
@@ -506,6 +526,12 @@ class Jobs:
             self.free_gpus = queue.Queue()
             for gpu in gpus:
                 self.free_gpus.put(gpu)
+
+    def describe(self) -> str:
+        """What runs now, for the grid's progress lines."""
+        with self.lock:
+            names = sorted(self.names.values())
+        return f"running {', '.join(names)}" if names else ""
 
     def forward(self, signum: int, frame) -> None:
         first = self.stop_signal is None
@@ -558,9 +584,11 @@ class Jobs:
                     start_new_session=True,
                 )
             self.running.add(proc)
+            self.names[proc] = run.name
         code = proc.wait()
         with self.lock:
             self.running.discard(proc)
+            self.names.pop(proc, None)
         return run, code, time.perf_counter() - start
 
 
@@ -600,9 +628,9 @@ def main(argv: list[str] | None = None) -> int:
         "--wandb_sweep", type=Path, default=None, metavar="OUT.yaml", help="write a wandb sweep of the grid and stop"
     )
     point = parser.add_argument_group("one point of the grid (what a wandb sweep agent runs)")
-    point.add_argument("--task", default=None)
-    point.add_argument("--variant", default=None)
-    point.add_argument("--seed", type=int, default=None)
+    point.add_argument("--task", default=None, help="run only this task's point (with --variant and --seed)")
+    point.add_argument("--variant", default=None, help="run only this variant's point (a name in the preset)")
+    point.add_argument("--seed", type=int, default=None, help="run only this seed's point")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
@@ -1056,9 +1084,11 @@ def _check_inputs(argv: list[str]) -> None:
 def run_jobs(jobs: Jobs, todo: list[PlannedRun], parallel: int, threads: int, log_dir: Path) -> dict[str, list]:
     """Run `todo` with `parallel` at a time; lists of the failed, interrupted and never started."""
     outcome: dict[str, list] = {"failed": [], "interrupted": [], "not_started": [], "elsewhere": []}
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
+    work = console.phase("grid", total=len(todo), unit="runs", status=jobs.describe)
+    with work, ThreadPoolExecutor(max_workers=parallel) as pool:
         results = pool.map(lambda r: jobs.execute(r, threads, log_dir), todo)
         for done, (run, code, seconds) in enumerate(results, 1):
+            work.set(done)
             if code is None:
                 outcome["not_started"].append(run)
                 continue

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -164,10 +165,13 @@ def heatmaps(result: dict, path: Path) -> None:
             title = f"block x block, {names[panel]}" if panel in names else "A's block (rows) vs B's block"
             ax.set_title(f"{title}\n({pooling.replace('_', ' ')})", fontsize=9)
             fig.colorbar(image, ax=ax, fraction=0.046)
-    legend = "; ".join(f"{k.upper()}: {Path(v).name or v}" for k, v in result["models"].items())
-    fig.suptitle(f"linear CKA on {result['n']} {result['task']} dev examples ({legend})", fontsize=9)
+    # one line per model, wrapped to the figure's width (a run folder's name is longer than one panel)
+    width = max(20, int(fig.get_figwidth() * 14))
+    lines = [f"linear CKA on {result['n']} {result['task']} dev examples"]
+    lines += [textwrap.fill(f"{k.upper()}: {Path(v).name or v}", width) for k, v in result["models"].items()]
+    fig.suptitle("\n".join(lines), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")  # nothing clipped, whatever the names
     plt.close(fig)
 
 
@@ -190,12 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     from model import CheckpointError, load_tokenizer
     from model.files import atomic_write_json
     from train.cli import ArgumentParser, check_data
-    from train.evaluate import load_model, run_record
+    from train.distributed import auto_device
+    from train.evaluate import check_model_exists, load_model, run_record
     from train.runtime import check_device
     from train.settings import TrainingSettings
     from train.tasks import get_task, labelled_tasks
 
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog="python -m experiments.cka", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("models", nargs="+", metavar="RUN", help="one or two run folders / HF folders / hub ids")
     parser.add_argument("--task", choices=labelled_tasks(), default="sst", help="whose dev texts (default: sst)")
     parser.add_argument("--layers", nargs="+", default=None, help="block indices or 'all' (default: first middle last)")
@@ -211,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="tokenizer folder (default: the first run's own, else $GPT2_TOKENIZER or the hub)",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda > mps > cpu, as training), cpu, cuda, cuda:1, mps (default: auto)"
+    )
     args = parser.parse_args(argv)
     if len(args.models) > 2:
         parser.error(f"give one model (block x block) or two (and between them), not {len(args.models)}")
@@ -219,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--n must be >= 2 and --batch_size >= 1")
     try:
         check_device(args.device)
+        args.device = auto_device() if args.device == "auto" else args.device
+        for model in args.models:  # a missing run is named as such, before any data are fetched for it
+            check_model_exists(model)
     except ValueError as error:
         parser.error(str(error))
     task_class = get_task(args.task)

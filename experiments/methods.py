@@ -1,10 +1,10 @@
-"""The peft methods this model supports and refuses (from modules/peft_methods.py) as the README's
+"""The peft methods this model supports and refuses (from modules/peft_methods.py) as docs/peft-methods.md's
 table, and the `methods` ablation presets built from that list (`python scripts/peft_methods.py`).
 
-    python scripts/peft_methods.py            # the README's table of supported and refused methods
+    python scripts/peft_methods.py            # the table of supported and refused methods (docs/peft-methods.md)
     python scripts/peft_methods.py --write    # (re)write experiments/presets/methods.toml and methods_smoke.toml
 
-Tests check that the README's table and both presets are what this script generates, so a method
+Tests check that docs/peft-methods.md's table and both presets are what this script generates, so a method
 added to the code without its documentation or its grid row fails the suite.
 """
 
@@ -105,7 +105,7 @@ wandb = "offline"
 
 def variants(smoke: bool) -> dict[str, list[str]]:
     rows = dict(OWN_VARIANTS)
-    for method in STANDALONE:  # (xlora mixes finished LoRA runs: the README shows how to run it after a grid)
+    for method in STANDALONE:  # (xlora mixes finished LoRA runs: docs/experiments.md shows how to run it after a grid)
         flags = ["--peft_method", method]
         fields = {**REQUIRED_FIELDS.get(method, {}), **(SMOKE_SIZES.get(method, {}) if smoke else {})}
         if fields:
@@ -158,7 +158,7 @@ def default_targets(method: str) -> str:
     return text
 
 
-def readme_table() -> str:
+def methods_table() -> str:
     rows = [
         "| peft method | on this model | default targets on GPT-2 (peft's) | identity at init "
         "| merges into the weights | exported for stock HF GPT-2 |",
@@ -191,5 +191,5 @@ def main(argv: list[str] | None = None) -> int:
             (PRESETS / f"{name}.toml").write_text(preset_text(name))
             print(f"wrote {PRESETS / f'{name}.toml'}")
     else:
-        print(readme_table())
+        print(methods_table())
     return 0

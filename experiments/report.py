@@ -176,6 +176,20 @@ def summarise(rows: list[dict], baseline: str) -> tuple[list[str], list[str], di
     return tasks, variants, values, {"info": info, "marks": marks, "cost": cost}
 
 
+def with_planned_cells(tasks: list[str], variants: list[str], grid_info: dict, metrics: dict[str, str]):
+    """The table's tasks and variants: those with finished runs plus every one the grid planned, so a
+    column or row none of whose runs has finished yet shows its cells as `– †` instead of vanishing
+    (the line above the table counts them). `metrics` gains the planned tasks' metric names."""
+    planned = [tuple(cell) for cell in grid_info.get("cells", [])]
+    for _, task in planned:
+        if task in TASKS and task not in metrics:
+            metrics[task] = TASKS[task].metric
+    known = [t for t in dict.fromkeys([*tasks, *(t for _, t in planned)]) if t in metrics]
+    tasks = sorted(known, key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else 99, t))
+    variants = list(dict.fromkeys([*variants, *(v for v, _ in planned)]))
+    return tasks, variants
+
+
 def completeness(rows: list[dict], grid_info: dict) -> tuple[str, set[tuple[str, str]]]:
     """A line saying how many of the grid's planned runs have finished, and the (variant, task) cells
     that miss seeds. A grid written before the plan was recorded: every cell with fewer seeds than the
@@ -206,9 +220,12 @@ def markdown(tasks, variants, values, extra, metrics: dict[str, str], baseline: 
         cells = [variant]
         for task in tasks:
             dagger = " †" if (variant, task) in incomplete else ""
-            cells.append(cell(values.get((variant, task), []), marks[(variant, task)]) + dagger)
-        params = info[variant]["params"]
-        cells.append(f"{min(params):,}" if min(params) == max(params) else f"{min(params):,}–{max(params):,}")
+            cells.append(cell(values.get((variant, task), []), marks.get((variant, task), "")) + dagger)
+        params = info[variant]["params"] if variant in info else []
+        if not params:  # planned, none finished yet
+            cells.append("–")
+        else:
+            cells.append(f"{min(params):,}" if min(params) == max(params) else f"{min(params):,}–{max(params):,}")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
@@ -628,6 +645,7 @@ def _main(argv: list[str] | None = None) -> int:
     order = list(dict.fromkeys(variant for variant, _ in grid_info.get("cells", [])))
     rows.sort(key=lambda row: order.index(row["variant"]) if row["variant"] in order else len(order))  # the preset's
     tasks, variants, values, extra = summarise(rows, baseline)
+    tasks, variants = with_planned_cells(tasks, variants, grid_info, metrics)
     out = args.out or args.grid / "report"
     out.mkdir(parents=True, exist_ok=True)
     counts, incomplete = completeness(rows, grid_info)

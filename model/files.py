@@ -29,9 +29,11 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(handle)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; colleagues sharing a grid folder must read it
     try:
         write(tmp)
+        # after the write: mkstemp makes 0600 and some writers (safetensors) replace the file with their
+        # own 0600 one; colleagues sharing a grid folder must read it
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

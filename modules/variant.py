@@ -200,10 +200,18 @@ def _check_bounds(owner: str, f: dataclasses.Field, value: Any) -> None:
         too_low = low is not None and (v <= low if meta.get("low_open") else v < low)
         too_high = high is not None and (v >= high if meta.get("high_open") else v > high)
         if too_low or too_high:
-            lo = "(" if meta.get("low_open") else "["
-            hi = ")" if meta.get("high_open") else "]"
-            span = f"{lo}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{hi}"
-            raise ValueError(f"{setting_label(owner, f.name)} must be in {span}, got {value!r}")
+            raise ValueError(f"{setting_label(owner, f.name)} must be {bounds_text(meta)}, got {value!r}")
+
+
+def bounds_text(meta: Any) -> str:
+    """A knob's allowed range as a person writes it: `in [0, 1)`, `> 0`, `>= 1` (no infinite end: an
+    infinite value is refused anyway)."""
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and high is not None:
+        return f"in {'(' if meta.get('low_open') else '['}{low:g}, {high:g}{')' if meta.get('high_open') else ']'}"
+    if low is not None:
+        return f"{'>' if meta.get('low_open') else '>='} {low:g}"
+    return f"{'<' if meta.get('high_open') else '<='} {high:g}"
 
 
 @contextlib.contextmanager

@@ -396,7 +396,7 @@ def real_loop(args, base) -> None:
         ("today's tree, --fast_step off, dropouts 0", REPO, ["--fast_step", "off", *no_dropout]),
         ("today's tree, --fast_step on, dropouts 0 (CUDA graphs)", REPO, ["--fast_step", "on", *no_dropout]),
     ]
-    if args.dropout_capture:  # reproduces the crash that keeps dropout off the captured step (README)
+    if args.dropout_capture:  # reproduces the crash that keeps dropout off the captured step (docs/gpu.md)
         runs.append(
             (
                 "today's tree, --fast_step on, dropout on, captured anyway (GPT2_CAPTURE_DROPOUT=1)",

@@ -332,6 +332,9 @@ def test_a_run_another_grid_took_first_is_left_to_it_not_failed(tmp_path, tokeni
     (log_dir / f"{run.name}.log").write_text("the other grid's job\n")
 
     class BusyJobs:  # the second grid's job: started, found the folder held, exited 2
+        def describe(self):
+            return ""
+
         def execute(self, planned, threads, logs):
             with open(logs / f"{planned.name}.log", "a") as log:
                 log.write("error: busy\n")
@@ -351,3 +354,25 @@ def test_a_run_another_grid_took_first_is_left_to_it_not_failed(tmp_path, tokeni
     _, code, _ = ablate.Jobs().execute(bad, 1, log_dir)
     text = (log_dir / f"{run.name}.log").read_text()
     assert code == 2 and text.startswith("the other grid's job\nerror: busy\n=== ") and "error:" in text[40:]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t + "[comon]\nepochs = 1\n", "unknown key(s) or table(s) ['comon']"),
+        (lambda t: t.replace('random_init = "tiny"', 'random_init = "tiny"\nrandom_nit = "x"'), "[model] has unknown"),
+        (lambda t: t + '[task_flags]\nsts = ["--lr", "1e-3"]\n', "[task_flags] has unknown key(s) ['sts']"),
+        (lambda t: t + '[transfer]\npairs = [["sst", "cfimdb"]]\nfractionz = [0.1]\n', "['fractionz']"),
+        (lambda t: t + "[cka]\nlayerz = [0]\n", "[cka] has unknown key(s) ['layerz']"),
+        (lambda t: t.replace("[model]", "cka = 3\n[model]"), "cka must be a table"),
+    ],
+)
+def test_an_unknown_preset_table_or_key_is_refused_not_ignored(tmp_path, tokenizer_dir, edit, message):
+    """A misspelt table or key (or one from a newer version) would otherwise be dropped without a word."""
+    from experiments import ablate
+    from experiments.inputs import InputError
+
+    preset = write_grid_preset(tmp_path / "bad.toml", tokenizer_dir, "bad")
+    preset.write_text(edit(preset.read_text()))
+    with pytest.raises(InputError, match=re.escape(message)):
+        ablate.load_preset(preset)

@@ -154,6 +154,7 @@ def test_sonnet_generation_shows_progress_on_a_terminal(tiny_ckpt, tokenizer_dir
     )
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     metrics = task.evaluate(model, None, None, "cpu")
+    assert task.test_predictions(model, None, None, "cpu") == {}  # no folder given: nothing written
     err = capsys.readouterr().err
     assert "generating 4 dev sonnets" in err and "generating 2 test sonnets" in err
     assert metrics["generation_seconds"] > 0
@@ -193,24 +194,16 @@ def _preset(variant: str) -> str:
     return f'name = "g"\ntasks = ["sst"]\nseeds = [1]\n[model]\nrandom_init = "tiny"\n[variants]\n{variant}\n'
 
 
-def test_report_on_a_half_finished_grid_counts_runs_and_marks_incomplete_cells(tmp_path, capsys):
+def half_finished_report(tmp_path, cells, done):
+    """(report.md, its main table) of a grid whose grid.json plans `cells` x seeds 1, 2, and whose
+    runs.tsv holds the `done` runs."""
     from train.index import RUNS_COLUMNS
 
     grid = tmp_path / "grid"
     grid.mkdir()
-    (grid / "grid.json").write_text(
-        json.dumps(
-            {
-                "name": "g",
-                "preset": "p.toml",
-                "model": {"model": "gpt2"},
-                "seeds": [1, 2],
-                "cells": [["base", "sst"], ["lora", "sst"], ["base", "sonnet"], ["lora", "sonnet"]],
-            }
-        )
-    )
+    plan = {"name": "g", "preset": "p.toml", "model": {"model": "gpt2"}, "seeds": [1, 2], "cells": cells}
+    (grid / "grid.json").write_text(json.dumps(plan))
     rows = []
-    done = [("base", "sst", 1), ("base", "sst", 2), ("lora", "sst", 1), ("base", "sonnet", 1)]
     for variant, task, seed in done:
         values = {c: "" for c in RUNS_COLUMNS}
         values.update(
@@ -232,8 +225,14 @@ def test_report_on_a_half_finished_grid_counts_runs_and_marks_incomplete_cells(t
     (grid / "runs.tsv").write_text("\t".join(RUNS_COLUMNS) + "\n" + "\n".join(rows) + "\n")
     assert report.main([str(grid)]) == 0
     text = (grid / "report" / "report.md").read_text()
+    return text, text.split("Cost per task")[0]
+
+
+def test_report_on_a_half_finished_grid_counts_runs_and_marks_incomplete_cells(tmp_path, capsys):
+    cells = [["base", "sst"], ["lora", "sst"], ["base", "sonnet"], ["lora", "sonnet"]]
+    done = [("base", "sst", 1), ("base", "sst", 2), ("lora", "sst", 1), ("base", "sonnet", 1)]
+    text, table = half_finished_report(tmp_path, cells, done)
     assert "4 of 8 planned runs have finished" in text and "3 cell(s) miss seeds" in text
-    table = text.split("Cost per task")[0]
     lora_row = next(line for line in table.splitlines() if line.startswith("| lora"))
     base_row = next(line for line in table.splitlines() if line.startswith("| base"))
     assert lora_row.count("†") == 2 and base_row.count("†") == 1  # lora: sst (1 of 2) and sonnet (none)
@@ -282,9 +281,21 @@ def test_wandb_files_carry_the_grouping_an_interrupted_run_is_marked_and_resume_
 
 
 def test_the_readme_and_the_cli_agree_that_lora_kan_with_dora_is_kolmg_dora(tiny_ckpt, tmp_path):
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "variants.md").read_text()
     assert "`use_kan` + `use_lora` + `lora_dora` | **KOLMG-DoRA**" in readme
     assert "LoRA-KAN + `--lora_dora`) are refused" not in readme and "(LoRA-KAN + `--lora_dora`)" not in readme
     argv = ["--task", "sst", "--model", str(tiny_ckpt[0]), "--out_dir", str(tmp_path)]
     spec, _ = entry.parse(entry.GENERIC, [*argv, "--use_kan", "--use_lora", "--lora_dora"], inputs=False)
     assert spec.config.lora_dora and spec.config.use_kan and "kandora" in spec.run_name()
+
+
+def test_a_planned_column_or_row_with_no_finished_run_is_shown_not_dropped(tmp_path):
+    """Every † the count line announces is in the table: sonnet (no run finished) keeps its column and
+    graph (no run finished) its row."""
+    cells = [["base", "sst"], ["lora", "sst"], ["graph", "sst"], ["base", "sonnet"], ["lora", "sonnet"]]
+    done = [("base", "sst", 1), ("base", "sst", 2), ("lora", "sst", 1), ("lora", "sst", 2)]
+    text, table = half_finished_report(tmp_path, cells, done)
+    assert "4 of 10 planned runs have finished" in text and "3 cell(s) miss seeds" in text
+    assert "sonnet (dev_chrf)" in table and "| graph | – † |" in table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    assert sum(row.count("†") for row in rows) == 3

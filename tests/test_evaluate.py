@@ -150,3 +150,34 @@ def test_run_folder_without_best_checkpoint_is_refused(tiny_ckpt, tokenizer_dir,
         ]
     )
     assert code == 2 and "without a best checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train.evaluate", "experiments.cka"])
+def test_a_missing_run_is_named_before_the_data_are_looked_for(command, tmp_path, monkeypatch, capsys):
+    """It used to surface as "fetching the task data failed" when no data folder was set."""
+    import importlib
+
+    monkeypatch.delenv("GPT2_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("GPT2_DATA_URL", "http://127.0.0.1:9/")  # nothing listens: a fetch would fail
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    argv = (
+        ["--task", "sst", "--model", "runs/nope", "--out_dir", "out"]
+        if command == "train.evaluate"
+        else ["runs/nope", "--task", "sst", "--out", "out"]
+    )
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(command).main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "could not load 'runs/nope'" in err and "task data" not in err, err
+
+
+def test_evaluate_picks_its_device_as_training_does(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
+    from train.distributed import auto_device
+
+    with pytest.raises(SystemExit):
+        evaluate.main(["--help"])
+    assert "(default: auto)" in " ".join(capsys.readouterr().out.split())
+    args = evaluate.parse_args(["--task", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path)])
+    assert args.device == auto_device()  # resolved as training resolves it (cuda > mps > cpu)

@@ -31,7 +31,7 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=256, vocab_size=500)
 NO_DROPOUT = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, lora_dropout=0.0, graph_dropout=0.0)
 CASES = {"base": {}, **VARIANT_CASES}
 # peft methods whose own layers wait for the host inside forward/backward: the loop measures this on
-# its first step and runs them eagerly (README, "The fast step"); LoHa is the one in this matrix.
+# its first step and runs them eagerly (docs/gpu.md, "The fast step"); LoHa is the one in this matrix.
 SYNCING_CASES = {"peft_loha_r4", "peft_poly_one_task"}
 
 
@@ -74,7 +74,7 @@ def test_zero_host_syncs_in_the_training_step(case):
 
     counts = count_host_syncs(step)
     if case in SYNCING_CASES:
-        assert sum(counts.values()) > 0, "listed as syncing but does not: update SYNCING_CASES and the README"
+        assert sum(counts.values()) > 0, "listed as syncing but does not: update SYNCING_CASES and docs/gpu.md"
     else:
         assert sum(counts.values()) == 0, dict(counts)
 
@@ -112,7 +112,7 @@ def test_a_pattern_read_by_a_captured_graph_is_never_evicted(monkeypatch):
     assert len(graph_module._BANDS) == graph_module._BAND_CACHE_SIZE
 
 
-# Exceptions, each inside peft's own layers (README, "The fast step"):
+# Exceptions, each inside peft's own layers (docs/gpu.md, "The fast step"):
 GRAPH_BREAK_CASES = {
     # peft's DoRA calls dequantize_module_weight, which reads type(weight).__module__.startswith(...)
     "dora": "Dynamo does not know how to trace method `startswith`",

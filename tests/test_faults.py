@@ -473,14 +473,20 @@ def test_a_kill_during_a_same_step_rewrite_leaves_a_loadable_pointer(tmp_path, m
 
 
 def test_created_files_get_the_umask_mode(tmp_path):
-    from model.files import atomic_write_text
+    """Text, and safetensors files too (safetensors writes its own 0600 file: a saved model.safetensors
+    was unreadable to the colleagues sharing the folder)."""
+    from model import GPT2Config, GPT2LMHeadModel
+    from model.files import atomic_write_text, write_safetensors
 
     previous = os.umask(0o022)
     try:
         atomic_write_text(tmp_path / "runs.tsv", "x\n")
+        write_safetensors(tmp_path / "weights.safetensors", {"w": torch.zeros(2)})
+        GPT2LMHeadModel(GPT2Config.from_preset("tiny")).save_pretrained(tmp_path / "ckpt")
     finally:
         os.umask(previous)
-    assert (tmp_path / "runs.tsv").stat().st_mode & 0o777 == 0o644
+    for name in ("runs.tsv", "weights.safetensors", "ckpt/model.safetensors", "ckpt/config.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
 
 
 # ---------------------------------------------------------------- 5. sizes, and item 8's messages

@@ -11,6 +11,8 @@ import socket
 import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.conftest import DATA_DIR, REPO, run_paths, serve_folder
 from train import entry, evaluate, multitask, paraphrase, sentiment, sonnet
@@ -425,10 +427,10 @@ def test_multitask_metrics_paths_and_best_epoch(tiny_ckpt, tokenizer_dir, tmp_pa
     for task, values in metrics["tasks"].items():
         for split, path in values["predictions"].items():
             assert path.startswith("predictions/") and (run_dir / path).is_file(), (task, split, path)
-    # 32 examples / 4 = 8 steps per epoch: the best step's epoch is ceil(step / 8)
+    # 32 examples / 4 = 8 steps per epoch: the best step's epoch is step / 8, as every other line counts it
     out = capsys.readouterr().out
     best = metrics["best_step"]
-    assert f"at step {best} (epoch {-(-best // 8)})" in out
+    assert f"at step {best} (epoch {best / 8:.2f})" in out
 
 
 def test_dry_run_writes_nothing(tmp_path, tokenizer_dir, capsys):
@@ -514,7 +516,8 @@ def test_off_a_terminal_progress_is_plain_lines_with_dev_metrics(tiny_ckpt, toke
     err = capsys.readouterr().err
     lines = err.splitlines()
     assert "\r" not in err  # no progress bar when stderr is not a terminal
-    assert [line.split(" loss ")[0] for line in lines if "/4 epoch" in line] == ["step 2/4 epoch 1", "step 4/4 epoch 1"]
+    steps = [line.split(" loss ")[0] for line in lines if "/4 (epoch" in line]
+    assert steps == ["step 2/4 (epoch 0.50)", "step 4/4 (epoch 1.00)"]  # the same epoch count as the dev lines
     dev = [line for line in lines if "dev_acc" in line]
     assert len(dev) == 2 and dev[0].startswith("step 2 (epoch 0.50): sst dev_acc ") and "selection" in dev[0]
 
@@ -535,3 +538,42 @@ def test_evaluate_samples_sonnets_with_the_runs_seed_and_precision(tiny_ckpt, to
     assert json.loads((out / "metrics.json").read_text())["dev_chrf"] == trained
     assert evaluate.main(["--task", "sonnet", *run_paths(run_dir, tokenizer_dir, out), *limits, "--seed", "0"]) == 0
     assert json.loads((out / "metrics.json").read_text())["dev_chrf"] != trained  # the seed matters: the check can fail
+
+
+def test_test_split_is_predicted_once_at_the_end_from_the_best_checkpoint(
+    tiny_ckpt, tokenizer_dir, tmp_path, monkeypatch
+):
+    """Dev is scored at every evaluation; the test split once, after training, with the best weights
+    (here step 2's: the selection score is made to fall after the first evaluation)."""
+    from train import loop
+    from train.predictions import read_classification
+    from train.tasks.classification import ClassificationTask
+
+    scores = iter([0.9, 0.1, 0.2, 0.3, 0.4])
+    monkeypatch.setattr(loop, "selection_score", lambda metrics: next(scores))
+    calls, original = [], ClassificationTask.test_predictions
+
+    def counted(self, model, *args, **kwargs):
+        calls.append(model.transformer.wte.weight.detach().clone())
+        return original(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(ClassificationTask, "test_predictions", counted)
+    flags = ("--max_steps", "10", "--eval_every", "2", "--lr", "3e-2", "--test_limit", "6")
+    assert sentiment.main(sst(tiny_ckpt, tokenizer_dir, tmp_path / "runs", *flags)) == 0
+    run_dir = only_run(tmp_path / "runs")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["best_step"] == 2 and metrics["steps"] == 10 and metrics["test_predictions_step"] == 2
+    assert len(calls) == 1  # five evaluations, one test prediction
+
+    def saved_wte(kind):
+        folder = next((run_dir / "checkpoints").glob(f"{kind}-*"))
+        return next(v for k, v in load_file(str(folder / "trainable.safetensors")).items() if k.endswith("wte.weight"))
+
+    assert torch.equal(calls[0], saved_wte("best"))  # the best checkpoint's weights ...
+    assert not torch.equal(calls[0], saved_wte("last"))  # ... not the last step's
+    test = read_classification(run_dir / metrics["predictions"]["test"])
+    assert len(test) == 6 and metrics["eval_seconds"] > 0 and metrics["test_seconds"] >= 0
+    # train.evaluate on the run folder (its best checkpoint) predicts the same test labels
+    paths = run_paths(run_dir, tokenizer_dir, tmp_path / "eval")
+    assert evaluate.main(["--task", "sst", *paths, "--test_limit", "6"]) == 0
+    assert read_classification(tmp_path / "eval" / "sst-test-output.csv") == test

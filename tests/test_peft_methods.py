@@ -224,11 +224,11 @@ def test_cli_trains_a_peft_adapter_config_json(tiny_ckpt, tokenizer_dir, tmp_pat
     assert record["parameters"]["trainable"] == 2 * (3 * 32 + 4 * 32) + 5 * 32 + 5
 
 
-def test_readme_table_and_methods_presets_are_generated_from_the_code():
+def test_docs_table_and_methods_presets_are_generated_from_the_code():
     from experiments import methods as peft_methods
 
-    readme = (REPO / "README.md").read_text()
-    assert peft_methods.readme_table() in readme, "README's peft table is stale: python scripts/peft_methods.py"
+    page = (REPO / "docs" / "peft-methods.md").read_text()
+    assert peft_methods.methods_table() in page, "docs/peft-methods.md's table is stale: python scripts/peft_methods.py"
     for name in peft_methods.HEADER:
         text = (REPO / "experiments" / "presets" / f"{name}.toml").read_text()
         assert text == peft_methods.preset_text(name), f"{name}.toml is stale: python scripts/peft_methods.py --write"

@@ -159,8 +159,12 @@ def test_spec_json_round_trip_keeps_the_identity():
         ("--warmup", "inf", "--warmup must be a finite number"),
         ("--spike_factor", "nan", "--spike_factor must be a finite number"),
         ("--save_every_minutes", "inf", "--save_every_minutes must be a finite number"),
-        ("--attn_pdrop", "nan", "GPT2Config.attn_pdrop must be a finite number"),
-        ("--batch_size", "0", "--batch_size must be in [1, inf]"),
+        ("--attn_pdrop", "nan", "--attn_pdrop must be a finite number"),  # the flag typed, not GPT2Config's
+        ("--batch_size", "0", "--batch_size must be >= 1, got 0"),
+        ("--lora_r", "0", "--lora_r must be >= 1, got 0"),
+        ("--lr", "0", "--lr must be > 0, got 0.0"),  # no "(0, inf]": inf is refused
+        ("--attn_pdrop", "1", "--attn_pdrop must be in [0, 1), got 1.0"),
+        ("--peft_config", '{"r": NaN}', "--peft_config"),
     ],
 )
 def test_bad_setting_values_end_in_one_error_line(tiny_ckpt, tmp_path, capsys, flag, value, message):
@@ -169,7 +173,8 @@ def test_bad_setting_values_end_in_one_error_line(tiny_ckpt, tmp_path, capsys, f
             entry.GENERIC, ["--task", "sst", "--model", str(tiny_ckpt[0]), "--out_dir", str(tmp_path), flag, value]
         )
     assert stop.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "GPT2Config." not in err and "inf]" not in err, err
 
 
 # ---------------------------------------------------------------- the checkpoint by content

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -192,3 +193,36 @@ def test_a_fraction_missing_a_label_and_architecture_flags_are_refused(tmp_path,
     with pytest.raises(SystemExit):
         transfer.main(flags)
     assert "own task" in capsys.readouterr().err
+
+
+def test_help_lists_only_the_flags_transfer_accepts(capsys):
+    """The variant flags and --train_fraction parse (so their refusal can say why) but are not offered."""
+    from train.cli import config_fields
+
+    with pytest.raises(SystemExit):
+        transfer.main(["--help"])
+    shown = set(re.findall(r"--[a-z][\w-]*", capsys.readouterr().out.split("options:", 1)[1]))
+    hidden = {f"--{f.name}" for f in config_fields()} | {"--train_fraction"}
+    assert "--use_lora" in hidden and "--target_fraction" in shown and "--source_run" in shown
+    assert not shown & hidden, sorted(shown & hidden)
+
+
+def test_the_cka_figure_title_is_not_clipped(tmp_path):
+    """A run folder's name is longer than a panel is wide: the title wraps, and nothing of it is cut."""
+    import matplotlib.image
+
+    from experiments.cka import POOLINGS, heatmaps
+
+    name = "runs/sst-kora-r8-d64-value-lr0.0002-s11711-3f9c2a1e-with-a-long-label"
+    result = {
+        "n": 48,
+        "task": "sst",
+        "models": {"a": name},
+        "layers_a": [0, 1],
+        "layers_b": [0, 1],
+        "cka": {pooling: {"within_a": [[1.0, 0.98], [0.98, 1.0]]} for pooling in POOLINGS},
+    }
+    heatmaps(result, tmp_path / "cka.png")
+    image = matplotlib.image.imread(tmp_path / "cka.png")
+    ink = (image[..., :3].mean(-1) < 0.5).any(0)  # columns holding dark pixels (text, axes)
+    assert not ink[0] and not ink[-1], "something touches the left or right edge: clipped"

@@ -322,8 +322,9 @@ def check_state(state: dict[str, Any], folder: Path) -> None:
         raise bad("progress.best_step", f"a step <= {step}", progress["best_step"])
     if progress.get("best") is not None and not _is_number(progress["best"]):
         raise bad("progress.best", "a number", progress["best"])
-    if "train_seconds" in progress and not (_is_number(progress["train_seconds"]) and progress["train_seconds"] >= 0):
-        raise bad("progress.train_seconds", "seconds (a number >= 0)", progress["train_seconds"])
+    for field in ("train_seconds", "eval_seconds"):
+        if field in progress and not (_is_number(progress[field]) and progress[field] >= 0):
+            raise bad(f"progress.{field}", "seconds (a number >= 0)", progress[field])
     if progress.get("best_metrics") is not None and not isinstance(progress["best_metrics"], dict):
         raise bad("progress.best_metrics", "an object", progress["best_metrics"])
     optimizer = state["optimizer"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import typing
 from pathlib import Path
@@ -118,6 +119,14 @@ def build_parser(description: str, task_names: list[str] = ()) -> ArgumentParser
     return parser
 
 
+def hide_flags(parser: argparse.ArgumentParser, names: set[str]) -> None:
+    """Leave `names` (flag names without dashes) out of --help and the usage line. They still parse,
+    so a command that refuses them can say why, instead of argparse's "unrecognized arguments"."""
+    for action in parser._actions:
+        if any(option.lstrip("-") in names for option in action.option_strings):
+            action.help = argparse.SUPPRESS
+
+
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The GPT2Config fields given on the command line (None = not given)."""
     values = {f.name: getattr(args, f.name) for f in config_fields() if getattr(args, f.name, None) is not None}
@@ -186,7 +195,7 @@ def check_model_flag(model: str) -> None:
         raise ValueError(
             f"--model {model} is a run folder of this project, not a checkpoint: continue it with the same flags "
             f"plus --resume, train from it with python -m train.transfer --source_run {model}, score it with "
-            f"python -m train.evaluate --model {model}, or export it (README, Export)"
+            f"python -m train.evaluate --model {model}, or export it (docs/variants.md, Adapters on disk)"
         )
 
 
@@ -244,7 +253,7 @@ def build_spec(
         check_fits(config, device, tokens, precision)
         training = training.resolved(config.resolved_fine_tune_mode)
     except (ValueError, CheckpointError) as error:
-        parser.error(str(error))
+        parser.error(flags_as_typed(str(error), args))
     return RunSpec(
         label=label,
         tasks=tuple(task_names),
@@ -257,6 +266,13 @@ def build_spec(
         transfer_from=transfer_from,
         argv=tuple(argv),
     )
+
+
+def flags_as_typed(message: str, args: argparse.Namespace) -> str:
+    """An error names a config field the user gave on the command line as the flag they typed
+    (`GPT2Config.lora_r` -> `--lora_r`); a value read from the checkpoint's config.json keeps its name."""
+    typed = config_overrides(args)
+    return re.sub(r"GPT2Config\.(\w+)", lambda m: f"--{m[1]}" if m[1] in typed else m[0], message)
 
 
 def check_inputs(parser: argparse.ArgumentParser, spec: RunSpec) -> Path:

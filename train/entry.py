@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import errno
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from datasets.common import DataError
 from model import CheckpointError, TokenizerNotFound
+from train import console
 from train.checkpoint import CheckpointCorrupt, DiskFull
 from train.cli import build_parser, build_spec, check_inputs
 from train.lifecycle import EXIT_DIVERGED, Interrupted, StopSignals, TrainingDiverged
@@ -153,7 +155,8 @@ def run(entry: EntryPoint, argv: list[str] | None = None) -> int:
     SIGINT / SIGTERM (a checkpoint was saved: add --resume to continue)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with StopSignals() as signals, stopped_at_once():
-        spec, _ = parse(entry, argv)
+        with console.phase("checking the flags and inputs", enabled=os.environ.get("RANK", "0") == "0"):
+            spec, _ = parse(entry, argv)
         return execute(spec, signals)
 
 

@@ -33,11 +33,14 @@ from datasets.common import DataError
 from model import CheckpointError, GPT2LMHeadModel, TokenizerNotFound, load_tokenizer
 from model.config import STACK_FIELDS
 from model.files import UnreadableFile, atomic_write_json, read_json_object
+from model.loading import resolve_config_file
 from modules.peft_methods import legacy_peft_fields
 from modules.registry import variant_state
 from train import checkpoint as ckpt
+from train import console
 from train.cli import ArgumentParser, check_data
 from train.commands import exit_status
+from train.distributed import auto_device
 from train.runtime import autocast_for, check_device, cuda_kernel_settings, resolve_precision
 from train.settings import TrainingSettings, from_args
 from train.tasks import TASKS, get_task, task_index
@@ -86,14 +89,16 @@ def copy_run_weights(model: GPT2LMHeadModel, checkpoint: Path) -> dict[str, dict
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", required=True, choices=[*TASKS, "all"])
+    parser.add_argument(
+        "--task", required=True, choices=[*TASKS, "all"], help="the task to score (all: one sub-folder each)"
+    )
     parser.add_argument("--model", default="gpt2", help="hub id, local HF GPT-2 checkpoint folder or run folder")
     parser.add_argument(
         "--data_dir",
         default=None,
         help="task data folder (default: a run folder's own, else $GPT2_DATA_DIR or data/cs224n)",
     )
-    parser.add_argument("--out_dir", required=True)
+    parser.add_argument("--out_dir", required=True, help="where the prediction files and metrics.json go")
     parser.add_argument(
         "--tokenizer",
         default=None,
@@ -115,7 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seed of fresh heads and sonnet sampling (default: a run folder's own seed, else 0)",
     )
     parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)"
+        "--device", default="auto", help="auto (cuda > mps > cpu, as training), cpu, cuda, cuda:1, mps (default: auto)"
     )
     parser.add_argument(
         "--precision",
@@ -140,12 +145,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         )
         args.task_settings = {n: from_args(get_task(n).settings, args) for n in names if get_task(n).settings}
         check_device(args.device)
+        args.device = auto_device() if args.device == "auto" else args.device
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        check_model_exists(args.model)
     except ValueError as error:
         parser.error(str(error))
     recorded = run_record(args.model)  # a run folder: its own data and tokenizer folders unless given
     args.tokenizer = args.tokenizer or recorded.get("tokenizer")
     args.data_dir = check_data(parser, names, args.data_dir or recorded.get("data_dir"), args.tokenizer)
     return args
+
+
+def check_model_exists(model: str) -> None:
+    """ValueError when `model` is neither a local folder nor a checkpoint whose config.json can be read
+    (a hub id: one small file), so a missing run is named as such before the task data are looked for
+    (a missing run used to surface as "fetching the task data failed")."""
+    if Path(model).expanduser().is_dir():
+        return
+    try:
+        resolve_config_file(model)
+    except CheckpointError as error:
+        raise ValueError(str(error)) from None
 
 
 def run_record(model: str) -> dict:
@@ -173,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    model, trained_heads, training = load_model(args.model)
+    with console.phase(f"loading {args.model}"):
+        model, trained_heads, training = load_model(args.model)
     model = model.to(args.device).eval()
     quora = args.task_settings.get("quora")
     if quora is not None and training.get("paraphrase_head") and training["paraphrase_head"] != quora.paraphrase_head:
@@ -193,9 +216,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     for name in names:
         folder = out_dir / name if args.task == "all" else out_dir
         folder.mkdir(parents=True, exist_ok=True)
-        task = get_task(name)(
-            tokenizer, args.data_dir, settings, model.config.input_positions, args.task_settings.get(name)
-        )
+        with console.phase(f"{name}: reading the data"):
+            task = get_task(name)(
+                tokenizer, args.data_dir, settings, model.config.input_positions, args.task_settings.get(name)
+            )
         torch.manual_seed(args.seed)
         head = task.make_head(model)
         if head is not None:
@@ -213,6 +237,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         with cuda_kernel_settings(), autocast_for(args.device, precision):  # as training evaluated
             with model.for_task(task_index(name)):  # variants that route by task (peft's poly)
                 metrics = task.evaluate(model, head, folder, args.device)  # the path training evaluates with
+                metrics["predictions"].update(task.test_predictions(model, head, folder, args.device))
         metrics["precision"] = precision
         metrics.update(task=name, model=str(args.model), seconds=round(time.perf_counter() - start, 3))
         atomic_write_json(folder / "metrics.json", metrics)

@@ -27,7 +27,7 @@ GPU needs less than that to run them: the GPU waits for the host. Three things r
 
 Where it cannot apply the step runs eagerly (with static shapes still), and the run prints one line
 saying why: not CUDA, multitask, several processes, gradient accumulation, gradient checkpointing, or a variant
-whose own layers sync with the host (measured on the first step; some peft methods do, README).
+whose own layers sync with the host (measured on the first step; some peft methods do, docs/gpu.md).
 A step whose checkpoint is pending (the loop saves the weights of step n only after step n+1's loss
 proves them healthy) also runs eagerly: the graph has already updated the weights by the time the
 host sees the loss.
@@ -280,7 +280,7 @@ class CapturedSteps:
         # Warm-up on a side stream, as CUDA graph capture requires (cuBLAS workspaces, autograd's
         # device threads); its gradients are zeroed below, so training is unaffected. (Its RNG draws
         # are not undone: setting the CUDA generator's state after an earlier graph captured random
-        # ops is a suspect in the crash with dropout, README.) Its backward also allocates the
+        # ops is a suspect in the crash with dropout, docs/gpu.md.) Its backward also allocates the
         # gradient of every parameter the step uses (the loop's eager steps keep .grad tensors
         # instead of freeing them once graphs are planned). Backward inside the graphs accumulates
         # into exactly these tensors, so they are never replaced; a parameter the loss never reaches

@@ -28,7 +28,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from datasets.common import DataError, data_dir
 from model import GPT2LMHeadModel, load_tokenizer
@@ -36,7 +35,7 @@ from model.compile import compile_blocks
 from model.files import atomic_write_json
 from model.trainable import build_optimizer, hold_frozen_at, set_trainable
 from train import checkpoint as ckpt
-from train import distributed, graphs, lifecycle
+from train import console, distributed, graphs, lifecycle
 from train.distributed import device_synchronize
 from train.run import (
     RunFolderError,
@@ -122,37 +121,38 @@ def epoch_schedule(
     return pairs[rank:usable:world]
 
 
-class Console:
-    """Progress on stderr: a tqdm bar (refreshed at most twice a second) on a terminal; otherwise (a log
-    file, SLURM) one plain line every `every` steps. Messages always get their own line."""
+class TrainingLines:
+    """Training progress on stderr (train/console.py): a tqdm bar on a terminal; otherwise (a log file,
+    SLURM) one plain line every `every` steps, and a heartbeat line whenever steps are slower than the
+    progress interval. Messages always get their own line."""
 
-    def __init__(self, enabled: bool, total: int, initial: int, name: str, every: int) -> None:
+    def __init__(self, enabled: bool, total: int, initial: int, every: int) -> None:
         self.enabled, self.total, self.every = enabled, total, every
-        self.tty = enabled and sys.stderr.isatty()
-        self.bar = tqdm(total=total, initial=initial, desc=name[:40], mininterval=0.5, disable=not self.tty)
+        self.tty = enabled and console.on_terminal()
+        self.phase = console.Phase("training", total, enabled, initial, unit="steps")
+        self.phase.__enter__()
         self.start = time.perf_counter()
 
-    def step(self, step: int, epoch: int, values: dict[str, float]) -> None:
+    def step(self, step: int, epoch: float, values: dict[str, float]) -> None:
+        """`epoch`: epochs completed, as a fraction (the same count every other line gives)."""
         if not self.enabled:
             return
+        self.phase.set(step)
         if self.tty:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{values['train/loss']:.4f}", tok_s=f"{values['train/tokens_per_s']:.0f}")
+            self.phase.bar.set_postfix(loss=f"{values['train/loss']:.4f}", tok_s=f"{values['train/tokens_per_s']:.0f}")
         elif self.every and (step % self.every == 0 or step == self.total):
-            print(
-                f"step {step}/{self.total} epoch {epoch + 1} loss {values['train/loss']:.4f} "
+            console.say(
+                f"step {step}/{self.total} (epoch {epoch:.2f}) loss {values['train/loss']:.4f} "
                 f"lr {values['train/lr']:.3g} tok/s {values['train/tokens_per_s']:.0f} "
-                f"elapsed {time.perf_counter() - self.start:.0f}s",
-                file=sys.stderr,
-                flush=True,
+                f"elapsed {time.perf_counter() - self.start:.0f}s"
             )
 
     def message(self, text: str) -> None:
         if self.enabled:
-            self.bar.write(text, file=sys.stderr)
+            console.say(text)
 
     def close(self) -> None:
-        self.bar.close()
+        self.phase.__exit__(None, None, None)
 
 
 def _all_ranks_any(flags: list[bool], world: int, device: str) -> list[bool]:
@@ -199,8 +199,9 @@ class Progress:
     best: float | None = None  # the best selection score so far
     best_step: int | None = None
     bad_evals: int = 0  # evaluations since the best (patience)
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # the training steps' wall time (evaluations not counted)
     best_metrics: dict | None = None
+    eval_seconds: float = 0.0  # the dev evaluations' wall time
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -239,7 +240,9 @@ def train(spec: RunSpec, signals=None, start=None) -> dict:
         if signals.received is not None:
             raise lifecycle.Interrupted(signals.received, "interrupted before training started; nothing to save")
         resume = spec.output.resume and state in ("interrupted", "finished")
-        return Trainer(spec, run_dir, placement, saved_record if resume else None, signals, start).run()
+        with console.phase(f"starting {run_dir.name}", enabled=placement.main):
+            trainer = Trainer(spec, run_dir, placement, saved_record if resume else None, signals, start)
+        return trainer.run()
 
 
 class Trainer:
@@ -248,6 +251,7 @@ class Trainer:
 
     def __init__(self, spec: RunSpec, run_dir: Path, placement, saved_record: dict | None, signals, start) -> None:
         self.spec, self.run_dir, self.signals, self.start = spec, run_dir, signals, start
+        self.test_block: dict[str, Any] = {}  # metrics.json's test_predictions_step and test_seconds
         self.rank, self.world, self.device = placement.rank, placement.world, placement.device
         self.main = placement.main
         self.training = training = spec.training
@@ -293,7 +297,7 @@ class Trainer:
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(run_dir / "config.json", self.record)
         self.logger = self._logger(replay=saved_record is not None)
-        self.console = Console(self.main, self.total_steps, self.progress.step, run_dir.name, spec.output.log_every)
+        self.console = TrainingLines(self.main, self.total_steps, self.progress.step, spec.output.log_every)
         if self.fast and self.not_captured is not None and self.main:
             self.console.message(f"fast step: static shapes, eager (no CUDA graphs: {self.not_captured})")
         self.task_weights = dict(self.mixture.task_weights) if self.mixture is not None else {}
@@ -309,6 +313,7 @@ class Trainer:
     # ---- construction ----
     def _build_objectives(self) -> None:
         spec, config = self.spec, self.spec.config
+        console.doing("reading and tokenising the data")
         tokenizer = load_tokenizer(spec.output.tokenizer)
         folder = data_dir(spec.output.data_dir)
         self.fast = spec.runtime.fast_step == "on"
@@ -333,6 +338,7 @@ class Trainer:
         spec, config, device = self.spec, self.spec.config, self.device
         torch.manual_seed(spec.training.seed)
         random.seed(spec.training.seed)
+        console.doing("loading the model")
         model = GPT2LMHeadModel.from_pretrained(spec.checkpoint.source, config=config).to(device)
         if model.config != config:
             raise RuntimeError(f"the loaded model's config differs from the validated one: {model.config} vs {config}")
@@ -635,6 +641,61 @@ class Trainer:
             stop = flag[0]
         return stop
 
+    def predict_test(self) -> None:
+        """The test split, predicted once at the end from the best checkpoint's weights (every rank its
+        share; rank 0 writes the files beside the best dev predictions). A tuning run predicts none."""
+        progress = self.progress
+        # rank 0 keeps the best metrics: it decides, and every rank follows (they predict together)
+        decision = [self.spec.output.predict_test and progress.best_metrics is not None, progress.best_step]
+        if self.world > 1:
+            dist.broadcast_object_list(decision, src=0)
+        wanted, best_step = decision
+        if not wanted:
+            return
+        source = progress.step
+        if best_step != progress.step:  # the weights in memory are not the best ones
+            source = self._load_best() or progress.step
+        if self.main:
+            console.say(f"predicting the test split with the weights of step {source} (the best)")
+        started = time.perf_counter()
+        folder = self.run_dir / "predictions" if self.main else None
+        self.task_model.eval()
+        for n, obj in self.objectives.items():
+            with self.autocast, self.model.for_task(task_index(n)):  # the run's precision; the task's route
+                shard = (self.rank, self.world)
+                files = obj.test_predictions(self.model, self.heads.get(n), folder, self.device, shard)
+            if files:  # (rank 0 only: the rank that writes)
+                progress.best_metrics[n].setdefault("predictions", {}).update(files)
+        self.task_model.train()
+        self.test_block = {"test_predictions_step": source, "test_seconds": round(time.perf_counter() - started, 3)}
+
+    def _load_best(self) -> int | None:
+        """Put the best checkpoint's trainable weights (and variant state) into the model; its step, or
+        None (with a warning) when there is no best checkpoint to load."""
+        if self.writer is not None:
+            self.writer.wait()
+        if self.world > 1:
+            dist.barrier()  # rank 0's best checkpoint is on disk before any rank reads it
+        folder = ckpt.checkpoint_folder(self.checkpoints, "best")
+        if folder is None:
+            if self.main:
+                print(
+                    "warning: no best checkpoint was found; the test split is predicted with the last weights",
+                    file=sys.stderr,
+                )
+            return None
+        weights, state_json, tensors = ckpt.load_checkpoint(folder)
+        try:
+            ckpt.copy_into(self.checkpointed, weights, folder)
+            self.model.load_training_state(*ckpt.saved_variant_state(state_json, tensors))
+        except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as error:
+            if isinstance(error, torch.OutOfMemoryError) or "CUDA" in str(error):
+                raise
+            raise ckpt.CheckpointCorrupt(
+                f"best checkpoint {folder} does not fit this run ({type(error).__name__}: {error})"
+            ) from None
+        return state_json["step"]
+
     def diverged(self, task: str, value: float, reason: str) -> lifecycle.TrainingDiverged:
         last = self.saved_checkpoint()
         step = self.progress.step + 1
@@ -738,6 +799,10 @@ class Trainer:
     def run(self) -> dict:
         try:
             evaluated_at = self._loop()
+            if evaluated_at != self.progress.step and self.progress.best is None:
+                self.evaluate()
+                self.save("last", self.snapshot())
+            self.predict_test()
         except BaseException as error:  # diverged, interrupted, crashed: finish the checkpoint write, close wandb
             if self.writer is not None:
                 with contextlib.suppress(Exception):  # the original error is the one to report
@@ -746,9 +811,6 @@ class Trainer:
             raise
         finally:
             self.console.close()
-        if evaluated_at != self.progress.step and self.progress.best is None:
-            self.evaluate()
-            self.save("last", self.snapshot())
         if self.writer is not None:
             self.writer.wait()
         result = self._finish() if self.main else {}
@@ -785,7 +847,7 @@ class Trainer:
                 }
                 if self.main:
                     self.logger.log(values, progress.step)
-                self.console.step(progress.step, progress.epoch, values)
+                self.console.step(progress.step, progress.step / self.steps_per_epoch, values)
                 self.tokens_since, clock = 0, time.perf_counter()
                 progress.train_seconds = time.perf_counter() - start_time
                 end_of_epoch = progress.position >= len(schedule)
@@ -803,8 +865,14 @@ class Trainer:
                     or (not training.eval_every and end_of_epoch)
                     or last_step
                 ):
+                    evaluation_started = time.perf_counter()
                     stopped = self.evaluate() or last_step
                     evaluated_at = progress.step
+                    # neither the training time nor the next step's tokens/s count the evaluation
+                    spent = time.perf_counter() - evaluation_started
+                    progress.eval_seconds += spent
+                    start_time += spent
+                    clock += spent
                     if stopped:
                         self.save("last", self.snapshot())
                     else:
@@ -826,12 +894,13 @@ class Trainer:
         progress, record = self.progress, self.record
         best = progress.best_metrics or {}
         extra = self.start.final_blocks(record, best) if self.start is not None else {}
+        extra = {"eval_seconds": round(progress.eval_seconds, 3), **self.test_block, **extra}
         result = finish_run(self.run_dir, self.spec, record, progress, best, self.device, self.objectives, extra)
-        best_epoch = math.ceil(progress.best_step / self.steps_per_epoch) if progress.best_step else 0
+        best_epoch = progress.best_step / self.steps_per_epoch if progress.best_step else 0.0
         counts = record["parameters"]
         print(
             f"done {self.run_dir.name}: best {result['metric']} = {result['best_value']:.4f} at step "
-            f"{progress.best_step} (epoch {best_epoch}), {result['train_seconds']:.1f} s, "
+            f"{progress.best_step} (epoch {best_epoch:.2f}), {result['train_seconds']:.1f} s of training, "
             f"{counts['trainable']:,} of {counts['total']:,} parameters trained -> {self.run_dir}"
         )
         self.logger.summary(

@@ -11,7 +11,7 @@ from train.entry import EntryPoint, run
 
 
 def _add_dataset(parser, required):
-    parser.add_argument("--dataset", choices=["sst", "cfimdb"], required=required)
+    parser.add_argument("--dataset", choices=["sst", "cfimdb"], required=required, help="which sentiment task")
 
 
 ENTRY = EntryPoint(

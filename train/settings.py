@@ -186,7 +186,7 @@ class RuntimeSettings(CommandSettings):
     fast_step: Literal["off", "on"] = knob(
         "off",
         "on: static batch shapes (length buckets, a fixed batch size), no host sync in the step, and on CUDA the "
-        "whole training step and evaluation as CUDA graphs (train/graphs.py; not with dropout yet: README)",
+        "whole training step and evaluation as CUDA graphs (train/graphs.py; not with dropout yet: docs/gpu.md)",
     )
     kan_kernel: Literal["torch", "triton"] = knob(
         "torch",

@@ -48,7 +48,7 @@ from model.fingerprint import checkpoint_identity
 from model.loading import CheckpointError, read_checkpoint_config
 from train import checkpoint as ckpt
 from train import entry
-from train.cli import build_parser, check_inputs, config_fields
+from train.cli import build_parser, check_inputs, config_fields, hide_flags
 from train.commands import exit_status
 from train.evaluate import copy_run_weights
 from train.lifecycle import StopSignals
@@ -244,6 +244,9 @@ def parse(argv: list[str] | None, inputs: bool = True) -> tuple[RunSpec, Transfe
         default=0.01,
         help="stratified share of the target's training set to train on (default: %(default)s)",
     )
+    # the variants come from the source run and --target_fraction replaces --train_fraction: refused
+    # below with the reason, and not listed in --help (it lists exactly what transfer accepts)
+    hide_flags(parser, {f.name for f in config_fields()} | {"train_fraction"})
     group.add_argument(
         "--from_scratch",
         action="store_true",

@@ -10,9 +10,10 @@ A `Task` subclass says, in one place:
 * construction from (tokenizer, data folder, training settings, the model's context length, its own
   settings): it reads its files (the training split lazily);
 * `make_head(model)`, `batches(...)`, `loss(...)`, `batch_tokens(...)` for training;
-* `evaluate(...)`: dev metrics plus its course-format prediction files for dev and test (test only
-  when `predict_test`: otherwise its file is never opened). The training loop and
-  `python -m train.evaluate` both call this: one evaluation path.
+* `evaluate(...)`: dev metrics plus the course-format dev prediction file; `test_predictions(...)`:
+  the test prediction file (only when `predict_test`: otherwise the test file is never opened). The
+  training loop evaluates dev at every evaluation and predicts test once, at the end, from the best
+  checkpoint; `python -m train.evaluate` calls both: one evaluation path.
 
 Training settings every task reads: `train_limit`, `dev_limit`, `test_limit` (None = all),
 `max_length`, `seed`, and `eval_batch_size`.
@@ -176,6 +177,20 @@ class Task:
         with_train: bool = False,
         shard: tuple[int, int] = (0, 1),
     ) -> dict[str, Any]:
+        """Dev metrics (every rank scores its share; gathered); the rank given an `out_dir` writes the dev
+        prediction file there and names it in `metrics["predictions"]`."""
+        raise NotImplementedError
+
+    def test_predictions(
+        self,
+        model: nn.Module,
+        head: nn.Module | None,
+        out_dir: Path | None,
+        device: str,
+        shard: tuple[int, int] = (0, 1),
+    ) -> dict[str, str]:
+        """Predict the test split (every rank its share); the rank given an `out_dir` writes the file and
+        gets {"test": file name}. {} when the run predicts no test split (`predict_test=False`)."""
         raise NotImplementedError
 
     @classmethod

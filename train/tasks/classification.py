@@ -23,6 +23,7 @@ from torch import nn
 
 from datasets.batching import bucket_length, collate, encode, make_batches, padding_fraction
 from datasets.common import Example, stratified_fraction
+from train import console
 from train.graphs import CapturedForward
 from train.metrics import accuracy, macro_f1
 from train.predictions import write_classification
@@ -136,8 +137,10 @@ class ClassificationTask(Task):
         bucket: bool = True,
         device: str = "cpu",
         return_logits: bool = False,
+        label: str | None = None,
     ) -> PredictionRun:
-        """Predicted labels (and, with `return_logits`, the head's float32 logits in example order)."""
+        """Predicted labels (and, with `return_logits`, the head's float32 logits in example order).
+        `label`: shown as progress (train/console.py) while it predicts; None shows none."""
         encoded = encode(self.tokenizer, [self.to_text(e) for e in examples], self.max_length, self.truncation_side)
         lengths = [len(ids) for ids in encoded.ids]
         batches = make_batches(lengths, batch_size, bucket=bucket)
@@ -149,24 +152,27 @@ class ClassificationTask(Task):
         predictions = [0] * len(examples)
         logits: list[torch.Tensor | None] = [None] * len(examples)
         start = time.perf_counter()
-        for batch in batches:
-            sequences = [encoded.ids[i] for i in batch]
-            scores = None
-            if graphed is not None and graphed.usable:  # static shapes, one CUDA graph replay
-                length = bucket_length(max(map(len, sequences)), self.max_length)
-                ids, mask = collate(sequences, side="right", length=length, rows=batch_size)
-                scores = graphed({"input_ids": ids, "attention_mask": mask})
-                scores = None if scores is None else scores[: len(batch)]
-            if scores is None:
-                ids, mask = collate(sequences, side="right")
-                ids, mask = ids.to(device), mask.to(device)
-                hidden = model(ids, attention_mask=mask, return_logits=False, right_padded=True).last_hidden_state
-                scores = head(hidden, mask)
-            for index, label in zip(batch, scores.argmax(-1).tolist(), strict=True):
-                predictions[index] = label
-            if return_logits:
-                for index, row in zip(batch, scores.float().cpu(), strict=True):
-                    logits[index] = row
+        work = console.phase(label or "", total=len(batches), enabled=label is not None, unit="batches")
+        with work:
+            for batch in batches:
+                sequences = [encoded.ids[i] for i in batch]
+                scores = None
+                if graphed is not None and graphed.usable:  # static shapes, one CUDA graph replay
+                    length = bucket_length(max(map(len, sequences)), self.max_length)
+                    ids, mask = collate(sequences, side="right", length=length, rows=batch_size)
+                    scores = graphed({"input_ids": ids, "attention_mask": mask})
+                    scores = None if scores is None else scores[: len(batch)]
+                if scores is None:
+                    ids, mask = collate(sequences, side="right")
+                    ids, mask = ids.to(device), mask.to(device)
+                    hidden = model(ids, attention_mask=mask, return_logits=False, right_padded=True).last_hidden_state
+                    scores = head(hidden, mask)
+                for index, predicted in zip(batch, scores.argmax(-1).tolist(), strict=True):
+                    predictions[index] = predicted
+                if return_logits:
+                    for index, row in zip(batch, scores.float().cpu(), strict=True):
+                        logits[index] = row
+                work.advance()
         seconds = time.perf_counter() - start
         model.train(was_training[0])
         head.train(was_training[1])
@@ -218,10 +224,13 @@ class ClassificationTask(Task):
         )
         return torch.stack(rows)
 
-    def _predict(self, model, head, examples, device, shard) -> list[int]:
+    def _predict(self, model, head, examples, device, shard, split: str) -> list[int]:
         batch_size = self.training.eval_batch_size
+        label = f"{self.name}: predicting {len(examples)} {split} examples" if shard[0] == 0 else None
         return sharded(
-            examples, shard, lambda part: self.predict(model, head, part, batch_size, device=device).predictions
+            examples,
+            shard,
+            lambda part: self.predict(model, head, part, batch_size, device=device, label=label).predictions,
         )
 
     def evaluate(
@@ -233,19 +242,25 @@ class ClassificationTask(Task):
         with_train: bool = False,
         shard: tuple[int, int] = (0, 1),
     ) -> dict[str, Any]:
-        """Dev metrics (every rank predicts its share; predictions are gathered); the rank given an
-        `out_dir` writes dev and test predictions there."""
-        dev = self._predict(model, head, self.dev, device, shard)
+        dev = self._predict(model, head, self.dev, device, shard, "dev")
         metrics: dict[str, Any] = classification_metrics(self.dev, dev, self.num_labels)
         if with_train:  # sanity check for overfitting runs: accuracy on the training examples
-            train = self._predict(model, head, self.train, device, shard)
+            train = self._predict(model, head, self.train, device, shard, "train")
             metrics["train_acc"] = sum(p == e.label for p, e in zip(train, self.train, strict=True)) / len(self.train)
-        test = self._predict(model, head, self.test, device, shard) if self.predict_test else None
         if out_dir is not None:
-            files = {"dev": f"{self.name}-dev-output.csv"}
-            write_classification(out_dir / files["dev"], self.prediction_header, [e.id for e in self.dev], dev)
-            if test is not None:
-                files["test"] = f"{self.name}-test-output.csv"
-                write_classification(out_dir / files["test"], self.prediction_header, [e.id for e in self.test], test)
-            metrics["predictions"] = files
+            name = f"{self.name}-dev-output.csv"
+            write_classification(out_dir / name, self.prediction_header, [e.id for e in self.dev], dev)
+            metrics["predictions"] = {"dev": name}
         return metrics
+
+    def test_predictions(
+        self, model: nn.Module, head: nn.Module, out_dir: Path | None, device: str, shard: tuple[int, int] = (0, 1)
+    ) -> dict[str, str]:
+        if not self.predict_test:
+            return {}
+        test = self._predict(model, head, self.test, device, shard, "test")
+        if out_dir is None:
+            return {}
+        name = f"{self.name}-test-output.csv"
+        write_classification(out_dir / name, self.prediction_header, [e.id for e in self.test], test)
+        return {"test": name}

@@ -9,7 +9,6 @@ weights and a torchrun evaluation with any number of processes write the same so
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,12 +17,12 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from datasets.batching import bucket_length, collate, encode, make_batches
 from datasets.common import DataError
 from datasets.sonnets import FILES, load_sonnets
 from modules.variant import knob
+from train import console
 from train.metrics import chrf
 from train.predictions import write_sonnets
 from train.settings import CommandSettings
@@ -57,7 +56,7 @@ def generate_sonnets(
     Prompts are grouped into fixed, length-sorted, left-padded batches *before* they are shared out
     over the `shard` = (rank, world) processes, and prompt i samples from its own stream
     (seed, i): every process count makes the same batches and the same sonnets. `progress`: the label
-    of a progress bar shown on a terminal (none when empty)."""
+    of its progress (a bar on a terminal, lines in a log; train/console.py; none when empty)."""
     texts = [prompt + "\n" for _, prompt in prompts]
     encoded = [tokenizer.encode(text) for text in texts]
     order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
@@ -81,9 +80,14 @@ def generate_sonnets(
         return [tokenizer.decode(row[ids.shape[1] :].tolist(), skip_special_tokens=True) for row in out]
 
     def complete_all(mine: list[list[int]]) -> list[list[str]]:
-        # Generation is the slow part of a sonnet evaluation: a bar on a terminal (rank 0 only).
-        bar = tqdm(mine, desc=progress, leave=False, disable=not progress or shard[0] != 0 or not sys.stderr.isatty())
-        return [complete(batch) for batch in bar]
+        # Generation is the slow part of a sonnet evaluation: progress on rank 0 (train/console.py).
+        shown = bool(progress) and shard[0] == 0
+        with console.phase(progress or "", total=len(mine), enabled=shown, unit="batches") as work:
+            done = []
+            for batch in mine:
+                done.append(complete(batch))
+                work.advance()
+            return done
 
     done = sharded(batches, shard, complete_all)
     continuations = {
@@ -203,21 +207,26 @@ class Sonnet(Task):
         with_train: bool = False,
         shard: tuple[int, int] = (0, 1),
     ) -> dict[str, Any]:
-        def generate(prompts, split):
-            batch_size = self.training.eval_batch_size
-            label = f"generating {len(prompts)} {split} sonnets"
-            return generate_sonnets(model, self.tokenizer, prompts, self.generation, device, batch_size, shard, label)
-
         started = time.perf_counter()
-        dev = generate(self.dev_prompts, "dev")
+        dev = self._generate(model, self.dev_prompts, "dev", device, shard)
         metrics: dict[str, Any] = {"dev_chrf": sonnet_chrf(dev, self.gold)}
-        test = generate(self.test_prompts, "test") if self.predict_test else None
         metrics["generation_seconds"] = round(time.perf_counter() - started, 3)
         if out_dir is not None:
-            files = {"dev": "sonnet-dev-output.txt"}
-            write_sonnets(out_dir / files["dev"], dev)
-            if test is not None:
-                files["test"] = "sonnet-test-output.txt"
-                write_sonnets(out_dir / files["test"], test)
-            metrics["predictions"] = files
+            write_sonnets(out_dir / "sonnet-dev-output.txt", dev)
+            metrics["predictions"] = {"dev": "sonnet-dev-output.txt"}
         return metrics
+
+    def test_predictions(
+        self, model: nn.Module, head: None, out_dir: Path | None, device: str, shard: tuple[int, int] = (0, 1)
+    ) -> dict[str, str]:
+        if not self.predict_test:
+            return {}
+        test = self._generate(model, self.test_prompts, "test", device, shard)
+        if out_dir is None:
+            return {}
+        write_sonnets(out_dir / "sonnet-test-output.txt", test)
+        return {"test": "sonnet-test-output.txt"}
+
+    def _generate(self, model: nn.Module, prompts, split: str, device: str, shard: tuple[int, int]):
+        batch_size, label = self.training.eval_batch_size, f"generating {len(prompts)} {split} sonnets"
+        return generate_sonnets(model, self.tokenizer, prompts, self.generation, device, batch_size, shard, label)

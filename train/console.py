@@ -1,0 +1,142 @@
+"""Progress that never goes quiet: a tqdm bar on a terminal; elsewhere (a log file, a scheduler, `nohup`)
+a plain line at least every `GPT2_PROGRESS_SECONDS` seconds (default 10) while work runs.
+
+    with console.phase("sst: predicting 1101 dev examples", total=len(batches)) as work:
+        for batch in batches:
+            ...
+            work.advance()
+
+One heartbeat thread serves every phase of the process. When the interval passes with no line from
+this module (`say`, or a heartbeat), it prints the innermost running phase's state, e.g.
+`sst: predicting 1101 dev examples: 12/35 batches (24 s)`. Work that ends within the interval of
+the last line adds no line. A long single item (one slow step, one model load) still gets its lines,
+because the heartbeat does not wait for the work to advance. Only one rank of a run shows progress:
+the others pass `enabled=False`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+
+from tqdm import tqdm
+
+INTERVAL_ENV = "GPT2_PROGRESS_SECONDS"
+DEFAULT_INTERVAL = 10.0
+
+_lock = threading.RLock()
+_running: list[Phase] = []  # the phases of this process now running, innermost last
+_state = {"last_line": time.monotonic(), "thread": None}
+
+
+def interval() -> float:
+    """Seconds between two lines at most, off a terminal (`GPT2_PROGRESS_SECONDS`, default 10)."""
+    raw = os.environ.get(INTERVAL_ENV, "")
+    try:
+        value = float(raw) if raw else DEFAULT_INTERVAL
+    except ValueError:
+        value = DEFAULT_INTERVAL
+    return value if value > 0 else DEFAULT_INTERVAL
+
+
+def on_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def say(text: str) -> None:
+    """A line on stderr (above any bar on a terminal); it counts as the process's latest sign of life."""
+    with _lock:
+        if on_terminal() and _running:
+            tqdm.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+        _state["last_line"] = time.monotonic()
+
+
+class Phase:
+    """A stretch of work with a name and, when known, a total. Use it as a context manager."""
+
+    def __init__(
+        self,
+        name: str,
+        total: int | None = None,
+        enabled: bool = True,
+        initial: int = 0,
+        unit: str = "",
+        status: Callable[[], str] | None = None,
+        **bar,
+    ) -> None:
+        """`status`: called for each heartbeat line, to say what is happening (e.g. the jobs running)."""
+        self.name, self.total, self.done, self.enabled, self.unit = name, total, initial, enabled, unit
+        self.status = status
+        self.activity = ""  # what it is doing now, shown in its line (e.g. "loading the model")
+        self.started = time.monotonic()
+        terminal = enabled and on_terminal()
+        bar = {"leave": False, "mininterval": 0.5, "unit": unit or "it", **bar}
+        self.bar = tqdm(total=total, initial=initial, desc=name[:40], disable=not terminal, file=sys.stderr, **bar)
+
+    def advance(self, count: int = 1) -> None:
+        self.done += count
+        self.bar.update(count)
+
+    def set(self, done: int) -> None:
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def doing(self, activity: str) -> None:
+        """Name the current part of the work (shown in the next line, and on a terminal's bar)."""
+        self.activity = activity
+        self.bar.set_description_str(f"{self.name[:40]} ({activity})" if activity else self.name[:40])
+
+    def line(self) -> str:
+        count = f"{self.done}/{self.total}{' ' + self.unit if self.unit else ''}" if self.total is not None else ""
+        parts = [count, self.activity, self.status() if self.status is not None else ""]
+        middle = ", ".join(part for part in parts if part)
+        seconds = f"({time.monotonic() - self.started:.0f} s)"
+        return f"{self.name}: {middle} {seconds}" if middle else f"{self.name} {seconds}"
+
+    def __enter__(self) -> Phase:
+        if self.enabled and not on_terminal():
+            with _lock:
+                _running.append(self)
+                thread = _state["thread"]
+                if thread is None or not thread.is_alive():
+                    thread = threading.Thread(target=_heartbeat, name="progress-heartbeat", daemon=True)
+                    _state["thread"] = thread
+                    thread.start()
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        with _lock:
+            if self in _running:
+                _running.remove(self)
+        self.bar.close()
+
+
+phase = Phase  # `with console.phase(...)` reads as what it is
+
+
+def doing(activity: str) -> None:
+    """Name the current part of the innermost running phase's work (nothing when none runs)."""
+    with _lock:
+        if _running:
+            _running[-1].doing(activity)
+
+
+def _heartbeat() -> None:
+    """Print the innermost phase's line whenever the interval passes without a line; stop when no
+    phase runs (the next phase starts a new thread)."""
+    while True:
+        every = interval()
+        time.sleep(min(1.0, every / 4))
+        with _lock:
+            if not _running:
+                _state["thread"] = None
+                return
+            if time.monotonic() - _state["last_line"] >= every:
+                print(_running[-1].line(), file=sys.stderr, flush=True)
+                _state["last_line"] = time.monotonic()
