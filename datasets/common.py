@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets.download import BASE_URL, download
+from task_data.download import BASE_URL, download
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datasets.common import Example, data_dir, int_label, read_tsv
+from task_data.common import Example, data_dir, int_label, read_tsv
 
 SPLIT_FILES = {"train": "quora-train.csv", "dev": "quora-dev.csv", "test": "quora-test-student.csv"}
 PROMPT = 'Question 1: "{}" Question 2: "{}" Are these questions asking the same thing?'

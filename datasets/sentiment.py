@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datasets.common import Example, data_dir, int_label, read_tsv
+from task_data.common import Example, data_dir, int_label, read_tsv
 
 NUM_LABELS = {"sst": 5, "cfimdb": 2}
 SPLIT_FILES = {"train": "ids-{name}-train.csv", "dev": "ids-{name}-dev.csv", "test": "ids-{name}-test-student.csv"}

@@ -11,7 +11,7 @@ import logging
 import re
 from pathlib import Path
 
-from datasets.common import DataError, data_dir, require_file
+from task_data.common import DataError, data_dir, require_file
 
 log = logging.getLogger(__name__)
 

@@ -30,6 +30,8 @@ A preset with an [xlora] table adds X-LoRA runs once their experts are done: per
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
 import queue
@@ -41,17 +43,17 @@ import tempfile
 import threading
 import time
 import tomllib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from datasets.common import DataError, ensure_data
 from experiments import launchers, tuning
 from experiments.inputs import InputError, reported
 from model.loading import read_checkpoint_config
+from task_data.common import DataError, ensure_data
 from train import console, entry
 from train.cli import ArgumentParser, render_argv
 from train.commands import exit_status
@@ -592,7 +594,53 @@ class Jobs:
         return run, code, time.perf_counter() - start
 
 
+class InProcessJobs(Jobs):
+    """`--launcher inprocess`: each job is its command's `main(argv)` called in this process, one at a
+    time in the main thread, its output appended to the same log a process would write. Signals reach
+    the run itself (its StopSignals are the handlers while it runs): it saves its checkpoint and
+    returns 130 / 143, and no further job starts. The grid, its report and its stages cannot tell
+    which launcher ran a job."""
+
+    parallel = False
+
+    def _run(self, run: PlannedRun, argv: list[str], env: dict, log_dir: Path) -> tuple[PlannedRun, int | None, float]:
+        start = time.perf_counter()
+        if self.stop_signal is not None or status(run) in ("done", "running"):
+            return run, None, 0.0
+        with open(log_dir / f"{run.name}.log", "a") as log:
+            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} ablate (in process {os.getpid()}): {run.name}\n")
+            log.flush()
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), torch_threads(env):
+                code = call_main(run.module, argv)
+        if code in EXIT_STATUS.values():  # the run was interrupted: the grid stops too
+            self.stop_signal = self.stop_signal or next(s for s, c in EXIT_STATUS.items() if c == code)
+        return run, code, time.perf_counter() - start
+
+
+def call_main(module: str, argv: list[str]) -> int:
+    """`python -m module argv`'s exit status, called in this process."""
+    name = "train.entry" if module == "train" else module
+    try:
+        return int(importlib.import_module(name).main(argv) or 0)
+    except SystemExit as stop:  # a parser's error (2), --help (0)
+        return stop.code if isinstance(stop.code, int) else 1
+
+
+@contextlib.contextmanager
+def torch_threads(env: dict):
+    """The job's thread count (what OMP_NUM_THREADS gives a process), restored afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS") or previous))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @reported
+@console.command("python -m experiments.ablate")
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("preset", type=Path)
@@ -613,8 +661,10 @@ def main(argv: list[str] | None = None) -> int:
         "--launcher",
         choices=launchers.LAUNCHERS,
         default="local",
-        help="local: run here; slurm: submit the pending runs as one SLURM job array through submitit; "
-        "submitit_local: the slurm path with submitit's local executor (default: %(default)s)",
+        help="local: run here, each run its own process; inprocess: run here, one run at a time inside this "
+        "process (debugging, tests: a breakpoint in the training code stops there); slurm: submit the pending "
+        "runs as one SLURM job array through submitit; submitit_local: the slurm path with submitit's local "
+        "executor (default: %(default)s)",
     )
     for name in launchers.SlurmSettings.names():
         default = getattr(launchers.SlurmSettings(), name)
@@ -645,7 +695,9 @@ def main(argv: list[str] | None = None) -> int:
         word for name in ("data_dir", "tokenizer") if (value := getattr(args, name)) for word in (f"--{name}", value)
     ]
     settings = None
-    if args.launcher != "local" or args.dry_run:
+    if args.launcher == "inprocess" and (args.jobs > 1 or gpus):
+        parser.error("--launcher inprocess runs one job at a time in this process: drop --jobs / --gpus")
+    if args.launcher not in ("local", "inprocess") or args.dry_run:
         try:
             overrides = {name: getattr(args, f"slurm_{name}") for name in launchers.SlurmSettings.names()}
             settings = launchers.slurm_settings(preset, overrides)
@@ -736,13 +788,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     if tune is not None:
         tuning.write_record(out_dir, tune, grid.cells)
-    if args.launcher != "local":
+    if args.launcher not in ("local", "inprocess"):
         return launch_cluster(args, preset, grid, todo, out_dir, inputs, settings)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     log_dir = out_dir / "logs"
     log_dir.mkdir(exist_ok=True)
     start = time.perf_counter()
-    jobs = Jobs(gpus)
+    jobs = InProcessJobs() if args.launcher == "inprocess" else Jobs(gpus)
     previous = {s: signal.signal(s, jobs.forward) for s in (signal.SIGINT, signal.SIGTERM)}
     outcome: dict[str, list] = {"failed": [], "interrupted": [], "not_started": [], "elsewhere": []}
     done_before, total, attempted, unchosen = 0, 0, [], []
@@ -1086,7 +1138,11 @@ def run_jobs(jobs: Jobs, todo: list[PlannedRun], parallel: int, threads: int, lo
     outcome: dict[str, list] = {"failed": [], "interrupted": [], "not_started": [], "elsewhere": []}
     work = console.phase("grid", total=len(todo), unit="runs", status=jobs.describe)
     with work, ThreadPoolExecutor(max_workers=parallel) as pool:
-        results = pool.map(lambda r: jobs.execute(r, threads, log_dir), todo)
+        if getattr(jobs, "parallel", True):  # counted as they finish
+            futures = [pool.submit(jobs.execute, r, threads, log_dir) for r in todo]
+            results = (future.result() for future in as_completed(futures))
+        else:  # in this process's main thread, one at a time (signals, output, torch's thread count)
+            results = (jobs.execute(r, threads, log_dir) for r in todo)
         for done, (run, code, seconds) in enumerate(results, 1):
             work.set(done)
             if code is None:
@@ -1097,10 +1153,10 @@ def run_jobs(jobs: Jobs, todo: list[PlannedRun], parallel: int, threads: int, lo
                 code = 0
             if code != 0 and status(run) == "running":  # another grid (or job) took the folder first: its run
                 outcome["elsewhere"].append(run)
-                print(
+                console.say(
                     f"[{done}/{len(todo)}] {run.task:7s} {run.variant:12s}: held by another process (another grid on "
                     f"this out_dir?): left to it, not re-run ({run.run_dir.name})",
-                    flush=True,
+                    sys.stdout,
                 )
                 continue
             if code == EXIT_DIVERGED and run.stage == "tune":  # a trial's result: the rate is too high
@@ -1111,7 +1167,9 @@ def run_jobs(jobs: Jobs, todo: list[PlannedRun], parallel: int, threads: int, lo
             else:
                 mark = "ok" if code == 0 else f"FAILED (exit {code}, see {log_file})"
             what = f"lr {run_lr(run)}" if run.stage == "tune" else f"seed {run.seed}"
-            print(f"[{done}/{len(todo)}] {run.task:7s} {run.variant:12s} {what}: {mark} ({seconds:.1f} s)", flush=True)
+            console.say(
+                f"[{done}/{len(todo)}] {run.task:7s} {run.variant:12s} {what}: {mark} ({seconds:.1f} s)", sys.stdout
+            )
             if code not in (0, *EXIT_STATUS.values()):
                 outcome["failed"].append(run)
     return outcome

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from train import console
 from train.commands import exit_status
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,8 +88,8 @@ def cross_block_mean(matrix: list[list[float]]) -> float | None:
 def block_states(model, task, layers: list[int], batch_size: int, device: str) -> dict[str, list[torch.Tensor]]:
     """Per pooling, one (n, C) float32 matrix per listed block: the block's output (the residual stream
     after it) at each dev example's last real token, and averaged over its real tokens."""
-    from datasets.batching import collate, encode, make_batches
     from model.heads import last_token_state
+    from task_data.batching import collate, encode, make_batches
 
     examples = task.dev
     encoded = encode(task.tokenizer, [task.to_text(e) for e in examples], task.max_length, task.truncation_side)
@@ -190,15 +191,16 @@ def parse_layers(parser: argparse.ArgumentParser, words: list[str] | None, n_lay
     return layers
 
 
+@console.command("python -m experiments.cka")
 def main(argv: list[str] | None = None) -> int:
     from model import CheckpointError, load_tokenizer
     from model.files import atomic_write_json
     from train.cli import ArgumentParser, check_data
     from train.distributed import auto_device
-    from train.evaluate import check_model_exists, load_model, run_record
     from train.runtime import check_device
     from train.settings import TrainingSettings
     from train.tasks import get_task, labelled_tasks
+    from train.trained import check_model_exists, load_model, run_record
 
     parser = ArgumentParser(
         prog="python -m experiments.cka", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

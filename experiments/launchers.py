@@ -44,7 +44,7 @@ from train.runs import folder_state
 
 REPO = Path(__file__).resolve().parents[1]
 
-LAUNCHERS = ("local", "slurm", "submitit_local")
+LAUNCHERS = ("local", "inprocess", "slurm", "submitit_local")
 JOBS_FILE = "jobs.json"
 SIGNAL_DELAY_S = 180  # the warning before the time limit: enough for a gpt2 step plus a checkpoint write
 ALIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD"}

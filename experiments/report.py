@@ -46,6 +46,7 @@ import matplotlib.pyplot as plt
 
 from experiments.inputs import InputError, reported
 from experiments.tuning import TUNING_FILE
+from train import console
 from train.commands import exit_status
 from train.index import read_index
 from train.tasks import TASKS
@@ -239,7 +240,7 @@ def markdown(tasks, variants, values, extra, metrics: dict[str, str], baseline: 
 
 def cost_table(tasks, variants, cost) -> str:
     """Per task: the median seconds per training step and the peak memory over seeds; sonnet generation
-    (the dev and test sonnets of the best evaluation) in a column of its own."""
+    (the dev sonnets of the best evaluation) in a column of its own."""
     generating = [t for t in tasks if any(cost[(v, t)]["generation"] for v in variants)]
     header = ["variant"]
     for task in tasks:
@@ -610,6 +611,7 @@ def plot_transfer(results: list[dict], path: Path) -> None:
 
 
 @reported
+@console.command("python -m experiments.report")
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)

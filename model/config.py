@@ -22,11 +22,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 from model.quantize import check_quantize
-from model.size import STACK_LIMIT, stack_parameters
 from modules.imports import peft_sees_bitsandbytes
 from modules.prompt_learning import num_virtual_tokens
 from modules.registry import VARIANTS, Variant, enabled_variants
 from modules.variant import Settings, knob
+
+STACK_LIMIT = 2**40  # ~1.1e12 parameters (4 TiB in fp32): no config of this project is near it
+
+
+def stack_parameters(vocab_size: int, n_positions: int, n_embd: int, n_layer: int, n_inner: int | None) -> int:
+    """The plain GPT-2 stack's parameter count in closed form (gpt2: 124,439,808), checked before
+    anything is built (model/size.py counts a whole configuration on the meta device)."""
+    d = n_embd
+    f = n_inner or 4 * d
+    block = 4 * d * d + 2 * d * f + 9 * d + f
+    return vocab_size * d + n_positions * d + n_layer * block + 2 * d
+
 
 # Size presets keyed by the Hugging Face names, plus small ones for tests and smoke runs.
 SIZE_PRESETS: dict[str, dict[str, int]] = {

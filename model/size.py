@@ -1,10 +1,11 @@
 """How big a model a config describes, known before anything is built, so a config that cannot fit is
 refused in one line instead of allocating until the machine runs out of memory.
 
-* `stack_parameters`: the plain GPT-2 stack's parameter count in closed form (token and position
-  embeddings V·d + P·d, per block 4d² + 2d·f + 9d + f with f the FFN width, the final LayerNorm 2d; the
-  LM head is tied). gpt2 gives 124,439,808. `ModelSettings` refuses a stack above `STACK_LIMIT`
-  parameters on every path (a checkpoint's own config.json included), whatever the device.
+* `stack_parameters` (defined in model/config.py, which checks it): the plain GPT-2 stack's parameter
+  count in closed form (token and position embeddings V·d + P·d, per block 4d² + 2d·f + 9d + f with f
+  the FFN width, the final LayerNorm 2d; the LM head is tied). gpt2 gives 124,439,808. `ModelSettings`
+  refuses a stack above `STACK_LIMIT` parameters on every path (a checkpoint's own config.json
+  included), whatever the device.
 * `estimate`: total and trainable parameters with the variants on, counted exactly by building the
   model on the meta device (shapes only, no memory) at depth 1 and 2 and extrapolating per block, so
   `--lora_r 1000000` or a peft `r` of 10^8 is counted in milliseconds. A peft method whose set-up reads
@@ -29,17 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 from unittest import mock
 
+from model.config import STACK_LIMIT, stack_parameters  # noqa: F401 - part of this module's face
+from model.gpt2 import GPT2LMHeadModel
+from model.trainable import set_trainable
 from modules.variant import no_weight_init
-
-STACK_LIMIT = 2**40  # ~1.1e12 parameters (4 TiB in fp32): no config of this project is near it
-
-
-def stack_parameters(vocab_size: int, n_positions: int, n_embd: int, n_layer: int, n_inner: int | None) -> int:
-    d = n_embd
-    f = n_inner or 4 * d
-    block = 4 * d * d + 2 * d * f + 9 * d + f
-    return vocab_size * d + n_positions * d + n_layer * block + 2 * d
-
 
 QUANTIZED_BYTES = {"nf4": 0.5, "int8": 1.0}  # bytes a quantised base weight takes (constants aside)
 
@@ -70,9 +64,6 @@ def block_linear_weights(config: Any) -> int:
 
 def _count(config: Any) -> tuple[int, int]:
     import torch
-
-    from model.gpt2 import GPT2LMHeadModel
-    from model.trainable import set_trainable
 
     with torch.device("meta"), no_weight_init():
         model = GPT2LMHeadModel(config)
@@ -119,9 +110,6 @@ def _saved_bytes(config: Any, tokens: int) -> int:
     """Bytes autograd saves for backward in one forward of a 1 x `tokens` batch (parameters and buffers
     excluded: they are counted as weights), on the meta device."""
     import torch
-
-    from model.gpt2 import GPT2LMHeadModel
-    from model.trainable import set_trainable
 
     with torch.device("meta"), no_weight_init():
         model = GPT2LMHeadModel(config)

@@ -15,13 +15,13 @@ import time
 
 import torch
 
-from datasets.batching import collate, encode
-from datasets.common import data_dir
-from datasets.paraphrase import cloze_prompt, load_paraphrase
-from datasets.sonnets import load_sonnets
 from model import GPT2Config, GPT2LMHeadModel, load_tokenizer
 from model.heads import NO_ID, YES_ID, ClozeParaphraseHead
 from scripts.bench_utils import median_time
+from task_data.batching import collate, encode
+from task_data.common import data_dir
+from task_data.paraphrase import cloze_prompt, load_paraphrase
+from task_data.sonnets import load_sonnets
 from train.commands import exit_status
 from train.tasks import TASKS
 from train.tasks.classification import ClassificationTask

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from datasets.download import BASE_URL, RELEASE_FILES, download
+from task_data.download import BASE_URL, RELEASE_FILES, download
 from train.commands import exit_status
 
 

@@ -27,10 +27,10 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from datasets.paraphrase import load_paraphrase
-from datasets.sentiment import load_sentiment
-from datasets.sonnets import load_sonnets
 from experiments import ablate
+from task_data.paraphrase import load_paraphrase
+from task_data.sentiment import load_sentiment
+from task_data.sonnets import load_sonnets
 from train.commands import exit_status
 from train.settings import TrainingSettings
 from train.tasks.sonnet import SonnetSettings
@@ -94,8 +94,8 @@ def run_steps(argv: list[str], data: Path) -> tuple[int, int, int]:
     if args.max_steps is not None and args.max_steps < steps:
         steps, epochs = args.max_steps, math.ceil(args.max_steps / per_epoch)
     generated = 0
-    if args.task == "sonnet":  # every evaluation generates the dev prompts, and the test ones unless tuning
-        generated = epochs * args.max_new_tokens * (1 if "--no-predict_test" in argv else 2)
+    if args.task == "sonnet":  # every evaluation generates the dev prompts; the test ones once, unless tuning
+        generated = epochs * args.max_new_tokens + (0 if "--no-predict_test" in argv else args.max_new_tokens)
     return steps, epochs * math.ceil(dev / args.eval_batch_size), generated
 
 

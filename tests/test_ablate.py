@@ -376,3 +376,26 @@ def test_an_unknown_preset_table_or_key_is_refused_not_ignored(tmp_path, tokeniz
     preset.write_text(edit(preset.read_text()))
     with pytest.raises(InputError, match=re.escape(message)):
         ablate.load_preset(preset)
+
+
+@pytest.mark.slow
+def test_the_inprocess_and_local_launchers_give_the_same_rows(tmp_path, tokenizer_dir):
+    """Two runs (one variant, two seeds) through each launcher: the same runs.tsv rows, all but the
+    columns that time a run or say where it lies; the in-process runs' output is in their logs."""
+    from experiments import ablate
+    from train.index import read_index
+
+    preset = tiny_grid(tmp_path, tokenizer_dir)
+    rows = {}
+    for launcher in ("inprocess", "local"):
+        grid = tmp_path / launcher
+        assert ablate.main([str(preset), "--out_dir", str(grid), "--launcher", launcher, "--threads", "1"]) == 0
+        rows[launcher] = sorted(read_index(grid), key=lambda row: row["run"])
+        (log,) = {p.read_text() for p in (grid / "logs").glob("*s1*.log")}
+        assert "done sst-" in log  # the run's own lines went to its log, in process too
+    when = {"train_seconds", "seconds_per_step", "peak_memory_mb", "run_dir", "finished_at", "generation_seconds"}
+    assert len(rows["local"]) == 2
+    for inprocess, local in zip(rows["inprocess"], rows["local"], strict=True):
+        assert {k: v for k, v in inprocess.items() if k not in when} == {
+            k: v for k, v in local.items() if k not in when
+        }

@@ -153,6 +153,7 @@ def test_sonnet_generation_shows_progress_on_a_terminal(tiny_ckpt, tokenizer_dir
         SonnetSettings(max_new_tokens=4, greedy=True),
     )
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr("train.console.BAR_DELAY", 0.0)  # (a bar appears after 2 s of work; this is quick)
     metrics = task.evaluate(model, None, None, "cpu")
     assert task.test_predictions(model, None, None, "cpu") == {}  # no folder given: nothing written
     err = capsys.readouterr().err

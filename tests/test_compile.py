@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datasets.batching import collate
 from model import GPT2Config, GPT2LMHeadModel
 from model.compile import compile_blocks
+from task_data.batching import collate
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=256, vocab_size=500)
 NO_DROPOUT = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)

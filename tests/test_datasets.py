@@ -6,11 +6,11 @@ import logging
 
 import pytest
 
-from datasets.batching import collate, encode, make_batches, padding_fraction
-from datasets.common import DataError
-from datasets.paraphrase import load_paraphrase
-from datasets.sentiment import load_sentiment
-from datasets.sonnets import load_sonnets, read_sonnet_file
+from task_data.batching import collate, encode, make_batches, padding_fraction
+from task_data.common import DataError
+from task_data.paraphrase import load_paraphrase
+from task_data.sentiment import load_sentiment
+from task_data.sonnets import load_sonnets, read_sonnet_file
 from tests.conftest import DATA_DIR
 
 

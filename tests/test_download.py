@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from datasets.download import download, verified
+from task_data.download import download, verified
 from tests.conftest import DATA_DIR, REPO, serve_folder
 
 GOOD = ["sonnets_held_out_dev.txt", "ids-cfimdb-dev.csv"]

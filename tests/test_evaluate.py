@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from datasets.paraphrase import load_paraphrase
-from datasets.sentiment import load_sentiment
-from datasets.sonnets import load_sonnets
+from task_data.paraphrase import load_paraphrase
+from task_data.sentiment import load_sentiment
+from task_data.sonnets import load_sonnets
 from tests.conftest import DATA_DIR, run_paths
 from train import evaluate
 from train.metrics import accuracy, chrf, macro_f1

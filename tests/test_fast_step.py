@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datasets.batching import LENGTH_BUCKETS, bucket_length, collate, static_lengths
 from model import GPT2Config, GPT2LMHeadModel, load_tokenizer
 from model.heads import LastTokenClassifier
 from model.trainable import set_trainable
 from modules import attention as attention_module
 from modules.registry import VARIANTS
+from task_data.batching import LENGTH_BUCKETS, bucket_length, collate, static_lengths
 from tests.conftest import DATA_DIR, REPO, TEST_DEVICE
 from tests.variant_cases import VARIANT_CASES
 from train import graphs

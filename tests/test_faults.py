@@ -568,7 +568,7 @@ def test_a_peft_config_that_is_a_json_list_is_named_as_json(tiny_ckpt, tokenizer
 
 
 def test_a_gold_sonnet_file_shorter_than_the_prompts_stops_before_training(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
-    from datasets.sonnets import FILES
+    from task_data.sonnets import FILES
     from train import sonnet
 
     data = tmp_path / "data"
@@ -587,7 +587,7 @@ def test_a_gold_sonnet_file_shorter_than_the_prompts_stops_before_training(tiny_
 
 
 def test_a_sonnet_file_whose_numbers_were_lost_warns(tmp_path, caplog):
-    from datasets.sonnets import read_sonnet_file
+    from task_data.sonnets import read_sonnet_file
 
     lines = ["THE SONNETS", "", "1"] + [f"line {i} of many," for i in range(300)]
     path = tmp_path / "sonnets.txt"

@@ -70,7 +70,7 @@ def test_metrics_hand_checked():
 
 
 def test_chrf_equals_sacrebleu_command_line(tmp_path):
-    from datasets.sonnets import load_sonnets
+    from task_data.sonnets import load_sonnets
     from tests.conftest import DATA_DIR
 
     gold = [body for _, body in load_sonnets("dev_gold", DATA_DIR)]

@@ -102,7 +102,7 @@ def nothing_loads(monkeypatch):
 
     monkeypatch.setattr(model.loading, "read_weights", forbidden)
     monkeypatch.setattr(model.tokenizer, "load_tokenizer", forbidden)
-    monkeypatch.setattr("datasets.common.read_tsv", forbidden)
+    monkeypatch.setattr("task_data.common.read_tsv", forbidden)
 
 
 def _exit_2_quickly(main, argv, capsys):
@@ -389,7 +389,7 @@ def test_offline_hub_model_fails_once_before_anything_else(tmp_path, monkeypatch
 
 
 def test_short_row_reports_its_real_field_count(tmp_path):
-    from datasets.common import DataError, read_tsv
+    from task_data.common import DataError, read_tsv
 
     path = tmp_path / "bad.csv"
     path.write_text("id\tsentence\tsentiment\textra\na\tgood\t1\tx\nb\tbad\n")
@@ -398,7 +398,7 @@ def test_short_row_reports_its_real_field_count(tmp_path):
 
 
 def test_sonnets_cut_mid_word_warn(tmp_path, caplog):
-    from datasets.sonnets import read_sonnet_file
+    from task_data.sonnets import read_sonnet_file
 
     text = (DATA_DIR / "sonnets.txt").read_text()
     (tmp_path / "whole.txt").write_text(text)
@@ -411,7 +411,7 @@ def test_sonnets_cut_mid_word_warn(tmp_path, caplog):
 
 
 def test_quora_warning_names_no_missing_option(caplog):
-    from datasets.paraphrase import load_paraphrase
+    from task_data.paraphrase import load_paraphrase
 
     with caplog.at_level("WARNING"):
         load_paraphrase("train", DATA_DIR)
@@ -573,7 +573,58 @@ def test_test_split_is_predicted_once_at_the_end_from_the_best_checkpoint(
     assert not torch.equal(calls[0], saved_wte("last"))  # ... not the last step's
     test = read_classification(run_dir / metrics["predictions"]["test"])
     assert len(test) == 6 and metrics["eval_seconds"] > 0 and metrics["test_seconds"] >= 0
+    (row,) = tsv_rows(tmp_path / "runs")  # the timings are bookkeeping, not dev metrics
+    assert set(json.loads(row["dev_metrics"])["sst"]) == {"dev_acc", "dev_f1", "dev_majority_acc"}
     # train.evaluate on the run folder (its best checkpoint) predicts the same test labels
     paths = run_paths(run_dir, tokenizer_dir, tmp_path / "eval")
     assert evaluate.main(["--task", "sst", *paths, "--test_limit", "6"]) == 0
     assert read_classification(tmp_path / "eval" / "sst-test-output.csv") == test
+
+
+def test_a_crash_in_the_test_prediction_resumes_into_it_not_into_more_training(
+    tiny_ckpt, tokenizer_dir, tmp_path, monkeypatch
+):
+    """Patience stops the run at step 4 of 10; the test prediction then crashes. --resume predicts the
+    test split and finishes at step 4: it does not train on (the stop is in the checkpoint)."""
+    from train import loop
+    from train.tasks.classification import ClassificationTask
+
+    scores = iter([0.9, 0.1, 0.2, 0.3])
+    monkeypatch.setattr(loop, "selection_score", lambda metrics: next(scores))
+    original = ClassificationTask.test_predictions
+
+    def crash(self, *args, **kwargs):
+        raise RuntimeError("out of memory while predicting the test split")
+
+    monkeypatch.setattr(ClassificationTask, "test_predictions", crash)
+    flags = ("--max_steps", "10", "--eval_every", "2", "--patience", "1", "--lr", "3e-2")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sentiment.main(sst(tiny_ckpt, tokenizer_dir, tmp_path / "runs", *flags))
+    run_dir = only_run(tmp_path / "runs")
+    assert not (run_dir / "metrics.json").exists() and max(logged_steps(run_dir)) == 4
+    monkeypatch.setattr(ClassificationTask, "test_predictions", original)
+    assert sentiment.main(sst(tiny_ckpt, tokenizer_dir, tmp_path / "runs", *flags, "--resume")) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["best_step"] == 2 and metrics["test_predictions_step"] == 2
+    assert max(logged_steps(run_dir)) == 4  # no step after the stop was trained
+
+
+def test_a_signal_during_work_after_the_last_checkpoint_stops_it_at_once():
+    """The test prediction runs after the last checkpoint: a SIGTERM there stops it at once (a resume
+    redoes it) instead of waiting for the whole split, while one before it lets the run finish."""
+    import os
+    import signal
+
+    from train.lifecycle import Interrupted, StopSignals
+
+    with StopSignals() as signals, pytest.raises(Interrupted) as raised:
+        with signals.at_once(lambda signum: f"stopped by {signum}"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises inside this sleep
+    assert raised.value.exit_status == 143 and str(raised.value) == f"stopped by {signal.SIGTERM}"
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        with signals.at_once(lambda signum: "stopped"):
+            pass  # a signal received before the work began does not stop it
+    assert signals.received == signal.SIGTERM

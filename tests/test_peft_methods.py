@@ -288,6 +288,7 @@ def test_random_frozen_state_travels_in_checkpoints_to_evaluate(tiny_ckpt, token
     """VB-LoRA's frozen tensors are random draws: train.evaluate must use the run's, not new ones."""
     from train import evaluate, sentiment
     from train.checkpoint import checkpoint_folder, load_checkpoint
+    from train.trained import load_model
 
     flags = [*run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path / "runs"), "--train_limit", "8", "--dev_limit", "8"]
     flags += ["--test_limit", "2", "--batch_size", "4", "--max_steps", "2", "--wandb", "disabled"]
@@ -297,7 +298,7 @@ def test_random_frozen_state_travels_in_checkpoints_to_evaluate(tiny_ckpt, token
     weights, _, _ = load_checkpoint(checkpoint_folder(run / "checkpoints", "best"))
     frozen = {k: v for k, v in weights.items() if ".peft" in k and "vblora_vector_bank" not in k}
     torch.manual_seed(1234)  # a different draw than training's
-    model, _, _ = evaluate.load_model(str(run))
+    model, _, _ = load_model(str(run))
     state = model.state_dict()
     assert frozen and all(torch.equal(state[k.removeprefix("model.")], v) for k, v in frozen.items())
     out = tmp_path / "eval"

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from model import TokenizerNotFound, load_tokenizer
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import DATA_DIR, REPO
 
 
 def test_explicit_path(tokenizer_dir):
@@ -50,11 +52,44 @@ def test_non_gpt2_vocabulary_is_rejected(tokenizer_dir, tmp_path):
         load_tokenizer(folder)
 
 
-def test_datasets_resolves_to_our_package():
-    import datasets
+def test_the_task_data_package_is_the_datasets_folder_imported_as_task_data():
+    import task_data.common
 
-    assert Path(datasets.__file__).resolve().parent == REPO / "datasets"
-    assert datasets.IS_PROJECT_DATASETS is True
+    assert Path(task_data.common.__file__).resolve().parent == REPO / "datasets"
+    assert not (REPO / "datasets" / "__init__.py").exists()  # so it never shadows Hugging Face's `datasets`
+
+
+@pytest.mark.slow
+def test_training_runs_beside_a_package_named_datasets(tiny_ckpt, tokenizer_dir, tmp_path):
+    """Most researchers' environments have Hugging Face's `datasets`: a stand-in of it is installed
+    (put on the path), and a training command started outside the repository runs, while `import
+    datasets` is that package, from anywhere (the repository root included)."""
+    site = tmp_path / "site"
+    (site / "datasets").mkdir(parents=True)
+    (site / "datasets" / "__init__.py").write_text("IS_STAND_IN = True\n\ndef load_dataset(*a, **k):\n    return {}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    probe = "import datasets; print(datasets.IS_STAND_IN)"
+    for where in (tmp_path, REPO):
+        seen = subprocess.run([sys.executable, "-c", probe], cwd=where, env=env, capture_output=True, text=True)
+        assert seen.stdout == "True\n", (where, seen.stderr[-500:])
+    out = tmp_path / "runs"
+    command = [sys.executable, "-m", "train.sentiment", "--dataset", "sst", "--model", str(tiny_ckpt[0])]
+    command += ["--tokenizer", str(tokenizer_dir), "--data_dir", str(DATA_DIR), "--out_dir", str(out)]
+    command += [
+        "--max_steps",
+        "2",
+        "--train_limit",
+        "8",
+        "--dev_limit",
+        "4",
+        "--test_limit",
+        "2",
+        "--wandb",
+        "disabled",
+    ]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list(out.glob("sst-*/metrics.json"))) == 1
 
 
 def test_required_top_level_layout():

@@ -72,7 +72,7 @@ def test_sentiment_every_variant(tiny_ckpt, tokenizer_dir, tmp_path, flags):
     metrics, config = check_outputs(run_dir, tmp_path)
     assert config["config"]["use_lora"] == ("--use_lora" in flags)
     dev = read_classification(run_dir / metrics["predictions"]["dev"])
-    from datasets.sentiment import load_sentiment
+    from task_data.sentiment import load_sentiment
     from train.metrics import accuracy
 
     gold = load_sentiment("sst", "dev", DATA_DIR)[:8]
@@ -91,7 +91,7 @@ def test_paraphrase_sonnet_multitask_entry_points(tiny_ckpt, tokenizer_dir, tmp_
     )
     metrics, _ = check_outputs(only_run(tmp_path / "s"), tmp_path / "s")
     generated = read_sonnets(only_run(tmp_path / "s") / metrics["predictions"]["dev"])
-    from datasets.sonnets import load_sonnets
+    from task_data.sonnets import load_sonnets
     from train.tasks.sonnet import sonnet_chrf
 
     assert abs(metrics["dev_chrf"] - sonnet_chrf(generated, load_sonnets("dev_gold", DATA_DIR))) <= 1e-9

@@ -10,15 +10,15 @@ import re
 import pytest
 import torch
 
-from datasets.common import DataError, stratified_fraction
 from model import GPT2LMHeadModel, load_tokenizer
 from model.heads import LastTokenClassifier
+from task_data.common import DataError, stratified_fraction
 from tests.conftest import DATA_DIR, TEST_DEVICE, run_paths
 from train import checkpoint as ckpt
 from train import entry, transfer
-from train.evaluate import load_model
 from train.settings import TrainingSettings
 from train.tasks.sentiment import CFIMDB
+from train.trained import load_model
 
 # ---------------------------------------------------------------- the label map
 
@@ -226,3 +226,4 @@ def test_the_cka_figure_title_is_not_clipped(tmp_path):
     image = matplotlib.image.imread(tmp_path / "cka.png")
     ink = (image[..., :3].mean(-1) < 0.5).any(0)  # columns holding dark pixels (text, axes)
     assert not ink[0] and not ink[-1], "something touches the left or right edge: clipped"
+    assert image.shape[1] < 1.3 * 3.6 * 100, "the title did not wrap: the figure grew to fit it"

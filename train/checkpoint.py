@@ -325,6 +325,8 @@ def check_state(state: dict[str, Any], folder: Path) -> None:
     for field in ("train_seconds", "eval_seconds"):
         if field in progress and not (_is_number(progress[field]) and progress[field] >= 0):
             raise bad(f"progress.{field}", "seconds (a number >= 0)", progress[field])
+    if not isinstance(progress.get("stopped", False), bool):
+        raise bad("progress.stopped", "true or false", progress["stopped"])
     if progress.get("best_metrics") is not None and not isinstance(progress["best_metrics"], dict):
         raise bad("progress.best_metrics", "an object", progress["best_metrics"])
     optimizer = state["optimizer"]

@@ -16,6 +16,8 @@ Every problem ends in one `error:` line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
 import json
 import re
 import sys
@@ -23,7 +25,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from datasets.common import DataError, ensure_data
 from model import tokenizer as tokenizers
 from model.config import STACK_FIELDS, ModelSettings, field_hint, settings_fields
 from model.fingerprint import checkpoint_identity
@@ -31,8 +32,10 @@ from model.loading import CheckpointError, read_checkpoint_config
 from model.size import check_fits
 from modules.kan import check_spline_kernel
 from modules.registry import VARIANTS, enabled_variants, knob_owner, switches, used_knobs
+from task_data.common import DataError, ensure_data
 from train.distributed import rank_device
 from train.experts import experts_from_runs
+from train.lifecycle import BadInput
 from train.runtime import check_device, resolve_precision
 from train.settings import (
     CommandSettings,
@@ -88,10 +91,26 @@ def json_object_flag(path: str) -> dict:
     return value
 
 
+# In a library call (train.spec_from_argv) a bad flag raises BadInput instead of exiting the process.
+RAISING = contextvars.ContextVar("raising_parse_errors", default=False)
+
+
+@contextlib.contextmanager
+def raising_errors():
+    """Parsers raise BadInput (the message) instead of printing it and exiting 2."""
+    token = RAISING.set(True)
+    try:
+        yield
+    finally:
+        RAISING.reset(token)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a one-line error plus a hint, instead of the whole usage block."""
 
     def error(self, message: str) -> typing.NoReturn:
+        if RAISING.get():
+            raise BadInput(message)
         self.exit(2, f"error: {message}\n(run with --help for every flag and its default)\n")
 
 

@@ -8,14 +8,17 @@ a plain line at least every `GPT2_PROGRESS_SECONDS` seconds (default 10) while w
 
 One heartbeat thread serves every phase of the process. When the interval passes with no line from
 this module (`say`, or a heartbeat), it prints the innermost running phase's state, e.g.
-`sst: predicting 1101 dev examples: 12/35 batches (24 s)`. Work that ends within the interval of
-the last line adds no line. A long single item (one slow step, one model load) still gets its lines,
-because the heartbeat does not wait for the work to advance. Only one rank of a run shows progress:
-the others pass `enabled=False`.
+`sst: predicting 1101 dev examples: 12/35 batches (24 s)`. Work that ends within the interval adds
+no line (the silence is counted from the last line, or from when work began after a quiet spell).
+A long single item (one slow step, one model load) still gets its lines, because the heartbeat does
+not wait for the work to advance. Only one rank of a run shows progress: the others pass
+`enabled=False`. On a terminal, `say` writes above the bars instead of gluing onto them.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import sys
 import threading
@@ -27,6 +30,7 @@ from tqdm import tqdm
 
 INTERVAL_ENV = "GPT2_PROGRESS_SECONDS"
 DEFAULT_INTERVAL = 10.0
+BAR_DELAY = 2.0  # seconds of work before a terminal's bar appears
 
 _lock = threading.RLock()
 _running: list[Phase] = []  # the phases of this process now running, innermost last
@@ -47,13 +51,15 @@ def on_terminal() -> bool:
     return sys.stderr.isatty()
 
 
-def say(text: str) -> None:
-    """A line on stderr (above any bar on a terminal); it counts as the process's latest sign of life."""
+def say(text: str, file=None) -> None:
+    """A line on stderr (or `file`), above any bar on a terminal; it counts as the process's latest
+    sign of life."""
+    file = file or sys.stderr
     with _lock:
         if on_terminal() and _running:
-            tqdm.write(text, file=sys.stderr)
+            tqdm.write(text, file=file)  # clears the bars, writes the line, redraws them
         else:
-            print(text, file=sys.stderr, flush=True)
+            print(text, file=file, flush=True)
         _state["last_line"] = time.monotonic()
 
 
@@ -76,7 +82,9 @@ class Phase:
         self.activity = ""  # what it is doing now, shown in its line (e.g. "loading the model")
         self.started = time.monotonic()
         terminal = enabled and on_terminal()
-        bar = {"leave": False, "mininterval": 0.5, "unit": unit or "it", **bar}
+        # a bar appears once the work has lasted 2 s: a quick phase (a parse that ends in --help or an
+        # error line) draws nothing on the terminal
+        bar = {"leave": False, "mininterval": 0.5, "unit": unit or "it", "delay": BAR_DELAY, **bar}
         self.bar = tqdm(total=total, initial=initial, desc=name[:40], disable=not terminal, file=sys.stderr, **bar)
 
     def advance(self, count: int = 1) -> None:
@@ -100,14 +108,17 @@ class Phase:
         return f"{self.name}: {middle} {seconds}" if middle else f"{self.name} {seconds}"
 
     def __enter__(self) -> Phase:
-        if self.enabled and not on_terminal():
-            with _lock:
-                _running.append(self)
-                thread = _state["thread"]
-                if thread is None or not thread.is_alive():
-                    thread = threading.Thread(target=_heartbeat, name="progress-heartbeat", daemon=True)
-                    _state["thread"] = thread
-                    thread.start()
+        if not self.enabled:
+            return self
+        with _lock:
+            if not _running:  # the silence counted from here: a short phase alone adds no line
+                _state["last_line"] = max(_state["last_line"], time.monotonic())
+            _running.append(self)  # (on a terminal too: `say` writes above its bar)
+            thread = _state["thread"]
+            if not on_terminal() and (thread is None or not thread.is_alive()):
+                thread = threading.Thread(target=_heartbeat, name="progress-heartbeat", daemon=True)
+                _state["thread"] = thread
+                thread.start()
         return self
 
     def __exit__(self, kind: type | None, error: BaseException | None, trace: TracebackType | None) -> None:
@@ -118,6 +129,21 @@ class Phase:
 
 
 phase = Phase  # `with console.phase(...)` reads as what it is
+
+
+def command(name: str):
+    """Decorate a command's `main`: the whole command is one phase (rank 0's), so the silence is counted
+    from its start whatever runs inside, and the phases inside name the details."""
+
+    def decorate(main):
+        @functools.wraps(main)
+        def wrapper(*args, **kwargs):
+            with Phase(name, enabled=os.environ.get("RANK", "0") == "0"):
+                return main(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 def doing(activity: str) -> None:
@@ -140,3 +166,21 @@ def _heartbeat() -> None:
             if time.monotonic() - _state["last_line"] >= every:
                 print(_running[-1].line(), file=sys.stderr, flush=True)
                 _state["last_line"] = time.monotonic()
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """A log handler that writes to whatever sys.stderr is when it writes (a grid job run in process
+    has its own log file), not to the stream that was current when logging was set up."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def log_to_stderr(level: int) -> None:
+    """Log records as `LEVEL logger: message` lines on the current stderr (once per process)."""
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", handlers=[_CurrentStderr()])

@@ -21,12 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets.common import DataError
 from model import CheckpointError, TokenizerNotFound
+from task_data.common import DataError
 from train import console
 from train.checkpoint import CheckpointCorrupt, DiskFull
-from train.cli import build_parser, build_spec, check_inputs
-from train.lifecycle import EXIT_DIVERGED, Interrupted, StopSignals, TrainingDiverged
+from train.cli import ArgumentParser, build_parser, build_spec, check_inputs, raising_errors
+from train.lifecycle import BadInput, RunStopped, StopSignals, TrainingDiverged
 from train.loop import train
 from train.run import HELD, RunFolderBusy, RunFolderError, run_folder
 from train.runs import saved_checkpoints
@@ -122,7 +122,7 @@ def parse(
     the tokenizer and the task data files are checked too (fetching missing data into the cache folder
     when no --data_dir was given), so nothing that can be checked fails later."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = ArgumentParser(add_help=False)
     entry.add_selection(pre, False)
     known, _ = pre.parse_known_args(argv)
     try:
@@ -150,10 +150,11 @@ def planned_run_dir(entry: EntryPoint, argv: list[str], checkpoint_source: str |
     return run_folder(spec, migrate=False)
 
 
+@console.command("python -m train")
 def run(entry: EntryPoint, argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 bad input (one `error:` line), 3 diverged, 130 / 143 interrupted by
     SIGINT / SIGTERM (a checkpoint was saved: add --resume to continue)."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    console.log_to_stderr(logging.WARNING)
     with StopSignals() as signals, stopped_at_once():
         with console.phase("checking the flags and inputs", enabled=os.environ.get("RANK", "0") == "0"):
             spec, _ = parse(entry, argv)
@@ -180,34 +181,61 @@ def stopped_at_once():
         raise SecondInterrupt(130) from None
 
 
+def spec_from_argv(argv: list[str]) -> RunSpec:
+    """The RunSpec of a `python -m train` command line (`--tasks A B` for multitask), parsed and
+    validated exactly as the command line does (tokenizer and data checked, missing data fetched);
+    BadInput, with the message the command line would print, instead of exit status 2."""
+    entry = MULTITASK if "--tasks" in argv or any(word.startswith("--tasks=") for word in argv) else GENERIC
+    with raising_errors():
+        spec, _ = parse(entry, list(argv))
+    return spec
+
+
+def fit(spec: RunSpec, start=None, signals: StopSignals | None = None) -> dict:
+    """Train `spec`: the same run folder, lock, record, resume and extension rules as the command line;
+    returns the run's final metrics (its metrics.json). Raises, instead of exiting:
+    BadInput (exit 2: a checkpoint, data file, run folder or disk the run cannot use), TrainingDiverged
+    (exit 3), Interrupted (130 / 143: SIGINT / SIGTERM, a checkpoint saved). `signals`: a StopSignals
+    the caller entered (default: one entered here, which catches SIGINT / SIGTERM in the main thread).
+    `start`: a run that begins from another run's weights (train/transfer.py)."""
+    with contextlib.ExitStack() as stack:
+        if signals is None:
+            signals = stack.enter_context(StopSignals())
+        try:
+            with cuda_kernel_settings():
+                return train(spec, signals, start)
+        except USER_ERRORS as error:
+            raise BadInput(str(error)) from error
+        except OSError as error:
+            message = os_error_message(error)
+            if message is None:
+                raise
+            raise BadInput(message) from error
+
+
+def os_error_message(error: OSError) -> str | None:
+    """One line for the OS errors a user can fix (a full disk, a folder where a run file belongs, a
+    read-only file system); None for any other (a bug: its traceback is wanted)."""
+    where = error.filename or "the run folder"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full while writing {where}; free space and --resume"
+    if error.errno in (errno.EISDIR, errno.ENOTDIR):  # a folder where a run file belongs, or the reverse
+        kind = "a folder" if error.errno == errno.EISDIR else "not a folder"
+        return f"{where} is {kind}, which this run cannot use; move it aside and run again"
+    if error.errno == errno.EROFS:
+        return f"{where} is on a read-only file system; pass a writable --out_dir"
+    return None
+
+
 def execute(spec: RunSpec, signals: StopSignals, start=None) -> int:
-    """Train (exit statuses as `run`); every entry point, transfer included, ends here."""
+    """`fit`, its typed errors turned into exit statuses and one line each; every entry point, transfer
+    included, ends here."""
     try:
-        with cuda_kernel_settings():
-            train(spec, signals, start)
-    except TrainingDiverged as error:
+        fit(spec, start, signals)
+    except RunStopped as error:
         if str(error):  # empty on torchrun ranks other than 0: one report per run
-            print(f"error: {error}", file=sys.stderr)
-        return EXIT_DIVERGED
-    except Interrupted as error:
-        if str(error):
-            print(str(error), file=sys.stderr)
+            print(f"error: {error}" if isinstance(error, BadInput | TrainingDiverged) else str(error), file=sys.stderr)
         return error.exit_status
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        where = error.filename or "the run folder"
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            print(f"error: disk full while writing {where}; free space and --resume", file=sys.stderr)
-        elif error.errno in (errno.EISDIR, errno.ENOTDIR):  # a folder where a run file belongs, or the reverse
-            kind = "a folder" if error.errno == errno.EISDIR else "not a folder"
-            print(f"error: {where} is {kind}, which this run cannot use; move it aside and run again", file=sys.stderr)
-        elif error.errno == errno.EROFS:
-            print(f"error: {where} is on a read-only file system; pass a writable --out_dir", file=sys.stderr)
-        else:
-            raise
-        return 2
     if signals.received is not None:  # arrived during the last evaluation: the run finished anyway
         print("the run finished before the signal could stop it", file=sys.stderr)
     return 0

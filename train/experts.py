@@ -19,6 +19,7 @@ from typing import Any
 from train import checkpoint as ckpt
 from train.run import read_record
 from train.runs import folder_state
+from train.trained import load_model
 
 
 def is_run_folder(path: Path) -> bool:
@@ -60,7 +61,6 @@ def export_expert(name: str, run_dir: Path, base_identity: dict[str, Any]) -> Pa
     target = run_dir / "exports" / f"peft-{best.name}-{digest}"
     if (target / "adapter_model.safetensors").is_file():
         return target
-    from train.evaluate import load_model  # (evaluate imports the CLI, which imports this module)
 
     model, _, _ = load_model(str(run_dir))
     try:

@@ -4,7 +4,7 @@ Why: GPT-2 small at SST's lengths is launch-bound. An eager step issues ~200 ker
 (forward, backward, clipping, AdamW), each a few microseconds of Python and driver time, while the
 GPU needs less than that to run them: the GPU waits for the host. Three things remove the wait:
 
-1. **Static shapes.** The loop collates every batch to a length bucket (`datasets.batching.bucket_length`:
+1. **Static shapes.** The loop collates every batch to a length bucket (`task_data.batching.bucket_length`:
    16, 32, 64, ... or the task's cap) and to the full batch size (missing rows are all padding, ignored
    by the loss), so an epoch sees at most `len(static_lengths(cap))` shapes per task.
 2. **No host sync.** Token ids are checked once when the data is encoded (`Task.check_token_ids`), the

@@ -3,22 +3,40 @@ divergence guard (exit 3). The run folder's states and rules are train/run.py's.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import statistics
 import sys
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 EXIT_DIVERGED = 3
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, the shell convention
 
 
-class TrainingDiverged(RuntimeError):
+class RunStopped(Exception):
+    """Every way `train.fit` ends without finishing a run; `exit_status` is what the command line exits
+    with for it."""
+
+    exit_status = 1
+
+
+class BadInput(RunStopped, ValueError):
+    """A flag, a file or a folder the run cannot use (one line says which and why); nothing was trained
+    that a rerun with the input fixed would not redo."""
+
+    exit_status = 2
+
+
+class TrainingDiverged(RunStopped, RuntimeError):
     """A non-finite loss; the last healthy checkpoint is kept and diverged.json says where."""
 
+    exit_status = EXIT_DIVERGED
 
-class Interrupted(Exception):
+
+class Interrupted(RunStopped):
     """SIGINT/SIGTERM arrived; the loop saved a checkpoint (or had nothing to save) and stopped."""
 
     def __init__(self, signum: int, message: str) -> None:
@@ -40,10 +58,23 @@ class StopSignals:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
+    @contextlib.contextmanager
+    def at_once(self, message: Callable[[int], str]):
+        """While active, a signal raises Interrupted(message(signum)) at once: for work after the last
+        checkpoint that a resume simply redoes (the test prediction). One received before it began does
+        not: the run was complete, so it finishes."""
+        self._at_once = message
+        try:
+            yield
+        finally:
+            self._at_once = None
+
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
+        if getattr(self, "_at_once", None) is not None:
+            raise Interrupted(signum, self._at_once(signum))
         print(
             f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
             f"(Ctrl-C again to stop at once, unsaved)",

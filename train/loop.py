@@ -29,11 +29,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from datasets.common import DataError, data_dir
 from model import GPT2LMHeadModel, load_tokenizer
 from model.compile import compile_blocks
 from model.files import atomic_write_json
 from model.trainable import build_optimizer, hold_frozen_at, set_trainable
+from task_data.common import DataError, data_dir
 from train import checkpoint as ckpt
 from train import console, distributed, graphs, lifecycle
 from train.distributed import device_synchronize
@@ -130,6 +130,10 @@ class TrainingLines:
         self.enabled, self.total, self.every = enabled, total, every
         self.tty = enabled and console.on_terminal()
         self.phase = console.Phase("training", total, enabled, initial, unit="steps")
+        self.start = time.perf_counter()
+
+    def open(self) -> None:
+        """Start showing progress (`Trainer.run`; a run that fails to build shows none)."""
         self.phase.__enter__()
         self.start = time.perf_counter()
 
@@ -202,6 +206,9 @@ class Progress:
     train_seconds: float = 0.0  # the training steps' wall time (evaluations not counted)
     best_metrics: dict | None = None
     eval_seconds: float = 0.0  # the dev evaluations' wall time
+    # training is over (the step budget is spent, or patience stopped it): a resume after a crash in the
+    # test prediction goes straight back to it instead of training on
+    stopped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -492,7 +499,7 @@ class Trainer:
         self.progress = Progress(**{k: v for k, v in state_json["progress"].items() if k in known})
         progress = self.progress
         if spec.output.extend_epochs:
-            progress.bad_evals = 0  # patience counts afresh in the added epochs
+            progress.bad_evals, progress.stopped = 0, False  # patience counts afresh in the added epochs
         if not self.main:
             return
         dropped, unreadable = truncate_log(self.run_dir / "log.jsonl", progress.step)
@@ -641,6 +648,14 @@ class Trainer:
             stop = flag[0]
         return stop
 
+    def timed_evaluation(self) -> tuple[bool, float]:
+        """`evaluate()` (True: stop) and the seconds it took, added to the run's `eval_seconds`."""
+        started = time.perf_counter()
+        stop = self.evaluate()
+        spent = time.perf_counter() - started
+        self.progress.eval_seconds += spent
+        return stop, spent
+
     def predict_test(self) -> None:
         """The test split, predicted once at the end from the best checkpoint's weights (every rank its
         share; rank 0 writes the files beside the best dev predictions). A tuning run predicts none."""
@@ -654,24 +669,32 @@ class Trainer:
             return
         source = progress.step
         if best_step != progress.step:  # the weights in memory are not the best ones
-            source = self._load_best() or progress.step
+            source = self._load_best(best_step)
         if self.main:
-            console.say(f"predicting the test split with the weights of step {source} (the best)")
+            whose = "the best" if source == best_step else f"the last: step {best_step}'s were not found"
+            console.say(f"predicting the test split with the weights of step {source} ({whose})")
         started = time.perf_counter()
         folder = self.run_dir / "predictions" if self.main else None
         self.task_model.eval()
-        for n, obj in self.objectives.items():
-            with self.autocast, self.model.for_task(task_index(n)):  # the run's precision; the task's route
-                shard = (self.rank, self.world)
-                files = obj.test_predictions(self.model, self.heads.get(n), folder, self.device, shard)
-            if files:  # (rank 0 only: the rank that writes)
-                progress.best_metrics[n].setdefault("predictions", {}).update(files)
+
+        # Training is over and checkpointed: a signal now stops the prediction at once (--resume redoes it)
+        def stopped_message(signum: int) -> str:  # rank 0 reports; the other ranks stop silently
+            return _interrupted_message(signum, progress, self.saved_checkpoint()) if self.main else ""
+
+        with self.signals.at_once(stopped_message):
+            for n, obj in self.objectives.items():
+                with self.autocast, self.model.for_task(task_index(n)):  # the run's precision; the task's route
+                    shard = (self.rank, self.world)
+                    files = obj.test_predictions(self.model, self.heads.get(n), folder, self.device, shard)
+                if files:  # (rank 0 only: the rank that writes)
+                    progress.best_metrics[n].setdefault("predictions", {}).update(files)
         self.task_model.train()
         self.test_block = {"test_predictions_step": source, "test_seconds": round(time.perf_counter() - started, 3)}
 
-    def _load_best(self) -> int | None:
-        """Put the best checkpoint's trainable weights (and variant state) into the model; its step, or
-        None (with a warning) when there is no best checkpoint to load."""
+    def _load_best(self, best_step: int) -> int:
+        """Put the best checkpoint's trainable weights (and variant state) into the model; the step whose
+        weights the model now holds (the current one, with a warning, when there is no best checkpoint;
+        the checkpoint's own, with a warning, when it is not `best_step`'s)."""
         if self.writer is not None:
             self.writer.wait()
         if self.world > 1:
@@ -679,11 +702,8 @@ class Trainer:
         folder = ckpt.checkpoint_folder(self.checkpoints, "best")
         if folder is None:
             if self.main:
-                print(
-                    "warning: no best checkpoint was found; the test split is predicted with the last weights",
-                    file=sys.stderr,
-                )
-            return None
+                console.say(f"warning: no best checkpoint was found (step {best_step}'s): using the last weights")
+            return self.progress.step
         weights, state_json, tensors = ckpt.load_checkpoint(folder)
         try:
             ckpt.copy_into(self.checkpointed, weights, folder)
@@ -694,6 +714,8 @@ class Trainer:
             raise ckpt.CheckpointCorrupt(
                 f"best checkpoint {folder} does not fit this run ({type(error).__name__}: {error})"
             ) from None
+        if state_json["step"] != best_step and self.main:
+            console.say(f"warning: the best checkpoint holds step {state_json['step']}, not step {best_step}")
         return state_json["step"]
 
     def diverged(self, task: str, value: float, reason: str) -> lifecycle.TrainingDiverged:
@@ -798,9 +820,11 @@ class Trainer:
     # ---- the run ----
     def run(self) -> dict:
         try:
+            self.console.open()
             evaluated_at = self._loop()
             if evaluated_at != self.progress.step and self.progress.best is None:
-                self.evaluate()
+                self.timed_evaluation()
+                self.progress.stopped = True
                 self.save("last", self.snapshot())
             self.predict_test()
         except BaseException as error:  # diverged, interrupted, crashed: finish the checkpoint write, close wandb
@@ -826,7 +850,7 @@ class Trainer:
         start_time = time.perf_counter() - progress.train_seconds
         clock = time.perf_counter()
         pending = None  # a checkpoint due at the previous step, written once this step shows its weights healthy
-        stopped = progress.step >= self.total_steps
+        stopped = progress.stopped or progress.step >= self.total_steps
         evaluated_at = None
         while not stopped and progress.epoch < self.epochs:
             schedule = self.schedule(progress.epoch)
@@ -865,15 +889,13 @@ class Trainer:
                     or (not training.eval_every and end_of_epoch)
                     or last_step
                 ):
-                    evaluation_started = time.perf_counter()
-                    stopped = self.evaluate() or last_step
+                    stop, spent = self.timed_evaluation()
+                    stopped = stop or last_step
                     evaluated_at = progress.step
-                    # neither the training time nor the next step's tokens/s count the evaluation
-                    spent = time.perf_counter() - evaluation_started
-                    progress.eval_seconds += spent
-                    start_time += spent
+                    start_time += spent  # neither the training time nor the next step's tokens/s count it
                     clock += spent
                     if stopped:
+                        progress.stopped = True  # in the checkpoint: a resume does not train on
                         self.save("last", self.snapshot())
                     else:
                         pending = self.snapshot()

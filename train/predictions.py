@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datasets.sonnets import read_sonnet_file
 from model.files import atomic_write_text
+from task_data.sonnets import read_sonnet_file
 
 
 def write_classification(path: Path, header: str, ids: list[str], labels: list[int]) -> None:

@@ -140,8 +140,8 @@ class OutputSettings(CommandSettings):
     eval_train: bool = knob(False, "also report accuracy on the training examples")
     predict_test: bool = knob(
         True,
-        "predict the test split at each better dev evaluation (--no-predict_test: the test split is never read, "
-        "as in a grid's learning-rate tuning runs)",
+        "predict the test split once, after training, with the best checkpoint's weights (--no-predict_test: "
+        "the test split is never read, as in a grid's learning-rate tuning runs)",
     )
     stage: Literal["tune", "final"] | None = knob(
         None,

@@ -47,10 +47,9 @@ from model.config import STACK_FIELDS
 from model.fingerprint import checkpoint_identity
 from model.loading import CheckpointError, read_checkpoint_config
 from train import checkpoint as ckpt
-from train import entry
+from train import console, entry
 from train.cli import build_parser, check_inputs, config_fields, hide_flags
 from train.commands import exit_status
-from train.evaluate import copy_run_weights
 from train.lifecycle import StopSignals
 from train.run import legacy_spec, migrate_legacy, read_record, run_folder
 from train.runs import folder_state
@@ -58,6 +57,7 @@ from train.settings import OutputSettings, RuntimeSettings, TrainingSettings, gi
 from train.spec import Checkpoint, RunSpec
 from train.tasks import TASKS, get_task, labelled_tasks, settings_classes, task_index
 from train.tasks.classification import classification_metrics
+from train.trained import copy_run_weights
 
 # (source task, target task) -> (source labels x target labels) matrix M: p_target = softmax(logits) @ M.
 LABEL_MAPS: dict[tuple[str, str], list[list[float]]] = {
@@ -327,8 +327,9 @@ def planned_run_dir(argv: list[str]) -> Path:
     return run_folder(spec, migrate=False)
 
 
+@console.command("python -m train.transfer")
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    console.log_to_stderr(logging.WARNING)
     with StopSignals() as signals, entry.stopped_at_once():
         spec, start = parse(argv)
         return entry.execute(spec, signals, start)

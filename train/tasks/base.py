@@ -138,7 +138,7 @@ class Task:
 
     def inputs(self, batch: list[int], rows: int | None = None) -> dict[str, torch.Tensor]:
         """The batch as CPU tensors, right-padded. `rows` (static shapes, the fast step): the length
-        pads to a bucket (datasets.batching.bucket_length) and the batch to `rows` rows, the extra
+        pads to a bucket (task_data.batching.bucket_length) and the batch to `rows` rows, the extra
         rows all padding and ignored by the loss, so an epoch sees a bounded set of shapes."""
         raise NotImplementedError
 

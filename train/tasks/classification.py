@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datasets.batching import bucket_length, collate, encode, make_batches, padding_fraction
-from datasets.common import Example, stratified_fraction
+from task_data.batching import bucket_length, collate, encode, make_batches, padding_fraction
+from task_data.common import Example, stratified_fraction
 from train import console
 from train.graphs import CapturedForward
 from train.metrics import accuracy, macro_f1

@@ -10,10 +10,10 @@ from typing import ClassVar, Literal
 
 from torch import nn
 
-from datasets.common import Example
-from datasets.paraphrase import SPLIT_FILES, cloze_prompt, load_paraphrase
 from model.heads import ClozeParaphraseHead, LastTokenClassifier
 from modules.variant import knob
+from task_data.common import Example
+from task_data.paraphrase import SPLIT_FILES, cloze_prompt, load_paraphrase
 from train.settings import CommandSettings
 from train.tasks.base import register_task
 from train.tasks.classification import ClassificationTask

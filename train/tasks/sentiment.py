@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from datasets.common import Example
-from datasets.sentiment import NUM_LABELS, SPLIT_FILES, load_sentiment
 from model.heads import LastTokenClassifier
+from task_data.common import Example
+from task_data.sentiment import NUM_LABELS, SPLIT_FILES, load_sentiment
 from train.tasks.base import register_task
 from train.tasks.classification import ClassificationTask
 

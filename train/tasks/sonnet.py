@@ -18,10 +18,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from datasets.batching import bucket_length, collate, encode, make_batches
-from datasets.common import DataError
-from datasets.sonnets import FILES, load_sonnets
 from modules.variant import knob
+from task_data.batching import bucket_length, collate, encode, make_batches
+from task_data.common import DataError
+from task_data.sonnets import FILES, load_sonnets
 from train import console
 from train.metrics import chrf
 from train.predictions import write_sonnets
