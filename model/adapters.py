@@ -30,9 +30,6 @@ from model.files import atomic_write_json, write_safetensors
 from model.loading import ours_to_hf
 from model.quantize import dequantized_weight, is_quantized
 from modules.imports import peft_sees_bitsandbytes
-from modules.lora import peft_lora_config
-from modules.peft_methods import ADAPTER_NAME as PEFT_ADAPTER
-from modules.peft_methods import method_status, peft_config_for
 from modules.prompt_learning import export_state as export_virtual_tokens
 from modules.registry import enabled_variants, variant_state
 
@@ -155,31 +152,13 @@ def export_peft(model: Any, directory: str | Path) -> None:
     """Write the adapter in peft's own format for stock `transformers.GPT2LMHeadModel`: the LoRA family
     (`use_lora`), a `peft_method` whose peft layer accepts HF's Conv1D, or prompt learning's virtual
     tokens (peft stores the encoder's output, `prompt_embeddings`, which PeftModel loads for inference)."""
-    names = [v.name for v in enabled_variants(model.config)]
-    if names == ["lora"]:
-        if model.config.lora_init == "pissa":
-            raise ValueError(
-                "PiSSA adapters are relative to a rewritten base (W - BA), not stock GPT-2; "
-                "use export_hf(dir) to write the merged model instead"
-            )
-        peft_config, ours_adapter = peft_lora_config(model.config, fan_in_fan_out=True), "default"
-    elif names == ["peft"]:
-        method = model.config.peft_method
-        if method_status(method) == "experts":
-            raise ValueError(
-                "X-LoRA's experts are LoRA adapters that already exist (export those runs); its classifier "
-                "has no stock HF form here: use save_adapters(dir)"
-            )
-        if method_status(method) not in ("stock", "prompt"):
-            raise ValueError(
-                f"peft's {method} layers accept nn.Linear only, not stock HF GPT-2's Conv1D, so an exported "
-                "adapter could not load there; use save_adapters(dir), or export_hf(dir) for the merged model"
-            )
-        peft_config, ours_adapter = peft_config_for(model.config, fan_in_fan_out=True), PEFT_ADAPTER
-    else:
+    enabled = enabled_variants(model.config)
+    if len(enabled) != 1 or enabled[0].peft_export is None:
         raise ValueError(
-            f"export_peft writes one peft adapter (use_lora or peft_method); this model has {names or 'none'}"
+            f"export_peft writes one peft adapter (use_lora or peft_method); this model has "
+            f"{[v.name for v in enabled] or 'none'}"
         )
+    peft_config, ours_adapter, prompt_learning = enabled[0].peft_export(model.config)  # ValueError: why not
     hf = stock_hf_copy(model)  # float weights, also from a quantised base
     peft_config.base_model_name_or_path = model.config.name
     with peft_sees_bitsandbytes(False):
@@ -191,7 +170,7 @@ def export_peft(model: Any, directory: str | Path) -> None:
         # peft writes its expansion (every module's full name), which IA3's config then refuses on load, as
         # the feed-forward names are not among them: save the shorthand, which loads as the same modules
         wrapped.peft_config["default"].target_modules = "all-linear"
-    if method_status(model.config.peft_method or "lora") == "prompt":
+    if prompt_learning:
         export_virtual_tokens(model, wrapped)  # peft saves the encoder's output as `prompt_embeddings`
         wrapped.save_pretrained(str(directory))
         return

@@ -381,12 +381,7 @@ class GPT2LMHeadModel(nn.Module):
             return "a quantised base (bitsandbytes' kernels have not yet been run under CUDA graphs here)"
         if self.transformer.expert_mixer is not None:
             return "X-LoRA's two passes (that path has not yet been run under CUDA graphs on a GPU)"
-        if self.config.peft_method in ("poly", "trainable_tokens"):
-            return (
-                f"peft's {self.config.peft_method} reads or copies host values in every forward "
-                "(its task ids / token indices)"
-            )
-        return None
+        return registry.capture_blocker(self, self.config)
 
     @property
     def needs_data_init(self) -> bool:

@@ -21,33 +21,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from modules.prompt_learning import PROMPT_METHODS  # they leave the linears alone
+from modules import registry
 
 QUANTIZE_MODES = ("nf4", "int8")
 BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-# peft tuners with a bitsandbytes layer (peft/tuners/<method>/bnb.py in peft 0.21.2)
-BNB_PEFT_METHODS = ("adalora", "hira", "ia3", "lora", "pvera", "randlora", "road")
 
 
 def refusal(config: Any) -> str | None:
-    """Why this config cannot run on a quantised base, or None."""
+    """Why this config cannot run on a quantised base, or None: full-model fine-tuning would train the
+    quantised weights, and each variant says for itself (its `quantize_refusal`, modules/)."""
     if config.resolved_fine_tune_mode == "full-model":
         return "full-model fine-tuning would train the quantised weights; add an adapter or use last-linear-layer"
-    if config.use_kan and not config.use_lora:
-        return "the KAN FFN replaces the MLP, fitted from its float weights"
-    if config.use_kan and config.lora_dora:
-        return "KOLMG-DoRA's magnitude reads the base weight's row norms, which a quantised weight does not hold"
-    if config.quantize == "int8" and config.use_lora and config.lora_dora and not config.use_kan:
-        return "peft's int8 DoRA layer rebuilds the base weights as new float parameters; use nf4 for QDoRA"
-    if config.use_lora and config.lora_init == "pissa":
-        return "PiSSA rewrites the base weights from their SVD"
-    if getattr(config, "use_lora_xs", False) or getattr(config, "use_antipasto", False):
-        return "LoRA-XS and AntiPaSTO take their frozen factors from the base weights' SVD"
-    method = config.peft_method
-    if method is not None and method not in BNB_PEFT_METHODS + PROMPT_METHODS:
-        supported = ", ".join(BNB_PEFT_METHODS)
-        return f"peft's {method} layer does not accept bitsandbytes layers (those that do: {supported})"
-    return None
+    return registry.quantize_refusal(config)
 
 
 def check_quantize(config: Any) -> None:

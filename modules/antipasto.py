@@ -112,5 +112,6 @@ register(
         merge=lambda model: merge_into_base(model, AntiPaSTOLinear),
         extra_state=lambda model, config: frozen_factors(model, AntiPaSTOLinear),
         extra_state_in_checkpoints=True,
+        quantize_refusal=lambda c: "AntiPaSTO takes its frozen factors from the base weights' SVD",
     )
 )

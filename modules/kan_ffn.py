@@ -128,6 +128,7 @@ register(
         tag=kan_ffn_tag,
         namespace="kan",
         not_mergeable="the KAN FFN replaces the MLP with spline functions that no GPT-2 MLP weight can express",
+        quantize_refusal=lambda c: "the KAN FFN replaces the MLP, fitted from its float weights",
         aux_loss=kan_aux_loss,
         extra_state=kan_grids,
         before_load=adopt_kan_grids,

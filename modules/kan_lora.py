@@ -143,6 +143,11 @@ register(
         aux_loss=kan_aux_loss,
         extra_state=kan_grids,
         before_load=adopt_kan_grids,
+        quantize_refusal=lambda c: (
+            "KOLMG-DoRA's magnitude reads the base weight's row norms, which a quantised weight does not hold"
+            if c.lora_dora
+            else None
+        ),
         # φ_out plays B's role; KOLMG-DoRA's magnitudes join it, as peft's LoRA+ puts DoRA's (1-D) magnitudes
         lora_plus=lambda name: ".kan_out." in name or name.endswith(".kan_magnitude"),
     )

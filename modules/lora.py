@@ -151,6 +151,23 @@ def lora_tag(config: Any) -> str:
     )
 
 
+def lora_peft_export(config: Any) -> tuple[Any, str, bool]:
+    if config.lora_init == "pissa":
+        raise ValueError(
+            "PiSSA adapters are relative to a rewritten base (W - BA), not stock GPT-2; "
+            "use export_hf(dir) to write the merged model instead"
+        )
+    return peft_lora_config(config, fan_in_fan_out=True), "default", False
+
+
+def lora_quantize_refusal(config: Any) -> str | None:
+    if config.quantize == "int8" and config.lora_dora:
+        return "peft's int8 DoRA layer rebuilds the base weights as new float parameters; use nf4 for QDoRA"
+    if config.lora_init == "pissa":
+        return "PiSSA rewrites the base weights from their SVD"
+    return None
+
+
 register(
     Variant(
         name="lora",
@@ -165,5 +182,7 @@ register(
         merge=merge_lora,
         extra_state=pissa_residuals,
         lora_plus=lambda name: ".lora_B." in name,
+        quantize_refusal=lora_quantize_refusal,
+        peft_export=lora_peft_export,
     )
 )

@@ -78,5 +78,6 @@ register(
         merge=lambda model: merge_into_base(model, LoRAXSLinear),
         extra_state=lambda model, config: frozen_factors(model, LoRAXSLinear),
         extra_state_in_checkpoints=True,
+        quantize_refusal=lambda c: "LoRA-XS takes its frozen factors from the base weights' SVD",
     )
 )

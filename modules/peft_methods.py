@@ -833,6 +833,35 @@ def peft_tag(config: Any) -> str:
     return tag
 
 
+# peft tuners with a bitsandbytes layer (peft/tuners/<method>/bnb.py in peft 0.21.2): a quantised base takes them
+BNB_PEFT_METHODS = ("adalora", "hira", "ia3", "lora", "pvera", "randlora", "road")
+HOST_VALUE_METHODS = ("poly", "trainable_tokens")  # their forward reads task ids / token indices on the host
+
+
+def peft_export(config: Any) -> tuple[Any, str, bool]:
+    method = config.peft_method
+    if method_status(method) == "experts":
+        raise ValueError(
+            "X-LoRA's experts are LoRA adapters that already exist (export those runs); its classifier "
+            "has no stock HF form here: use save_adapters(dir)"
+        )
+    if method_status(method) not in ("stock", "prompt"):
+        raise ValueError(
+            f"peft's {method} layers accept nn.Linear only, not stock HF GPT-2's Conv1D, so an exported "
+            "adapter could not load there; use save_adapters(dir), or export_hf(dir) for the merged model"
+        )
+    return peft_config_for(config, fan_in_fan_out=True), ADAPTER_NAME, method_status(method) == "prompt"
+
+
+def peft_quantize_refusal(config: Any) -> str | None:
+    method = config.peft_method
+    if method not in BNB_PEFT_METHODS + tuple(PROMPT_LEARNING):  # prompt learning leaves the linears alone
+        return (
+            f"peft's {method} layer does not accept bitsandbytes layers (those that do: {', '.join(BNB_PEFT_METHODS)})"
+        )
+    return None
+
+
 register(
     Variant(
         name="peft",
@@ -854,5 +883,12 @@ register(
         load_training_state=load_adalora_state,
         data_init=eva_init,
         needs_data_init=uses_eva,
+        quantize_refusal=peft_quantize_refusal,
+        peft_export=peft_export,
+        capture_blocker=lambda model, config: (
+            f"peft's {config.peft_method} reads or copies host values in every forward (its task ids / token indices)"
+            if config.peft_method in HOST_VALUE_METHODS
+            else None
+        ),
     )
 )

@@ -110,6 +110,18 @@ def variant_state(model: nn.Module, config: Any, checkpoints_only: bool = False)
     return state
 
 
+def quantize_refusal(config: Any) -> str | None:
+    """The first enabled variant's reason it cannot sit on a quantised base, or None."""
+    reasons = (v.quantize_refusal(config) for v in enabled_variants(config) if v.quantize_refusal is not None)
+    return next((reason for reason in reasons if reason), None)
+
+
+def capture_blocker(model: nn.Module, config: Any) -> str | None:
+    """The first enabled variant's reason CUDA graphs must not capture its forward, or None."""
+    reasons = (v.capture_blocker(model, config) for v in enabled_variants(config) if v.capture_blocker is not None)
+    return next((reason for reason in reasons if reason), None)
+
+
 def has_step_hooks(config: Any) -> bool:
     return any(v.after_step is not None and v.needs_after_step(config) for v in enabled_variants(config))
 

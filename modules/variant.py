@@ -304,6 +304,13 @@ class Variant:
     # batches), each batch a dict of input_ids and attention_mask from the run's training data.
     data_init: Callable[[nn.Module, Any, list[dict[str, torch.Tensor]]], None] | None = None
     needs_data_init: Callable[[Any], bool] = lambda config: True
+    # the variant as one adapter in peft's own format for stock HF GPT-2 (model.export_peft):
+    # (peft config, this model's adapter name, whether it is prompt learning); ValueError says why not
+    peft_export: Callable[[Any], tuple[Any, str, bool]] | None = None
+    # why a quantised base (--quantize) cannot carry this variant as configured, or None
+    quantize_refusal: Callable[[Any], str | None] | None = None
+    # why CUDA graphs must not capture a forward of this variant (e.g. it reads host values), or None
+    capture_blocker: Callable[[nn.Module, Any], str | None] | None = None
     # The learning-rate range a grid's [tune] stage searches for this variant: one prior, or a function of
     # the config when the variant holds several methods (peft's, by peft_method; LoRA's PiSSA init).
     lr_prior: LrPrior | Callable[[Any], LrPrior] | None = None

@@ -23,7 +23,7 @@ from task_data.batching import LENGTH_BUCKETS, bucket_length, collate, static_le
 from tests.conftest import DATA_DIR, REPO, TEST_DEVICE
 from tests.variant_cases import VARIANT_CASES
 from train import graphs
-from train.graphs import CapturedSteps, count_host_syncs, why_not_captured
+from train.graphs import CapturedSteps, EvaluationGraphs, count_host_syncs, why_not_captured
 from train.settings import TrainingSettings
 from train.tasks import get_task
 
@@ -201,7 +201,8 @@ def _task(name: str, tokenizer, fast_step: bool = False):
     options = None
     if name == "sonnet":
         options = task.settings(max_new_tokens=8, temperature=1.0, greedy=True)
-    return task(load_tokenizer(str(tokenizer)), DATA_DIR, training, 1024, options, fast_step)
+    captured = EvaluationGraphs(name) if fast_step else None  # what the loop gives under --fast_step on
+    return task(load_tokenizer(str(tokenizer)), DATA_DIR, training, 1024, options, captured)
 
 
 @pytest.mark.parametrize("task_name", ["sst", "cfimdb", "quora", "sonnet"])
@@ -308,13 +309,13 @@ def test_why_not_captured_names_each_reason():
 )
 def test_models_that_cannot_be_captured_say_why_and_evaluate_eagerly(knobs, reason, tokenizer_dir):
     """The whole-step graph and the evaluation graphs both ask the model; a blocked model evaluates
-    eagerly (here `_captured_forward` answers None before any CUDA call)."""
+    eagerly (here the evaluation graphs answer None before any CUDA call)."""
     model = GPT2LMHeadModel(GPT2Config(**{**TINY, "vocab_size": 50257}, **knobs))
     blocker = model.capture_blocker
     assert (blocker is None) if reason is None else (reason in blocker)
     if reason is not None:
         task = _task("sst", tokenizer_dir, fast_step=True)
-        assert task._captured_forward(model, None, "cuda", [[1, 2, 3]]) is None
+        assert task.captured(model, None, "cuda", [[1, 2, 3]]) is None
 
 
 def test_dropout_is_detected_in_every_place_a_step_draws_random_numbers():
@@ -403,7 +404,7 @@ def test_captured_evaluation_matches_eager(tokenizer_dir):
         run = task.predict(model, head, task.train[:70], batch_size=16, device=device, return_logits=True)
         results[mode] = run
         if mode == "on":
-            assert task._eval_graphs and next(iter(task._eval_graphs.values()))[2].graphs
+            assert task.captured.cache and next(iter(task.captured.cache.values()))[2].graphs
     assert results["on"].predictions == results["off"].predictions
     torch.testing.assert_close(results["on"].logits, results["off"].logits, rtol=1e-4, atol=1e-5)
 

@@ -126,6 +126,80 @@ def test_layering_the_loop_knows_neither_the_command_line_nor_the_variants_and_n
         assert "sys.path.insert" not in path.read_text(), path
 
 
+PACKAGES = {
+    "model": "model",
+    "modules": "modules",
+    "train": "train",
+    "datasets": "task_data",
+    "experiments": "experiments",
+}
+
+
+def project_modules() -> dict[str, Path]:
+    """Every module of the product by its import name (the folder datasets/ is task_data)."""
+    found = {}
+    for folder, package in PACKAGES.items():
+        for path in (REPO / folder).rglob("*.py"):
+            parts = [package, *path.relative_to(REPO / folder).with_suffix("").parts]
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports, at any depth (imports inside functions count)."""
+    modules = project_modules()
+
+    def owner(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in modules.items():
+        targets = {owner(imported) for imported in _imports(path)} - {None, name}
+        graph[name] = {t for t in targets if not (name.startswith(t + ".") and modules[t].name == "__init__.py")}
+    return graph
+
+
+def test_no_import_circles_counting_imports_inside_functions():
+    graph, circles = import_graph(), []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                circles.append(path[path.index(target) :] + [target])
+            elif target not in state:
+                visit(target, [*path, target])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not circles, circles
+
+
+def test_tasks_know_nothing_of_the_fast_step_and_model_names_no_method():
+    """Graph capture is the training loop's business (it hands tasks train.graphs.EvaluationGraphs);
+    method names stay in modules/, where each variant says what it needs (quantize_refusal,
+    capture_blocker, peft_export)."""
+    import ast
+
+    import peft
+
+    for path in (REPO / "train" / "tasks").glob("*.py"):
+        assert not {n for n in _imports(path) if n == "train.graphs" or n.startswith("train.graphs.")}, path
+    methods = {name.lower() for name in peft.PeftType.__members__}
+    named = [
+        (path.name, node.lineno, node.value)
+        for path in sorted((REPO / "model").glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.lower() in methods
+    ]
+    assert not named, named
+
+
 def test_a_launchers_job_process_and_the_run_folder_readers_do_not_import_torch():
     """A submitit job (experiments.launchers.GridJob, unpickled in its own process) only starts the run's
     command and watches its folder: it must not pay torch's import (seconds, and memory on the node)."""

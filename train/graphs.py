@@ -36,7 +36,9 @@ host sees the loss.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +46,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+log = logging.getLogger(__name__)
 
 # Ops whose result the host must wait for: a Python value (`.item()`, `bool(t)`, `torch.equal`) or an
 # output shape that depends on the data.
@@ -354,3 +358,41 @@ class CapturedForward:
             static[name].copy_(value, non_blocking=True)
         graph.replay()
         return output
+
+
+class EvaluationGraphs:
+    """CUDA-graph evaluation for a task's batches, given to tasks by the training loop under
+    `--fast_step on`: called as `(model, head, device, token ids)`, it returns the CapturedForward of
+    the current (model, head, precision), or None where the batches must run eagerly (not CUDA, a
+    model that cannot be captured, a token id outside the vocabulary: the eager path reports it).
+    One entry is kept: another pair (a transfer's zero-shot head) replaces it, so no graph or memory
+    pool outlives its use."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name  # the task's, for the log line
+        self.cache: dict[tuple, tuple] = {}
+
+    def __call__(self, model, head, device: str, ids: list[list[int]]) -> CapturedForward | None:
+        if not str(device).startswith("cuda") or model.capture_blocker is not None:
+            return None
+        if max((max(row) for row in ids), default=0) >= model.config.vocab_size:
+            return None
+        enabled, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+        key = (id(model), id(head), enabled, dtype)
+        entry = self.cache.get(key)
+        if entry is None or entry[0]() is not model or entry[1]() is not head:
+            self.cache.clear()
+
+            def forward(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+                with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+                    mask = inputs["attention_mask"]
+                    out = model(
+                        inputs["input_ids"], attention_mask=mask, return_logits=False, validate=False, right_padded=True
+                    )
+                    return head(out.last_hidden_state, mask)
+
+            entry = self.cache[key] = (weakref.ref(model), weakref.ref(head), CapturedForward(forward, device))
+        graphed = entry[2]
+        if not graphed.usable:
+            log.info("%s: evaluation runs eagerly (host syncs in the model: %s)", self.name, dict(graphed.syncs))
+        return graphed

@@ -332,7 +332,7 @@ class Trainer:
                 spec.training,
                 config.input_positions,
                 spec.settings_of(name),
-                self.fast,
+                graphs.EvaluationGraphs(name) if self.fast else None,
                 predict_test=spec.output.predict_test,
             )
             for name in spec.tasks

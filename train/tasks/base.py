@@ -22,6 +22,7 @@ Training settings every task reads: `train_limit`, `dev_limit`, `test_limit` (No
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -99,18 +100,20 @@ class Task:
         training: TrainingSettings,
         n_positions: int,
         options: CommandSettings | None = None,
-        fast_step: bool = False,
+        captured: Callable | None = None,
         predict_test: bool = True,
     ) -> None:
         """`n_positions`: the positions an input may fill (the context length less any virtual tokens),
         which caps every encoded example. `options`: the task's own settings (its defaults when None).
-        `fast_step`: evaluation may use CUDA graphs. `predict_test=False`: the test split is never read
-        (a learning-rate tuning run scores dev only)."""
+        `captured`: `(model, head, device, token ids) -> a captured forward or None`, evaluation through
+        CUDA graphs, which the training loop gives under `--fast_step on` (train/graphs.py's
+        EvaluationGraphs; the task knows nothing of graphs); None: evaluation runs eagerly.
+        `predict_test=False`: the test split is never read (a learning-rate tuning run scores dev only)."""
         self.tokenizer, self.data_dir, self.n_positions = tokenizer, Path(data_dir), n_positions
         self.training, self.predict_test = training, predict_test
         if options is None and self.settings is not None:
             options = self.settings()
-        self.options, self.fast_step = options, fast_step
+        self.options, self.captured = options, captured
 
     @classmethod
     def data_files(cls) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
@@ -24,7 +23,6 @@ from torch import nn
 from task_data.batching import bucket_length, collate, encode, make_batches, padding_fraction
 from task_data.common import Example, stratified_fraction
 from train import console
-from train.graphs import CapturedForward
 from train.metrics import accuracy, macro_f1
 from train.predictions import write_classification
 from train.tasks.base import Task, limit, sharded
@@ -148,7 +146,7 @@ class ClassificationTask(Task):
         was_training = model.training, head.training
         model.eval()
         head.eval()
-        graphed = self._captured_forward(model, head, device, encoded.ids)
+        graphed = self.captured(model, head, device, encoded.ids) if self.captured is not None else None
         predictions = [0] * len(examples)
         logits: list[torch.Tensor | None] = [None] * len(examples)
         start = time.perf_counter()
@@ -180,36 +178,6 @@ class ClassificationTask(Task):
         if return_logits:
             run.logits = torch.stack(logits) if examples else torch.empty(0)
         return run
-
-    def _captured_forward(self, model: nn.Module, head: nn.Module, device: str, ids: list[list[int]]):
-        """Evaluation through CUDA graphs (train/graphs.py) on CUDA with `--fast_step on`, by a
-        CapturedForward for the current (model, head, precision). None: predict eagerly."""
-        if not str(device).startswith("cuda") or not self.fast_step or model.capture_blocker is not None:
-            return None
-        if max((max(row) for row in ids), default=0) >= model.config.vocab_size:
-            return None  # the eager path reports the bad id clearly
-        enabled, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
-        # One entry: the current (model, head, precision); another pair (a transfer's zero-shot head)
-        # replaces it, so no graph or memory pool outlives its use.
-        cache = self.__dict__.setdefault("_eval_graphs", {})
-        key = (id(model), id(head), enabled, dtype)
-        entry = cache.get(key)
-        if entry is None or entry[0]() is not model or entry[1]() is not head:
-            cache.clear()
-
-            def forward(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-                with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
-                    mask = inputs["attention_mask"]
-                    out = model(
-                        inputs["input_ids"], attention_mask=mask, return_logits=False, validate=False, right_padded=True
-                    )
-                    return head(out.last_hidden_state, mask)
-
-            entry = cache[key] = (weakref.ref(model), weakref.ref(head), CapturedForward(forward, device))
-        graphed = entry[2]
-        if not graphed.usable:
-            log.info("%s: evaluation runs eagerly (host syncs in the model: %s)", self.name, dict(graphed.syncs))
-        return graphed
 
     def dev_logits(
         self, model: nn.Module, head: nn.Module, device: str, shard: tuple[int, int] = (0, 1)
