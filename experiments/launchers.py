@@ -118,9 +118,9 @@ class SlurmSettings:
         return parameters
 
 
-def slurm_settings(preset: dict, overrides: dict[str, Any]) -> SlurmSettings:
+def slurm_settings(preset, overrides: dict[str, Any]) -> SlurmSettings:
     """The preset's [slurm] table, then the flags given (None = not given)."""
-    table = dict(preset.get("slurm", {}))
+    table = dict(preset.slurm)
     unknown = sorted(set(table) - set(SlurmSettings.names()))
     if unknown:
         raise ValueError(f"[slurm] has unknown field(s) {unknown}; known: {SlurmSettings.names()}")
@@ -310,19 +310,19 @@ def submit(
 # ---------------------------------------------------------------- wandb sweeps
 
 
-def sweep_config(preset: dict, preset_path: Path, grid: Path, extra: list[str]) -> dict[str, Any]:
+def sweep_config(preset, preset_path: Path, grid: Path, extra: list[str]) -> dict[str, Any]:
     """A wandb sweep (grid search) over the preset's tasks x variants x seeds whose command runs one
     point through ablate.py: the same flags, run folder and wandb group as the grid's own run."""
     return {
-        "name": preset["name"],
-        "description": f"experiments/ablate.py {preset_path}: {len(preset['tasks'])} tasks x "
-        f"{len(preset['variants'])} variants x {len(preset['seeds'])} seeds",
+        "name": preset.name,
+        "description": f"experiments/ablate.py {preset_path}: {len(preset.tasks)} tasks x "
+        f"{len(preset.variants)} variants x {len(preset.seeds)} seeds",
         "program": "experiments/ablate.py",
         "method": "grid",
         "parameters": {
-            "task": {"values": list(preset["tasks"])},
-            "variant": {"values": list(preset["variants"])},
-            "seed": {"values": list(preset["seeds"])},
+            "task": {"values": list(preset.tasks)},
+            "variant": {"values": list(preset.variants)},
+            "seed": {"values": list(preset.seeds)},
         },
         "command": [
             "${env}",

@@ -10,6 +10,7 @@ A tiny random GPT-2 on SST (a pipeline measurement, not a GPT-2 figure). Prints 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import statistics
@@ -18,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from experiments import ablate, launchers
+from experiments import launchers, planning
 from train.commands import exit_status
 from train.runs import folder_state
 
@@ -49,8 +50,8 @@ def wait(condition, poll: float = 0.05) -> float:
 
 def run_one(preset: dict, grid: Path, seed: int, preempt_at: int | None) -> float:
     """Seconds from submission to the run's metrics.json (SIGTERM to its job after `preempt_at` steps)."""
-    one = {**preset, "seeds": [seed]}
-    (run,) = ablate.plan(one, grid, [])
+    one = dataclasses.replace(preset, seeds=[seed])
+    (run,) = planning.plan(one, grid, [])
     settings = launchers.SlurmSettings(gpus_per_run=0, time_min=60)
     start = time.perf_counter()
     [(_, job)], _ = launchers.submit("submitit_local", [run], grid, settings, "bench", threads=1)
@@ -70,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-launch-") as scratch:
         folder = Path(scratch)
-        preset = ablate.load_preset(write_preset(folder, args.runs, args.steps))
+        preset = planning.load_preset(write_preset(folder, args.runs, args.steps))
         grid = folder / "array"
         grid.mkdir()
-        runs = ablate.plan(preset, grid, [])
+        runs = planning.plan(preset, grid, [])
         settings = launchers.SlurmSettings(gpus_per_run=0, time_min=60)
         start = time.perf_counter()
         submitted, _ = launchers.submit("submitit_local", runs, grid, settings, "bench", threads=1)

@@ -20,6 +20,7 @@ LoRA's time and are counted as such in the output.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import sys
@@ -27,7 +28,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from experiments import ablate
+from experiments import planning
 from task_data.paraphrase import load_paraphrase
 from task_data.sentiment import load_sentiment
 from task_data.sonnets import load_sonnets
@@ -99,7 +100,7 @@ def run_steps(argv: list[str], data: Path) -> tuple[int, int, int]:
     return steps, epochs * math.ceil(dev / args.eval_batch_size), generated
 
 
-def estimate(runs: list[ablate.PlannedRun], data: Path) -> tuple[float, dict[str, int]]:
+def estimate(runs: list[planning.PlannedRun], data: Path) -> tuple[float, dict[str, int]]:
     """(GPU-hours, steps by kind) of a list of runs."""
     seconds, steps_by_kind = 0.0, defaultdict(int)
     for run in runs:
@@ -121,19 +122,19 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     data = args.data_dir or Path(os.environ.get("GPT2_DATA_DIR", "data/cs224n"))
-    preset = ablate.load_preset(args.preset)
+    preset = planning.load_preset(args.preset)
     with tempfile.TemporaryDirectory(prefix="grid-cost-") as scratch:
         model = args.model
-        if model is None and "random_init" not in preset.get("model", {}):
-            model = str(ablate.tiny_checkpoint(Path(scratch), args.shape))
+        if model is None and "random_init" not in preset.model:
+            model = str(planning.tiny_checkpoint(Path(scratch), args.shape))
             print(f"planning with a random {args.shape}-shaped checkpoint (same runs as the preset's model)")
         if model is not None:
-            preset["model"] = {"model": model}
-        grid = ablate.plan_grid(preset, Path(scratch) / "grid", [])
+            preset = dataclasses.replace(preset, model={"model": model})
+        grid = planning.plan_grid(preset, Path(scratch) / "grid", [])
         finals = grid.runs
         if grid.waiting:  # their rate is not chosen yet: the prior's middle candidate stands in (same cost)
             finals = finals + stand_in_finals(preset, grid)
-    xlora = ablate.xlora_count(preset)  # its tuning runs included
+    xlora = planning.xlora_count(preset)  # its tuning runs included
     tune_hours, tune_steps = estimate(grid.tuning, data)
     final_hours, final_steps = estimate(finals, data)
     print(f"{args.preset}: {len(grid.tuning)} tuning runs + {len(finals)} final runs + {xlora} X-LoRA runs")
@@ -163,7 +164,7 @@ def without(argv: list[str], flags: set[str]) -> list[str]:
     return kept
 
 
-def stand_in_finals(preset: dict, grid: ablate.GridPlan) -> list[ablate.PlannedRun]:
+def stand_in_finals(preset: planning.GridPreset, grid: planning.GridPlan) -> list[planning.PlannedRun]:
     """The final runs of cells still waiting for their tuning, with the preset's budget (what they cost)."""
     done = {(r.variant, r.task) for r in grid.runs}
     stand_ins = []
@@ -173,9 +174,9 @@ def stand_in_finals(preset: dict, grid: ablate.GridPlan) -> list[ablate.PlannedR
         tune_run = next(r for r in grid.tuning if r.variant == cell["variant"] and r.task == cell["task"])
         argv = without(tune_run.argv, {"--epochs", "--max_steps"})  # the tuning budget, not the final one
         argv = [w for w in argv if w != "--no-predict_test"]
-        argv += ablate.run_argv(preset, cell["task"], "", cell["variant"], [], 0, Path("."), [])
-        stand_ins += [ablate.PlannedRun(cell["task"], cell["variant"], seed, argv, "train", Path(".")) for seed in
-                      preset["seeds"]]  # fmt: skip
+        argv += planning.run_argv(preset, cell["task"], "", cell["variant"], [], 0, Path("."), [])
+        stand_ins += [planning.PlannedRun(cell["task"], cell["variant"], seed, argv, "train", Path(".")) for seed in
+                      preset.seeds]  # fmt: skip
     return stand_ins
 
 

@@ -7,6 +7,7 @@ build and save ourselves; the real `from_pretrained("gpt2")` path is the same co
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import http.server
 import json
@@ -141,6 +142,83 @@ def start_grid(cmd: list[str], **env: str) -> subprocess.Popen:
         start_new_session=True,
         env=plugin_env(**env),
     )
+
+
+@dataclasses.dataclass
+class Ran:
+    """What a command run in this process left: as subprocess.CompletedProcess has it."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_command(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> Ran:
+    """A project command (`[sys.executable, "-m", module, *args]`, or `["-m", module, *args]`) run in
+    this process, as the grid's in-process launcher runs one: its `main(args)`, its exit status and
+    output. For its duration: `env`'s variables are set (a thread count in OMP_NUM_THREADS is applied),
+    the working directory is `cwd`, sys.argv is the command's (its usage line), log records go to its
+    stderr, and the GPT2_TEST_* step hooks of tests/plugins/sitecustomize.py are on. Only tests of what
+    a process itself does (signals to it, SIGKILL, torchrun, a fresh interpreter) start real ones."""
+    import importlib
+    import io
+    import logging
+    import sys
+
+    import torch
+
+    words = list(argv)
+    if words and words[0] == sys.executable:
+        words = words[1:]
+    assert words[:1] == ["-m"], f"not a `python -m` command: {argv}"
+    module, args = words[1], words[2:]
+    name = "train.entry" if module == "train" else module
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    saved_env, saved_argv, saved_cwd, threads = dict(os.environ), sys.argv, os.getcwd(), torch.get_num_threads()
+    os.environ.update(env or {})
+    code = 0
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        if (os.environ.get("OMP_NUM_THREADS") or "").isdigit():
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        sys.argv = [str(REPO / (module.replace(".", "/") + (".py" if "." in module else "/__main__.py"))), *args]
+        logging.getLogger().addHandler(handler)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _test_hooks():
+            try:
+                code = importlib.import_module(name).main(args) or 0
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+                if isinstance(stop.code, str):
+                    print(stop.code, file=sys.stderr)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        torch.set_num_threads(threads)
+    return Ran(int(code), out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def _test_hooks():
+    """The plugin's optimizer-step hooks (GPT2_TEST_STEP_SLEEP, ...), on for a command run in this process."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("gpt2_test_hooks", PLUGINS / "sitecustomize.py")
+    original = torch.optim.AdamW.step
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    hooks.install_test_hooks()
+    try:
+        yield
+    finally:
+        torch.optim.AdamW.step = original
 
 
 def kill_and_wait(process: subprocess.Popen, *, group: bool = False) -> int:

@@ -144,7 +144,7 @@ def test_preset_files_parse():
 
     for preset in PRESETS.glob("*.toml"):
         loaded = load_preset(preset)
-        assert loaded["variants"] and loaded["seeds"]
+        assert loaded.variants and loaded.seeds
 
 
 def test_bad_preset_flags_and_broken_runs_tsv_are_named(tmp_path, tokenizer_dir):
@@ -171,7 +171,7 @@ def test_gpus_run_one_job_per_gpu_and_queue_the_rest(tmp_path, tokenizer_dir, mo
     its GPU (CUDA_VISIBLE_DEVICES) and is told --device cuda."""
     import threading
 
-    from experiments import ablate
+    from experiments import ablate, jobs
 
     preset = write_grid_preset(tmp_path / "grid.toml", tokenizer_dir, "gpu-test", train_limit=4)
     preset.write_text(preset.read_text().replace("seeds = [1, 2]", "seeds = [1, 2, 3, 4]"))
@@ -193,7 +193,7 @@ def test_gpus_run_one_job_per_gpu_and_queue_the_rest(tmp_path, tokenizer_dir, mo
                 busy.discard(self.gpu)
             return 0
 
-    monkeypatch.setattr(ablate.subprocess, "Popen", FakeJob)
+    monkeypatch.setattr(jobs.subprocess, "Popen", FakeJob)
     assert ablate.main([str(preset), "--out_dir", str(tmp_path / "grid"), "--gpus", "0,3"]) == 0
     assert len(seen) == 4 and {gpu for gpu, _ in seen} == {"0", "3"}
     assert all(tail == ["--device", "cuda"] for _, tail in seen)
@@ -220,6 +220,7 @@ def test_transfer_grid_runs_its_second_stage_and_reports_it(tmp_path, tokenizer_
         batch_size=8,
     )
     text = preset.read_text().replace("seeds = [1, 2]", "seeds = [1]").replace("base = []", 'lora = ["--use_lora"]')
+    text = text.replace('baseline = "base"', 'baseline = "lora"')  # (a baseline must be one of the variants)
     text += (
         '[transfer]\npairs = [["sst", "cfimdb"]]\ntarget_fraction = 0.01\nepochs = 1\n'
         'flags = ["--dev_limit", "16", "--test_limit", "2"]\n[cka]\nn = 16\n'
@@ -308,25 +309,25 @@ def test_xlora_stage_mixes_the_grids_lora_runs_and_is_a_row_of_the_report(tmp_pa
     ],
 )
 def test_a_bad_xlora_table_is_one_error_line(tmp_path, tokenizer_dir, table, message):
-    from experiments import ablate
+    from experiments import planning
     from experiments.inputs import InputError
 
     preset = write_grid_preset(tmp_path / "bad.toml", tokenizer_dir, "bad")
     preset.write_text(preset.read_text() + f"[xlora]\n{table}\n")
     with pytest.raises(InputError, match=re.escape(message)):
-        ablate.load_preset(preset)
+        planning.load_preset(preset)
 
 
 def test_a_run_another_grid_took_first_is_left_to_it_not_failed(tmp_path, tokenizer_dir, capsys):
     """Two grids on one out_dir: the second's job for a run the first holds exits 2 (the folder is busy);
     that run is counted as the other grid's, not as failed, and its log keeps the other job's lines."""
-    from experiments import ablate
+    from experiments import jobs, planning
     from train.run import owned
 
     preset = tiny_grid(tmp_path, tokenizer_dir)
     grid = tmp_path / "grid"
     inputs = ["--tokenizer", str(tokenizer_dir), "--data_dir", str(DATA_DIR)]
-    run = ablate.plan(ablate.load_preset(preset), grid, inputs)[0]
+    run = planning.plan(planning.load_preset(preset), grid, inputs)[0]
     log_dir = grid / "logs"
     log_dir.mkdir(parents=True)
     (log_dir / f"{run.name}.log").write_text("the other grid's job\n")
@@ -343,7 +344,7 @@ def test_a_run_another_grid_took_first_is_left_to_it_not_failed(tmp_path, tokeni
     run.run_dir.mkdir(parents=True)
     with owned(run.run_dir):  # the first grid's run holds the folder
         (run.run_dir / "config.json").write_text("{}")
-        outcome = ablate.run_jobs(BusyJobs(), [run], 1, 1, log_dir)
+        outcome = jobs.run_jobs(BusyJobs(), [run], 1, 1, log_dir)
     assert outcome["failed"] == [] and outcome["elsewhere"] == [run]
     assert "held by another process" in capsys.readouterr().out
     # a real job appends to the run's log (here one that stops at a bad flag): earlier lines are kept
@@ -351,7 +352,7 @@ def test_a_run_another_grid_took_first_is_left_to_it_not_failed(tmp_path, tokeni
 
     bad = dataclasses.replace(run, argv=["--no_such_flag"])
     shutil.rmtree(run.run_dir)
-    _, code, _ = ablate.Jobs().execute(bad, 1, log_dir)
+    _, code, _ = jobs.Jobs().execute(bad, 1, log_dir)
     text = (log_dir / f"{run.name}.log").read_text()
     assert code == 2 and text.startswith("the other grid's job\nerror: busy\n=== ") and "error:" in text[40:]
 
@@ -365,17 +366,23 @@ def test_a_run_another_grid_took_first_is_left_to_it_not_failed(tmp_path, tokeni
         (lambda t: t + '[transfer]\npairs = [["sst", "cfimdb"]]\nfractionz = [0.1]\n', "['fractionz']"),
         (lambda t: t + "[cka]\nlayerz = [0]\n", "[cka] has unknown key(s) ['layerz']"),
         (lambda t: t.replace("[model]", "cka = 3\n[model]"), "cka must be a table"),
+        (lambda t: t.replace("seeds = [1, 2]", 'seeds = "1, 2"'), "seeds must be a non-empty list of integers"),
+        (lambda t: t.replace("seeds = [1, 2]", "seeds = [1, 2.5]"), "seeds must be a non-empty list of integers"),
+        (lambda t: t.replace("base = []", 'base = "--use_lora"'), "variants must be a table of variant = [its flags]"),
+        (lambda t: t.replace('baseline = "base"', 'baseline = "lora"'), "baseline 'lora' is not one of the variants"),
+        (lambda t: t.replace('tasks = ["sst"]', "tasks = []"), "tasks must be a non-empty list of task names"),
     ],
 )
-def test_an_unknown_preset_table_or_key_is_refused_not_ignored(tmp_path, tokenizer_dir, edit, message):
-    """A misspelt table or key (or one from a newer version) would otherwise be dropped without a word."""
-    from experiments import ablate
+def test_an_unknown_or_mistyped_preset_table_or_key_is_refused(tmp_path, tokenizer_dir, edit, message):
+    """A misspelt table or key (or one from a newer version) would otherwise be dropped without a word;
+    a value of the wrong type would fail later, inside planning, with a traceback."""
+    from experiments import planning
     from experiments.inputs import InputError
 
     preset = write_grid_preset(tmp_path / "bad.toml", tokenizer_dir, "bad")
     preset.write_text(edit(preset.read_text()))
     with pytest.raises(InputError, match=re.escape(message)):
-        ablate.load_preset(preset)
+        planning.load_preset(preset)
 
 
 @pytest.mark.slow

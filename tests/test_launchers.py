@@ -16,7 +16,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from experiments import ablate, launchers
+from experiments import ablate, launchers, planning
 from tests.conftest import DATA_DIR, REPO, plugin_env, write_grid_preset
 from train import checkpoint as ckpt
 from train.runs import folder_state
@@ -77,7 +77,7 @@ def test_slurm_path_through_submitit_survives_a_preemption(tmp_path, tokenizer_d
     assert "resumed_with" not in json.loads((grid / other / "config.json").read_text())
 
     # The same run, uninterrupted, in another folder (same thread count: bit-for-bit on CPU).
-    (planned,) = [r for r in ablate.plan(ablate.load_preset(preset), grid, INPUTS) if r.run_dir.name == preempted]
+    (planned,) = [r for r in planning.plan(planning.load_preset(preset), grid, INPUTS) if r.run_dir.name == preempted]
     argv = list(planned.argv)
     argv[argv.index("--out_dir") + 1] = str(tmp_path / "reference")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GPT2_TEST_STEP_SLEEP": ""}
@@ -147,7 +147,9 @@ def test_wandb_sweep_enumerates_the_grid_and_its_command_makes_the_grids_run_fol
     assert sweep["method"] == "grid" and sweep["name"] == "launch-test"
     values = {name: spec["values"] for name, spec in sweep["parameters"].items()}
     points = set(itertools.product(values["task"], values["variant"], values["seed"]))
-    planned = {(r.task, r.variant, r.seed): r.run_dir for r in ablate.plan(ablate.load_preset(preset), grid, INPUTS)}
+    planned = {
+        (r.task, r.variant, r.seed): r.run_dir for r in planning.plan(planning.load_preset(preset), grid, INPUTS)
+    }
     assert points == set(planned) and len(points) == 4
 
     # What `wandb agent` runs for a point: the command with its macros filled in (${args} as --key=value).
@@ -217,11 +219,11 @@ def test_wait_runs_a_transfer_preset_through_both_stages(tmp_path, tokenizer_dir
 def test_analysis_jobs_of_different_runs_get_different_names():
     """CKA jobs all write into `<run>/cka`: their job records and log files must not collide."""
     runs = [
-        ablate.PlannedRun("cka sst", "lora", seed, [], "experiments.cka", Path(f"g/sst-lora-s{seed}/cka"), Path("x"))
+        planning.PlannedRun("cka sst", "lora", seed, [], "experiments.cka", Path(f"g/sst-lora-s{seed}/cka"), Path("x"))
         for seed in (1, 2)
     ]
     assert [run.name for run in runs] == ["sst-lora-s1-cka", "sst-lora-s2-cka"]
-    training = ablate.PlannedRun("sst", "lora", 1, [], "train", Path("g/sst-lora-s1"))
+    training = planning.PlannedRun("sst", "lora", 1, [], "train", Path("g/sst-lora-s1"))
     assert training.name == "sst-lora-s1"
 
 

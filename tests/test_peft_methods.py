@@ -235,15 +235,15 @@ def test_docs_table_and_methods_presets_are_generated_from_the_code():
 
 
 def test_methods_smoke_grid_plans_every_method_without_collisions(tmp_path, tokenizer_dir):
-    from experiments import ablate
     from experiments import methods as peft_methods
+    from experiments import planning
 
-    preset = ablate.load_preset(REPO / "experiments" / "presets" / "methods_smoke.toml")
+    preset = planning.load_preset(REPO / "experiments" / "presets" / "methods_smoke.toml")
     inputs = ["--data_dir", str(DATA_DIR), "--tokenizer", str(tokenizer_dir)]
-    grid = ablate.plan_grid(preset, tmp_path, inputs)  # its [tune] stage: two rates per method, then 3 seeds
+    grid = planning.plan_grid(preset, tmp_path, inputs)  # its [tune] stage: two rates per method, then 3 seeds
     runs = grid.tuning
-    assert len({run.run_dir for run in runs}) == len(runs) == len(preset["variants"]) * 2
-    assert grid.waiting == len(preset["variants"]) * 3 and not grid.runs
+    assert len({run.run_dir for run in runs}) == len(runs) == len(preset.variants) * 2
+    assert grid.waiting == len(preset.variants) * 3 and not grid.runs
     expected = {*peft_methods.OWN_VARIANTS, *(f"peft_{m}" for m in STANDALONE)}
     assert {run.variant for run in runs} == expected
     assert {"kolmg_dora", "pissa", "lora_plus", "graph_lora", "kora"} <= expected

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import ablate, tuning
+from experiments import ablate, planning, tuning
 from experiments.inputs import InputError
 from model.config import GPT2Config
 from modules.peft_methods import LR_PRIORS, SUPPORTED
@@ -157,7 +157,7 @@ def test_a_damaged_tuning_record_is_unreadable_not_pending(tmp_path):
 def test_a_bad_tune_table_is_one_error_line(tmp_path, tokenizer_dir, table, message):
     preset = write_preset(tmp_path / "p.toml", tokenizer_dir, {"lora": ["--use_lora"]}, table)
     with pytest.raises(InputError) as error:
-        ablate.load_preset(preset)
+        planning.load_preset(preset)
     assert str(error.value).startswith(f"error: {preset}: [tune]") and message in str(error.value)
 
 
@@ -165,22 +165,22 @@ def test_a_tune_key_that_is_not_a_table_is_one_error_line(tmp_path, tokenizer_di
     preset = write_preset(tmp_path / "p.toml", tokenizer_dir, {"lora": ["--use_lora"]}, "seed = 0")
     preset.write_text("tune = 3\n" + preset.read_text().replace("[tune]\nseed = 0\n", ""))
     with pytest.raises(InputError, match=r"\[tune\] must be a table"):
-        ablate.load_preset(preset)
+        planning.load_preset(preset)
 
 
 def test_a_tune_seed_among_the_grids_seeds_and_a_misspelt_table_are_refused(tmp_path, tokenizer_dir):
     preset = write_preset(tmp_path / "p.toml", tokenizer_dir, {"lora": ["--use_lora"]}, "seed = 1\nmax_steps = 2")
     with pytest.raises(InputError, match=r"\[tune\] seed 1 is one of the grid's seeds \[1\]"):
-        ablate.load_preset(preset)
+        planning.load_preset(preset)
     preset.write_text(preset.read_text().replace("[tune]\nseed = 1", "[tunes]\nseed = 0"))
     with pytest.raises(InputError, match=r"unknown key\(s\) or table\(s\) \['tunes'\]"):
-        ablate.load_preset(preset)
+        planning.load_preset(preset)
 
 
 # ---------------------------------------------------------------- the planted case
 
 
-def finish_trial(run: ablate.PlannedRun, dev: float | None) -> None:
+def finish_trial(run: planning.PlannedRun, dev: float | None) -> None:
     """Plant a tuning run's outcome in its folder: finished with this dev score, or diverged (None)."""
     run.run_dir.mkdir(parents=True)
     if dev is None:
@@ -196,15 +196,15 @@ def test_two_variants_whose_best_rates_differ_tenfold_each_get_their_own(tmp_pat
     variants = {"lora": ["--use_lora"], "ia3": ["--peft_method", "ia3"]}
     preset = write_preset(tmp_path / "p.toml", tokenizer_dir, variants, "lr = [1e-4, 1e-3, 1e-2]\nseed = 0")
     grid_dir = tmp_path / "grid"
-    grid = ablate.plan_grid(ablate.load_preset(preset), grid_dir, [])
+    grid = planning.plan_grid(planning.load_preset(preset), grid_dir, [])
     assert grid.runs == [] and grid.waiting == 2 and len(grid.tuning) == 6
     assert all("--no-predict_test" in run.argv and run.stage == "tune" for run in grid.tuning)
     planted = {("lora", "0.0001"): 0.6, ("lora", "0.001"): 0.4, ("lora", "0.01"): 0.2}
     planted |= {("ia3", "0.0001"): 0.3, ("ia3", "0.001"): 0.7, ("ia3", "0.01"): None}
     for run in grid.tuning:
-        finish_trial(run, planted[(run.variant, ablate.run_lr(run))])
-    grid = ablate.plan_grid(ablate.load_preset(preset), grid_dir, [])
-    rates = {run.variant: ablate.run_lr(run) for run in grid.runs}
+        finish_trial(run, planted[(run.variant, planning.run_lr(run))])
+    grid = planning.plan_grid(planning.load_preset(preset), grid_dir, [])
+    rates = {run.variant: planning.run_lr(run) for run in grid.runs}
     assert rates == {"lora": "0.0001", "ia3": "0.001"}
     for run in grid.runs:
         start = run.argv.index("--lr_chosen_by") + 1
@@ -344,14 +344,14 @@ def test_a_grid_killed_in_its_tuning_stage_finishes_without_duplicates(tmp_path,
 
 
 def test_the_methods_and_gpt2_presets_tune_every_method():
-    smoke = ablate.load_preset(REPO / "experiments" / "presets" / "methods_smoke.toml")
-    assert smoke["tune"].points == 2 and smoke["tune"].seed not in smoke["seeds"]
+    smoke = planning.load_preset(REPO / "experiments" / "presets" / "methods_smoke.toml")
+    assert smoke.tune.points == 2 and smoke.tune.seed not in smoke.seeds
     for name in ("methods", "gpt2"):
-        preset = ablate.load_preset(REPO / "experiments" / "presets" / f"{name}.toml")
-        assert preset["tune"].points == 5 and preset["tune"].seed not in preset["seeds"]
-        for task in preset["tasks"]:  # no variant, task or common flag fixes the rate: every cell is tuned
-            for variant, flags in preset["variants"].items():
-                assert not ablate.fixes_lr(ablate.run_argv(preset, task, "gpt2", variant, flags, 1, Path("g"), []))
+        preset = planning.load_preset(REPO / "experiments" / "presets" / f"{name}.toml")
+        assert preset.tune.points == 5 and preset.tune.seed not in preset.seeds
+        for task in preset.tasks:  # no variant, task or common flag fixes the rate: every cell is tuned
+            for variant, flags in preset.variants.items():
+                assert not planning.fixes_lr(planning.run_argv(preset, task, "gpt2", variant, flags, 1, Path("g"), []))
 
 
 def test_grid_cost_counts_the_plan_and_its_steps(tmp_path, tokenizer_dir):
@@ -391,19 +391,19 @@ def test_a_cell_without_a_rate_blocks_only_the_stages_that_need_it(tmp_path, tok
     variants = {"lora": ["--use_lora"], "ia3": ["--peft_method", "ia3"]}
     preset = write_preset(tmp_path / "p.toml", tokenizer_dir, variants, "lr = [1e-4, 1e-3]")
     preset.write_text(preset.read_text() + '[xlora]\nexperts = ["lora"]\n')
-    loaded = ablate.load_preset(preset)
-    grid = ablate.plan_grid(loaded, tmp_path / "grid", [])
-    ready, why = ablate.experts_ready(loaded, grid)
+    loaded = planning.load_preset(preset)
+    grid = planning.plan_grid(loaded, tmp_path / "grid", [])
+    ready, why = planning.experts_ready(loaded, grid)
     assert not ready and "lora/sst (pending)" in why and "ia3" not in why
     for run in grid.tuning:
         finish_trial(run, 0.5 if run.variant == "lora" else None)  # every IA3 candidate diverges
-    grid = ablate.plan_grid(loaded, tmp_path / "grid", [])
-    assert ablate.without_rate(grid, ["sst"], list(variants)) == ["ia3/sst (all diverged)"]
-    ready, why = ablate.experts_ready(loaded, grid)
+    grid = planning.plan_grid(loaded, tmp_path / "grid", [])
+    assert planning.without_rate(grid, ["sst"], list(variants)) == ["ia3/sst (all diverged)"]
+    ready, why = planning.experts_ready(loaded, grid)
     assert not ready and why == "1 expert run(s) not finished"  # lora's final run, not ia3's missing rate
     (final,) = grid.runs
     finish_trial(final, 0.5)
-    assert ablate.experts_ready(loaded, ablate.plan_grid(loaded, tmp_path / "grid", []))[0]
+    assert planning.experts_ready(loaded, planning.plan_grid(loaded, tmp_path / "grid", []))[0]
 
 
 def test_the_report_leaves_out_final_runs_at_an_old_rate_and_a_grid_with_nothing_tuned(tmp_path):
