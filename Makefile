@@ -1,9 +1,8 @@
 # `make check` is what CI runs (.ci/run) and what the README tells you to run.
 PYTHON ?= python
-# Two pytest workers (pytest-xdist), one torch thread each: much of the suite's time is end-to-end runs in
-# subprocesses and waits on them, which a second worker overlaps. Those runs start as workers forked from
-# a test fork server that has done their imports (tests/plugins/zygote.py; ~10 s of torch, dynamo,
-# transformers, peft and wandb imports per process otherwise); GPT2_TEST_ZYGOTE=off runs each on its own.
+# Two pytest workers (pytest-xdist), one torch thread each: much of the suite's time is end-to-end runs,
+# which a second worker overlaps. Runs are called in the test's process (tests.conftest.run_command,
+# --launcher inprocess) except where the process itself is tested (signals, SIGKILL, torchrun, SLURM).
 # TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 PYTEST = OMP_NUM_THREADS=$(if $(filter 0,$(TEST_WORKERS)),$${OMP_NUM_THREADS:-2},1) $(PYTHON) -m pytest -q \

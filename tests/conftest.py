@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,44 +39,7 @@ if TEST_DEVICE == "cpu":
     # (tl.zeros, ...) are decorated once, at that import.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # torch and transformers are imported where used, not here: pytest-xdist's controller loads this file and
-# runs no test, and the seconds of imports would delay the fork server's start and the workers'
-
-
-def _start_fork_server() -> None:
-    """The test fork server (tests/plugins/zygote.py) for the processes this pytest process starts:
-    every subprocess loads tests/plugins/sitecustomize.py (PYTHONPATH), which hands `python -m train...`
-    / `python -m experiments...` commands to a worker forked from the server once it has finished its
-    imports. GPT2_TEST_ZYGOTE=off runs every process on its own."""
-    import atexit
-    import sys
-    import tempfile
-
-    given = os.environ.get("GPT2_TEST_ZYGOTE")
-    if given == "off" or (given and os.path.isdir(os.path.dirname(given))):
-        return  # off, or already started (by pytest-xdist's controller, or an earlier import of this file)
-    os.environ["PYTHONPATH"] = plugin_env()["PYTHONPATH"]  # every process the tests start loads the client
-    folder = tempfile.mkdtemp(prefix="gpt2-zygote-")
-    os.environ["GPT2_TEST_ZYGOTE"] = os.path.join(folder, "socket")
-    server = subprocess.Popen(
-        [sys.executable, str(PLUGINS / "zygote.py"), os.environ["GPT2_TEST_ZYGOTE"]],
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        start_new_session=True,  # a test's signal to its own process group does not reach it
-    )
-
-    def stop() -> None:
-        server.terminate()  # it kills its running workers first
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        import shutil
-
-        shutil.rmtree(folder, ignore_errors=True)
-
-    atexit.register(stop)
+# runs no test
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -86,8 +48,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
         if not torch.cuda.is_available():
             raise pytest.UsageError(f"GPT2_TEST_DEVICE={TEST_DEVICE}, but CUDA is not available on this machine")
-    if "not slow" not in (config.option.markexpr or ""):  # the fast tier starts no training processes
-        _start_fork_server()
+    # every process the tests start loads the test plugin (tests/plugins/sitecustomize.py: step hooks)
+    os.environ["PYTHONPATH"] = plugin_env()["PYTHONPATH"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -223,22 +185,13 @@ def _test_hooks():
 
 def kill_and_wait(process: subprocess.Popen, *, group: bool = False) -> int:
     """SIGKILL a process the test started (its whole process group with `group`) and wait until it is
-    gone, together with the test fork server's worker that ran its command: the server kills a worker
-    whose client died a moment later, not at once (tests/plugins/zygote.py). Returns its exit status."""
+    gone. Returns its exit status."""
     if process.poll() is None:  # never signal a pid that was reaped already (it may be another process's)
         if group:
             os.killpg(process.pid, signal.SIGKILL)
         else:
             process.kill()
-    code = process.wait(timeout=60)
-    server = os.environ.get("GPT2_TEST_ZYGOTE")
-    if server and server != "off":
-        marker = Path(server).parent / "running" / str(process.pid)
-        deadline = time.monotonic() + 60
-        while marker.exists():
-            assert time.monotonic() < deadline, f"the fork server's worker for pid {process.pid} outlived it"
-            time.sleep(0.01)
-    return code
+    return process.wait(timeout=60)
 
 
 def free_port() -> int:

@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from tests.conftest import DATA_DIR, REPO, kill_and_wait, start_grid, write_grid_preset
+from tests.conftest import DATA_DIR, REPO, kill_and_wait, run_command, start_grid, write_grid_preset
 
 PRESETS = REPO / "experiments" / "presets"
 
@@ -41,7 +40,7 @@ def test_grid_resumes_after_kill_and_report_matches(tmp_path, tokenizer_dir):
         time.sleep(0.05)
     assert proc.returncode == -signal.SIGKILL
     assert len((grid / "runs.tsv").read_text().splitlines()) == 2
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    again = run_command([*cmd, "--launcher", "inprocess"])  # (the kill needed a process; the re-run does not)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "2 runs, 1 already done, 1 to run" in again.stdout
     rows = (grid / "runs.tsv").read_text().splitlines()
@@ -50,12 +49,10 @@ def test_grid_resumes_after_kill_and_report_matches(tmp_path, tokenizer_dir):
     (grid / "runs.tsv").write_text(rows[0] + "\n" + rows[1] + "\n")
     from experiments import ablate
 
-    assert ablate.main([str(preset), "--out_dir", str(grid), "--threads", "1"]) == 0
+    assert ablate.main([str(preset), "--out_dir", str(grid), "--threads", "1", "--launcher", "inprocess"]) == 0
     assert sorted((grid / "runs.tsv").read_text().splitlines()[1:]) == sorted(rows[1:])
 
-    report = subprocess.run(
-        [sys.executable, "-m", "experiments.report", str(grid)], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
+    report = run_command([sys.executable, "-m", "experiments.report", str(grid)])
     assert report.returncode == 0, report.stderr
     values = [
         json.loads((p / "metrics.json").read_text())["dev_acc"]
@@ -227,7 +224,16 @@ def test_transfer_grid_runs_its_second_stage_and_reports_it(tmp_path, tokenizer_
     )
     preset.write_text(text)
     grid = tmp_path / "grid"
-    inputs = ["--data_dir", str(DATA_DIR), "--tokenizer", str(tokenizer_dir), "--threads", "1"]
+    inputs = [
+        "--data_dir",
+        str(DATA_DIR),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--threads",
+        "1",
+        "--launcher",
+        "inprocess",
+    ]
     assert ablate.main([str(preset), "--out_dir", str(grid), *inputs]) == 0
     manifest = json.loads((grid / "transfer.json").read_text())
     (item,) = manifest["runs"]
@@ -275,7 +281,16 @@ def test_xlora_stage_mixes_the_grids_lora_runs_and_is_a_row_of_the_report(tmp_pa
     text = text.replace("base = []", 'lora = ["--use_lora"]\nrslora = ["--use_lora", "--lora_rslora"]')
     preset.write_text(text + '[xlora]\nexperts = ["lora", "rslora"]\noptions = {xlora_depth = 2, xlora_size = 8}\n')
     grid = tmp_path / "grid"
-    inputs = ["--data_dir", str(DATA_DIR), "--tokenizer", str(tokenizer_dir), "--threads", "1"]
+    inputs = [
+        "--data_dir",
+        str(DATA_DIR),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--threads",
+        "1",
+        "--launcher",
+        "inprocess",
+    ]
     assert ablate.main([str(preset), "--out_dir", str(grid), *inputs, "--dry_run"]) == 0
     assert "then, once the expert runs (['lora', 'rslora']) are done: 1 X-LoRA runs" in capsys.readouterr().out
     assert ablate.main([str(preset), "--out_dir", str(grid), *inputs]) == 0

@@ -223,7 +223,7 @@ lora_qkv = ["--use_lora", "--lora_targets", "qkv"]
 lora_bs16 = ["--use_lora", "--batch_size", "16"]
 """)
     grid = tmp_path / "grid"
-    assert ablate.main([str(preset), "--out_dir", str(grid), "--threads", "1"]) == 0
+    assert ablate.main([str(preset), "--out_dir", str(grid), "--threads", "1", "--launcher", "inprocess"]) == 0
     folders = [p for p in grid.iterdir() if (p / "metrics.json").is_file()]
     assert len(folders) == 3
     names = json.loads((grid / "variants.json").read_text())

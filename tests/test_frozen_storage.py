@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 import sys
 
 import pytest
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 
 from model import GPT2Config, GPT2LMHeadModel
 from model.trainable import build_optimizer, hold_frozen_at, set_trainable
-from tests.conftest import DATA_DIR, data_limits, perturb_adapters
+from tests.conftest import DATA_DIR, data_limits, perturb_adapters, run_command
 
 CASES = {  # knobs, and which frozen linears are converted
     "lora": ({"use_lora": True}, "every block linear (LoRA's bases)"),
@@ -92,7 +91,7 @@ def test_a_bf16_runs_checkpoint_holds_fp32_trained_weights(tiny_ckpt, tokenizer_
         str(tokenizer_dir), "--data_dir", str(DATA_DIR), "--out_dir", str(tmp_path), "--use_lora",
         "--precision", "bf16", "--max_steps", "2", "--wandb", "disabled", *data_limits(8),
     ]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    done = run_command(argv)
     assert done.returncode == 0, done.stderr
     (run_dir,) = [p for p in tmp_path.iterdir() if (p / "metrics.json").is_file()]
     assert json.loads((run_dir / "config.json").read_text())["precision"] == "bf16"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import DATA_DIR, REPO, run_paths, serve_folder
+from tests.conftest import DATA_DIR, REPO, run_command, run_paths, serve_folder
 from train import entry, evaluate, multitask, paraphrase, sentiment, sonnet
 
 QUICK = ["--train_limit", "16", "--dev_limit", "4", "--test_limit", "2", "--batch_size", "4", "--wandb", "disabled"]
@@ -489,7 +489,6 @@ def test_unreachable_hub_is_probed_once_and_fails_fast(tmp_path, monkeypatch, ca
 
 
 def test_help_shows_every_default_and_the_real_program_name():
-    import subprocess
     import sys
 
     from train.cli import build_parser
@@ -505,7 +504,7 @@ def test_help_shows_every_default_and_the_real_program_name():
         if a.option_strings and a.dest != "help" and "default" not in (a.help or "")
     ]
     assert missing == []
-    usage = subprocess.run([sys.executable, "-m", "train", "--help"], capture_output=True, text=True, cwd=REPO).stdout
+    usage = run_command([sys.executable, "-m", "train", "--help"]).stdout
     assert usage.startswith("usage: python -m train [-h]")
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, data_limits, plugin_env, run_paths, write_grid_preset
+from tests.conftest import REPO, data_limits, plugin_env, run_command, run_paths, write_grid_preset
 
 pytestmark = pytest.mark.slow
 
@@ -56,10 +56,9 @@ def test_signal_mid_epoch_saves_and_resume_matches_uninterrupted(tiny_ckpt, toke
         # default saving: no --save_every, 30-minute timer; KoRA trains adapters without peft's import (seconds)
         *["--wandb", "disabled", "--use_kora"],
     ]
-    env = plugin_env(OMP_NUM_THREADS="1")
-    full = subprocess.run(
-        base + ["--out_dir", str(tmp_path / "full")], capture_output=True, text=True, env=env, cwd=REPO
-    )
+    env = {"OMP_NUM_THREADS": "1"}
+    # the uninterrupted run and the resume run in this process: only the signalled run must be a process
+    full = run_command(base + ["--out_dir", str(tmp_path / "full")], env=env)
     assert full.returncode == 0, full.stderr[-2000:]
     out = tmp_path / "stopped"
     proc = subprocess.Popen(
@@ -81,9 +80,7 @@ def test_signal_mid_epoch_saves_and_resume_matches_uninterrupted(tiny_ckpt, toke
     assert f"interrupted by {signal.Signals(signum).name} at step {saved}" in stderr
     assert f"checkpoint at step {saved}. Continue with the same command plus --resume" in stderr
     assert not (run_dir / "metrics.json").exists()
-    resumed = subprocess.run(
-        base + ["--out_dir", str(out), "--resume"], capture_output=True, text=True, env=env, cwd=REPO
-    )
+    resumed = run_command(base + ["--out_dir", str(out), "--resume"], env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming {run_dir.name} from step {saved}" in resumed.stderr
     full_dir = next(p for p in (tmp_path / "full").iterdir() if p.is_dir())
@@ -120,7 +117,7 @@ def test_sigterm_to_ablate_with_two_jobs_checkpoints_both_and_the_rerun_matches(
             "1",
         ]
 
-    full = subprocess.run(command(tmp_path / "full"), capture_output=True, text=True, cwd=REPO, timeout=300)
+    full = run_command(in_process(command(tmp_path / "full")))  # the reference: needs no process
     assert full.returncode == 0, full.stdout + full.stderr
     grid = tmp_path / "stopped"
     proc = subprocess.Popen(
@@ -140,7 +137,7 @@ def test_sigterm_to_ablate_with_two_jobs_checkpoints_both_and_the_rerun_matches(
     runs = sorted(p for p in grid.iterdir() if p.is_dir() and p.name.startswith("sst-"))
     assert len(runs) == 2 and all((r / "checkpoints" / "last.json").is_file() for r in runs)
     assert not (grid / "runs.tsv").exists()
-    again = subprocess.run(command(grid), capture_output=True, text=True, cwd=REPO, timeout=300)
+    again = run_command(in_process(command(grid)))
     assert again.returncode == 0, again.stdout + again.stderr
     assert "2 runs, 0 already done, 2 to run" in again.stdout
     assert len((grid / "runs.tsv").read_text().splitlines()) == 3
@@ -160,3 +157,11 @@ def test_a_signal_during_the_last_step_lets_the_run_finish(tiny_ckpt, tokenizer_
     assert run.returncode == 0, run.stderr[-2000:]
     assert "the run finished before the signal could stop it" in run.stderr
     assert len(list(tmp_path.glob("*/metrics.json"))) == 1 and (tmp_path / "runs.tsv").is_file()
+
+
+def in_process(command: list[str]) -> list[str]:
+    """An ablate command line run one job at a time in the test's process (--launcher inprocess)."""
+    words = list(command)
+    at = words.index("--jobs")
+    del words[at : at + 2]
+    return [*words, "--launcher", "inprocess"]

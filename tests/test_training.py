@@ -4,7 +4,6 @@ flag, overfitting, kill-and-resume, NaN guard, atomic checkpoints, CLI errors, t
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import DATA_DIR, REPO, free_port, kill_and_wait, plugin_env, run_paths
+from tests.conftest import DATA_DIR, REPO, free_port, kill_and_wait, plugin_env, run_command, run_paths
 from train import multitask, paraphrase, sentiment, sonnet
 from train.predictions import read_classification, read_sonnets
 
@@ -188,8 +187,9 @@ def test_kill_and_resume_matches_uninterrupted(tiny_ckpt, tokenizer_dir, tmp_pat
         "disabled",
         "--use_lora",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    full = _run(base + ["--out_dir", str(tmp_path / "full")], env)
+    env = {"OMP_NUM_THREADS": "1"}
+    # the uninterrupted run and the resume run in this process: only the killed run must be a process
+    full = run_command(base + ["--out_dir", str(tmp_path / "full")], env)
     assert full.returncode == 0, full.stderr[-2000:]
     killed_dir = tmp_path / "killed"
     proc = subprocess.Popen(
@@ -214,7 +214,7 @@ def test_kill_and_resume_matches_uninterrupted(tiny_ckpt, tokenizer_dir, tmp_pat
     run_dir = only_run(killed_dir)
     pointer = json.loads((run_dir / "checkpoints" / "last.json").read_text())
     assert pointer["step"] < 12 and killed_at - pointer["step"] <= 2  # at most save_every steps are redone
-    resumed = _run(base + ["--out_dir", str(killed_dir), "--resume"], env)
+    resumed = run_command(base + ["--out_dir", str(killed_dir), "--resume"], env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     full_dir = only_run(tmp_path / "full")
     a = json.loads((full_dir / "metrics.json").read_text())
@@ -364,9 +364,9 @@ def test_torchrun_two_processes_match_single_process(tiny_ckpt, tokenizer_dir, t
         "--device",
         "cpu",  # gloo on CPU whatever GPT2_TEST_DEVICE says: two ranks on one GPU would prove nothing
     ]
-    single = _run(
+    single = run_command(  # the single-process reference needs no process of its own
         [sys.executable, *common_args, "--batch_size", "8", "--out_dir", str(tmp_path / "one")],
-        plugin_env(OMP_NUM_THREADS="1", GPT2_TEST_DUMP_GRADS=str(tmp_path / "g1.safetensors")),
+        {"OMP_NUM_THREADS": "1", "GPT2_TEST_DUMP_GRADS": str(tmp_path / "g1.safetensors")},
     )
     assert single.returncode == 0, single.stderr[-2000:]
     double = _run(

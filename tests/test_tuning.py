@@ -20,7 +20,7 @@ from experiments.inputs import InputError
 from model.config import GPT2Config
 from modules.peft_methods import LR_PRIORS, SUPPORTED
 from modules.registry import VARIANTS
-from tests.conftest import DATA_DIR, REPO, kill_and_wait, plugin_env, start_grid
+from tests.conftest import DATA_DIR, REPO, kill_and_wait, plugin_env, run_command, start_grid
 
 
 def write_preset(path: Path, tokenizer_dir: Path, variants: dict, tune: str, data_dir: Path = DATA_DIR, **common):
@@ -261,7 +261,7 @@ def broken_test_split(tmp_path: Path) -> Path:
 def dry_run(preset: Path, tmp_path: Path, capsys, planned: str) -> tuple[Path, list[str]]:
     """The grid's folder and ablate command line, after its dry run printed the `planned` count."""
     grid = tmp_path / "grid"
-    command = [str(preset), "--out_dir", str(grid), "--threads", "1"]
+    command = [str(preset), "--out_dir", str(grid), "--threads", "1", "--launcher", "inprocess"]
     assert ablate.main([*command, "--dry_run"]) == 0
     assert planned in capsys.readouterr().out
     return grid, command
@@ -332,14 +332,14 @@ def test_a_grid_killed_in_its_tuning_stage_finishes_without_duplicates(tmp_path,
     assert proc.returncode == -signal.SIGKILL
     tuned_before = len(list(grid.glob("*-s0-*/metrics.json")))
     assert 1 <= tuned_before < 4
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    again = run_command([*cmd, "--launcher", "inprocess"])  # (the kill needed a process; the re-run does not)
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"4 tuning runs ({tuned_before} already done, {4 - tuned_before} to run)" in again.stdout
     folders = [p.parent.name for p in grid.glob("*/metrics.json")]
     assert len(folders) == 6 == len(set(folders))
     rows = (grid / "runs.tsv").read_text().splitlines()[1:]
     assert len(rows) == 6 and len({r.split("\t")[0] for r in rows}) == 6
-    finished = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    finished = run_command([*cmd, "--launcher", "inprocess"])
     assert "4 tuning runs (4 already done, 0 to run), then 2 final runs (2 already done, 0 to run" in finished.stdout
 
 

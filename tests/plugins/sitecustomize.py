@@ -13,9 +13,9 @@ Python processes, such as submitit's, are left as they are):
                            state to D/rank<RANK>.txt (so tests can see each rank's stream);
 * GPT2_TEST_SIGTERM_AT=N   after optimizer step N (counted in this process), rank 0 sends itself SIGTERM.
 
-It is also the client of the test fork server (tests/plugins/zygote.py): with GPT2_TEST_ZYGOTE set to
-the server's socket, a `python -m train...` / `python -m experiments...` process hands its command to a
-worker forked from the server (imports done) and mirrors it: signals forwarded, the same exit.
+The tests run commands in their own process wherever the process itself is not what is tested
+(tests.conftest.run_command, `--launcher inprocess`); this plugin serves the real processes that
+remain (signals, SIGKILL, torchrun, SLURM's job processes), and run_command installs the same hooks.
 """
 
 import os
@@ -23,12 +23,10 @@ import sys
 
 _KEYS = ("GPT2_TEST_STEP_SLEEP", "GPT2_TEST_STEP_GATE", "GPT2_TEST_DUMP_GRADS", "GPT2_TEST_RNG_LOG")
 _KEYS += ("GPT2_TEST_SIGTERM_AT",)
-# the packages whose `python -m` commands the fork server runs, and the folder whose scripts it runs
-# (`python scripts/X.py`); submitit's job processes run on their own (its local executor watches them)
-# and without the hooks (they only wait for the run's process, which has them)
+# the packages whose `python -m` commands get the hooks, and the folder whose scripts do (`python
+# scripts/X.py`); submitit's job processes do not (they only wait for the run's process, which has them)
 _ROUTED = ("train", "experiments")
 _ROUTED_MODULES = ("torch.distributed.run",)  # torchrun's launcher (its ranks are `python -m train...`)
-_PROBE = "plugins.probe"  # tests/test_fork_server.py's own command (run from tests/)
 _SCRIPTS = os.path.realpath(os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
 
 
@@ -74,109 +72,17 @@ def install_test_hooks() -> None:
     torch.optim.AdamW.step = _step
 
 
-def _project_command() -> tuple[dict, list[str], list[str]] | None:
-    """(target, arguments, interpreter options) when this process runs one of the project's commands
-    (`python [-u] [-B] -m train...|experiments...`, torchrun's launcher, the fork server's probe, or
-    `python scripts/X.py`); None for any other Python process (submitit's job and controller processes,
-    multiprocessing's children, ...), which neither goes to the fork server nor gets the hooks."""
-    options = []
+def _project_command() -> bool:
+    """Whether this process runs one of the project's commands (`python [-u] [-B] -m train...|experiments...`,
+    torchrun's launcher, or `python scripts/X.py`); not any other Python process (submitit's job and
+    controller processes, multiprocessing's children, ...), which gets no hooks."""
     rest = sys.orig_argv[1:]
-    while rest and rest[0] in ("-u", "-B"):  # interpreter options the worker can honour
-        options.append(rest.pop(0))
-    routed = len(rest) >= 2 and (rest[1].split(".")[0] in _ROUTED or rest[1] in (_PROBE, *_ROUTED_MODULES))
-    if rest[:1] == ["-m"] and routed:
-        return {"module": rest[1]}, rest[2:], options
-    if rest and rest[0].endswith(".py") and os.path.dirname(os.path.realpath(rest[0])) == _SCRIPTS:
-        return {"script": os.path.realpath(rest[0])}, rest[1:], options
-    return None
+    while rest and rest[0] in ("-u", "-B"):
+        rest.pop(0)
+    if rest[:1] == ["-m"] and len(rest) >= 2:
+        return rest[1].split(".")[0] in _ROUTED or rest[1] in _ROUTED_MODULES
+    return bool(rest) and rest[0].endswith(".py") and os.path.dirname(os.path.realpath(rest[0])) == _SCRIPTS
 
 
-def _run_through_zygote(target: dict, args: list[str], options: list[str]) -> None:
-    """Hand this process's command to the fork server and exit as its worker exits; returns (the
-    process then runs normally) when there is no server or it declines."""
-    import json
-    import signal
-    import socket
-    import struct
-
-    path = os.environ.get("GPT2_TEST_ZYGOTE")
-    if not path or not os.path.isdir(os.path.dirname(path)):
-        return
-    argv = sys.orig_argv
-    request = {
-        "executable": sys.executable,
-        **target,
-        "unbuffered": "-u" in options,
-        "args": args,
-        "orig_argv": argv,
-        "cwd": os.getcwd(),
-        "env": dict(os.environ),
-        "umask": os.umask(0o022),
-    }
-    os.umask(request["umask"])
-    import time
-
-    # the server is still importing (the session's first seconds): wait for it while it is alive
-    deadline = time.monotonic() + 120
-    while not os.path.exists(path):
-        try:
-            with open(os.path.join(os.path.dirname(path), "pid")) as handle:
-                os.kill(int(handle.read()), 0)
-        except (OSError, ValueError):
-            return  # no server (it failed to start, or ended): run on our own
-        if time.monotonic() > deadline:
-            return
-        time.sleep(0.1)
-    payload = json.dumps(request).encode()
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        conn.connect(path)
-        socket.send_fds(conn, [struct.pack("!I", len(payload))], [0, 1, 2])
-        conn.sendall(payload)
-        kind, value = _message(conn)
-    except OSError:
-        conn.close()
-        return
-    if kind != b"P":
-        conn.close()
-        return
-    worker = value
-
-    def forward(received: int, _frame) -> None:
-        try:
-            os.kill(worker, received)
-        except ProcessLookupError:  # it has just ended: its status is on the way
-            pass
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(signum, forward)
-    try:
-        kind, status = _message(conn)
-    except OSError:
-        kind, status = b"", 0
-    if kind != b"E":
-        os.write(2, b"test fork server: the worker's exit status was lost\n")
-        os._exit(1)
-    code = os.waitstatus_to_exitcode(status)
-    if code < 0:  # killed by a signal: die of the same one
-        signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
-    os._exit(code)
-
-
-def _message(conn) -> tuple[bytes, int]:
-    import struct
-
-    data = b""
-    while len(data) < 5:
-        chunk = conn.recv(5 - len(data))
-        if not chunk:
-            raise OSError("the fork server closed the connection")
-        data += chunk
-    return data[:1], struct.unpack("!i", data[1:])[0]
-
-
-_COMMAND = _project_command()
-if _COMMAND is not None:
-    _run_through_zygote(*_COMMAND)
+if _project_command():
     install_test_hooks()  # only commands train; a hook imports torch, which other processes would pay for
