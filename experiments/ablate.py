@@ -145,9 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         args.jobs = len(gpus)
     preset = load_preset(args.preset)
     out_dir = (args.out_dir or REPO / "ablations" / preset.name).absolute()
-    inputs = [
-        word for name in ("data_dir", "tokenizer") if (value := getattr(args, name)) for word in (f"--{name}", value)
-    ]
+    # a folder given relative to where ablate was started means that folder, wherever the jobs run
+    absolute = {
+        name: str(Path(v).absolute()) if Path(v).exists() else v
+        for name in ("data_dir", "tokenizer")
+        if (v := getattr(args, name))
+    }
+    inputs = [word for name, value in absolute.items() for word in (f"--{name}", value)]
     settings = None
     if args.launcher == "inprocess" and (args.jobs > 1 or gpus):
         parser.error("--launcher inprocess runs one job at a time in this process: drop --jobs / --gpus")
@@ -411,7 +415,7 @@ def dry_run(args, preset: GridPreset, grid: GridPlan, todo: list[PlannedRun], in
             + (f" + {xlora} X-LoRA runs" if xlora else "")
             + f" = {planned_count(preset, grid)} runs"
         )
-    if args.launcher != "local" and (grid.tuning or todo):
+    if args.launcher not in ("local", "inprocess") and (grid.tuning or todo):
         first = [r for r in grid.tuning if status(r) != "done"] or todo
         print(f"sbatch file of the array (--launcher {args.launcher} submits it through submitit):")
         print(launchers.sbatch_script(settings, out_dir / "slurm", preset.name, len(first)))

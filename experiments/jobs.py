@@ -7,6 +7,7 @@ grid cannot tell which ran a job. (SLURM: experiments/launchers.py.)
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import os
 import queue
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import torch
 
 from experiments.planning import REPO, PlannedRun, run_lr, status
 from train import console
-from train.lifecycle import EXIT_DIVERGED, EXIT_STATUS
+from train.lifecycle import EXIT_DIVERGED, EXIT_STATUS, StopSignals
 
 
 class Jobs:
@@ -118,23 +120,50 @@ class InProcessJobs(Jobs):
         start = time.perf_counter()
         if self.stop_signal is not None or status(run) in ("done", "running"):
             return run, None, 0.0
+        StopSignals.last_received = None
+        self.names = {run.name: run.name}  # (what the grid's progress lines name)
         with open(log_dir / f"{run.name}.log", "a") as log:
             log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} ablate (in process {os.getpid()}): {run.name}\n")
             log.flush()
-            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), torch_threads(env):
-                code = call_main(run.module, argv)
-        if code in EXIT_STATUS.values():  # the run was interrupted: the grid stops too
-            self.stop_signal = self.stop_signal or next(s for s, c in EXIT_STATUS.items() if c == code)
+            with contextlib.chdir(REPO), torch_threads(env):  # where a local job runs (cwd=REPO)
+                with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                    code = call_main(run.module, argv)
+        self.names = {}
+        release_memory()
+        # A signal the run caught (its StopSignals were the handlers while it ran) stops the grid too,
+        # also when the run finished anyway (it arrived during its last step or evaluation)
+        received = StopSignals.last_received
+        if received is None and code in EXIT_STATUS.values():
+            received = next(s for s, c in EXIT_STATUS.items() if c == code)
+        if received is not None:
+            self.stop_signal = self.stop_signal or received
         return run, code, time.perf_counter() - start
 
 
 def call_main(module: str, argv: list[str]) -> int:
-    """`python -m module argv`'s exit status, called in this process."""
+    """`python -m module argv`'s exit status, called in this process. An uncaught error is what a
+    process would make of it: its traceback (in the job's log) and exit status 1, so the grid goes on
+    with its other runs, as it does under --launcher local."""
     name = "train.entry" if module == "train" else module
     try:
         return int(importlib.import_module(name).main(argv) or 0)
     except SystemExit as stop:  # a parser's error (2), --help (0)
-        return stop.code if isinstance(stop.code, int) else 1
+        if stop.code is None or isinstance(stop.code, int):
+            return stop.code or 0
+        print(stop.code, file=sys.stderr)
+        return 1
+    except Exception:  # noqa: BLE001 - a crash of one run, reported in its log
+        traceback.print_exc()
+        return 1
+
+
+def release_memory() -> None:
+    """What a finished process would give back: garbage, cached GPU memory, compiled graphs (whose
+    cache limits --compile raises)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
 
 
 @contextlib.contextmanager

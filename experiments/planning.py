@@ -1,6 +1,6 @@
 """A grid, planned: the preset (TOML) as a typed, checked value and the runs it stands for.
 
-`GridPreset.load(path)` reads and checks a preset (every table and key it may hold, each with one
+`load_preset(path)` reads and checks a preset (a `GridPreset`) (every table and key it may hold, each with one
 `error:` line naming the file when wrong); `plan(preset, out_dir, inputs)` returns every run of the
 grid (`PlannedRun`: its command, folder and stage), the learning-rate tuning stage, X-LoRA's and the
 transfer stage included. Nothing here starts a run: experiments/jobs.py runs them here (one process
@@ -113,7 +113,11 @@ def _check_types(path: Path, preset: dict) -> None:
             "a table of variant = [its flags]",
         ),
         "baseline": (lambda v: isinstance(v, str), "a variant's name"),
-        "task_flags": (lambda v: all(strings(flags) for flags in v.values()), "a table of task = [its flags]"),
+        "task_flags": (
+            lambda v: isinstance(v, dict) and all(strings(flags) for flags in v.values()),
+            "a table of task = [its flags]",
+        ),
+        "common": (lambda v: isinstance(v, dict), "a table of flag = value"),
     }
     for key, (valid, expected) in checks.items():
         if key in preset and not valid(preset[key]):
@@ -202,7 +206,7 @@ def check_xlora_table(path: Path, preset: dict) -> None:
         raise InputError(f"error: {path}: [xlora] label {table.get('label', 'xlora')!r} is also a variant's name")
 
 
-def xlora_cells(preset: dict) -> list[tuple[str, str]]:
+def xlora_cells(preset: GridPreset) -> list[tuple[str, str]]:
     """The (label, task) cells an [xlora] table adds to the grid."""
     table = preset.xlora
     return [(table.get("label", "xlora"), task) for task in table.get("tasks", preset.tasks)] if table else []
@@ -409,14 +413,14 @@ def xlora_stage(preset: GridPreset, grid: GridPlan, inputs: list[str], out_dir: 
     return "X-LoRA runs", left(xplan.runs)
 
 
-def xlora_tuning_count(preset: dict) -> int:
+def xlora_tuning_count(preset: GridPreset) -> int:
     """X-LoRA's tuning runs (a [tune] preset): one per candidate rate and task."""
     tune = preset.tune
     candidates = 0 if tune is None else tune.points if isinstance(tune.lr, str) else len(tune.lr)
     return len(xlora_cells(preset)) * candidates
 
 
-def xlora_count(preset: dict) -> int:
+def xlora_count(preset: GridPreset) -> int:
     """Every X-LoRA run the grid will train: its tuning runs and one per task and seed."""
     return xlora_tuning_count(preset) + len(xlora_cells(preset)) * len(preset.seeds)
 

@@ -48,7 +48,7 @@ def wait(condition, poll: float = 0.05) -> float:
     return time.perf_counter() - start
 
 
-def run_one(preset: dict, grid: Path, seed: int, preempt_at: int | None) -> float:
+def run_one(preset: planning.GridPreset, grid: Path, seed: int, preempt_at: int | None) -> float:
     """Seconds from submission to the run's metrics.json (SIGTERM to its job after `preempt_at` steps)."""
     one = dataclasses.replace(preset, seeds=[seed])
     (run,) = planning.plan(one, grid, [])

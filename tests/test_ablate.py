@@ -386,6 +386,7 @@ def test_a_run_another_grid_took_first_is_left_to_it_not_failed(tmp_path, tokeni
         (lambda t: t.replace("base = []", 'base = "--use_lora"'), "variants must be a table of variant = [its flags]"),
         (lambda t: t.replace('baseline = "base"', 'baseline = "lora"'), "baseline 'lora' is not one of the variants"),
         (lambda t: t.replace('tasks = ["sst"]', "tasks = []"), "tasks must be a non-empty list of task names"),
+        (lambda t: t.replace("[model]", 'task_flags = ["--lr", "1"]\n[model]'), "task_flags must be a table"),
     ],
 )
 def test_an_unknown_or_mistyped_preset_table_or_key_is_refused(tmp_path, tokenizer_dir, edit, message):
@@ -421,3 +422,36 @@ def test_the_inprocess_and_local_launchers_give_the_same_rows(tmp_path, tokenize
         assert {k: v for k, v in inprocess.items() if k not in when} == {
             k: v for k, v in local.items() if k not in when
         }
+
+
+def test_an_inprocess_job_that_crashes_is_failed_and_a_caught_signal_stops_the_grid(tmp_path, monkeypatch):
+    """As under --launcher local: a crash is exit 1 (its traceback in the job's log) and the grid goes
+    on; a signal the run caught stops the grid, even when the run finished anyway."""
+    import signal as signals
+
+    from experiments import jobs, planning
+    from train import entry
+    from train.lifecycle import StopSignals
+
+    run = planning.PlannedRun("sst", "base", 1, ["--task", "sst"], "train", tmp_path / "sst-base-s1")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def crash(argv):
+        raise RuntimeError("a bug in the run")
+
+    monkeypatch.setattr(entry, "main", crash)
+    inprocess = jobs.InProcessJobs()
+    _, code, _ = inprocess.execute(run, 1, logs)
+    assert code == 1 and inprocess.stop_signal is None
+    assert "RuntimeError: a bug in the run" in (logs / f"{run.name}.log").read_text()
+
+    def finished_despite_a_signal(argv):
+        StopSignals.last_received = signals.SIGTERM  # what its StopSignals record when a signal arrives
+        return 0
+
+    monkeypatch.setattr(entry, "main", finished_despite_a_signal)
+    _, code, _ = inprocess.execute(run, 1, logs)
+    assert code == 0 and inprocess.stop_signal == signals.SIGTERM  # no further job starts
+    _, code, _ = inprocess.execute(run, 1, logs)
+    assert code is None  # not started

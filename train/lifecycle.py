@@ -53,6 +53,9 @@ class StopSignals:
     saves a checkpoint and raises Interrupted. A second Ctrl-C stops at once (KeyboardInterrupt)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    # the last signal any StopSignals of this process received: a grid running jobs in its own process
+    # learns from it that a job was signalled (experiments/jobs.py), even when the run finished anyway
+    last_received: int | None = None
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -72,7 +75,7 @@ class StopSignals:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.received = signum
+        self.received = StopSignals.last_received = signum
         if getattr(self, "_at_once", None) is not None:
             raise Interrupted(signum, self._at_once(signum))
         print(

@@ -258,6 +258,8 @@ class Trainer:
 
     def __init__(self, spec: RunSpec, run_dir: Path, placement, saved_record: dict | None, signals, start) -> None:
         self.spec, self.run_dir, self.signals, self.start = spec, run_dir, signals, start
+        if placement.device.startswith("cuda"):  # this run's peak, not an earlier run's in the same process
+            torch.cuda.reset_peak_memory_stats(placement.device)
         self.test_block: dict[str, Any] = {}  # metrics.json's test_predictions_step and test_seconds
         self.rank, self.world, self.device = placement.rank, placement.world, placement.device
         self.main = placement.main
