@@ -748,24 +748,34 @@ class Trainer:
     def step(self, group: list, pending: tuple | None) -> tuple[list[float], float, str | None]:
         """One optimizer step over `group` ((task, batch) micro-batches): (losses, gradient norm, spike).
         `pending`: a checkpoint due at the previous step, written now if this step's loss shows its
-        weights are healthy (not, when it spiked)."""
+        weights are healthy (not, when it spiked). The step is a CUDA-graph replay once one is captured
+        (and no checkpoint waits on it), else eager."""
         if self.captured is not None and pending is None:
-            ((task, batch),) = group
-            try:
-                loss_t, norm_t = self.captured.step(task, self.objectives[task].inputs(batch, self.static_rows))
-            except RuntimeError as error:  # e.g. an op a CUDA graph cannot hold: eager from now on
-                self.console.message(f"fast step: capturing failed ({str(error).splitlines()[0][:200]}); eager")
-                self.captured, self.capture = None, False
-            else:
-                # The whole step is one graph replay; AdamW skipped itself on the device if the loss or
-                # gradient norm is not finite, so the guard still stops with healthy weights.
-                loss_value, grad_norm = torch.stack([loss_t, norm_t]).tolist()  # the step's one sync
-                self.tokens_since += self.objectives[task].batch_tokens(batch)
-                spike = self._judge(group, [loss_value], grad_norm)
-                if spike:
-                    self.console.message(f"step {self.progress.step + 1}: {spike}")
-                self.scheduler.step()
-                return [loss_value], grad_norm, spike
+            replayed = self._replayed_step(group)
+            if replayed is not None:
+                return replayed
+        return self._eager_step(group, pending)
+
+    def _replayed_step(self, group: list) -> tuple[list[float], float, str | None] | None:
+        """The whole step as one graph replay (train/graphs.py); None when replaying failed (eager from
+        now on). AdamW skipped itself on the device if the loss or gradient norm is not finite, so the
+        verdict still stops with healthy weights."""
+        ((task, batch),) = group
+        try:
+            loss_t, norm_t = self.captured.step(task, self.objectives[task].inputs(batch, self.static_rows))
+        except RuntimeError as error:  # e.g. an op a CUDA graph cannot hold
+            self.console.message(f"fast step: capturing failed ({str(error).splitlines()[0][:200]}); eager")
+            self.captured, self.capture = None, False
+            return None
+        loss_value, grad_norm = torch.stack([loss_t, norm_t]).tolist()  # the step's one sync
+        self.tokens_since += self.objectives[task].batch_tokens(batch)
+        spike = self._verdict(group, [loss_value], grad_norm, None)
+        self.scheduler.step()
+        return [loss_value], grad_norm, spike
+
+    def _eager_step(self, group: list, pending: tuple | None) -> tuple[list[float], float, str | None]:
+        """Forward and backward per micro-batch, clipping, the verdict (and the pending checkpoint), the
+        optimizer and the variants' step hooks; the first eager step of a fast run decides capture."""
         losses = []
         syncs = graphs.SyncCounter() if self.capture and self.captured is None else None
         for index, (task, batch) in enumerate(group):
@@ -781,17 +791,7 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(list(self.trainable.values()), self.training.max_grad_norm)
         # The step's one host sync: every micro-batch loss and the gradient norm at once.
         *loss_values, grad_norm = torch.stack([*losses, norm.float().to(losses[0].device)]).tolist()
-        spike = self._judge(group, loss_values, grad_norm)
-        if pending is not None:
-            if spike:
-                self.console.message(
-                    f"step {self.progress.step + 1}: {spike}; the checkpoint of step {pending[0]['step']} "
-                    f"(whose weights gave it) is not kept"
-                )
-            else:
-                self.save("last", pending)
-        elif spike:
-            self.console.message(f"step {self.progress.step + 1}: {spike}")
+        spike = self._verdict(group, loss_values, grad_norm, pending)
         self.optimizer.step()
         if self.step_hooks:  # e.g. AdaLoRA's rank allocator: it reads the gradients, so before zero_grad
             self.model.after_optimizer_step(self.progress.step, self.total_steps)
@@ -800,6 +800,21 @@ class Trainer:
         if syncs is not None:
             self._capture_after(syncs)
         return loss_values, grad_norm, spike
+
+    def _verdict(self, group: list, loss_values: list[float], grad_norm: float, pending: tuple | None) -> str | None:
+        """Judge the step (`_judge` raises when the run must stop); a spike is reported, and the pending
+        checkpoint, whose weights gave this step, is written only when the step was healthy."""
+        spike = self._judge(group, loss_values, grad_norm)
+        if pending is not None and not spike:
+            self.save("last", pending)
+        elif pending is not None:
+            self.console.message(
+                f"step {self.progress.step + 1}: {spike}; the checkpoint of step {pending[0]['step']} "
+                f"(whose weights gave it) is not kept"
+            )
+        elif spike:
+            self.console.message(f"step {self.progress.step + 1}: {spike}")
+        return spike
 
     def _capture_after(self, syncs: graphs.SyncCounter) -> None:
         """After the first eager step of a fast run: capture the step as CUDA graphs if it never synced."""
