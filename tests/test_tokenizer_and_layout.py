@@ -230,3 +230,19 @@ def test_the_project_is_installed_and_its_commands_run_from_any_directory(tmp_pa
             [sys.executable, "-m", module, "--help"], cwd=tmp_path, capture_output=True, text=True
         )
         assert help_run.returncode == 0 and help_run.stdout.startswith("usage:"), (module, help_run.stderr)
+
+
+def test_every_package_folder_is_installed():
+    """pyproject lists its packages by name (the folder datasets/ is installed as task_data): a new
+    sub-package left off the list would be missing from an install."""
+    import tomllib
+
+    setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {"model", "modules", "train", "experiments", "scripts"}
+    found = {
+        ".".join(init.parent.relative_to(REPO).parts)
+        for folder in folders
+        for init in (REPO / folder).rglob("__init__.py")
+    }
+    assert set(setup["packages"]) == found | {"task_data"}
+    assert setup["package-dir"] == {"task_data": "datasets"}
