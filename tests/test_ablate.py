@@ -19,6 +19,11 @@ from tests.conftest import DATA_DIR, REPO, kill_and_wait, run_command, start_gri
 PRESETS = REPO / "experiments" / "presets"
 
 
+def inprocess_inputs(tokenizer_dir) -> list[str]:
+    """The data and tokenizer flags of a test grid, its jobs run one at a time in the test's process."""
+    return ["--data_dir", str(DATA_DIR), "--tokenizer", str(tokenizer_dir), "--threads", "1", "--launcher", "inprocess"]
+
+
 def tiny_grid(tmp_path, tokenizer_dir):
     """Two seeds of the base model on sst, two steps each."""
     limits = {"train_limit": 16, "dev_limit": 8, "test_limit": 4, "batch_size": 4, "max_steps": 2}
@@ -204,7 +209,6 @@ def test_transfer_grid_runs_its_second_stage_and_reports_it(tmp_path, tokenizer_
     """A [transfer] preset: the source run, then its transfer run, from-scratch control and CKA; the
     report's transfer table shows their numbers; re-running does nothing."""
     from experiments import ablate, report
-    from tests.conftest import DATA_DIR
 
     preset = write_grid_preset(
         tmp_path / "transfer.toml",
@@ -224,16 +228,7 @@ def test_transfer_grid_runs_its_second_stage_and_reports_it(tmp_path, tokenizer_
     )
     preset.write_text(text)
     grid = tmp_path / "grid"
-    inputs = [
-        "--data_dir",
-        str(DATA_DIR),
-        "--tokenizer",
-        str(tokenizer_dir),
-        "--threads",
-        "1",
-        "--launcher",
-        "inprocess",
-    ]
+    inputs = inprocess_inputs(tokenizer_dir)
     assert ablate.main([str(preset), "--out_dir", str(grid), *inputs]) == 0
     manifest = json.loads((grid / "transfer.json").read_text())
     (item,) = manifest["runs"]
@@ -272,7 +267,6 @@ def test_xlora_stage_mixes_the_grids_lora_runs_and_is_a_row_of_the_report(tmp_pa
     """An [xlora] preset: the two LoRA-flavour runs, then an X-LoRA run whose experts are those runs
     (same seed); it is a row of the report, counted in the planned runs; re-running does nothing."""
     from experiments import ablate, report
-    from tests.conftest import DATA_DIR
 
     preset = write_grid_preset(
         tmp_path / "xlora.toml", tokenizer_dir, "xlora-test", train_limit=16, dev_limit=8, test_limit=2, epochs=1
@@ -281,16 +275,7 @@ def test_xlora_stage_mixes_the_grids_lora_runs_and_is_a_row_of_the_report(tmp_pa
     text = text.replace("base = []", 'lora = ["--use_lora"]\nrslora = ["--use_lora", "--lora_rslora"]')
     preset.write_text(text + '[xlora]\nexperts = ["lora", "rslora"]\noptions = {xlora_depth = 2, xlora_size = 8}\n')
     grid = tmp_path / "grid"
-    inputs = [
-        "--data_dir",
-        str(DATA_DIR),
-        "--tokenizer",
-        str(tokenizer_dir),
-        "--threads",
-        "1",
-        "--launcher",
-        "inprocess",
-    ]
+    inputs = inprocess_inputs(tokenizer_dir)
     assert ablate.main([str(preset), "--out_dir", str(grid), *inputs, "--dry_run"]) == 0
     assert "then, once the expert runs (['lora', 'rslora']) are done: 1 X-LoRA runs" in capsys.readouterr().out
     assert ablate.main([str(preset), "--out_dir", str(grid), *inputs]) == 0

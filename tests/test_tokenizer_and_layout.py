@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from model import TokenizerNotFound, load_tokenizer
-from tests.conftest import DATA_DIR, REPO
+from tests.conftest import DATA_DIR, REPO, data_limits
 
 
 def test_explicit_path(tokenizer_dir):
@@ -75,18 +75,7 @@ def test_training_runs_beside_a_package_named_datasets(tiny_ckpt, tokenizer_dir,
     out = tmp_path / "runs"
     command = [sys.executable, "-m", "train.sentiment", "--dataset", "sst", "--model", str(tiny_ckpt[0])]
     command += ["--tokenizer", str(tokenizer_dir), "--data_dir", str(DATA_DIR), "--out_dir", str(out)]
-    command += [
-        "--max_steps",
-        "2",
-        "--train_limit",
-        "8",
-        "--dev_limit",
-        "4",
-        "--test_limit",
-        "2",
-        "--wandb",
-        "disabled",
-    ]
+    command += ["--max_steps", "2", *data_limits(8), "--wandb", "disabled"]
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(list(out.glob("sst-*/metrics.json"))) == 1
