@@ -19,7 +19,7 @@ jobs, which save a checkpoint and stop; the script then says what is done and le
 Beyond this machine (experiments/launchers.py): `--launcher slurm` submits the pending runs as one SLURM
 job array through submitit (preemption-safe: checkpoint, requeue, --resume); `--wandb_sweep OUT.yaml`
 writes a wandb grid sweep whose agents run one point each through `--task T --variant V --seed S`.
-A preset with a [transfer] table adds a second stage once its runs are done (train/transfer.py).
+A preset with a [transfer] table adds a second stage once its runs are done (train/cli/transfer.py).
 A preset with a [tune] table trains each method at its own learning rate: one dev-only run per candidate
 rate and (method, task) first, then the seeds at the best dev rate (experiments/tuning.py; docs/experiments.md).
 A preset with an [xlora] table adds X-LoRA runs once their experts are done: per task and seed, a
@@ -69,13 +69,14 @@ from experiments.planning import (
     xlora_tuning_count,
 )
 from task_data.common import DataError, ensure_data
-from train import console
-from train.cli import ArgumentParser
-from train.commands import exit_status
-from train.index import update_index
-from train.lifecycle import EXIT_STATUS
-from train.run import legacy_folders, lock_holder, migrate_legacy
+from train.base import console
+from train.cli.exits import exit_status
+from train.cli.parse import ArgumentParser
+from train.run.index import update_index
+from train.run.legacy import legacy_folders, migrate_legacy
+from train.run.lock import lock_holder
 from train.tasks import TASKS
+from train.trainer.lifecycle import EXIT_STATUS
 
 
 def parse_gpus(parser: argparse.ArgumentParser, text: str) -> list[int]:

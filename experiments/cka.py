@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from train import console
-from train.commands import exit_status
+from train.base import console
+from train.cli.exits import exit_status
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -195,12 +195,12 @@ def parse_layers(parser: argparse.ArgumentParser, words: list[str] | None, n_lay
 def main(argv: list[str] | None = None) -> int:
     from model import CheckpointError, load_tokenizer
     from model.files import atomic_write_json
-    from train.cli import ArgumentParser, check_data
-    from train.distributed import auto_device
-    from train.runtime import check_device
-    from train.settings import TrainingSettings
+    from train.base.settings import TrainingSettings
+    from train.cli.parse import ArgumentParser, check_data
+    from train.run.trained import check_model_exists, load_model, run_record
     from train.tasks import get_task, labelled_tasks
-    from train.trained import check_model_exists, load_model, run_record
+    from train.trainer.distributed import auto_device
+    from train.trainer.runtime import check_device
 
     parser = ArgumentParser(
         prog="python -m experiments.cka", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

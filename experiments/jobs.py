@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from experiments.planning import REPO, PlannedRun, run_lr, status
-from train import console
-from train.lifecycle import EXIT_DIVERGED, EXIT_STATUS, StopSignals
+from train.base import console
+from train.trainer.lifecycle import EXIT_DIVERGED, EXIT_STATUS, StopSignals
 
 
 class Jobs:
@@ -144,7 +144,7 @@ def call_main(module: str, argv: list[str]) -> int:
     """`python -m module argv`'s exit status, called in this process. An uncaught error is what a
     process would make of it: its traceback (in the job's log) and exit status 1, so the grid goes on
     with its other runs, as it does under --launcher local."""
-    name = "train.entry" if module == "train" else module
+    name = "train.cli.entry" if module == "train" else module
     try:
         return int(importlib.import_module(name).main(argv) or 0)
     except SystemExit as stop:  # a parser's error (2), --help (0)

@@ -39,8 +39,8 @@ from typing import Any
 import submitit
 
 from experiments.inputs import InputError
-from train.lifecycle import EXIT_STATUS
-from train.runs import folder_state
+from train.run.state import folder_state
+from train.trainer.lifecycle import EXIT_STATUS
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,10 +22,11 @@ import torch
 from experiments import tuning
 from experiments.inputs import InputError
 from model.loading import read_checkpoint_config
-from train import entry
-from train.cli import ArgumentParser, render_argv
-from train.run import lock_holder, run_folder
-from train.runs import folder_state
+from train.cli import entry
+from train.cli.parse import ArgumentParser, render_argv
+from train.run.folder import run_folder
+from train.run.lock import lock_holder
+from train.run.state import folder_state
 from train.tasks import TASKS, labelled_tasks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -429,9 +430,9 @@ def plan_transfer(
     preset: GridPreset, sources: list[PlannedRun], inputs: list[str]
 ) -> tuple[list[PlannedRun], list[dict]]:
     """The second stage of a preset with a [transfer] section, planned once the source runs exist:
-    per finished source run and pair, a transfer run and its from-scratch control (train/transfer.py),
+    per finished source run and pair, a transfer run and its from-scratch control (train/cli/transfer.py),
     and one CKA analysis of each source model (experiments/cka.py). Returns (jobs, manifest rows)."""
-    from train import transfer
+    from train.cli import transfer
 
     spec = preset.transfer
     shared = [
@@ -575,7 +576,7 @@ def transfer_stage(preset: GridPreset, runs: list[PlannedRun], inputs: list[str]
 
 def _check_inputs(argv: list[str]) -> None:
     """A run's data (fetched when missing and allowed) and tokenizer, once per task before any job starts."""
-    from train.cli import check_data
+    from train.cli.parse import check_data
 
     parser = ArgumentParser(prog="ablate")
     parser.add_argument("--data_dir")

@@ -46,9 +46,9 @@ import matplotlib.pyplot as plt
 
 from experiments.inputs import InputError, reported
 from experiments.tuning import TUNING_FILE
-from train import console
-from train.commands import exit_status
-from train.index import read_index
+from train.base import console
+from train.cli.exits import exit_status
+from train.run.index import read_index
 from train.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ TASK_ORDER = list(TASKS)
 
 
 def read_runs(grid: Path) -> list[dict]:
-    """The grid's rows, from runs.tsv synced with its run folders (train/index.py adds a finished run's
+    """The grid's rows, from runs.tsv synced with its run folders (train/run/index.py adds a finished run's
     missing row and rebuilds a damaged file), their numbers parsed."""
     path = grid / "runs.tsv"
     if not grid.is_dir():

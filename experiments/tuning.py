@@ -23,7 +23,7 @@ and `flat` when every candidate scored the same.
 
 Each method declares its prior range where it is registered (modules/variant.py `LrPrior`: our variants
 in their files, the peft methods in modules/peft_methods.py `LR_PRIORS`, each with its source). A run
-that trains more than adapters searches its fine-tune mode's range (train/settings.py `MODE_LR_PRIORS`).
+that trains more than adapters searches its fine-tune mode's range (train/base/settings.py `MODE_LR_PRIORS`).
 When several variants are enabled at once (LoRA-KAN), the range is the hull of their ranges.
 
 Everything here is a pure function of the run folders, so an interrupted stage picks up where it
@@ -41,7 +41,7 @@ from typing import Any
 
 from experiments.inputs import InputError
 from model.files import atomic_write_text, read_json_object
-from train.runs import log_entries
+from train.run.log import log_entries
 
 TUNE_KEYS = {"lr", "points", "seed", "epochs", "max_steps"}
 TUNING_FILE = "tuning.json"
@@ -119,7 +119,7 @@ def config_prior(config: Any) -> Any:
     when it trains more than adapters, else its enabled variants' (their hull when there are several)."""
     from modules.registry import enabled_variants
     from modules.variant import LrPrior
-    from train.settings import MODE_LR_PRIORS
+    from train.base.settings import MODE_LR_PRIORS
 
     mode = config.resolved_fine_tune_mode
     if mode != "adapters":

@@ -165,7 +165,7 @@ class GPT2Model(nn.Module):
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(GPT2Layer(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        # Training-time switches (see --grad_checkpointing and --compile in train/cli.py).
+        # Training-time switches (see --grad_checkpointing and --compile in train/cli/parse.py).
         self.gradient_checkpointing = False
         self.pad_to_multiple = 1  # >1: right-pad inputs so compiled blocks see few distinct lengths
         self.pad_to_bucket = False  # True: right-pad inputs to a bucket length (model/shapes.py)

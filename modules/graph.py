@@ -50,7 +50,7 @@ def check_graph(config: Any) -> None:
 
 _BANDS: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 # Distinct (length, window, device) patterns kept; each is O(T²/2) ints, not O(B·T²). A captured CUDA
-# graph (train/graphs.py) reads its length's pattern at every replay, so a pattern used while capturing
+# graph (train/trainer/graphs.py) reads its length's pattern at every replay, so a pattern used while capturing
 # is pinned and never evicted (the fast step's static shapes give at most 8 lengths a task).
 _BAND_CACHE_SIZE = 64
 _LAST_EDGES: dict[str, Any] = {}  # the edges of the current forward (one entry), shared by every layer

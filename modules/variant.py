@@ -243,7 +243,7 @@ def _type_hints(cls: type) -> dict[str, Any]:
 class Settings:
     """Base of every typed settings dataclass: fields declared with `knob`, checked on construction.
     `owner` names the settings in errors: the model config's fields as `GPT2Config.lora_r`, the
-    command-line settings of train/settings.py (owner "") as `--lr`."""
+    command-line settings of train/base/settings.py (owner "") as `--lr`."""
 
     owner: typing.ClassVar[str] = "GPT2Config"
 

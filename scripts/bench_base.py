@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from model import GPT2LMHeadModel
 from model.compile import compile_blocks
-from train.commands import exit_status
-from train.distributed import device_synchronize
+from train.cli.exits import exit_status
+from train.trainer.distributed import device_synchronize
 
 
 def sync(device: str) -> None:

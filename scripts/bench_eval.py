@@ -22,7 +22,7 @@ from task_data.batching import collate, encode
 from task_data.common import data_dir
 from task_data.paraphrase import cloze_prompt, load_paraphrase
 from task_data.sonnets import load_sonnets
-from train.commands import exit_status
+from train.cli.exits import exit_status
 from train.tasks import TASKS
 from train.tasks.classification import ClassificationTask
 from train.tasks.sonnet import GenerationSettings, generate_sonnets

@@ -11,7 +11,7 @@ bf16 autocast with TF32 (what `--precision auto` does on CUDA), B=32, T=128, fus
 dropouts, LM loss on every position. Within a table the models' steps are interleaved (one step of
 each in turn) and each figure is the median of `--steps` steps after warm-up. "eager" is the plain
 step; "graphs" is the fast step of the training loop (static shapes, no host sync, the whole step as
-one CUDA graph: train/graphs.py). Peak memory: what each model's warm-up steps add on top of its
+one CUDA graph: train/trainer/graphs.py). Peak memory: what each model's warm-up steps add on top of its
 weights (AdamW state, gradients, activations, and for graphs the captured pool).
 
 FLOPs per step: 6 x (matmul parameters, the tied LM head included) x tokens + 6 x layers x width x
@@ -39,12 +39,12 @@ import torch
 from model import GPT2Config, GPT2LMHeadModel
 from model.trainable import set_trainable
 from scripts.bench_base import matmul_gflops, sync
-from train.commands import exit_status
+from train.cli.exits import exit_status
 
 REPO = Path(__file__).resolve().parents[1]
 
 try:  # the fast step (absent from trees older than it: their graphs column stays empty)
-    from train.graphs import CapturedSteps, count_host_syncs
+    from train.trainer.graphs import CapturedSteps, count_host_syncs
 except ImportError:  # pragma: no cover - only when pointed at an old tree
     CapturedSteps = count_host_syncs = None
 

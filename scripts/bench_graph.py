@@ -15,7 +15,7 @@ import torch
 
 from modules.graph import GraphBranch
 from scripts.bench_utils import median_time
-from train.commands import exit_status
+from train.cli.exits import exit_status
 
 
 def course_reference(branch: GraphBranch, h: torch.Tensor) -> torch.Tensor:

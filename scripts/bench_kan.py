@@ -25,7 +25,7 @@ from model import GPT2Config
 from modules.kan import KANLinear
 from modules.kan_lora import KANLoRALinear
 from scripts.bench_utils import median_time, saved_activation_bytes
-from train.commands import exit_status
+from train.cli.exits import exit_status
 
 
 class EfficientKANReference(nn.Module):

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from experiments import launchers, planning
-from train.commands import exit_status
-from train.runs import folder_state
+from train.cli.exits import exit_status
+from train.run.state import folder_state
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ from model import GPT2LMHeadModel
 from model.trainable import build_optimizer, set_trainable
 from modules.lora import peft_lora_config
 from modules.lora_linear import unfuse_lora
-from train.commands import exit_status
+from train.cli.exits import exit_status
 
 
 def timed_step(loss_fn, optimizer, ids) -> float:

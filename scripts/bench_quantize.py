@@ -17,7 +17,7 @@ import torch
 
 from model import GPT2Config, GPT2LMHeadModel
 from model.quantize import storage_bytes
-from train.commands import exit_status
+from train.cli.exits import exit_status
 
 
 def measure(size: str, mode: str | None) -> dict:

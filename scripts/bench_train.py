@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from train.commands import exit_status
+from train.cli.exits import exit_status
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {

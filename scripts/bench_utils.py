@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from train.distributed import device_synchronize
+from train.trainer.distributed import device_synchronize
 
 
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, device: str = "cpu") -> float:

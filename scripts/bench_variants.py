@@ -27,7 +27,7 @@ from model.trainable import set_trainable
 from modules.kan_ffn import matched_hidden_width
 from modules.peft_methods import REQUIRED_FIELDS, STANDALONE
 from scripts.bench_utils import median_time, saved_activation_bytes
-from train.commands import exit_status
+from train.cli.exits import exit_status
 
 LORA_ROW = "LoRA r=8"
 OWN: dict[str, dict] = {

@@ -15,8 +15,8 @@ import sys
 import torch
 
 from model import GPT2Config, GPT2LMHeadModel
-from train.commands import exit_status
-from train.graphs import SyncCounter
+from train.cli.exits import exit_status
+from train.trainer.graphs import SyncCounter
 
 VARIANTS = {"base": {}, "LoRA": {"use_lora": True}, "graph": {"use_graph": True}, "KAN-FFN": {"use_kan": True}}
 

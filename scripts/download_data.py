@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from task_data.download import BASE_URL, RELEASE_FILES, download
-from train.commands import exit_status
+from train.cli.exits import exit_status
 
 
 def main(argv: list[str] | None = None) -> int:

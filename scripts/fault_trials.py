@@ -35,7 +35,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from train.commands import exit_status
+from train.cli.exits import exit_status
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from scripts.param_counts import count
-from train.commands import exit_status
+from train.cli.exits import exit_status
 
 SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 VARIANTS = {

@@ -32,8 +32,8 @@ from experiments import planning
 from task_data.paraphrase import load_paraphrase
 from task_data.sentiment import load_sentiment
 from task_data.sonnets import load_sonnets
-from train.commands import exit_status
-from train.settings import TrainingSettings
+from train.base.settings import TrainingSettings
+from train.cli.exits import exit_status
 from train.tasks.sonnet import SonnetSettings
 
 # ms per training step, eager, one H200, bench_gpu.py (BENCHMARKS.md, "On one H200", the "after" column)

@@ -14,7 +14,7 @@ import torch
 
 from model import GPT2Config, GPT2LMHeadModel
 from model.trainable import set_trainable
-from train.commands import exit_status
+from train.cli.exits import exit_status
 
 VARIANTS: dict[str, dict] = {
     "base (full fine-tuning)": {},

@@ -8,7 +8,7 @@ in experiments/methods.py; tests check that both are what it generates).
 import sys
 
 from experiments.methods import main
-from train.commands import exit_status
+from train.cli.exits import exit_status
 
 if __name__ == "__main__":
     sys.exit(exit_status(main))

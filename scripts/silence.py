@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from train.commands import exit_status
+from train.cli.exits import exit_status
 
 
 def stamped_lines(command: list[str]) -> tuple[list[tuple[float, str]], float, int]:

@@ -95,7 +95,7 @@ def main() -> int:
         return read_text(self, *a, **k)
 
     Path.read_text = counted_read
-    from train import entry
+    from train.cli import entry
 
     argv = ["--task", "sst", "--model", args.model, "--use_lora", "--lora_r", str(SENTINEL), "--train_limit", "8"]
     argv += ["--dev_limit", "4", "--test_limit", "2", "--batch_size", "4", "--max_steps", "1"]
@@ -119,7 +119,7 @@ def main() -> int:
 
 if __name__ == "__main__":
     try:
-        from train.commands import exit_status
-    except ImportError:  # an older checkout measured through PYTHONPATH (before train/commands.py existed)
+        from train.cli.exits import exit_status
+    except ImportError:  # an older checkout measured through PYTHONPATH (before train/cli/exits.py existed)
         sys.exit(main())
     sys.exit(exit_status(main))

@@ -134,7 +134,7 @@ def run_command(argv: list[str], env: dict[str, str] | None = None, cwd: Path | 
         words = words[1:]
     assert words[:1] == ["-m"], f"not a `python -m` command: {argv}"
     module, args = words[1], words[2:]
-    name = "train.entry" if module == "train" else module
+    name = "train.cli.entry" if module == "train" else module
     out, err = io.StringIO(), io.StringIO()
     handler = logging.StreamHandler(err)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))

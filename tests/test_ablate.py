@@ -74,7 +74,7 @@ def test_grid_resumes_after_kill_and_report_matches(tmp_path, tokenizer_dir):
 
 
 def synthetic_grid(tmp_path, variants: dict[str, list[float]]):
-    from train.index import RUNS_COLUMNS
+    from train.run.index import RUNS_COLUMNS
 
     lines = ["\t".join(RUNS_COLUMNS)]
     for variant, values in variants.items():
@@ -322,7 +322,7 @@ def test_a_run_another_grid_took_first_is_left_to_it_not_failed(tmp_path, tokeni
     """Two grids on one out_dir: the second's job for a run the first holds exits 2 (the folder is busy);
     that run is counted as the other grid's, not as failed, and its log keeps the other job's lines."""
     from experiments import jobs, planning
-    from train.run import owned
+    from train.run.folder import owned
 
     preset = tiny_grid(tmp_path, tokenizer_dir)
     grid = tmp_path / "grid"
@@ -391,7 +391,7 @@ def test_the_inprocess_and_local_launchers_give_the_same_rows(tmp_path, tokenize
     """Two runs (one variant, two seeds) through each launcher: the same runs.tsv rows, all but the
     columns that time a run or say where it lies; the in-process runs' output is in their logs."""
     from experiments import ablate
-    from train.index import read_index
+    from train.run.index import read_index
 
     preset = tiny_grid(tmp_path, tokenizer_dir)
     rows = {}
@@ -415,8 +415,8 @@ def test_an_inprocess_job_that_crashes_is_failed_and_a_caught_signal_stops_the_g
     import signal as signals
 
     from experiments import jobs, planning
-    from train import entry
-    from train.lifecycle import StopSignals
+    from train.cli import entry
+    from train.trainer.lifecycle import StopSignals
 
     run = planning.PlannedRun("sst", "base", 1, ["--task", "sst"], "train", tmp_path / "sst-base-s1")
     logs = tmp_path / "logs"

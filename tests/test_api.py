@@ -12,9 +12,9 @@ import pytest
 
 import train
 from tests.conftest import REPO, run_paths
-from train import entry
-from train.lifecycle import StopSignals
-from train.run import owned
+from train.cli import entry
+from train.run.folder import owned
+from train.trainer.lifecycle import StopSignals
 
 QUICK = ["--train_limit", "16", "--dev_limit", "8", "--test_limit", "4", "--batch_size", "4", "--wandb", "disabled"]
 
@@ -24,8 +24,8 @@ def argv(tiny_ckpt, tokenizer_dir, out, *flags):
 
 
 def test_importing_train_imports_no_torch():
-    """`import train` stays light (a SLURM job process imports train.runs): the API loads on first use."""
-    code = "import sys, train, train.runs; print('torch' in sys.modules)"
+    """`import train` stays light (a SLURM job process imports train.run.state): the API loads on first use."""
+    code = "import sys, train, train.run.state, train.run.log, train.run.lock; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO).stdout == "False\n"
 
 

@@ -79,7 +79,7 @@ def test_cli_within_and_between_models_on_a_run_and_its_base(tmp_path, tiny_ckpt
 
     from experiments import cka
     from tests.conftest import DATA_DIR, run_paths
-    from train import entry
+    from train.cli import entry
 
     runs = tmp_path / "runs"
     flags = [

@@ -15,8 +15,8 @@ import pytest
 
 from experiments import ablate, report
 from tests.conftest import DATA_DIR, REPO
-from train import checkpoint as ckpt
-from train import entry
+from train.cli import entry
+from train.run import checkpoint as ckpt
 
 
 def one_error_line(capsys) -> str:
@@ -124,7 +124,7 @@ def test_a_second_ctrl_c_exits_130_with_one_line(tiny_ckpt, tokenizer_dir, tmp_p
 
 
 def test_output_piped_into_head_ends_without_a_traceback():
-    code = "from train.commands import exit_status; import sys; sys.exit(exit_status(lambda: print('x' * 4_000_000)))"
+    code = "from train.cli.exits import exit_status; import sys; sys.exit(exit_status(lambda: print('x' * 4_000_000)))"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.read(10)
     proc.stdout.close()  # what `| head -c 10` does
@@ -141,7 +141,7 @@ def test_every_command_ends_through_exit_status():
 
 def test_sonnet_generation_shows_progress_on_a_terminal(tiny_ckpt, tokenizer_dir, monkeypatch, capsys):
     from model import GPT2LMHeadModel, load_tokenizer
-    from train.settings import TrainingSettings
+    from train.base.settings import TrainingSettings
     from train.tasks.sonnet import Sonnet, SonnetSettings
 
     model = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0]).eval()
@@ -153,7 +153,7 @@ def test_sonnet_generation_shows_progress_on_a_terminal(tiny_ckpt, tokenizer_dir
         SonnetSettings(max_new_tokens=4, greedy=True),
     )
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    monkeypatch.setattr("train.console.BAR_DELAY", 0.0)  # (a bar appears after 2 s of work; this is quick)
+    monkeypatch.setattr("train.base.console.BAR_DELAY", 0.0)  # (a bar appears after 2 s of work; this is quick)
     metrics = task.evaluate(model, None, None, "cpu")
     assert task.test_predictions(model, None, None, "cpu") == {}  # no folder given: nothing written
     err = capsys.readouterr().err
@@ -198,7 +198,7 @@ def _preset(variant: str) -> str:
 def half_finished_report(tmp_path, cells, done):
     """(report.md, its main table) of a grid whose grid.json plans `cells` x seeds 1, 2, and whose
     runs.tsv holds the `done` runs."""
-    from train.index import RUNS_COLUMNS
+    from train.run.index import RUNS_COLUMNS
 
     grid = tmp_path / "grid"
     grid.mkdir()

@@ -106,7 +106,7 @@ def test_decoding_bypasses_the_compiled_blocks_and_training_uses_them():
 def test_one_host_sync_per_training_forward_and_backward(variant):
     """Counted like scripts/count_syncs.py: a padded forward+backward waits for the device once (the
     input check and the padding decision, read together); it waited 10 times before."""
-    from train.graphs import SyncCounter
+    from train.trainer.graphs import SyncCounter
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(**TINY, **variant)).train()

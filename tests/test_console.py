@@ -1,4 +1,4 @@
-"""Progress off a terminal (train/console.py): a line at least every interval while work runs, none for
+"""Progress off a terminal (train/base/console.py): a line at least every interval while work runs, none for
 work shorter than that, none from a rank that shows no progress; and a real training command whose
 output goes to a pipe never stays silent longer than the bound."""
 
@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.conftest import REPO, plugin_env, run_paths
-from train import console
+from train.base import console
 
 
 def test_a_long_phase_prints_its_state_every_interval(monkeypatch, capsys):

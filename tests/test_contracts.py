@@ -15,8 +15,9 @@ import torch
 from model import GPT2Config, GPT2LMHeadModel
 from modules.registry import VARIANTS
 from tests.conftest import DATA_DIR, REPO, make_hf_checkpoint, run_paths
-from train import entry, sentiment
-from train.cli import config_fields, field_hint
+from train import sentiment
+from train.cli import entry
+from train.cli.parse import config_fields, field_hint
 
 QUICK = [
     "--train_limit",
@@ -164,7 +165,7 @@ def _enablers(name: str) -> list[str]:
 
 
 def test_every_result_changing_flag_changes_the_run_folder_and_wandb_id(tiny_ckpt, tmp_path):
-    from train.run import new_wandb_id
+    from train.run.folder import new_wandb_id
 
     def identity(argv):
         spec, _ = entry.parse(
@@ -289,7 +290,7 @@ def toy_variant(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_a_variant_in_one_file_gets_everything(toy_variant, tiny_ckpt, tokenizer_dir, tmp_path):
     from tests.test_variants import ids_batch
-    from train.cli import build_parser
+    from train.cli.parse import build_parser
 
     assert "scale" in VARIANTS
     parser = build_parser("")

@@ -15,8 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.conftest import DATA_DIR, REPO, TEST_DEVICE, data_limits, free_port, plugin_env, run_paths
-from train import checkpoint as ckpt
-from train import distributed
+from train.run import checkpoint as ckpt
+from train.trainer import distributed
 
 
 @pytest.mark.parametrize(
@@ -68,7 +68,7 @@ def test_restore_rng_reads_each_ranks_state_and_old_numeric_cuda_keys():
 def test_step_clock_waits_for_the_device(monkeypatch):
     synced = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
-    from train.distributed import device_synchronize
+    from train.trainer.distributed import device_synchronize
 
     device_synchronize("cuda:1")
     device_synchronize("cpu")
@@ -126,7 +126,7 @@ def _sonnet_chrf_worker(rank: int, world: int, port: int, ckpt_dir: str, tokeniz
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)
     from model import GPT2LMHeadModel, load_tokenizer
-    from train.settings import TrainingSettings
+    from train.base.settings import TrainingSettings
     from train.tasks.sonnet import Sonnet, SonnetSettings
 
     training = TrainingSettings(max_length=None, dev_limit=5, test_limit=1, train_limit=1, seed=3, eval_batch_size=2)
@@ -209,7 +209,7 @@ def test_attention_mask_is_built_once_in_the_compute_dtype(monkeypatch):
 def test_the_training_loop_waits_for_the_device_before_reading_the_step_clock(
     tiny_ckpt, tokenizer_dir, tmp_path, monkeypatch
 ):
-    import train.loop as loop
+    import train.trainer.loop as loop
     from train import sentiment
 
     synced = []
@@ -221,7 +221,7 @@ def test_the_training_loop_waits_for_the_device_before_reading_the_step_clock(
 
 
 def test_precision_auto_is_bf16_on_a_cuda_gpu_with_bf16_and_fp32_elsewhere(monkeypatch):
-    from train.runtime import resolve_precision
+    from train.trainer.runtime import resolve_precision
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_precision("auto", "cuda:1") == "bf16"
@@ -237,8 +237,9 @@ def test_cuda_kernel_settings_hold_only_while_training_runs_and_the_callers_come
 ):
     # Found on an H100: in-process training left TF32 on, and later fp32 parity checks in the same
     # process were off by ~1e-3; and cuDNN attention cost 110-185 ms for every new batch length.
-    from train import entry, sentiment
-    from train.runtime import cuda_kernel_settings
+    from train import sentiment
+    from train.cli import entry
+    from train.trainer.runtime import cuda_kernel_settings
 
     seen = []
     original = entry.train

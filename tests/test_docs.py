@@ -68,7 +68,7 @@ def parse_with(module: str, argv: list[str], strict: bool = True) -> argparse.Ar
 @cache
 def module_flags(module: str) -> frozenset[str]:
     if module == "train":
-        module = "train.entry"
+        module = "train.cli.entry"
     return frozenset(parse_with(module, ["--help"], strict=False).__dict__["_option_string_actions"])
 
 
@@ -94,7 +94,8 @@ def commands() -> list[str]:
     for package in OURS:
         for path in sorted((REPO / package).glob("*.py")):
             text = path.read_text()
-            if "def main(" in text and 'if __name__ == "__main__"' in text:
+            hands_over = re.search(r"^from [\w.]+ import main$", text, flags=re.M)  # a command named at the top
+            if ("def main(" in text or hands_over) and 'if __name__ == "__main__"' in text:
                 names.append(f"{package}.{path.stem}")
             elif path.name == "__main__.py":  # `python -m train`: the main it imports
                 names += re.findall(r"^from ([\w.]+) import main$", text, flags=re.M)
@@ -185,7 +186,7 @@ def test_every_command_in_a_code_block_parses_and_every_flag_exists(page):
                 unknown = {w.split("=")[0] for w in argv if w.startswith("--")} - script_flags(target)
                 assert not unknown, f"{page_id(page)}: {target} has no {sorted(unknown)}: {line.strip()}"
             else:
-                parse_with("train.entry" if target == "train" else target, argv)
+                parse_with("train.cli.entry" if target == "train" else target, argv)
             checked += 1
     for span in prose_commands(text):
         for target, argv in split_command(span):
@@ -214,7 +215,7 @@ def test_the_extraction_finds_what_it_must():
     ]
     assert split_command("torchrun --nproc_per_node 2 -m train --task sst | tail") == [("train", ["--task", "sst"])]
     with pytest.raises(pytest.fail.Exception, match="unrecognized arguments: --no_such_flag"):
-        parse_with("train.entry", ["--task", "sst", "--no_such_flag"])
+        parse_with("train.cli.entry", ["--task", "sst", "--no_such_flag"])
     assert "--jobs" in module_flags("experiments.ablate") and "--use_lora" in module_flags("train")
 
 

@@ -90,7 +90,7 @@ def test_eva_rank_redistribution_is_refused_with_its_reason(ckpt):
 def test_a_run_initialises_from_its_seeded_training_batches(tiny_ckpt, tokenizer_dir, tmp_path):
     """Through the CLI: the init reads --peft_init_batches batches drawn with the run's seed, so the
     same seed gives the same adapters and another seed others."""
-    from train import entry
+    from train.cli import entry
 
     def run(out: str, seed: int, *extra: str) -> dict[str, torch.Tensor]:
         argv = ["--task", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path / out), *data_limits(16)]
@@ -110,7 +110,7 @@ def test_a_run_initialises_from_its_seeded_training_batches(tiny_ckpt, tokenizer
 @pytest.mark.slow
 def test_batches_too_short_for_r_are_one_error_line(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
     """peft's incremental SVD skips a batch with fewer real tokens than r and cycles the rest forever."""
-    from train import entry
+    from train.cli import entry
 
     argv = ["--task", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path), *data_limits(4, batch=1)]
     argv += ["--peft_method", "lora", "--peft_config", json.dumps({**EVA, "r": 64}), "--wandb", "disabled"]

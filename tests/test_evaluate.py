@@ -11,9 +11,9 @@ from task_data.paraphrase import load_paraphrase
 from task_data.sentiment import load_sentiment
 from task_data.sonnets import load_sonnets
 from tests.conftest import DATA_DIR, run_paths
-from train import evaluate
-from train.metrics import accuracy, chrf, macro_f1
-from train.predictions import read_classification, read_sonnets
+from train.cli import evaluate
+from train.tasks.metrics import accuracy, chrf, macro_f1
+from train.tasks.predictions import read_classification, read_sonnets
 
 pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` skips this file
 
@@ -174,7 +174,7 @@ def test_a_missing_run_is_named_before_the_data_are_looked_for(command, tmp_path
 
 
 def test_evaluate_picks_its_device_as_training_does(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
-    from train.distributed import auto_device
+    from train.trainer.distributed import auto_device
 
     with pytest.raises(SystemExit):
         evaluate.main(["--help"])

@@ -1,4 +1,4 @@
-"""The fast training step (train/graphs.py), checked on the CPU: no host sync in forward, loss and
+"""The fast training step (train/trainer/graphs.py), checked on the CPU: no host sync in forward, loss and
 backward for every registered variant; zero graph breaks under fullgraph=True; the run's precision
 everywhere under bf16 autocast; a bounded set of shapes over a whole epoch of each task; and the
 static-shape step (eager and compiled with inductor) equal to the classic eager step.
@@ -22,10 +22,10 @@ from modules.registry import VARIANTS
 from task_data.batching import LENGTH_BUCKETS, bucket_length, collate, static_lengths
 from tests.conftest import DATA_DIR, REPO, TEST_DEVICE
 from tests.variant_cases import VARIANT_CASES
-from train import graphs
-from train.graphs import CapturedSteps, EvaluationGraphs, count_host_syncs, why_not_captured
-from train.settings import TrainingSettings
+from train.base.settings import TrainingSettings
 from train.tasks import get_task
+from train.trainer import graphs
+from train.trainer.graphs import CapturedSteps, EvaluationGraphs, count_host_syncs, why_not_captured
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, n_positions=256, vocab_size=500)
 NO_DROPOUT = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, lora_dropout=0.0, graph_dropout=0.0)
@@ -319,7 +319,7 @@ def test_models_that_cannot_be_captured_say_why_and_evaluate_eagerly(knobs, reas
 
 
 def test_dropout_is_detected_in_every_place_a_step_draws_random_numbers():
-    from train.graphs import uses_dropout
+    from train.trainer.graphs import uses_dropout
 
     off = dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
     assert not uses_dropout(GPT2LMHeadModel(GPT2Config(**TINY, **off)))

@@ -148,7 +148,7 @@ FLAGS += ["--weight_decay", "--warmup", "--kan_grid_size", "--graph_heads", "--r
 def test_hostile_flag_values_are_accepted_or_one_error_line(finished_run, capsys, flag, value, peft):
     """Any value of a numeric flag, and a peft_config of any shape: the command line is either a valid
     run (parsed and sized, not trained) or exit 2 with one `error:` line, never a traceback."""
-    from train import entry
+    from train.cli import entry
 
     _, argv = finished_run
     extra = [flag, value]

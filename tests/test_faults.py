@@ -23,8 +23,8 @@ from safetensors import SafetensorError
 
 from experiments import report
 from tests.conftest import DATA_DIR, REPO, kill_and_wait, run_paths
-from train import checkpoint as ckpt
 from train import sentiment
+from train.run import checkpoint as ckpt
 
 QUICK = ["--train_limit", "16", "--dev_limit", "4", "--test_limit", "2", "--batch_size", "4", "--wandb", "disabled"]
 
@@ -66,7 +66,7 @@ def copy_grid(run: Path, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_the_row_is_a_function_of_the_folder(finished):
-    from train.index import row_from_folder
+    from train.run.index import row_from_folder
 
     (live,) = rows(finished.parent)
     rebuilt = row_from_folder(finished)
@@ -206,7 +206,7 @@ def test_a_row_that_disagrees_with_its_folder_is_refreshed_from_the_folder(finis
 def test_syncing_a_grid_whose_rows_are_current_builds_no_row(finished, tmp_path, monkeypatch):
     """Every run's finish syncs its whole grid folder: a folder whose row is current is recognised from
     its files, without building its row (and its model config) again; a stale one is rebuilt."""
-    from train import index
+    from train.run import index
 
     grid, run = copy_grid(finished, tmp_path)
     built = []
@@ -250,7 +250,7 @@ def test_lr_1e3_blows_up_and_exits_3_with_no_checkpoint_after_it(tiny_ckpt, toke
 
 
 def test_the_blow_up_bound_is_judged_from_the_first_step():
-    from train.lifecycle import DivergenceGuard
+    from train.trainer.lifecycle import DivergenceGuard
 
     guard = DivergenceGuard(spike_factor=10, blowup_factor=10, floor=10.8)
     assert guard.check("sst", 1.6) is None
@@ -314,7 +314,7 @@ def test_resume_with_a_corrupt_file_is_one_line_or_a_clean_resume(
     ],
 )
 def test_evaluate_of_a_run_with_a_corrupt_file_is_one_line(finished, tmp_path, capsys, pattern, corruption):
-    from train import evaluate
+    from train.cli import evaluate
 
     grid, run = copy_grid(finished, tmp_path)
     _damage(run, pattern, corruption)
@@ -606,8 +606,8 @@ def _float_flags() -> list[tuple[str, list[str], int]]:
     import typing
 
     from model.config import field_hint
-    from train.cli import config_fields
-    from train.settings import MultitaskSettings, OutputSettings, RuntimeSettings, TrainingSettings
+    from train.base.settings import MultitaskSettings, OutputSettings, RuntimeSettings, TrainingSettings
+    from train.cli.parse import config_fields
     from train.tasks import TASKS
 
     def floats(hint) -> int:  # how many float values the flag takes (0: not a float flag)
@@ -641,7 +641,7 @@ def test_the_float_flag_matrix_covers_the_issue_s_flags():
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_nan_and_inf_are_refused_for_every_float_flag(tiny_ckpt, tmp_path, capsys, value):
-    from train import entry
+    from train.cli import entry
 
     failures = []
     for flag, selection, count in _float_flags():
@@ -692,7 +692,7 @@ def test_a_lost_last_pointer_resumes_from_the_newest_complete_checkpoint(
 
 
 def test_a_run_folder_with_only_checkpoint_folders_is_interrupted_not_dead(finished, tmp_path):
-    from train.runs import folder_state, saved_checkpoints
+    from train.run.state import folder_state, saved_checkpoints
 
     grid, run = copy_grid(finished, tmp_path)
     (run / "metrics.json").unlink()
@@ -840,7 +840,7 @@ def test_an_interrupted_extension_is_finished_by_a_plain_resume_at_the_extended_
 
 
 def test_duplicate_rows_of_a_run_whose_folder_is_gone_count_once(finished, tmp_path):
-    from train.index import read_index
+    from train.run.index import read_index
 
     grid, run = copy_grid(finished, tmp_path)
     lines = (grid / "runs.tsv").read_text().splitlines()
@@ -896,7 +896,7 @@ def test_a_folder_where_a_run_file_belongs_is_one_line(finished, tiny_ckpt, toke
 def test_a_relative_model_path_is_recorded_so_evaluate_works_from_anywhere(
     tiny_ckpt, tokenizer_dir, tmp_path, monkeypatch, capsys
 ):
-    from train import evaluate
+    from train.cli import evaluate
 
     shutil.copytree(tiny_ckpt[0], tmp_path / "ckpt" / "tiny")
     monkeypatch.chdir(tmp_path)
@@ -932,7 +932,7 @@ def test_a_read_only_out_dir_is_one_line_for_evaluate_and_report(finished, tmp_p
     import errno
 
     from experiments import report
-    from train import evaluate
+    from train.cli import evaluate
 
     def read_only(path, *args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
@@ -948,8 +948,8 @@ def test_a_read_only_out_dir_is_one_line_for_evaluate_and_report(finished, tmp_p
 
 
 def test_a_second_ctrl_c_says_whether_a_checkpoint_is_kept(finished, tmp_path, capsys):
-    from train import entry
-    from train.run import HELD
+    from train.cli import entry
+    from train.run.folder import HELD
 
     grid, run = copy_grid(finished, tmp_path)
     empty = tmp_path / "empty-run"
@@ -988,7 +988,7 @@ def test_a_read_only_run_folder_is_one_line_for_training(
     """(Faked as above.) A fresh run and a resume that cannot write their folder end in one line, exit 2."""
     import errno
 
-    from train import loop
+    from train.trainer import loop
 
     def read_only(path, *args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
@@ -1018,7 +1018,7 @@ def test_a_second_ctrl_c_caught_in_a_finaliser_still_stops_the_run():
     goes on; while a run's signals are handled it is raised again in the main thread instead."""
     import types
 
-    from train.lifecycle import StopSignals
+    from train.trainer.lifecycle import StopSignals
 
     with StopSignals() as signals:
         signals.received = signal.SIGINT  # the first Ctrl-C; the second one's interrupt is re-raised

@@ -104,8 +104,8 @@ def test_a_bf16_runs_checkpoint_holds_fp32_trained_weights(tiny_ckpt, tokenizer_
 
 
 def test_a_resumed_bf16_run_keeps_its_loss_precision():
-    from train.loop import check_loss_precision
-    from train.run import RunFolderError
+    from train.run.state import RunFolderError
+    from train.trainer.loop import check_loss_precision
 
     old_run = {"training": {"precision": "bf16"}}  # recorded before --loss_precision: its loss was fp32
     check_loss_precision(old_run, "bf16", "fp32", "r")

@@ -12,7 +12,7 @@ import torch
 from model import GPT2LMHeadModel
 from model.heads import NO_ID, YES_ID, ClozeParaphraseHead, LastTokenClassifier, last_token_index
 from tests.conftest import PAD, VOCAB
-from train.metrics import accuracy, chrf, macro_f1
+from train.tasks.metrics import accuracy, chrf, macro_f1
 
 
 @pytest.mark.parametrize(

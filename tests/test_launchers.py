@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from experiments import ablate, launchers, planning
 from tests.conftest import DATA_DIR, REPO, plugin_env, write_grid_preset
-from train import checkpoint as ckpt
-from train.runs import folder_state
+from train.run import checkpoint as ckpt
+from train.run.state import folder_state
 
 INPUTS = ["--data_dir", str(DATA_DIR)]
 

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import DATA_DIR, REPO, run_command, run_paths, serve_folder
-from train import entry, evaluate, multitask, paraphrase, sentiment, sonnet
+from train import multitask, paraphrase, sentiment, sonnet
+from train.cli import entry, evaluate
 
 QUICK = ["--train_limit", "16", "--dev_limit", "4", "--test_limit", "2", "--batch_size", "4", "--wandb", "disabled"]
 
@@ -317,7 +318,7 @@ def test_wandb_online_without_login_falls_back_to_offline(tiny_ckpt, tokenizer_d
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     summaries = []
-    from train import runs
+    from train.run import log as runs
 
     monkeypatch.setattr(runs.RunLogger, "summary", lambda self, values: summaries.append(values))
     argv = sst(tiny_ckpt, tokenizer_dir, tmp_path / "out", "--max_steps", "2", "--wandb_group", "grid-x")
@@ -491,7 +492,7 @@ def test_unreachable_hub_is_probed_once_and_fails_fast(tmp_path, monkeypatch, ca
 def test_help_shows_every_default_and_the_real_program_name():
     import sys
 
-    from train.cli import build_parser
+    from train.cli.parse import build_parser
     from train.tasks import TASKS
 
     parser = build_parser("x")
@@ -544,9 +545,9 @@ def test_test_split_is_predicted_once_at_the_end_from_the_best_checkpoint(
 ):
     """Dev is scored at every evaluation; the test split once, after training, with the best weights
     (here step 2's: the selection score is made to fall after the first evaluation)."""
-    from train import loop
-    from train.predictions import read_classification
     from train.tasks.classification import ClassificationTask
+    from train.tasks.predictions import read_classification
+    from train.trainer import loop
 
     scores = iter([0.9, 0.1, 0.2, 0.3, 0.4])
     monkeypatch.setattr(loop, "selection_score", lambda metrics: next(scores))
@@ -585,8 +586,8 @@ def test_a_crash_in_the_test_prediction_resumes_into_it_not_into_more_training(
 ):
     """Patience stops the run at step 4 of 10; the test prediction then crashes. --resume predicts the
     test split and finishes at step 4: it does not train on (the stop is in the checkpoint)."""
-    from train import loop
     from train.tasks.classification import ClassificationTask
+    from train.trainer import loop
 
     scores = iter([0.9, 0.1, 0.2, 0.3])
     monkeypatch.setattr(loop, "selection_score", lambda metrics: next(scores))
@@ -614,7 +615,7 @@ def test_a_signal_during_work_after_the_last_checkpoint_stops_it_at_once():
     import os
     import signal
 
-    from train.lifecycle import Interrupted, StopSignals
+    from train.trainer.lifecycle import Interrupted, StopSignals
 
     with StopSignals() as signals, pytest.raises(Interrupted) as raised:
         with signals.at_once(lambda signum: f"stopped by {signum}"):

@@ -286,9 +286,10 @@ def test_the_size_check_builds_each_method_once_and_refuses_every_time(monkeypat
 @pytest.mark.slow
 def test_random_frozen_state_travels_in_checkpoints_to_evaluate(tiny_ckpt, tokenizer_dir, tmp_path):
     """VB-LoRA's frozen tensors are random draws: train.evaluate must use the run's, not new ones."""
-    from train import evaluate, sentiment
-    from train.checkpoint import checkpoint_folder, load_checkpoint
-    from train.trained import load_model
+    from train import sentiment
+    from train.cli import evaluate
+    from train.run.checkpoint import checkpoint_folder, load_checkpoint
+    from train.run.trained import load_model
 
     flags = [*run_paths(tiny_ckpt[0], tokenizer_dir, tmp_path / "runs"), "--train_limit", "8", "--dev_limit", "8"]
     flags += ["--test_limit", "2", "--batch_size", "4", "--max_steps", "2", "--wandb", "disabled"]
@@ -378,7 +379,7 @@ def test_adalora_run_prunes_on_schedule_and_resumes_bit_exactly(tiny_ckpt, token
     import signal
 
     from train import sentiment
-    from train.checkpoint import checkpoint_folder, load_checkpoint
+    from train.run.checkpoint import checkpoint_folder, load_checkpoint
 
     adalora = json.dumps({**ADALORA, "target_r": 1})
     flags = ["--train_limit", "32", "--dev_limit", "4", "--test_limit", "2", "--batch_size", "4", "--epochs", "1"]
@@ -412,7 +413,7 @@ def test_adalora_run_prunes_on_schedule_and_resumes_bit_exactly(tiny_ckpt, token
 
 
 def test_adamss_with_asa_is_refused_with_its_reason(tiny_ckpt, tmp_path, capsys):
-    from train import entry
+    from train.cli import entry
 
     argv = ["--task", "sst", "--model", str(tiny_ckpt[0]), "--out_dir", str(tmp_path), "--peft_method", "adamss"]
     with pytest.raises(SystemExit) as stop:

@@ -199,7 +199,7 @@ def test_cli_trains_resumes_and_evaluates_each_task_with_virtual_tokens(tiny_ckp
     import json
 
     from tests.conftest import data_limits, run_paths
-    from train import entry, evaluate
+    from train.cli import entry, evaluate
 
     runs = tmp_path / "runs"
     common = [*run_paths(tiny_ckpt[0], tokenizer_dir, runs), *data_limits(8, dev=2), "--wandb", "disabled"]

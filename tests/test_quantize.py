@@ -149,7 +149,7 @@ def test_merge_is_refused_and_export_peft_loads_on_the_float_base(ckpt, tmp_path
 
 @pytest.mark.slow
 def test_cli_trains_resumes_and_evaluates_on_a_quantised_base(tiny_ckpt, tokenizer_dir, tmp_path, capsys):
-    from train import entry, evaluate
+    from train.cli import entry, evaluate
 
     runs = tmp_path / "runs"
     argv = ["--task", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir, runs), *data_limits(8), "--wandb", "disabled"]

@@ -23,10 +23,12 @@ from model.config import GPT2Config
 from model.fingerprint import checkpoint_identity
 from modules.variant import JSONObject, knob
 from tests.conftest import REPO, make_hf_checkpoint, plugin_env, run_command, run_paths
-from train import entry
-from train.run import RunFolderBusy, RunLock, lock_holder, migrate_legacy, run_folder
-from train.settings import MultitaskSettings, OutputSettings, RuntimeSettings, TrainingSettings
-from train.spec import Checkpoint, RunSpec
+from train.base.settings import MultitaskSettings, OutputSettings, RuntimeSettings, TrainingSettings
+from train.cli import entry
+from train.run.folder import run_folder
+from train.run.legacy import migrate_legacy
+from train.run.lock import RunFolderBusy, RunLock, lock_holder
+from train.run.spec import Checkpoint, RunSpec
 from train.tasks.paraphrase import ParaphraseSettings
 from train.tasks.sonnet import SonnetSettings
 
@@ -365,8 +367,8 @@ def test_a_legacy_grid_reports_before_and_after_its_runs_are_migrated(tmp_path, 
 
 @pytest.mark.slow
 def test_train_takes_a_spec_in_process_and_records_it(tiny_ckpt, tokenizer_dir, tmp_path):
-    from train.loop import train
     from train.tasks import settings_classes
+    from train.trainer.loop import train
 
     argv = ["--task", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir)]
     spec, _ = entry.parse(entry.GENERIC, [*argv, "--out_dir", str(tmp_path), "--use_lora", "--wandb", "disabled"])
@@ -420,7 +422,7 @@ def test_a_copied_grid_keeps_its_runs_and_an_extended_run_keeps_one_row(tiny_ckp
     ],
 )
 def test_a_spec_renders_to_a_command_that_parses_back_to_it(tiny_ckpt, tmp_path, flags):
-    from train.cli import render_argv
+    from train.cli.parse import render_argv
 
     argv = [*flags, "--model", str(tiny_ckpt[0]), "--out_dir", str(tmp_path), "--seed", "3", "--wandb", "disabled"]
     spec, _ = entry.parse(entry.GENERIC, argv, inputs=False)
@@ -448,7 +450,7 @@ def test_a_run_named_under_an_older_settings_schema_is_renamed_and_resumes(tmp_p
     """Commit 216f2d7 counted every variant's knobs in every identity (a LoRA run's hash held LoRA-XS's
     rank), so each added knob renamed all runs. Its folders are found by their command today: renamed
     once to today's name, with one runs.tsv row, and resumed as finished."""
-    from train.spec import identity_schema
+    from train.run.spec import identity_schema
 
     old = spec2_folder(tmp_path, monkeypatch)
     spec, _ = entry.parse(entry.GENERIC, LEGACY_COMMAND, inputs=False)
@@ -471,7 +473,7 @@ def test_adding_a_variant_knob_leaves_other_identities_unchanged(monkeypatch):
     variant with knobs of its own leaves a LoRA spec's hash as it was (and changes the schema stamp)."""
     from modules import registry
     from modules.variant import Settings, Variant
-    from train import spec as spec_module
+    from train.run import spec as spec_module
 
     before, schema_before = base_spec(config=GPT2Config.from_preset("tiny", use_lora=True)), None
     hash_before = before.identity_hash()
@@ -504,7 +506,7 @@ def test_adding_a_variant_knob_leaves_other_identities_unchanged(monkeypatch):
 def test_a_migration_killed_between_rename_and_record_is_finished_by_the_next(tmp_path, monkeypatch):
     """The folder already has today's name but its record and runs.tsv row still the old ones (a kill
     between os.rename and the record's rewrite): the next pass rewrites both, not just the stamp."""
-    from train.spec import identity_schema
+    from train.run.spec import identity_schema
 
     old = spec2_folder(tmp_path, monkeypatch)
     spec, _ = entry.parse(entry.GENERIC, LEGACY_COMMAND, inputs=False)

@@ -101,8 +101,9 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_layering_the_loop_knows_neither_the_command_line_nor_the_variants_and_nothing_imports_scripts():
-    loop = _imports(REPO / "train" / "loop.py")
-    assert not any(name == "train.cli" or name.startswith(("train.cli.", "modules")) for name in loop), loop
+    for path in (REPO / "train" / "fit").glob("*.py"):
+        names = _imports(path)
+        assert not any(name.startswith(("train.cli", "modules")) for name in names), (path, names)
     product = [
         p for folder in ("model", "modules", "train", "datasets", "experiments") for p in (REPO / folder).rglob("*.py")
     ]
@@ -169,8 +170,47 @@ def test_no_import_circles_counting_imports_inside_functions():
     assert not circles, circles
 
 
+# train/'s rooms from the ground up; a module may import its own room and the rooms beneath it. The modules
+# at train/'s top (`python -m train`, train.sentiment, ..., train.evaluate, train.transfer) are the commands.
+TRAIN_ROOMS = ("train.base", "train.tasks", "train.run", "train.trainer", "train.cli")
+
+
+def train_room(module: str) -> int:
+    for floor, room in enumerate(TRAIN_ROOMS):
+        if module == room or module.startswith(room + "."):
+            return floor
+    return len(TRAIN_ROOMS)  # the commands at the top
+
+
+def test_train_rooms_import_only_downwards_and_its_top_holds_only_thin_commands():
+    graph = import_graph()
+    upward = [
+        (module, target)
+        for module, targets in graph.items()
+        if module.startswith("train.")
+        for target in targets
+        if target.startswith("train.") and train_room(target) > train_room(module)
+    ]
+    assert not upward, upward
+    top = [p for p in (REPO / "train").glob("*.py") if p.name != "__init__.py"]
+    assert {p.stem for p in top} == {
+        "__main__",
+        "sentiment",
+        "paraphrase",
+        "sonnet",
+        "multitask",
+        "evaluate",
+        "transfer",
+    }
+    for path in top:  # a command names its entry point and hands over: no work of its own
+        assert len(path.read_text().splitlines()) <= 40, path
+        assert all(name.startswith(("train.cli", "sys", "dataclasses")) for name in _imports(path)), path
+    beneath = {p.parent.name for p in (REPO / "train").glob("*/*.py")} - {"__pycache__"}
+    assert beneath == {room.split(".")[1] for room in TRAIN_ROOMS}, beneath
+
+
 def test_tasks_know_nothing_of_the_fast_step_and_model_names_no_method():
-    """Graph capture is the training loop's business (it hands tasks train.graphs.EvaluationGraphs);
+    """Graph capture is the training loop's business (it hands tasks train.trainer.graphs.EvaluationGraphs);
     method names stay in modules/, where each variant says what it needs (quantize_refusal,
     capture_blocker, peft_export)."""
     import ast
@@ -178,7 +218,9 @@ def test_tasks_know_nothing_of_the_fast_step_and_model_names_no_method():
     import peft
 
     for path in (REPO / "train" / "tasks").glob("*.py"):
-        assert not {n for n in _imports(path) if n == "train.graphs" or n.startswith("train.graphs.")}, path
+        assert not {
+            n for n in _imports(path) if n == "train.trainer.graphs" or n.startswith("train.trainer.graphs.")
+        }, path
     methods = {name.lower() for name in peft.PeftType.__members__}
     named = [
         (path.name, node.lineno, node.value)
@@ -196,7 +238,8 @@ def test_a_launchers_job_process_and_the_run_folder_readers_do_not_import_torch(
     import sys
 
     code = (
-        "import sys, experiments.launchers, train.runs, train.lifecycle, model.files, model\n"
+        "import sys, experiments.launchers, train.run.state, train.run.log, train.trainer.lifecycle\n"
+        "import model.files, model\n"
         "print(sorted(m for m in ('torch', 'transformers', 'peft', 'model.gpt2') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import DATA_DIR, REPO, free_port, kill_and_wait, plugin_env, run_command, run_paths
 from train import multitask, paraphrase, sentiment, sonnet
-from train.predictions import read_classification, read_sonnets
+from train.tasks.predictions import read_classification, read_sonnets
 
 pytestmark = pytest.mark.slow  # end-to-end: `make test-fast` skips this file
 
@@ -72,7 +72,7 @@ def test_sentiment_every_variant(tiny_ckpt, tokenizer_dir, tmp_path, flags):
     assert config["config"]["use_lora"] == ("--use_lora" in flags)
     dev = read_classification(run_dir / metrics["predictions"]["dev"])
     from task_data.sentiment import load_sentiment
-    from train.metrics import accuracy
+    from train.tasks.metrics import accuracy
 
     gold = load_sentiment("sst", "dev", DATA_DIR)[:8]
     assert metrics["dev_acc"] == accuracy([e.label for e in gold], [dev[e.id] for e in gold])
@@ -295,7 +295,7 @@ def test_nan_guard_keeps_last_good_checkpoint(tiny_ckpt, tokenizer_dir, tmp_path
 
 
 def test_checkpoint_is_never_half_written(tmp_path, monkeypatch):
-    from train import checkpoint as ckpt
+    from train.run import checkpoint as ckpt
 
     weights = {"w": torch.ones(3)}
     param = torch.nn.Parameter(torch.ones(3))

@@ -1,4 +1,4 @@
-"""Cross-task transfer (train/transfer.py): the label map on planted logits, the stratified subset,
+"""Cross-task transfer (train/cli/transfer.py): the label map on planted logits, the stratified subset,
 a tiny SST -> CFIMDB run end to end, its starting weights, its from-scratch control and its refusals."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from model import GPT2LMHeadModel, load_tokenizer
 from model.heads import LastTokenClassifier
 from task_data.common import DataError, stratified_fraction
 from tests.conftest import DATA_DIR, TEST_DEVICE, run_paths
-from train import checkpoint as ckpt
-from train import entry, transfer
-from train.settings import TrainingSettings
+from train.base.settings import TrainingSettings
+from train.cli import entry, transfer
+from train.run import checkpoint as ckpt
+from train.run.trained import load_model
 from train.tasks.sentiment import CFIMDB
-from train.trained import load_model
 
 # ---------------------------------------------------------------- the label map
 
@@ -197,7 +197,7 @@ def test_a_fraction_missing_a_label_and_architecture_flags_are_refused(tmp_path,
 
 def test_help_lists_only_the_flags_transfer_accepts(capsys):
     """The variant flags and --train_fraction parse (so their refusal can say why) but are not offered."""
-    from train.cli import config_fields
+    from train.cli.parse import config_fields
 
     with pytest.raises(SystemExit):
         transfer.main(["--help"])

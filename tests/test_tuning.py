@@ -374,7 +374,7 @@ def test_grid_cost_counts_the_plan_and_its_steps(tmp_path, tokenizer_dir):
 
 def test_a_sonnet_run_without_test_predictions_never_opens_the_test_prompts(tmp_path, tokenizer_dir):
     from model.tokenizer import load_tokenizer
-    from train.settings import TrainingSettings
+    from train.base.settings import TrainingSettings
     from train.tasks import TASKS
 
     data = broken_test_split(tmp_path)

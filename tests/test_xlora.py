@@ -249,7 +249,7 @@ def test_cli_mixes_finished_lora_runs(tiny_ckpt, tokenizer_dir, tmp_path, capsys
     experts; it trains only the classifier, resumes, is evaluated from its folder, and an expert
     trained from another base checkpoint is refused with one error line."""
     from tests.conftest import data_limits, run_paths
-    from train import entry, evaluate
+    from train.cli import entry, evaluate
 
     runs = tmp_path / "runs"
     common = [*run_paths(tiny_ckpt[0], tokenizer_dir, runs), *data_limits(8, dev=2), "--wandb", "disabled"]
@@ -271,7 +271,7 @@ def test_cli_mixes_finished_lora_runs(tiny_ckpt, tokenizer_dir, tmp_path, capsys
     # a best checkpoint changed after its export (same folder name) is exported anew, not read stale
     from safetensors.torch import load_file, save_file
 
-    from train.experts import export_expert
+    from train.run.experts import export_expert
 
     weights_file = quora_run / "checkpoints" / "best-000002" / "trainable.safetensors"
     weights = load_file(str(weights_file))

@@ -5,17 +5,17 @@
     metrics = train.fit(spec)  # the run's metrics.json; BadInput / TrainingDiverged / Interrupted on failure
 
 `python -m train ...` (and its aliases) is a thin wrapper over these two. They are loaded on first use,
-so importing a light part of the package (train.runs, in a SLURM job process) imports no torch.
+so importing a light part of the package (train.run.state, in a SLURM job process) imports no torch.
 """
 
 _PUBLIC = {
-    "fit": "train.entry",
-    "spec_from_argv": "train.entry",
-    "RunSpec": "train.spec",
-    "RunStopped": "train.lifecycle",
-    "BadInput": "train.lifecycle",
-    "TrainingDiverged": "train.lifecycle",
-    "Interrupted": "train.lifecycle",
+    "fit": "train.cli.entry",
+    "spec_from_argv": "train.cli.entry",
+    "RunSpec": "train.run.spec",
+    "RunStopped": "train.trainer.lifecycle",
+    "BadInput": "train.trainer.lifecycle",
+    "TrainingDiverged": "train.trainer.lifecycle",
+    "Interrupted": "train.trainer.lifecycle",
 }
 __all__ = sorted(_PUBLIC)
 

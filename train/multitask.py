@@ -12,8 +12,8 @@ Every task is evaluated on dev; the model is selected by the mean of the tasks' 
 import dataclasses
 import sys
 
-from train.commands import exit_status
-from train.entry import MULTITASK, run
+from train.cli.entry import MULTITASK, run
+from train.cli.exits import exit_status
 
 ENTRY = dataclasses.replace(MULTITASK, description=__doc__)
 

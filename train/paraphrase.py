@@ -6,8 +6,8 @@ head reads the LM's "yes"/"no" logits; `--paraphrase_head linear` trains a linea
 
 import sys
 
-from train.commands import exit_status
-from train.entry import fixed_task, run
+from train.cli.entry import fixed_task, run
+from train.cli.exits import exit_status
 
 ENTRY = fixed_task("quora", __doc__)
 

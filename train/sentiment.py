@@ -6,8 +6,8 @@ python -m train.sentiment --dataset cfimdb --fine_tune_mode last-linear-layer
 
 import sys
 
-from train.commands import exit_status
-from train.entry import EntryPoint, run
+from train.cli.entry import EntryPoint, run
+from train.cli.exits import exit_status
 
 
 def _add_dataset(parser, required):

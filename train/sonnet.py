@@ -6,8 +6,8 @@ An alias of `python -m train --task sonnet`.
 
 import sys
 
-from train.commands import exit_status
-from train.entry import fixed_task, run
+from train.cli.entry import fixed_task, run
+from train.cli.exits import exit_status
 
 ENTRY = fixed_task("sonnet", __doc__)
 

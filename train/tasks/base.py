@@ -6,7 +6,7 @@ A `Task` subclass says, in one place:
   multitask);
 * `data_files()`: the release files it reads (checked, or fetched, before anything loads);
 * `settings`: the typed settings of its own flags (e.g. Quora's `--paraphrase_head`, the sonnet
-  generation settings; train/settings.py machinery: flags, defaults, bounds and checks in one place);
+  generation settings; train/base/settings.py machinery: flags, defaults, bounds and checks in one place);
 * construction from (tokenizer, data folder, training settings, the model's context length, its own
   settings): it reads its files (the training split lazily);
 * `make_head(model)`, `batches(...)`, `loss(...)`, `batch_tokens(...)` for training;
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from train.settings import CommandSettings, TrainingSettings, add_flags
+from train.base.settings import CommandSettings, TrainingSettings, add_flags
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -50,7 +50,7 @@ def labelled_tasks() -> list[str]:
 
 def settings_classes() -> dict[str, type]:
     """Each task's own settings class by task name, plus the multitask mixture's (RunSpec.from_json)."""
-    from train.settings import MultitaskSettings
+    from train.base.settings import MultitaskSettings
 
     classes = {name: task.settings for name, task in TASKS.items() if task.settings is not None}
     return {**classes, "multitask": MultitaskSettings}
@@ -106,7 +106,7 @@ class Task:
         """`n_positions`: the positions an input may fill (the context length less any virtual tokens),
         which caps every encoded example. `options`: the task's own settings (its defaults when None).
         `captured`: `(model, head, device, token ids) -> a captured forward or None`, evaluation through
-        CUDA graphs, which the training loop gives under `--fast_step on` (train/graphs.py's
+        CUDA graphs, which the training loop gives under `--fast_step on` (train/trainer/graphs.py's
         EvaluationGraphs; the task knows nothing of graphs); None: evaluation runs eagerly.
         `predict_test=False`: the test split is never read (a learning-rate tuning run scores dev only)."""
         self.tokenizer, self.data_dir, self.n_positions = tokenizer, Path(data_dir), n_positions

@@ -22,10 +22,10 @@ from torch import nn
 
 from task_data.batching import bucket_length, collate, encode, make_batches, padding_fraction
 from task_data.common import Example, stratified_fraction
-from train import console
-from train.metrics import accuracy, macro_f1
-from train.predictions import write_classification
+from train.base import console
 from train.tasks.base import Task, limit, sharded
+from train.tasks.metrics import accuracy, macro_f1
+from train.tasks.predictions import write_classification
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class ClassificationTask(Task):
         label: str | None = None,
     ) -> PredictionRun:
         """Predicted labels (and, with `return_logits`, the head's float32 logits in example order).
-        `label`: shown as progress (train/console.py) while it predicts; None shows none."""
+        `label`: shown as progress (train/base/console.py) while it predicts; None shows none."""
         encoded = encode(self.tokenizer, [self.to_text(e) for e in examples], self.max_length, self.truncation_side)
         lengths = [len(ids) for ids in encoded.ids]
         batches = make_batches(lengths, batch_size, bucket=bucket)

@@ -14,7 +14,7 @@ from model.heads import ClozeParaphraseHead, LastTokenClassifier
 from modules.variant import knob
 from task_data.common import Example
 from task_data.paraphrase import SPLIT_FILES, cloze_prompt, load_paraphrase
-from train.settings import CommandSettings
+from train.base.settings import CommandSettings
 from train.tasks.base import register_task
 from train.tasks.classification import ClassificationTask
 

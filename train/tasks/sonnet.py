@@ -22,11 +22,11 @@ from modules.variant import knob
 from task_data.batching import bucket_length, collate, encode, make_batches
 from task_data.common import DataError
 from task_data.sonnets import FILES, load_sonnets
-from train import console
-from train.metrics import chrf
-from train.predictions import write_sonnets
-from train.settings import CommandSettings
+from train.base import console
+from train.base.settings import CommandSettings
 from train.tasks.base import Task, limit, register_task, sharded
+from train.tasks.metrics import chrf
+from train.tasks.predictions import write_sonnets
 
 
 @dataclass
@@ -56,7 +56,7 @@ def generate_sonnets(
     Prompts are grouped into fixed, length-sorted, left-padded batches *before* they are shared out
     over the `shard` = (rank, world) processes, and prompt i samples from its own stream
     (seed, i): every process count makes the same batches and the same sonnets. `progress`: the label
-    of its progress (a bar on a terminal, lines in a log; train/console.py; none when empty)."""
+    of its progress (a bar on a terminal, lines in a log; train/base/console.py; none when empty)."""
     texts = [prompt + "\n" for _, prompt in prompts]
     encoded = [tokenizer.encode(text) for text in texts]
     order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
@@ -80,7 +80,7 @@ def generate_sonnets(
         return [tokenizer.decode(row[ids.shape[1] :].tolist(), skip_special_tokens=True) for row in out]
 
     def complete_all(mine: list[list[int]]) -> list[list[str]]:
-        # Generation is the slow part of a sonnet evaluation: progress on rank 0 (train/console.py).
+        # Generation is the slow part of a sonnet evaluation: progress on rank 0 (train/base/console.py).
         shown = bool(progress) and shard[0] == 0
         with console.phase(progress or "", total=len(mine), enabled=shown, unit="batches") as work:
             done = []

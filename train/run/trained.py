@@ -1,7 +1,7 @@
 """A trained model, from wherever it is: a hub id, a Hugging Face checkpoint folder, or a run folder of
 this project (its best checkpoint: the base model it started from, its variants, trained weights, the
-frozen variant state its checkpoint keeps, and its task heads). Scoring (train/evaluate.py), X-LoRA's
-experts (train/experts.py), transfer (train/transfer.py) and CKA (experiments/cka.py) load through it.
+frozen variant state its checkpoint keeps, and its task heads). Scoring (train/cli/evaluate.py), X-LoRA's
+experts (train/run/experts.py), transfer (train/cli/transfer.py) and CKA (experiments/cka.py) load through it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from model.files import UnreadableFile, read_json_object
 from model.loading import resolve_config_file
 from modules.peft_methods import legacy_peft_fields
 from modules.registry import variant_state
-from train import checkpoint as ckpt
+from train.run import checkpoint as ckpt
 
 log = logging.getLogger("evaluate")
 

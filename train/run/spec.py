@@ -13,7 +13,7 @@ leaves the other configurations' identities as they were; a copied or moved chec
 A field added to a settings class does change identities (it is part of every run now). Records carry
 the fingerprint of the settings schema they were named under (`identity_schema()`); a run folder
 named under another schema is renamed to its name under today's rule when a run starts in its
-out_dir (train/run.py: `migrate_legacy`), so `--resume`, grids and reports still find it.
+out_dir (train/run/folder.py: `migrate_legacy`), so `--resume`, grids and reports still find it.
 
 The run folder is `<label>-<variant tags>-lr<lr>-s<seed>-<hash>`: `hash` is 8 hex digits of the
 SHA-256 of the identity without the seed (the seeds of one configuration share it; the report groups
@@ -31,7 +31,7 @@ from typing import Any
 
 from model.config import GPT2Config
 from modules.registry import enabled_variants
-from train.settings import CommandSettings, OutputSettings, RuntimeSettings, TrainingSettings
+from train.base.settings import CommandSettings, OutputSettings, RuntimeSettings, TrainingSettings
 
 SPEC_VERSION = 2  # 1: the identity of commits before RunSpec (vars(args) minus a deny-list)
 IDENTITY_RULE = 2  # 1: every config knob counted; 2: only the enabled variants' knobs (GPT2Config.result_dict)

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.files import UnreadableFile, atomic_write_text, read_json_object, unshared
-from train.runs import saved_checkpoints
+from train.run.state import saved_checkpoints
 
 
 class CheckpointCorrupt(ValueError):

@@ -9,7 +9,7 @@ so each flag's type, default, help, bounds and JSON come from one place:
 Command-line flags are generated from these classes (`add_flags`), parsed with every default None so
 that "given" is known, and turned back into settings by `from_args` (which validates: a bad value
 ends in one `--flag must be ...` error). Which settings count towards a run's identity is a rule by
-*type* (train/spec.py), so a new field is covered the moment it is declared.
+*type* (train/run/spec.py), so a new field is covered the moment it is declared.
 """
 
 from __future__ import annotations
@@ -186,7 +186,8 @@ class RuntimeSettings(CommandSettings):
     fast_step: Literal["off", "on"] = knob(
         "off",
         "on: static batch shapes (length buckets, a fixed batch size), no host sync in the step, and on CUDA the "
-        "whole training step and evaluation as CUDA graphs (train/graphs.py; not with dropout yet: docs/gpu.md)",
+        "whole training step and evaluation as CUDA graphs (train/trainer/graphs.py; not with dropout yet: "
+        "docs/gpu.md)",
     )
     kan_kernel: Literal["torch", "triton"] = knob(
         "torch",

@@ -1,10 +1,10 @@
 """The one generic training loop: objectives (data + head + loss + metric) x one shared backbone.
 
-`train(spec)` takes the run folder (train/run.py: its lock, its state) and hands it to a `Trainer`:
+`train(spec)` takes the run folder (train/run/folder.py: its lock, its state) and hands it to a `Trainer`:
 `step`, `evaluate` and `save` are its methods, and where it stands is a `Progress`. Single task or
 multitask, CPU or GPU, one process or `torchrun --nproc_per_node N` (DDP; gloo on CPU, NCCL on GPU;
 batches sharded per rank; only rank 0 evaluates, logs and writes). Checkpoints survive a SIGKILL
-(train/checkpoint.py) and `--resume` continues bit-for-bit on CPU. This module knows neither the
+(train/run/checkpoint.py) and `--resume` continues bit-for-bit on CPU. This module knows neither the
 command line nor the variant registry: it reads a `RunSpec`, and the model says its auxiliary loss
 and its variant state itself.
 """
@@ -34,11 +34,10 @@ from model.compile import compile_blocks
 from model.files import atomic_write_json
 from model.trainable import build_optimizer, hold_frozen_at, set_trainable
 from task_data.common import DataError, data_dir
-from train import checkpoint as ckpt
-from train import console, distributed, graphs, lifecycle
-from train.distributed import device_synchronize
-from train.run import (
-    RunFolderError,
+from train.base import console
+from train.base.settings import MultitaskSettings, TrainingSettings
+from train.run import checkpoint as ckpt
+from train.run.folder import (
     check_run_folder,
     diverged_note,
     finish_run,
@@ -48,11 +47,13 @@ from train.run import (
     run_folder,
     sync_index,
 )
-from train.runs import RunLogger, folder_state, git_commit, truncate_log
-from train.runtime import autocast_for, resolve_precision
-from train.settings import MultitaskSettings, TrainingSettings
-from train.spec import RunSpec, identity_schema, variant_tag
+from train.run.log import RunLogger, git_commit, truncate_log
+from train.run.spec import RunSpec, identity_schema, variant_tag
+from train.run.state import RunFolderError, folder_state
 from train.tasks import TASKS, selection_score, task_index
+from train.trainer import distributed, graphs, lifecycle
+from train.trainer.distributed import device_synchronize
+from train.trainer.runtime import autocast_for, resolve_precision
 
 TrainingDiverged = lifecycle.TrainingDiverged
 
@@ -122,7 +123,7 @@ def epoch_schedule(
 
 
 class TrainingLines:
-    """Training progress on stderr (train/console.py): a tqdm bar on a terminal; otherwise (a log file,
+    """Training progress on stderr (train/base/console.py): a tqdm bar on a terminal; otherwise (a log file,
     SLURM) one plain line every `every` steps, and a heartbeat line whenever steps are slower than the
     progress interval. Messages always get their own line."""
 
@@ -219,7 +220,7 @@ def train(spec: RunSpec, signals=None, start=None) -> dict:
     run's resolved config (validated by the entry point before anything was loaded). `signals`: a
     StopSignals the caller entered (SIGINT / SIGTERM then stop after the current step with a
     checkpoint, raising Interrupted). `start`: a run that begins from another run's trained weights
-    (train/transfer.py), with
+    (train/cli/transfer.py), with
     - `load(model)`: copy them in, before the task heads are built and anything trains;
     - `before_training(model, objectives, device, autocast, shard) -> dict`: blocks (e.g. the zero-shot
       metrics) computed once on the starting weights and kept in config.json (a resumed run keeps them);
@@ -232,7 +233,7 @@ def train(spec: RunSpec, signals=None, start=None) -> dict:
     existed = run_dir.is_dir()  # (taking the lock creates it)
     if placement.world > 1:
         dist.barrier()  # every rank looked before rank 0 takes the lock
-    with owned(run_dir, placement.main):  # one writer for the folder's whole life (train/run.py)
+    with owned(run_dir, placement.main):  # one writer for the folder's whole life (train/run/folder.py)
         state = folder_state(run_dir)
         saved_record = check_run_folder(run_dir, state, spec, placement.main, existed)
         if saved_record is not None and state == "finished" and not spec.output.extend_epochs:
@@ -374,7 +375,7 @@ class Trainer:
             )
             # Every rank built the same weights from the run's seed; dropout now gets its own stream per rank.
             torch.manual_seed(distributed.rank_seed(spec.training.seed, self.rank))
-        # The fast step (train/graphs.py): static shapes always; the whole step as CUDA graphs where it can.
+        # The fast step (train/trainer/graphs.py): static shapes always; the whole step as CUDA graphs where it can.
         self.static_rows = spec.training.batch_size if self.fast else None
         self.step_hooks = model.has_step_hooks
         self.not_captured = (
@@ -439,7 +440,7 @@ class Trainer:
             "spec": spec.to_json(),
             "command": list(spec.argv),
             "config_hash": spec.identity_hash(),
-            "identity_schema": identity_schema(),  # what the name was made under (train/spec.py)
+            "identity_schema": identity_schema(),  # what the name was made under (train/run/spec.py)
             "wandb_id": new_wandb_id(spec),
             "git_commit": git_commit(),
             "parameters": self.counts,
@@ -757,7 +758,7 @@ class Trainer:
         return self._eager_step(group, pending)
 
     def _replayed_step(self, group: list) -> tuple[list[float], float, str | None] | None:
-        """The whole step as one graph replay (train/graphs.py); None when replaying failed (eager from
+        """The whole step as one graph replay (train/trainer/graphs.py); None when replaying failed (eager from
         now on). AdamW skipped itself on the device if the loss or gradient norm is not finite, so the
         verdict still stops with healthy weights."""
         ((task, batch),) = group

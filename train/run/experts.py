@@ -16,10 +16,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from train import checkpoint as ckpt
-from train.run import read_record
-from train.runs import folder_state
-from train.trained import load_model
+from train.run import checkpoint as ckpt
+from train.run.folder import read_record
+from train.run.state import folder_state
+from train.run.trained import load_model
 
 
 def is_run_folder(path: Path) -> bool:

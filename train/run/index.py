@@ -25,7 +25,7 @@ from typing import Any
 
 from model.config import GPT2Config
 from model.files import atomic_write_text
-from train.spec import variant_tag
+from train.run.spec import variant_tag
 
 INDEX_NAME = "runs.tsv"
 RUNS_COLUMNS = [

@@ -1,6 +1,6 @@
 """How the maths is executed: the device, the compute precision and its autocast context, and the CUDA
 kernel settings every entry point trains and evaluates under. None of it is part of a run's identity
-(RuntimeSettings in train/settings.py); the resolved precision is recorded in the run's config.json."""
+(RuntimeSettings in train/base/settings.py); the resolved precision is recorded in the run's config.json."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""The per-run log (`log.jsonl`) and its wandb mirror, and a run folder's state as its files show it. The
-`runs.tsv` index is train/index.py's; the folder's lock and record are train/run.py's. Nothing here imports
-torch, so a launcher's job process that only watches folders stays light."""
+"""The per-run log (`log.jsonl`) and its wandb mirror. The `runs.tsv` index is train/run/index.py's; the
+folder's state is train/run/state.py's, its lock train/run/lock.py's and its record train/run/folder.py's.
+Nothing here imports torch, so a launcher's job process that only watches folders stays light."""
 
 from __future__ import annotations
 
@@ -18,42 +18,6 @@ from model.files import atomic_write_text
 log = logging.getLogger(__name__)
 
 
-CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")
-
-
-def saved_checkpoints(directory: Path, kind: str) -> list[Path]:
-    """The complete `<kind>-<step>[.<n>]` checkpoint folders in `directory`, oldest first: all three files
-    there and state.json naming the folder's own step. What a resume falls back on when the pointer
-    (`<kind>.json`) is missing or bad: the folders, not the pointer, are the record."""
-    found = []
-    for folder in directory.glob(f"{kind}-*") if directory.is_dir() else ():
-        stem, _, again = folder.name.removeprefix(f"{kind}-").partition(".")
-        if not (folder.is_dir() and stem.isdigit() and (again.isdigit() or not again)):
-            continue
-        if not all((folder / name).is_file() for name in CHECKPOINT_FILES):
-            continue
-        try:
-            step = json.loads((folder / "state.json").read_text(encoding="utf-8")).get("step")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if step == int(stem):
-            found.append((int(stem), int(again or 0), folder))
-    return [folder for *_, folder in sorted(found)]
-
-
-def folder_state(run_dir: Path) -> str:
-    """new, dead (files but no checkpoint), interrupted (a checkpoint to resume) or finished (metrics.json).
-    A checkpoint folder counts without its pointer (`last.json` lost or damaged)."""
-    if (run_dir / "metrics.json").is_file():
-        return "finished"
-    checkpoints = run_dir / "checkpoints"
-    if (checkpoints / "last.json").is_file() or saved_checkpoints(checkpoints, "last"):
-        return "interrupted"
-    if run_dir.is_dir() and any(p.name != ".lock" for p in run_dir.iterdir()):  # the lock alone is no run
-        return "dead"
-    return "new"
-
-
 def git_commit() -> str:
     try:
         return (
@@ -62,7 +26,7 @@ def git_commit() -> str:
                 capture_output=True,
                 text=True,
                 timeout=10,
-                cwd=Path(__file__).resolve().parents[1],
+                cwd=Path(__file__).resolve().parents[2],
             ).stdout.strip()
             or "unknown"
         )

@@ -1,6 +1,6 @@
 """argv -> `RunSpec`: the command line of every entry point, validated once.
 
-The flags come from typed settings: the training, output and runtime settings (train/settings.py),
+The flags come from typed settings: the training, output and runtime settings (train/base/settings.py),
 each selected task's own settings, and one flag per GPT2Config field generated from the variant
 registry (so a registered variant gets `--use_<name>` and its knobs with no edit here).
 
@@ -33,11 +33,7 @@ from model.size import check_fits
 from modules.kan import check_spline_kernel
 from modules.registry import VARIANTS, enabled_variants, knob_owner, switches, used_knobs
 from task_data.common import DataError, ensure_data
-from train.distributed import rank_device
-from train.experts import experts_from_runs
-from train.lifecycle import BadInput
-from train.runtime import check_device, resolve_precision
-from train.settings import (
+from train.base.settings import (
     CommandSettings,
     OutputSettings,
     RuntimeSettings,
@@ -47,8 +43,12 @@ from train.settings import (
     from_args,
     shown_default,
 )
-from train.spec import Checkpoint, RunSpec
+from train.run.experts import experts_from_runs
+from train.run.spec import Checkpoint, RunSpec
 from train.tasks import get_task, labelled_tasks
+from train.trainer.distributed import rank_device
+from train.trainer.lifecycle import BadInput
+from train.trainer.runtime import check_device, resolve_precision
 
 NOT_FLAGS = {*STACK_FIELDS, "name"}  # the stack comes from the checkpoint
 
@@ -159,7 +159,7 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def resolve_config(args: argparse.Namespace, checkpoint_source: str | None = None, base_identity: Any = None):
     """The run's GPT2Config: the checkpoint's config.json (only that file is read) + the variant flags,
     validated at that real size. `base_identity`: the checkpoint's content identity, which X-LoRA's
-    expert runs must share (train/experts.py). Raises ValueError / CheckpointError."""
+    expert runs must share (train/run/experts.py). Raises ValueError / CheckpointError."""
     overrides = config_overrides(args)
     model = args.model or "gpt2"
     if base_identity is not None:

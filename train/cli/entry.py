@@ -23,17 +23,18 @@ from pathlib import Path
 
 from model import CheckpointError, TokenizerNotFound
 from task_data.common import DataError
-from train import console
-from train.checkpoint import CheckpointCorrupt, DiskFull
-from train.cli import ArgumentParser, build_parser, build_spec, check_inputs, raising_errors
-from train.lifecycle import BadInput, RunStopped, StopSignals, TrainingDiverged
-from train.loop import train
-from train.run import HELD, RunFolderBusy, RunFolderError, run_folder
-from train.runs import saved_checkpoints
-from train.runtime import cuda_kernel_settings
-from train.settings import MultitaskSettings, from_args, task_weights
-from train.spec import RunSpec
+from train.base import console
+from train.base.settings import MultitaskSettings, from_args, task_weights
+from train.cli.parse import ArgumentParser, build_parser, build_spec, check_inputs, raising_errors
+from train.run.checkpoint import CheckpointCorrupt, DiskFull
+from train.run.folder import HELD, run_folder
+from train.run.lock import RunFolderBusy
+from train.run.spec import RunSpec
+from train.run.state import RunFolderError, saved_checkpoints
 from train.tasks import TASKS
+from train.trainer.lifecycle import BadInput, RunStopped, StopSignals, TrainingDiverged
+from train.trainer.loop import train
+from train.trainer.runtime import cuda_kernel_settings
 
 # Problems with the user's inputs (paths, files, an existing run folder): one message, no traceback.
 USER_ERRORS = (
@@ -197,7 +198,7 @@ def fit(spec: RunSpec, start=None, signals: StopSignals | None = None) -> dict:
     BadInput (exit 2: a checkpoint, data file, run folder or disk the run cannot use), TrainingDiverged
     (exit 3), Interrupted (130 / 143: SIGINT / SIGTERM, a checkpoint saved). `signals`: a StopSignals
     the caller entered (default: one entered here, which catches SIGINT / SIGTERM in the main thread).
-    `start`: a run that begins from another run's weights (train/transfer.py)."""
+    `start`: a run that begins from another run's weights (train/cli/transfer.py)."""
     with contextlib.ExitStack() as stack:
         if signals is None:
             signals = stack.enter_context(StopSignals())
