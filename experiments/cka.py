@@ -249,10 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     for model, spec in zip(models, args.models, strict=True):
-        if model.transformer.virtual_tokens is not None:  # the blocks' states would hold n more positions
+        if model.transformer.prefix is not None:  # the blocks' states would hold n more positions
             parser.error(
-                f"{spec}: a prompt-learning model ({model.config.peft_method}); CKA compares the blocks' states "
-                "at the input's own tokens, which its virtual tokens shift: not supported"
+                f"{spec}: a model with a prefix ahead of the input (prompt learning's virtual tokens); CKA compares "
+                "the blocks' states at the input's own tokens, which the prefix shifts: not supported"
             )
     pairs = zip(models, args.models, strict=True)
     layers = [parse_layers(parser, args.layers, model.config.n_layer, spec) for model, spec in pairs]

@@ -30,7 +30,6 @@ from model.files import atomic_write_json, write_safetensors
 from model.loading import ours_to_hf
 from model.quantize import dequantized_weight, is_quantized
 from modules.imports import peft_sees_bitsandbytes
-from modules.prompt_learning import export_state as export_virtual_tokens
 from modules.registry import enabled_variants, variant_state
 
 FORMAT = "gpt2-variants-adapters/1"
@@ -158,7 +157,7 @@ def export_peft(model: Any, directory: str | Path) -> None:
             f"export_peft writes one peft adapter (use_lora or peft_method); this model has "
             f"{[v.name for v in enabled] or 'none'}"
         )
-    peft_config, ours_adapter, prompt_learning = enabled[0].peft_export(model.config)  # ValueError: why not
+    peft_config, ours_adapter, fill = enabled[0].peft_export(model.config)  # ValueError: why not
     hf = stock_hf_copy(model)  # float weights, also from a quantised base
     peft_config.base_model_name_or_path = model.config.name
     with peft_sees_bitsandbytes(False):
@@ -170,8 +169,8 @@ def export_peft(model: Any, directory: str | Path) -> None:
         # peft writes its expansion (every module's full name), which IA3's config then refuses on load, as
         # the feed-forward names are not among them: save the shorthand, which loads as the same modules
         wrapped.peft_config["default"].target_modules = "all-linear"
-    if prompt_learning:
-        export_virtual_tokens(model, wrapped)  # peft saves the encoder's output as `prompt_embeddings`
+    if fill is not None:  # the variant fills peft's model itself (prompt learning: its encoder)
+        fill(model, wrapped)
         wrapped.save_pretrained(str(directory))
         return
     theirs = wrapped.state_dict(keep_vars=True)

@@ -23,8 +23,7 @@ from typing import Any, Literal
 
 from model.quantize import check_quantize
 from modules.imports import peft_sees_bitsandbytes
-from modules.prompt_learning import num_virtual_tokens
-from modules.registry import VARIANTS, Variant, enabled_variants
+from modules.registry import VARIANTS, Variant, enabled_variants, prefix_positions
 from modules.variant import Settings, knob
 
 STACK_LIMIT = 2**40  # ~1.1e12 parameters (4 TiB in fp32): no config of this project is near it
@@ -179,9 +178,14 @@ class GPT2Config:
         return self.n_embd // self.n_head
 
     @property
+    def prefix_positions(self) -> int:
+        """Positions the variants' forward changes put ahead of the input (prompt learning's virtual tokens)."""
+        return prefix_positions(self)
+
+    @property
     def input_positions(self) -> int:
-        """Positions left for an input's real tokens: n_positions less prompt learning's virtual tokens."""
-        return self.n_positions - num_virtual_tokens(self)
+        """Positions left for an input's real tokens: n_positions less the prefix's."""
+        return self.n_positions - self.prefix_positions
 
     # ---- construction ----
     @classmethod

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from modules.attention import KVCache, compute_dtype
-from modules.prompt_learning import num_virtual_tokens
 
 FINISHED_CHECK_EVERY = 8
 
@@ -63,7 +62,7 @@ def _check_args(
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    virtual = num_virtual_tokens(model.config)  # the KV cache holds them ahead of the prompt
+    virtual = model.config.prefix_positions  # the KV cache holds them ahead of the prompt
     total = virtual + input_ids.shape[-1] + max_new_tokens
     if total > model.config.n_positions:
         counted = f"{virtual} virtual tokens + " if virtual else ""
@@ -116,7 +115,7 @@ def generate(
         config.n_layer,
         batch,
         config.n_head,
-        num_virtual_tokens(config) + prompt_len + max_new_tokens,
+        config.prefix_positions + prompt_len + max_new_tokens,
         config.head_dim,
         compute_dtype(model.transformer.wte.weight),
         input_ids.device,

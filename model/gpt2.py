@@ -35,6 +35,7 @@ from modules.attention import CausalSelfAttention, KVCache, compute_dtype
 from modules.kan import use_spline_kernel
 from modules.mlp import MLP
 from modules.registry import attach_variants
+from modules.variant import ForwardChangeHost
 
 
 @dataclass
@@ -156,7 +157,9 @@ class GPT2Layer(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT2Model(nn.Module):
+class GPT2Model(ForwardChangeHost):
+    """GPT-2's backbone; variants that change its forward pass attach through ForwardChangeHost."""
+
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.config = config
@@ -169,10 +172,6 @@ class GPT2Model(nn.Module):
         self.gradient_checkpointing = False
         self.pad_to_multiple = 1  # >1: right-pad inputs so compiled blocks see few distinct lengths
         self.pad_to_bucket = False  # True: right-pad inputs to a bucket length (model/shapes.py)
-        # Prompt learning's virtual tokens (modules/prompt_learning.py), attached by that variant.
-        self.virtual_tokens: nn.Module | None = None
-        # X-LoRA's classifier and two-pass forward (modules/xlora.py), attached by that variant.
-        self.expert_mixer: nn.Module | None = None
 
     def forward(
         self,
@@ -188,7 +187,7 @@ class GPT2Model(nn.Module):
         padded key and real tokens sit at positions 0..n-1, so the stack runs the plain causal path
         (the fused kernel, no mask built, no branch filtering padding): exact at every real position,
         with no host sync. The mask stays the caller's to use (heads, the loss)."""
-        past = kv_cache.length - kv_cache.virtual if kv_cache is not None else 0  # real tokens cached
+        past = kv_cache.length - kv_cache.prefix_length if kv_cache is not None else 0  # real tokens cached
         right_padded = right_padded and kv_cache is None and position_ids is None
         # Under torch.compile nothing here may read a tensor's value: no validation, and a given mask
         # is always applied. Eagerly, validation answers "is anything padded?" in the same sync;
@@ -196,10 +195,10 @@ class GPT2Model(nn.Module):
         padded = attention_mask is not None
         if validate and not torch.compiler.is_compiling():
             padded = validate_inputs(self.config, input_ids, attention_mask, past, right_padded)
-        if self.virtual_tokens is not None:
+        if self.prefix is not None:
             if position_ids is not None:
-                raise ValueError("position_ids with virtual tokens: positions follow the virtual tokens' rule")
-            return self._forward_with_virtual_tokens(input_ids, attention_mask if padded else None, kv_cache)
+                raise ValueError("position_ids with a prefix (virtual tokens): positions follow the prefix's rule")
+            return self._forward_with_prefix(input_ids, attention_mask if padded else None, kv_cache)
         if right_padded:  # the stack needs no mask (the docstring says why)
             attention_mask, padded = None, False
         q_len = input_ids.shape[1]
@@ -232,10 +231,9 @@ class GPT2Model(nn.Module):
     def static_decode_blocker(self) -> str | None:
         """Why this model cannot decode with a static cache (None: it can). Variants that keep their own
         per-token state in the cache, or change what a step reads, decode eagerly."""
-        if self.virtual_tokens is not None:
-            return "prompt learning's virtual tokens"
-        if self.expert_mixer is not None:
-            return "X-LoRA's two passes"
+        reasons = (change.decode_blocker for change in self.changes)
+        if reason := next((reason for reason in reasons if reason), None):
+            return reason
         if any(len(layer.parallel_branches) for layer in self.h):
             return "a parallel branch with its own cache (graph attention)"
         return None
@@ -252,8 +250,8 @@ class GPT2Model(nn.Module):
     def _layers(
         self, x: torch.Tensor, mask: torch.Tensor | None, kv_cache: Any, padding: torch.Tensor | None
     ) -> torch.Tensor:
-        if self.expert_mixer is not None:  # X-LoRA: a scaling pass, then the pass with its scalings
-            return self.expert_mixer.run(lambda h, cache: self._blocks(h, mask, cache, padding), x, kv_cache, self.ln_f)
+        if (passes := self.passes) is not None:  # e.g. X-LoRA: a scaling pass, then the pass with its scalings
+            return passes.run_blocks(lambda h, cache: self._blocks(h, mask, cache, padding), x, kv_cache, self.ln_f)
         return self._blocks(x, mask, kv_cache, padding)
 
     def _blocks(
@@ -268,28 +266,30 @@ class GPT2Model(nn.Module):
                 x = layer(x, mask, kv_cache, index, padding)
         return x
 
-    def _forward_with_virtual_tokens(
+    def _forward_with_prefix(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, kv_cache: KVCache | None
     ) -> GPT2Output:
-        """Prompt learning (modules/prompt_learning.py): the virtual tokens go in front of the input, as
-        embeddings or as the cache's first n keys/values, and only the input's own positions come out.
-        The mask then covers past virtual, past real and new tokens; positions follow it."""
-        virtual = self.virtual_tokens
-        n, (batch, q_len) = virtual.num_virtual_tokens, input_ids.shape
+        """A forward change's prefix (ForwardChange: e.g. prompt learning's virtual tokens) goes in front
+        of the input, as embeddings or as the cache's first n keys/values, and only the input's own
+        positions come out. The mask then covers past prefix, past real and new tokens; positions follow it."""
+        change = self.prefix
+        n, (batch, q_len) = change.prefix_length, input_ids.shape
         first = kv_cache is None or kv_cache.length == 0
-        cached_real = kv_cache.length - kv_cache.virtual if kv_cache is not None else 0
+        cached_real = kv_cache.length - kv_cache.prefix_length if kv_cache is not None else 0
         if n + cached_real + q_len > self.config.n_positions:
             raise ValueError(
                 f"{n} virtual + {cached_real + q_len} real tokens exceed the model's "
                 f"n_positions={self.config.n_positions}; truncate the input or use fewer virtual tokens"
             )
-        if attention_mask is not None:  # virtual tokens are always attended
+        if attention_mask is not None:  # the prefix is always attended
             attention_mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
         x = self.wte(input_ids)
-        if first and virtual.kind == "prefix":
-            kv_cache = virtual.fill(kv_cache, batch)
-        elif first:
-            x = torch.cat([virtual.embeddings(batch).to(x.dtype), x], dim=1)
+        if first:
+            embeddings = change.prefix_embeddings(batch)
+            if embeddings is not None:
+                x = torch.cat([embeddings.to(x.dtype), x], dim=1)
+            else:
+                kv_cache = change.prefix_cache(kv_cache, batch)
         past, seq = (kv_cache.length if kv_cache is not None else 0), x.shape[1]
         position_ids = position_ids_from_mask(attention_mask, seq, past, input_ids.device)
         padding = attention_mask.bool() if attention_mask is not None else None
@@ -297,7 +297,7 @@ class GPT2Model(nn.Module):
         x = self._layers(self.drop(x + self.wpe(position_ids)), mask, kv_cache, padding)
         if kv_cache is not None:
             kv_cache.length += seq
-            kv_cache.virtual = n
+            kv_cache.prefix_length = n
         return GPT2Output(last_hidden_state=self.ln_f(x[:, -q_len:]))
 
 
@@ -375,12 +375,11 @@ class GPT2LMHeadModel(nn.Module):
     @property
     def capture_blocker(self) -> str | None:
         """Why CUDA graphs must not capture this model's forward (training or evaluation), or None."""
-        if self.transformer.virtual_tokens is not None:
-            return "prompt learning's virtual tokens (that path has not yet been run under CUDA graphs on a GPU)"
+        reasons = (change.capture_blocker for change in self.transformer.changes)
+        if reason := next((reason for reason in reasons if reason), None):
+            return reason
         if self.config.quantize is not None:
             return "a quantised base (bitsandbytes' kernels have not yet been run under CUDA graphs here)"
-        if self.transformer.expert_mixer is not None:
-            return "X-LoRA's two passes (that path has not yet been run under CUDA graphs on a GPU)"
         return registry.capture_blocker(self, self.config)
 
     @property

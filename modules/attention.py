@@ -45,7 +45,7 @@ class KVCache:
         self.max_len = max_len
         self.extras: dict = {}  # per-layer state of other branches (e.g. the graph branch's nodes)
         self.length = 0  # tokens already stored (same for every layer once a forward completes)
-        self.virtual = 0  # of those, the virtual tokens of prompt learning (ahead of the real ones)
+        self.prefix_length = 0  # of those, a forward change's prefix (modules/variant.py), ahead of the real ones
         # Static decoding (model/generation.py): the slot the next token is written to, as a device
         # tensor; a step then reads the whole buffer (its keys past the slot masked), so every step has
         # the same shapes and reads no Python int that changes.

@@ -151,13 +151,13 @@ def lora_tag(config: Any) -> str:
     )
 
 
-def lora_peft_export(config: Any) -> tuple[Any, str, bool]:
+def lora_peft_export(config: Any) -> tuple[Any, str, None]:
     if config.lora_init == "pissa":
         raise ValueError(
             "PiSSA adapters are relative to a rewritten base (W - BA), not stock GPT-2; "
             "use export_hf(dir) to write the merged model instead"
         )
-    return peft_lora_config(config, fan_in_fan_out=True), "default", False
+    return peft_lora_config(config, fan_in_fan_out=True), "default", None
 
 
 def lora_quantize_refusal(config: Any) -> str | None:

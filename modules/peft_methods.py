@@ -42,8 +42,10 @@ from modules.prompt_learning import (
     attach_virtual_tokens,
     check_virtual_tokens,
     derived_fields,
+    export_state,
+    num_virtual_tokens,
 )
-from modules.variant import JSONObject, LrPrior, Settings, Variant, knob, no_weight_init, register
+from modules.variant import ForwardChangeHost, JSONObject, LrPrior, Settings, Variant, knob, no_weight_init, register
 from modules.xlora import NOT_IDENTITY as XLORA_NOT_IDENTITY
 from modules.xlora import NOT_MERGEABLE as XLORA_NOT_MERGEABLE
 from modules.xlora import attach_xlora, resolve_experts
@@ -520,7 +522,7 @@ def _skeleton(config: Any, depth: int) -> nn.Module:
             block.mlp.c_fc, block.mlp.c_proj = nn.Linear(width, ffn), nn.Linear(ffn, width)
             blocks.append(block)
         skeleton = nn.Module()
-        skeleton.transformer = nn.Module()
+        skeleton.transformer = ForwardChangeHost()  # X-LoRA's classifier attaches to it
         skeleton.transformer.wte = nn.Embedding(config.vocab_size, width)
         skeleton.transformer.wpe = nn.Embedding(config.n_positions, width)
         skeleton.transformer.h = blocks
@@ -838,7 +840,7 @@ BNB_PEFT_METHODS = ("adalora", "hira", "ia3", "lora", "pvera", "randlora", "road
 HOST_VALUE_METHODS = ("poly", "trainable_tokens")  # their forward reads task ids / token indices on the host
 
 
-def peft_export(config: Any) -> tuple[Any, str, bool]:
+def peft_export(config: Any) -> tuple[Any, str, Any]:
     method = config.peft_method
     if method_status(method) == "experts":
         raise ValueError(
@@ -850,7 +852,8 @@ def peft_export(config: Any) -> tuple[Any, str, bool]:
             f"peft's {method} layers accept nn.Linear only, not stock HF GPT-2's Conv1D, so an exported "
             "adapter could not load there; use save_adapters(dir), or export_hf(dir) for the merged model"
         )
-    return peft_config_for(config, fan_in_fan_out=True), ADAPTER_NAME, method_status(method) == "prompt"
+    fill = export_state if method_status(method) == "prompt" else None  # peft saves the encoder's output
+    return peft_config_for(config, fan_in_fan_out=True), ADAPTER_NAME, fill
 
 
 def peft_quantize_refusal(config: Any) -> str | None:
@@ -885,6 +888,7 @@ register(
         needs_data_init=uses_eva,
         quantize_refusal=peft_quantize_refusal,
         peft_export=peft_export,
+        prefix_positions=num_virtual_tokens,
         capture_blocker=lambda model, config: (
             f"peft's {config.peft_method} reads or copies host values in every forward (its task ids / token indices)"
             if config.peft_method in HOST_VALUE_METHODS

@@ -20,7 +20,7 @@ Everything downstream sees only the real tokens: `GPT2Model` prepends the virtua
 cache with the prefix) and returns hidden states for the input's own T positions. The padding mask is
 extended over the virtual tokens (always attended), the heads read the last real token, the sonnet
 loss covers the same positions as without virtual tokens, and generation keeps the virtual tokens in
-its KV cache (`KVCache.virtual`).
+its KV cache (`KVCache.prefix_length`).
 
 Identity at init: no. The virtual tokens are attended from the first step (a zero prefix still takes
 softmax mass), so the adapted model differs from the base at init; the method table says so.
@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from modules.variant import ForwardChange
 
 PROMPT_METHODS = ("prefix_tuning", "p_tuning", "prompt_tuning")
 DEFAULT_VIRTUAL_TOKENS = 20  # peft's examples for GPT-2-sized models; `num_virtual_tokens` overrides it
@@ -61,7 +63,7 @@ class PrefixCache:
 
     def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.pairs = pairs
-        self.length = self.virtual = pairs[0][0].shape[2]
+        self.length = self.prefix_length = pairs[0][0].shape[2]
         self.extras: dict = {}
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,16 +71,20 @@ class PrefixCache:
         return torch.cat([prefix_k.to(k.dtype), k], dim=2), torch.cat([prefix_v.to(v.dtype), v], dim=2)
 
 
-class VirtualTokens(nn.Module):
+class VirtualTokens(ForwardChange):
     """peft's prompt encoder (`self.peft`, the `peft` parameter namespace) and how its output enters
-    GPT-2: as input embeddings (`kind == "embeddings"`) or as per-layer keys/values (`"prefix"`)."""
+    GPT-2 (the ForwardChange hooks): as a prefix of input embeddings (`kind == "embeddings"`) or of
+    per-layer keys and values (`"prefix"`)."""
+
+    decode_blocker = "prompt learning's virtual tokens"
+    capture_blocker = "prompt learning's virtual tokens (that path has not yet been run under CUDA graphs on a GPU)"
 
     def __init__(self, encoder: nn.Module, method: str, num_virtual_tokens: int, config: Any) -> None:
         super().__init__()
         self.peft = encoder
         self.method = method
         self.kind = "prefix" if method == "prefix_tuning" else "embeddings"
-        self.num_virtual_tokens = num_virtual_tokens
+        self.num_virtual_tokens = self.prefix_length = num_virtual_tokens
         self.n_layer, self.n_head, self.head_dim = config.n_layer, config.n_head, config.n_embd // config.n_head
         self.register_buffer("indices", torch.arange(num_virtual_tokens), persistent=False)
 
@@ -91,8 +97,8 @@ class VirtualTokens(nn.Module):
         with torch.autocast(self.indices.device.type, enabled=False):
             return self.peft(self.indices[None])  # (1, n, C) or (1, n, 2 L C)
 
-    def embeddings(self, batch: int) -> torch.Tensor:
-        return self.encode().expand(batch, -1, -1)
+    def prefix_embeddings(self, batch: int) -> torch.Tensor | None:
+        return self.encode().expand(batch, -1, -1) if self.kind == "embeddings" else None
 
     def prefix(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (keys, values), each (B, H, n, D), laid out as peft's get_prompt lays them out."""
@@ -101,7 +107,7 @@ class VirtualTokens(nn.Module):
         kv = kv.expand(-1, batch, -1, -1, -1)  # (2L, B, H, n, D)
         return [(kv[2 * layer], kv[2 * layer + 1]) for layer in range(self.n_layer)]
 
-    def fill(self, kv_cache: Any, batch: int) -> Any:
+    def prefix_cache(self, kv_cache: Any, batch: int) -> Any:
         """The prefix as the cache every layer reads: written into a generation `KVCache` (its first n
         slots), or a `PrefixCache` for a forward without one."""
         pairs = self.prefix(batch)
@@ -111,7 +117,7 @@ class VirtualTokens(nn.Module):
         for layer, (k, v) in enumerate(pairs):
             kv_cache.keys[layer][:, :, :n] = k
             kv_cache.values[layer][:, :, :n] = v
-        kv_cache.length = kv_cache.virtual = n
+        kv_cache.length = kv_cache.prefix_length = n
         return kv_cache
 
 
@@ -130,7 +136,9 @@ def build_encoder(model: nn.Module, peft_config: Any) -> nn.Module:
 def attach_virtual_tokens(model: nn.Module, config: Any, peft_config: Any) -> None:
     encoder = build_encoder(model, peft_config)
     method = peft_config.peft_type.value.lower()
-    model.transformer.virtual_tokens = VirtualTokens(encoder, method, peft_config.num_virtual_tokens, config)
+    model.transformer.add_forward_change(
+        "virtual_tokens", VirtualTokens(encoder, method, peft_config.num_virtual_tokens, config)
+    )
 
 
 def check_virtual_tokens(config: Any, peft_config: Any) -> None:

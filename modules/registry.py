@@ -122,6 +122,11 @@ def capture_blocker(model: nn.Module, config: Any) -> str | None:
     return next((reason for reason in reasons if reason), None)
 
 
+def prefix_positions(config: Any) -> int:
+    """Positions the enabled variants' forward changes put ahead of the input (0 without any)."""
+    return sum(v.prefix_positions(config) for v in enabled_variants(config) if v.prefix_positions is not None)
+
+
 def has_step_hooks(config: Any) -> bool:
     return any(v.after_step is not None and v.needs_after_step(config) for v in enabled_variants(config))
 

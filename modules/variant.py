@@ -273,6 +273,80 @@ class Settings:
         return _type_hints(cls)
 
 
+class ForwardChange(nn.Module):
+    """What a variant that changes GPT-2's forward pass, not a layer, attaches to the backbone with
+    `model.transformer.add_forward_change(name, module)` (its parameters then sit under
+    `transformer.<name>.`). It overrides the hooks it needs; GPT2Model calls them and names no method.
+
+    * **A prefix** of `prefix_length` positions ahead of the input, made at a sequence's first forward:
+      `prefix_embeddings(batch)` gives (B, n, C) input embeddings put in front of the tokens' (prompt
+      tuning, P-tuning), or, where that gives None, `prefix_cache(kv_cache, batch)` gives a cache whose
+      first n entries of every layer are the prefix's keys and values (prefix tuning). The prefix takes
+      positions 0..n-1 and is always attended; real tokens count from n over real tokens only; only the
+      input's own positions come out. The variant's `prefix_positions` hook says n from the config alone
+      (for length checks before a model exists).
+    * **Its own passes** over the blocks: `run_blocks(blocks, x, kv_cache, final_norm)`, where
+      `blocks(h, cache)` runs every block once (X-LoRA: a scaling pass, then the pass with its scalings).
+
+    `decode_blocker` / `capture_blocker`: why a static-cache decode / a CUDA-graph capture cannot run it
+    (None: it can). Identity at init is the variant's to state (its method record or docstring).
+    """
+
+    prefix_length: int = 0
+    decode_blocker: str | None = None
+    capture_blocker: str | None = None
+
+    def prefix_embeddings(self, batch: int) -> torch.Tensor | None:
+        return None
+
+    def prefix_cache(self, kv_cache: Any, batch: int) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} has a prefix but neither embeddings nor a cache")
+
+    def run_blocks(
+        self, blocks: Callable[[torch.Tensor, Any], torch.Tensor], x: torch.Tensor, kv_cache: Any, final_norm: nn.Module
+    ) -> torch.Tensor:
+        return blocks(x, kv_cache)
+
+    @property
+    def own_passes(self) -> bool:
+        return type(self).run_blocks is not ForwardChange.run_blocks
+
+
+class ForwardChangeHost(nn.Module):
+    """A backbone that forward changes attach to: GPT2Model, and the weightless skeleton peft's size checks
+    build. It keeps the changes' names in attach order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forward_changes: list[str] = []
+
+    def add_forward_change(self, name: str, change: ForwardChange) -> None:
+        """Attach a variant's change of the forward pass as `self.<name>` (at most one prefix and one
+        owner of the passes: two would each assume they see the plain model)."""
+        if not isinstance(change, ForwardChange):
+            raise TypeError(f"{name}: a forward change is a modules.variant.ForwardChange, not {type(change).__name__}")
+        for kind, taken in (("prefix", self.prefix), ("own passes", self.passes)):
+            has = change.prefix_length > 0 if kind == "prefix" else change.own_passes
+            if has and taken is not None:
+                raise ValueError(f"{name}: the model already has a forward change with a {kind}")
+        self.add_module(name, change)
+        self.forward_changes.append(name)
+
+    @property
+    def changes(self) -> list[ForwardChange]:
+        return [getattr(self, name) for name in self.forward_changes]
+
+    @property
+    def prefix(self) -> ForwardChange | None:
+        """The forward change that puts positions ahead of the input, or None."""
+        return next((change for change in self.changes if change.prefix_length > 0), None)
+
+    @property
+    def passes(self) -> ForwardChange | None:
+        """The forward change that runs the blocks its own way, or None."""
+        return next((change for change in self.changes if change.own_passes), None)
+
+
 @dataclass(frozen=True)
 class Variant:
     """What a variant is, in one record. `config` arguments are the full model config (duck-typed)."""
@@ -304,9 +378,13 @@ class Variant:
     # batches), each batch a dict of input_ids and attention_mask from the run's training data.
     data_init: Callable[[nn.Module, Any, list[dict[str, torch.Tensor]]], None] | None = None
     needs_data_init: Callable[[Any], bool] = lambda config: True
-    # the variant as one adapter in peft's own format for stock HF GPT-2 (model.export_peft):
-    # (peft config, this model's adapter name, whether it is prompt learning); ValueError says why not
-    peft_export: Callable[[Any], tuple[Any, str, bool]] | None = None
+    # the variant as one adapter in peft's own format for stock HF GPT-2 (model.export_peft): (peft config,
+    # this model's adapter name, None or a function (model, peft model) that fills the peft model itself
+    # instead of the adapter tensors being copied by name); ValueError says why not
+    peft_export: Callable[[Any], tuple[Any, str, Callable[[nn.Module, Any], None] | None]] | None = None
+    # how many positions the variant's forward change puts ahead of the input (ForwardChange), from the
+    # config alone: the model's length checks count them before a model exists
+    prefix_positions: Callable[[Any], int] | None = None
     # why a quantised base (--quantize) cannot carry this variant as configured, or None
     quantize_refusal: Callable[[Any], str | None] | None = None
     # why CUDA graphs must not capture a forward of this variant (e.g. it reads host values), or None

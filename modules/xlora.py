@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from modules.variant import ForwardChange
+
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 NOT_IDENTITY = "a fresh classifier already mixes the experts (softmax ≈ 1/K each): the model starts as their average"
@@ -237,8 +239,12 @@ class XLoraLinear(nn.Module):
         return result
 
 
-class ExpertMixer(nn.Module):
-    """peft's X-LoRA classifier (`self.peft`, the `peft` parameter namespace) and the two-pass forward."""
+class ExpertMixer(ForwardChange):
+    """peft's X-LoRA classifier (`self.peft`, the `peft` parameter namespace) and the two-pass forward
+    (the ForwardChange hook `run_blocks`)."""
+
+    decode_blocker = "X-LoRA's two passes"
+    capture_blocker = "X-LoRA's two passes (that path has not yet been run under CUDA graphs on a GPU)"
 
     def __init__(self, width: int, n_experts: int, n_layers: int, options: Any, scalings: Scalings) -> None:
         super().__init__()
@@ -270,7 +276,7 @@ class ExpertMixer(nn.Module):
         scalings = logits.reshape(batch, length, self.n_layers, self.n_experts)
         return torch.softmax(scalings / self.temperature, dim=-1) if self.softmax else scalings
 
-    def run(
+    def run_blocks(
         self,
         layers: Callable[[torch.Tensor, Any], torch.Tensor],
         x: torch.Tensor,
@@ -337,4 +343,6 @@ def attach_xlora(model: nn.Module, config: Any, options: Any) -> None:
     for name, param in model.named_parameters():
         if ".peft." in name and ".lora_" in name:
             param.requires_grad_(bool(options.use_trainable_adapters))
-    model.transformer.expert_mixer = ExpertMixer(config.n_embd, len(experts), n_layers, options, scalings)
+    model.transformer.add_forward_change(
+        "expert_mixer", ExpertMixer(config.n_embd, len(experts), n_layers, options, scalings)
+    )

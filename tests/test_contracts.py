@@ -341,6 +341,96 @@ def test_a_variant_in_one_file_gets_everything(toy_variant, tiny_ckpt, tokenizer
     assert record["parameters"]["trainable"] == 2 + head  # the two block scalars + the sentiment head
 
 
+# ---- a variant that changes the forward pass, from one file -------------------------------------
+
+TOY_PREFIX_VARIANT = '''
+"""Toy forward change: `memory_tokens` learned embeddings ahead of the input (an embedding prefix)."""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from modules.variant import ForwardChange, LrPrior, Settings, Variant, knob, register
+
+
+@dataclass(frozen=True)
+class MemorySettings(Settings):
+    use_memory: bool = knob(False, "learned memory embeddings ahead of the input", switch=True)
+    memory_tokens: int = knob(3, "how many", low=1)
+
+
+class Memory(ForwardChange):
+    decode_blocker = "toy memory tokens"
+
+    def __init__(self, n, width):
+        super().__init__()
+        self.prefix_length = n
+        self.memory_slots = nn.Parameter(torch.randn(n, width) * 0.02)
+
+    def prefix_embeddings(self, batch):
+        return self.memory_slots.expand(batch, -1, -1)
+
+
+def attach(model, config):
+    model.transformer.add_forward_change("memory", Memory(config.memory_tokens, config.n_embd))
+
+
+register(Variant(name="memory", settings=MemorySettings, enabled=lambda c: c.use_memory, attach=attach,
+                 tag=lambda c: f"memory{c.memory_tokens}", namespace="memory_slots",
+                 prefix_positions=lambda c: c.memory_tokens if c.use_memory else 0,
+                 not_mergeable="extra inputs, not a weight", lr_prior=LrPrior(1e-3, 1e-2, "toy variant")))
+'''
+
+
+@pytest.fixture
+def toy_prefix_variant(tmp_path, monkeypatch):
+    (tmp_path / "toy_memory_variant.py").write_text(textwrap.dedent(TOY_PREFIX_VARIANT))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    module = importlib.import_module("toy_memory_variant")
+    yield module
+    VARIANTS.pop("memory", None)
+    sys.modules.pop("toy_memory_variant", None)
+
+
+@pytest.mark.slow
+def test_a_variant_that_changes_the_forward_pass_in_one_file_gets_everything(
+    toy_prefix_variant, tiny_ckpt, tokenizer_dir, tmp_path
+):
+    """An embedding prefix through the ForwardChange hooks alone (nothing in model/ names it): only the
+    input's positions come out, padding and causality hold, generation keeps the prefix in its cache,
+    the length checks count it, and the command line trains it as an adapter."""
+    from tests.test_variants import ids_batch
+
+    no_dropout = {"embd_pdrop": 0.0, "attn_pdrop": 0.0, "resid_pdrop": 0.0}
+    model = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0], **no_dropout, use_memory=True, memory_tokens=3).eval()
+    assert model.config.input_positions == model.config.n_positions - 3
+    assert model.transformer.prefix is model.transformer.memory and set(model.adapter_params.values()) == {"memory"}
+    ids = ids_batch()
+    with torch.no_grad():
+        logits = model(ids).logits
+        assert logits.shape[:2] == ids.shape
+        base = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0], **no_dropout).eval()
+        assert (logits - base(ids).logits).abs().max() > 1e-4  # the prefix is attended
+        changed = ids.clone()
+        changed[:, 8:] = (changed[:, 8:] + 1) % 1000
+        assert torch.equal(logits[:, :8], model(changed).logits[:, :8])  # causal
+        mask = torch.ones_like(ids)
+        mask[0, :4] = 0  # left padding: the row's real tokens see what they see unpadded
+        assert (model(ids, attention_mask=mask).logits[0, 4:] - model(ids[:1, 4:]).logits[0]).abs().max() <= 1e-5
+        out = model.generate(ids[:, :5], max_new_tokens=4, do_sample=False)
+        for step in range(4):  # each token decoded from the cache is the full forward's greedy choice
+            assert torch.equal(model(out[:, : 5 + step]).logits[:, -1].argmax(-1), out[:, 5 + step])
+    with pytest.raises(ValueError, match="3 virtual tokens"):
+        model.generate(ids[:, :5], max_new_tokens=model.config.n_positions - 6)
+    out_dir = tmp_path / "runs"
+    flags = ["--dataset", "sst", *run_paths(tiny_ckpt[0], tokenizer_dir, out_dir), *QUICK, "--use_memory"]
+    assert sentiment.main(flags) == 0
+    record = json.loads((next(out_dir.glob("sst-memory3-*")) / "config.json").read_text())
+    assert record["variants"] == ["memory"] and record["parameters"]["trainable"] == 3 * 32 + 32 * 5 + 5
+
+
 # ---- layering ----------------------------------------------------------------------------------
 
 
