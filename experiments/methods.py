@@ -17,11 +17,9 @@ from pathlib import Path
 from modules.peft_methods import (
     EXPERT_MIXTURES,
     LINEAR_ONLY,
-    NOT_IDENTITY_AT_INIT,
-    NOT_MERGEABLE,
+    METHODS,
     PROMPT_LEARNING,
     REFUSED,
-    REQUIRED_FIELDS,
     STANDALONE,
     STOCK_GPT2,
     SUPPORTED,
@@ -107,7 +105,7 @@ def variants(smoke: bool) -> dict[str, list[str]]:
     rows = dict(OWN_VARIANTS)
     for method in STANDALONE:  # (xlora mixes finished LoRA runs: docs/experiments.md shows how to run it after a grid)
         flags = ["--peft_method", method]
-        fields = {**REQUIRED_FIELDS.get(method, {}), **(SMOKE_SIZES.get(method, {}) if smoke else {})}
+        fields = {**METHODS[method].required, **(SMOKE_SIZES.get(method, {}) if smoke else {})}
         if fields:
             flags += ["--peft_config", json.dumps(fields)]
         rows[f"peft_{method}"] = flags
@@ -173,8 +171,9 @@ def methods_table() -> str:
             where = "no: its experts are LoRA runs (export those); the classifier has no stock form here"
         else:
             where = "no: peft's layer takes nn.Linear only"
-        identity = "no: " + NOT_IDENTITY_AT_INIT[method] if method in NOT_IDENTITY_AT_INIT else "yes"
-        merges = "no: " + NOT_MERGEABLE[method] if method in NOT_MERGEABLE else "yes"
+        record = METHODS[method]
+        identity = "no: " + record.not_identity_at_init if record.not_identity_at_init else "yes"
+        merges = "no: " + record.not_mergeable if record.not_mergeable else "yes"
         rows.append(f"| `{method}` | supported | {default_targets(method)} | {identity} | {merges} | {where} |")
     for method, reason in sorted(REFUSED.items()):
         rows.append(f"| `{method}` | refused: {reason} | | | | |")

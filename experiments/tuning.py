@@ -22,7 +22,7 @@ diverged gets no rate and no final runs (ablate exits 1, and stages that need it
 and `flat` when every candidate scored the same.
 
 Each method declares its prior range where it is registered (modules/variant.py `LrPrior`: our variants
-in their files, the peft methods in modules/peft_methods.py `LR_PRIORS`, each with its source). A run
+in their files, the peft methods in modules/peft_methods.py `METHODS`, each record's `lr` with its source). A run
 that trains more than adapters searches its fine-tune mode's range (train/base/settings.py `MODE_LR_PRIORS`).
 When several variants are enabled at once (LoRA-KAN), the range is the hull of their ranges.
 

@@ -11,7 +11,7 @@ the adapters on top of the quantised base, not against the float base (the quant
 
 Supported: LoRA and its options except PiSSA (rsLoRA, DoRA, LoRA+), KoRA, the graph branch, LoRA-KAN
 (not KOLMG-DoRA), prompt learning, and the peft methods whose peft layer accepts bitsandbytes layers
-(`BNB_PEFT_METHODS`). The rest are refused with the reason (`check_quantize`).
+(a method record's `quantized_base`, modules/peft_methods.py). The rest are refused with the reason (`check_quantize`).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@
                                 OFT y = (R W) x with R orthogonal, LoHa ΔW = (B₁A₁) ⊙ (B₂A₂), ...)
 
 Identity at init: where the method defines it (peft initialises the update to zero or R = I), the
-adapted model equals the base exactly; `NOT_IDENTITY_AT_INIT` lists the methods whose peft default
-initialisation is not the identity, with the reason. Each method runs through peft's own tuner
+adapted model equals the base exactly; a method's record (`METHODS`) says where its peft default
+initialisation is not the identity, and why. Each method runs through peft's own tuner
 class (`PEFT_TYPE_TO_TUNER_MAPPING`), which also builds the shared state of VeRA-like methods.
 
 Targets default to GPT-2's attention and MLP linears, named as in HF GPT-2 (`c_attn`, `c_proj`,
@@ -35,19 +35,26 @@ import torch
 from torch import nn
 
 from modules.lora_linear import use_fused_lora
+from modules.prompt_learning import METHODS as PROMPT_LEARNING_METHODS
 from modules.prompt_learning import (
-    DEFAULT_VIRTUAL_TOKENS,
-    NOT_IDENTITY,
-    PROMPT_METHODS,
     attach_virtual_tokens,
     check_virtual_tokens,
     derived_fields,
     export_state,
     num_virtual_tokens,
 )
-from modules.variant import ForwardChangeHost, JSONObject, LrPrior, Settings, Variant, knob, no_weight_init, register
-from modules.xlora import NOT_IDENTITY as XLORA_NOT_IDENTITY
-from modules.xlora import NOT_MERGEABLE as XLORA_NOT_MERGEABLE
+from modules.variant import (
+    ForwardChangeHost,
+    JSONObject,
+    LrPrior,
+    PeftMethod,
+    Settings,
+    Variant,
+    knob,
+    no_weight_init,
+    register,
+)
+from modules.xlora import METHOD as XLORA
 from modules.xlora import attach_xlora, resolve_experts
 
 ADAPTER_NAME = "peft"
@@ -61,22 +68,204 @@ ALL_LINEAR = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 # peft fills these from its per-architecture mappings when they are left out (`_prepare_adapter_config`).
 MAPPED_FIELDS = ("target_modules", "feedforward_modules")
 
-# Methods whose peft layer takes HF's Conv1D (fan_in_fan_out): parity with stock HF GPT-2 + peft,
-# and export_peft output loads with PeftModel.from_pretrained(stock GPT-2, dir).
-STOCK_GPT2 = (
-    "adalora deft fourierft frod gralora hira ia3 ln_tuning lora pvera randlora tinylora trainable_tokens unilora "
-    "vblora vera waveft"
-).split()
-# Methods whose peft layer takes nn.Linear only: parity with HF GPT-2 whose Conv1D are nn.Linear.
-LINEAR_ONLY = (
-    "adamss beft boft c3a delora glora hra lily loha lokr miss oft peanut poly psoft road shira supertuning"
-).split()
-# Prompt learning (modules/prompt_learning.py): virtual tokens through peft's encoders; exported for stock GPT-2.
-PROMPT_LEARNING = PROMPT_METHODS
-# A mixture of LoRA experts read from earlier runs (modules/xlora.py): its classifier and layers are our own,
-# following peft's XLoraModel, which wraps HF models only.
-EXPERT_MIXTURES = ("xlora",)
-SUPPORTED = tuple(sorted(STOCK_GPT2 + LINEAR_ONLY + list(PROMPT_LEARNING) + list(EXPERT_MIXTURES)))
+# Every supported method, one record each (modules/variant.py, PeftMethod). Learning-rate ranges: from peft's
+# own method comparison (huggingface/peft method_comparison/MetaMathQA, Llama-3.2-3B: every method runs at its
+# default_training_params.json's 1e-4 unless its experiment's training_params.json overrides it) and papers.
+# Defaults peft has none for: AdaLoRA's schedule needs the run's step count, known only when training starts
+# (a placeholder, replaced at the first step: adalora_after_step); poly gets one routing row per task this
+# code knows (TASK_COUNT), so a task's id is the same in every run (model.for_task); trainable tokens adapt rows
+# of the token embedding, which the tied LM head follows. Required fields, as the presets give them: trainable
+# tokens, the paraphrase cloze head's answer tokens " no" and " yes"; BEFT (no GPT-2 targets in peft), c_attn.
+_MC = "peft's method comparison (method_comparison/MetaMathQA)"
+_DEFAULT_ONLY = f"{_MC} runs it at the suite's default 1e-4 and sets no rate of its own; LoRA's decade above"
+METHODS: dict[str, PeftMethod] = {
+    method.name: method
+    for method in (
+        PeftMethod(
+            "adalora",
+            "stock",
+            LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
+            defaults={"total_step": ADALORA_PLACEHOLDER_STEPS},
+            quantized_base=True,
+        ),
+        PeftMethod("adamss", "linear", LrPrior(1e-4, 1e-3, f"{_MC}: experiments/adamss/llama-3.2-3B-rank32 sets 1e-4")),
+        PeftMethod(
+            "beft",
+            "linear",
+            LrPrior(1e-4, 3e-3, f"{_MC}: 1e-4 (v_proj only, below LoRA-like methods); searched up to 3e-3"),
+            required={"target_modules": ["c_attn"]},
+        ),
+        PeftMethod("boft", "linear", LrPrior(1e-4, 1e-3, _DEFAULT_ONLY)),
+        PeftMethod(
+            "c3a",
+            "linear",
+            LrPrior(3e-2, 3e-1, f"{_MC}: experiments/c3a/llama-3.2-3B-default trains at 3e-1"),
+            not_identity_at_init=(
+                "peft's default init draws the circulant kernels at random (init_weights='xavier_uniform')"
+            ),
+        ),
+        PeftMethod("deft", "stock", LrPrior(1e-4, 1e-3, _DEFAULT_ONLY)),
+        PeftMethod(
+            "delora", "linear", LrPrior(3e-4, 3e-3, f"{_MC}: results/delora--llama-3.2-3B-rank32 trained at 1e-3")
+        ),
+        PeftMethod(
+            "fourierft",
+            "stock",
+            LrPrior(
+                1e-2,
+                3e-1,
+                "FourierFT (Gao et al., 2024) trains its spectral coefficients at 2e-1..3e-1 (the authors' ViT "
+                f"scripts); {_MC} at 1e-4 fails (GSM8K 0.001)",
+            ),
+            not_identity_at_init="peft's default init_weights=False draws a random spectrum",
+        ),
+        PeftMethod(
+            "frod", "stock", LrPrior(1e-4, 1e-3, f"{_MC}: 1e-4 by default, a 1e-3 experiment (sparse0.02-lr_0.001)")
+        ),
+        PeftMethod(
+            "glora",
+            "linear",
+            LrPrior(1e-4, 1e-3, f"{_MC}: 1e-4 by default, 5e-4 in experiments/glora/llama-3.2-3B-vector-paths"),
+        ),
+        PeftMethod(
+            "gralora", "stock", LrPrior(1e-4, 1e-3, f"{_MC}: experiments/gralora/llama-3.2-3B-rank32 sets 2e-4")
+        ),
+        PeftMethod(
+            "hira",
+            "stock",
+            LrPrior(1e-3, 1e-2, f"{_MC}: experiments/hira/llama-3.2-3B-rank32-lr4.5e-3 sets 4.5e-3"),
+            quantized_base=True,
+        ),
+        PeftMethod("hra", "linear", LrPrior(1e-4, 1e-3, _DEFAULT_ONLY)),
+        PeftMethod(
+            "ia3",
+            "stock",
+            LrPrior(
+                1e-3,
+                1e-2,
+                f"{_MC}: experiments/ia3/llama-3.2-3B-all-attn-5k-lr0.005 sets 5e-3 (the default 1e-4 trails LoRA); "
+                "T-Few (Liu et al., 2022) trains IA3 at 3e-3",
+            ),
+            quantized_base=True,
+        ),
+        PeftMethod(
+            "lily",
+            "linear",
+            LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
+            not_mergeable="peft 0.21.2 has no merge for Lily's shared routers",
+        ),
+        PeftMethod(
+            "ln_tuning",
+            "stock",
+            LrPrior(3e-4, 1e-2, f"{_MC} at 1e-4 fails (GSM8K 0.0): layer-norm gains need more, like biases"),
+        ),
+        PeftMethod("loha", "linear", LrPrior(1e-4, 1e-3, _DEFAULT_ONLY)),
+        PeftMethod(
+            "lokr",
+            "linear",
+            LrPrior(
+                1e-4, 3e-3, f"{_MC}: 1e-4 (rank32) and 3e-3 (experiments/lokr/llama-3.2-3B-rank32-factor4-lr0.003)"
+            ),
+        ),
+        PeftMethod(
+            "lora",
+            "stock",
+            LrPrior(1e-4, 1e-3, f"{_MC}: experiments/lora/llama-3.2-3B-rank32 sets 1e-4; LoRA on GPT-2 used 2e-4"),
+            quantized_base=True,
+        ),
+        PeftMethod("miss", "linear", LrPrior(1e-4, 1e-3, _DEFAULT_ONLY)),
+        PeftMethod("oft", "linear", LrPrior(1e-4, 1e-3, _DEFAULT_ONLY)),
+        PeftMethod("peanut", "linear", LrPrior(1e-4, 1e-3, _DEFAULT_ONLY)),
+        PeftMethod(
+            "poly",
+            "linear",
+            LrPrior(1e-4, 1e-3, "not in peft's method comparison: its skills are LoRAs, so LoRA's range"),
+            defaults={"n_tasks": TASK_COUNT},
+            not_mergeable=(
+                "its update depends on the task (a router mixes the LoRA skills per task): no one weight holds it"
+            ),
+            host_values=True,
+        ),
+        PeftMethod("psoft", "linear", LrPrior(1e-4, 1e-3, _DEFAULT_ONLY)),
+        PeftMethod(
+            "pvera",
+            "stock",
+            LrPrior(1e-3, 1e-2, f"{_MC}: experiments/pvera/llama-3.2-3B-default sets 3e-3"),
+            quantized_base=True,
+        ),
+        PeftMethod("randlora", "stock", LrPrior(1e-4, 1e-3, _DEFAULT_ONLY), quantized_base=True),
+        PeftMethod(
+            "road",
+            "linear",
+            LrPrior(3e-4, 3e-3, f"{_MC}: experiments/road/llama-3.2-3B-lr_0.001 sets 1e-3"),
+            quantized_base=True,
+        ),
+        PeftMethod(
+            "shira",
+            "linear",
+            LrPrior(1e-4, 1e-3, f"{_MC}: experiments/shira/llama-3.2-3B-lr_0.0003-random_seed_42 sets 3e-4"),
+        ),
+        PeftMethod("supertuning", "linear", LrPrior(1e-4, 1e-3, _DEFAULT_ONLY)),
+        PeftMethod(
+            "tinylora",
+            "stock",
+            LrPrior(1e-3, 3e-2, f"{_MC}: results/tinylora--llama-3.2-3B-default trained at 1e-3 and failed"),
+        ),
+        PeftMethod(
+            "trainable_tokens",
+            "stock",
+            LrPrior(
+                1e-2, 2e-1, f"{_MC}: experiments/trainable_tokens/llama-3.2-3B-sos+eos sets 0.2 (embedding rows only)"
+            ),
+            defaults={"target_modules": ["wte"]},
+            required={"token_indices": [3919, 8505]},
+            host_values=True,
+        ),
+        PeftMethod(
+            "unilora",
+            "stock",
+            LrPrior(
+                1e-3,
+                1e-2,
+                f"{_MC}: 2e-3 in experiments/unilora/llama-3.2-3B-r4-td131072-lr0.002 (1e-4 fails, GSM8K 0.002)",
+            ),
+            not_identity_at_init="its shared vector is drawn at random",
+        ),
+        PeftMethod(
+            "vblora",
+            "stock",
+            LrPrior(1e-4, 1e-3, f"{_MC}: 1e-4 by default, 5e-4 in experiments/vblora/llama-3.2-3B-bank1024-lr5e4"),
+            not_identity_at_init="the logits that pick vectors from the bank are random, so the update is not zero",
+        ),
+        PeftMethod(
+            "vera",
+            "stock",
+            LrPrior(
+                1e-3,
+                1e-2,
+                f"{_MC}: results/vera--llama-3.2-3B-default trained at 1e-3; VeRA (Kopiczko et al., 2024) trains "
+                "higher",
+            ),
+        ),
+        PeftMethod(
+            "waveft",
+            "stock",
+            LrPrior(1e-4, 3e-3, f"{_MC}: 1e-4 (n_frequency 5000, below LoRA-like methods); searched up to 3e-3"),
+        ),
+        *PROMPT_LEARNING_METHODS,  # modules/prompt_learning.py: virtual tokens through peft's encoders
+        XLORA,  # modules/xlora.py: our classifier and layers, following peft's XLoraModel (HF models only)
+    )
+}
+
+
+def methods_running_as(kind: str) -> tuple[str, ...]:
+    """The supported methods of one kind (PeftMethod.runs_as), by name."""
+    return tuple(sorted(name for name, method in METHODS.items() if method.runs_as == kind))
+
+
+SUPPORTED = tuple(sorted(METHODS))
+STOCK_GPT2, LINEAR_ONLY = methods_running_as("stock"), methods_running_as("linear")
+PROMPT_LEARNING, EXPERT_MIXTURES = methods_running_as("prompt"), methods_running_as("experts")
 # The methods a config alone defines (X-LoRA also needs finished LoRA runs as its experts): what a grid
 # row or a cost-table row at peft's defaults can run.
 STANDALONE = tuple(m for m in SUPPORTED if m not in EXPERT_MIXTURES)
@@ -104,115 +293,6 @@ REFUSED = {
     "shadow": "rewrites the model config to add layers, which GPT2Config (immutable, validated) does not allow",
 }
 
-# Fields we give a default peft has none for (user fields override them). Targets are not among them:
-# `resolve_peft_defaults` takes those from peft's own per-architecture mappings for GPT-2.
-DEFAULT_FIELDS: dict[str, dict[str, Any]] = {
-    # one routing row per task this code knows (sst, cfimdb, quora, sonnet: TASK_COUNT), so a task's id
-    # is the same in every run (model.for_task); a single-task run trains its own row
-    "poly": {"n_tasks": TASK_COUNT},
-    # rows of the token embedding; the tied LM head follows them (attach_trainable_tokens)
-    "trainable_tokens": {"target_modules": ["wte"]},
-    # AdaLoRA's schedule needs the run's step count, known only when training starts: a placeholder
-    # here, replaced by the run's own count at its first step (adalora_after_step)
-    "adalora": {"total_step": ADALORA_PLACEHOLDER_STEPS},
-    **{method: {"num_virtual_tokens": DEFAULT_VIRTUAL_TOKENS} for method in PROMPT_METHODS},
-}
-# Fields a method has no default for, and the value the `methods` presets give it: for trainable_tokens,
-# the paraphrase cloze head's answer tokens " no" and " yes" (check_trainable_tokens names the field).
-# BEFT: peft has no GPT-2 targets for it (resolve_peft_defaults refuses it without them); the presets give it
-# c_attn, peft's GPT-2 default for most methods.
-REQUIRED_FIELDS: dict[str, dict[str, Any]] = {
-    "trainable_tokens": {"token_indices": [3919, 8505]},
-    "beft": {"target_modules": ["c_attn"]},
-}
-NOT_IDENTITY_AT_INIT = {
-    "fourierft": "peft's default init_weights=False draws a random spectrum",
-    "c3a": "peft's default init draws the circulant kernels at random (init_weights='xavier_uniform')",
-    "vblora": "the logits that pick vectors from the bank are random, so the update is not zero",
-    "unilora": "its shared vector is drawn at random",
-    **dict.fromkeys(PROMPT_METHODS, NOT_IDENTITY),
-    "xlora": XLORA_NOT_IDENTITY,
-}
-NOT_MERGEABLE = {
-    "lily": "peft 0.21.2 has no merge for Lily's shared routers",
-    "poly": "its update depends on the task (a router mixes the LoRA skills per task): no one weight holds it",
-    **dict.fromkeys(PROMPT_METHODS, "virtual tokens are extra inputs, not a change to any weight"),
-    "xlora": XLORA_NOT_MERGEABLE,
-}
-# The learning-rate range a grid's [tune] stage searches per method (experiments/tuning.py), from peft's own
-# method comparison (huggingface/peft method_comparison/MetaMathQA, Llama-3.2-3B: every method runs at its
-# default_training_params.json's 1e-4 unless its experiment's training_params.json overrides it) and papers.
-_MC = "peft's method comparison (method_comparison/MetaMathQA)"
-_DEFAULT_ONLY = f"{_MC} runs it at the suite's default 1e-4 and sets no rate of its own; LoRA's decade above"
-LR_PRIORS: dict[str, LrPrior] = {
-    "adalora": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
-    "adamss": LrPrior(1e-4, 1e-3, f"{_MC}: experiments/adamss/llama-3.2-3B-rank32 sets 1e-4"),
-    "beft": LrPrior(1e-4, 3e-3, f"{_MC}: 1e-4 (v_proj only, below LoRA-like methods); searched up to 3e-3"),
-    "boft": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
-    "c3a": LrPrior(3e-2, 3e-1, f"{_MC}: experiments/c3a/llama-3.2-3B-default trains at 3e-1"),
-    "deft": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
-    "delora": LrPrior(3e-4, 3e-3, f"{_MC}: results/delora--llama-3.2-3B-rank32 trained at 1e-3"),
-    "fourierft": LrPrior(
-        1e-2,
-        3e-1,
-        "FourierFT (Gao et al., 2024) trains its spectral coefficients at 2e-1..3e-1 (the authors' ViT scripts); "
-        f"{_MC} at 1e-4 fails (GSM8K 0.001)",
-    ),
-    "frod": LrPrior(1e-4, 1e-3, f"{_MC}: 1e-4 by default, a 1e-3 experiment (sparse0.02-lr_0.001)"),
-    "glora": LrPrior(1e-4, 1e-3, f"{_MC}: 1e-4 by default, 5e-4 in experiments/glora/llama-3.2-3B-vector-paths"),
-    "gralora": LrPrior(1e-4, 1e-3, f"{_MC}: experiments/gralora/llama-3.2-3B-rank32 sets 2e-4"),
-    "hira": LrPrior(1e-3, 1e-2, f"{_MC}: experiments/hira/llama-3.2-3B-rank32-lr4.5e-3 sets 4.5e-3"),
-    "hra": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
-    "ia3": LrPrior(
-        1e-3,
-        1e-2,
-        f"{_MC}: experiments/ia3/llama-3.2-3B-all-attn-5k-lr0.005 sets 5e-3 (the default 1e-4 trails LoRA); "
-        "T-Few (Liu et al., 2022) trains IA3 at 3e-3",
-    ),
-    "lily": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
-    "ln_tuning": LrPrior(3e-4, 1e-2, f"{_MC} at 1e-4 fails (GSM8K 0.0): layer-norm gains need more, like biases"),
-    "loha": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
-    "lokr": LrPrior(
-        1e-4, 3e-3, f"{_MC}: 1e-4 (rank32) and 3e-3 (experiments/lokr/llama-3.2-3B-rank32-factor4-lr0.003)"
-    ),
-    "lora": LrPrior(1e-4, 1e-3, f"{_MC}: experiments/lora/llama-3.2-3B-rank32 sets 1e-4; LoRA on GPT-2 used 2e-4"),
-    "miss": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
-    "oft": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
-    "p_tuning": LrPrior(1e-4, 5e-3, f"{_MC}: experiments/ptuning sweeps 5e-5, 5e-4, 1e-3 and 5e-3"),
-    "peanut": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
-    "poly": LrPrior(1e-4, 1e-3, "not in peft's method comparison: its skills are LoRAs, so LoRA's range"),
-    "prefix_tuning": LrPrior(1e-3, 1e-2, f"{_MC}: three experiments/prefixtuning runs set 5e-3"),
-    "prompt_tuning": LrPrior(
-        1e-3,
-        3e-1,
-        "prompt tuning (Lester et al., 2021) trains at 0.3 (T5, Adafactor); "
-        f"{_MC} sets 1e-3 (sample_vocab) and fails at 1e-4 (GSM8K 0.05)",
-    ),
-    "psoft": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
-    "pvera": LrPrior(1e-3, 1e-2, f"{_MC}: experiments/pvera/llama-3.2-3B-default sets 3e-3"),
-    "randlora": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
-    "road": LrPrior(3e-4, 3e-3, f"{_MC}: experiments/road/llama-3.2-3B-lr_0.001 sets 1e-3"),
-    "shira": LrPrior(1e-4, 1e-3, f"{_MC}: experiments/shira/llama-3.2-3B-lr_0.0003-random_seed_42 sets 3e-4"),
-    "supertuning": LrPrior(1e-4, 1e-3, _DEFAULT_ONLY),
-    "tinylora": LrPrior(1e-3, 3e-2, f"{_MC}: results/tinylora--llama-3.2-3B-default trained at 1e-3 and failed"),
-    "trainable_tokens": LrPrior(
-        1e-2, 2e-1, f"{_MC}: experiments/trainable_tokens/llama-3.2-3B-sos+eos sets 0.2 (embedding rows only)"
-    ),
-    "unilora": LrPrior(
-        1e-3, 1e-2, f"{_MC}: 2e-3 in experiments/unilora/llama-3.2-3B-r4-td131072-lr0.002 (1e-4 fails, GSM8K 0.002)"
-    ),
-    "vblora": LrPrior(1e-4, 1e-3, f"{_MC}: 1e-4 by default, 5e-4 in experiments/vblora/llama-3.2-3B-bank1024-lr5e4"),
-    "vera": LrPrior(
-        1e-3,
-        1e-2,
-        f"{_MC}: results/vera--llama-3.2-3B-default trained at 1e-3; VeRA (Kopiczko et al., 2024) trains higher",
-    ),
-    "waveft": LrPrior(1e-4, 3e-3, f"{_MC}: 1e-4 (n_frequency 5000, below LoRA-like methods); searched up to 3e-3"),
-    "xlora": LrPrior(
-        1e-4, 1e-3, "not in peft's method comparison: its classifier is a small new head over frozen LoRA experts"
-    ),
-}
-
 # peft config fields that describe a saved adapter, not the method; they are not ours to set.
 BOOKKEEPING = {
     *("peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "task_type"),
@@ -221,16 +301,10 @@ BOOKKEEPING = {
 
 
 def method_status(name: str) -> str:
-    """'stock', 'linear', 'prompt', 'experts', or the reason it is refused (ValueError for a name peft
-    does not have)."""
-    if name in PROMPT_LEARNING:
-        return "prompt"
-    if name in EXPERT_MIXTURES:
-        return "experts"
-    if name in STOCK_GPT2:
-        return "stock"
-    if name in LINEAR_ONLY:
-        return "linear"
+    """'stock', 'linear', 'prompt', 'experts' (its record's runs_as), or the reason it is refused
+    (ValueError for a name peft does not have)."""
+    if name in METHODS:
+        return METHODS[name].runs_as
     if name in REFUSED:
         return REFUSED[name]
     raise ValueError(f"peft has no method {name!r} (known: {', '.join(sorted([*SUPPORTED, *REFUSED]))})")
@@ -368,7 +442,7 @@ def peft_config_for(config: Any, fan_in_fan_out: bool = False):
         values.update(derived_fields(config), task_type="CAUSAL_LM")
     if config.peft_method == "xlora":
         values["hidden_size"] = config.n_embd
-    values.update(DEFAULT_FIELDS.get(config.peft_method, {}))
+    values.update(METHODS[config.peft_method].defaults)
     user = {k: v for k, v in (config.peft_config or {}).items() if k not in BOOKKEEPING}
     unknown = sorted(set(user) - set(fields))
     if unknown:
@@ -647,8 +721,8 @@ def merge_peft(model: nn.Module) -> None:
     from peft.utils.other import ModulesToSaveWrapper
 
     method = model.config.peft_method
-    if method in NOT_MERGEABLE:
-        raise ValueError(f"cannot merge exactly: peft {method}: {NOT_MERGEABLE[method]}")
+    if METHODS[method].not_mergeable:
+        raise ValueError(f"cannot merge exactly: peft {method}: {METHODS[method].not_mergeable}")
     layers = tuner_layers(model)
     # trainable tokens give the LM head a layer tied to the embedding's (the same rows at both ends), so
     # its merge writes one update that both ends already computed with
@@ -835,11 +909,6 @@ def peft_tag(config: Any) -> str:
     return tag
 
 
-# peft tuners with a bitsandbytes layer (peft/tuners/<method>/bnb.py in peft 0.21.2): a quantised base takes them
-BNB_PEFT_METHODS = ("adalora", "hira", "ia3", "lora", "pvera", "randlora", "road")
-HOST_VALUE_METHODS = ("poly", "trainable_tokens")  # their forward reads task ids / token indices on the host
-
-
 def peft_export(config: Any) -> tuple[Any, str, Any]:
     method = config.peft_method
     if method_status(method) == "experts":
@@ -858,18 +927,17 @@ def peft_export(config: Any) -> tuple[Any, str, Any]:
 
 def peft_quantize_refusal(config: Any) -> str | None:
     method = config.peft_method
-    if method not in BNB_PEFT_METHODS + tuple(PROMPT_LEARNING):  # prompt learning leaves the linears alone
-        return (
-            f"peft's {method} layer does not accept bitsandbytes layers (those that do: {', '.join(BNB_PEFT_METHODS)})"
-        )
-    return None
+    if METHODS[method].quantized_base:
+        return None
+    layers = sorted(m for m in STOCK_GPT2 + LINEAR_ONLY if METHODS[m].quantized_base)
+    return f"peft's {method} layer does not accept bitsandbytes layers (those that do: {', '.join(layers)})"
 
 
 register(
     Variant(
         name="peft",
         settings=PeftSettings,
-        lr_prior=lambda config: LR_PRIORS[config.peft_method],
+        lr_prior=lambda config: METHODS[config.peft_method].lr,
         enabled=lambda c: c.peft_method is not None,
         attach=attach_peft,
         tag=peft_tag,
@@ -891,7 +959,7 @@ register(
         prefix_positions=num_virtual_tokens,
         capture_blocker=lambda model, config: (
             f"peft's {config.peft_method} reads or copies host values in every forward (its task ids / token indices)"
-            if config.peft_method in HOST_VALUE_METHODS
+            if METHODS[config.peft_method].host_values
             else None
         ),
     )

@@ -33,11 +33,40 @@ from typing import Any
 import torch
 from torch import nn
 
-from modules.variant import ForwardChange
+from modules.variant import ForwardChange, LrPrior, PeftMethod
 
-PROMPT_METHODS = ("prefix_tuning", "p_tuning", "prompt_tuning")
 DEFAULT_VIRTUAL_TOKENS = 20  # peft's examples for GPT-2-sized models; `num_virtual_tokens` overrides it
-NOT_IDENTITY = "virtual tokens are attended from the first step, so outputs change at init (no zero update exists)"
+_MC = "peft's method comparison (method_comparison/MetaMathQA)"
+
+
+def _prompt_method(name: str, lr: LrPrior) -> PeftMethod:
+    return PeftMethod(
+        name,
+        "prompt",
+        lr,
+        defaults={"num_virtual_tokens": DEFAULT_VIRTUAL_TOKENS},
+        not_identity_at_init=(
+            "virtual tokens are attended from the first step, so outputs change at init (no zero update exists)"
+        ),
+        not_mergeable="virtual tokens are extra inputs, not a change to any weight",
+        quantized_base=True,  # the linears are left alone
+    )
+
+
+METHODS = (
+    _prompt_method("p_tuning", LrPrior(1e-4, 5e-3, f"{_MC}: experiments/ptuning sweeps 5e-5, 5e-4, 1e-3 and 5e-3")),
+    _prompt_method("prefix_tuning", LrPrior(1e-3, 1e-2, f"{_MC}: three experiments/prefixtuning runs set 5e-3")),
+    _prompt_method(
+        "prompt_tuning",
+        LrPrior(
+            1e-3,
+            3e-1,
+            "prompt tuning (Lester et al., 2021) trains at 0.3 (T5, Adafactor); "
+            f"{_MC} sets 1e-3 (sample_vocab) and fails at 1e-4 (GSM8K 0.05)",
+        ),
+    ),
+)
+PROMPT_METHODS = tuple(method.name for method in METHODS)
 
 
 def num_virtual_tokens(config: Any) -> int:

@@ -53,6 +53,36 @@ class LrPrior:
             raise ValueError("a learning-rate prior needs its source (paper, example, or why there is none)")
 
 
+@dataclass(frozen=True)
+class PeftMethod:
+    """One peft method as this model runs it, in one record (modules/peft_methods.py's METHODS; prompt
+    learning's records are in modules/prompt_learning.py, X-LoRA's in modules/xlora.py).
+
+    `runs_as`: "stock" (peft's layer takes HF's Conv1D: parity with stock HF GPT-2 + peft, and
+    `export_peft` writes an adapter stock GPT-2 loads), "linear" (peft's layer takes nn.Linear only:
+    parity with HF GPT-2 whose Conv1D are nn.Linear), "prompt" (virtual tokens through peft's encoders)
+    or "experts" (a mixture of finished LoRA runs). `defaults`: fields given where peft has no default
+    (user fields override them); `required`: fields with no default, and the value the `methods` presets
+    give. `not_identity_at_init` / `not_mergeable`: why not, where it is not. `quantized_base`: peft has a
+    bitsandbytes layer for it (peft/tuners/<method>/bnb.py), so it can sit on a `--quantize` base.
+    `host_values`: its forward reads host values (task ids, token indices), so CUDA graphs must not
+    capture it. `lr`: the range a grid's [tune] stage searches, with its source."""
+
+    name: str
+    runs_as: Literal["stock", "linear", "prompt", "experts"]
+    lr: LrPrior
+    defaults: dict[str, Any] = field(default_factory=dict)
+    required: dict[str, Any] = field(default_factory=dict)
+    not_identity_at_init: str = ""
+    not_mergeable: str = ""
+    quantized_base: bool = False
+    host_values: bool = False
+
+    def __post_init__(self) -> None:
+        if self.runs_as not in ("stock", "linear", "prompt", "experts"):
+            raise ValueError(f"peft method {self.name!r}: runs_as {self.runs_as!r} unknown")
+
+
 class JSONObject(dict):
     """A knob holding a JSON object (e.g. a peft method's config fields): a plain dict for json and
     `==`, read-only so a frozen config stays frozen."""

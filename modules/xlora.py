@@ -36,12 +36,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from modules.variant import ForwardChange
+from modules.variant import ForwardChange, LrPrior, PeftMethod
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-NOT_IDENTITY = "a fresh classifier already mixes the experts (softmax ≈ 1/K each): the model starts as their average"
-NOT_MERGEABLE = "each token weighs the experts by its own scalings: no one weight holds the update"
+METHOD = PeftMethod(
+    "xlora",
+    "experts",
+    LrPrior(1e-4, 1e-3, "not in peft's method comparison: its classifier is a small new head over frozen LoRA experts"),
+    not_identity_at_init=(
+        "a fresh classifier already mixes the experts (softmax ≈ 1/K each): the model starts as their average"
+    ),
+    not_mergeable="each token weighs the experts by its own scalings: no one weight holds the update",
+)
 # LoRA config fields an expert may use (values other than peft's defaults for the rest are refused)
 EXPERT_DEFAULTS = {
     "use_dora": False,

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from model import GPT2Config, GPT2LMHeadModel
 from model.trainable import set_trainable
 from modules.kan_ffn import matched_hidden_width
-from modules.peft_methods import REQUIRED_FIELDS, STANDALONE
+from modules.peft_methods import METHODS, STANDALONE
 from scripts.bench_utils import median_time, saved_activation_bytes
 from train.cli.exits import exit_status
 
@@ -51,8 +51,8 @@ OWN: dict[str, dict] = {
     # packed 4-bit weights as stored, two per byte)
     "QLoRA r=8 (NF4 base)": dict(use_lora=True, quantize="nf4"),
 }
-# each at peft's defaults (plus the fields peft has no default for: REQUIRED_FIELDS)
-PEFT = {f"peft {m}": dict(peft_method=m, peft_config=REQUIRED_FIELDS.get(m)) for m in STANDALONE}
+# each at peft's defaults (plus the fields peft has no default for: each record's `required`)
+PEFT = {f"peft {m}": dict(peft_method=m, peft_config=METHODS[m].required or None) for m in STANDALONE}
 # EVA: peft's LoRA (r=8) with A from the SVD of each layer's inputs; its init reads EVA_BATCHES batches
 PEFT["peft lora + EVA init"] = dict(peft_method="lora", peft_config={"init_lora_weights": "eva"})
 # X-LoRA: three random LoRA r=8 experts (c_attn, c_proj, c_fc), written as peft adapter folders for the

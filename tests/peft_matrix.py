@@ -30,7 +30,7 @@ from torch import nn
 from model import GPT2LMHeadModel
 from model.adapters import merge_adapters
 from model.trainable import set_trainable
-from modules.peft_methods import ADAPTER_NAME, LINEAR_ONLY, NOT_MERGEABLE, STOCK_GPT2
+from modules.peft_methods import ADAPTER_NAME, LINEAR_ONLY, METHODS, STOCK_GPT2
 
 ATOL = 1e-5
 VOCAB = 100
@@ -222,7 +222,7 @@ def compare(path: Path, method: str, fields: dict[str, Any]) -> Outcome:
             except Exception as error:  # noqa: BLE001
                 problems.append(f"export: {type(error).__name__}: {str(error)[:120]}")
     # 5. merge
-    if method not in NOT_MERGEABLE:
+    if not METHODS[method].not_mergeable:
         merged_ours = copy.deepcopy(ours)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

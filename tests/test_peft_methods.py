@@ -20,12 +20,11 @@ from model.config import GPT2Config
 from model.trainable import set_trainable
 from modules.peft_methods import (
     ADAPTER_NAME,
+    EXPERT_MIXTURES,
     LINEAR_ONLY,
-    NOT_IDENTITY_AT_INIT,
-    NOT_MERGEABLE,
+    METHODS,
     PROMPT_LEARNING,
     REFUSED,
-    REQUIRED_FIELDS,
     STANDALONE,
     STOCK_GPT2,
     SUPPORTED,
@@ -89,6 +88,27 @@ def test_every_installed_peft_method_is_supported_or_refused():
     assert installed == set(SUPPORTED) | set(REFUSED), "a peft method is neither supported nor refused"
 
 
+def test_each_method_is_one_record_and_the_lists_are_views_of_them():
+    """METHODS is the one table: every grouping and field the code reads comes from a method's record, and
+    the methods with their own path (prompt learning, X-LoRA) bring their records from their own files."""
+    import modules.prompt_learning
+    import modules.xlora
+    from modules.variant import LrPrior, PeftMethod
+
+    groups = [STOCK_GPT2, LINEAR_ONLY, PROMPT_LEARNING, EXPERT_MIXTURES]
+    assert sorted(m for group in groups for m in group) == sorted(METHODS) == list(SUPPORTED)
+    assert all(
+        METHODS[m].runs_as == kind
+        for group, kind in zip(groups, ("stock", "linear", "prompt", "experts"), strict=True)
+        for m in group
+    )
+    assert {m.name for m in modules.prompt_learning.METHODS} == set(PROMPT_LEARNING)
+    assert METHODS["xlora"] is modules.xlora.METHOD
+    assert all(isinstance(record, PeftMethod) and record.name == name for name, record in METHODS.items())
+    with pytest.raises(ValueError, match="runs_as 'conv' unknown"):
+        PeftMethod("new", "conv", LrPrior(1e-4, 1e-3, "a test"))
+
+
 # prompt learning: test_prompt_learning.py; poly needs the task: test_poly_routes_each_task_as_peft_does;
 # xlora needs LoRA experts: test_xlora.py
 @pytest.mark.parametrize("method", [m for m in STANDALONE if m not in (*PROMPT_LEARNING, "poly")])
@@ -99,7 +119,7 @@ def test_logits_equal_hf_plus_peft_and_identity_merge(wide_ckpt, method):
     fresh = GPT2LMHeadModel.from_pretrained(wide_ckpt, peft_method=method, peft_config=TEST_FIELDS.get(method)).eval()
     with torch.no_grad():
         gap_at_init = (fresh(ids).logits - base(ids).logits).abs().max().item()
-    if method in NOT_IDENTITY_AT_INIT:
+    if METHODS[method].not_identity_at_init:
         assert gap_at_init > ATOL  # the listed reason still holds: otherwise move the method off the list
     else:
         assert gap_at_init <= ATOL
@@ -121,7 +141,7 @@ def test_logits_equal_hf_plus_peft_and_identity_merge(wide_ckpt, method):
     }
     assert trained == peft_trained
 
-    if method in NOT_MERGEABLE:
+    if METHODS[method].not_mergeable:
         with pytest.raises(ValueError, match="cannot merge"):
             merge_adapters(ours)
     else:
@@ -254,7 +274,7 @@ def test_sizes_peft_rejects_are_one_error_before_weights_load_and_gpt2_defaults_
     from modules.peft_methods import check_peft
 
     for method in STANDALONE:  # every default fits gpt2 (768 wide, 12 blocks)
-        check_peft(GPT2Config.from_preset("gpt2", peft_method=method, peft_config=REQUIRED_FIELDS.get(method)))
+        check_peft(GPT2Config.from_preset("gpt2", peft_method=method, peft_config=METHODS[method].required or None))
     for method, sizes in SMOKE_SIZES.items():  # ... but not the 32-wide test model, unless resized
         with pytest.raises(ValueError, match=f"peft {method} on this 32-wide model"):
             check_peft(GPT2Config.from_preset("tiny", peft_method=method))

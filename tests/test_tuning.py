@@ -18,7 +18,7 @@ import pytest
 from experiments import ablate, planning, tuning
 from experiments.inputs import InputError
 from model.config import GPT2Config
-from modules.peft_methods import LR_PRIORS, SUPPORTED
+from modules.peft_methods import METHODS, SUPPORTED
 from modules.registry import VARIANTS
 from tests.conftest import DATA_DIR, REPO, kill_and_wait, plugin_env, run_command, start_grid
 
@@ -49,8 +49,8 @@ def write_preset(path: Path, tokenizer_dir: Path, variants: dict, tune: str, dat
 
 
 def test_every_variant_and_peft_method_declares_a_prior_with_its_source():
-    assert set(LR_PRIORS) == set(SUPPORTED)
-    for method, prior in LR_PRIORS.items():
+    assert set(METHODS) == set(SUPPORTED)
+    for method, prior in ((name, record.lr) for name, record in METHODS.items()):
         assert 0 < prior.low < prior.high and prior.source, method
     for variant in VARIANTS.values():
         assert variant.lr_prior is not None, variant.name
@@ -70,7 +70,7 @@ def test_a_configs_prior_follows_its_method_mode_and_variants():
     pissa = tuning.config_prior(tiny("tiny", use_lora=True, lora_init="pissa"))
     assert pissa.high < 1e-3 and "PiSSA" in pissa.source
     ia3 = tuning.config_prior(tiny("tiny", peft_method="ia3"))
-    assert (ia3.low, ia3.high) == (LR_PRIORS["ia3"].low, LR_PRIORS["ia3"].high)
+    assert (ia3.low, ia3.high) == (METHODS["ia3"].lr.low, METHODS["ia3"].lr.high)
     full = tuning.config_prior(tiny("tiny"))
     assert full.low == 1e-5 and "full fine-tuning" in full.source
     probe = tuning.config_prior(tiny("tiny", fine_tune_mode="last-linear-layer"))
@@ -83,7 +83,7 @@ def test_a_configs_prior_follows_its_method_mode_and_variants():
 
 
 def test_prior_candidates_are_log_spaced_with_exact_ends():
-    prior = LR_PRIORS["ia3"]
+    prior = METHODS["ia3"].lr
     settings = tuning.TuneSettings(points=5)
     rates = tuning.candidates(settings, prior)
     assert rates[0] == prior.low and rates[-1] == prior.high and len(rates) == 5
