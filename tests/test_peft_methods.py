@@ -249,9 +249,23 @@ def test_docs_table_and_methods_presets_are_generated_from_the_code():
 
     page = (REPO / "docs" / "peft-methods.md").read_text()
     assert peft_methods.methods_table() in page, "docs/peft-methods.md's table is stale: python scripts/peft_methods.py"
-    for name in peft_methods.HEADER:
-        text = (REPO / "experiments" / "presets" / f"{name}.toml").read_text()
-        assert text == peft_methods.preset_text(name), f"{name}.toml is stale: python scripts/peft_methods.py --write"
+    from experiments.planning import load_preset
+
+    for name, made in peft_methods.PRESETS_MADE_HERE.items():
+        path = REPO / "experiments" / "presets" / f"{name}.toml"
+        assert path.read_text() == made.text(), f"{name}.toml is stale: python scripts/peft_methods.py --write"
+        preset = load_preset(path)  # the typed grid reads back every value the record holds
+        assert (preset.name, preset.tasks, preset.seeds, preset.model, preset.common) == (
+            made.name,
+            made.tasks,
+            made.seeds,
+            made.model,
+            made.common,
+        )
+        assert preset.variants == peft_methods.variants(made.smoke) and preset.xlora == {"experts": made.xlora_experts}
+        assert preset.tune is not None and preset.tune.points == made.tune_points
+    with pytest.raises(TypeError, match="strings, integers and lists"):
+        peft_methods.toml_value(1.5)
 
 
 def test_methods_smoke_grid_plans_every_method_without_collisions(tmp_path, tokenizer_dir):
