@@ -18,6 +18,43 @@ def test_explicit_path(tokenizer_dir):
     assert tok.pad_token_id == tok.eos_token_id == 50256
 
 
+def test_the_tokenizer_equals_transformers_on_every_line_of_every_task_file(tokenizer_dir, tmp_path):
+    """A folder with tokenizer.json is read by the tokenizers library (model.tokenizer.GPT2BPE): its ids
+    and texts are transformers' GPT-2 tokenizer's, on every line of the task data, decoded with and
+    without special tokens, and on random ids (EOS among them); and built from vocab.json + merges.txt
+    alone, it is the same tokenizer."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from model.tokenizer import GPT2BPE
+
+    ours, theirs = load_tokenizer(tokenizer_dir), AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert isinstance(ours, GPT2BPE) and len(ours) == len(theirs)
+    lines = [line for path in sorted(DATA_DIR.iterdir()) for line in path.read_text().splitlines()]
+    lines += ["", "  two  spaces ", "<|endoftext|> after EOS", "Ünïcödé ☃ 日本語 and tabs\t."]
+    assert len(lines) > 30_000
+    for special in (False, True):
+        encoded = ours(lines, add_special_tokens=special)["input_ids"]
+        assert encoded == theirs(lines, add_special_tokens=special)["input_ids"]
+    assert [ours.encode(line) for line in lines[::50]] == [theirs.encode(line) for line in lines[::50]]
+    rng = random.Random(0)
+    samples = encoded[::20] + [[rng.choice([50256, rng.randrange(50257)]) for _ in range(12)] for _ in range(500)]
+    for skip in (False, True):
+        assert [ours.decode(ids, skip_special_tokens=skip) for ids in samples] == [
+            theirs.decode(ids, skip_special_tokens=skip) for ids in samples
+        ]
+    assert ours.decode([15496, 50256]) == theirs.decode([15496, 50256]) == "Hello<|endoftext|>"
+    bpe_files = tmp_path / "bpe-files"  # no tokenizer.json: the BPE is built from the vocab and merges
+    bpe_files.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        (bpe_files / name).write_bytes((tokenizer_dir / name).read_bytes())
+    built = load_tokenizer(bpe_files)
+    assert built(lines, add_special_tokens=False)["input_ids"] == encoded
+    assert [built.decode(ids) for ids in samples] == [ours.decode(ids) for ids in samples]
+    assert built.pad_token_id == built.eos_token_id == 50256
+
+
 def test_environment_variable(tokenizer_dir, monkeypatch):
     monkeypatch.setenv("GPT2_TOKENIZER", str(tokenizer_dir))
     assert load_tokenizer().encode(" yes") == [3763]
