@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 
 from experiments import report
-from tests.conftest import DATA_DIR, REPO, kill_and_wait, run_paths
+from tests.conftest import DATA_DIR, REPO, kill_and_wait, run_command, run_paths
 from train import sentiment
 from train.run import checkpoint as ckpt
 
@@ -111,9 +111,7 @@ def test_sigkill_between_metrics_json_and_the_row(tiny_ckpt, tokenizer_dir, tmp_
     kill_and_wait(process)
     lock.close()
     assert not (grid / "runs.tsv").exists() or len(rows(grid)) == 0
-    done = subprocess.run(
-        [sys.executable, "-m", "train.sentiment", *argv, "--resume"], cwd=REPO, capture_output=True, text=True
-    )
+    done = run_command(["-m", "train.sentiment", *argv, "--resume"], cwd=REPO)  # only the killed run is a process
     assert done.returncode == 0 and "already finished" in done.stdout, done.stderr
     assert len(rows(grid)) == 1
 
@@ -127,26 +125,33 @@ def _train(argv: list[str], **kwargs) -> subprocess.Popen:
 @pytest.mark.slow
 def test_sigkills_at_random_moments_then_resume_match_the_uninterrupted_run(tiny_ckpt, tokenizer_dir, tmp_path):
     """Seeded random moments after the run folder appears (imports excluded), with a checkpoint at
-    every step, so most kills land in or near a checkpoint write; then the user's --resume. Every run
-    is its own process, as a user's are (the test process's global torch state is not theirs)."""
+    every step, so most kills land in or near a checkpoint write; then the user's --resume. The killed
+    runs are processes; the reference and the resumes run in this process, one thread each, as the
+    killed runs do (tests.conftest.run_command)."""
     reference_out = tmp_path / "reference"
-    reference = _train(sst_argv(tiny_ckpt[0], tokenizer_dir, reference_out, "--save_every", "1"))
-    assert reference.wait(timeout=300) == 0
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    reference = run_command(
+        ["-m", "train.sentiment", *sst_argv(tiny_ckpt[0], tokenizer_dir, reference_out, "--save_every", "1")],
+        one_thread,
+    )
+    assert reference.returncode == 0, reference.stderr[-2000:]
     (reference_run,) = [p for p in reference_out.iterdir() if p.is_dir()]
     expected = ckpt.load_checkpoint(ckpt.checkpoint_folder(reference_run / "checkpoints", "best"))[0]
     theirs = json.loads((reference_run / "metrics.json").read_text())
     for seed in (0, 1):
         out = tmp_path / f"killed-{seed}"
         argv = sst_argv(tiny_ckpt[0], tokenizer_dir, out, "--save_every", "1")
-        process = _train(argv)
+        process = _train(argv, env={**os.environ, **one_thread})
         deadline = time.monotonic() + 240
         while not list(out.glob("*/config.json")) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(random.Random(seed).uniform(0.0, 2.0))  # the tiny run takes ~2-3 s from here
         kill_and_wait(process)
         assert b"Traceback" not in process.stderr.read()
-        resumed = _train([*argv, "--resume"] if any(out.iterdir()) else argv)
-        assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
+        resumed = run_command(
+            ["-m", "train.sentiment", *argv, *(["--resume"] if any(out.iterdir()) else [])], one_thread
+        )
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
         (run,) = [p for p in out.iterdir() if p.is_dir()]
         assert len(rows(out)) == 1
         ours = json.loads((run / "metrics.json").read_text())

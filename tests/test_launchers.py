@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from experiments import ablate, launchers, planning
-from tests.conftest import DATA_DIR, REPO, plugin_env, write_grid_preset
+from tests.conftest import DATA_DIR, REPO, plugin_env, run_command, write_grid_preset
 from train.run import checkpoint as ckpt
 from train.run.state import folder_state
 
@@ -80,8 +80,8 @@ def test_slurm_path_through_submitit_survives_a_preemption(tmp_path, tokenizer_d
     (planned,) = [r for r in planning.plan(planning.load_preset(preset), grid, INPUTS) if r.run_dir.name == preempted]
     argv = list(planned.argv)
     argv[argv.index("--out_dir") + 1] = str(tmp_path / "reference")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPT2_TEST_STEP_SLEEP": ""}
-    subprocess.run([sys.executable, "-m", "train", *argv], cwd=REPO, env=env, check=True, capture_output=True)
+    done = run_command(["-m", "train", *argv], env={"OMP_NUM_THREADS": "1", "GPT2_TEST_STEP_SLEEP": ""}, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
     reference = tmp_path / "reference" / preempted
     resumed_metrics = json.loads((run_dir / "metrics.json").read_text())
     reference_metrics = json.loads((reference / "metrics.json").read_text())
