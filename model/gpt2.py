@@ -231,7 +231,7 @@ class GPT2Model(ForwardChangeHost):
     def static_decode_blocker(self) -> str | None:
         """Why this model cannot decode with a static cache (None: it can). Variants that keep their own
         per-token state in the cache, or change what a step reads, decode eagerly."""
-        reasons = (change.decode_blocker for change in self.changes)
+        reasons = (change.blockers()[0] for change in self.changes)
         if reason := next((reason for reason in reasons if reason), None):
             return reason
         if any(len(layer.parallel_branches) for layer in self.h):
@@ -375,7 +375,7 @@ class GPT2LMHeadModel(nn.Module):
     @property
     def capture_blocker(self) -> str | None:
         """Why CUDA graphs must not capture this model's forward (training or evaluation), or None."""
-        reasons = (change.capture_blocker for change in self.transformer.changes)
+        reasons = (change.blockers()[1] for change in self.transformer.changes)
         if reason := next((reason for reason in reasons if reason), None):
             return reason
         if self.config.quantize is not None:

@@ -80,6 +80,12 @@ def attach_variants(model: nn.Module, config: Any) -> dict[str, str]:
                     added[id(param)] = variant.name
             del old_params
     names = {name: added[id(p)] for name, p in model.named_parameters() if id(p) in added}
+    prefix = getattr(getattr(model, "transformer", None), "prefix", None)
+    if prefix is not None and prefix.prefix_length != prefix_positions(config):
+        raise RuntimeError(  # the length checks (GPT2Config.input_positions) count what the config says
+            f"{type(prefix).__name__} puts {prefix.prefix_length} positions ahead of the input, but the variants' "
+            f"prefix_positions say {prefix_positions(config)}"
+        )
     outside = [n for n, v in names.items() if VARIANTS[v].namespace not in n]
     if outside:
         raise RuntimeError(f"parameters added outside their variant's namespace: {outside[:5]}")

@@ -66,7 +66,8 @@ class PeftMethod:
     give. `not_identity_at_init` / `not_mergeable`: why not, where it is not. `quantized_base`: peft has a
     bitsandbytes layer for it (peft/tuners/<method>/bnb.py), so it can sit on a `--quantize` base.
     `host_values`: its forward reads host values (task ids, token indices), so CUDA graphs must not
-    capture it. `lr`: the range a grid's [tune] stage searches, with its source."""
+    capture it (`quantized_base` is also true of prompt learning, which leaves the linears alone). `lr`:
+    the range a grid's [tune] stage searches, with its source."""
 
     name: str
     runs_as: Literal["stock", "linear", "prompt", "experts"]
@@ -318,13 +319,22 @@ class ForwardChange(nn.Module):
     * **Its own passes** over the blocks: `run_blocks(blocks, x, kv_cache, final_norm)`, where
       `blocks(h, cache)` runs every block once (X-LoRA: a scaling pass, then the pass with its scalings).
 
-    `decode_blocker` / `capture_blocker`: why a static-cache decode / a CUDA-graph capture cannot run it
-    (None: it can). Identity at init is the variant's to state (its method record or docstring).
+    `decode_blocker` / `capture_blocker`: why a static-cache decode / a CUDA-graph capture cannot run it.
+    Neither path runs a prefix or the change's own passes, so a change with either is blocked from both
+    (`blockers()`) even where it names no reason; a change with neither (its own state only) may set
+    them. Identity at init is the variant's to state (its method record or docstring).
     """
 
     prefix_length: int = 0
     decode_blocker: str | None = None
     capture_blocker: str | None = None
+
+    def blockers(self) -> tuple[str | None, str | None]:
+        """(why no static-cache decode, why no CUDA-graph capture): the change's own reasons, and a
+        prefix or own passes always (static decoding and the captured step run neither)."""
+        changes = self.prefix_length > 0 or self.own_passes
+        default = f"{type(self).__name__}: a forward change with a prefix or its own passes" if changes else None
+        return self.decode_blocker or default, self.capture_blocker or default
 
     def prefix_embeddings(self, batch: int) -> torch.Tensor | None:
         return None

@@ -95,7 +95,10 @@ def main() -> int:
         return read_text(self, *a, **k)
 
     Path.read_text = counted_read
-    from train.cli import entry
+    try:
+        from train.cli import entry
+    except ImportError:  # a tree from before train/ had rooms (--root)
+        from train import entry
 
     argv = ["--task", "sst", "--model", args.model, "--use_lora", "--lora_r", str(SENTINEL), "--train_limit", "8"]
     argv += ["--dev_limit", "4", "--test_limit", "2", "--batch_size", "4", "--max_steps", "1"]

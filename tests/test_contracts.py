@@ -359,9 +359,7 @@ class MemorySettings(Settings):
     memory_tokens: int = knob(3, "how many", low=1)
 
 
-class Memory(ForwardChange):
-    decode_blocker = "toy memory tokens"
-
+class Memory(ForwardChange):  # names no blocker: a prefix blocks static decoding and capture anyway
     def __init__(self, n, width):
         super().__init__()
         self.prefix_length = n
@@ -407,6 +405,8 @@ def test_a_variant_that_changes_the_forward_pass_in_one_file_gets_everything(
     model = GPT2LMHeadModel.from_pretrained(tiny_ckpt[0], **no_dropout, use_memory=True, memory_tokens=3).eval()
     assert model.config.input_positions == model.config.n_positions - 3
     assert model.transformer.prefix is model.transformer.memory and set(model.adapter_params.values()) == {"memory"}
+    assert "a forward change with a prefix" in model.transformer.static_decode_blocker()
+    assert "a forward change with a prefix" in model.capture_blocker
     ids = ids_batch()
     with torch.no_grad():
         logits = model(ids).logits

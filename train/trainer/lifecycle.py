@@ -1,5 +1,5 @@
 """How a run stops early: interruption by SIGINT/SIGTERM (a checkpoint, then exit 130 / 143) and the
-divergence guard (exit 3). The run folder's states and rules are train/run/folder.py's."""
+divergence guard (exit 3). The run folder's rules are train/run/folder.py's, its states train/run/state.py's."""
 
 from __future__ import annotations
 

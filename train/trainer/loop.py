@@ -1,6 +1,6 @@
 """The one generic training loop: objectives (data + head + loss + metric) x one shared backbone.
 
-`train(spec)` takes the run folder (train/run/folder.py: its lock, its state) and hands it to a `Trainer`:
+`train(spec)` takes the run folder (train/run/: its lock, its state, its record) and hands it to a `Trainer`:
 `step`, `evaluate` and `save` are its methods, and where it stands is a `Progress`. Single task or
 multitask, CPU or GPU, one process or `torchrun --nproc_per_node N` (DDP; gloo on CPU, NCCL on GPU;
 batches sharded per rank; only rank 0 evaluates, logs and writes). Checkpoints survive a SIGKILL
