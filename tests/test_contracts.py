@@ -275,16 +275,20 @@ register(Variant(name="scale", settings=ScaleSettings, enabled=lambda c: c.use_s
 '''
 
 
-@pytest.fixture
-def toy_variant(tmp_path, monkeypatch):
-    (tmp_path / "toy_scale_variant.py").write_text(textwrap.dedent(TOY_VARIANT))
-    monkeypatch.syspath_prepend(str(tmp_path))
+def variant_from_file(tmp_path, monkeypatch, module: str, source: str, name: str):
+    """Import a variant written to `<tmp_path>/<module>.py` (it registers itself), then unregister it."""
     import importlib
 
-    module = importlib.import_module("toy_scale_variant")
-    yield module
-    VARIANTS.pop("scale", None)
-    sys.modules.pop("toy_scale_variant", None)
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield importlib.import_module(module)
+    VARIANTS.pop(name, None)
+    sys.modules.pop(module, None)
+
+
+@pytest.fixture
+def toy_variant(tmp_path, monkeypatch):
+    yield from variant_from_file(tmp_path, monkeypatch, "toy_scale_variant", TOY_VARIANT, "scale")
 
 
 @pytest.mark.slow
@@ -382,14 +386,7 @@ register(Variant(name="memory", settings=MemorySettings, enabled=lambda c: c.use
 
 @pytest.fixture
 def toy_prefix_variant(tmp_path, monkeypatch):
-    (tmp_path / "toy_memory_variant.py").write_text(textwrap.dedent(TOY_PREFIX_VARIANT))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import importlib
-
-    module = importlib.import_module("toy_memory_variant")
-    yield module
-    VARIANTS.pop("memory", None)
-    sys.modules.pop("toy_memory_variant", None)
+    yield from variant_from_file(tmp_path, monkeypatch, "toy_memory_variant", TOY_PREFIX_VARIANT, "memory")
 
 
 @pytest.mark.slow
