@@ -37,7 +37,10 @@ class GPT2BPE:
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
         if (folder / "tokenizer.json").is_file():
-            self.backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            try:
+                self.backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            except Exception as error:  # the library's message names a line and column, not the file
+                raise ValueError(f"{folder / 'tokenizer.json'}: {error}") from error
             self.backend.no_truncation()  # a file may store them; transformers ignores them unless asked
             self.backend.no_padding()
         else:

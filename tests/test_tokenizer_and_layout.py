@@ -328,3 +328,9 @@ def test_every_package_folder_is_installed():
     }
     assert set(setup["packages"]) == found | {"task_data"}
     assert setup["package-dir"] == {"task_data": "datasets"}
+
+
+def test_a_damaged_tokenizer_json_is_one_error_naming_the_file(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0"')
+    with pytest.raises(TokenizerNotFound, match=r"tokenizer\.json: EOF while parsing"):
+        load_tokenizer(tmp_path)
