@@ -42,7 +42,7 @@ import torch
 
 from experiments import launchers, tuning
 from experiments.inputs import InputError, reported
-from experiments.jobs import InProcessJobs, Jobs, run_jobs
+from experiments.jobs import InProcessJobs, Jobs, call_main, run_jobs
 from experiments.planning import (
     REPO,
     GridPlan,
@@ -544,7 +544,9 @@ def run_point(preset: GridPreset, out_dir: Path, inputs: list[str], task: str, v
     if "random_init" in preset.model:
         tiny_checkpoint(out_dir, preset.model["random_init"])
     argv = [*run.argv, *(["--resume"] if status(run) == "resume" else [])]
-    os.execv(sys.executable, [sys.executable, "-m", run.module, *argv])  # signals and output go to the run
+    # Called in this process, as --launcher inprocess calls a job: the agent's signals reach the run's own
+    # handlers (it checkpoints and exits 130 / 143) and its output is this command's; no second start-up.
+    return call_main(run.module, argv)
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def test_tokenizer_errors_name_the_folder_and_the_fix(tiny_ckpt, tmp_path, capsy
 
 def test_help_lists_exactly_the_flags_a_command_accepts_each_default_once():
     def usage(module: str) -> str:
-        done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd="/")
+        done = run_command(["-m", module, "--help"], env={"COLUMNS": "80"}, cwd=Path("/"))
         assert done.returncode == 0, done.stderr
         return done.stdout
 

@@ -139,7 +139,7 @@ def test_a_recorded_job_that_is_still_running_is_not_submitted_again(tmp_path):
 
 @pytest.mark.slow
 def test_wandb_sweep_enumerates_the_grid_and_its_command_makes_the_grids_run_folders(tmp_path, tokenizer_dir):
-    preset = tiny_preset(tmp_path, tokenizer_dir, max_steps=2)
+    preset = tiny_preset(tmp_path, tokenizer_dir, max_steps=4)
     preset.write_text(preset.read_text() + 'lora = ["--use_lora"]\n')
     grid, sweep_file = tmp_path / "grid", tmp_path / "sweep.yaml"
     assert ablate.main([str(preset), "--out_dir", str(grid), "--wandb_sweep", str(sweep_file), *INPUTS]) == 0
@@ -153,15 +153,30 @@ def test_wandb_sweep_enumerates_the_grid_and_its_command_makes_the_grids_run_fol
     assert points == set(planned) and len(points) == 4
 
     # What `wandb agent` runs for a point: the command with its macros filled in (${args} as --key=value).
-    for task, variant, seed in [("sst", "base", 1), ("sst", "lora", 2)]:
+    def agent_command(task: str, variant: str, seed: int) -> list[str]:
         macros = {"${env}": "/usr/bin/env", "${interpreter}": sys.executable}
         command = [macros.get(word, word) for word in sweep["command"] if word != "${args}"]
-        command += [f"--task={task}", f"--variant={variant}", f"--seed={seed}"]
-        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        return [*command, f"--task={task}", f"--variant={variant}", f"--seed={seed}"]
+
+    # One point as the agent starts it: one process, the run called inside it, so the agent's SIGTERM
+    # reaches the run, which checkpoints and exits 143 (its steps slowed by the test plugin).
+    stopped = planned[("sst", "base", 1)]
+    env = plugin_env(GPT2_TEST_STEP_SLEEP="0.5")
+    proc = subprocess.Popen(agent_command("sst", "base", 1), cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for(lambda: logged_steps(stopped) >= 1 or proc.poll() is not None, 120, "the point's first step")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "interrupted by SIGTERM" in err, err[-2000:]
+    assert folder_state(stopped) == "interrupted"
+    # The next agent on that point resumes it; another point runs (both here, in this process: same argv).
+    for task, variant, seed in [("sst", "base", 1), ("sst", "lora", 2)]:
+        command = agent_command(task, variant, seed)
+        done = run_command(command[command.index("-m") :], cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-2000:]
         assert folder_state(planned[(task, variant, seed)]) == "finished"
         record = json.loads((planned[(task, variant, seed)] / "config.json").read_text())
         assert record["grid"] == "launch-test"  # the grid's wandb group
+    assert "resumed_with" in json.loads((stopped / "config.json").read_text())
     finished = {p for p in grid.iterdir() if (p / "metrics.json").is_file()}
     assert finished == {planned[("sst", "base", 1)], planned[("sst", "lora", 2)]}
     with pytest.raises(SystemExit, match="not a point"):

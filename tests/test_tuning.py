@@ -321,7 +321,10 @@ def test_a_grid_killed_in_its_tuning_stage_finishes_without_duplicates(tmp_path,
     variants = {"lora": ["--use_lora"], "ia3": ["--peft_method", "ia3"]}
     preset = write_preset(tmp_path / "p.toml", tokenizer_dir, variants, "lr = [1e-4, 1e-3]\nseed = 0")
     grid = tmp_path / "grid"
+    # its runs in the grid's process (--launcher inprocess): the SIGKILL takes the grid and its running run
+    # at once, as a kill of a local grid's process group does
     cmd = [sys.executable, "-m", "experiments.ablate", str(preset), "--out_dir", str(grid), "--threads", "1"]
+    cmd += ["--launcher", "inprocess"]
     proc = start_grid(cmd, GPT2_TEST_STEP_SLEEP="0.5")
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
@@ -332,14 +335,14 @@ def test_a_grid_killed_in_its_tuning_stage_finishes_without_duplicates(tmp_path,
     assert proc.returncode == -signal.SIGKILL
     tuned_before = len(list(grid.glob("*-s0-*/metrics.json")))
     assert 1 <= tuned_before < 4
-    again = run_command([*cmd, "--launcher", "inprocess"])  # (the kill needed a process; the re-run does not)
+    again = run_command(cmd)  # (the kill needed a process; the re-run does not)
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"4 tuning runs ({tuned_before} already done, {4 - tuned_before} to run)" in again.stdout
     folders = [p.parent.name for p in grid.glob("*/metrics.json")]
     assert len(folders) == 6 == len(set(folders))
     rows = (grid / "runs.tsv").read_text().splitlines()[1:]
     assert len(rows) == 6 and len({r.split("\t")[0] for r in rows}) == 6
-    finished = run_command([*cmd, "--launcher", "inprocess"])
+    finished = run_command(cmd)
     assert "4 tuning runs (4 already done, 0 to run), then 2 final runs (2 already done, 0 to run" in finished.stdout
 
 
@@ -357,8 +360,8 @@ def test_the_methods_and_gpt2_presets_tune_every_method():
 def test_grid_cost_counts_the_plan_and_its_steps(tmp_path, tokenizer_dir):
     variants = {"lora": ["--use_lora"], "kan": ["--use_kan"]}
     preset = write_preset(tmp_path / "p.toml", tokenizer_dir, variants, "lr = [1e-4, 1e-3]\nseed = 0")
-    command = [sys.executable, "scripts/grid_cost.py", str(preset), "--data_dir", str(DATA_DIR)]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    command = ["-m", "scripts.grid_cost", str(preset), "--data_dir", str(DATA_DIR)]
+    done = run_command(command, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert "4 tuning runs + 2 final runs + 0 X-LoRA runs" in done.stdout
     lines = {line.split()[0]: line for line in done.stdout.splitlines() if "ms/step" in line}
@@ -367,7 +370,7 @@ def test_grid_cost_counts_the_plan_and_its_steps(tmp_path, tokenizer_dir):
     assert "KAN-FFN (mlp init)            326.9 ms/step" in lines["KAN-FFN"]
     # without max_steps: epochs x ceil(16 examples (train_limit) / batch 4); tuning 1 epoch, final 3
     preset.write_text(preset.read_text().replace("max_steps = 2", "epochs = 3"))
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    done = run_command(command, cwd=REPO)
     lines = {line.split()[0]: line for line in done.stdout.splitlines() if "ms/step" in line}
     assert f"tuning {2 * 4:>9,} steps  final {3 * 4:>10,} steps" in lines["LoRA"], done.stdout
 
@@ -449,6 +452,7 @@ def test_an_interrupted_tuning_stage_counts_against_the_whole_plan(tmp_path, tok
     preset = write_preset(tmp_path / "p.toml", tokenizer_dir, variants, "lr = [1e-4, 1e-3]")
     grid = tmp_path / "grid"
     cmd = [sys.executable, "-m", "experiments.ablate", str(preset), "--out_dir", str(grid), "--threads", "1"]
+    cmd += ["--launcher", "inprocess"]  # (the signal's forwarding to a local job is tested in test_signals)
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
@@ -460,7 +464,7 @@ def test_an_interrupted_tuning_stage_counts_against_the_whole_plan(tmp_path, tok
     deadline = time.time() + 180
     while time.time() < deadline and not list(grid.glob("*-s0-*/metrics.json")):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)  # forwarded to the running tuning run, which checkpoints and stops
+    proc.send_signal(signal.SIGINT)  # the running tuning run's own handler: it checkpoints and stops
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 130, out
     # 2 tuning runs + lora's final run (waiting for its rate) + the fixed variant's final run
