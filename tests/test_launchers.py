@@ -139,7 +139,7 @@ def test_a_recorded_job_that_is_still_running_is_not_submitted_again(tmp_path):
 
 @pytest.mark.slow
 def test_wandb_sweep_enumerates_the_grid_and_its_command_makes_the_grids_run_folders(tmp_path, tokenizer_dir):
-    preset = tiny_preset(tmp_path, tokenizer_dir, max_steps=4)
+    preset = tiny_preset(tmp_path, tokenizer_dir, max_steps=8)
     preset.write_text(preset.read_text() + 'lora = ["--use_lora"]\n')
     grid, sweep_file = tmp_path / "grid", tmp_path / "sweep.yaml"
     assert ablate.main([str(preset), "--out_dir", str(grid), "--wandb_sweep", str(sweep_file), *INPUTS]) == 0
@@ -159,9 +159,10 @@ def test_wandb_sweep_enumerates_the_grid_and_its_command_makes_the_grids_run_fol
         return [*command, f"--task={task}", f"--variant={variant}", f"--seed={seed}"]
 
     # One point as the agent starts it: one process, the run called inside it, so the agent's SIGTERM
-    # reaches the run, which checkpoints and exits 143 (its steps slowed by the test plugin).
+    # reaches the run, which checkpoints and exits 143 (its steps slowed by the test plugin: the signal,
+    # sent once step 1 is logged, has 7 steps of 1 s to land before the last one lets the run finish).
     stopped = planned[("sst", "base", 1)]
-    env = plugin_env(GPT2_TEST_STEP_SLEEP="0.5")
+    env = plugin_env(GPT2_TEST_STEP_SLEEP="1")
     proc = subprocess.Popen(agent_command("sst", "base", 1), cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=env)
     wait_for(lambda: logged_steps(stopped) >= 1 or proc.poll() is not None, 120, "the point's first step")
     proc.send_signal(signal.SIGTERM)

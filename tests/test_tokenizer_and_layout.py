@@ -22,7 +22,7 @@ def test_the_tokenizer_equals_transformers_on_every_line_of_every_task_file(toke
     """A folder with tokenizer.json is read by the tokenizers library (model.tokenizer.GPT2BPE): its ids
     and texts are transformers' GPT-2 tokenizer's, on every line of the task data, decoded with and
     without special tokens, and on random ids (EOS among them); and built from vocab.json + merges.txt
-    alone, it is the same tokenizer (on every fifth line)."""
+    alone, it is the same tokenizer (on every fifth line and the written ones)."""
     import random
 
     from transformers import AutoTokenizer
@@ -31,16 +31,19 @@ def test_the_tokenizer_equals_transformers_on_every_line_of_every_task_file(toke
 
     ours, theirs = load_tokenizer(tokenizer_dir), AutoTokenizer.from_pretrained(tokenizer_dir)
     assert isinstance(ours, GPT2BPE) and len(ours) == len(theirs)
-    lines = [line for path in sorted(DATA_DIR.iterdir()) for line in path.read_text().splitlines()]
-    lines += ["", "  two  spaces ", "<|endoftext|> after EOS", "Ünïcödé ☃ 日本語 and tabs\t."]
+    written = ["", "  two  spaces ", "<|endoftext|> after EOS", "Ünïcödé ☃ 日本語 and tabs\t."]
+    lines = [line for path in sorted(DATA_DIR.iterdir()) for line in path.read_text().splitlines()] + written
     assert len(lines) > 30_000
     encoded = ours(lines, add_special_tokens=False)["input_ids"]
     assert encoded == theirs(lines, add_special_tokens=False)["input_ids"]
-    # what special tokens add is per sequence, not per text: every tenth line shows it
-    assert ours(lines[::10])["input_ids"] == theirs(lines[::10])["input_ids"]
-    assert [ours.encode(line) for line in lines[::50]] == [theirs.encode(line) for line in lines[::50]]
+    # what special tokens add is per sequence, not per text: every tenth line (and the written ones) shows it
+    some = lines[::10] + written
+    assert ours(some)["input_ids"] == theirs(some)["input_ids"]
+    few = lines[::50] + written
+    assert [ours.encode(line) for line in few] == [theirs.encode(line) for line in few]
     rng = random.Random(0)
-    samples = encoded[::20] + [[rng.choice([50256, rng.randrange(50257)]) for _ in range(12)] for _ in range(500)]
+    random_ids = [[rng.choice([50256, rng.randrange(50257)]) for _ in range(12)] for _ in range(500)]
+    samples = encoded[::20] + encoded[-len(written) :] + random_ids
     for skip in (False, True):
         assert [ours.decode(ids, skip_special_tokens=skip) for ids in samples] == [
             theirs.decode(ids, skip_special_tokens=skip) for ids in samples
@@ -51,7 +54,7 @@ def test_the_tokenizer_equals_transformers_on_every_line_of_every_task_file(toke
     for name in ("vocab.json", "merges.txt"):
         (bpe_files / name).write_bytes((tokenizer_dir / name).read_bytes())
     built = load_tokenizer(bpe_files)
-    assert built(lines[::5], add_special_tokens=False)["input_ids"] == encoded[::5]
+    assert built(lines[::5] + written, add_special_tokens=False)["input_ids"] == encoded[::5] + encoded[-len(written) :]
     assert [built.decode(ids) for ids in samples] == [ours.decode(ids) for ids in samples]
     assert built.pad_token_id == built.eos_token_id == 50256
 

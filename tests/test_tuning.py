@@ -322,7 +322,7 @@ def test_a_grid_killed_in_its_tuning_stage_finishes_without_duplicates(tmp_path,
     preset = write_preset(tmp_path / "p.toml", tokenizer_dir, variants, "lr = [1e-4, 1e-3]\nseed = 0")
     grid = tmp_path / "grid"
     # its runs in the grid's process (--launcher inprocess): the SIGKILL takes the grid and its running run
-    # at once, as a kill of a local grid's process group does
+    # at once, as the OOM killer or a lost machine would (a local job outliving its grid: test_ablate)
     cmd = [sys.executable, "-m", "experiments.ablate", str(preset), "--out_dir", str(grid), "--threads", "1"]
     cmd += ["--launcher", "inprocess"]
     proc = start_grid(cmd, GPT2_TEST_STEP_SLEEP="0.5")
