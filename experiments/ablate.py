@@ -544,8 +544,9 @@ def run_point(preset: GridPreset, out_dir: Path, inputs: list[str], task: str, v
     if "random_init" in preset.model:
         tiny_checkpoint(out_dir, preset.model["random_init"])
     argv = [*run.argv, *(["--resume"] if status(run) == "resume" else [])]
-    # Called in this process, as --launcher inprocess calls a job: the agent's signals reach the run's own
-    # handlers (it checkpoints and exits 130 / 143) and its output is this command's; no second start-up.
+    # The run's main, called in this process: once it has started, the agent's signals reach the run's own
+    # handlers (it checkpoints and exits 130 / 143), its output is this command's, and there is no second
+    # start-up. (No chdir or thread setting: as under the execv this replaced, the process ends with it.)
     return call_main(run.module, argv)
 
 
